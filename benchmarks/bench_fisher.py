@@ -1,0 +1,265 @@
+"""Cost of the exact per-sample Gram matrix F̃ = JᵀJ (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+
+CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``), random 3×32×32 images,
+SGD, on CPU, one process. Configurations (each a full training step; ratios are to the plain one):
+
+- plain step: forward, backward, SGD step.
+- GramCollector, fused: the same step inside the collector (``fuse_weight_grad=True``, the
+  default off DDP), then ``torch.linalg.eigvalsh(G)``.
+- GramCollector, unfused: ``fuse_weight_grad=False`` (autograd computes every weight gradient).
+- vmap(grad) pass: the plain step, then per-sample gradients from ``torch.func.vmap(grad(...))``
+  in a separate pass, their Gram and its eigenvalues.
+- per-sample loop (seed 004): the plain step, then one forward and ``torch.autograd.grad`` per
+  sample (what seed 004 §4 did inside Torch), the Gram and its eigenvalues.
+- Opacus GradSampleModule / BackPACK BatchGrad: per-sample gradients from hooks during the step,
+  then the Gram and eigenvalues — only if the package imports; skipped with a note otherwise.
+
+The separate passes (vmap, loop, Opacus, BackPACK) run BatchNorm with its running statistics,
+since per-sample gradients through batch statistics are undefined for them; the collector
+measures the training-mode step itself (columns = each sample's contribution to the batch
+gradient). Costs are comparable; the matrices differ by the BatchNorm mode.
+
+Timing: each round runs every configuration once, in an order that rotates between rounds; the
+table gives medians. Peak memory is the growth of the process's peak resident set during one
+step (Linux: VmHWM reset through ``/proc/self/clear_refs`` after returning freed heap memory to
+the system with ``malloc_trim``), i.e. what the step allocated beyond the model, optimizer state
+and batch that were already alive; "n/a" where that interface is missing.
+
+    python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tricks.gradients.gram import GramCollector
+from lightning_tricks.models import build_net
+
+Step = Callable[[], None]
+
+
+def gram_and_spectrum(jacobian: torch.Tensor) -> torch.Tensor:
+    """F̃ = J Jᵀ for J (B, P) and its eigenvalues (seed 004 eq. 6–7)."""
+    gram = (jacobian @ jacobian.T).to(torch.float64)
+    return torch.linalg.eigvalsh(gram)
+
+
+class Workload:
+    """A ResNet-20, its SGD optimizer and one batch."""
+
+    def __init__(self, batch_size: int) -> None:
+        torch.manual_seed(0)
+        self.net = build_net("resnet20", 10)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+        self.images = torch.randn(batch_size, 3, 32, 32)
+        self.labels = torch.randint(0, 10, (batch_size,))
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+
+    def plain_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.net(self.images), self.labels).backward()
+        self.optimizer.step()
+
+    def collector_step(self, collector: GramCollector) -> Step:
+        collector.attach()
+        collector.enabled = False  # both collectors stay attached; each captures only in its own step
+
+        def step() -> None:
+            collector.reset()
+            collector.enabled = True
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.net(self.images), self.labels).backward()
+            collector.enabled = False
+            torch.linalg.eigvalsh(collector.matrix())
+            self.optimizer.step()
+
+        return step
+
+    def vmap_step(self) -> None:
+        self.plain_step()
+        params = {name: p.detach() for name, p in self.net.named_parameters()}
+        buffers = dict(self.net.named_buffers())
+
+        def sample_loss(params: dict, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            logits = torch.func.functional_call(self.net, (params, buffers), (image[None],))
+            return F.cross_entropy(logits, label[None])
+
+        with _eval_mode(self.net):
+            grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, self.images, self.labels)
+        gram_and_spectrum(torch.cat([g.reshape(len(self.images), -1) for g in grads.values()], dim=1))
+
+    def loop_step(self) -> None:
+        self.plain_step()
+        rows = []
+        with _eval_mode(self.net):
+            for image, label in zip(self.images, self.labels):
+                loss = F.cross_entropy(self.net(image[None]), label[None])
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.params)]))
+        gram_and_spectrum(torch.stack(rows))
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train()
+
+
+def opacus_step(work: Workload) -> Step | str:
+    try:
+        from opacus import GradSampleModule
+    except ImportError:
+        return "opacus not installed"
+    net = copy.deepcopy(work.net)
+    try:
+        module = GradSampleModule(net, loss_reduction="mean", strict=False)
+    except Exception as error:  # an unsupported layer or version: report, do not fail the table
+        return f"opacus failed: {type(error).__name__}: {str(error)[:60]}"
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _eval_mode(net):
+            F.cross_entropy(module(work.images), work.labels).backward()
+        jacobian = torch.cat([p.grad_sample.reshape(len(work.images), -1) for p in params], dim=1)
+        for p in params:
+            p.grad_sample = None
+        gram_and_spectrum(jacobian * len(work.images))
+        optimizer.step()
+
+    try:
+        step()
+    except Exception as error:
+        return f"opacus failed: {type(error).__name__}: {str(error)[:60]}"
+    return step
+
+
+def backpack_step(work: Workload) -> Step | str:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+    except ImportError:
+        return "backpack not installed"
+    try:
+        net = extend(copy.deepcopy(work.net), use_converter=True)
+        loss_fn = extend(nn.CrossEntropyLoss())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    except Exception as error:
+        return f"backpack failed: {type(error).__name__}: {str(error)[:60]}"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _eval_mode(net), backpack(BatchGrad()):
+            loss_fn(net(work.images), work.labels).backward()
+        params = [p for p in net.parameters() if p.requires_grad]
+        jacobian = torch.cat([p.grad_batch.reshape(len(work.images), -1) for p in params], dim=1)
+        for p in params:
+            del p.grad_batch
+        gram_and_spectrum(jacobian * len(work.images))
+        optimizer.step()
+
+    try:
+        step()
+    except Exception as error:
+        return f"backpack failed: {type(error).__name__}: {str(error)[:60]}"
+    return step
+
+
+def peak_memory_mib(step: Step) -> float:
+    """Growth of the peak resident set during ``step`` (MiB), NaN where unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        step()
+        return float("nan")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def configurations(work: Workload) -> tuple[dict[str, Step], dict[str, str]]:
+    steps: dict[str, Step] = {
+        "plain step": work.plain_step,
+        "GramCollector, fused": work.collector_step(GramCollector(work.net, fuse_weight_grad=True)),
+        "GramCollector, unfused": work.collector_step(GramCollector(work.net, fuse_weight_grad=False)),
+        "vmap(grad) pass": work.vmap_step,
+        "per-sample loop (seed 004)": work.loop_step,
+    }
+    skipped: dict[str, str] = {}
+    for name, factory in (("Opacus GradSampleModule", opacus_step), ("BackPACK BatchGrad", backpack_step)):
+        result = factory(work)
+        if isinstance(result, str):
+            skipped[name] = result
+        else:
+            steps[name] = result
+    return steps, skipped
+
+
+SLOW = ("vmap(grad) pass", "per-sample loop (seed 004)", "Opacus GradSampleModule", "BackPACK BatchGrad")
+
+
+def measure(batch_size: int, rounds: int, slow_rounds: int) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+    work = Workload(batch_size)
+    steps, skipped = configurations(work)
+    memory = {name: peak_memory_mib(step) for name, step in steps.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            if name in SLOW and len(times[name]) >= slow_rounds:
+                continue
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, memory, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--slow-rounds", type=int, default=2, help="rounds for the separate-pass baselines")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"ResNet-20, 3x32x32, CPU, {args.threads} threads, torch {torch.__version__}; median step time, ratio to plain, peak memory growth")
+    for batch_size in args.batch_sizes:
+        times, memory, skipped = measure(batch_size, args.rounds, args.slow_rounds)
+        plain = statistics.median(times["plain step"])
+        print(f"\nB = {batch_size}")
+        print(f"{'configuration':<30} {'runs':>4} {'median s':>9} {'ratio':>7} {'peak MiB':>9}")
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            print(f"{name:<30} {len(samples):>4} {median:>9.3f} {median / plain:>6.2f}x {memory[name]:>9.0f}")
+        for name, reason in skipped.items():
+            print(f"{name:<30} skipped: {reason}")
+
+
+if __name__ == "__main__":
+    main()

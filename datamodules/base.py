@@ -1,0 +1,148 @@
+"""Shared machinery of the classification datamodules: argument checks, the seeded split, the loaders."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
+
+
+def check_split_size(name: str, value: object) -> None:
+    """Raise unless ``value`` is a count (int ``>= 0``) or a fraction (float in ``[0, 1)``)."""
+    allowed = "a count (int >= 0) or a fraction of the samples (float in [0, 1))"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if (isinstance(value, int) and value < 0) or (isinstance(value, float) and not 0.0 <= value < 1.0):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def split_count(value: int | float, total: int) -> int:
+    """Samples a split size asks for: the int itself, or ``round(value * total)`` for a fraction."""
+    return value if isinstance(value, int) else round(value * total)
+
+
+def holdout_split(labels: np.ndarray, holdout: int, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into sorted ``(kept, held_out)`` index arrays, ``held_out`` of size ``holdout``.
+
+    The draw depends only on ``seed`` (scikit-learn's ``train_test_split``), so every process of a
+    distributed run computes the same split. With ``stratify`` each class keeps its share of
+    samples in both parts, up to rounding.
+    """
+    indices = np.arange(len(labels))
+    if holdout == 0:
+        return indices, indices[:0]
+    kept, held_out = train_test_split(
+        indices, test_size=holdout, random_state=seed, stratify=labels if stratify else None
+    )
+    return np.sort(kept), np.sort(held_out)
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the image-classification datamodules: argument checks, train/val split and loaders.
+
+    A subclass sets the class attributes ``num_classes``, ``in_channels`` and ``image_size`` (a
+    model config can link to them) and builds ``train_set``, ``val_set``, ``test_set`` and the
+    index arrays ``train_indices`` / ``val_indices`` in ``setup``. Every loader reads
+    ``self.batch_size`` when it is created, so a callback that changes ``batch_size`` (Lightning's
+    ``BatchSizeFinder``, a batch-size scheduler) takes effect in the next ``train_dataloader()``.
+
+    Args:
+        batch_size: samples per batch of every loader, ``>= 1``.
+        num_workers: ``DataLoader`` worker processes, ``>= 0``.
+        val_size: validation samples held out of the training data: an int (count) or a float
+            in ``[0, 1)`` (fraction, rounded). ``0`` means no validation loader.
+        seed: seed of the train/val split, ``>= 0``.
+        stratify: keep class proportions equal in the training and validation parts.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+
+    Example (a subclass over in-memory tensors)::
+
+        class NoiseDataModule(ClassificationDataModule):
+            num_classes, in_channels, image_size = 2, 1, 4
+
+            def __init__(self, batch_size: int = 8) -> None:
+                super().__init__(batch_size, num_workers=0, val_size=0.25, seed=0, stratify=True)
+
+            def setup(self, stage=None):
+                images, labels = torch.randn(40, 1, 4, 4), torch.arange(40) % 2
+                self._split_train_val(labels.numpy())
+                self.train_set = TensorDataset(images[self.train_indices], labels[self.train_indices])
+                self.val_set = self.test_set = TensorDataset(images[self.val_indices], labels[self.val_indices])
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def __init__(self, batch_size: int, num_workers: int, val_size: int | float, seed: int, stratify: bool) -> None:
+        super().__init__()
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_split_size("val_size", val_size)
+        check_int("seed", seed, 0)
+        if not isinstance(stratify, bool):
+            raise TypeError(f"`stratify` must be True or False, got {stratify!r}.")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.seed = seed
+        self.stratify = stratify
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.train_indices: np.ndarray | None = None
+        self.val_indices: np.ndarray | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader over the training split with the current ``self.batch_size``."""
+        return self._loader(self._require(self.train_set, "train_dataloader", "fit"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Loader over the validation split, or ``[]`` (no validation) when ``val_size`` is 0."""
+        val_set = self._require(self.val_set, "val_dataloader", "fit")
+        return self._loader(val_set, shuffle=False) if len(val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Loader over the test split."""
+        return self._loader(self._require(self.test_set, "test_dataloader", "test"), shuffle=False)
+
+    def _split_train_val(self, labels: np.ndarray) -> None:
+        """Set ``train_indices`` / ``val_indices`` (positions in ``labels``) from ``val_size`` and ``seed``."""
+        total = len(labels)
+        n_val = split_count(self.val_size, total)
+        if n_val >= total:
+            raise ValueError(
+                f"`val_size`={self.val_size!r} holds out {n_val} of the {total} training samples and "
+                "leaves none to train on; choose a smaller count or fraction."
+            )
+        self.train_indices, self.val_indices = holdout_split(labels, n_val, self.seed, self.stratify)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _require(self, dataset: Dataset | None, hook: str, stage: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{hook}() needs the data: call `setup({stage!r})` first "
+                "(the Trainer does this for you)."
+            )
+        return dataset

@@ -1,0 +1,47 @@
+"""The ``lightning-tricks`` command: LightningCLI over any LightningModule and datamodule.
+
+Example::
+
+    lightning-tricks fit -c configs/demo.yaml
+    lightning-tricks test -c configs/demo.yaml --ckpt_path logs/demo/version_0/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+
+class TricksCLI(LightningCLI):
+    """LightningCLI whose ``fit`` can test the best checkpoint right after training
+    (``--test_after_fit true``), so one command trains and reports test accuracy."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, run `test` on the best checkpoint (the last weights if none).",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config["fit"].get("test_after_fit"):
+            return
+        has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-tricks`` console script."""
+    TricksCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""Per-layer rules for the Gram matrix of per-sample gradients (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+
+Seed 004 builds F̃_k = J_kᵀ J_k layer by layer, F̃_k = Σ_l J_(k,l)ᵀ J_(k,l) (§4, "Implementation"),
+where J_(k,l) holds the rows of J_k for layer l's parameters. Here a layer's contribution comes
+from the activations its forward received and the gradient its output received in the ordinary
+batched backward, through one small rule per layer type.
+
+A rule turns ``(layer, activations, backprops)`` into one *factor* per parameter: a compact,
+exact description of that parameter's per-sample gradients g_i (column i of J_(k,l)).
+
+- :class:`OuterFactor`: g_i[k] = Σ_t δ_{i,k,t} ⊗ a_{i,k,t}, a sum over positions t (sequence
+  steps, pixels) of outer products of an output-gradient vector δ and an input vector a, per group
+  k (Linear, ConvNd, ConvTransposeNd weights). It offers both exact methods: *ghost*, the Gram
+  from inner products of the a's and of the δ's without ever forming g_i, and *materialised*, the
+  g_i themselves followed by their Gram.
+- :class:`EmbeddingFactor`: g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}, with the same two methods.
+- :class:`PerSampleFactor`: the g_i outright, when they are no larger than one activation channel
+  per sample (biases, normalisation affine parameters).
+
+Each factor carries the cost of both methods, in multiply-adds and in elements of its largest
+intermediate, so that the collector can pick the cheaper one per layer. Adding a layer type is
+adding one function decorated with :func:`register_gram_rule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class OuterFactor(NamedTuple):
+    """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
+
+    Shapes: ``activations`` (B, K, p, T), ``backprops`` (B, K, q, T) for K groups, p inputs and q
+    outputs per group and T positions; g_i has K·q·p entries.
+    """
+
+    activations: Tensor
+    backprops: Tensor
+    shape: torch.Size
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩ · ⟨δ_{ikt}, δ_{jks}⟩ (seed 004 eq. 6 without forming g_i)."""
+        input_products = torch.einsum("bkpt,ckps->bckts", self.activations, self.activations)
+        output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
+        return (input_products * output_products).sum(dim=(2, 3, 4))
+
+    def per_sample(self) -> Tensor:
+        """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
+        grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
+        return grads.reshape(len(grads), *self.shape)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
+        return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
+
+    def costs(self) -> MethodCosts:
+        """See :func:`_outer_costs`."""
+        batch, groups, p, positions = self.activations.shape
+        return _outer_costs(batch, groups, positions, p, self.backprops.shape[2])
+
+    @staticmethod
+    def concat(factors: Sequence[OuterFactor]) -> OuterFactor:
+        """Several calls of one layer add their gradients: join their positions."""
+        return OuterFactor(
+            torch.cat([f.activations for f in factors], dim=-1),
+            torch.cat([f.backprops for f in factors], dim=-1),
+            factors[0].shape,
+        )
+
+
+class EmbeddingFactor(NamedTuple):
+    """g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}: ``indices`` (B, T) int, ``backprops`` (B, T, d)."""
+
+    indices: Tensor
+    backprops: Tensor
+    num_embeddings: int
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] = Σ_{t,s} [idx_{it} = idx_{js}] · ⟨δ_{it}, δ_{js}⟩."""
+        same_row = self.indices[:, :, None, None] == self.indices[None, None, :, :]
+        output_products = torch.einsum("btd,csd->btcs", self.backprops, self.backprops)
+        return (output_products * same_row).sum(dim=(1, 3))
+
+    def per_sample(self) -> Tensor:
+        """Dense g_i, shape (B, V, d): each δ_{it} added into row idx_{it} of sample i's copy."""
+        batch, positions, dim = self.backprops.shape
+        rows = self.indices + self.num_embeddings * torch.arange(batch, device=self.indices.device)[:, None]
+        grads = self.backprops.new_zeros(batch * self.num_embeddings, dim)
+        grads.index_add_(0, rows.reshape(-1), self.backprops.reshape(-1, dim))
+        return grads.reshape(batch, self.num_embeddings, dim)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i, shape (V, d)."""
+        dim = self.backprops.shape[-1]
+        grads = self.backprops.new_zeros(self.num_embeddings, dim)
+        return grads.index_add_(0, self.indices.reshape(-1), self.backprops.reshape(-1, dim))
+
+    def costs(self) -> MethodCosts:
+        """Ghost: B²·T²·(d + 1) operations, B²·T² elements. Materialised: B·T·d + B²·V·d, B·V·d."""
+        batch, positions, dim = self.backprops.shape
+        return MethodCosts(
+            ghost_flops=batch**2 * positions**2 * (dim + 1),
+            ghost_elements=batch**2 * positions**2,
+            materialize_flops=batch * positions * dim + batch**2 * self.num_embeddings * dim,
+            materialize_elements=batch * self.num_embeddings * dim,
+        )
+
+    @staticmethod
+    def concat(factors: Sequence[EmbeddingFactor]) -> EmbeddingFactor:
+        """Several calls of one embedding add their gradients: join their positions."""
+        return EmbeddingFactor(
+            torch.cat([f.indices for f in factors], dim=1),
+            torch.cat([f.backprops for f in factors], dim=1),
+            factors[0].num_embeddings,
+        )
+
+
+class PerSampleFactor(NamedTuple):
+    """The per-sample gradients themselves, ``grads`` of shape (B, *parameter shape)."""
+
+    grads: Tensor
+
+    def per_sample(self) -> Tensor:
+        """g_i, shape (B, *shape)."""
+        return self.grads
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i."""
+        return self.grads.sum(0)
+
+    def costs(self) -> MethodCosts:
+        """Materialised only: B²·P multiply-adds for the Gram, B·P elements already held."""
+        batch, size = len(self.grads), self.grads[0].numel()
+        return MethodCosts(math.inf, math.inf, batch**2 * size, batch * size)
+
+    @staticmethod
+    def concat(factors: Sequence[PerSampleFactor]) -> PerSampleFactor:
+        """Several calls of one layer add their gradients."""
+        return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
+
+
+
+
+
+GradFactor = Union[OuterFactor, "ConvFactor", EmbeddingFactor, PerSampleFactor]
+
+
+class MethodCosts(NamedTuple):
+    """Multiply-adds and largest intermediate (elements) of the ghost and materialised methods."""
+
+    ghost_flops: float
+    ghost_elements: float
+    materialize_flops: float
+    materialize_elements: float
+
+
+def materialized_gram(factor: GradFactor) -> Tensor:
+    """G[i, j] = ⟨g_i, g_j⟩ from the per-sample gradients (seed 004 eq. 6, F̃ = JᵀJ)."""
+    grads = factor.per_sample()
+    flat = grads.reshape(len(grads), -1)
+    return flat @ flat.T
+
+
+def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
+    """The factor of a parameter used by several calls of its layer: gradients of all calls added."""
+    return factors[0].concat(factors) if len(factors) > 1 else factors[0]
+
+
+Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, GradFactor]]
+
+
+class GramRule(NamedTuple):
+    """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
+
+    ``param_names`` lists the parameters the rule covers; ``fusable`` those whose batch gradient
+    the collector may compute from the factor instead of letting autograd compute it.
+    """
+
+    factorize: Rule
+    param_names: tuple[str, ...]
+    fusable: tuple[str, ...]
+
+
+GRAM_RULES: dict[type[nn.Module], GramRule] = {}
+
+
+def register_gram_rule(
+    *layer_types: type[nn.Module],
+    param_names: tuple[str, ...] = ("weight", "bias"),
+    fusable: tuple[str, ...] = (),
+) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for the exact module types given (subclasses are not matched,
+    as a subclass may compute something else with the same parameters)."""
+
+    def register(rule: Rule) -> Rule:
+        for layer_type in layer_types:
+            GRAM_RULES[layer_type] = GramRule(rule, param_names, fusable)
+        return rule
+
+    return register
+
+
+def gram_rule_for(layer: nn.Module) -> GramRule | None:
+    """The rule registered for ``type(layer)``, or ``None``."""
+    return GRAM_RULES.get(type(layer))
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the Gram is computed in: the promoted floating dtype, at least float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
+    """(B, C, *positions) → (B, K, C/K, T)."""
+    return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
+
+
+def explicit_padding(layer: nn.Module) -> list[int]:
+    """(left, right) padding of each spatial dim in ``F.pad`` order (last dim first); for
+    ``padding="same"`` the odd unit goes right, as in ``torch.nn.modules.conv._ConvNd``."""
+    pads: list[tuple[int, int]] = []
+    for i, (k, d) in enumerate(zip(layer.kernel_size, layer.dilation)):
+        if layer.padding == "same":
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        else:
+            p = 0 if layer.padding == "valid" else layer.padding[i]
+            pads.append((p, p))
+    return [side for pair in reversed(pads) for side in pair]
+
+
+def unfold_patches(x: Tensor, layer: nn.Module) -> Tensor:
+    """Receptive-field patches of ``x`` (B, C, *S) as seen by ``layer``'s kernel: (B, C·Πk, T).
+
+    Patch t of channel c holds x[c, o_t·stride − pad + κ·dilation] for each kernel offset κ, in the
+    (C, *kernel) order of a ConvNd weight; T = Π output sizes. Padding modes other than zeros are
+    applied with ``F.pad`` exactly as the convolution's forward does.
+    """
+    x = _pad_like(x, layer)
+    dims = len(layer.kernel_size)
+    for d, (k, s, dil) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
+    kernel_dims = range(2 + dims, 2 + 2 * dims)
+    x = x.permute(0, 1, *kernel_dims, *range(2, 2 + dims))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(layer.kernel_size), -1)
+
+
+def _pad_like(x: Tensor, layer: nn.Module) -> Tensor:
+    """``x`` padded as ``layer``'s forward pads its input (zeros, reflect, replicate, circular)."""
+    pads = explicit_padding(layer)
+    if not any(pads):
+        return x
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, pads, mode=mode)
+
+
+class ConvFactor(NamedTuple):
+    """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
+
+    Shapes: ``activations`` (B, C_in, *S) already padded like the forward, ``backprops``
+    (B, C_out, *S'). Per-sample gradients come from one convolution backward in which the batch
+    becomes B·groups groups, so no patches are unfolded unless the ghost method is chosen.
+    """
+
+    activations: Tensor
+    backprops: Tensor
+    layer: nn.Module
+
+    def per_sample(self) -> Tensor:
+        """g_i for every i at once: the weight gradient of a B·K-group convolution, shape (B, *W.shape)."""
+        batch = len(self.activations)
+        flat = [t.reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (self.activations, self.backprops)]
+        grads = self._weight_backward(flat[0], flat[1], batch)
+        return grads.reshape(batch, *self.layer.weight.shape)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i: the convolution's own weight-gradient kernel, shape W.shape."""
+        return self._weight_backward(self.activations, self.backprops, 1)
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`)."""
+        return self.as_outer().ghost_gram()
+
+    def costs(self) -> MethodCosts:
+        """Those of the equivalent :class:`OuterFactor`, from shapes only."""
+        batch, channels_in, channels_out = len(self.activations), self.activations.shape[1], self.backprops.shape[1]
+        groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
+        if self.layer.transposed:
+            positions, p, q = self.activations[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
+        else:
+            positions, p, q = self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
+        return _outer_costs(batch, groups, positions, p, q)
+
+    def as_outer(self) -> OuterFactor:
+        """The same gradients as sums of outer products over unfolded positions."""
+        batch, groups, layer = len(self.activations), self.layer.groups, self.layer
+        if layer.transposed:
+            patches = unfold_patches(self.backprops, _unpadded(layer))
+            return OuterFactor(_positions_last(patches, batch, groups), _positions_last(self.activations, batch, groups), layer.weight.shape)
+        patches = unfold_patches(self.activations, _unpadded(layer))
+        return OuterFactor(_positions_last(patches, batch, groups), _positions_last(self.backprops, batch, groups), layer.weight.shape)
+
+    @staticmethod
+    def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
+        """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
+        return OuterFactor.concat([f.as_outer() for f in factors])
+
+    def _weight_backward(self, inputs: Tensor, backprops: Tensor, batch_groups: int) -> Tensor:
+        layer = self.layer
+        weight_shape = (batch_groups * layer.weight.shape[0], *layer.weight.shape[1:])
+        dims = len(layer.kernel_size)
+        output_padding = _output_padding(layer, inputs, backprops) if layer.transposed else (0,) * dims
+        return torch.ops.aten.convolution_backward(
+            backprops,
+            inputs,
+            inputs.new_empty(weight_shape),
+            None,
+            layer.stride,
+            (0,) * dims,
+            layer.dilation,
+            layer.transposed,
+            output_padding,
+            batch_groups * layer.groups,
+            (False, True, False),
+        )[1]
+
+
+def _unpadded(layer: nn.Module) -> nn.Module:
+    """A view of ``layer``'s geometry with padding already applied (for :func:`unfold_patches`)."""
+    return _Geometry(layer.kernel_size, layer.stride, layer.dilation, "valid", "zeros")
+
+
+class _Geometry(NamedTuple):
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: str
+    padding_mode: str
+
+
+def _output_padding(layer: nn.Module, inputs: Tensor, backprops: Tensor) -> tuple[int, ...]:
+    """Output padding a transposed convolution used (``output_size`` may have changed it)."""
+    return tuple(
+        out - ((size - 1) * s + d * (k - 1) + 1)
+        for out, size, s, d, k in zip(backprops.shape[2:], inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
+    )
+
+
+def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
+    """Ghost: B²·K·T²·(p + q) multiply-adds, B²·K·T² elements held.
+    Materialised: B·K·T·p·q + B²·K·p·q multiply-adds, B·K·p·q elements held."""
+    return MethodCosts(
+        ghost_flops=batch**2 * groups * positions**2 * (p + q),
+        ghost_elements=batch**2 * groups * positions**2,
+        materialize_flops=batch * groups * positions * p * q + batch**2 * groups * p * q,
+        materialize_elements=batch * groups * p * q,
+    )
+
+
+def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
+    if tensor.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"{type(layer).__name__} got an input of shape {tuple(tensor.shape)}; per-sample gradients "
+            f"need a batched input (B, C, {spatial_dims} spatial dims)"
+        )
+
+
+@register_gram_rule(nn.Linear, fusable=("weight",))
+def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """y_t = W a_t + b at each position t of an input (B, *, d_in) (seed 004 §4, fully-connected):
+    g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t."""
+    dtype = compute_dtype(activations, backprops)
+    batch = len(activations)
+    inputs = activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3).to(dtype)
+    outputs = backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3).to(dtype)
+    factors: dict[str, GradFactor] = {"weight": OuterFactor(inputs, outputs, layer.weight.shape)}
+    if layer.bias is not None:
+        factors["bias"] = PerSampleFactor(outputs.sum(dim=-1).reshape(batch, -1))
+    return factors
+
+
+@register_gram_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fusable=("weight",))
+def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):
+    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t."""
+    _check_batched(layer, activations, len(layer.kernel_size))
+    dtype = compute_dtype(activations, backprops)
+    outputs = backprops.to(dtype)
+    factors: dict[str, GradFactor] = {"weight": ConvFactor(_pad_like(activations.to(dtype), layer), outputs, layer)}
+    if layer.bias is not None:
+        factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
+    return factors
+
+
+@register_gram_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fusable=("weight",))
+def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """A transposed convolution is the adjoint of the convolution with the same stride, padding and
+    dilation, so g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, where patch(δ)
+    unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t."""
+    _check_batched(layer, activations, len(layer.kernel_size))
+    dtype = compute_dtype(activations, backprops)
+    outputs = backprops.to(dtype)
+    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations.to(dtype), _pad_like(outputs, layer), layer)}
+    if layer.bias is not None:
+        factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
+    return factors
+
+
+def _channel_affine_factors(layer: nn.Module, normalized: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """y = γ_c·x̂_c + β_c per channel c, ``normalized`` x̂ and ``backprops`` δ of shape (B, C, *S):
+    g_i(γ)[c] = Σ_t δ_{ct} x̂_{ct}, g_i(β)[c] = Σ_t δ_{ct} over positions t."""
+    batch, channels = backprops.shape[:2]
+    backprops = backprops.reshape(batch, channels, -1)
+    factors: dict[str, GradFactor] = {}
+    if layer.weight is not None:
+        normalized = normalized.reshape(batch, channels, -1)
+        factors["weight"] = PerSampleFactor(torch.einsum("bct,bct->bc", backprops, normalized))
+    if layer.bias is not None:
+        factors["bias"] = PerSampleFactor(backprops.sum(dim=-1))
+    return factors
+
+
+def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The running mean and variance in ``dtype``, or ``(None, None)`` where not tracked."""
+    if layer.running_mean is None:
+        return None, None
+    return layer.running_mean.to(dtype), layer.running_var.to(dtype)
+
+
+@register_gram_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm_factors(layer: nn.modules.batchnorm._BatchNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) per channel, with the batch's statistics (biased variance) in training
+    mode — then samples are coupled and g_i is sample i's contribution to the batch gradient — and
+    the running ones otherwise (seed 004 §4, batch normalisation)."""
+    dtype = compute_dtype(activations, backprops)
+    batch_stats = layer.training or layer.running_mean is None
+    mean, var = (None, None) if batch_stats else _running_stats(layer, dtype)
+    normalized = F.batch_norm(activations.to(dtype), mean, var, training=batch_stats, eps=layer.eps)
+    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+
+
+@register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm_factors(layer: nn.modules.instancenorm._InstanceNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) per sample and channel (running statistics in eval mode if tracked)."""
+    dtype = compute_dtype(activations, backprops)
+    input_stats = layer.training or not layer.track_running_stats
+    mean, var = (None, None) if input_stats else _running_stats(layer, dtype)
+    normalized = F.instance_norm(activations.to(dtype), mean, var, use_input_stats=input_stats, eps=layer.eps)
+    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+
+
+@register_gram_rule(nn.GroupNorm)
+def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels; γ, β per channel."""
+    dtype = compute_dtype(activations, backprops)
+    normalized = F.group_norm(activations.to(dtype), layer.num_groups, eps=layer.eps)
+    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+
+
+def _trailing_affine_factors(layer: nn.Module, normalized: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """y = γ ⊙ x̂ + β over trailing dims (B, *positions, *γ.shape): g_i(γ) = Σ_t δ_t ⊙ x̂_t, g_i(β) = Σ_t δ_t."""
+    positions = tuple(range(1, backprops.dim() - len(layer.normalized_shape)))
+    factors: dict[str, GradFactor] = {}
+    if layer.weight is not None:
+        products = backprops * normalized
+        factors["weight"] = PerSampleFactor(products.sum(dim=positions) if positions else products)
+    if getattr(layer, "bias", None) is not None:
+        factors["bias"] = PerSampleFactor(backprops.sum(dim=positions) if positions else backprops)
+    return factors
+
+
+@register_gram_rule(nn.LayerNorm)
+def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape)."""
+    dtype = compute_dtype(activations, backprops)
+    normalized = F.layer_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
+    return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @register_gram_rule(nn.RMSNorm, param_names=("weight",))
+    def rms_norm_factors(layer: nn.RMSNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+        """x̂ = x / √(mean(x²) + ε) over the trailing ``normalized_shape`` dims; γ only."""
+        dtype = compute_dtype(activations, backprops)
+        normalized = F.rms_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
+        return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
+
+
+@register_gram_rule(nn.Embedding, param_names=("weight",))
+def embedding_factors(layer: nn.Embedding, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """y_t = W[idx_t]: g_i(W)[v] = Σ_t [idx_t = v] δ_t. Rows at ``padding_idx`` get no gradient; with
+    ``scale_grad_by_freq`` each δ_t is divided by idx_t's count in the whole batch (as autograd
+    does), so g_i is sample i's contribution to the batch gradient."""
+    batch = len(activations)
+    indices = activations.reshape(batch, -1)
+    outputs = backprops.to(compute_dtype(backprops)).reshape(batch, indices.shape[1], layer.embedding_dim)
+    if layer.padding_idx is not None:
+        outputs = outputs * (indices != layer.padding_idx)[..., None]
+    if layer.scale_grad_by_freq:
+        counts = torch.bincount(indices.reshape(-1), minlength=layer.num_embeddings)
+        outputs = outputs / counts[indices][..., None]
+    return {"weight": EmbeddingFactor(indices, outputs, layer.num_embeddings)}

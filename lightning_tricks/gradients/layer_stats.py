@@ -1,0 +1,303 @@
+"""Per-layer gradient statistics: the "gradient flow" of seed ``001_0184062a2e770d9a.txt``.
+
+Seed 001 (§2, Fig. 1–2) diagnoses vanishing gradients by plotting, for every layer in depth
+order, the mean absolute value of the loss gradient over the layer's parameters. This module is
+the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.GradientFlow`:
+
+- :func:`find_layers` groups parameters into layers (every module that owns parameters directly,
+  weights and biases together);
+- :class:`LayerFilter` keeps the layers a user asks for (name regexes or module types);
+- :class:`ForwardOrderRecorder` and :func:`sort_by_forward_order` put layers in the order they
+  first run in the forward pass;
+- :class:`LayerGradientStats` computes, in one batched pass over all gradients
+  (``torch._foreach_norm``) and without a host synchronisation, per layer the mean ``|g|``, the L2
+  norm and the max ``|g|``, plus the global gradient norm.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+ROOT_NAME = "<root>"
+LayerPattern = str | type
+LayerPatterns = LayerPattern | Sequence[LayerPattern] | None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module that owns parameters directly, with those parameters (weight and bias together).
+
+    Attributes:
+        name: qualified name of the module in the model (``"<root>"`` for the model itself).
+        module: the module.
+        parameters: the parameters it owns directly, in registration order.
+    """
+
+    name: str
+    module: nn.Module
+    parameters: tuple[nn.Parameter, ...]
+
+
+def find_layers(model: nn.Module, parameters: Iterable[nn.Parameter] | None = None) -> list[Layer]:
+    """The leaf-most owners of ``model``'s parameters, in registration order.
+
+    A layer is every module that owns at least one parameter directly (``recurse=False``), so a
+    ``Conv2d``'s weight and bias form one layer and a container owns only its own parameters. A
+    parameter shared by several modules belongs to the first that registers it. With
+    ``parameters`` given (e.g. one optimiser's), only those parameters are kept and modules left
+    with none are dropped.
+    """
+    wanted = None if parameters is None else {id(p) for p in parameters}
+    assigned: set[int] = set()
+    layers = []
+    for name, module in model.named_modules():
+        owned = []
+        for param in module.parameters(recurse=False):
+            if id(param) in assigned or (wanted is not None and id(param) not in wanted):
+                continue
+            assigned.add(id(param))
+            owned.append(param)
+        if owned:
+            layers.append(Layer(name or ROOT_NAME, module, tuple(owned)))
+    return layers
+
+
+def _compile_patterns(argument: str, patterns: LayerPatterns) -> tuple[list[re.Pattern], tuple[type, ...]]:
+    """Split ``patterns`` into compiled name regexes and module types, validating each item."""
+    if patterns is None:
+        return [], ()
+    items = [patterns] if isinstance(patterns, (str, type)) else patterns
+    if not isinstance(items, Sequence):
+        raise TypeError(
+            f"`{argument}` must be None, a regex string, an nn.Module subclass or a sequence of "
+            f"those, got {patterns!r}"
+        )
+    regexes, types = [], []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                regexes.append(re.compile(item))
+            except re.error as err:
+                raise ValueError(f"`{argument}` has an invalid regex {item!r}: {err}") from err
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise TypeError(f"`{argument}` items must be regex strings or nn.Module subclasses, got {item!r}")
+    return regexes, tuple(types)
+
+
+class LayerFilter:
+    """Keeps layers matching ``include`` (all when None) and not matching ``exclude``.
+
+    A layer matches a pattern list when ``re.search`` finds one regex in its name or its module is
+    an instance of one of the types.
+
+    Args:
+        include: None, a regex string, an ``nn.Module`` subclass, or a sequence of those.
+        exclude: same forms as ``include``.
+
+    Raises:
+        TypeError: a pattern is neither a string nor an ``nn.Module`` subclass.
+        ValueError: a string is not a valid regular expression.
+    """
+
+    def __init__(self, include: LayerPatterns = None, exclude: LayerPatterns = None) -> None:
+        self._include_all = include is None
+        self._include = _compile_patterns("include", include)
+        self._exclude = _compile_patterns("exclude", exclude)
+
+    @staticmethod
+    def _matches(layer: Layer, patterns: tuple[list[re.Pattern], tuple[type, ...]]) -> bool:
+        regexes, types = patterns
+        return isinstance(layer.module, types) or any(r.search(layer.name) for r in regexes)
+
+    def __call__(self, layer: Layer) -> bool:
+        included = self._include_all or self._matches(layer, self._include)
+        return included and not self._matches(layer, self._exclude)
+
+
+class ForwardOrderRecorder:
+    """Records the order in which named modules first run, with forward pre-hooks.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> recorder = ForwardOrderRecorder()
+        >>> recorder.start(net.named_children())
+        >>> _ = net(torch.zeros(1, 2))
+        >>> recorder.stop()
+        >>> recorder.order
+        ['0', '1']
+    """
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+
+    def start(self, named_modules: Iterable[tuple[str, nn.Module]]) -> None:
+        """Hook every module; a module's name is recorded the first time it is called."""
+        for name, module in named_modules:
+            self._handles.append(module.register_forward_pre_hook(partial(self._record, name)))
+
+    def _record(self, name: str, module: nn.Module, args: tuple) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self.order.append(name)
+
+    def stop(self) -> None:
+        """Remove all hooks; the recorded order is kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def recording(self) -> bool:
+        return bool(self._handles)
+
+
+def sort_by_forward_order(layers: Sequence[Layer], order: Sequence[str]) -> list[Layer]:
+    """Layers in the order their names appear in ``order``; layers not in it follow, in their
+    given (registration) order."""
+    rank = {name: i for i, name in enumerate(order)}
+    seen = sorted((layer for layer in layers if layer.name in rank), key=lambda layer: rank[layer.name])
+    return seen + [layer for layer in layers if layer.name not in rank]
+
+
+class GradientStats(NamedTuple):
+    """Per-layer statistics of one gradient, all on the gradients' device.
+
+    Attributes:
+        mean_abs: ``(L,)`` mean ``|g|`` over each layer's parameters (0 where ``present`` is False).
+        l2: ``(L,)`` L2 norm of each layer's gradient.
+        max_abs: ``(L,)`` max ``|g|`` in each layer.
+        present: ``(L,)`` bool, whether any parameter of the layer has a gradient.
+        global_norm: ``()`` L2 norm of the whole gradient (selected layers and other parameters).
+        last_present: index of the deepest layer with a gradient (-1 when none has one).
+    """
+
+    mean_abs: Tensor
+    l2: Tensor
+    max_abs: Tensor
+    present: Tensor
+    global_norm: Tensor
+    last_present: int
+
+
+class _Plan(NamedTuple):
+    """Index tensors for one set of present gradients: owner bin of each, elements per layer."""
+
+    owner: Tensor
+    layer_numel: Tensor
+    present: Tensor
+    last_present: int
+
+
+class LayerGradientStats:
+    """Batched per-layer gradient statistics (seed ``001_0184062a2e770d9a.txt`` §2, Fig. 1–2).
+
+    For layer ℓ with parameters θ_ℓ and gradient g = ∂L/∂θ (the ``.grad`` fields),
+
+    - ``mean_abs[ℓ] = Σ_{θ∈θ_ℓ} Σ_i |g_i| / Σ_{θ∈θ_ℓ} numel(θ)`` — seed 001's "mean absolute value
+      of the gradient" of a layer, weights and biases pooled;
+    - ``l2[ℓ] = sqrt(Σ_{θ∈θ_ℓ} ‖g_θ‖²)``, ``max_abs[ℓ] = max_{θ∈θ_ℓ} ‖g_θ‖_∞``;
+    - ``global_norm = sqrt(Σ_θ ‖g_θ‖²)`` over the layers' and ``other_parameters``' gradients
+      (the norm that ``clip_grad_norm_`` clips).
+
+    One ``torch._foreach_norm`` per order (1, 2, ∞) over all gradients, then one scatter per
+    statistic; nothing leaves the device. Parameters whose ``.grad`` is None count in no sum; a
+    layer with no gradient at all has ``present`` False. Norms accumulate in float32 (float64 when
+    a gradient is float64), so half-precision gradients are summed accurately.
+
+    Args:
+        layers: the layers, in the order of the output rows.
+        other_parameters: further parameters counted only in ``global_norm``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> net(torch.randn(8, 3)).sum().backward()
+        >>> stats = LayerGradientStats(find_layers(net)).compute()
+        >>> stats.mean_abs.shape
+        torch.Size([2])
+    """
+
+    def __init__(self, layers: Sequence[Layer], other_parameters: Iterable[nn.Parameter] = ()) -> None:
+        self.names = [layer.name for layer in layers]
+        params = [p for layer in layers for p in layer.parameters]
+        owners = [i for i, layer in enumerate(layers) for _ in layer.parameters]
+        listed = {id(p) for p in params}
+        others = [p for p in dict.fromkeys(other_parameters) if id(p) not in listed]
+        self._params = params + others
+        self._owners = owners + [len(layers)] * len(others)
+        self._plans: dict[tuple, _Plan] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_parameters(self) -> int:
+        return len(self._params)
+
+    def _plan(self, present: tuple[int, ...], device: torch.device) -> _Plan:
+        """Owner index and per-layer element count for the gradients at ``present`` (cached)."""
+        key = (present, device)
+        if key not in self._plans:
+            num_bins = self.num_layers + 1
+            owner = [self._owners[i] for i in present]
+            numel = [0] * num_bins
+            for i, bin_index in zip(present, owner, strict=True):
+                numel[bin_index] += self._params[i].numel()
+            layer_numel = torch.tensor(numel[:-1], dtype=torch.long, device=device)
+            self._plans[key] = _Plan(
+                owner=torch.tensor(owner, dtype=torch.long, device=device),
+                layer_numel=layer_numel,
+                present=layer_numel > 0,
+                last_present=max((i for i, n in enumerate(numel[:-1]) if n > 0), default=-1),
+            )
+        return self._plans[key]
+
+    def compute(self) -> GradientStats | None:
+        """The statistics of the current ``.grad`` fields, or None when no parameter has one."""
+        present = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
+        if not present:
+            return None
+        grads = [self._params[i].grad for i in present]
+        device = grads[0].device
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        plan = self._plan(present, device)
+        l1, l2, linf = (_per_tensor_norms(grads, order, dtype, device) for order in (1, 2, float("inf")))
+        num_bins = self.num_layers + 1
+        sum_abs = torch.zeros(num_bins, dtype=dtype, device=device).index_add_(0, plan.owner, l1)
+        sum_sq = torch.zeros(num_bins, dtype=dtype, device=device).index_add_(0, plan.owner, l2 * l2)
+        max_abs = torch.zeros(num_bins, dtype=dtype, device=device).scatter_reduce_(
+            0, plan.owner, linf, reduce="amax"
+        )
+        layer_numel = plan.layer_numel.to(dtype).clamp_min(1.0)
+        return GradientStats(
+            mean_abs=sum_abs[:-1] / layer_numel,
+            l2=sum_sq[:-1].sqrt(),
+            max_abs=max_abs[:-1],
+            present=plan.present,
+            global_norm=sum_sq.sum().sqrt(),
+            last_present=plan.last_present,
+        )
+
+
+def _per_tensor_norms(grads: list[Tensor], order: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(P,)`` tensor of ``‖g‖_order`` for every gradient, one ``torch._foreach_norm`` call."""
+    if any(g.is_sparse for g in grads):
+        dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+        norms = [torch.linalg.vector_norm(g, order, dtype=dtype) for g in dense]
+    else:
+        norms = torch._foreach_norm(grads, order, dtype=dtype)
+    return torch.stack([n.to(device) for n in norms])

@@ -1,0 +1,30 @@
+"""Every shipped LightningCLI config parses, instantiates and runs one training batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_tricks.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+def test_config_runs_one_batch(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs write logs/ relative to the working directory
+    main(
+        [
+            "fit", "-c", str(config),
+            "--trainer.fast_dev_run", "1",
+            "--trainer.enable_progress_bar", "false",
+            "--data.init_args.image_size", "8",
+            "--data.init_args.batch_size", "8",
+        ]
+    )
+    assert not (tmp_path / "logs").exists(), "fast_dev_run writes no logs"

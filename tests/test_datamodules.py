@@ -1,0 +1,553 @@
+"""Tests of the classification datamodules.
+
+The torchvision-backed modules read tiny files written here in the real on-disk formats (pickled
+CIFAR batches, MNIST idx files, SVHN ``.mat``) through torchvision's own loaders with
+``download=False``. torchvision checks the md5 of the CIFAR and SVHN files against checksums kept
+as class attributes (``CIFAR10.train_list`` / ``test_list`` / ``meta``, the same on ``CIFAR100``,
+``SVHN.split_list``); the fixtures set those attributes, with ``monkeypatch`` (undone after each
+test), to the md5 of the files just written, so torchvision's integrity check runs unchanged:
+it passes for these files and fails for any other (see ``test_corrupted_files_fail_the_md5_check``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import pickle
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+from sklearn.datasets import load_digits
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN
+
+from lightning_tricks.datamodules import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DatasetNotFoundError,
+    DigitsDataModule,
+    MNISTDataModule,
+    SVHNDataModule,
+)
+
+# ----------------------------------------------------------------------------- writers of the real formats
+
+
+@dataclass
+class Written:
+    """What a writer put on disk: images as (N, H, W, C) uint8 and the labels torchvision should return."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def random_images(rng: np.random.Generator, count: int, size: int, channels: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
+
+
+def cifar_rows(images: np.ndarray) -> np.ndarray:
+    """CIFAR's row layout: 3072 bytes per image, the red plane, then green, then blue, each row-major."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+
+
+def dump_pickle(path: Path, obj: dict) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def write_cifar10(root: Path, rng: np.random.Generator) -> Written:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = Written(random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10))
+    for batch in range(5):
+        part = slice(12 * batch, 12 * (batch + 1))
+        dump_pickle(
+            folder / f"data_batch_{batch + 1}",
+            {
+                "batch_label": f"training batch {batch + 1} of 5",
+                "data": cifar_rows(written.train_images[part]),
+                "labels": written.train_labels[part].tolist(),
+                "filenames": [f"{i}.png" for i in range(12)],
+            },
+        )
+    dump_pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "data": cifar_rows(written.test_images),
+            "labels": written.test_labels.tolist(),
+            "filenames": [],
+        },
+    )
+    dump_pickle(
+        folder / "batches.meta",
+        {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 12, "num_vis": 3072},
+    )
+    return written
+
+
+def write_cifar100(root: Path, rng: np.random.Generator) -> Written:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    written = Written(
+        random_images(rng, 200, 32, 3), np.arange(200) % 100, random_images(rng, 20, 32, 3), np.arange(20) * 5
+    )
+    for name, images, labels in (
+        ("train", written.train_images, written.train_labels),
+        ("test", written.test_images, written.test_labels),
+    ):
+        dump_pickle(
+            folder / name,
+            {
+                "filenames": [],
+                "batch_label": name,
+                "fine_labels": labels.tolist(),
+                "coarse_labels": (labels // 5).tolist(),
+                "data": cifar_rows(images),
+            },
+        )
+    dump_pickle(
+        folder / "meta",
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
+    )
+    return written
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """idx format: two zero bytes, type 0x08 (uint8), the number of dimensions, big-endian int32 sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, rng: np.random.Generator) -> Written:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    written = Written(
+        random_images(rng, 60, 28, 1), np.arange(60) % 10, random_images(rng, 10, 28, 1), np.arange(10)[::-1].copy()
+    )
+    for prefix, images, labels in (
+        ("train", written.train_images, written.train_labels),
+        ("t10k", written.test_images, written.test_labels),
+    ):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[..., 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return written
+
+
+def write_svhn(root: Path, rng: np.random.Generator) -> Written:
+    """SVHN's .mat files: X of shape (32, 32, 3, N), y of shape (N, 1) with labels 1..10 where 10 is the digit 0."""
+    root.mkdir(parents=True, exist_ok=True)
+    written = Written(random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10))
+    for name, images, labels in (
+        ("train_32x32.mat", written.train_images, written.train_labels),
+        ("test_32x32.mat", written.test_images, written.test_labels),
+    ):
+        stored = np.where(labels == 0, 10, labels).astype(np.uint8).reshape(-1, 1)
+        scipy.io.savemat(root / name, {"X": images.transpose(1, 2, 3, 0), "y": stored})
+    return written
+
+
+def trust_cifar_files(monkeypatch: pytest.MonkeyPatch, dataset_class: type[CIFAR10], folder: Path) -> None:
+    """Point torchvision's md5 table of ``dataset_class`` (CIFAR10 or CIFAR100) at the files in ``folder``."""
+    for attribute in ("train_list", "test_list"):
+        entries = [[name, md5(folder / name)] for name, _ in getattr(dataset_class, attribute)]
+        monkeypatch.setattr(dataset_class, attribute, entries)
+    meta = dataset_class.meta
+    monkeypatch.setattr(dataset_class, "meta", {**meta, "md5": md5(folder / meta["filename"])})
+
+
+def trust_svhn_files(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Point torchvision's md5 table of SVHN at the ``.mat`` files in ``folder``."""
+    split_list = {
+        split: [url, name, md5(folder / name) if (folder / name).exists() else checksum]
+        for split, (url, name, checksum) in SVHN.split_list.items()
+    }
+    monkeypatch.setattr(SVHN, "split_list", split_list)
+
+
+@dataclass
+class Format:
+    datamodule: type
+    write: Callable[[Path, np.random.Generator], Written]
+    trust: Callable[[pytest.MonkeyPatch, Path], None]
+    val_size: int | float
+    flips: bool
+
+
+FORMATS = {
+    "cifar10": Format(
+        CIFAR10DataModule,
+        write_cifar10,
+        lambda mp, root: trust_cifar_files(mp, CIFAR10, root / "cifar-10-batches-py"),
+        20,
+        True,
+    ),
+    "cifar100": Format(
+        CIFAR100DataModule,
+        write_cifar100,
+        lambda mp, root: trust_cifar_files(mp, CIFAR100, root / "cifar-100-python"),
+        100,
+        True,
+    ),
+    "mnist": Format(MNISTDataModule, write_mnist, lambda mp, root: None, 0.25, False),
+    "svhn": Format(SVHNDataModule, write_svhn, trust_svhn_files, 20, False),
+}
+
+
+@pytest.fixture(params=list(FORMATS))
+def on_disk(request, tmp_path, monkeypatch) -> tuple[Format, Path, Written]:
+    """One dataset written in its real format under tmp_path, with torchvision's md5 table set to match."""
+    spec = FORMATS[request.param]
+    root = tmp_path / "data"
+    written = spec.write(root, np.random.default_rng(len(request.param)))
+    spec.trust(monkeypatch, root)
+    return spec, root, written
+
+
+def normalised(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Reference: (x / 255 - mean_c) / std_c in float64, as (N, C, H, W)."""
+    scaled = images.astype(np.float64) / 255.0
+    return torch.from_numpy(((scaled - np.asarray(mean)) / np.asarray(std)).transpose(0, 3, 1, 2))
+
+
+def unnormalised(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Inverse of ``normalised`` for (N, C, H, W) tensors: 0..255 values as (N, H, W, C) float64."""
+    scaled = images.double() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    return (scaled * 255).permute(0, 2, 3, 1).numpy()
+
+
+def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
+
+
+# ----------------------------------------------------------------------------- torchvision-backed datamodules
+
+
+def test_loaders_yield_the_written_values_normalised(on_disk):
+    spec, root, written = on_disk
+    dm = spec.datamodule(root, batch_size=8, val_size=spec.val_size, seed=3, augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    expected_train = normalised(written.train_images, dm.mean, dm.std)
+
+    for images, labels in dm.train_dataloader():
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert images.shape[1:] == (dm.in_channels, dm.image_size, dm.image_size) and len(images) <= 8
+        assert labels.min() >= 0 and labels.max() < dm.num_classes
+
+    val_images, val_labels = collect(dm.val_dataloader())
+    torch.testing.assert_close(val_images.double(), expected_train[dm.val_indices], rtol=0, atol=1e-5)
+    assert val_labels.tolist() == written.train_labels[dm.val_indices].tolist()
+
+    test_images, test_labels = collect(dm.test_dataloader())
+    torch.testing.assert_close(
+        test_images.double(), normalised(written.test_images, dm.mean, dm.std), rtol=0, atol=1e-5
+    )
+    assert test_labels.tolist() == written.test_labels.tolist()
+
+    train_images, train_labels = collect(dm.train_dataloader())
+    by_content = {image.tobytes(): index for index, image in enumerate(written.train_images)}
+    found = [
+        by_content[pixels.round().astype(np.uint8).tobytes()] for pixels in unnormalised(train_images, dm.mean, dm.std)
+    ]
+    assert Counter(found) == Counter(dm.train_indices.tolist())
+    torch.testing.assert_close(train_images.double(), expected_train[found], rtol=0, atol=1e-5)
+    assert train_labels.tolist() == written.train_labels[found].tolist()
+
+
+def test_split_is_seeded_stratified_disjoint_and_complete(on_disk):
+    spec, root, written = on_disk
+    splits = []
+    for seed in (0, 0, 1):
+        dm = spec.datamodule(root, val_size=spec.val_size, seed=seed)
+        dm.setup("fit")
+        splits.append((dm.train_indices.tolist(), dm.val_indices.tolist()))
+    (train, val), same, other = splits
+    assert same == (train, val) and other != (train, val)
+    total = len(written.train_labels)
+    n_val = spec.val_size if isinstance(spec.val_size, int) else round(spec.val_size * total)
+    assert len(val) == n_val and set(train).isdisjoint(val) and sorted(train + val) == list(range(total))
+    per_class = Counter(written.train_labels[val].tolist())
+    share = n_val / total
+    for label, count in Counter(written.train_labels.tolist()).items():
+        assert abs(per_class[label] - share * count) <= 1
+
+
+def padded_crops(image: np.ndarray, pad: int, size: int) -> tuple[list[tuple[int, int, bool]], np.ndarray]:
+    """Every (row offset, column offset, mirrored) crop of ``image`` zero-padded by ``pad`` pixels."""
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    offsets = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (False, True)]
+    crops = [padded[dy : dy + size, dx : dx + size][:, :: -1 if flip else 1] for dy, dx, flip in offsets]
+    return offsets, np.stack(crops)
+
+
+def test_augmentation_is_a_padded_crop_with_flip_only_where_documented(on_disk):
+    spec, root, written = on_disk
+    dm = spec.datamodule(root, val_size=spec.val_size, seed=5)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    seen_shift, seen_flip = False, False
+    for position in range(24):
+        index = int(dm.train_indices[position])
+        offsets, crops = padded_crops(written.train_images[index], dm.crop_padding, dm.image_size)
+        pixels = unnormalised(dm.train_set[position][0][None], dm.mean, dm.std)[0]
+        np.testing.assert_allclose(pixels, pixels.round(), atol=1e-3)
+        matches = [offset for offset, crop in zip(offsets, crops, strict=True) if np.array_equal(crop, pixels.round())]
+        assert matches, f"training sample {position} is no padded crop of image {index}"
+        seen_shift |= any((dy, dx) != (dm.crop_padding, dm.crop_padding) for dy, dx, _ in matches)
+        seen_flip |= all(flip for _, _, flip in matches)
+    assert seen_shift and seen_flip == spec.flips
+    plain = normalised(written.train_images[dm.val_indices[:1]], dm.mean, dm.std)[0]
+    torch.testing.assert_close(dm.val_set[0][0].double(), plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("datamodule", [CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule, SVHNDataModule])
+def test_missing_dataset_error_says_where_it_looked_and_how_to_get_it(datamodule, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dm = datamodule("relative/data")
+    dm.prepare_data()
+    assert not (tmp_path / "relative").exists()
+    with pytest.raises(DatasetNotFoundError) as caught:
+        dm.setup("fit")
+    assert isinstance(caught.value, FileNotFoundError) and isinstance(caught.value, RuntimeError)
+    message = str(caught.value)
+    assert str(tmp_path / "relative" / "data" / dm.required_files[0]) in message
+    assert "download=True" in message and "http" in message
+
+
+def test_corrupted_files_fail_the_md5_check(tmp_path):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    with pytest.raises(DatasetNotFoundError, match=r"md5.*download=True") as caught:
+        CIFAR10DataModule(tmp_path).setup("fit")
+    assert str(tmp_path.resolve()) in str(caught.value)
+
+
+def test_prepare_data_downloads_only_when_asked(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    trust_cifar_files(monkeypatch, CIFAR10, tmp_path / "cifar-10-batches-py")
+    calls = []
+    monkeypatch.setattr(CIFAR10, "download", lambda self: calls.append(self.train))
+    CIFAR10DataModule(tmp_path).prepare_data()
+    assert calls == []
+    CIFAR10DataModule(tmp_path, download=True).prepare_data()
+    assert calls == [True, False]
+
+
+def test_val_size_zero_trains_on_everything_and_too_large_is_rejected(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    trust_cifar_files(monkeypatch, CIFAR10, tmp_path / "cifar-10-batches-py")
+    dm = CIFAR10DataModule(tmp_path, val_size=0)
+    dm.setup("fit")
+    assert len(dm.train_set) == 60 and dm.val_dataloader() == []
+    with pytest.raises(ValueError, match="`val_size`=60"):
+        CIFAR10DataModule(tmp_path, val_size=60).setup("fit")
+
+
+def test_default_splits_follow_the_documented_sizes():
+    assert CIFAR10DataModule().val_size == 5_000
+    assert CIFAR100DataModule().val_size == 2_500
+    assert MNISTDataModule().val_size == 5_000 and SVHNDataModule().val_size == 5_000
+    assert CIFAR10DataModule(val_size=0.1).val_size == 0.1
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_digits_split_sizes_seeded_stratified_disjoint(digits):
+    dm = DigitsDataModule()
+    dm.setup()
+    parts = [dm.train_indices, dm.val_indices, dm.test_indices]
+    assert [len(part) for part in parts] == [1258, 180, 359]
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [1258, 180, 359]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1797))
+    again, other = DigitsDataModule(), DigitsDataModule(seed=1)
+    again.setup()
+    other.setup()
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(parts, [again.train_indices, again.val_indices, again.test_indices], strict=True)
+    )
+    assert not np.array_equal(dm.test_indices, other.test_indices)
+    class_sizes = np.bincount(digits.target)
+    for part, share in ((dm.test_indices, 359 / 1797), (dm.val_indices, 180 / 1797)):
+        assert np.all(np.abs(np.bincount(digits.target[part], minlength=10) - share * class_sizes) <= 1.5)
+
+
+def test_digits_values_are_sklearn_pixels_standardised_with_training_statistics(digits):
+    dm = DigitsDataModule(image_size=8, channels=1, val_size=100, test_size=300, seed=2)
+    dm.setup()
+    scaled = digits.images.astype(np.float64) / 16.0
+    train_pixels = [value for index in dm.train_indices for value in scaled[index].ravel()]
+    mean = sum(train_pixels) / len(train_pixels)
+    std = (sum((value - mean) ** 2 for value in train_pixels) / len(train_pixels)) ** 0.5
+    assert dm.mean == pytest.approx((mean,), rel=1e-6) and dm.std == pytest.approx((std,), rel=1e-6)
+    for dataset, indices in (
+        (dm.train_set, dm.train_indices),
+        (dm.val_set, dm.val_indices),
+        (dm.test_set, dm.test_indices),
+    ):
+        images, labels = dataset.tensors
+        expected = torch.from_numpy((scaled[indices] - mean) / std).unsqueeze(1)
+        torch.testing.assert_close(images.double(), expected, rtol=0, atol=1e-5)
+        assert labels.tolist() == digits.target[indices].tolist()
+
+
+def bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres: output pixel i samples input coordinate (i + 0.5) * in / out - 0.5."""
+
+    def taps(out_index: int, in_size: int) -> tuple[int, int, float]:
+        source = max((out_index + 0.5) * in_size / size - 0.5, 0.0)
+        low = int(source)
+        return low, min(low + 1, in_size - 1), source - low
+
+    out = np.zeros((size, size))
+    for row in range(size):
+        top, bottom, wy = taps(row, image.shape[0])
+        for col in range(size):
+            left, right, wx = taps(col, image.shape[1])
+            out[row, col] = (1 - wy) * ((1 - wx) * image[top, left] + wx * image[top, right]) + wy * (
+                (1 - wx) * image[bottom, left] + wx * image[bottom, right]
+            )
+    return out
+
+
+@pytest.mark.parametrize("size", [32, 13])
+def test_digits_resize_is_bilinear_and_channels_are_copies(digits, size):
+    dm = DigitsDataModule(image_size=size, channels=3)
+    dm.setup()
+    images, _ = dm.test_set.tensors
+    assert images.shape == (359, 3, size, size) and images.dtype == torch.float32
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert len(dm.mean) == len(dm.std) == 3 and dm.mean[0] == dm.mean[2]
+    for position in (0, 100, 358):
+        index = dm.test_indices[position]
+        expected = bilinear_reference(digits.images[index] / 16.0, size)
+        np.testing.assert_allclose(images[position, 0].double().numpy() * dm.std[0] + dm.mean[0], expected, atol=1e-5)
+
+
+def test_digits_labels_stay_with_their_images():
+    """A 1-nearest-neighbour classifier over the training split must classify the test split well."""
+    dm = DigitsDataModule(image_size=8)
+    dm.setup()
+    train_images, train_labels = dm.train_set.tensors
+    test_images, test_labels = dm.test_set.tensors
+    nearest = torch.cdist(test_images.flatten(1).double(), train_images.flatten(1).double()).argmin(dim=1)
+    assert (train_labels[nearest] == test_labels).double().mean() >= 0.95
+
+
+def test_digits_loaders_and_batch_size_read_at_each_call():
+    dm = DigitsDataModule(channels=3, batch_size=64)
+    dm.setup("fit")
+    first = dm.train_dataloader()
+    images, labels = next(iter(first))
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert labels.min() >= 0 and labels.max() <= 9
+    dm.batch_size = 17
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 17
+    assert next(iter(first))[0].shape[0] == 64
+    assert len(dm.val_dataloader()) == -(-180 // 17) and next(iter(dm.test_dataloader()))[0].shape[0] == 17
+
+
+class RecordsBatchSizes(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8 * 8, 10)
+        self.sizes: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.sizes.append((self.current_epoch, len(images)))
+        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class DoublesBatchSize(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        lightning_setattr(pl_module, "batch_size", 2 * trainer.datamodule.batch_size)
+
+
+def test_trainer_picks_up_a_batch_size_changed_like_batch_size_finder_does(tmp_path):
+    dm = DigitsDataModule(image_size=8, batch_size=16)
+    module = RecordsBatchSizes()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        reload_dataloaders_every_n_epochs=1,
+        callbacks=[DoublesBatchSize()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert lightning_hasattr(module, "batch_size")
+    assert module.sizes == [(0, 16), (0, 16), (1, 32), (1, 32), (2, 64), (2, 64)]
+    assert dm.hparams.batch_size == dm.batch_size == 128
+
+
+# ----------------------------------------------------------------------------- argument validation
+
+
+@pytest.mark.parametrize(
+    ("datamodule", "kwargs", "error", "name"),
+    [
+        (DigitsDataModule, {"batch_size": 0}, ValueError, "batch_size"),
+        (DigitsDataModule, {"batch_size": -4}, ValueError, "batch_size"),
+        (DigitsDataModule, {"batch_size": 2.5}, TypeError, "batch_size"),
+        (DigitsDataModule, {"num_workers": -1}, ValueError, "num_workers"),
+        (DigitsDataModule, {"val_size": -1}, ValueError, "val_size"),
+        (DigitsDataModule, {"val_size": 1.0}, ValueError, "val_size"),
+        (DigitsDataModule, {"val_size": "10%"}, TypeError, "val_size"),
+        (DigitsDataModule, {"test_size": -0.2}, ValueError, "test_size"),
+        (DigitsDataModule, {"image_size": 4}, ValueError, "image_size"),
+        (DigitsDataModule, {"channels": 2}, ValueError, "channels"),
+        (DigitsDataModule, {"seed": -1}, ValueError, "seed"),
+        (DigitsDataModule, {"stratify": "yes"}, TypeError, "stratify"),
+        (CIFAR10DataModule, {"batch_size": 0}, ValueError, "batch_size"),
+        (CIFAR100DataModule, {"num_workers": -2}, ValueError, "num_workers"),
+        (MNISTDataModule, {"val_size": 1.5}, ValueError, "val_size"),
+        (SVHNDataModule, {"data_dir": 3}, TypeError, "data_dir"),
+        (CIFAR10DataModule, {"download": "yes"}, TypeError, "download"),
+        (CIFAR10DataModule, {"augment": None}, TypeError, "augment"),
+    ],
+)
+def test_bad_arguments_are_rejected_naming_the_argument(datamodule, kwargs, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        datamodule(**kwargs)
+
+
+def test_digits_split_sizes_that_leave_nothing_to_train_on_are_rejected_in_setup():
+    with pytest.raises(ValueError, match=re.escape("`val_size`=900 and `test_size`=0.5")):
+        DigitsDataModule(val_size=900, test_size=0.5).setup()
+
+
+def test_loaders_before_setup_say_what_to_do():
+    with pytest.raises(RuntimeError, match=r"setup\('fit'\)"):
+        DigitsDataModule().train_dataloader()

@@ -1,0 +1,307 @@
+"""FisherSpectrum against a brute-force reference: per-sample autograd loop, numpy eigenvalues."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
+from lightning_tricks.gradients.spectrum import fisher_statistics
+from lightning_tricks.plotting import beacon_map
+
+LR = 0.05
+
+
+def make_data(n: int = 32, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+class SmallNet(L.LightningModule):
+    """Conv + Linear classifier in float64 that records (params, batch) of every step."""
+
+    def __init__(self, lr: float = LR, nan_at_step: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 3)
+        ).double()
+        self.lr = lr
+        self.nan_at_step = nan_at_step
+        self.snapshots: list[tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor], float]] = []
+
+    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.snapshots.append((copy.deepcopy(self.net.state_dict()), batch, lr))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        if self.global_step == self.nan_at_step:
+            loss = loss * torch.nan
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step == self.nan_at_step:  # keep the weights finite after the NaN step
+            for parameter in self.parameters():
+                parameter.grad = torch.nan_to_num(parameter.grad, nan=0.0)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def reference_gram(state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64)."""
+    net = SmallNet().net
+    net.load_state_dict(state)
+    x, y = batch
+    columns = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(net(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        columns.append(torch.cat([g.reshape(-1) for g in grads]))
+    jacobian = torch.stack(columns, dim=1).numpy()
+    return jacobian.T @ jacobian
+
+
+def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
+    """Seed 004 eq. 7–8 and the noise scale, written out with numpy."""
+    batch = gram.shape[0]
+    eigenvalues = np.linalg.eigvalsh(gram)
+    nonzero = eigenvalues[eigenvalues > batch * np.finfo(np.float64).eps * eigenvalues.max()]
+    trace = float(np.trace(gram))
+    mean_grad_sq = gram.sum() / batch**2
+    trace_sigma = (trace - gram.sum() / batch) / (batch - 1) if batch > 1 else math.nan
+    return {
+        "c": math.sqrt(nonzero.max() / nonzero.min()),
+        "trace": trace,
+        "lambda_max": float(eigenvalues.max()),
+        "rank": float(len(nonzero)),
+        "l": lr / batch * math.sqrt(trace),
+        "noise_scale": trace_sigma / mean_grad_sq,
+    }
+
+
+def fit(module: L.LightningModule, callbacks: list, tmp_path, *, batch_size: int = 8, max_steps: int = 6, **trainer_kwargs):
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=trainer_kwargs.pop("logger", False),
+        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, DataLoader(make_data(), batch_size=batch_size), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 8])
+def test_history_matches_brute_force_reference(tmp_path, batch_size):
+    module = SmallNet()
+    fisher = FisherSpectrum()
+    fit(module, [fisher], tmp_path, batch_size=batch_size)
+
+    assert [h["step"] for h in fisher.history] == list(range(6))
+    energies = []
+    for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
+        expected = reference_statistics(reference_gram(state, batch), lr)
+        energies.append(expected["l"])
+        assert record["batch_size"] == batch_size
+        assert record["lr"] == pytest.approx(lr, rel=1e-12)
+        for key in ("trace", "lambda_max", "l"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-9), key
+        if batch_size > 1:
+            assert record["c"] == pytest.approx(expected["c"], rel=1e-6)
+            assert record["rank"] == expected["rank"]
+            assert record["noise_scale"] == pytest.approx(expected["noise_scale"], rel=1e-8)
+        else:
+            assert record["c"] == pytest.approx(1.0) and math.isnan(record["noise_scale"])
+    conditions = [h["c"] for h in fisher.history]
+    assert fisher.C_bar == pytest.approx(np.mean(conditions), rel=1e-12)
+    assert fisher.L == pytest.approx(sum(energies), rel=1e-9)
+    assert [h["C_bar"] for h in fisher.history] == pytest.approx(np.cumsum(conditions) / np.arange(1, 7))
+    assert fisher.noise_scale == fisher.history[-1]["noise_scale"] or batch_size == 1
+
+
+def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
+    module = SmallNet()
+    fisher = FisherSpectrum(every_n_steps=3)
+    fit(module, [fisher], tmp_path, max_steps=7)
+
+    assert [h["step"] for h in fisher.history] == [0, 3, 6]
+    energies = [h["l"] for h in fisher.history]
+    assert fisher.L == pytest.approx(3 * sum(energies), rel=1e-12)
+    assert fisher.C_bar == pytest.approx(np.mean([h["c"] for h in fisher.history]), rel=1e-12)
+    state, batch, lr = module.snapshots[3]
+    assert energies[1] == pytest.approx(reference_statistics(reference_gram(state, batch), lr)["l"], rel=1e-9)
+
+
+def test_statistics_of_a_rank_deficient_matrix():
+    """Duplicate per-sample gradients: the zero eigenvalues are left out of c (eq. 7)."""
+    jacobian = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    stats = fisher_statistics(jacobian.T @ jacobian)
+    assert stats.rank.item() == 2
+    assert stats.condition.item() == pytest.approx(math.sqrt(4.0 / 2.0))
+    assert stats.trace.item() == pytest.approx(6.0)
+
+
+def test_non_finite_gram_gives_nan_statistics_without_raising():
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[1, 2] = torch.nan
+    stats = fisher_statistics(gram)
+    assert all(math.isnan(value.item()) for value in stats[:-1])
+
+
+def test_nan_loss_does_not_crash_and_is_left_out_of_running_measures(tmp_path):
+    module = SmallNet(nan_at_step=2)
+    fisher = FisherSpectrum()
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(module, [fisher], tmp_path, max_steps=4)
+
+    conditions = [h["c"] for h in fisher.history]
+    assert math.isnan(conditions[2]) and math.isnan(fisher.history[2]["l"])
+    finite = [c for c in conditions if math.isfinite(c)]
+    assert len(finite) == 3
+    assert fisher.C_bar == pytest.approx(np.mean(finite), rel=1e-12)
+    assert math.isfinite(fisher.L)
+
+
+def test_resume_continues_running_measures_exactly(tmp_path):
+    full = FisherSpectrum()
+    fit(SmallNet(), [full], tmp_path / "full", max_steps=8)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = FisherSpectrum()
+    fit(SmallNet(), [first, checkpoint], tmp_path / "a", max_steps=4, enable_checkpointing=True)
+    resumed = FisherSpectrum()
+    fit(
+        SmallNet(), [resumed], tmp_path / "b", max_steps=8,
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+    )
+
+    assert [h["step"] for h in resumed.history] == list(range(8))
+    for ours, reference in zip(resumed.history, full.history):
+        assert ours["c"] == pytest.approx(reference["c"], rel=1e-9)
+        assert ours["L"] == pytest.approx(reference["L"], rel=1e-9)
+    assert resumed.C_bar == pytest.approx(full.C_bar, rel=1e-9)
+    assert resumed.L == pytest.approx(full.L, rel=1e-9)
+
+
+def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
+    fisher = FisherSpectrum(log_eigenvalues=True)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=8, logger=logger, log_every_n_steps=1)
+
+    logged = set(trainer.logged_metrics)
+    expected = {"c", "C_bar", "l", "L", "trace", "lambda_max", "rank", "noise_scale"}
+    assert {f"fisher/{name}" for name in expected} <= logged
+    csv_path = tmp_path / "run" / "version_0" / "fisher_spectrum.csv"
+    rows = np.genfromtxt(csv_path, delimiter=",", names=True)
+    assert rows["epoch"].tolist() == [0.0, 1.0]  # 32 samples / batch 8 = 4 steps an epoch
+    assert rows["L"][-1] == pytest.approx(fisher.L, rel=1e-9)
+    assert rows["C_bar"][0] == pytest.approx(fisher.history[3]["C_bar"], rel=1e-9)
+
+    figure = beacon_map({"s8": csv_path}, color_by="batch_size")
+    assert figure.axes and figure.axes[0].get_xlabel().startswith("C̄")
+
+
+def test_csv_logger_works_and_eigenvalue_histogram_is_skipped(tmp_path):
+    fisher = FisherSpectrum(log_eigenvalues=True)
+    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    assert "fisher/C_bar" in trainer.logged_metrics
+    assert (tmp_path / "lightning_logs" / "version_0" / "fisher_spectrum.csv").exists()
+
+
+class ManualModule(SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(
+    ("module", "trainer_kwargs", "match"),
+    [
+        (ManualModule, {}, "automatic optimisation"),
+        (SmallNet, {"accumulate_grad_batches": 2}, "accumulate_grad_batches"),
+    ],
+)
+def test_unsupported_training_setups_raise_at_setup(tmp_path, module, trainer_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit(module(), [FisherSpectrum()], tmp_path, **trainer_kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 1.5}, "every_n_steps"),
+        ({"loss_reduction": "none"}, "loss_reduction"),
+        ({"rank_rtol": 0.0}, "rank_rtol"),
+        ({"unsupported": "ignore"}, "unsupported"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        FisherSpectrum(**kwargs)
+
+
+def test_two_instances_keep_separate_checkpoint_state():
+    assert FisherSpectrum(every_n_steps=1).state_key != FisherSpectrum(every_n_steps=5).state_key
+
+
+class InterleavedShards(SmallNet):
+    """Rank r trains on samples r, r + 2, …: the two local batches of 4 make up the single
+    process's batch of 8."""
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(
+            make_data(), num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return DataLoader(make_data(), batch_size=4, sampler=sampler)
+
+
+def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tmp_path):
+    """Each rank measures its local batch of 4; Tr F̃ (hence l, L) is summed to the global batch
+    of 8 and must equal one process training on the same 8 samples per step."""
+    single = FisherSpectrum()
+    fit(SmallNet(), [single], tmp_path / "single", batch_size=8, max_steps=4)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ddp", save_last=True)
+    ddp = FisherSpectrum()
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[ddp, checkpoint],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(InterleavedShards())
+
+    state = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=False)["callbacks"][ddp.state_key]
+    history = state["history"]
+    assert [h["batch_size"] for h in history] == [8.0] * 4
+    for ours, reference in zip(history, single.history):
+        assert ours["trace"] == pytest.approx(reference["trace"], rel=1e-9)
+        assert ours["l"] == pytest.approx(reference["l"], rel=1e-9)
+        assert ours["L"] == pytest.approx(reference["L"], rel=1e-9)
+        assert math.isfinite(ours["c"]) and ours["rank"] <= 4
