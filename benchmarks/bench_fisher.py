@@ -10,7 +10,8 @@ SGD, on CPU, one process. Configurations (each a full training step; ratios are 
 - vmap(grad) pass: the plain step, then per-sample gradients from ``torch.func.vmap(grad(...))``
   in a separate pass, their Gram and its eigenvalues.
 - per-sample loop (seed 004): the plain step, then one forward and ``torch.autograd.grad`` per
-  sample (what seed 004 §4 did inside Torch), the Gram and its eigenvalues.
+  sample (what seed 004 §4 did inside Torch), the Gram and its eigenvalues. To keep the run short
+  only ``--loop-samples`` rows of J are computed and their time is scaled to B rows.
 - Opacus GradSampleModule / BackPACK BatchGrad: per-sample gradients from hooks during the step,
   then the Gram and eigenvalues — only if the package imports; skipped with a note otherwise.
 
@@ -19,13 +20,15 @@ since per-sample gradients through batch statistics are undefined for them; the 
 measures the training-mode step itself (columns = each sample's contribution to the batch
 gradient). Costs are comparable; the matrices differ by the BatchNorm mode.
 
-Timing: each round runs every configuration once, in an order that rotates between rounds; the
-table gives medians. Peak memory is the growth of the process's peak resident set during one
+Timing: each round runs every configuration once, in an order that rotates between rounds, each
+right after a plain step; the table gives the median time and the median of the paired ratios
+(configuration / the plain step just before it), which cancels slow drifts of machine load. Peak memory is the growth of the process's peak resident set during one
 step (Linux: VmHWM reset through ``/proc/self/clear_refs`` after returning freed heap memory to
 the system with ``malloc_trim``), i.e. what the step allocated beyond the model, optimizer state
 and batch that were already alive; "n/a" where that interface is missing.
 
-    python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 2] [--threads 2]
+    python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 3]
+                                      [--loop-samples 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from torch import nn
 from lightning_tricks.gradients.gram import GramCollector
 from lightning_tricks.models import build_net
 
-Step = Callable[[], None]
+Step = Callable[[], "float | None"]
+"""A configuration; one that returns a float reports its own (extrapolated) duration."""
 
 
 def gram_and_spectrum(jacobian: torch.Tensor) -> torch.Tensor:
@@ -96,17 +100,31 @@ class Workload:
             return F.cross_entropy(logits, label[None])
 
         with _eval_mode(self.net):
-            grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, self.images, self.labels)
+            per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+            grads = per_sample_grad(params, self.images, self.labels)
         gram_and_spectrum(torch.cat([g.reshape(len(self.images), -1) for g in grads.values()], dim=1))
 
-    def loop_step(self) -> None:
-        self.plain_step()
-        rows = []
-        with _eval_mode(self.net):
-            for image, label in zip(self.images, self.labels):
-                loss = F.cross_entropy(self.net(image[None]), label[None])
-                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.params)]))
-        gram_and_spectrum(torch.stack(rows))
+    def loop_step(self, samples: int) -> Step:
+        """The plain step, then J row by row: one forward and autograd.grad per sample. Only the
+        first ``samples`` rows are computed; their time is scaled to B rows (J is allocated full)."""
+
+        def step() -> float:
+            start = time.perf_counter()
+            self.plain_step()
+            jacobian = torch.zeros(len(self.images), sum(p.numel() for p in self.params))
+            loop_start = time.perf_counter()
+            with _eval_mode(self.net):
+                for i in range(min(samples, len(self.images))):
+                    loss = F.cross_entropy(self.net(self.images[i : i + 1]), self.labels[i : i + 1])
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.params)], out=jacobian[i])
+            loop = time.perf_counter() - loop_start
+            gram_start = time.perf_counter()
+            gram_and_spectrum(jacobian)
+            done = time.perf_counter()
+            rows = min(samples, len(self.images))
+            return (loop_start - start) + loop * len(self.images) / rows + (done - gram_start)
+
+        return step
 
 
 @contextlib.contextmanager
@@ -201,13 +219,13 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def configurations(work: Workload) -> tuple[dict[str, Step], dict[str, str]]:
+def configurations(work: Workload, loop_samples: int) -> tuple[dict[str, Step], dict[str, str]]:
     steps: dict[str, Step] = {
         "plain step": work.plain_step,
         "GramCollector, fused": work.collector_step(GramCollector(work.net, fuse_weight_grad=True)),
         "GramCollector, unfused": work.collector_step(GramCollector(work.net, fuse_weight_grad=False)),
         "vmap(grad) pass": work.vmap_step,
-        "per-sample loop (seed 004)": work.loop_step,
+        "per-sample loop (seed 004)": work.loop_step(loop_samples),
     }
     skipped: dict[str, str] = {}
     for name, factory in (("Opacus GradSampleModule", opacus_step), ("BackPACK BatchGrad", backpack_step)):
@@ -222,41 +240,57 @@ def configurations(work: Workload) -> tuple[dict[str, Step], dict[str, str]]:
 SLOW = ("vmap(grad) pass", "per-sample loop (seed 004)", "Opacus GradSampleModule", "BackPACK BatchGrad")
 
 
-def measure(batch_size: int, rounds: int, slow_rounds: int) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+def measure(
+    batch_size: int, rounds: int, slow_rounds: int, loop_samples: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float], dict[str, str]]:
+    """Per configuration: step times (s), ratios to the plain step run just before it, peak memory
+    growth (MiB); and the configurations skipped with the reason."""
     work = Workload(batch_size)
-    steps, skipped = configurations(work)
-    memory = {name: peak_memory_mib(step) for name, step in steps.items()}  # also the warm-up
+    steps, skipped = configurations(work, loop_samples)
+    for step in steps.values():  # warm-up: one-time allocations and kernel selection
+        step()
+    memory = {name: peak_memory_mib(step) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
+    ratios: dict[str, list[float]] = {name: [] for name in steps}
+    others = [name for name in steps if name != "plain step"]
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
+        for name in others[r % len(others):] + others[: r % len(others)]:
             if name in SLOW and len(times[name]) >= slow_rounds:
                 continue
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times, memory, skipped
+            plain, seconds = _timed(steps["plain step"]), _timed(steps[name])
+            times["plain step"].append(plain)
+            times[name].append(seconds)
+            ratios[name].append(seconds / plain)
+    ratios["plain step"] = [1.0]
+    return times, ratios, memory, skipped
+
+
+def _timed(step: Step) -> float:
+    start = time.perf_counter()
+    reported = step()
+    return time.perf_counter() - start if reported is None else reported
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--slow-rounds", type=int, default=2, help="rounds for the separate-pass baselines")
+    parser.add_argument("--slow-rounds", type=int, default=3, help="rounds for the separate-pass baselines")
+    parser.add_argument("--loop-samples", type=int, default=16, help="rows of J the loop computes (time scaled to B)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"ResNet-20, 3x32x32, CPU, {args.threads} threads, torch {torch.__version__}; median step time, ratio to plain, peak memory growth")
+    print(f"ResNet-20, 3x32x32, CPU, {args.threads} threads, torch {torch.__version__}")
+    print("median step time; median ratio to a plain step run just before (paired, so load drift cancels);")
+    print("peak resident memory growth during one step")
     for batch_size in args.batch_sizes:
-        times, memory, skipped = measure(batch_size, args.rounds, args.slow_rounds)
-        plain = statistics.median(times["plain step"])
+        times, ratios, memory, skipped = measure(batch_size, args.rounds, args.slow_rounds, args.loop_samples)
         print(f"\nB = {batch_size}")
         print(f"{'configuration':<30} {'runs':>4} {'median s':>9} {'ratio':>7} {'peak MiB':>9}")
         for name, samples in times.items():
-            median = statistics.median(samples)
-            print(f"{name:<30} {len(samples):>4} {median:>9.3f} {median / plain:>6.2f}x {memory[name]:>9.0f}")
+            median, ratio = statistics.median(samples), statistics.median(ratios[name])
+            print(f"{name:<30} {len(samples):>4} {median:>9.3f} {ratio:>6.2f}x {memory[name]:>9.0f}")
         for name, reason in skipped.items():
             print(f"{name:<30} skipped: {reason}")
 

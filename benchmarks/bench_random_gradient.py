@@ -12,46 +12,14 @@ machine noise.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
-import warnings
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
+from torch.utils.data import DataLoader
 
 from lightning_tricks.callbacks.random_gradient import RandomGradient
-from lightning_tricks.models import build_net
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = build_net("resnet20", 10)
-
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        return F.cross_entropy(self.net(images), labels)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.5)
-
-
-class StepTimer(Callback):
-    """Wall time from ``on_train_batch_start`` to ``on_train_batch_end``, per step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
 
 
 class TimedRandomGradient(RandomGradient):
@@ -76,18 +44,9 @@ def run(with_callback: bool, steps: int, loader: DataLoader) -> tuple[list[float
     """Train ``steps`` steps; return the step times after the first and the callback's hook time per step."""
     timer = StepTimer()
     random_gradient = TimedRandomGradient(seed=0) if with_callback else None
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer] + ([random_gradient] if random_gradient else []),
-    )
+    trainer = quiet_trainer(steps, [timer] + ([random_gradient] if random_gradient else []))
     torch.manual_seed(0)
-    trainer.fit(Classifier(), loader)
+    trainer.fit(ResNet20Classifier(lr=0.1, momentum=0.5), loader)
     hook_time = random_gradient.hook_time / steps if random_gradient else 0.0
     return timer.times[1:], hook_time
 
@@ -98,15 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per run; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-
-    generator = torch.Generator().manual_seed(0)
-    n = args.steps * args.batch_size
-    images = torch.randn(n, 3, 32, 32, generator=generator)
-    dataset = TensorDataset(images, torch.randint(0, 10, (n,), generator=generator))
-    loader = DataLoader(dataset, batch_size=args.batch_size)
+    silence_lightning()
+    loader = random_image_loader(args.steps, args.batch_size)
 
     times: dict[bool, list[float]] = {False: [], True: []}
     hook_times: list[float] = []

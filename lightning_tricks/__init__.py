@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .callbacks import FisherSpectrum, GradientFlow, RandomGradient
+from .callbacks import FisherSpectrum, GradientFlow, GradientFlowAlarm, RandomGradient
 
-__all__ = ["FisherSpectrum", "GradientFlow", "RandomGradient", "__version__"]
+__all__ = ["FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient", "__version__"]

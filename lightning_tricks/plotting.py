@@ -6,13 +6,17 @@ GUI backend, hold no global state and can be made from any thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_gradient_flow(
@@ -67,9 +71,8 @@ def plot_gradient_flow(
     axes = figure.add_subplot()
     plotted = np.where(np.isfinite(matrix) & (matrix > 0), matrix, np.nan)
     depth = np.arange(num_layers)
-    norm = Normalize(
-        vmin=min(epochs, default=0), vmax=max(max(epochs, default=0), min(epochs, default=0) + 1)
-    )
+    low, high = (min(epochs), max(epochs)) if epochs else (0, 0)
+    norm = Normalize(vmin=low, vmax=max(high, low + 1))
     colours = colormaps[cmap]
     for column, epoch in enumerate(epochs):
         axes.plot(
@@ -92,10 +95,11 @@ def plot_gradient_flow(
     if epochs:
         colourbar = figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, pad=0.01)
         colourbar.set_label("epoch")
+        colourbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return figure
 
 
-def _draw_thresholds(axes, vanish_threshold: float | None, explode_threshold: float | None) -> None:
+def _draw_thresholds(axes: Axes, vanish_threshold: float | None, explode_threshold: float | None) -> None:
     """Dashed horizontal lines at the thresholds that fall inside the current y range."""
     low, high = axes.get_ylim()
     thresholds = (
@@ -110,3 +114,85 @@ def _draw_thresholds(axes, vanish_threshold: float | None, explode_threshold: fl
     if drawn:
         axes.legend(loc="best", fontsize=7)
     axes.set_ylim(low, high)
+
+
+BEACON_PROGRESS = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def beacon_map(
+    runs: Mapping[str, str | os.PathLike],
+    *,
+    color_by: str = "batch_size",
+    errors: Mapping[str, float] | None = None,
+    progress: Sequence[float] = BEACON_PROGRESS,
+) -> Figure:
+    """C̄_K (x) against L_K (y) trajectories of several runs (seed 004_e5d92837cb57ce8a.txt Fig. 5).
+
+    Each run is the per-epoch CSV that :class:`~lightning_tricks.FisherSpectrum` writes
+    (``fisher_spectrum.csv``: epoch, step, C_bar, L, lr, batch_size). Its trajectory is drawn with
+    markers at the given fractions of training (seed 004 marks 5, 20, 40, 60, 80 and 100 %) and
+    coloured by the run's final ``color_by`` column (``"batch_size"`` or ``"lr"``, log scale).
+    With ``errors`` (run → final test error) for at least three runs, the error interpolated over
+    the runs' final (C̄, L) points is drawn as a filled contour behind them (seed 004 Fig. 1b).
+
+    Raises:
+        ValueError: no runs, an unknown ``color_by``, or ``progress`` outside (0, 1].
+    """
+    if not runs:
+        raise ValueError("`runs` must name at least one FisherSpectrum CSV file.")
+    if color_by not in ("batch_size", "lr"):
+        raise ValueError(f"`color_by` must be 'batch_size' or 'lr'; got {color_by!r}.")
+    if any(not 0 < p <= 1 for p in progress):
+        raise ValueError(f"`progress` fractions must be in (0, 1]; got {progress}.")
+    tables = {label: _read_fisher_csv(path) for label, path in runs.items()}
+    figure = Figure(figsize=(7, 5.5), layout="constrained")
+    axes = figure.add_subplot()
+    if errors is not None and len(errors) >= 3:
+        _draw_error_contour(figure, axes, tables, errors)
+    values = np.array([table[color_by][-1] for table in tables.values()])
+    norm = _color_norm(values)
+    cmap = colormaps["plasma"]
+    for (label, table), value in zip(tables.items(), values):
+        color = cmap(norm(value))
+        axes.plot(table["C_bar"], table["L"], color=color, linewidth=1.2, alpha=0.8)
+        marks = _progress_indices(len(table["C_bar"]), progress)
+        sizes = np.linspace(12, 48, len(marks))
+        axes.scatter(table["C_bar"][marks], table["L"][marks], color=color, s=sizes, zorder=3)
+        final = (table["C_bar"][-1], table["L"][-1])
+        axes.annotate(label, final, xytext=(4, 4), textcoords="offset points", fontsize=8)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=color_by)
+    axes.set_xlabel("C̄_K  (running mean truncated condition number, eq. 7)")
+    axes.set_ylabel("L_K  (cumulative Fisher energy, eq. 8)")
+    marks = ", ".join(f"{p:.0%}" for p in progress)
+    axes.set_title(f"Beacon map (markers at {marks} of training)", fontsize=9)
+    axes.grid(True, alpha=0.3)
+    return figure
+
+
+def _color_norm(values: np.ndarray) -> Normalize:
+    """Log scale over the runs' values (batch sizes and learning rates span decades)."""
+    low, high = float(values.min()), float(values.max())
+    return LogNorm(low, high) if 0 < low < high else Normalize(low - 1, high + 1)
+
+
+def _read_fisher_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    rows = np.genfromtxt(path, delimiter=",", names=True, ndmin=1)
+    if rows.size == 0:
+        raise ValueError(f"{path} has no epoch rows yet.")
+    return {name: np.atleast_1d(rows[name]) for name in rows.dtype.names}
+
+
+def _progress_indices(length: int, progress: Sequence[float]) -> np.ndarray:
+    """Row index reached after each fraction of training (the last row is 100 %)."""
+    return np.unique([max(math.ceil(p * length) - 1, 0) for p in progress])
+
+
+def _draw_error_contour(
+    figure: Figure, axes: Axes, tables: Mapping[str, dict[str, np.ndarray]], errors: Mapping[str, float]
+) -> None:
+    labels = [label for label in tables if label in errors]
+    x = np.array([tables[label]["C_bar"][-1] for label in labels])
+    y = np.array([tables[label]["L"][-1] for label in labels])
+    z = np.array([errors[label] for label in labels])
+    contour = axes.tricontourf(x, y, z, levels=12, cmap="Greys", alpha=0.5)
+    figure.colorbar(contour, ax=axes, label="test error")

@@ -29,6 +29,15 @@ def make_data(n: int = 32, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def single_forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(net(x), y)
+
+
+def two_forward_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The network runs twice in one step (a flipped view): its layers are shared by two calls."""
+    return F.cross_entropy(net(x), y) + 0.5 * F.cross_entropy(net(x.flip(-1)), y)
+
+
 class SmallNet(L.LightningModule):
     """Conv + Linear classifier in float64 that records (params, batch) of every step."""
 
@@ -43,8 +52,7 @@ class SmallNet(L.LightningModule):
         self.snapshots: list[tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor], float]] = []
 
     def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return single_forward_loss(self.net, *batch)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
@@ -67,14 +75,16 @@ class SmallNet(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def reference_gram(state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+def reference_gram(
+    state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor], loss_fn=single_forward_loss
+) -> np.ndarray:
     """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64)."""
     net = SmallNet().net
     net.load_state_dict(state)
     x, y = batch
     columns = []
     for i in range(x.shape[0]):
-        loss = F.cross_entropy(net(x[i : i + 1]), y[i : i + 1])
+        loss = loss_fn(net, x[i : i + 1], y[i : i + 1])
         grads = torch.autograd.grad(loss, list(net.parameters()))
         columns.append(torch.cat([g.reshape(-1) for g in grads]))
     jacobian = torch.stack(columns, dim=1).numpy()
@@ -156,6 +166,22 @@ def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
     assert fisher.C_bar == pytest.approx(np.mean([h["c"] for h in fisher.history]), rel=1e-12)
     state, batch, lr = module.snapshots[3]
     assert energies[1] == pytest.approx(reference_statistics(reference_gram(state, batch), lr)["l"], rel=1e-9)
+
+
+class TwoForwardNet(SmallNet):
+    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return two_forward_loss(self.net, *batch)
+
+
+def test_a_network_run_twice_in_a_step_is_measured_exactly(tmp_path):
+    """Documented behaviour: per-sample gradients sum over every call of a layer in the step."""
+    module = TwoForwardNet()
+    fisher = FisherSpectrum()
+    fit(module, [fisher], tmp_path, max_steps=3)
+    for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
+        expected = reference_statistics(reference_gram(state, batch, two_forward_loss), lr)
+        assert record["trace"] == pytest.approx(expected["trace"], rel=1e-9)
+        assert record["c"] == pytest.approx(expected["c"], rel=1e-6)
 
 
 def test_statistics_of_a_rank_deficient_matrix():
@@ -305,3 +331,27 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
         assert ours["l"] == pytest.approx(reference["l"], rel=1e-9)
         assert ours["L"] == pytest.approx(reference["L"], rel=1e-9)
         assert math.isfinite(ours["c"]) and ours["rank"] <= 4
+
+
+def write_fisher_csv(path, batch_size: int, epochs: int = 10) -> None:
+    epoch = np.arange(epochs)
+    c_bar, total = 5 + batch_size / 32 + 0.1 * epoch, 0.2 * (epoch + 1) / batch_size
+    rows = np.column_stack([epoch, epoch * 10, c_bar, total, np.full(epochs, 0.1), np.full(epochs, batch_size)])
+    np.savetxt(path, rows, delimiter=",", header="epoch,step,C_bar,L,lr,batch_size", comments="")
+
+
+def test_beacon_map_marks_progress_points_and_draws_the_error_contour(tmp_path):
+    runs = {}
+    for batch_size in (32, 128, 512):
+        runs[f"s{batch_size}"] = tmp_path / f"s{batch_size}.csv"
+        write_fisher_csv(runs[f"s{batch_size}"], batch_size)
+    figure = beacon_map(runs, errors={"s32": 0.05, "s128": 0.06, "s512": 0.09})
+
+    axes = figure.axes[0]
+    markers = [c for c in axes.collections if c.get_offsets().shape[0] and not hasattr(c, "levels")]
+    # 10 epochs: 5 %, 20 %, …, 100 % fall on rows 0, 1, 3, 5, 7, 9
+    assert [m.get_offsets().shape[0] for m in markers] == [6, 6, 6]
+    assert np.allclose(markers[0].get_offsets()[:, 0], [5 + 1 + 0.1 * e for e in (0, 1, 3, 5, 7, 9)])
+    assert len(figure.axes) == 3, "the batch-size colour bar and the error colour bar"
+    with pytest.raises(ValueError, match="color_by"):
+        beacon_map(runs, color_by="momentum")

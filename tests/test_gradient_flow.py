@@ -255,11 +255,12 @@ def test_layer_filter_by_regex_and_type():
     layers = find_layers(ScrambledCNN())
     keep = LayerFilter(include=[nn.Conv2d, r"^head$"], exclude=r"conv2")
     assert [layer.name for layer in layers if keep(layer)] == ["head", "conv1"]
-    assert [layer.name for layer in layers if LayerFilter(exclude=nn.Linear)(layer)] == [
-        "conv2",
-        "bn",
-        "conv1",
-    ]
+    no_linear = LayerFilter(exclude=nn.Linear)
+    assert [layer.name for layer in layers if no_linear(layer)] == ["conv2", "bn", "conv1"]
+    from_yaml = LayerFilter(
+        include=["torch.nn.Conv2d", "torch.nn.Lineage", "he.d"], exclude="torch.nn.BatchNorm2d"
+    )
+    assert [layer.name for layer in layers if from_yaml(layer)] == ["head", "conv2", "conv1"]
 
 
 @pytest.mark.parametrize(
@@ -492,6 +493,29 @@ def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
     assert flow.history[0].matrix[0, 0] == pytest.approx(expected, rel=1e-5)
 
 
+class GrowingOptimizerClassifier(Classifier):
+    """Trains only the head in epoch 0, then adds the backbone as a parameter group (fine-tuning)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.head.parameters(), lr=0.05)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            backbone = [p for name, p in self.net.named_parameters() if not name.startswith("head.")]
+            self.optimizers().optimizer.add_param_group({"params": backbone})
+
+
+def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
+    torch.manual_seed(0)
+    flow = GradientFlow()
+    make_trainer(tmp_path, [flow], max_epochs=2).fit(GrowingOptimizerClassifier(ScrambledCNN()), loader())
+    history = flow.history[0]
+    assert history.layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
+    matrix = history.matrix
+    assert np.isnan(matrix[:3, 0]).all() and np.isfinite(matrix[3]).all()
+    assert np.isfinite(matrix[:3, 1]).all() and np.isnan(matrix[4]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Loggers and files
 # ---------------------------------------------------------------------------------------------
@@ -601,24 +625,30 @@ def test_multiple_optimizers_keep_separate_flows(tmp_path):
     assert (tmp_path / "grad_flow_opt0.npy").exists() and (tmp_path / "grad_flow_opt1.csv").exists()
 
 
-def test_amp_grad_scaler_gradients_are_read_unscaled(tmp_path):
+def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_raise_no_alarm(tmp_path):
     torch.manual_seed(0)
     module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net."))
-    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     logger = MemoryLogger()
+    flow = GradientFlow(every_n_steps=1, log_per_layer=True)
     trainer = make_trainer(
-        tmp_path,
-        [GradientFlow(every_n_steps=1, log_per_layer=True)],
-        logger=logger,
-        max_epochs=1,
-        plugins=[precision],
+        tmp_path, [flow], logger=logger, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
     )
-    trainer.fit(module, loader(n=32))
-    assert precision.scaler.get_scale() > 1.0
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader(n=160))
+    assert not flow_warnings(records, "exploding")
+    skipped = logger.logged[-1][1]["grad_flow/nonfinite_steps"]
+    assert 1 <= skipped < 10 and 1.0 < scaler.get_scale() < 2.0**24
+    finite = []
     for (_, metrics), (expected, _) in zip(logger.logged, module.reference, strict=True):
         value = expected["net.head"][0]
-        assert metrics["grad_flow/layers/net.head/mean_abs"] == pytest.approx(value, rel=1e-5)
-        assert value < 10.0
+        if math.isfinite(value):
+            assert metrics["grad_flow/layers/net.head/mean_abs"] == pytest.approx(value, rel=1e-5)
+            assert value < 1.0
+            finite.append(value)
+    assert len(finite) == 10 - skipped
+    assert flow.history[0].matrix[3, 0] == pytest.approx(np.mean(finite), rel=1e-5)
 
 
 def test_resume_from_checkpoint_keeps_the_history(tmp_path):

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_tricks.gradients import gram_rules
 from lightning_tricks.gradients.gram import GramCollector
-from lightning_tricks.gradients.gram_rules import GRAM_RULES, register_gram_rule
+from lightning_tricks.gradients.gram_rules import GRAM_RULES, PerSampleFactor, register_gram_rule
 
 DTYPE = torch.float64
 RTOL = 1e-10
@@ -85,8 +86,12 @@ class SmallDenseNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
         self.block = nn.Sequential(DenseLayer(6, 3), DenseLayer(9, 3), DenseLayer(12, 3))
-        self.transition = nn.Sequential(nn.BatchNorm2d(15), nn.ReLU(), nn.Conv2d(15, 8, 1, bias=False), nn.AvgPool2d(2))
-        self.head = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(15), nn.ReLU(), nn.Conv2d(15, 8, 1, bias=False), nn.AvgPool2d(2)
+        )
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)
+        )
 
     def forward(self, x):
         return self.head(self.transition(self.block(self.stem(x))))
@@ -114,7 +119,7 @@ class TokenNet(nn.Module):
     def __init__(self, vocab: int = 11) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, 6, padding_idx=0)
-        self.norm = nn.RMSNorm(6)
+        self.norm = getattr(nn, "RMSNorm", nn.LayerNorm)(6)  # RMSNorm from torch 2.4
         self.mix = nn.Linear(6, 6)
         self.out = nn.Linear(6, 3)
 
@@ -194,6 +199,11 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def flatten(grads: tuple, params: list[torch.Tensor]) -> torch.Tensor:
+    """One row of J: the gradients concatenated, zeros for parameters that got none."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
 def per_sample_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """J (B, P): row i = ∇ℓ_i over all trainable parameters, one autograd.grad call per sample."""
     params = [p for _, p in trainable(model)]
@@ -201,7 +211,7 @@ def per_sample_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     for i in range(len(x)):
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(flatten(grads, params))
     return torch.stack(rows)
 
 
@@ -216,7 +226,10 @@ def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     rows = []
     for i in range(len(x)):
-        zeros = {m: {n: torch.zeros_like(p, requires_grad=True) for n, p in m.named_parameters(recurse=False)} for m in owners}
+        zeros = {
+            m: {n: torch.zeros_like(p, requires_grad=True) for n, p in m.named_parameters(recurse=False)}
+            for m in owners
+        }
         mask = torch.zeros(len(x), dtype=DTYPE)
         mask[i] = 1.0
 
@@ -235,7 +248,7 @@ def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         for h in handles:
             h.remove()
         scale = len(x) if reduction == "mean" else 1
-        rows.append(scale * torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(scale * flatten(grads, params))
     return torch.stack(rows)
 
 
@@ -284,6 +297,40 @@ def test_matches_per_sample_reference(arch: str, batch: int) -> None:
         assert error < RTOL, f"{reduction=} {method=} {fuse=}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize(
+    "arch", ["cnn", "resnet_bn_eval", "densenet_block", "conv1d_sequence", "conv_transpose", "conv3d"]
+)
+def test_grouped_convolution_path_matches_reference(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-sample convolution gradients from one B·K-group convolution backward (used on maps of
+    more than ``UNFOLD_MAX_POSITIONS`` positions; the 8×8 test inputs take the unfold path)."""
+    monkeypatch.setattr(gram_rules, "UNFOLD_MAX_POSITIONS", 0)
+    model, x, y = build(arch, 7)
+    jacobian = per_sample_jacobian(model, x, y)
+    plain = _plain_grads(model, x, y)
+    model.zero_grad(set_to_none=True)
+    gram = collect(model, x, y, method="materialize", fuse_weight_grad=True).matrix()
+    assert relative_error(gram, jacobian @ jacobian.T) < RTOL
+    for p, expected in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
+
+
+def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() -> None:
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(4).to(DTYPE)
+    nn.init.normal_(layer.weight)
+    x = (3 + 2 * torch.randn(5, 4, 3, 3, dtype=DTYPE)).requires_grad_()
+    output = layer(x)
+    backprops = torch.randn_like(output)
+    captured = gram_rules.batch_norm_capture(layer, x, output)
+    assert isinstance(captured, gram_rules.NormalizedInput)
+    from_autograd = gram_rules.batch_norm_factors(layer, captured, backprops)
+    recomputed = gram_rules.batch_norm_factors(layer, x.detach(), backprops)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(recomputed[name].grads, from_autograd[name].grads, rtol=1e-12, atol=1e-12)
+    torch.autograd.backward(output, backprops)
+    torch.testing.assert_close(from_autograd["weight"].grads.sum(0), layer.weight.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch", ["resnet_bn_eval", "conv1d_sequence", "embedding", "conv_transpose"])
 def test_per_layer_blocks_match_reference_and_sum_to_total(arch: str) -> None:
     model, x, y = build(arch, 9)
@@ -298,7 +345,10 @@ def test_per_layer_blocks_match_reference_and_sum_to_total(arch: str) -> None:
 
 def test_auto_method_follows_cost_model() -> None:
     """Wide layer at one position: ghost (B²·(d_in + d_out) ≪ B·d_in·d_out); 32×32 conv: materialised."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256)).to(DTYPE)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256),
+    ).to(DTYPE)
     x, y = torch.randn(8, 3, 32, 32, dtype=DTYPE), torch.randint(0, 256, (8,))
     methods = collect(model, x, y).methods
     assert methods["0.weight"] == "materialize" and methods["5.weight"] == "ghost"
@@ -386,7 +436,8 @@ def test_embedding_scale_grad_by_freq_gives_sample_contributions() -> None:
 def test_contribution_reference_is_per_sample_gradient_without_coupling() -> None:
     """Sanity check of the second reference: without coupling it equals the per-sample one."""
     model, x, y = build("densenet_block", 5)
-    torch.testing.assert_close(contribution_jacobian(model, x, y, "mean"), per_sample_jacobian(model, x, y), rtol=1e-10, atol=1e-12)
+    contributions, per_sample = contribution_jacobian(model, x, y, "mean"), per_sample_jacobian(model, x, y)
+    torch.testing.assert_close(contributions, per_sample, rtol=1e-10, atol=1e-12)
 
 
 # -- selection, unsupported layers ---------------------------------------------------------------
@@ -430,8 +481,6 @@ def test_unsupported_layers_raise_one_error_or_are_skipped() -> None:
 def test_registering_a_rule_for_a_new_layer() -> None:
     @register_gram_rule(Scale, param_names=("gain",))
     def scale_factors(layer, activations, backprops):
-        from lightning_tricks.gradients.gram_rules import PerSampleFactor
-
         return {"gain": PerSampleFactor(torch.einsum("b...,b...->b", backprops, activations)[:, None])}
 
     try:

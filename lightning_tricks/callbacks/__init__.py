@@ -1,7 +1,7 @@
 """One Lightning callback a file; each is a thin adapter over a pure-torch engine."""
 
 from .fisher_spectrum import FisherSpectrum
-from .gradient_flow import GradientFlow
+from .gradient_flow import GradientFlow, GradientFlowAlarm
 from .random_gradient import RandomGradient
 
-__all__ = ["FisherSpectrum", "GradientFlow", "RandomGradient"]
+__all__ = ["FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient"]

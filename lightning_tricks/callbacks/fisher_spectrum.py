@@ -57,10 +57,11 @@ class FisherSpectrum(Callback):
     only with one rank).
 
     **Scope.** Automatic optimisation without gradient accumulation: manual optimisation and
-    ``accumulate_grad_batches > 1`` are refused at ``setup``. A module whose parameterised layer
-    runs twice in one step is refused by the collector. With a ``GradScaler`` (16-bit AMP),
-    F̃ is divided by the squared loss scale. The gradients measured are those of the backward as
-    performed: a callback scaling the loss (``RandomGradient``) scales F̃ by r².
+    ``accumulate_grad_batches > 1`` are refused at ``setup``. A layer that runs several times in
+    one step (weight sharing, two views of the batch) is measured exactly: sample i's gradient
+    sums over every call. With a ``GradScaler`` (16-bit AMP), F̃ is divided by the squared loss
+    scale. The gradients measured are those of the backward as performed: a callback scaling the
+    loss (``RandomGradient``) scales F̃ by r².
 
     Args:
         every_n_steps: measure every n-th optimizer step (``>= 1``).

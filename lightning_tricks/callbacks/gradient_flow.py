@@ -48,43 +48,42 @@ class FlowHistory:
     """Per-epoch gradient flow of one optimiser: the layer × epoch matrix of seed 001's Fig. 1a.
 
     Attributes:
-        layer_names: layers in forward order (layers that appear later are appended).
+        layer_names: layers in forward order; when the tracked layers change (e.g. a parameter
+            group is added for fine-tuning) the latest order comes first, then layers no longer
+            tracked.
         epochs: epoch number of every column.
-        columns: per epoch, the average over its steps of each layer's mean ``|g|``, aligned with
-            the first ``len(column)`` entries of ``layer_names``.
+        columns: per epoch, ``{layer: average over the epoch's steps of its mean |g|}``.
     """
 
     layer_names: list[str] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
-    columns: list[list[float]] = field(default_factory=list)
+    columns: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def matrix(self) -> np.ndarray:
         """``(layers, epochs)`` float64 array; NaN where a layer had no finite gradient."""
-        out = np.full((len(self.layer_names), len(self.epochs)), np.nan)
-        for j, column in enumerate(self.columns):
-            out[: len(column), j] = column
-        return out
+        return np.array(
+            [[column.get(name, math.nan) for column in self.columns] for name in self.layer_names],
+            dtype=np.float64,
+        ).reshape(len(self.layer_names), len(self.columns))
 
     def add_epoch(self, epoch: int, names: list[str], values: np.ndarray) -> None:
         """Append the column of ``epoch``; ``values[i]`` belongs to layer ``names[i]``."""
-        for name in names:
-            if name not in self.layer_names:
-                self.layer_names.append(name)
-        row = {name: float(v) for name, v in zip(names, values, strict=True)}
+        if names != self.layer_names[: len(names)]:
+            self.layer_names = list(names) + [name for name in self.layer_names if name not in names]
         self.epochs.append(epoch)
-        self.columns.append([row.get(name, math.nan) for name in self.layer_names])
+        self.columns.append({name: float(v) for name, v in zip(names, values, strict=True)})
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "layer_names": list(self.layer_names),
             "epochs": list(self.epochs),
-            "columns": [list(c) for c in self.columns],
+            "columns": [dict(column) for column in self.columns],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> FlowHistory:
-        return cls(list(state["layer_names"]), list(state["epochs"]), [list(c) for c in state["columns"]])
+        return cls(list(state["layer_names"]), list(state["epochs"]), [dict(c) for c in state["columns"]])
 
 
 class AlarmRule(NamedTuple):
@@ -268,14 +267,17 @@ class GradientFlow(Callback):
     left out of the epoch averages.
 
     Under DDP the gradients are already all-reduced, so every rank computes the numbers of a
-    single process with the global batch; only rank 0 logs and writes files.
+    single process with the global batch; only rank 0 logs and writes files. Sharded strategies
+    (FSDP, DeepSpeed ZeRO-2/3) keep only a shard of each gradient on a rank; GradientFlow is not
+    verified under them.
 
     Args:
         every_n_steps: log scalars every this many optimiser steps; None follows
             ``trainer.log_every_n_steps``.
         log_per_layer: also log the per-layer scalars.
         include: layers to keep: a regex (``re.search`` on the layer's qualified name), an
-            ``nn.Module`` subclass, or a sequence of those; None keeps all.
+            ``nn.Module`` subclass (in YAML, its import path such as ``torch.nn.Conv2d``), or a
+            sequence of those; None keeps all.
         exclude: layers to drop, same forms as ``include``.
         vanish_threshold: absolute mean |g| below which a layer vanishes (> 0), or None.
         vanish_ratio: mean |g| relative to the last layer below which a layer vanishes, in
@@ -474,10 +476,11 @@ class GradientFlow(Callback):
     ) -> _Flow:
         """The flow of optimiser ``index``, (re)built when its parameter list changed; a rebuilt or
         resumed flow carries over the partial epoch sums."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         flow = self._flows.get(index)
-        if flow is not None and flow.num_optimizer_params == len(params):
+        num_params = sum(len(group["params"]) for group in optimizer.param_groups)
+        if flow is not None and flow.num_optimizer_params == num_params:
             return flow
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         order = self._forward_order if self._forward_order is not None else self._recorder.order
         layers = sort_by_forward_order(
             [layer for layer in find_layers(pl_module, params) if self._filter(layer)], order
@@ -528,9 +531,8 @@ class GradientFlow(Callback):
         metrics = {f"{prefix}/global_norm": float(values["global_norm"][0])}
         metrics.update({f"{prefix}/{kind}_steps": float(n) for kind, n in counts.items()})
         metrics.update(self._layer_summary(prefix, flow.names, values))
-        if trainer.loggers:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
         self._handle_alarms(trainer, index, flow.names, values, window_start)
 
     def _layer_summary(
@@ -596,14 +598,14 @@ class GradientFlow(Callback):
             return
         history = self._histories.setdefault(index, FlowHistory())
         history.add_epoch(trainer.current_epoch, flow.names, average)
-        self._update_alarm_counts(index, values["counts"])
-        window_start = flow.window_start
-        flow.reset_window(self._steps.get(index, 0))
-        self._handle_alarms(trainer, index, flow.names, values, window_start)
         if trainer.is_global_zero:
             self._log_figure(trainer, index, history)
             if log_dir is not None:
                 self._write_files(log_dir, self._file_stem(trainer, index), history)
+        self._update_alarm_counts(index, values["counts"])
+        window_start = flow.window_start
+        flow.reset_window(self._steps.get(index, 0))
+        self._handle_alarms(trainer, index, flow.names, values, window_start)
 
     def _log_figure(self, trainer: pl.Trainer, index: int, history: FlowHistory) -> None:
         writers = [getattr(logger.experiment, "add_figure", None) for logger in trainer.loggers]
@@ -611,21 +613,16 @@ class GradientFlow(Callback):
         if not writers:
             return
         title = "Gradient flow" + (f" (optimiser {index})" if len(trainer.optimizers) > 1 else "")
+        figure = plot_gradient_flow(
+            history.matrix,
+            history.layer_names,
+            history.epochs,
+            vanish_threshold=self.vanish_threshold,
+            explode_threshold=self.explode_threshold,
+            title=title,
+        )
         for add_figure in writers:
-            figure = plot_gradient_flow(
-                history.matrix,
-                history.layer_names,
-                history.epochs,
-                vanish_threshold=self.vanish_threshold,
-                explode_threshold=self.explode_threshold,
-                title=title,
-            )
-            add_figure(
-                f"{self._prefix(trainer, index)}/figure",
-                figure,
-                global_step=trainer.current_epoch,
-                close=True,
-            )
+            add_figure(f"{self._prefix(trainer, index)}/figure", figure, global_step=trainer.current_epoch)
 
     def _file_stem(self, trainer: pl.Trainer, index: int) -> str:
         return METRIC_PREFIX if len(trainer.optimizers) <= 1 else f"{METRIC_PREFIX}_opt{index}"

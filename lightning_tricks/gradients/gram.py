@@ -9,7 +9,6 @@ matrix exactly from the activations and output gradients of one ordinary batched
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,22 +19,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .gram_rules import GradFactor, GramRule, concat_factors, gram_rule_for, materialized_gram
+from .gram_rules import GradFactor, GramRule, concat_factors, gram_rule_for
 
 LOSS_REDUCTIONS = ("mean", "sum")
 METHODS = ("auto", "ghost", "materialize")
 UNSUPPORTED_POLICIES = ("raise", "skip")
-GHOST_MAX_ELEMENTS = 2**26
-"""``method="auto"`` never picks a method whose largest intermediate exceeds this many elements
-when the other method fits."""
 
 
 @dataclass
 class _Call:
-    """One captured forward of a layer: its input, the input's version then, and the weights
-    hidden from autograd for it (whose batch gradient the collector writes)."""
+    """One captured forward of a layer: what its rule's capture kept, the input and its version
+    then, and the weights hidden from autograd for it (whose batch gradient the collector writes)."""
 
-    activations: Tensor
+    activations: Any
+    inputs: Tensor
     version: int
     fused: tuple[str, ...]
 
@@ -84,13 +81,24 @@ class GramCollector:
     The columns add up to the batch gradient: Σ_i col_i = B·∇L for ``"mean"`` (∇L for ``"sum"``),
     hence 1ᵀG1 = B²‖∇L‖². The same holds for ``nn.Embedding(scale_grad_by_freq=True)``.
 
-    Several forwards of one module in a collection (weight sharing, siamese branches) are handled
-    exactly: that module's per-sample gradients are the sums over its calls, cross terms included.
-    A second backward after a module's contributions were completed is refused (call
-    :meth:`reset` between steps, e.g. between accumulated micro-batches).
+    Supported layers (exact type; register more with
+    :func:`~lightning_tricks.gradients.gram_rules.register_gram_rule`): Linear (any leading
+    dims), Conv1d/2d/3d and ConvTranspose1d/2d/3d (stride, padding incl. ``"same"`` and padding
+    modes, dilation, groups, bias), BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, GroupNorm, LayerNorm,
+    RMSNorm, Embedding (``padding_idx``, ``scale_grad_by_freq``). The batch dimension must come
+    first in every captured layer's input.
 
-    Fused weight gradients (``fuse_weight_grad``): during a captured forward the weights of Linear
-    and ConvNd layers whose input requires grad are set to ``requires_grad=False``, so autograd
+    Several forwards of one module in a collection (weight sharing, siamese branches) are handled
+    exactly: that module's per-sample gradients are the sums over its calls, cross terms included;
+    all forwards of a collection are treated as parts of the same B samples. A forward after a
+    module's backward was completed is refused (call :meth:`reset` between steps, e.g. between
+    accumulated micro-batches; activation checkpointing, which re-runs forwards inside the
+    backward, is not supported). A parameter registered in two modules is refused at construction;
+    one that receives a gradient while its module's forward was not captured (used functionally
+    outside its module) makes :meth:`matrix` raise instead of returning a matrix without it.
+
+    Fused weight gradients (``fuse_weight_grad``): during a captured forward the weights of Linear,
+    ConvNd and ConvTransposeNd layers whose input requires grad are set to ``requires_grad=False``, so autograd
     skips their weight-gradient kernels; the collector writes ``param.grad`` itself (``+=``, or a
     new tensor where it is ``None``) from the per-sample gradients it already forms, and restores
     ``requires_grad`` when that layer's backward is done (at the latest at :meth:`matrix`,
@@ -103,7 +111,8 @@ class GramCollector:
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
     float64, where the blocks are stored and summed, on the model's device; nothing syncs with the
-    host.
+    host. G is that of the loss actually backpropagated: with a gradient scaler (16-bit AMP) divide
+    it by the scale squared.
 
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
@@ -127,12 +136,27 @@ class GramCollector:
 
     Example::
 
+        import torch
+        from torch import nn
+        from lightning_tricks.gradients import GramCollector
+
         model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
         x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
         with GramCollector(model, loss_reduction="mean") as gram:
             torch.nn.functional.cross_entropy(model(x), y).backward()
-        G = gram.matrix()                  # (8, 8) float64, G[i, j] = <grad l_i, grad l_j>
-        blocks = gram.matrix(per_layer=True)   # {"0": (8, 8), "2": (8, 8)}
+        G = gram.matrix()                      # (8, 8) float64, G[i, j] = <grad l_i, grad l_j>
+        blocks = gram.matrix(per_layer=True)   # {"0": (8, 8), "2": (8, 8)}, summing to G
+
+        # from a callback: attach once, capture only on measured steps
+        collector = GramCollector(model).attach()
+        collector.enabled = False
+        ...                                    # unmeasured steps: hooks return at once
+        collector.reset()
+        collector.enabled = True
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        collector.enabled = False
+        eigenvalues = torch.linalg.eigvalsh(collector.matrix())
+        collector.detach()
     """
 
     def __init__(
@@ -177,8 +201,13 @@ class GramCollector:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_pre_hook(partial(self._before_forward, layer), with_kwargs=True))
-            self._handles.append(layer.module.register_forward_hook(partial(self._after_forward, layer), with_kwargs=True))
+            module = layer.module
+            self._handles.append(
+                module.register_forward_pre_hook(partial(self._before_forward, layer), with_kwargs=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(partial(self._after_forward, layer), with_kwargs=True)
+            )
             for name, param in layer.params.items():
                 self._handles.append(param.register_hook(partial(self._on_param_grad, layer, name)))
         return self
@@ -248,7 +277,7 @@ class GramCollector:
                 "the forward); G would miss their contribution"
             )
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
-        blocks = {layer.name: self._blocks[layer.name] * scale for layer in self._layers if layer.name in self._blocks}
+        blocks = {name: self._blocks[name] * scale for name in self.layer_names if name in self._blocks}
         return blocks if per_layer else torch.stack(list(blocks.values())).sum(0)
 
     @staticmethod
@@ -312,12 +341,12 @@ class GramCollector:
         self._check_batch_size(layer, len(inputs))
         layer.pending += 1
         layer.calls += 1
-        call = _Call(inputs, inputs._version, hidden)
+        call = _Call(layer.rule.capture(module, inputs, output), inputs, inputs._version, hidden)
         output.register_hook(partial(self._on_backprop, layer, call))
 
     def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor) -> None:
         """Turn one call's input and output gradient into factors; finish the layer on its last call."""
-        if call.activations._version != call.version:
+        if call.inputs._version != call.version:
             raise RuntimeError(
                 f"the input of module {layer.name!r} was modified in place after its forward; "
                 "GramCollector needs it unchanged until the backward (avoid in-place ops on it)"
@@ -342,27 +371,32 @@ class GramCollector:
 
     def _finish_layer(self, layer: _Layer, fused: tuple[str, ...]) -> None:
         """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
-        ``fused`` weights from the same per-sample gradients."""
-        block: Tensor | None = None
+        ``fused`` weights from the same per-sample gradients. The materialised parameters of a
+        layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+        blocks: list[Tensor] = []
+        per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
         for name in layer.params:
             factor = concat_factors([factors[name] for factors in layer.factors])
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
             if method == "ghost":
-                gram = factor.ghost_gram()
+                blocks.append(factor.ghost_gram())
                 if name in fused:
                     fused_grads[name] = factor.batch_gradient()
             else:
                 grads = factor.per_sample()
-                flat = grads.reshape(len(grads), -1)
-                gram = flat @ flat.T
+                per_sample.append(grads.reshape(len(grads), -1))
                 if name in fused:
                     fused_grads[name] = grads.sum(0)
-            block = gram if block is None else block + gram
+        if per_sample:
+            flat = torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]
+            blocks.append(flat @ flat.T)
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
-        self._blocks[layer.name] = block.to(torch.float64)
+        self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
+            torch.float64
+        )
         self._restore_layer(layer)
 
     def _finish_pending(self) -> None:
@@ -420,16 +454,13 @@ def _distributed() -> bool:
 
 
 def _choose_method(factor: GradFactor, method: str) -> str:
-    """The forced method where the factor has it, else the cheaper one whose memory fits."""
+    """The forced method where the factor has it, else the one with fewer multiply-adds."""
     if not hasattr(factor, "ghost_gram"):
         return "materialize"
     if method != "auto":
         return method
     costs = factor.costs()
-    ghost_fits = costs.ghost_elements <= GHOST_MAX_ELEMENTS
-    if ghost_fits != (costs.materialize_elements <= GHOST_MAX_ELEMENTS):
-        return "ghost" if ghost_fits else "materialize"
-    return "ghost" if costs.ghost_flops < costs.materialize_flops else "materialize"
+    return "ghost" if costs.ghost < costs.materialize else "materialize"
 
 
 def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> set[nn.Parameter]:

@@ -10,27 +10,46 @@ exact description of that parameter's per-sample gradients g_i (column i of J_(k
 
 - :class:`OuterFactor`: g_i[k] = Σ_t δ_{i,k,t} ⊗ a_{i,k,t}, a sum over positions t (sequence
   steps, pixels) of outer products of an output-gradient vector δ and an input vector a, per group
-  k (Linear, ConvNd, ConvTransposeNd weights). It offers both exact methods: *ghost*, the Gram
-  from inner products of the a's and of the δ's without ever forming g_i, and *materialised*, the
-  g_i themselves followed by their Gram.
+  k (Linear weights; :class:`ConvFactor` is the same for ConvNd and ConvTransposeNd weights, with
+  a = receptive-field patches). Both exact methods apply: *ghost*, the Gram from inner products
+  of the a's and of the δ's without ever forming g_i, and *materialised*, the g_i themselves
+  followed by their Gram.
 - :class:`EmbeddingFactor`: g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}, with the same two methods.
 - :class:`PerSampleFactor`: the g_i outright, when they are no larger than one activation channel
   per sample (biases, normalisation affine parameters).
 
-Each factor carries the cost of both methods, in multiply-adds and in elements of its largest
-intermediate, so that the collector can pick the cheaper one per layer. Adding a layer type is
-adding one function decorated with :func:`register_gram_rule`.
+Each factor carries the cost of both methods in multiply-adds, so that the collector can pick the
+cheaper one per layer and parameter. Adding a layer type is adding one function decorated with
+:func:`register_gram_rule`. Every formula below is a column of J_k of seed 004 eq. 6.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+
+class MethodCosts(NamedTuple):
+    """Multiply-adds of the ghost and of the materialised method for one parameter."""
+
+    ghost: float
+    materialize: float
+
+
+def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
+    """Ghost: B²·K·T²·(p + q) (the two T×T inner-product blocks per pair of samples).
+    Materialised: B·K·T·p·q (per-sample gradients) + B²·K·p·q (their Gram)."""
+    return MethodCosts(
+        ghost=batch**2 * groups * positions**2 * (p + q),
+        materialize=batch * groups * positions * p * q + batch**2 * groups * p * q,
+    )
 
 
 class OuterFactor(NamedTuple):
@@ -45,7 +64,7 @@ class OuterFactor(NamedTuple):
     shape: torch.Size
 
     def ghost_gram(self) -> Tensor:
-        """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩ · ⟨δ_{ikt}, δ_{jks}⟩ (seed 004 eq. 6 without forming g_i)."""
+        """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
         input_products = torch.einsum("bkpt,ckps->bckts", self.activations, self.activations)
         output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
         return (input_products * output_products).sum(dim=(2, 3, 4))
@@ -72,6 +91,100 @@ class OuterFactor(NamedTuple):
             torch.cat([f.backprops for f in factors], dim=-1),
             factors[0].shape,
         )
+
+
+UNFOLD_MAX_POSITIONS = 64
+"""Convolutions with at most this many positions get per-sample gradients from unfolded patches."""
+
+
+class ConvFactor(NamedTuple):
+    """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
+
+    Shapes: ``activations`` (B, C_in, *S), ``backprops`` (B, C_out, *S'), the side that a
+    convolution reads through its kernel (the input of a ConvNd, the output gradient of a
+    ConvTransposeNd) already padded like the forward. On large maps the per-sample gradients come
+    from one convolution backward in which the batch becomes B·groups groups, so no patches are
+    unfolded unless the ghost method is chosen.
+    """
+
+    activations: Tensor
+    backprops: Tensor
+    layer: nn.Module
+
+    def per_sample(self) -> Tensor:
+        """g_i for every i at once, shape (B, *W.shape): the weight gradient of one convolution with
+        B·K groups, or on small maps (T ≤ ``UNFOLD_MAX_POSITIONS``, where grouped kernels are slow)
+        a batched matmul of unfolded patches."""
+        if self._sizes()[0] <= UNFOLD_MAX_POSITIONS:
+            return self.as_outer().per_sample()
+        batch = len(self.activations)
+        flat = [t.reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (self.activations, self.backprops)]
+        grads = self._weight_backward(flat[0], flat[1], batch)
+        return grads.reshape(batch, *self.layer.weight.shape)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i: the convolution's own weight-gradient kernel, shape W.shape."""
+        return self._weight_backward(self.activations, self.backprops, 1)
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`, seed 004 eq. 6)."""
+        return self.as_outer().ghost_gram()
+
+    def costs(self) -> MethodCosts:
+        """Those of the equivalent :class:`OuterFactor`, from shapes only."""
+        return _outer_costs(len(self.activations), self.layer.groups, *self._sizes())
+
+    def _sizes(self) -> tuple[int, int, int]:
+        """(T, p, q) of the equivalent :class:`OuterFactor`."""
+        channels_in, channels_out = self.activations.shape[1], self.backprops.shape[1]
+        groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
+        if self.layer.transposed:
+            return self.activations[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
+        return self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
+
+    def as_outer(self) -> OuterFactor:
+        """The same gradients as sums of outer products over unfolded positions."""
+        layer = self.layer
+        read, other = (
+            (self.backprops, self.activations) if layer.transposed else (self.activations, self.backprops)
+        )
+        patches = unfold_patches(read, layer.kernel_size, layer.stride, layer.dilation)
+        batch, groups = len(patches), layer.groups
+        return OuterFactor(
+            _positions_last(patches, batch, groups), _positions_last(other, batch, groups), layer.weight.shape
+        )
+
+    @staticmethod
+    def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
+        """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
+        return OuterFactor.concat([f.as_outer() for f in factors])
+
+    def _weight_backward(self, inputs: Tensor, backprops: Tensor, batch_groups: int) -> Tensor:
+        """The weight gradient of the layer's convolution on padded inputs, with ``batch_groups``
+        times its groups (``inputs``/``backprops`` then carry the batch in their channels)."""
+        layer = self.layer
+        weight_shape = (batch_groups * layer.weight.shape[0], *layer.weight.shape[1:])
+        dims = len(layer.kernel_size)
+        output_padding = _output_padding(layer, inputs, backprops) if layer.transposed else (0,) * dims
+        return torch.ops.aten.convolution_backward(
+            backprops,
+            inputs,
+            inputs.new_empty(weight_shape),
+            None,
+            layer.stride,
+            (0,) * dims,
+            layer.dilation,
+            layer.transposed,
+            output_padding,
+            batch_groups * layer.groups,
+            (False, True, False),
+        )[1]
+
+
+def _output_padding(layer: nn.Module, inputs: Tensor, backprops: Tensor) -> tuple[int, ...]:
+    """Output padding a transposed convolution used (``output_size`` may have changed it)."""
+    geometry = zip(backprops.shape[2:], inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
+    return tuple(out - ((size - 1) * s + d * (k - 1) + 1) for out, size, s, d, k in geometry)
 
 
 class EmbeddingFactor(NamedTuple):
@@ -102,13 +215,11 @@ class EmbeddingFactor(NamedTuple):
         return grads.index_add_(0, self.indices.reshape(-1), self.backprops.reshape(-1, dim))
 
     def costs(self) -> MethodCosts:
-        """Ghost: B²·T²·(d + 1) operations, B²·T² elements. Materialised: B·T·d + B²·V·d, B·V·d."""
+        """Ghost: B²·T²·(d + 1). Materialised: B·T·d (scatter) + B²·V·d (Gram of dense g_i)."""
         batch, positions, dim = self.backprops.shape
         return MethodCosts(
-            ghost_flops=batch**2 * positions**2 * (dim + 1),
-            ghost_elements=batch**2 * positions**2,
-            materialize_flops=batch * positions * dim + batch**2 * self.num_embeddings * dim,
-            materialize_elements=batch * self.num_embeddings * dim,
+            ghost=batch**2 * positions**2 * (dim + 1),
+            materialize=batch * positions * dim + batch**2 * self.num_embeddings * dim,
         )
 
     @staticmethod
@@ -135,9 +246,8 @@ class PerSampleFactor(NamedTuple):
         return self.grads.sum(0)
 
     def costs(self) -> MethodCosts:
-        """Materialised only: B²·P multiply-adds for the Gram, B·P elements already held."""
-        batch, size = len(self.grads), self.grads[0].numel()
-        return MethodCosts(math.inf, math.inf, batch**2 * size, batch * size)
+        """Materialised only: B²·P multiply-adds for the Gram."""
+        return MethodCosts(math.inf, len(self.grads) ** 2 * self.grads[0].numel())
 
     @staticmethod
     def concat(factors: Sequence[PerSampleFactor]) -> PerSampleFactor:
@@ -145,26 +255,7 @@ class PerSampleFactor(NamedTuple):
         return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
 
 
-
-
-
-GradFactor = Union[OuterFactor, "ConvFactor", EmbeddingFactor, PerSampleFactor]
-
-
-class MethodCosts(NamedTuple):
-    """Multiply-adds and largest intermediate (elements) of the ghost and materialised methods."""
-
-    ghost_flops: float
-    ghost_elements: float
-    materialize_flops: float
-    materialize_elements: float
-
-
-def materialized_gram(factor: GradFactor) -> Tensor:
-    """G[i, j] = ⟨g_i, g_j⟩ from the per-sample gradients (seed 004 eq. 6, F̃ = JᵀJ)."""
-    grads = factor.per_sample()
-    flat = grads.reshape(len(grads), -1)
-    return flat @ flat.T
+GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor]
 
 
 def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
@@ -175,16 +266,27 @@ def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
 Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, GradFactor]]
 
 
+Capture = Callable[[nn.Module, Tensor, Tensor], Any]
+
+
+def capture_input(layer: nn.Module, inputs: Tensor, output: Tensor) -> Tensor:
+    """Default capture: the rule's ``activations`` are the layer's input."""
+    return inputs
+
+
 class GramRule(NamedTuple):
     """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
 
     ``param_names`` lists the parameters the rule covers; ``fusable`` those whose batch gradient
-    the collector may compute from the factor instead of letting autograd compute it.
+    the collector may compute from the factor instead of letting autograd compute it;
+    ``capture(layer, inputs, output)`` runs right after the forward and returns what the rule
+    receives as ``activations`` (by default the input).
     """
 
     factorize: Rule
     param_names: tuple[str, ...]
     fusable: tuple[str, ...]
+    capture: Capture
 
 
 GRAM_RULES: dict[type[nn.Module], GramRule] = {}
@@ -194,13 +296,14 @@ def register_gram_rule(
     *layer_types: type[nn.Module],
     param_names: tuple[str, ...] = ("weight", "bias"),
     fusable: tuple[str, ...] = (),
+    capture: Capture = capture_input,
 ) -> Callable[[Rule], Rule]:
     """Decorator registering a rule for the exact module types given (subclasses are not matched,
     as a subclass may compute something else with the same parameters)."""
 
     def register(rule: Rule) -> Rule:
         for layer_type in layer_types:
-            GRAM_RULES[layer_type] = GramRule(rule, param_names, fusable)
+            GRAM_RULES[layer_type] = GramRule(rule, param_names, fusable, capture)
         return rule
 
     return register
@@ -239,23 +342,7 @@ def explicit_padding(layer: nn.Module) -> list[int]:
     return [side for pair in reversed(pads) for side in pair]
 
 
-def unfold_patches(x: Tensor, layer: nn.Module) -> Tensor:
-    """Receptive-field patches of ``x`` (B, C, *S) as seen by ``layer``'s kernel: (B, C·Πk, T).
-
-    Patch t of channel c holds x[c, o_t·stride − pad + κ·dilation] for each kernel offset κ, in the
-    (C, *kernel) order of a ConvNd weight; T = Π output sizes. Padding modes other than zeros are
-    applied with ``F.pad`` exactly as the convolution's forward does.
-    """
-    x = _pad_like(x, layer)
-    dims = len(layer.kernel_size)
-    for d, (k, s, dil) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation)):
-        x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
-    kernel_dims = range(2 + dims, 2 + 2 * dims)
-    x = x.permute(0, 1, *kernel_dims, *range(2, 2 + dims))
-    return x.reshape(x.shape[0], x.shape[1] * math.prod(layer.kernel_size), -1)
-
-
-def _pad_like(x: Tensor, layer: nn.Module) -> Tensor:
+def pad_like(x: Tensor, layer: nn.Module) -> Tensor:
     """``x`` padded as ``layer``'s forward pads its input (zeros, reflect, replicate, circular)."""
     pads = explicit_padding(layer)
     if not any(pads):
@@ -264,107 +351,19 @@ def _pad_like(x: Tensor, layer: nn.Module) -> Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-class ConvFactor(NamedTuple):
-    """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
+def unfold_patches(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> Tensor:
+    """Receptive-field patches of an already padded ``x`` (B, C, *S): (B, C·Πk, T).
 
-    Shapes: ``activations`` (B, C_in, *S) already padded like the forward, ``backprops``
-    (B, C_out, *S'). Per-sample gradients come from one convolution backward in which the batch
-    becomes B·groups groups, so no patches are unfolded unless the ghost method is chosen.
+    Patch t of channel c holds x[c, o_t·stride + κ·dilation] for each kernel offset κ, in the
+    (C, *kernel) order of a ConvNd weight; T = Π output sizes.
     """
-
-    activations: Tensor
-    backprops: Tensor
-    layer: nn.Module
-
-    def per_sample(self) -> Tensor:
-        """g_i for every i at once: the weight gradient of a B·K-group convolution, shape (B, *W.shape)."""
-        batch = len(self.activations)
-        flat = [t.reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (self.activations, self.backprops)]
-        grads = self._weight_backward(flat[0], flat[1], batch)
-        return grads.reshape(batch, *self.layer.weight.shape)
-
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i: the convolution's own weight-gradient kernel, shape W.shape."""
-        return self._weight_backward(self.activations, self.backprops, 1)
-
-    def ghost_gram(self) -> Tensor:
-        """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`)."""
-        return self.as_outer().ghost_gram()
-
-    def costs(self) -> MethodCosts:
-        """Those of the equivalent :class:`OuterFactor`, from shapes only."""
-        batch, channels_in, channels_out = len(self.activations), self.activations.shape[1], self.backprops.shape[1]
-        groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
-        if self.layer.transposed:
-            positions, p, q = self.activations[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
-        else:
-            positions, p, q = self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
-        return _outer_costs(batch, groups, positions, p, q)
-
-    def as_outer(self) -> OuterFactor:
-        """The same gradients as sums of outer products over unfolded positions."""
-        batch, groups, layer = len(self.activations), self.layer.groups, self.layer
-        if layer.transposed:
-            patches = unfold_patches(self.backprops, _unpadded(layer))
-            return OuterFactor(_positions_last(patches, batch, groups), _positions_last(self.activations, batch, groups), layer.weight.shape)
-        patches = unfold_patches(self.activations, _unpadded(layer))
-        return OuterFactor(_positions_last(patches, batch, groups), _positions_last(self.backprops, batch, groups), layer.weight.shape)
-
-    @staticmethod
-    def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
-        """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
-        return OuterFactor.concat([f.as_outer() for f in factors])
-
-    def _weight_backward(self, inputs: Tensor, backprops: Tensor, batch_groups: int) -> Tensor:
-        layer = self.layer
-        weight_shape = (batch_groups * layer.weight.shape[0], *layer.weight.shape[1:])
-        dims = len(layer.kernel_size)
-        output_padding = _output_padding(layer, inputs, backprops) if layer.transposed else (0,) * dims
-        return torch.ops.aten.convolution_backward(
-            backprops,
-            inputs,
-            inputs.new_empty(weight_shape),
-            None,
-            layer.stride,
-            (0,) * dims,
-            layer.dilation,
-            layer.transposed,
-            output_padding,
-            batch_groups * layer.groups,
-            (False, True, False),
-        )[1]
-
-
-def _unpadded(layer: nn.Module) -> nn.Module:
-    """A view of ``layer``'s geometry with padding already applied (for :func:`unfold_patches`)."""
-    return _Geometry(layer.kernel_size, layer.stride, layer.dilation, "valid", "zeros")
-
-
-class _Geometry(NamedTuple):
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    padding: str
-    padding_mode: str
-
-
-def _output_padding(layer: nn.Module, inputs: Tensor, backprops: Tensor) -> tuple[int, ...]:
-    """Output padding a transposed convolution used (``output_size`` may have changed it)."""
-    return tuple(
-        out - ((size - 1) * s + d * (k - 1) + 1)
-        for out, size, s, d, k in zip(backprops.shape[2:], inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
-    )
-
-
-def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
-    """Ghost: B²·K·T²·(p + q) multiply-adds, B²·K·T² elements held.
-    Materialised: B·K·T·p·q + B²·K·p·q multiply-adds, B·K·p·q elements held."""
-    return MethodCosts(
-        ghost_flops=batch**2 * groups * positions**2 * (p + q),
-        ghost_elements=batch**2 * groups * positions**2,
-        materialize_flops=batch * groups * positions * p * q + batch**2 * groups * p * q,
-        materialize_elements=batch * groups * p * q,
-    )
+    dims = len(kernel_size)
+    for d, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), -1)
 
 
 def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
@@ -378,7 +377,7 @@ def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
 @register_gram_rule(nn.Linear, fusable=("weight",))
 def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y_t = W a_t + b at each position t of an input (B, *, d_in) (seed 004 §4, fully-connected):
-    g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t."""
+    g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t (eq. 6)."""
     dtype = compute_dtype(activations, backprops)
     batch = len(activations)
     inputs = activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3).to(dtype)
@@ -392,11 +391,13 @@ def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> 
 @register_gram_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fusable=("weight",))
 def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):
-    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t."""
+    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6)."""
     _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
     outputs = backprops.to(dtype)
-    factors: dict[str, GradFactor] = {"weight": ConvFactor(_pad_like(activations.to(dtype), layer), outputs, layer)}
+    factors: dict[str, GradFactor] = {
+        "weight": ConvFactor(pad_like(activations.to(dtype), layer), outputs, layer)
+    }
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
     return factors
@@ -406,69 +407,132 @@ def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> di
 def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """A transposed convolution is the adjoint of the convolution with the same stride, padding and
     dilation, so g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, where patch(δ)
-    unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t."""
+    unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
     _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
     outputs = backprops.to(dtype)
-    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations.to(dtype), _pad_like(outputs, layer), layer)}
+    factors: dict[str, GradFactor] = {
+        "weight": ConvFactor(activations.to(dtype), pad_like(outputs, layer), layer)
+    }
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
     return factors
 
 
-def _channel_affine_factors(layer: nn.Module, normalized: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """y = γ_c·x̂_c + β_c per channel c, ``normalized`` x̂ and ``backprops`` δ of shape (B, C, *S):
-    g_i(γ)[c] = Σ_t δ_{ct} x̂_{ct}, g_i(β)[c] = Σ_t δ_{ct} over positions t."""
-    batch, channels = backprops.shape[:2]
-    backprops = backprops.reshape(batch, channels, -1)
+def _channel_affine_factors(
+    layer: nn.Module, inputs: Tensor, backprops: Tensor, mean: Tensor, rstd: Tensor
+) -> dict[str, GradFactor]:
+    """y = γ_c·(x − μ)·r + β_c per channel c, inputs and backprops (B, C, *S), μ and r = 1/√(σ² + ε)
+    of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004 eq. 6).
+
+    Both reductions run in one pass of the batch-norm backward kernel, with the batch folded into
+    the channels so that each (sample, channel) is reduced on its own.
+    """
+    batch, channels = inputs.shape[:2]
+    folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))
+    _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
+        backprops.reshape(1, batch * channels, -1),
+        inputs.reshape(1, batch * channels, -1),
+        None, None, None, folded_mean, folded_rstd, True, 0.0,
+        [False, layer.weight is not None, layer.bias is not None],
+    )
     factors: dict[str, GradFactor] = {}
     if layer.weight is not None:
-        normalized = normalized.reshape(batch, channels, -1)
-        factors["weight"] = PerSampleFactor(torch.einsum("bct,bct->bc", backprops, normalized))
+        factors["weight"] = PerSampleFactor(weight_grads.reshape(batch, channels))
     if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(backprops.sum(dim=-1))
+        factors["bias"] = PerSampleFactor(bias_grads.reshape(batch, channels))
     return factors
 
 
-def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """The running mean and variance in ``dtype``, or ``(None, None)`` where not tracked."""
-    if layer.running_mean is None:
-        return None, None
-    return layer.running_mean.to(dtype), layer.running_var.to(dtype)
+def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """μ and 1/√(σ² + ε) from the running statistics, in ``dtype``."""
+    return layer.running_mean.to(dtype), (layer.running_var.to(dtype) + layer.eps).rsqrt()
 
 
-@register_gram_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def batch_norm_factors(layer: nn.modules.batchnorm._BatchNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per channel, with the batch's statistics (biased variance) in training
-    mode — then samples are coupled and g_i is sample i's contribution to the batch gradient — and
-    the running ones otherwise (seed 004 §4, batch normalisation)."""
-    dtype = compute_dtype(activations, backprops)
-    batch_stats = layer.training or layer.running_mean is None
-    mean, var = (None, None) if batch_stats else _running_stats(layer, dtype)
-    normalized = F.batch_norm(activations.to(dtype), mean, var, training=batch_stats, eps=layer.eps)
-    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+def _sample_stats(inputs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """μ and 1/√(σ² + ε) (biased σ²) per sample and group of channels, repeated per channel (B, C)."""
+    batch, channels = inputs.shape[:2]
+    var, mean = torch.var_mean(inputs.reshape(batch, groups, -1), dim=2, correction=0)
+    return (t.repeat_interleave(channels // groups, dim=1) for t in (mean, (var + eps).rsqrt()))
+
+
+class NormalizedInput(NamedTuple):
+    """A normalisation layer's input with the per-channel mean μ and 1/√(σ² + ε) it used."""
+
+    inputs: Tensor
+    mean: Tensor
+    rstd: Tensor
+
+
+def _uses_batch_stats(layer: _BatchNorm) -> bool:
+    return layer.training or layer.running_mean is None
+
+
+def batch_norm_capture(layer: _BatchNorm, inputs: Tensor, output: Tensor) -> Tensor | NormalizedInput:
+    """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
+    so the rule needs no second pass over the input; the bare input where they are not exposed."""
+    node = output.grad_fn
+    mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+    channels = (inputs.shape[1],)
+    if _uses_batch_stats(layer) and all(isinstance(t, Tensor) and t.shape == channels for t in (mean, rstd)):
+        return NormalizedInput(inputs, mean, rstd)
+    return inputs
+
+
+def _batch_norm_statistics(
+    layer: _BatchNorm, activations: Tensor | NormalizedInput, dtype: torch.dtype
+) -> NormalizedInput:
+    """μ and 1/√(σ² + ε) per channel: captured, recomputed from the batch (biased σ²), or running."""
+    if isinstance(activations, NormalizedInput):
+        return NormalizedInput(*(t.to(dtype) for t in activations))
+    inputs = activations.to(dtype)
+    if not _uses_batch_stats(layer):
+        return NormalizedInput(inputs, *_running_stats(layer, dtype))
+    var, mean = torch.var_mean(inputs, dim=(0, *range(2, inputs.dim())), correction=0)
+    return NormalizedInput(inputs, mean, (var + layer.eps).rsqrt())
+
+
+@register_gram_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, capture=batch_norm_capture)
+def batch_norm_factors(
+    layer: _BatchNorm, activations: Tensor | NormalizedInput, backprops: Tensor
+) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) per channel, with the batch's statistics in training mode — then the
+    samples are coupled and g_i is sample i's contribution to the batch gradient — and the running
+    ones otherwise (seed 004 §4, batch normalisation); g_i as in :func:`_channel_affine_factors`."""
+    raw = activations.inputs if isinstance(activations, NormalizedInput) else activations
+    dtype = compute_dtype(raw, backprops)
+    inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
+    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
 
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def instance_norm_factors(layer: nn.modules.instancenorm._InstanceNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per sample and channel (running statistics in eval mode if tracked)."""
+def instance_norm_factors(layer: _InstanceNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+    """x̂ = (x − μ)/√(σ² + ε) per sample and channel (the running statistics in eval mode if
+    tracked); g_i as in :func:`_channel_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    input_stats = layer.training or not layer.track_running_stats
-    mean, var = (None, None) if input_stats else _running_stats(layer, dtype)
-    normalized = F.instance_norm(activations.to(dtype), mean, var, use_input_stats=input_stats, eps=layer.eps)
-    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+    inputs = activations.to(dtype)
+    if layer.training or not layer.track_running_stats:
+        mean, rstd = _sample_stats(inputs, inputs.shape[1], layer.eps)
+    else:
+        mean, rstd = _running_stats(layer, dtype)
+    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
 
 
 @register_gram_rule(nn.GroupNorm)
 def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels; γ, β per channel."""
+    """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels, γ and β per channel; g_i as in
+    :func:`_channel_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    normalized = F.group_norm(activations.to(dtype), layer.num_groups, eps=layer.eps)
-    return _channel_affine_factors(layer, normalized, backprops.to(dtype))
+    inputs = activations.to(dtype)
+    mean, rstd = _sample_stats(inputs, layer.num_groups, layer.eps)
+    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
 
 
-def _trailing_affine_factors(layer: nn.Module, normalized: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """y = γ ⊙ x̂ + β over trailing dims (B, *positions, *γ.shape): g_i(γ) = Σ_t δ_t ⊙ x̂_t, g_i(β) = Σ_t δ_t."""
+def _trailing_affine_factors(
+    layer: nn.Module, normalized: Tensor, backprops: Tensor
+) -> dict[str, GradFactor]:
+    """y = γ ⊙ x̂ + β over the trailing dims of (B, *positions, *γ.shape):
+    g_i(γ) = Σ_t δ_t ⊙ x̂_t, g_i(β) = Σ_t δ_t."""
     positions = tuple(range(1, backprops.dim() - len(layer.normalized_shape)))
     factors: dict[str, GradFactor] = {}
     if layer.weight is not None:
@@ -481,7 +545,8 @@ def _trailing_affine_factors(layer: nn.Module, normalized: Tensor, backprops: Te
 
 @register_gram_rule(nn.LayerNorm)
 def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape)."""
+    """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape);
+    g_i as in :func:`_trailing_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
     normalized = F.layer_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
     return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
@@ -491,7 +556,8 @@ if hasattr(nn, "RMSNorm"):
 
     @register_gram_rule(nn.RMSNorm, param_names=("weight",))
     def rms_norm_factors(layer: nn.RMSNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-        """x̂ = x / √(mean(x²) + ε) over the trailing ``normalized_shape`` dims; γ only."""
+        """x̂ = x / √(mean(x²) + ε) over the trailing ``normalized_shape`` dims; γ only:
+        g_i(γ) = Σ_t δ_t ⊙ x̂_t (seed 004 eq. 6)."""
         dtype = compute_dtype(activations, backprops)
         normalized = F.rms_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
         return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
@@ -501,7 +567,7 @@ if hasattr(nn, "RMSNorm"):
 def embedding_factors(layer: nn.Embedding, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y_t = W[idx_t]: g_i(W)[v] = Σ_t [idx_t = v] δ_t. Rows at ``padding_idx`` get no gradient; with
     ``scale_grad_by_freq`` each δ_t is divided by idx_t's count in the whole batch (as autograd
-    does), so g_i is sample i's contribution to the batch gradient."""
+    does), so g_i is sample i's contribution to the batch gradient (seed 004 eq. 6)."""
     batch = len(activations)
     indices = activations.reshape(batch, -1)
     outputs = backprops.to(compute_dtype(backprops)).reshape(batch, indices.shape[1], layer.embedding_dim)

@@ -16,6 +16,7 @@ the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.Gr
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 ROOT_NAME = "<root>"
+MAX_CACHED_PLANS = 32
 LayerPattern = str | type
 LayerPatterns = LayerPattern | Sequence[LayerPattern] | None
 
@@ -70,6 +72,23 @@ def find_layers(model: nn.Module, parameters: Iterable[nn.Parameter] | None = No
     return layers
 
 
+CLASS_PATH = re.compile(r"^(?:[A-Za-z_]\w*\.)+[A-Z]\w*$")
+
+
+def _module_type_at(path: str) -> type | None:
+    """The ``nn.Module`` subclass at dotted import ``path`` (e.g. ``"torch.nn.Conv2d"``, as a
+    YAML config spells a type), or None when ``path`` is not such a path (it is then a regex).
+    Only paths whose last part is capitalised, as class names are, are imported."""
+    if not CLASS_PATH.match(path):
+        return None
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        candidate = getattr(importlib.import_module(module_name), attribute, None)
+    except ImportError:
+        return None
+    return candidate if isinstance(candidate, type) and issubclass(candidate, nn.Module) else None
+
+
 def _compile_patterns(argument: str, patterns: LayerPatterns) -> tuple[list[re.Pattern], tuple[type, ...]]:
     """Split ``patterns`` into compiled name regexes and module types, validating each item."""
     if patterns is None:
@@ -82,7 +101,10 @@ def _compile_patterns(argument: str, patterns: LayerPatterns) -> tuple[list[re.P
         )
     regexes, types = [], []
     for item in items:
-        if isinstance(item, str):
+        module_type = _module_type_at(item) if isinstance(item, str) else None
+        if module_type is not None:
+            types.append(module_type)
+        elif isinstance(item, str):
             try:
                 regexes.append(re.compile(item))
             except re.error as err:
@@ -97,8 +119,9 @@ def _compile_patterns(argument: str, patterns: LayerPatterns) -> tuple[list[re.P
 class LayerFilter:
     """Keeps layers matching ``include`` (all when None) and not matching ``exclude``.
 
-    A layer matches a pattern list when ``re.search`` finds one regex in its name or its module is
-    an instance of one of the types.
+    A layer matches a pattern list when ``re.search`` finds one regex in its qualified name or its
+    module is an instance of one of the types. A string that is the import path of an ``nn.Module``
+    subclass (``"torch.nn.Conv2d"``, the way a LightningCLI YAML file names a type) is that type.
 
     Args:
         include: None, a regex string, an ``nn.Module`` subclass, or a sequence of those.
@@ -249,9 +272,12 @@ class LayerGradientStats:
         return len(self._params)
 
     def _plan(self, present: tuple[int, ...], device: torch.device) -> _Plan:
-        """Owner index and per-layer element count for the gradients at ``present`` (cached)."""
+        """Owner index and per-layer element count for the gradients at ``present`` (cached; the
+        cache is emptied when it holds ``MAX_CACHED_PLANS``, e.g. under stochastic depth)."""
         key = (present, device)
         if key not in self._plans:
+            if len(self._plans) >= MAX_CACHED_PLANS:
+                self._plans.clear()
             num_bins = self.num_layers + 1
             owner = [self._owners[i] for i in present]
             numel = [0] * num_bins

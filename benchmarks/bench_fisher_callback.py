@@ -1,0 +1,71 @@
+"""Overhead of the FisherSpectrum callback over a plain Lightning training step.
+
+The whole step as a user runs it: Lightning's loop, the exact Gram matrix from the step's own
+backward (fused weight gradients), float64 eigenvalues and the logged statistics. CIFAR ResNet-20,
+batch 128 of 3x32x32 random images, SGD, CPU, one process. Each round runs every configuration
+once, in an order that rotates between rounds, for ``--steps`` steps; a run's cost is its mean step
+time after the first step, so with ``every_n_steps=20`` and 21 steps exactly one measured step
+falls in the 20 timed ones (seed 004 measured every 50 mini-batches, ≈ 2 % of the data). The
+ratio is the median over rounds of (run with the callback) / (plain run of the same round).
+
+    python benchmarks/bench_fisher_callback.py [--rounds 3] [--steps 21] [--batch-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import torch
+from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
+from torch.utils.data import DataLoader
+
+from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
+
+CONFIGS: dict[str, int | None] = {
+    "plain step": None,
+    "FisherSpectrum(every_n_steps=1)": 1,
+    "FisherSpectrum(every_n_steps=20)": 20,
+}
+
+
+def mean_step_time(every_n_steps: int | None, steps: int, loader: DataLoader, root: str) -> float:
+    """Mean wall time of steps 2..``steps`` of a fresh run."""
+    timer = StepTimer()
+    callbacks = [timer] if every_n_steps is None else [timer, FisherSpectrum(every_n_steps=every_n_steps)]
+    torch.manual_seed(0)
+    quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
+    return statistics.fmean(timer.times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=21, help="steps per run; the first is not timed")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    silence_lightning()
+    loader = random_image_loader(args.steps, args.batch_size)
+
+    names = list(CONFIGS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as root:
+        for round_index in range(args.rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(mean_step_time(CONFIGS[name], args.steps, loader, root))
+
+    plain = times["plain step"]
+    print(
+        f"FisherSpectrum overhead: CIFAR ResNet-20, B={args.batch_size}, 3x32x32, CPU "
+        f"({torch.get_num_threads()} threads), {args.rounds} rounds x {args.steps - 1} timed steps"
+    )
+    print(f"{'configuration':<36}{'mean step [ms]':>16}{'ratio':>9}")
+    for name in names:
+        ratio = statistics.median(t / p for t, p in zip(times[name], plain))
+        print(f"{name:<36}{statistics.median(times[name]) * 1e3:>16.1f}{ratio:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
