@@ -1,7 +1,8 @@
-# Sourced by demo.sh and test.sh: create .venv and install the package (with extras "$1").
+#!/usr/bin/env bash
+# Create .venv and install the package into it, with the extras named in $1 (e.g. "dev").
 # Re-installs only when pyproject.toml changed since the last install.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "$0")/.."
 extras="${1:-}"
 stamp=".venv/.installed${extras:+-$extras}"
 if [ ! -x .venv/bin/python ]; then

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv with the dev extra and run the whole test suite.
-source "$(dirname "$0")/setup.sh" dev
-.venv/bin/python -m pytest "$@"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+exec .venv/bin/python -m pytest "$@"
