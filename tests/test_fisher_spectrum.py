@@ -355,3 +355,34 @@ def test_beacon_map_marks_progress_points_and_draws_the_error_contour(tmp_path):
     assert len(figure.axes) == 3, "the batch-size colour bar and the error colour bar"
     with pytest.raises(ValueError, match="color_by"):
         beacon_map(runs, color_by="momentum")
+
+
+class Float32Net(SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = self.net.float()
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["bf16-mixed", "16-mixed-with-GradScaler"])
+def test_mixed_precision_measures_the_unscaled_per_sample_gradients(tmp_path, scaled):
+    """Under AMP F̃ is that of the true gradients: a GradScaler's factor S is divided out (S²)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    if scaled:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        options = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
+    else:
+        options = {"precision": "bf16-mixed"}
+    module = Float32Net()
+    fisher = FisherSpectrum()
+    data = TensorDataset(make_data().tensors[0].float(), make_data().tensors[1])
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", callbacks=[fisher], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **options,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
+        double_state = {name: value.double() for name, value in state.items()}
+        expected = reference_statistics(reference_gram(double_state, (batch[0].double(), batch[1])), lr)
+        assert record["trace"] == pytest.approx(expected["trace"], rel=0.05)
+        assert record["lambda_max"] == pytest.approx(expected["lambda_max"], rel=0.05)
