@@ -44,10 +44,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from lightning_tricks.models import build_net
 from torch import nn
 
 from lightning_tricks.gradients.gram import GramCollector
-from lightning_tricks.models import build_net
 
 Step = Callable[[], "float | None"]
 """A configuration; one that returns a float reports its own (extrapolated) duration."""

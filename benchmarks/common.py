@@ -15,9 +15,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
-
 from lightning_tricks.models import build_net
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class ResNet20Classifier(pl.LightningModule):

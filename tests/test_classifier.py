@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
-from lightning_tricks.cli import main
 from lightning_tricks.models import ImageClassifier
 from lightning_tricks.models.classifier import lr_factor
+
+from lightning_tricks.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,8 +12,8 @@ it passes for these files and fails for any other (see ``test_corrupted_files_fa
 from __future__ import annotations
 
 import hashlib
-import re
 import pickle
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +25,6 @@ import pytest
 import scipy.io
 import torch
 from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
-from sklearn.datasets import load_digits
-from torchvision.datasets import CIFAR10, CIFAR100, SVHN
-
 from lightning_tricks.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -36,6 +33,8 @@ from lightning_tricks.datamodules import (
     MNISTDataModule,
     SVHNDataModule,
 )
+from sklearn.datasets import load_digits
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 
 # ----------------------------------------------------------------------------- writers of the real formats
 
