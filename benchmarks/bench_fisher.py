@@ -116,7 +116,9 @@ class Workload:
             with _eval_mode(self.net):
                 for i in range(min(samples, len(self.images))):
                     loss = F.cross_entropy(self.net(self.images[i : i + 1]), self.labels[i : i + 1])
-                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.params)], out=jacobian[i])
+                    torch.cat(
+                        [g.reshape(-1) for g in torch.autograd.grad(loss, self.params)], out=jacobian[i]
+                    )
             loop = time.perf_counter() - loop_start
             gram_start = time.perf_counter()
             gram_and_spectrum(jacobian)
@@ -254,7 +256,7 @@ def measure(
     ratios: dict[str, list[float]] = {name: [] for name in steps}
     others = [name for name in steps if name != "plain step"]
     for r in range(rounds):
-        for name in others[r % len(others):] + others[: r % len(others)]:
+        for name in others[r % len(others) :] + others[: r % len(others)]:
             if name in SLOW and len(times[name]) >= slow_rounds:
                 continue
             plain, seconds = _timed(steps["plain step"]), _timed(steps[name])
@@ -276,7 +278,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slow-rounds", type=int, default=3, help="rounds for the separate-pass baselines")
-    parser.add_argument("--loop-samples", type=int, default=16, help="rows of J the loop computes (time scaled to B)")
+    parser.add_argument(
+        "--loop-samples", type=int, default=16, help="rows of J the loop computes (time scaled to B)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

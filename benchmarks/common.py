@@ -54,7 +54,9 @@ def random_image_loader(steps: int, batch_size: int) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     n = steps * batch_size
     images = torch.randn(n, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, 10, (n,), generator=generator)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(images, torch.randint(0, 10, (n,), generator=generator)), batch_size=batch_size
+    )
 
 
 def quiet_trainer(steps: int, callbacks: list[Callback], root: str | None = None) -> pl.Trainer:

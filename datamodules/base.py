@@ -30,7 +30,9 @@ def split_count(value: int | float, total: int) -> int:
     return value if isinstance(value, int) else round(value * total)
 
 
-def holdout_split(labels: np.ndarray, holdout: int, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    labels: np.ndarray, holdout: int, seed: int, stratify: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(len(labels))`` into sorted ``(kept, held_out)`` index arrays, ``held_out`` of size ``holdout``.
 
     The draw depends only on ``seed`` (scikit-learn's ``train_test_split``), so every process of a
@@ -86,7 +88,9 @@ class ClassificationDataModule(L.LightningDataModule):
     in_channels: int
     image_size: int
 
-    def __init__(self, batch_size: int, num_workers: int, val_size: int | float, seed: int, stratify: bool) -> None:
+    def __init__(
+        self, batch_size: int, num_workers: int, val_size: int | float, seed: int, stratify: bool
+    ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1)
         check_int("num_workers", num_workers, 0)

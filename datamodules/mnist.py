@@ -34,7 +34,9 @@ class MNISTDataModule(TorchvisionDataModule):
     horizontal_flip = False
     default_val_size = 5_000
     required_files = tuple(
-        f"MNIST/raw/{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
+        f"MNIST/raw/{split}-{kind}-ubyte"
+        for split in ("train", "t10k")
+        for kind in ("images-idx3", "labels-idx1")
     )
     manual_download = (
         "gunzip the four files of https://ossci-datasets.s3.amazonaws.com/mnist/ "

@@ -115,7 +115,9 @@ class TorchvisionDataModule(ClassificationDataModule):
         augment: bool = True,
     ) -> None:
         if not isinstance(data_dir, (str, PathLike)):
-            raise TypeError(f"`data_dir` must be a str or path, got {data_dir!r} ({type(data_dir).__name__}).")
+            raise TypeError(
+                f"`data_dir` must be a str or path, got {data_dir!r} ({type(data_dir).__name__})."
+            )
         for name, flag in (("download", download), ("augment", augment)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
@@ -145,7 +147,12 @@ class TorchvisionDataModule(ClassificationDataModule):
     def eval_transform(self) -> v2.Compose:
         """PIL image -> float tensor ``(x / 255 - mean) / std`` per channel, shape ``(C, H, W)``."""
         return v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std), v2.ToPureTensor()]
+            [
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+                v2.ToPureTensor(),
+            ]
         )
 
     def train_transform(self) -> v2.Compose:

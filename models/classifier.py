@@ -225,7 +225,9 @@ def _check_hyperparameters(
     if weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay}.")
     if any(not 0 < m <= 1 for m in milestones) or list(milestones) != sorted(milestones):
-        raise ValueError(f"`milestones` must be increasing fractions of training in (0, 1]; got {milestones}.")
+        raise ValueError(
+            f"`milestones` must be increasing fractions of training in (0, 1]; got {milestones}."
+        )
     if not 0 < gamma <= 1:
         raise ValueError(f"`gamma` must be in (0, 1]; got {gamma}.")
     if not 0 <= eta_min <= lr:

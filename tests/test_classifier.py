@@ -53,9 +53,15 @@ def test_learning_rate_follows_training_progress(tmp_path):
 
     data = DigitsDataModule(image_size=8, batch_size=512)
     trainer = L.Trainer(
-        max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordLR()],
-        limit_val_batches=0, default_root_dir=tmp_path,
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordLR()],
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=data)
     last_lr_of_epoch = {epoch: lr for epoch, lr in seen}
@@ -84,12 +90,19 @@ def test_cli_trains_and_tests_digits_above_90_percent(tmp_path):
     """The demo config, shrunk (8×8 digits, ResNet-8): fit, then test the best checkpoint."""
     main(
         [
-            "fit", "-c", str(CONFIGS / "demo.yaml"),
-            "--trainer.max_epochs", "6",
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false",
-            "--model.init_args.arch", "resnet8",
-            "--data.init_args.image_size", "8",
+            "fit",
+            "-c",
+            str(CONFIGS / "demo.yaml"),
+            "--trainer.max_epochs",
+            "6",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.arch",
+            "resnet8",
+            "--data.init_args.image_size",
+            "8",
         ]
     )
     version = tmp_path / "demo" / "version_0"

@@ -20,11 +20,17 @@ def test_config_runs_one_batch(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write logs/ relative to the working directory
     main(
         [
-            "fit", "-c", str(config),
-            "--trainer.fast_dev_run", "1",
-            "--trainer.enable_progress_bar", "false",
-            "--data.init_args.image_size", "8",
-            "--data.init_args.batch_size", "8",
+            "fit",
+            "-c",
+            str(config),
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.image_size",
+            "8",
+            "--data.init_args.batch_size",
+            "8",
         ]
     )
     assert not (tmp_path / "logs").exists(), "fast_dev_run writes no logs"

@@ -69,7 +69,9 @@ def dump_pickle(path: Path, obj: dict) -> None:
 def write_cifar10(root: Path, rng: np.random.Generator) -> Written:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    written = Written(random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10))
+    written = Written(
+        random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10)
+    )
     for batch in range(5):
         part = slice(12 * batch, 12 * (batch + 1))
         dump_pickle(
@@ -119,7 +121,10 @@ def write_cifar100(root: Path, rng: np.random.Generator) -> Written:
         )
     dump_pickle(
         folder / "meta",
-        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
+        {
+            "fine_label_names": [f"fine{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i}" for i in range(20)],
+        },
     )
     return written
 
@@ -134,7 +139,10 @@ def write_mnist(root: Path, rng: np.random.Generator) -> Written:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     written = Written(
-        random_images(rng, 60, 28, 1), np.arange(60) % 10, random_images(rng, 10, 28, 1), np.arange(10)[::-1].copy()
+        random_images(rng, 60, 28, 1),
+        np.arange(60) % 10,
+        random_images(rng, 10, 28, 1),
+        np.arange(10)[::-1].copy(),
     )
     for prefix, images, labels in (
         ("train", written.train_images, written.train_labels),
@@ -148,7 +156,9 @@ def write_mnist(root: Path, rng: np.random.Generator) -> Written:
 def write_svhn(root: Path, rng: np.random.Generator) -> Written:
     """SVHN's .mat files: X of shape (32, 32, 3, N), y of shape (N, 1) with labels 1..10 where 10 is the digit 0."""
     root.mkdir(parents=True, exist_ok=True)
-    written = Written(random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10))
+    written = Written(
+        random_images(rng, 60, 32, 3), np.arange(60) % 10, random_images(rng, 10, 32, 3), np.arange(10)
+    )
     for name, images, labels in (
         ("train_32x32.mat", written.train_images, written.train_labels),
         ("test_32x32.mat", written.test_images, written.test_labels),
@@ -260,7 +270,8 @@ def test_loaders_yield_the_written_values_normalised(on_disk):
     train_images, train_labels = collect(dm.train_dataloader())
     by_content = {image.tobytes(): index for index, image in enumerate(written.train_images)}
     found = [
-        by_content[pixels.round().astype(np.uint8).tobytes()] for pixels in unnormalised(train_images, dm.mean, dm.std)
+        by_content[pixels.round().astype(np.uint8).tobytes()]
+        for pixels in unnormalised(train_images, dm.mean, dm.std)
     ]
     assert Counter(found) == Counter(dm.train_indices.tolist())
     torch.testing.assert_close(train_images.double(), expected_train[found], rtol=0, atol=1e-5)
@@ -288,7 +299,9 @@ def test_split_is_seeded_stratified_disjoint_and_complete(on_disk):
 def padded_crops(image: np.ndarray, pad: int, size: int) -> tuple[list[tuple[int, int, bool]], np.ndarray]:
     """Every (row offset, column offset, mirrored) crop of ``image`` zero-padded by ``pad`` pixels."""
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    offsets = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (False, True)]
+    offsets = [
+        (dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (False, True)
+    ]
     crops = [padded[dy : dy + size, dx : dx + size][:, :: -1 if flip else 1] for dy, dx, flip in offsets]
     return offsets, np.stack(crops)
 
@@ -304,7 +317,11 @@ def test_augmentation_is_a_padded_crop_with_flip_only_where_documented(on_disk):
         offsets, crops = padded_crops(written.train_images[index], dm.crop_padding, dm.image_size)
         pixels = unnormalised(dm.train_set[position][0][None], dm.mean, dm.std)[0]
         np.testing.assert_allclose(pixels, pixels.round(), atol=1e-3)
-        matches = [offset for offset, crop in zip(offsets, crops, strict=True) if np.array_equal(crop, pixels.round())]
+        matches = [
+            offset
+            for offset, crop in zip(offsets, crops, strict=True)
+            if np.array_equal(crop, pixels.round())
+        ]
         assert matches, f"training sample {position} is no padded crop of image {index}"
         seen_shift |= any((dy, dx) != (dm.crop_padding, dm.crop_padding) for dy, dx, _ in matches)
         seen_flip |= all(flip for _, _, flip in matches)
@@ -313,7 +330,9 @@ def test_augmentation_is_a_padded_crop_with_flip_only_where_documented(on_disk):
     torch.testing.assert_close(dm.val_set[0][0].double(), plain, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("datamodule", [CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule, SVHNDataModule])
+@pytest.mark.parametrize(
+    "datamodule", [CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule, SVHNDataModule]
+)
 def test_missing_dataset_error_says_where_it_looked_and_how_to_get_it(datamodule, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dm = datamodule("relative/data")
@@ -439,7 +458,9 @@ def test_digits_resize_is_bilinear_and_channels_are_copies(digits, size):
     for position in (0, 100, 358):
         index = dm.test_indices[position]
         expected = bilinear_reference(digits.images[index] / 16.0, size)
-        np.testing.assert_allclose(images[position, 0].double().numpy() * dm.std[0] + dm.mean[0], expected, atol=1e-5)
+        np.testing.assert_allclose(
+            images[position, 0].double().numpy() * dm.std[0] + dm.mean[0], expected, atol=1e-5
+        )
 
 
 def test_digits_labels_stay_with_their_images():

@@ -109,7 +109,15 @@ def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
     }
 
 
-def fit(module: L.LightningModule, callbacks: list, tmp_path, *, batch_size: int = 8, max_steps: int = 6, **trainer_kwargs):
+def fit(
+    module: L.LightningModule,
+    callbacks: list,
+    tmp_path,
+    *,
+    batch_size: int = 8,
+    max_steps: int = 6,
+    **trainer_kwargs,
+):
     ckpt_path = trainer_kwargs.pop("ckpt_path", None)
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -223,7 +231,10 @@ def test_resume_continues_running_measures_exactly(tmp_path):
     fit(SmallNet(), [first, checkpoint], tmp_path / "a", max_steps=4, enable_checkpointing=True)
     resumed = FisherSpectrum()
     fit(
-        SmallNet(), [resumed], tmp_path / "b", max_steps=8,
+        SmallNet(),
+        [resumed],
+        tmp_path / "b",
+        max_steps=8,
         ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
     )
 
@@ -255,7 +266,9 @@ def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
 
 def test_csv_logger_works_and_eigenvalue_histogram_is_skipped(tmp_path):
     fisher = FisherSpectrum(log_eigenvalues=True)
-    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer = fit(
+        SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
     assert "fisher/C_bar" in trainer.logged_metrics
     assert (tmp_path / "lightning_logs" / "version_0" / "fisher_spectrum.csv").exists()
 
@@ -317,8 +330,15 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ddp", save_last=True)
     ddp = FisherSpectrum()
     trainer = L.Trainer(
-        max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[ddp, checkpoint],
-        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=4,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[ddp, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         use_distributed_sampler=False,
     )
     trainer.fit(InterleavedShards())
@@ -336,7 +356,9 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
 def write_fisher_csv(path, batch_size: int, epochs: int = 10) -> None:
     epoch = np.arange(epochs)
     c_bar, total = 5 + batch_size / 32 + 0.1 * epoch, 0.2 * (epoch + 1) / batch_size
-    rows = np.column_stack([epoch, epoch * 10, c_bar, total, np.full(epochs, 0.1), np.full(epochs, batch_size)])
+    rows = np.column_stack(
+        [epoch, epoch * 10, c_bar, total, np.full(epochs, 0.1), np.full(epochs, batch_size)]
+    )
     np.savetxt(path, rows, delimiter=",", header="epoch,step,C_bar,L,lr,batch_size", comments="")
 
 
@@ -377,8 +399,15 @@ def test_mixed_precision_measures_the_unscaled_per_sample_gradients(tmp_path, sc
     fisher = FisherSpectrum()
     data = TensorDataset(make_data().tensors[0].float(), make_data().tensors[1])
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", callbacks=[fisher], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **options,
+        max_steps=2,
+        accelerator="cpu",
+        callbacks=[fisher],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **options,
     )
     trainer.fit(module, DataLoader(data, batch_size=8))
     for record, (state, batch, lr) in zip(fisher.history, module.snapshots):

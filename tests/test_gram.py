@@ -73,8 +73,12 @@ class DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 2 * growth, 1, bias=False),
-            nn.BatchNorm2d(2 * growth), nn.ReLU(), nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 2 * growth, 1, bias=False),
+            nn.BatchNorm2d(2 * growth),
+            nn.ReLU(),
+            nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False),
         )
 
     def forward(self, x):
@@ -134,10 +138,14 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     """Stride, padding, dilation, groups, bias, even kernel with padding="same", padding modes."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4), nn.ReLU(),
-        nn.Conv2d(8, 6, 4, padding="same", padding_mode="reflect"), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular", bias=False), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 4, padding="same", padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular", bias=False),
+        nn.Flatten(),
         nn.Linear(6 * 4 * 4, 3),
     )
 
@@ -145,8 +153,12 @@ def cnn() -> nn.Module:
 def generator() -> nn.Module:
     """ConvTranspose2d with stride, output padding, groups and dilation, GroupNorm."""
     return nn.Sequential(
-        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.GroupNorm(3, 6), nn.ReLU(),
-        nn.ConvTranspose2d(6, 4, 2, dilation=2, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        nn.GroupNorm(3, 6),
+        nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
     )
 
 
@@ -154,7 +166,11 @@ def volume_net() -> nn.Module:
     """Conv3d with anisotropic stride/padding/dilation and InstanceNorm3d with affine parameters."""
     return nn.Sequential(
         nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2)),
-        nn.InstanceNorm3d(4, affine=True), nn.ReLU(), nn.Conv3d(4, 3, 1), nn.Flatten(), nn.Linear(3 * 5 * 3 * 1, 3),
+        nn.InstanceNorm3d(4, affine=True),
+        nn.ReLU(),
+        nn.Conv3d(4, 3, 1),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 3 * 1, 3),
     )
 
 
@@ -201,7 +217,9 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def flatten(grads: tuple, params: list[torch.Tensor]) -> torch.Tensor:
     """One row of J: the gradients concatenated, zeros for parameters that got none."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 def per_sample_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -233,7 +251,7 @@ def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         mask = torch.zeros(len(x), dtype=DTYPE)
         mask[i] = 1.0
 
-        def add_sample_copy(module, args, output, zeros=zeros, mask=mask, inside=set()):
+        def add_sample_copy(module, args, output, zeros=zeros, mask=mask, inside=set()):  # noqa: B006 (one set per sample, re-entrancy guard)
             if module in inside:  # the functional call below runs this hook again
                 return None
             inside.add(module)
@@ -276,7 +294,9 @@ def collect(model, x, y, reduction="mean", **options) -> GramCollector:
 # -- exactness on every layer type --------------------------------------------------------------
 
 
-VARIANTS = [(r, m, f) for r in ("mean", "sum") for m in ("auto", "ghost", "materialize") for f in (False, True)]
+VARIANTS = [
+    (r, m, f) for r in ("mean", "sum") for m in ("auto", "ghost", "materialize") for f in (False, True)
+]
 """(reduction, method, fuse_weight_grad); forced ghost on 8×8 feature maps is slow at B = 64
 (B²·T² terms), so it is checked at B = 1 and 7 only."""
 
@@ -328,7 +348,9 @@ def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() ->
     for name in ("weight", "bias"):
         torch.testing.assert_close(recomputed[name].grads, from_autograd[name].grads, rtol=1e-12, atol=1e-12)
     torch.autograd.backward(output, backprops)
-    torch.testing.assert_close(from_autograd["weight"].grads.sum(0), layer.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        from_autograd["weight"].grads.sum(0), layer.weight.grad, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("arch", ["resnet_bn_eval", "conv1d_sequence", "embedding", "conv_transpose"])
@@ -346,8 +368,12 @@ def test_per_layer_blocks_match_reference_and_sum_to_total(arch: str) -> None:
 def test_auto_method_follows_cost_model() -> None:
     """Wide layer at one position: ghost (B²·(d_in + d_out) ≪ B·d_in·d_out); 32×32 conv: materialised."""
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 256),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
     ).to(DTYPE)
     x, y = torch.randn(8, 3, 32, 32, dtype=DTYPE), torch.randint(0, 256, (8,))
     methods = collect(model, x, y).methods
@@ -430,7 +456,10 @@ def test_embedding_scale_grad_by_freq_gives_sample_contributions() -> None:
     model.embed = nn.Embedding(11, 6, scale_grad_by_freq=True).to(DTYPE)
     contributions = contribution_jacobian(model, x, y, "mean")
     for method in ("ghost", "materialize"):
-        assert relative_error(collect(model, x, y, method=method).matrix(), contributions @ contributions.T) < RTOL
+        assert (
+            relative_error(collect(model, x, y, method=method).matrix(), contributions @ contributions.T)
+            < RTOL
+        )
 
 
 def test_contribution_reference_is_per_sample_gradient_without_coupling() -> None:
@@ -450,7 +479,9 @@ def test_params_and_module_filters_restrict_columns() -> None:
     head = jacobian[:, columns["fc"]]
     assert relative_error(collect(model, x, y, params=model.fc.parameters()).matrix(), head @ head.T) < RTOL
     convs = torch.cat([jacobian[:, c] for m, c in columns.items() if "conv" in m or m == "stem.0"], dim=1)
-    only_convs = collect(model, x, y, modules=lambda name, m: isinstance(m, nn.Conv2d) and "shortcut" not in name)
+    only_convs = collect(
+        model, x, y, modules=lambda name, m: isinstance(m, nn.Conv2d) and "shortcut" not in name
+    )
     assert relative_error(only_convs.matrix(), convs @ convs.T) < RTOL
     weight_only = collect(model, x, y, params=[model.fc.weight])
     w = jacobian[:, columns["fc"]][:, : model.fc.weight.numel()]

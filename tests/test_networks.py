@@ -47,9 +47,7 @@ def reference_resnet_count(depth: int, num_classes: int, in_channels: int) -> in
     return total + 2 * 64 + 64 * num_classes + num_classes
 
 
-def reference_densenet_count(
-    growth_rates, layers_per_block: int, num_classes: int, in_channels: int
-) -> int:
+def reference_densenet_count(growth_rates, layers_per_block: int, num_classes: int, in_channels: int) -> int:
     """Parameters of the seed-004 DenseNet (no bottleneck, no compression), layer by layer."""
     total, channels = 9 * in_channels * 16, 16
     for block, growth in enumerate(growth_rates):
@@ -90,9 +88,7 @@ def test_resnet_parameter_count_equals_layerwise_reference(depth, num_classes, i
     ("growth_rates", "layers_per_block"), [((8, 10, 14), 18), ((8, 10, 14), 2), ((4, 6), 3)]
 )
 def test_densenet_parameter_count_equals_layerwise_reference(growth_rates, layers_per_block):
-    net = build_net(
-        "densenet_cifar", 100, 1, growth_rates=growth_rates, layers_per_block=layers_per_block
-    )
+    net = build_net("densenet_cifar", 100, 1, growth_rates=growth_rates, layers_per_block=layers_per_block)
     assert count_parameters(net) == reference_densenet_count(growth_rates, layers_per_block, 100, 1)
 
 
@@ -118,9 +114,7 @@ def test_dpn_counts_match_the_reference_cifar_implementation():
 
 def expected_vgg_layer_types(blocks_per_stage: int, batch_norm: bool) -> list[type]:
     """Seed 001 §5.2: input block, 3 × (N conv blocks + reduction block), FC output."""
-    conv_act = (
-        [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU] if batch_norm else [nn.Conv2d, nn.LeakyReLU]
-    )
+    conv_act = [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU] if batch_norm else [nn.Conv2d, nn.LeakyReLU]
     types = list(conv_act)
     for _ in range(3):
         types += conv_act * (2 * blocks_per_stage)
@@ -138,8 +132,7 @@ def test_vgg_follows_seed_001_layer_by_layer(name, blocks, weight_layers, batch_
     assert len(weights) == weight_layers
     convs = [m for m in layers if isinstance(m, nn.Conv2d)]
     assert all(
-        (c.out_channels, c.kernel_size, c.padding, c.stride) == (32, (3, 3), (1, 1), (1, 1))
-        for c in convs
+        (c.out_channels, c.kernel_size, c.padding, c.stride) == (32, (3, 3), (1, 1), (1, 1)) for c in convs
     )
     assert all((c.bias is None) == batch_norm for c in convs)
     assert all(m.negative_slope == 0.01 for m in layers if isinstance(m, nn.LeakyReLU))
@@ -191,17 +184,13 @@ def test_dense_layer_keeps_its_input_and_adds_growth_rate_channels():
 
 
 def test_densenet_compression_sets_transition_widths():
-    net = build_net(
-        "densenet_cifar", 10, growth_rates=(4, 4, 4), layers_per_block=3, compression=0.5
-    )
+    net = build_net("densenet_cifar", 10, growth_rates=(4, 4, 4), layers_per_block=3, compression=0.5)
     transitions = [m for m in net.features if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert [(m.in_channels, m.out_channels) for m in transitions] == [(28, 14), (26, 13)]
     assert net.head[-1].in_features == 13 + 3 * 4
 
 
-@pytest.mark.parametrize(
-    ("name", "features"), [("dpn26", 2048 + 3 * 128), ("dpn92", 2048 + 4 * 128)]
-)
+@pytest.mark.parametrize(("name", "features"), [("dpn26", 2048 + 3 * 128), ("dpn92", 2048 + 4 * 128)])
 def test_dpn_final_width_is_residual_plus_dense_channels(name, features):
     net = build_on_meta(name, 10)
     assert net.head[-1].in_features == features
@@ -272,9 +261,7 @@ def test_forward_backward_with_module_backward_hooks(name, in_channels, size):
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet8", "densenet_cifar", "vgg08", "mlp", "mobilenetv2", "dpn26"]
-)
+@pytest.mark.parametrize("name", ["resnet8", "densenet_cifar", "vgg08", "mlp", "mobilenetv2", "dpn26"])
 def test_odd_and_non_square_inputs(name):
     options = {"layers_per_block": 1} if name == "densenet_cifar" else {}
     net = build_net(name, num_classes=3, in_channels=1, **options).eval()

@@ -135,7 +135,9 @@ def assert_same_parameters(module: nn.Module, reference: nn.Module) -> None:
 
 
 def assert_parameters_differ(module: nn.Module, reference: nn.Module) -> None:
-    assert any(not torch.equal(p.detach(), q.detach()) for p, q in zip(module.parameters(), reference.parameters()))
+    assert any(
+        not torch.equal(p.detach(), q.detach()) for p, q in zip(module.parameters(), reference.parameters())
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,9 @@ def test_optimizer_index_without_optimizer_is_reported_at_fit_start(tmp_path):
 def uniform_reference(seed: int, n: int, low: float, high: float) -> list[float]:
     """One float64 U[0, 1) draw per backward from a CPU generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    return [low + (high - low) * torch.rand((), dtype=torch.float64, generator=generator).item() for _ in range(n)]
+    return [
+        low + (high - low) * torch.rand((), dtype=torch.float64, generator=generator).item() for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -238,15 +242,25 @@ def test_automatic_optimisation_matches_seed_loop(tmp_path, arch, optimizer, acc
     assert len(callback.history) == 8
     reference = copy.deepcopy(initial)
     losses = seed_loop(
-        reference, make_optimizer(optimizer, reference.parameters()), batches_of(dataset, batch_size),
-        rs_of(callback), accumulate,
+        reference,
+        make_optimizer(optimizer, reference.parameters()),
+        batches_of(dataset, batch_size),
+        rs_of(callback),
+        accumulate,
     )
     assert_same_parameters(module.net, reference)
-    assert torch.equal(torch.stack(module.losses), torch.stack(losses)), "the loss the module sees is unscaled"
+    assert torch.equal(torch.stack(module.losses), torch.stack(losses)), (
+        "the loss the module sees is unscaled"
+    )
 
     unscaled = copy.deepcopy(initial)
-    seed_loop(unscaled, make_optimizer(optimizer, unscaled.parameters()), batches_of(dataset, batch_size),
-              [1.0] * 8, accumulate)
+    seed_loop(
+        unscaled,
+        make_optimizer(optimizer, unscaled.parameters()),
+        batches_of(dataset, batch_size),
+        [1.0] * 8,
+        accumulate,
+    )
     assert_parameters_differ(module.net, unscaled)
 
 
@@ -330,7 +344,9 @@ def test_manual_gan_matches_seed_loop(tmp_path, optimizers):
     callback = RandomGradient(optimizers=optimizers, seed=8)
     fit(tmp_path, module, dataset, 4, callback)
 
-    assert rs_of(callback) == uniform_reference(8, 12, 0.0, 1.0), "one draw per backward, whatever is selected"
+    assert rs_of(callback) == uniform_reference(8, 12, 0.0, 1.0), (
+        "one draw per backward, whatever is selected"
+    )
     scaled = {0, 1} if optimizers is None else set(optimizers)
     reference = make_gan()
     seed_gan_loop(*reference, batches_of(dataset, 4), rs_of(callback), scaled)
@@ -341,7 +357,9 @@ def test_manual_gan_matches_seed_loop(tmp_path, optimizers):
         if other != scaled:
             unlike = make_gan()
             seed_gan_loop(*unlike, batches_of(dataset, 4), rs_of(callback), other)
-            assert_parameters_differ(nn.ModuleList([module.generator, module.discriminator]), nn.ModuleList(unlike))
+            assert_parameters_differ(
+                nn.ModuleList([module.generator, module.discriminator]), nn.ModuleList(unlike)
+            )
 
 
 class SharedBackwardGAN(pl.LightningModule):
@@ -382,7 +400,9 @@ def test_backward_feeding_both_optimisers_scales_only_the_selected_parameters(tm
         for half in z.chunk(2):
             r = next(rs)
             grads = torch.autograd.grad(generator_loss(discriminator, generator(half)), parameters)
-            expected = [e + (g * r if id(p) in selected_ids else g) for e, g, p in zip(expected, grads, parameters)]
+            expected = [
+                e + (g * r if id(p) in selected_ids else g) for e, g, p in zip(expected, grads, parameters)
+            ]
         for got, want in zip(observed, expected):
             assert torch.equal(got, want)
 
@@ -406,12 +426,23 @@ def test_mixed_precision_scales_like_seed_loop(tmp_path, precision):
     fit(tmp_path, module, dataset, 4, callback, **options)
 
     reference = copy.deepcopy(initial)
-    seed_loop(reference, make_optimizer("sgd", reference.parameters()), batches_of(dataset, 4), rs_of(callback),
-              autocast=autocast, scaler=scaler)
+    seed_loop(
+        reference,
+        make_optimizer("sgd", reference.parameters()),
+        batches_of(dataset, 4),
+        rs_of(callback),
+        autocast=autocast,
+        scaler=scaler,
+    )
     assert_same_parameters(module.net, reference)
     unscaled = copy.deepcopy(initial)
-    seed_loop(unscaled, make_optimizer("sgd", unscaled.parameters()), batches_of(dataset, 4), [1.0] * 6,
-              autocast=autocast)
+    seed_loop(
+        unscaled,
+        make_optimizer("sgd", unscaled.parameters()),
+        batches_of(dataset, 4),
+        [1.0] * 6,
+        autocast=autocast,
+    )
     assert_parameters_differ(module.net, unscaled)
 
 
@@ -430,8 +461,13 @@ def test_gradient_clipping_sees_scaled_gradient(tmp_path, algorithm, value):
     fit(tmp_path, module, dataset, 4, callback, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
     reference = copy.deepcopy(initial)
-    seed_loop(reference, make_optimizer("sgd", reference.parameters()), batches_of(dataset, 4), rs_of(callback),
-              clip=clip)
+    seed_loop(
+        reference,
+        make_optimizer("sgd", reference.parameters()),
+        batches_of(dataset, 4),
+        rs_of(callback),
+        clip=clip,
+    )
     assert_same_parameters(module.net, reference)
 
     clip_then_scale = copy.deepcopy(initial)
@@ -526,7 +562,10 @@ class SaveRankResults(Callback):
     def on_train_end(self, trainer, pl_module):
         callback = next(c for c in trainer.callbacks if isinstance(c, RandomGradient))
         parameters = [p.detach().clone() for p in pl_module.net.parameters()]
-        torch.save({"rs": rs_of(callback), "parameters": parameters}, self.directory / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"rs": rs_of(callback), "parameters": parameters},
+            self.directory / f"rank{trainer.global_rank}.pt",
+        )
 
 
 class ShardedModule(AutoModule):
@@ -537,7 +576,9 @@ class ShardedModule(AutoModule):
         self.dataset, self.per_rank_batch = dataset, per_rank_batch
 
     def train_dataloader(self):
-        sampler = DistributedSampler(self.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            self.dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+        )
         return DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=sampler)
 
 
@@ -554,11 +595,19 @@ def test_ddp_two_ranks_agree_and_match_single_process_global_batch(tmp_path):
     assert len(rank0["rs"]) == steps
     assert rank0["rs"] == rank1["rs"]
     reference = copy.deepcopy(initial)
-    seed_loop(reference, make_optimizer("sgd", reference.parameters()),
-              batches_of(dataset, 2 * per_rank_batch), rank0["rs"])
+    seed_loop(
+        reference,
+        make_optimizer("sgd", reference.parameters()),
+        batches_of(dataset, 2 * per_rank_batch),
+        rank0["rs"],
+    )
     for p, q in zip(rank0["parameters"], reference.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-14)
     unscaled = copy.deepcopy(initial)
-    seed_loop(unscaled, make_optimizer("sgd", unscaled.parameters()),
-              batches_of(dataset, 2 * per_rank_batch), [1.0] * steps)
+    seed_loop(
+        unscaled,
+        make_optimizer("sgd", unscaled.parameters()),
+        batches_of(dataset, 2 * per_rank_batch),
+        [1.0] * steps,
+    )
     assert not torch.allclose(rank0["parameters"][0], next(unscaled.parameters()).detach())

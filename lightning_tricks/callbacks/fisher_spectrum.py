@@ -168,7 +168,9 @@ class FisherSpectrum(Callback):
             self._collector = None
         self._flush()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._measuring = trainer.global_step % self.every_n_steps == 0
         if self._measuring:
             self._collector.reset()
@@ -230,14 +232,18 @@ class FisherSpectrum(Callback):
         gram = gram / self._loss_scale(trainer) ** 2
         grad_dtype = next(p.dtype for p in pl_module.parameters() if p.requires_grad)
         stats = fisher_statistics(gram, self.rank_rtol, grad_dtype)
-        local = torch.stack([stats.trace, stats.batch_size, stats.condition, stats.lambda_max, stats.rank, stats.noise_scale])
+        local = torch.stack(
+            [stats.trace, stats.batch_size, stats.condition, stats.lambda_max, stats.rank, stats.noise_scale]
+        )
         trace, batch, condition, lambda_max, rank, noise = self._combine_ranks(trainer, local)
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         energy = fisher_energy(trace, lr, batch)
         c_bar, total = self._update_running(condition, energy)
         values = dict(c=condition, l=energy, C_bar=c_bar, L=total, trace=trace, lambda_max=lambda_max)
         values.update(rank=rank, noise_scale=noise, batch_size=batch)
-        self._pending.append((trainer.global_step, trainer.current_epoch, lr, torch.stack(list(values.values()))))
+        self._pending.append(
+            (trainer.global_step, trainer.current_epoch, lr, torch.stack(list(values.values())))
+        )
         metrics = {f"fisher/{name}": value.float() for name, value in values.items() if name != "batch_size"}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if self.log_eigenvalues:

@@ -138,7 +138,11 @@ class RandomGradient(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            low=self.low, high=self.high, schedule=self.schedule, period=self.period, optimizers=self.optimizers
+            low=self.low,
+            high=self.high,
+            schedule=self.schedule,
+            period=self.period,
+            optimizers=self.optimizers,
         )
 
     @property
@@ -161,7 +165,9 @@ class RandomGradient(Callback):
         _check_optimizer_indices_exist(self.optimizers, len(trainer.optimizers))
         selected = _parameters_of(trainer.optimizers, self.optimizers)
         others = [i for i in range(len(trainer.optimizers)) if i not in self.optimizers]
-        self._unselected_ids = frozenset(map(id, _parameters_of(trainer.optimizers, others))) - set(map(id, selected))
+        self._unselected_ids = frozenset(map(id, _parameters_of(trainer.optimizers, others))) - set(
+            map(id, selected)
+        )
         self._parameter_hooks = [p.register_hook(self._scale_selected) for p in selected if p.requires_grad]
         if len(self._parameter_hooks) < len(selected):
             rank_zero_warn(
@@ -184,7 +190,9 @@ class RandomGradient(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._remove_hooks()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -214,7 +222,9 @@ class RandomGradient(Callback):
         if self.seed is not None:
             return self.seed
         seed = trainer.strategy.broadcast((torch.initial_seed() + _DERIVED_SEED_OFFSET) % _SEED_LIMIT, src=0)
-        rank_zero_info(f"RandomGradient: seed=None, drawing r with seed={seed} (pass seed={seed} to repeat it).")
+        rank_zero_info(
+            f"RandomGradient: seed=None, drawing r with seed={seed} (pass seed={seed} to repeat it)."
+        )
         return seed
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -352,10 +362,14 @@ def _checked_schedule(schedule: Any) -> str:
 def _checked_period(period: Any, schedule: str) -> int | None:
     if schedule != "cyclical":
         if period is not None:
-            raise ValueError(f"RandomGradient: `period` is only used by schedule='cyclical', got period={period!r}.")
+            raise ValueError(
+                f"RandomGradient: `period` is only used by schedule='cyclical', got period={period!r}."
+            )
         return None
     if period is None:
-        raise ValueError("RandomGradient: schedule='cyclical' needs `period`, an integer >= 2 (backwards per cycle).")
+        raise ValueError(
+            "RandomGradient: schedule='cyclical' needs `period`, an integer >= 2 (backwards per cycle)."
+        )
     return _checked_int("period", period, minimum=2)
 
 
@@ -363,10 +377,14 @@ def _checked_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
     if optimizers is None:
         return None
     if isinstance(optimizers, (str, bytes)) or not isinstance(optimizers, Sequence):
-        raise TypeError(f"RandomGradient: `optimizers` must be None or a list of indices, got {optimizers!r}.")
+        raise TypeError(
+            f"RandomGradient: `optimizers` must be None or a list of indices, got {optimizers!r}."
+        )
     indices = tuple(_checked_int(f"optimizers[{i}]", index, minimum=0) for i, index in enumerate(optimizers))
     if not indices or len(set(indices)) != len(indices):
-        raise ValueError(f"RandomGradient: `optimizers` must be non-empty and without duplicates, got {optimizers!r}.")
+        raise ValueError(
+            f"RandomGradient: `optimizers` must be non-empty and without duplicates, got {optimizers!r}."
+        )
     return indices
 
 

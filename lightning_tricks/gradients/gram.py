@@ -287,8 +287,10 @@ class GramCollector:
             kind = loss.dtype if isinstance(loss, Tensor) else type(loss).__name__
             raise TypeError(f"the loss must be a floating-point tensor, got {kind}")
         if loss.dim() != 0 or not loss.requires_grad:
-            raise TypeError(f"the loss must be a scalar that requires grad, got shape {tuple(loss.shape)} "
-                            f"with requires_grad={loss.requires_grad}")
+            raise TypeError(
+                f"the loss must be a scalar that requires grad, got shape {tuple(loss.shape)} "
+                f"with requires_grad={loss.requires_grad}"
+            )
 
     def __enter__(self) -> GramCollector:
         self.attach()
@@ -325,7 +327,9 @@ class GramCollector:
                 param.requires_grad_(True)
         layer.hidden = tuple(hidden)
 
-    def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after_forward(
+        self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
         """Keep the layer's input and hook its output gradient."""
         hidden, layer.hidden = layer.hidden, ()
         if not self._capturing():
@@ -501,7 +505,8 @@ def _select_layers(
         layers.append(_Layer(name, module, rule, own))
     if missing and unsupported == "raise":
         raise ValueError(
-            "GramCollector has no rule for these parameterised modules: " + "; ".join(missing)
+            "GramCollector has no rule for these parameterised modules: "
+            + "; ".join(missing)
             + ". Register one with lightning_tricks.gradients.gram_rules.register_gram_rule, "
             "exclude them with params=/modules=, or pass unsupported='skip'"
         )

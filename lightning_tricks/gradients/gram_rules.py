@@ -433,7 +433,13 @@ def _channel_affine_factors(
     _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
         backprops.reshape(1, batch * channels, -1),
         inputs.reshape(1, batch * channels, -1),
-        None, None, None, folded_mean, folded_rstd, True, 0.0,
+        None,
+        None,
+        None,
+        folded_mean,
+        folded_rstd,
+        True,
+        0.0,
         [False, layer.weight is not None, layer.bias is not None],
     )
     factors: dict[str, GradFactor] = {}
@@ -506,7 +512,9 @@ def batch_norm_factors(
 
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def instance_norm_factors(layer: _InstanceNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
+def instance_norm_factors(
+    layer: _InstanceNorm, activations: Tensor, backprops: Tensor
+) -> dict[str, GradFactor]:
     """x̂ = (x − μ)/√(σ² + ε) per sample and channel (the running statistics in eval mode if
     tracked); g_i as in :func:`_channel_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)

@@ -65,7 +65,9 @@ def gradient_noise_scale(gram: Tensor) -> Tensor:
     return trace_sigma / (total / batch**2)
 
 
-def fisher_statistics(gram: Tensor, rank_rtol: float | None = None, grad_dtype: torch.dtype = torch.float32) -> FisherStatistics:
+def fisher_statistics(
+    gram: Tensor, rank_rtol: float | None = None, grad_dtype: torch.dtype = torch.float32
+) -> FisherStatistics:
     """Statistics of F̃_k = J_kᵀJ_k (seed 004_e5d92837cb57ce8a.txt §3, eq. 6–8).
 
     Args:

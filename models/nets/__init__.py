@@ -94,9 +94,7 @@ def build_net(name: str, num_classes: int, in_channels: int = 3, **options: obje
     unknown = sorted(set(options) - set(network_options(name)))
     if unknown:
         allowed = ", ".join(network_options(name)) or "none"
-        raise TypeError(
-            f"network {name!r} got unknown option(s) {', '.join(unknown)}; it accepts: {allowed}"
-        )
+        raise TypeError(f"network {name!r} got unknown option(s) {', '.join(unknown)}; it accepts: {allowed}")
     return builder(num_classes, in_channels, **options)
 
 

@@ -52,8 +52,7 @@ def _dpn_stages(num_blocks: tuple[int, int, int, int]) -> tuple[StageConfig, ...
         (1, 2, 2, 2),
     )
     return tuple(
-        StageConfig(*stage)
-        for stage in zip(widths, residual, growth, num_blocks, strides, strict=True)
+        StageConfig(*stage) for stage in zip(widths, residual, growth, num_blocks, strides, strict=True)
     )
 
 
@@ -102,9 +101,7 @@ class DualPathBlock(nn.Module):
             *_conv_bn(bottleneck_width, out_channels, 1),
         )
         self.shortcut = (
-            nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
-            if project
-            else nn.Identity()
+            nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride)) if project else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +131,7 @@ class DPN(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(
-        self, stages: tuple[StageConfig, ...], num_classes: int, in_channels: int = 3
-    ) -> None:
+    def __init__(self, stages: tuple[StageConfig, ...], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         num_classes = positive_int("num_classes", num_classes)
         in_channels = positive_int("in_channels", in_channels)
@@ -159,9 +154,7 @@ class DPN(nn.Module):
                 )
                 channels = stage.residual_channels + (index + 2) * stage.dense_growth
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
-        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

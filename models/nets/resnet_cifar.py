@@ -125,9 +125,7 @@ def _units_per_stage(depth: int) -> int:
     """n = (depth − 2) / 6; raise if depth is not 6n + 2 with n >= 1."""
     depth = positive_int("depth", depth)
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
-            f"`depth` must be 6n + 2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}"
-        )
+        raise ValueError(f"`depth` must be 6n + 2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}")
     return (depth - 2) // 6
 
 

@@ -72,9 +72,7 @@ class VGG(nn.Module):
                 layers += self._conv_act() + self._conv_act()
             layers += [*self._conv_act(), nn.AvgPool2d(2), *self._conv_act()]
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDTH, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDTH, num_classes))
 
     def _conv_act(self, in_channels: int = WIDTH) -> list[nn.Module]:
         """Conv2D(k3, p1, 32 filters) [→ BatchNorm2d] → LeakyReLU(0.01)."""
