@@ -415,3 +415,18 @@ def test_mixed_precision_measures_the_unscaled_per_sample_gradients(tmp_path, sc
         expected = reference_statistics(reference_gram(double_state, (batch[0].double(), batch[1])), lr)
         assert record["trace"] == pytest.approx(expected["trace"], rel=0.05)
         assert record["lambda_max"] == pytest.approx(expected["lambda_max"], rel=0.05)
+
+
+def test_training_and_other_callbacks_see_the_gradients_they_would_without_it(tmp_path):
+    """The collector writes Linear/Conv weight gradients itself (fused): the parameters after
+    training and GradientFlow's per-layer statistics must equal a run without FisherSpectrum."""
+    from lightning_tricks import GradientFlow
+
+    runs = {}
+    for name, callbacks in {"plain": [], "fisher": [FisherSpectrum()]}.items():
+        module, flow = SmallNet(), GradientFlow(every_n_steps=1)
+        fit(module, [*callbacks, flow], tmp_path / name, max_steps=8)
+        runs[name] = (module, flow.history[0].matrix)
+    for ours, reference in zip(runs["fisher"][0].parameters(), runs["plain"][0].parameters()):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(runs["fisher"][1], runs["plain"][1], rtol=1e-10)
