@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tbparse import SummaryReader
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -205,7 +206,9 @@ def test_non_finite_gram_gives_nan_statistics_without_raising():
     gram = torch.eye(4, dtype=torch.float64)
     gram[1, 2] = torch.nan
     stats = fisher_statistics(gram)
-    assert all(math.isnan(value.item()) for value in stats[:-1])
+    scalars = (stats.condition, stats.trace, stats.lambda_max, stats.rank, stats.noise_scale)
+    assert all(math.isnan(value.item()) for value in scalars)
+    assert torch.isnan(stats.eigenvalues).all()
 
 
 def test_nan_loss_does_not_crash_and_is_left_out_of_running_measures(tmp_path):
@@ -259,6 +262,13 @@ def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
     assert rows["epoch"].tolist() == [0.0, 1.0]  # 32 samples / batch 8 = 4 steps an epoch
     assert rows["L"][-1] == pytest.approx(fisher.L, rel=1e-9)
     assert rows["C_bar"][0] == pytest.approx(fisher.history[3]["C_bar"], rel=1e-9)
+
+    histograms = SummaryReader(str(tmp_path / "run" / "version_0"), pivot=False).histograms
+    eigenvalues = histograms[histograms["tag"] == "fisher/eigenvalues"]
+    assert eigenvalues["step"].tolist() == list(range(8))
+    for (_, row), record in zip(eigenvalues.iterrows(), fisher.history):
+        assert row["counts"].sum() == 8, "one entry per eigenvalue of the B = 8 matrix"
+        assert row["limits"][-2] < record["lambda_max"] <= row["limits"][-1], "λmax in the top bucket"
 
     figure = beacon_map({"s8": csv_path}, color_by="batch_size")
     assert figure.axes and figure.axes[0].get_xlabel().startswith("C̄")

@@ -247,7 +247,7 @@ class FisherSpectrum(Callback):
         metrics = {f"fisher/{name}": value.float() for name, value in values.items() if name != "batch_size"}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if self.log_eigenvalues:
-            self._log_eigenvalues(trainer, gram)
+            self._log_eigenvalues(trainer, stats.eigenvalues)
 
     def _update_running(self, condition: Tensor, energy: Tensor) -> tuple[Tensor, Tensor]:
         """C̄_K = (1/K) Σ c_k over finite c_k (eq. 7); L_K += n · l_k over finite l_k (eq. 8).
@@ -297,11 +297,11 @@ class FisherSpectrum(Callback):
             "are NaN and left out of C_bar and L. Training continues."
         )
 
-    def _log_eigenvalues(self, trainer: L.Trainer, gram: Tensor) -> None:
+    def _log_eigenvalues(self, trainer: L.Trainer, eigenvalues: Tensor) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.is_global_zero and hasattr(experiment, "add_histogram"):
-            eigenvalues = torch.linalg.eigvalsh(torch.nan_to_num(gram.to(torch.float64)))
-            experiment.add_histogram("fisher/eigenvalues", eigenvalues.cpu(), trainer.global_step)
+            values = torch.nan_to_num(eigenvalues).cpu()
+            experiment.add_histogram("fisher/eigenvalues", values, trainer.global_step)
 
     @rank_zero_only
     def _write_csv(self) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 
 class FisherStatistics(NamedTuple):
-    """Statistics of one F̃_k (all 0-d float64 tensors on F̃'s device)."""
+    """Statistics of one F̃_k (float64 tensors on F̃'s device, 0-d but for ``eigenvalues``)."""
 
     condition: Tensor
     """c_k = √(max E_k / min E_k), the truncated condition number (seed 004 eq. 7)."""
@@ -27,6 +27,8 @@ class FisherStatistics(NamedTuple):
     """B_simple = tr Σ / ‖ḡ‖², the simple gradient-noise scale estimated from F̃_k alone."""
     batch_size: Tensor
     """B, the number of samples (columns of J_k)."""
+    eigenvalues: Tensor
+    """(B,) ascending eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
 
 
 def default_rank_rtol(batch_size: int, dtype: torch.dtype) -> float:
@@ -89,6 +91,7 @@ def fisher_statistics(
     return FisherStatistics(
         *(torch.where(finite, value, nan) for value in stats),
         batch_size=torch.tensor(float(batch), dtype=torch.float64, device=gram.device),
+        eigenvalues=torch.where(finite, eigenvalues, torch.nan),
     )
 
 
