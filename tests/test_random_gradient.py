@@ -7,6 +7,7 @@ sequence read back from the callback's ``.history``.
 from __future__ import annotations
 
 import copy
+import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tricks.callbacks.random_gradient import METRIC_NAME, RandomGradient
+from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME, RandomGradient
 
 IN_FEATURES, OUT_FEATURES = 6, 3
 
@@ -126,7 +127,13 @@ def fit(tmp_path, module, dataset, batch_size, callback, **kwargs) -> pl.Trainer
 
 
 def rs_of(callback: RandomGradient) -> list[float]:
-    return [r for _, r in callback.history]
+    return [record["r"] for record in callback.history]
+
+
+def read_history_csv(path: Path) -> list[tuple[int, int, float]]:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return [(int(row["step"]), int(row["backward"]), float(row["r"])) for row in rows]
 
 
 def assert_same_parameters(module: nn.Module, reference: nn.Module) -> None:
@@ -206,7 +213,8 @@ def test_schedules_draw_one_documented_r_per_backward(tmp_path, kwargs, expected
     callback = RandomGradient(**kwargs)
     module = AutoModule(make_net("mlp"))
     fit(tmp_path, module, make_data("mlp", 20), 2, callback, accumulate_grad_batches=2)
-    assert [step for step, _ in callback.history] == [i // 2 for i in range(10)]
+    assert [record["step"] for record in callback.history] == [i // 2 for i in range(10)]
+    assert [record["backward"] for record in callback.history] == list(range(10))
     assert rs_of(callback) == pytest.approx(expected, abs=1e-15)
 
 
@@ -516,15 +524,17 @@ def test_logs_first_r_of_logged_steps_and_leaves_evaluation_alone(tmp_path, call
     module = AutoModule(make_net("mlp"))
     loader = DataLoader(dataset, batch_size=2)
     trainer.fit(module, loader, val_dataloaders=loader)
+    monitored = trainer.callback_metrics[METRIC_NAME].item()
     trainer.validate(module, loader)
     trainer.test(module, loader)
 
     assert len(callback.history) == 8, "validation and test draw nothing"
     logged = [(step, m[METRIC_NAME]) for step, m in logger.records if METRIC_NAME in m]
     first_r_of_step = {}
-    for step, r in callback.history:
-        first_r_of_step.setdefault(step, r)
-    assert logged == [(1, first_r_of_step[1]), (3, first_r_of_step[3])]
+    for record in callback.history:
+        first_r_of_step.setdefault(record["step"], record["r"])
+    assert logged == [(0, first_r_of_step[0]), (2, first_r_of_step[2])], "steps with step % n == 0"
+    assert monitored == first_r_of_step[2], "the latest logged r is in callback_metrics"
 
 
 def test_resume_continues_the_r_stream(tmp_path):
@@ -543,9 +553,12 @@ def test_resume_continues_the_r_stream(tmp_path):
     trainer = trainer_for(tmp_path / "resumed", [resumed_callback], max_epochs=2)
     trainer.fit(resumed, DataLoader(dataset, batch_size=4), ckpt_path=checkpoint)
 
-    assert resumed_callback.history == full.history, "the resumed history holds the whole stream"
+    assert first.history + resumed_callback.history == full.history, "the stream continues exactly"
     assert resumed_callback.state_dict()["draws"] == 8
+    assert set(resumed_callback.state_dict()) == {"hyperparameters", "run_dir", "seed", "draws", "generator"}
     assert_same_parameters(resumed.net, uninterrupted.net)
+    written = [read_history_csv(path) for path in sorted((tmp_path / "resumed").rglob(HISTORY_FILE))]
+    assert written == [[(r["step"], r["backward"], r["r"]) for r in resumed_callback.history]]
 
 
 class ReseedPerRank(Callback):

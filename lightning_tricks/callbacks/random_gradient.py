@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Sequence
 from functools import partial
-from numbers import Real
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
-SCHEDULES = ("uniform", "constant", "cyclical")
+from ..gradients.random_weights import (
+    SEED_LIMIT,
+    RandomWeightStream,
+    check_bounds,
+    check_int,
+    check_period,
+    check_schedule,
+)
+from ._base import TrickCallback, is_due
+
 METRIC_NAME = "random_gradient/r"
+HISTORY_FILE = "random_gradient.csv"
+HISTORY_COLUMNS = ("step", "backward", "r")
 # Offset added to ``torch.initial_seed()`` when ``seed=None``, so that the r stream is not the
 # same Mersenne-Twister sequence that initialised the model's weights.
 _DERIVED_SEED_OFFSET = 0x5EED_0000
-_SEED_LIMIT = 2**64
 
 
-class RandomGradient(Callback):
+class RandomGradient(TrickCallback):
     r"""Multiply the gradient of every training backward by a fresh number ``r``; the LR is untouched.
 
     Seed 000_e58e526c3e6fcb5b.txt §4 trains with ``loss_random = loss * random();
@@ -63,7 +71,8 @@ class RandomGradient(Callback):
     Smith 2015, arXiv:1506.01186). Random draws come from a CPU ``torch.Generator`` seeded
     identically on every rank, so under DDP all ranks use the same ``r`` for the same backward;
     its state is saved in checkpoints, so a resumed run continues the stream. ``r`` stays a Python
-    float: applying it costs no host-device synchronisation.
+    float: applying it costs no host-device synchronisation. The stream itself is the pure-torch
+    :class:`~lightning_tricks.gradients.random_weights.RandomWeightStream`.
 
     Args:
         low: lower end of ``r`` (``"uniform"``, ``"cyclical"``); ``0 <= low <= high``.
@@ -76,12 +85,16 @@ class RandomGradient(Callback):
         seed: seed of the ``r`` stream, ``0 <= seed < 2**64``. ``None`` derives one from rank 0's
             ``torch.initial_seed()`` (so ``seed_everything`` makes it reproducible), broadcasts it
             to every rank and reports it once. A checkpoint's stream takes precedence on resume.
-        log_every_n_steps: log ``random_gradient/r`` (the first ``r`` of the step) every this many
-            optimiser steps, to every logger; ``None`` follows ``Trainer(log_every_n_steps=...)``.
+        log_every_n_steps: log ``random_gradient/r`` (the first ``r`` of the step) at the training
+            steps with ``step % n == 0``, to every logger and ``trainer.callback_metrics``;
+            ``None`` takes n from ``Trainer(log_every_n_steps=...)``.
 
     Attributes:
-        history: ``[(global_step, r), ...]``, one entry per backward, in order, to replay an
-            experiment. Saved in checkpoints, so a resumed run's history is the whole stream.
+        history: this fit's draws, one record ``{"step", "backward", "r"}`` per backward, in order
+            (``step`` the training step, ``backward`` the index t of the stream). Every draw is also
+            appended to ``random_gradient.csv`` in the run folder (at each epoch end, checkpoint
+            and fit end), which :func:`lightning_tricks.results.load_run` reads back across resumes;
+            checkpoints keep only the stream's position, so their size does not grow with training.
 
     Raises:
         TypeError: if ``low``/``high`` are not real numbers, ``period``/``seed``/
@@ -102,9 +115,11 @@ class RandomGradient(Callback):
         callback = RandomGradient(low=0.0, high=1.0, seed=0)
         trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False)
         trainer.fit(BoringModel())
-        print(callback.history[:2])  # [(0, 0.970...), (1, 0.707...)]: (global_step, r)
+        print(callback.history[:2])  # [{'step': 0, 'backward': 0, 'r': 0.970...}, {'step': 1, ...}]
 
     """
+
+    namespace = "random_gradient"
 
     def __init__(
         self,
@@ -117,51 +132,159 @@ class RandomGradient(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.low, self.high = _checked_bounds(low, high)
-        self.schedule = _checked_schedule(schedule)
-        self.period = _checked_period(period, self.schedule)
+        self.low, self.high = check_bounds(low, high)
+        self.schedule = check_schedule(schedule)
+        self.period = check_period(period, self.schedule)
         self.optimizers = _checked_optimizer_indices(optimizers)
-        self.seed = _checked_int("seed", seed, minimum=0, limit=_SEED_LIMIT)
-        self.log_every_n_steps = _checked_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        self._generator: torch.Generator | None = None
-        self._stream_seed: int | None = None
+        self.seed = check_int("seed", seed, minimum=0, limit=SEED_LIMIT)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        self._stream: RandomWeightStream | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._draws = 0
-        self._steps = array("q")
-        self._values = array("d")
+        self._steps, self._draw_index, self._values = array("q"), array("q"), array("d")
+        self._written = 0
         self._loss_hook: RemovableHandle | None = None
         self._parameter_hooks: list[RemovableHandle] = []
         self._unselected_ids: frozenset[int] = frozenset()
         self._active_r: float | None = None
         self._last_logged_step = -1
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            low=self.low,
-            high=self.high,
-            schedule=self.schedule,
-            period=self.period,
-            optimizers=self.optimizers,
-        )
+    @override
+    def identity(self) -> dict[str, Any]:
+        return {
+            "low": self.low,
+            "high": self.high,
+            "schedule": self.schedule,
+            "period": self.period,
+            "optimizers": self.optimizers,
+        }
+
+    @override
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**self.identity(), "seed": self.seed, "log_every_n_steps": self.log_every_n_steps}
 
     @property
-    def history(self) -> list[tuple[int, float]]:
-        """``(global_step, r)`` for every backward, in order (kept across a resume)."""
-        return list(zip(self._steps, self._values))
+    def history(self) -> list[dict[str, float]]:
+        """This fit's draws: ``{"step", "backward", "r"}`` per backward, in order."""
+        return [
+            {"step": step, "backward": t, "r": r}
+            for step, t, r in zip(self._steps, self._draw_index, self._values)
+        ]
 
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._generator is not None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
             return
-        self._stream_seed = self._agreed_seed(trainer)
-        self._generator = torch.Generator().manual_seed(self._stream_seed)
+        self._stream = RandomWeightStream(
+            self.low, self.high, self.schedule, self.period, self._agreed_seed(trainer)
+        )
         if self._pending_state is not None:
-            self._restore(self._pending_state)
+            self.set_state(self._pending_state)
+
+    @override
+    def reset_fit_state(self) -> None:
+        self._stream, self._pending_state = None, None
+        self._steps, self._draw_index, self._values = array("q"), array("q"), array("d")
+        self._written = 0
+        self._last_logged_step = -1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.optimizers is not None:
+            self._hook_selected_parameters(trainer)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        step = self.training_step(trainer)
+        r = self._next_r(step)
+        if self._unselected_ids and reaches_any(loss, self._unselected_ids):
+            self._active_r = r
+        elif loss.requires_grad:
+            self._loss_hook = loss.register_hook(partial(_scaled, r=r))
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if step != self._last_logged_step and is_due(step, every):
+            self._last_logged_step = step
+            self.log_scalars(trainer, {METRIC_NAME: r}, step)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_backward()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._append_history()
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._append_history()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._append_history()
+        self._remove_hooks()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._append_history()
+        self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @override
+    def get_state(self) -> dict[str, Any]:
+        if self._stream is None:
+            return dict(self._pending_state or {})
+        return self._stream.state_dict()
+
+    @override
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self._stream is None:
+            self._pending_state = dict(state)
+        else:
+            self._stream.load_state_dict(state)
             self._pending_state = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.optimizers is None:
-            return
+    # -- internals -----------------------------------------------------------------------------
+
+    def _agreed_seed(self, trainer: pl.Trainer) -> int:
+        """The user's seed, or rank 0's ``torch.initial_seed() + offset`` broadcast to every rank."""
+        if self.seed is not None:
+            return self.seed
+        seed = trainer.strategy.broadcast((torch.initial_seed() + _DERIVED_SEED_OFFSET) % SEED_LIMIT, src=0)
+        rank_zero_info(
+            f"RandomGradient: seed=None, drawing r with seed={seed} (pass seed={seed} to repeat it)."
+        )
+        return seed
+
+    def _next_r(self, step: int) -> float:
+        """Draw the ``r`` of the next backward and record it."""
+        assert self._stream is not None
+        self._draw_index.append(self._stream.draws)
+        r = self._stream.next()
+        self._steps.append(step)
+        self._values.append(r)
+        return r
+
+    def _append_history(self) -> None:
+        """Append the draws not yet written to ``random_gradient.csv`` in the run folder (rank 0)."""
+        rows = list(zip(self._steps, self._draw_index, self._values))[self._written :]
+        if rows and self.write_table(HISTORY_FILE, HISTORY_COLUMNS, rows, append=True) is not None:
+            self._written += len(rows)
+
+    def _hook_selected_parameters(self, trainer: pl.Trainer) -> None:
         _check_optimizer_indices_exist(self.optimizers, len(trainer.optimizers))
         selected = _parameters_of(trainer.optimizers, self.optimizers)
         others = [i for i in range(len(trainer.optimizers)) if i not in self.optimizers]
@@ -176,101 +299,9 @@ class RandomGradient(Callback):
                 " optimiser's parameters will leave their gradients unscaled."
             )
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        r = self._next_r(trainer.global_step)
-        if self._unselected_ids and reaches_any(loss, self._unselected_ids):
-            self._active_r = r
-        elif loss.requires_grad:
-            self._loss_hook = loss.register_hook(partial(_scaled, r=r))
-        self._log(trainer, r)
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_backward()
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._remove_hooks()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._generator is None:
-            return dict(self._pending_state or {})
-        return {
-            "seed": self._stream_seed,
-            "draws": self._draws,
-            "generator": self._generator.get_state(),
-            "history_steps": self._steps.tolist(),
-            "history_values": self._values.tolist(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self._generator is None:
-            self._pending_state = dict(state_dict)
-        else:
-            self._restore(state_dict)
-
-    def _agreed_seed(self, trainer: pl.Trainer) -> int:
-        """The user's seed, or rank 0's ``torch.initial_seed() + offset`` broadcast to every rank."""
-        if self.seed is not None:
-            return self.seed
-        seed = trainer.strategy.broadcast((torch.initial_seed() + _DERIVED_SEED_OFFSET) % _SEED_LIMIT, src=0)
-        rank_zero_info(
-            f"RandomGradient: seed=None, drawing r with seed={seed} (pass seed={seed} to repeat it)."
-        )
-        return seed
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        assert self._generator is not None
-        self._generator.set_state(state["generator"])
-        self._stream_seed = state["seed"]
-        self._draws = state["draws"]
-        self._steps = array("q", state.get("history_steps", ()))
-        self._values = array("d", state.get("history_values", ()))
-
-    def _next_r(self, global_step: int) -> float:
-        """Draw the ``r`` of backward number ``t = self._draws`` and record it in the history."""
-        r = self._r_at(self._draws)
-        self._draws += 1
-        self._steps.append(global_step)
-        self._values.append(r)
-        return r
-
-    def _r_at(self, t: int) -> float:
-        """``r_t`` of the configured schedule (seed 000_e58e526c3e6fcb5b.txt §4, §2 Fig. 1, §7)."""
-        if self.schedule == "uniform":
-            return self._uniform_r()
-        if self.schedule == "constant":
-            return self.high
-        return triangular_wave(t, self.low, self.high, self.period)
-
-    def _uniform_r(self) -> float:
-        """``r = low + (high - low) u``, ``u ~ U[0, 1)`` in float64 (seed 000 §4: ``loss * random()``)."""
-        u = torch.rand((), dtype=torch.float64, generator=self._generator).item()
-        return self.low + (self.high - self.low) * u
-
     def _scale_selected(self, grad: Tensor) -> Tensor | None:
         """Per-parameter hook: ``grad * r`` inside a training backward, unchanged elsewhere."""
         return None if self._active_r is None else grad * self._active_r
-
-    def _log(self, trainer: pl.Trainer, r: float) -> None:
-        """Send the first ``r`` of every ``log_every_n_steps``-th optimiser step to the loggers."""
-        if not trainer.loggers:
-            return
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if every <= 0 or (step + 1) % every or step == self._last_logged_step:
-            return
-        self._last_logged_step = step
-        for logger in trainer.loggers:
-            logger.log_metrics({METRIC_NAME: r}, step=step)
 
     def _end_backward(self) -> None:
         self._active_r = None
@@ -283,16 +314,6 @@ class RandomGradient(Callback):
         for handle in self._parameter_hooks:
             handle.remove()
         self._parameter_hooks = []
-
-
-def triangular_wave(t: int, low: float, high: float, period: int) -> float:
-    """Smith's triangular cycle: ``low + (high - low) (1 - |2 (t mod P) / P - 1|)``.
-
-    Starts at ``low`` for ``t = 0``, reaches ``high`` at ``t = P / 2`` and returns to ``low`` at
-    ``t = P`` (seed 000_e58e526c3e6fcb5b.txt §7; Smith 2015, arXiv:1506.01186, §3.1).
-    """
-    phase = (t % period) / period
-    return low + (high - low) * (1.0 - abs(2.0 * phase - 1.0))
 
 
 def _scaled(grad: Tensor, r: float) -> Tensor:
@@ -340,39 +361,6 @@ def _parameters_of(optimizers: Sequence[torch.optim.Optimizer], indices: Sequenc
     return list(unique.values())
 
 
-def _checked_bounds(low: Any, high: Any) -> tuple[float, float]:
-    for name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"RandomGradient: `{name}` must be a real number, got {value!r}.")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"RandomGradient: `{name}` must be finite and >= 0, got {value!r}.")
-    if low > high:
-        raise ValueError(f"RandomGradient: need `low <= high`, got low={low!r} > high={high!r}.")
-    if high == 0:
-        raise ValueError("RandomGradient: `high` must be > 0 (r = 0 would zero every gradient).")
-    return float(low), float(high)
-
-
-def _checked_schedule(schedule: Any) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"RandomGradient: `schedule` must be one of {SCHEDULES}, got {schedule!r}.")
-    return schedule
-
-
-def _checked_period(period: Any, schedule: str) -> int | None:
-    if schedule != "cyclical":
-        if period is not None:
-            raise ValueError(
-                f"RandomGradient: `period` is only used by schedule='cyclical', got period={period!r}."
-            )
-        return None
-    if period is None:
-        raise ValueError(
-            "RandomGradient: schedule='cyclical' needs `period`, an integer >= 2 (backwards per cycle)."
-        )
-    return _checked_int("period", period, minimum=2)
-
-
 def _checked_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
     if optimizers is None:
         return None
@@ -380,20 +368,9 @@ def _checked_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
         raise TypeError(
             f"RandomGradient: `optimizers` must be None or a list of indices, got {optimizers!r}."
         )
-    indices = tuple(_checked_int(f"optimizers[{i}]", index, minimum=0) for i, index in enumerate(optimizers))
+    indices = tuple(check_int(f"optimizers[{i}]", index, minimum=0) for i, index in enumerate(optimizers))
     if not indices or len(set(indices)) != len(indices):
         raise ValueError(
             f"RandomGradient: `optimizers` must be non-empty and without duplicates, got {optimizers!r}."
         )
     return indices
-
-
-def _checked_int(name: str, value: Any, minimum: int, limit: int | None = None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"RandomGradient: `{name}` must be an integer, got {value!r}.")
-    if value < minimum or (limit is not None and value >= limit):
-        upper = "" if limit is None else f" and < {limit}"
-        raise ValueError(f"RandomGradient: `{name}` must be >= {minimum}{upper}, got {value!r}.")
-    return value

@@ -1,0 +1,346 @@
+"""The one way every lightning-tricks callback logs, saves, resumes and draws.
+
+:class:`TrickCallback` gives the callbacks of this package, and any callback built on it:
+
+- **one step axis**: :meth:`TrickCallback.training_step` is the 0-based index of the training step
+  (the batch whose optimiser step is running), the value Lightning itself logs ``train_loss`` at;
+  "every n steps" always means the steps with ``step % n == 0`` (:func:`is_due`), so step 0 is
+  measured and the phase is the same in every callback;
+- **logging that is never gated**: :meth:`TrickCallback.log_scalars` sends the values to every logger
+  at the step they were measured, whatever ``Trainer(log_every_n_steps=...)`` says, with one host
+  transfer, and mirrors them into ``trainer.callback_metrics`` so that ``EarlyStopping`` and
+  ``ModelCheckpoint`` can monitor them;
+- **a run folder** (:func:`run_directory`): every file goes into the current run's versioned
+  folder, the one Lightning's ``ModelCheckpoint`` writes under — ``<save_dir>/<name>/<version>`` of
+  the first logger (TensorBoard, CSV, W&B, MLflow), or ``<default_root_dir>/lightning_tricks/version_N``
+  without a logger — written by rank 0 only;
+- **figures for every logger** (:meth:`TrickCallback.log_figure`): TensorBoard ``add_figure``, W&B
+  ``log_image``, MLflow ``log_figure``, and always a PNG in the run folder; loggers that cannot
+  show images get one notice;
+- **state**: ``state_key`` from the arguments that tell two instances apart (like
+  ``EarlyStopping``), the tuning knobs stored inside the state and a warning when a checkpoint's
+  knobs differ from the callback's; per-fit state reset at ``setup("fit")``, before Lightning
+  restores a checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+from weakref import WeakKeyDictionary
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from matplotlib.figure import Figure
+from torch import Tensor
+from typing_extensions import override
+
+RUN_FILE = "lightning_tricks.json"
+"""Run-folder metadata: which callbacks wrote here and the run folder a resumed fit continued."""
+
+NO_LOGGER_FOLDER = "lightning_tricks"
+
+_RUN_DIRS: WeakKeyDictionary[pl.Trainer, str] = WeakKeyDictionary()
+_IMAGE_NOTICES: set[str] = set()
+
+
+def is_due(step: int, every_n_steps: int | None) -> bool:
+    """Whether training step ``step`` (0-based) is one of every ``every_n_steps``: ``step % n == 0``.
+
+    The one phase all our callbacks share; ``None`` means never."""
+    return every_n_steps is not None and step % every_n_steps == 0
+
+
+def check_every_n(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """Validate an "every n" argument: an int >= 1 (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
+        raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+    return value
+
+
+def run_directory(trainer: pl.Trainer) -> str:
+    """The current run's versioned folder, agreed by every rank (a collective: call it on all ranks).
+
+    ``<save_dir>/<name>/<version>`` of the first logger — for TensorBoard and CSV exactly their
+    ``log_dir`` — as Lightning's ``ModelCheckpoint`` resolves it; without a logger, the next free
+    ``<default_root_dir>/lightning_tricks/version_N``. Resolved once per trainer, so all callbacks of
+    a run share it.
+    """
+    if trainer in _RUN_DIRS:
+        return _RUN_DIRS[trainer]
+    path = _logger_run_dir(trainer.loggers[0], trainer) if trainer.loggers else None
+    if path is None:
+        path = _next_version_dir(os.path.join(trainer.default_root_dir, NO_LOGGER_FOLDER), trainer)
+    path = trainer.strategy.broadcast(path)
+    _RUN_DIRS[trainer] = path
+    return path
+
+
+def _logger_run_dir(logger: Logger, trainer: pl.Trainer) -> str | None:
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return logger.log_dir
+    save_dir = logger.save_dir or trainer.default_root_dir
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return os.path.join(save_dir, str(logger.name), version)
+
+
+def _next_version_dir(root: str, trainer: pl.Trainer) -> str:
+    """``root/version_N`` with N one above the highest existing, created on rank 0 to reserve it."""
+    numbers = [int(m.group(1)) for m in map(re.compile(r"version_(\d+)$").match, _listdir(root)) if m]
+    path = os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+    if trainer.is_global_zero:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def host_values(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """The metrics as Python floats, with one device-to-host transfer for all tensor values."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+    values = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    if tensors:
+        stacked = torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors.values()])
+        values.update(zip(tensors, stacked.cpu().tolist()))
+    return {name: values[name] for name in metrics}
+
+
+class TrickCallback(Callback):
+    """Base of the lightning-tricks callbacks: step axis, logging, run folder, figures, state.
+
+    Subclasses set :attr:`namespace` (the metric prefix, e.g. ``"fisher"``), override
+    :meth:`identity` (the arguments that tell two instances apart; ``state_key`` is built from
+    them), :meth:`hyperparameters` (the tuning knobs, stored in checkpoints and compared on load),
+    :meth:`reset_fit_state`, :meth:`get_state` and :meth:`set_state`, and call :meth:`log_scalars`,
+    :meth:`log_figure`, :meth:`write_table` and :meth:`write_array` from their hooks.
+    """
+
+    namespace: ClassVar[str] = "tricks"
+
+    def __init__(self) -> None:
+        self._run_dir: str | None = None
+        self._resumed_from: str | None = None
+
+    # -- identity and state -----------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """The arguments that tell two instances of the callback apart (the ``state_key``)."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every constructor argument, saved with the state and shown in TensorBoard's HParams."""
+        return dict(self.identity())
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.identity())
+
+    def reset_fit_state(self) -> None:
+        """Forget what a previous ``fit`` accumulated; called at ``setup("fit")``, before a checkpoint
+        is restored (Lightning calls ``load_state_dict`` after ``setup``)."""
+
+    def get_state(self) -> dict[str, Any]:
+        """What a resumed run needs (bounded: counters, running sums, generator states)."""
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`'s dict."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"hyperparameters": self.hyperparameters(), "run_dir": self._run_dir, **self.get_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        saved = state.pop("hyperparameters", None)
+        self._resumed_from = state.pop("run_dir", None)
+        if saved is not None:
+            self._warn_if_changed(saved)
+        self.set_state(state)
+
+    def _warn_if_changed(self, saved: Mapping[str, Any]) -> None:
+        current = self.hyperparameters()
+        changed = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
+        if changed:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            rank_zero_warn(
+                f"{type(self).__name__}: resuming with changed settings ({listed}); the state saved in the "
+                "checkpoint is kept and the new settings apply from here on."
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.reset_fit_state()
+        self._resumed_from = None
+        self._run_dir = run_directory(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_run_file(trainer)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run folder files go to (set at ``setup("fit")``)."""
+        return self._run_dir
+
+    # -- the step axis ----------------------------------------------------------------------
+
+    @staticmethod
+    def training_step(trainer: pl.Trainer) -> int:
+        """0-based index of the current training step (batches that stepped the optimisers so far):
+        the step Lightning logs ``self.log(..., on_step=True)`` values at."""
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    # -- scalars -------------------------------------------------------------------------------
+
+    def log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int) -> None:
+        """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``.
+
+        Never gated by ``log_every_n_steps``; one host transfer for all tensor values. Under DDP
+        every rank must pass the same values (ours reduce before they log): ``callback_metrics``
+        is set on every rank so that monitors agree, loggers are written by rank 0."""
+        if not metrics:
+            return
+        values = host_values(metrics)
+        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+    # -- figures and files ---------------------------------------------------------------------
+
+    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Figure, step: int) -> None:
+        """Show ``figure`` in every logger that can (TensorBoard, W&B, MLflow) and save it as
+        ``<tag>.png`` (``/`` → ``.``) in the run folder; rank 0 only."""
+        if not trainer.is_global_zero:
+            return
+        name = tag.replace("/", ".") + ".png"
+        png = _png_bytes(figure)
+        self._write_bytes(name, png)
+        for logger in trainer.loggers:
+            if not _send_figure(logger, tag, figure, png, step):
+                _notice_no_images(logger)
+
+    def write_table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Iterable[Mapping[str, Any] | Sequence[Any]],
+        append: bool = False,
+    ) -> str | None:
+        """Write ``rows`` to the CSV ``name`` in the run folder, replacing it or, with ``append``,
+        adding to it (the header is written once); rank 0 only. Returns the path, or ``None``."""
+        path = self._file_path(name)
+        if path is None:
+            return None
+        header = not (append and os.path.exists(path))
+        with open(path, "a" if append else "w", newline="") as handle:
+            writer = csv.writer(handle)
+            if header:
+                writer.writerow(columns)
+            for row in rows:
+                writer.writerow([row[c] for c in columns] if isinstance(row, Mapping) else row)
+        return path
+
+    def write_array(self, name: str, array: np.ndarray) -> str | None:
+        """Save ``array`` as the ``.npy`` file ``name`` in the run folder; rank 0 only."""
+        path = self._file_path(name)
+        if path is not None:
+            np.save(path, array)
+        return path
+
+    def _write_bytes(self, name: str, data: bytes) -> None:
+        path = self._file_path(name)
+        if path is not None:
+            with open(path, "wb") as handle:
+                handle.write(data)
+
+    def _file_path(self, name: str) -> str | None:
+        """``run_dir/name`` (folders created), or ``None`` off rank 0 or before ``setup``."""
+        if self._run_dir is None or not _is_global_zero():
+            return None
+        os.makedirs(self._run_dir, exist_ok=True)
+        return os.path.join(self._run_dir, name)
+
+    def _write_run_file(self, trainer: pl.Trainer) -> None:
+        """Record in ``lightning_tricks.json`` this callback's settings and the run it resumed."""
+        path = self._file_path(RUN_FILE)
+        if path is None:
+            return
+        record = {"callbacks": {}}
+        if os.path.exists(path):
+            with open(path) as handle:
+                record = json.load(handle)
+        entry = {"class": type(self).__name__, "hyperparameters": _jsonable(self.hyperparameters())}
+        if self._resumed_from and os.path.abspath(self._resumed_from) != os.path.abspath(self._run_dir):
+            entry["resumed_from"] = self._resumed_from
+        record["callbacks"][self.namespace] = entry
+        with open(path, "w") as handle:
+            json.dump(record, handle, indent=2)
+
+
+def _is_global_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _send_figure(logger: Logger, tag: str, figure: Figure, png: bytes, step: int) -> bool:
+    """Hand the figure to a logger that can show images; ``False`` if it cannot."""
+    experiment = logger.experiment
+    if isinstance(logger, TensorBoardLogger):
+        experiment.add_figure(tag, figure, global_step=step, close=False)
+    elif hasattr(logger, "log_image"):  # W&B
+        logger.log_image(key=tag, images=[_png_array(png)], step=step)
+    elif hasattr(experiment, "log_figure") and hasattr(logger, "run_id"):  # MLflow
+        experiment.log_figure(logger.run_id, figure, f"{tag}_step{step}.png")
+    else:
+        return False
+    return True
+
+
+def _png_array(png: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).astype(np.uint8)
+
+
+def _notice_no_images(logger: Logger) -> None:
+    kind = type(logger).__name__
+    if kind not in _IMAGE_NOTICES:
+        _IMAGE_NOTICES.add(kind)
+        rank_zero_info(
+            f"lightning-tricks: {kind} cannot show figures; they are saved as PNG in the run folder."
+        )
+
+
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in values.items()
+    }
