@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .callbacks import FisherSpectrum, GradientFlow, GradientFlowAlarm, RandomGradient
+from .callbacks import BatchSizeScheduler, FisherSpectrum, GradientFlow, GradientFlowAlarm, RandomGradient
 
-__all__ = ["FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient", "__version__"]
+__all__ = [
+    "BatchSizeScheduler",
+    "FisherSpectrum",
+    "GradientFlow",
+    "GradientFlowAlarm",
+    "RandomGradient",
+    "__version__",
+]

@@ -1,7 +1,8 @@
 """One Lightning callback a file; each is a thin adapter over a pure-torch engine."""
 
+from .batch_size_scheduler import BatchSizeScheduler
 from .fisher_spectrum import FisherSpectrum
 from .gradient_flow import GradientFlow, GradientFlowAlarm
 from .random_gradient import RandomGradient
 
-__all__ = ["FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient"]
+__all__ = ["BatchSizeScheduler", "FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient"]

@@ -1,0 +1,99 @@
+"""Batch-size schedules as pure functions of the epoch: seed 004's dynamic sampling (§3.2, §4.3).
+
+Seed ``004_e5d92837cb57ce8a.txt`` §4.3 ("Dynamic Sampling") splits training into five stages of
+equal length, each with its own mini-batch size — ``s32-to-512`` uses 32, 64, 128, 256, 512;
+``s512-to-32`` the reverse; ``s16-to-64`` uses 16, 16, 32, 32, 64 — and the ``-MS`` variant re-runs
+the sequence inside each learning-rate stage ("for each learning rate value, we re-iterate through
+the sequence of mini-batch sizes"). A policy here answers one question, the global batch size of
+epoch ``e``, with no Lightning import; :class:`~lightning_tricks.BatchSizeScheduler` applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+def _check_size(name: str, size: object) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`{name}` must be an integer batch size >= 1; got {size!r}.")
+    return size
+
+
+def stage_of(epoch: int, num_epochs: int, num_stages: int) -> int:
+    """The stage of ``epoch`` when ``num_epochs`` are split into ``num_stages`` equal stages.
+
+    Stage k covers epochs ``[⌊k·E/S⌋, ⌊(k+1)·E/S⌋)``: equal when S divides E, otherwise stages
+    differ by at most one epoch and the longer ones come last (E=10, S=3 → 3, 3, 4 epochs).
+    With fewer epochs than stages some stages get no epoch (E=3, S=5 → sizes 2, 4, 5 are used).
+    Epochs past ``num_epochs`` stay in the last stage."""
+    if epoch >= num_epochs:
+        return num_stages - 1
+    return ((epoch + 1) * num_stages - 1) // num_epochs  # the largest k with ⌊k·E/S⌋ <= epoch
+
+
+@dataclass(frozen=True)
+class StagedPolicy:
+    """``sizes[k]`` in the k-th of ``len(sizes)`` equal stages of training (seed 004 §4.3, "-∅").
+
+    With ``lr_milestones`` (the epochs where the learning rate decays) and ``multistep=True``, the
+    sequence runs again inside each learning-rate stage ("-MS"): the stages are those of the
+    epochs between two milestones.
+    """
+
+    sizes: tuple[int, ...]
+    multistep: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ValueError("`sizes` must list at least one batch size.")
+        for i, size in enumerate(self.sizes):
+            _check_size(f"sizes[{i}]", size)
+
+    def size_at(self, epoch: int, max_epochs: int, lr_milestones: Sequence[int] = ()) -> int:
+        """Global batch size of ``epoch`` (0-based) in a fit of ``max_epochs`` epochs."""
+        start, end = 0, max_epochs
+        if self.multistep:
+            bounds = [0, *sorted(m for m in lr_milestones if 0 < m < max_epochs), max_epochs]
+            start = max(b for b in bounds[:-1] if b <= epoch)
+            end = bounds[bounds.index(start) + 1]
+        return self.sizes[stage_of(epoch - start, end - start, len(self.sizes))]
+
+
+@dataclass(frozen=True)
+class ExplicitPolicy:
+    """``{epoch: size}``: from each listed epoch on, that size (the ``GradientAccumulationScheduler``
+    idiom); before the first listed epoch, ``initial`` (the loader's own batch size)."""
+
+    schedule: Mapping[int, int]
+
+    def __post_init__(self) -> None:
+        if not self.schedule:
+            raise ValueError("`schedule` must map at least one epoch to a batch size.")
+        for epoch, size in self.schedule.items():
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"`schedule` keys must be epochs (integers >= 0); got {epoch!r}.")
+            _check_size(f"schedule[{epoch}]", size)
+
+    def size_at(self, epoch: int, initial: int) -> int:
+        """The size listed for the latest epoch ``<= epoch``, else ``initial``."""
+        started = [e for e in self.schedule if e <= epoch]
+        return self.schedule[max(started)] if started else initial
+
+
+def split_physical(size: int, max_physical: int | None, world_size: int = 1) -> tuple[int, int]:
+    """``(physical, accumulation)`` per process with ``physical · accumulation · world_size = size``.
+
+    The fewest accumulation steps whose physical batch fits ``max_physical``; a size that cannot be
+    split exactly raises ``ValueError`` (so the optimiser always sees exactly ``size`` samples)."""
+    if size % world_size:
+        raise ValueError(
+            f"batch size {size} is the global batch of {world_size} processes and must be divisible by "
+            f"{world_size}; choose sizes that are multiples of the number of processes."
+        )
+    local = size // world_size
+    limit = local if max_physical is None else max_physical
+    for accumulation in range(1, local + 1):
+        if local % accumulation == 0 and local // accumulation <= limit:
+            return local // accumulation, accumulation
+    raise AssertionError("unreachable: accumulation = local always fits")
