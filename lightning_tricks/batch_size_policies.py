@@ -81,6 +81,30 @@ class ExplicitPolicy:
         return self.schedule[max(started)] if started else initial
 
 
+@dataclass(frozen=True)
+class DecayToBatchPolicy:
+    """Increase the batch size instead of decaying the learning rate (Smith et al. 2018, "Don't
+    decay the learning rate, increase the batch size", cited by seeds 000 and 004): at each
+    learning-rate milestone with decay factor γ the batch grows by 1/γ, up to ``max_size``.
+
+    Combined with the linear LR scaling (the LR follows size / initial size) the scheduled decay
+    γ and the growth 1/γ cancel while the batch can grow, and the LR decays once it cannot: the
+    noise scale ε·N/B falls by γ at every milestone either way (Smith et al. §2)."""
+
+    gamma: float
+    max_size: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.gamma, float) and 0 < self.gamma < 1):
+            raise ValueError(f"`gamma` must be the LR decay factor, a float in (0, 1); got {self.gamma!r}.")
+        _check_size("max_size", self.max_size)
+
+    def size_at(self, epoch: int, initial: int, lr_milestones: Sequence[int]) -> int:
+        """``min(max_size, initial · (1/γ)^k)`` with k the milestones reached by ``epoch``."""
+        decays = sum(epoch >= m for m in lr_milestones)
+        return min(max(self.max_size, initial), round(initial / self.gamma**decays))
+
+
 def split_physical(size: int, max_physical: int | None, world_size: int = 1) -> tuple[int, int]:
     """``(physical, accumulation)`` per process with ``physical · accumulation · world_size = size``.
 

@@ -19,7 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import BatchSizeScheduler
-from lightning_tricks.batch_size_policies import ExplicitPolicy, StagedPolicy, split_physical, stage_of
+from lightning_tricks.batch_size_policies import (
+    DecayToBatchPolicy,
+    ExplicitPolicy,
+    StagedPolicy,
+    split_physical,
+    stage_of,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +141,12 @@ def test_explicit_policy_and_physical_split():
         split_physical(33, None, world_size=2)
 
 
+def test_increase_instead_of_decay_grows_by_one_over_gamma_up_to_the_maximum():
+    policy = DecayToBatchPolicy(gamma=0.5, max_size=16)
+    assert [policy.size_at(e, 4, [2, 4, 6]) for e in range(8)] == [4, 4, 8, 8, 16, 16, 16, 16]
+    assert DecayToBatchPolicy(gamma=0.1, max_size=8).size_at(5, 32, [1]) == 32, "never below the start"
+
+
 # -- on a Trainer ------------------------------------------------------------------------------
 
 
@@ -190,6 +202,18 @@ def test_lr_scaling_composes_with_lr_schedulers(tmp_path, scaling, power, kind):
         base = 0.1 * (0.1 ** sum(epoch >= m for m in (4, 6)) if kind == "multistep" else 0.5**epoch)
         size = sizes[epoch // 2]
         assert lr_per_epoch[epoch] == pytest.approx(base * (size / 2) ** power, rel=1e-12), epoch
+
+
+def test_increase_instead_of_decay_keeps_the_lr_until_the_batch_is_at_its_maximum(tmp_path):
+    """MultiStepLR(milestones=[4, 6], gamma=0.1): at epoch 4 the batch grows 2 → 20 and the LR stays
+    0.1; at epoch 6 the batch is at max_size = 20, so the LR decays to 0.01 (Smith et al. 2018)."""
+    module, data = Recorder(scheduler="multistep"), Data(samples=64, batch_size=2)
+    scheduler = BatchSizeScheduler.increase_instead_of_decay(max_size=20)
+    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    assert sizes_per_epoch(module) == {e: {2 if e < 4 else 20} for e in range(8)}
+    lr_per_epoch = {epoch: lr for epoch, _, lr in module.seen}
+    assert [lr_per_epoch[e] for e in range(8)] == pytest.approx([0.1] * 6 + [0.01] * 2, rel=1e-12)
+    assert scheduler.lr_scaling == "linear"
 
 
 def test_accumulation_fallback_gives_the_large_batch_gradient(tmp_path):
@@ -298,6 +322,9 @@ def test_ddp_scheduled_size_is_the_global_batch(tmp_path):
         (dict(sizes=[2], lr_scaling="square"), "lr_scaling"),
         (dict(sizes=[2], max_physical_batch_size=0), "max_physical_batch_size"),
         (dict(sizes=[2], multistep=True, lr_milestones=[1.5]), "lr_milestones"),
+        (dict(max_size=64, lr_scaling="sqrt"), "linear"),
+        (dict(sizes=[2], gamma=0.5), "needs `max_size`"),
+        (dict(max_size=64, gamma=2.0), "gamma"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.optim.lr_scheduler import MultiStepLR
 from typing_extensions import override
 
-from ..batch_size_policies import ExplicitPolicy, StagedPolicy, split_physical
+from ..batch_size_policies import DecayToBatchPolicy, ExplicitPolicy, StagedPolicy, split_physical
 from ._base import TrickCallback
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -36,6 +36,9 @@ class BatchSizeScheduler(TrickCallback):
     (0, 1) like the project's classifier, or read from a ``MultiStepLR`` with ``interval="epoch"``).
     ``schedule={epoch: size}``: from each listed epoch on, that size (the idiom of Lightning's
     ``GradientAccumulationScheduler``; before the first key the loader's own size).
+    ``max_size=...``: increase the batch instead of decaying the LR (Smith et al. 2018, cited by
+    seeds 000 and 004): at each LR milestone the batch grows by 1/γ until ``max_size`` while the
+    linear LR scaling cancels the scheduled decay; once the batch is at ``max_size`` the LR decays.
 
     **Mechanism.** The size is the *global* batch of one optimiser step. The callback writes the
     per-process batch into the attribute ``batch_arg_name`` that ``train_dataloader()`` reads — on
@@ -59,12 +62,17 @@ class BatchSizeScheduler(TrickCallback):
 
     Args:
         sizes: staged policy: the batch size of each of ``len(sizes)`` equal stages.
-        schedule: explicit policy: ``{epoch: size}``. Exactly one of ``sizes`` and ``schedule``.
+        schedule: explicit policy: ``{epoch: size}``.
+        max_size: increase-instead-of-decay policy: the largest batch size. Exactly one of
+            ``sizes``, ``schedule`` and ``max_size``.
         multistep: re-run ``sizes`` inside each learning-rate stage (seed 004's -MS).
         lr_milestones: the epochs (ints) or fractions of training (floats in (0, 1)) where the
-            learning rate decays, for ``multistep``; ``None`` reads a ``MultiStepLR``'s milestones.
+            learning rate decays, for ``multistep`` and ``max_size``; ``None`` reads a
+            ``MultiStepLR``'s milestones.
+        gamma: the LR decay factor at each milestone, for ``max_size``; ``None`` reads the
+            ``MultiStepLR``'s.
         batch_arg_name: the attribute holding the loader's batch size.
-        lr_scaling: ``"none"``, ``"linear"`` or ``"sqrt"``.
+        lr_scaling: ``"none"``, ``"linear"`` or ``"sqrt"`` (``max_size`` implies ``"linear"``).
         max_physical_batch_size: the largest batch one process computes at once, or ``None``.
 
     Raises:
@@ -96,21 +104,32 @@ class BatchSizeScheduler(TrickCallback):
         self,
         sizes: Sequence[int] | None = None,
         schedule: Mapping[int, int] | None = None,
+        max_size: int | None = None,
         multistep: bool = False,
         lr_milestones: Sequence[int | float] | None = None,
+        gamma: float | None = None,
         batch_arg_name: str = "batch_size",
         lr_scaling: str = "none",
         max_physical_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if (sizes is None) == (schedule is None):
+        if sum(policy is not None for policy in (sizes, schedule, max_size)) != 1:
             raise ValueError(
-                "BatchSizeScheduler needs exactly one of `sizes` (staged) and `schedule` ({epoch: size})."
+                "BatchSizeScheduler needs exactly one of `sizes` (staged), `schedule` ({epoch: size}) and "
+                "`max_size` (increase the batch instead of decaying the LR)."
             )
         if multistep and sizes is None:
             raise ValueError("`multistep=True` re-runs `sizes` inside each LR stage; it needs `sizes`.")
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"`lr_scaling` must be one of {LR_SCALINGS}; got {lr_scaling!r}.")
+        if max_size is not None and lr_scaling == "sqrt":
+            raise ValueError(
+                "`max_size` cancels each LR decay by the linear scaling rule; use lr_scaling='linear'."
+            )
+        if gamma is not None and max_size is None:
+            raise ValueError(
+                "`gamma` is the LR decay that the `max_size` policy replaces; it needs `max_size`."
+            )
         if max_physical_batch_size is not None and (
             isinstance(max_physical_batch_size, bool)
             or not isinstance(max_physical_batch_size, int)
@@ -119,12 +138,17 @@ class BatchSizeScheduler(TrickCallback):
             raise ValueError(
                 f"`max_physical_batch_size` must be None or an int >= 1; got {max_physical_batch_size!r}."
             )
-        self.policy = (
-            StagedPolicy(tuple(sizes), multistep) if sizes is not None else ExplicitPolicy(dict(schedule))
-        )
+        self.sizes = None if sizes is None else tuple(sizes)
+        self.schedule = None if schedule is None else dict(schedule)
+        self.max_size = max_size
+        self.multistep = multistep
+        self.gamma = gamma
+        self.policy = self._policy(
+            gamma if gamma is not None else 0.5
+        )  # validates; γ=None is read at fit start
         self.lr_milestones = _checked_milestones(lr_milestones)
         self.batch_arg_name = batch_arg_name
-        self.lr_scaling = lr_scaling
+        self.lr_scaling = "linear" if max_size is not None else lr_scaling
         self.max_physical_batch_size = max_physical_batch_size
         self._milestones: list[int] = []
         self._initial_size: int | None = None
@@ -136,14 +160,33 @@ class BatchSizeScheduler(TrickCallback):
         """Seed 004's dynamic sampling: ``len(sizes)`` equal stages (``multistep``: per LR stage)."""
         return cls(sizes=sizes, multistep=multistep, **kwargs)
 
+    @classmethod
+    def increase_instead_of_decay(cls, max_size: int, **kwargs: Any) -> BatchSizeScheduler:
+        """Smith et al.'s policy: the batch grows by 1/γ at each LR milestone, up to ``max_size``."""
+        return cls(max_size=max_size, **kwargs)
+
+    def _policy(self, gamma: float | None) -> StagedPolicy | ExplicitPolicy | DecayToBatchPolicy:
+        if self.sizes is not None:
+            return StagedPolicy(self.sizes, self.multistep)
+        if self.schedule is not None:
+            return ExplicitPolicy(self.schedule)
+        return DecayToBatchPolicy(gamma, self.max_size)
+
     @override
     def identity(self) -> dict[str, Any]:
-        return {"policy": repr(self.policy), "batch_arg_name": self.batch_arg_name}
+        return {
+            "sizes": self.sizes,
+            "schedule": self.schedule,
+            "max_size": self.max_size,
+            "multistep": self.multistep,
+            "batch_arg_name": self.batch_arg_name,
+        }
 
     @override
     def hyperparameters(self) -> dict[str, Any]:
         return {
             **self.identity(),
+            "gamma": self.gamma,
             "lr_milestones": self.lr_milestones,
             "lr_scaling": self.lr_scaling,
             "max_physical_batch_size": self.max_physical_batch_size,
@@ -175,6 +218,8 @@ class BatchSizeScheduler(TrickCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._milestones = self._resolve_milestones(trainer)
+        if self.max_size is not None and self.gamma is None:
+            self.policy = self._policy(self._scheduler_gamma(trainer))
         if self._initial_size is None:
             self._initial_size = lightning_getattr(pl_module, self.batch_arg_name) * trainer.world_size
         if self._size is None:  # a fresh fit: the first epoch's size, at the configured LR
@@ -214,6 +259,8 @@ class BatchSizeScheduler(TrickCallback):
         """The policy's global batch size for ``epoch``."""
         if isinstance(self.policy, StagedPolicy):
             return self.policy.size_at(epoch, max_epochs, self._milestones)
+        if isinstance(self.policy, DecayToBatchPolicy):
+            return self.policy.size_at(epoch, self._initial_size, self._milestones)
         return self.policy.size_at(epoch, self._initial_size)
 
     def _apply(
@@ -269,18 +316,25 @@ class BatchSizeScheduler(TrickCallback):
 
     def _resolve_milestones(self, trainer: pl.Trainer) -> list[int]:
         """LR milestones as epochs: given (fractions of ``max_epochs`` rounded), or a MultiStepLR's."""
-        if not (isinstance(self.policy, StagedPolicy) and self.policy.multistep):
+        if not (self.multistep or self.max_size is not None):
             return []
         if self.lr_milestones is not None:
             return sorted(
                 {m if isinstance(m, int) else round(m * trainer.max_epochs) for m in self.lr_milestones}
             )
+        return sorted(self._multistep_lr(trainer, "lr_milestones").milestones)
+
+    def _scheduler_gamma(self, trainer: pl.Trainer) -> float:
+        return float(self._multistep_lr(trainer, "gamma").gamma)
+
+    @staticmethod
+    def _multistep_lr(trainer: pl.Trainer, argument: str) -> MultiStepLR:
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, MultiStepLR) and config.interval == "epoch":
-                return sorted(config.scheduler.milestones)
+                return config.scheduler
         raise ValueError(
-            "BatchSizeScheduler(multistep=True) needs the learning-rate stages: pass `lr_milestones` "
-            "(epochs, or fractions of training) or configure a MultiStepLR with interval='epoch'."
+            f"BatchSizeScheduler needs the learning-rate stages: pass `{argument}` or configure a "
+            "MultiStepLR with interval='epoch' (lr_milestones may be epochs or fractions of training)."
         )
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,17 +351,17 @@ class BatchSizeScheduler(TrickCallback):
                 "BatchSizeScheduler sets the gradient accumulation itself (see `max_physical_batch_size`); "
                 "remove Trainer(accumulate_grad_batches=...) and any GradientAccumulationScheduler."
             )
-        if isinstance(self.policy, StagedPolicy) and (trainer.max_epochs is None or trainer.max_epochs < 1):
+        if self.sizes is not None and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError(
                 "BatchSizeScheduler(sizes=...) lays its stages over the epochs of training: set Trainer(max_epochs=...)."
             )
-        sizes = (
-            self.policy.sizes
-            if isinstance(self.policy, StagedPolicy)
-            else tuple(self.policy.schedule.values())
-        )
-        for size in sizes:
+        for size in self._known_sizes():
             self._split(trainer, size)
+
+    def _known_sizes(self) -> tuple[int, ...]:
+        if self.sizes is not None:
+            return self.sizes
+        return tuple(self.schedule.values()) if self.schedule is not None else (self.max_size,)
 
 
 def _checked_milestones(milestones: Sequence[int | float] | None) -> tuple[int | float, ...] | None:
