@@ -98,15 +98,16 @@ def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
     eigenvalues = np.linalg.eigvalsh(gram)
     nonzero = eigenvalues[eigenvalues > batch * np.finfo(np.float64).eps * eigenvalues.max()]
     trace = float(np.trace(gram))
-    mean_grad_sq = gram.sum() / batch**2
+    # unbiased tr Σ and |G|² (McCandlish et al. 2018, appendix A); B_simple = +inf where |G|² ≤ 0
     trace_sigma = (trace - gram.sum() / batch) / (batch - 1) if batch > 1 else math.nan
+    grad_sq = (gram.sum() - trace) / (batch * (batch - 1)) if batch > 1 else math.nan
     return {
         "c": math.sqrt(nonzero.max() / nonzero.min()),
         "trace": trace,
         "lambda_max": float(eigenvalues.max()),
         "rank": float(len(nonzero)),
         "l": lr / batch * math.sqrt(trace),
-        "noise_scale": trace_sigma / mean_grad_sq,
+        "noise_scale": trace_sigma / grad_sq if grad_sq > 0 else (math.inf if trace_sigma > 0 else math.nan),
     }
 
 

@@ -1,15 +1,19 @@
-"""Spectral statistics of the approximate Fisher matrix F̃ = JᵀJ (seed 004).
+"""Spectral statistics of the approximate Fisher matrix F̃ = JᵀJ (seed 004), the gradient-noise
+scale read from the same matrix (McCandlish et al. 2018), and the running measures C̄_K and L_K.
 
-Pure tensor code, no host synchronisation: every statistic stays a 0-d tensor on F̃'s device,
-and a non-finite F̃ gives NaN statistics instead of an exception.
+Pure tensor code, no host synchronisation in the per-step functions: every statistic stays a tensor
+on F̃'s device, and a non-finite F̃ gives NaN statistics instead of an exception.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
+
+NONZERO_RULES = ("rtol", "exact_zero")
 
 
 class FisherStatistics(NamedTuple):
@@ -22,18 +26,26 @@ class FisherStatistics(NamedTuple):
     lambda_max: Tensor
     """Largest eigenvalue of F̃_k."""
     rank: Tensor
-    """|E_k|, the number of eigenvalues above ``rank_rtol · λmax``."""
+    """|E_k|, the number of eigenvalues counted as non-zero (see ``nonzero``)."""
     noise_scale: Tensor
-    """B_simple = tr Σ / ‖ḡ‖², the simple gradient-noise scale estimated from F̃_k alone."""
+    """B_simple = tr Σ / |G|² of this batch alone (:func:`noise_scale_ratio`; +inf when |G|² ≤ 0)."""
+    trace_sigma: Tensor
+    """tr Σ, the unbiased per-sample gradient variance summed over parameters."""
+    grad_sq_norm: Tensor
+    """|G|², the unbiased estimate of the squared norm of the mean gradient (can be ≤ 0)."""
     batch_size: Tensor
     """B, the number of samples (columns of J_k)."""
     eigenvalues: Tensor
-    """(B,) ascending eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
+    """(B,) ascending float64 eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
 
 
 def default_rank_rtol(batch_size: int, dtype: torch.dtype) -> float:
     """``B · eps(dtype)``: the tolerance ``torch.linalg.matrix_rank`` uses for a B×B matrix whose
-    entries were computed in ``dtype`` (the dtype of the gradients, not of F̃'s float64 storage)."""
+    entries were computed in ``dtype`` (the dtype of the gradients, not of F̃'s float64 storage).
+
+    It caps c_k at (B · eps)^-½, a cap that falls as B grows: for float32 gradients 724 at B = 16,
+    256 at B = 128, 64 at B = 2048 (see :func:`truncated_condition_number`).
+    """
     return batch_size * torch.finfo(dtype).eps
 
 
@@ -42,7 +54,12 @@ def truncated_condition_number(eigenvalues: Tensor, rank_rtol: float) -> tuple[T
 
     Seed 004_e5d92837cb57ce8a.txt §3, eq. 7: c_k = σmax(E_k)/σmin(E_k) with σ = λ^½, the ratio of
     the largest to the smallest non-zero singular value of J_k. ``eigenvalues`` are ascending
-    (``torch.linalg.eigvalsh``); c is NaN when F̃ has no positive eigenvalue.
+    (``torch.linalg.eigvalsh``); c is NaN when there is no positive eigenvalue.
+
+    **Cap.** Every λ in E exceeds ``rank_rtol · λmax``, so c < rank_rtol^-½ whatever the data: with
+    the default ``B · eps`` (:func:`default_rank_rtol`) the cap is (B · eps)^-½, 256 at B = 128 for
+    float32 gradients, and it falls as B grows. ``rank_rtol = 0`` keeps every positive eigenvalue
+    (no cap; negative round-off eigenvalues of the positive semi-definite F̃ are dropped).
     """
     lambda_max = eigenvalues[-1]
     nonzero = eigenvalues > rank_rtol * lambda_max
@@ -52,42 +69,172 @@ def truncated_condition_number(eigenvalues: Tensor, rank_rtol: float) -> tuple[T
     return condition, nonzero.sum().to(eigenvalues.dtype)
 
 
-def gradient_noise_scale(gram: Tensor) -> Tensor:
-    """B_simple = tr Σ / ‖ḡ‖² from F̃ alone (columns of J are the per-sample gradients g_i).
+def gradient_noise_parts(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Unbiased tr Σ and |G|² from F̃ alone (columns of J are the per-sample gradients g_i).
 
-    ‖ḡ‖² = 1ᵀF̃1 / B² (ḡ the mean gradient) and tr Σ = (Tr F̃ − 1ᵀF̃1 / B) / (B − 1), the unbiased
-    per-sample variance summed over parameters. NaN for B = 1. The quantity the
-    BatchSizeScheduler's adaptive policy reads alongside seed 004 §3.2's dynamic sampling.
+    McCandlish et al. 2018 (An Empirical Model of Large-Batch Training), appendix A, with
+    B_small = 1 and B_big = B, written with 1ᵀF̃1 = ‖Σ_i g_i‖² and Tr F̃ = Σ_i ‖g_i‖²:
+
+    - |G|² = (1ᵀF̃1 − Tr F̃) / (B(B − 1)), the mean of ⟨g_i, g_j⟩ over i ≠ j;
+    - tr Σ = (Tr F̃ − 1ᵀF̃1 / B) / (B − 1), the per-sample variance summed over parameters.
+
+    Both are unbiased. The batch mean's ‖ḡ‖² = 1ᵀF̃1 / B² is not: it overestimates |G|² by tr Σ / B,
+    which caps tr Σ / ‖ḡ‖² near B. |G|² can come out ≤ 0 when the noise hides the mean gradient;
+    tr Σ is ≥ 0 (round-off below 0 is clamped). Both NaN for B = 1. ``gram`` may carry leading
+    batch dimensions (..., B, B).
     """
-    batch = gram.shape[0]
-    total = gram.sum()
+    batch = gram.shape[-1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    total = gram.sum((-2, -1))
     if batch < 2:
-        return torch.full_like(total, torch.nan)
-    trace_sigma = (gram.diagonal().sum() - total / batch) / (batch - 1)
-    return trace_sigma / (total / batch**2)
+        nan = torch.full_like(total, torch.nan)
+        return nan, nan
+    trace_sigma = ((trace - total / batch) / (batch - 1)).clamp(min=0.0)
+    grad_sq_norm = (total - trace) / (batch * (batch - 1))
+    return trace_sigma, grad_sq_norm
+
+
+def noise_scale_ratio(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
+    """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
+
+    Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
+    beyond what the samples behind the estimate can resolve and the result is +inf (the value a
+    shrinking positive |G|² tends to, so medians and quantiles over batches stay right). NaN where
+    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise, no host sync.
+    """
+    ratio = trace_sigma / grad_sq_norm
+    hidden = torch.where((trace_sigma > 0) & (grad_sq_norm <= 0), torch.inf, torch.nan)
+    return torch.where(grad_sq_norm > 0, ratio, hidden.to(ratio.dtype))
+
+
+def pooled_noise_scale(trace_sigma: Tensor, grad_sq_norm: Tensor, dim: int = -1) -> Tensor:
+    """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
+
+    McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of
+    measurements instead of an average of one-batch ratios (a ratio of unbiased estimates is biased
+    and has heavy tails). Pairs with a non-finite part are left out of both means.
+    """
+    finite = torch.isfinite(trace_sigma) & torch.isfinite(grad_sq_norm)
+    zero = torch.zeros((), dtype=trace_sigma.dtype, device=trace_sigma.device)
+    numerator = torch.where(finite, trace_sigma, zero).sum(dim)
+    denominator = torch.where(finite, grad_sq_norm, zero).sum(dim)
+    return noise_scale_ratio(numerator, denominator)  # equal counts cancel
+
+
+class NoiseScaleEstimate:
+    """Exponential moving averages of tr Σ and |G|², and their ratio B_simple.
+
+    McCandlish et al. 2018, appendix A: average the unbiased parts separately, then divide. Each
+    :meth:`update` folds in one measurement: S ← decay · S + (tr Σ, |G|², 1); the averages are S's
+    first two entries over the third (the sum of weights, so no start-up bias), and ``decay = 1``
+    gives the plain mean of all measurements. A measurement with a non-finite part is left out.
+    Device tensors only; reading :attr:`estimate` does not sync.
+
+    Args:
+        decay: weight of the past per update, in (0, 1]; the memory is about 1 / (1 − decay)
+            measurements.
+
+    Example:
+        >>> estimate = NoiseScaleEstimate(decay=1.0)
+        >>> for tr_sigma, g2 in [(100.0, 2.0), (100.0, -0.5), (100.0, 1.5)]:
+        ...     _ = estimate.update(torch.tensor(tr_sigma), torch.tensor(g2))
+        >>> round(estimate.estimate.item(), 3)
+        100.0
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ValueError(
+                f"`decay` must be a number in (0, 1] (1 = plain mean of all updates); got {decay!r}."
+            )
+        self.decay = float(decay)
+        self._sums = torch.zeros(3, dtype=torch.float64)
+
+    def update(self, trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
+        """Fold in one measurement's unbiased parts; return the updated B_simple."""
+        parts = torch.stack([trace_sigma, grad_sq_norm]).to(torch.float64)
+        finite = torch.isfinite(parts).all()
+        step = torch.cat([parts, parts.new_ones(1)])
+        sums = self._sums.to(step.device)
+        self._sums = torch.where(finite, self.decay * sums + step, sums)
+        return self.estimate
+
+    @property
+    def trace_sigma(self) -> Tensor:
+        """The averaged tr Σ (NaN before the first finite measurement)."""
+        return self._sums[0] / self._sums[2]
+
+    @property
+    def grad_sq_norm(self) -> Tensor:
+        """The averaged |G|² (NaN before the first finite measurement)."""
+        return self._sums[1] / self._sums[2]
+
+    @property
+    def estimate(self) -> Tensor:
+        """B_simple = averaged tr Σ / averaged |G|² (:func:`noise_scale_ratio` conventions)."""
+        return noise_scale_ratio(self._sums[0], self._sums[1])
+
+    def state_dict(self) -> dict[str, float]:
+        trace_sigma, grad_sq_norm, weight = self._sums.tolist()
+        return {
+            "decay": self.decay,
+            "trace_sigma": trace_sigma,
+            "grad_sq_norm": grad_sq_norm,
+            "weight": weight,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Restore the averages; the estimate goes on with the ``decay`` it was saved with."""
+        self.decay = float(state_dict["decay"])
+        keys = ("trace_sigma", "grad_sq_norm", "weight")
+        self._sums = torch.tensor([state_dict[key] for key in keys], dtype=torch.float64)
 
 
 def fisher_statistics(
-    gram: Tensor, rank_rtol: float | None = None, grad_dtype: torch.dtype = torch.float32
+    gram: Tensor,
+    rank_rtol: float | None = None,
+    grad_dtype: torch.dtype = torch.float32,
+    nonzero: str = "rtol",
 ) -> FisherStatistics:
-    """Statistics of F̃_k = J_kᵀJ_k (seed 004_e5d92837cb57ce8a.txt §3, eq. 6–8).
+    """Statistics of F̃_k = J_kᵀJ_k (seed 004_e5d92837cb57ce8a.txt §3, eq. 6–8) and the
+    gradient-noise scale from the same matrix (McCandlish et al. 2018, appendix A).
+
+    Which eigenvalues count as non-zero decides c_k and |E_k| (eq. 7):
+
+    - ``"rtol"``: λ > ``rank_rtol`` · λmax on F̃'s float64 eigenvalues; ``rank_rtol = None`` →
+      ``B · eps(grad_dtype)``, the rule of ``torch.linalg.matrix_rank``. Robust to round-off, but
+      c_k < rank_rtol^-½ always, (B · eps)^-½ by default: 256 at B = 128 in float32, falling with B.
+    - ``"exact_zero"``: the seed authors' released code, which drops only the eigenvalues that are
+      exactly zero after a float32 eigendecomposition: F̃ cast to float32, ``eigvalsh``, and
+      λ > 0 kept. Negative float32 eigenvalues are round-off of the positive semi-definite F̃ (they
+      would make c_k undefined) and are dropped too; tiny positive round-off is kept, so on a
+      rank-deficient F̃ (B > #parameters, samples with zero or duplicate gradients) c_k measures
+      round-off. No cap. ``eigenvalues`` and ``lambda_max`` stay the float64 ones.
 
     Args:
         gram: F̃_k, a symmetric (B, B) matrix; promoted to float64.
-        rank_rtol: eigenvalues above ``rank_rtol · λmax`` count as non-zero;
-            ``None`` → :func:`default_rank_rtol` for ``grad_dtype``.
-        grad_dtype: dtype in which the gradients behind F̃ were computed.
+        rank_rtol: the ``"rtol"`` threshold in [0, 1); ``None`` → :func:`default_rank_rtol`.
+        grad_dtype: dtype in which the gradients behind F̃ were computed (for the default rtol).
+        nonzero: ``"rtol"`` or ``"exact_zero"``.
+
+    Raises:
+        ValueError: ``nonzero`` not a rule, ``rank_rtol`` out of range or given with ``"exact_zero"``.
     """
+    _check_nonzero_rule(nonzero, rank_rtol)
     gram = gram.to(torch.float64)
     batch = gram.shape[0]
-    if rank_rtol is None:
-        rank_rtol = default_rank_rtol(batch, grad_dtype)
     finite = torch.isfinite(gram).all()
     safe_gram = torch.where(finite, gram, torch.zeros_like(gram))
     eigenvalues = torch.linalg.eigvalsh(safe_gram)
-    condition, rank = truncated_condition_number(eigenvalues, rank_rtol)
+    if nonzero == "rtol":
+        rtol = default_rank_rtol(batch, grad_dtype) if rank_rtol is None else rank_rtol
+        condition, rank = truncated_condition_number(eigenvalues, rtol)
+    else:
+        condition, rank = _exact_zero_condition(safe_gram)
+    trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
+    noise_scale = noise_scale_ratio(trace_sigma, grad_sq_norm)
     nan = torch.full_like(condition, torch.nan)
-    stats = (condition, gram.diagonal().sum(), eigenvalues[-1], rank, gradient_noise_scale(gram))
+    stats = (condition, gram.diagonal().sum(), eigenvalues[-1], rank, noise_scale, trace_sigma, grad_sq_norm)
     return FisherStatistics(
         *(torch.where(finite, value, nan) for value in stats),
         batch_size=torch.tensor(float(batch), dtype=torch.float64, device=gram.device),
@@ -95,6 +242,98 @@ def fisher_statistics(
     )
 
 
+def _check_nonzero_rule(nonzero: str, rank_rtol: float | None) -> None:
+    if nonzero not in NONZERO_RULES:
+        raise ValueError(f"`nonzero` must be one of {NONZERO_RULES}; got {nonzero!r}.")
+    if rank_rtol is None:
+        return
+    if nonzero == "exact_zero":
+        raise ValueError(
+            f"`rank_rtol={rank_rtol!r}` applies to `nonzero='rtol'` only; "
+            "pass `rank_rtol=None` with `nonzero='exact_zero'`."
+        )
+    if isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float)) or not 0 <= rank_rtol < 1:
+        raise ValueError(f"`rank_rtol` must be None or a number in [0, 1); got {rank_rtol!r}.")
+
+
+def _exact_zero_condition(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """c and |E| with E the positive eigenvalues of F̃ in float32 (the seed code's rule); NaN when
+    F̃ does not fit in float32."""
+    gram32 = gram.to(torch.float32)
+    fits = torch.isfinite(gram32).all()
+    eigenvalues = torch.linalg.eigvalsh(torch.where(fits, gram32, torch.zeros_like(gram32)))
+    condition, rank = truncated_condition_number(eigenvalues.to(torch.float64), 0.0)
+    return torch.where(fits, condition, torch.nan), torch.where(fits, rank, torch.nan)
+
+
 def fisher_energy(trace: Tensor, learning_rate: float, batch_size: int) -> Tensor:
     """l_k = (α_k / |B_k|) · (Tr F̃_k)^½, one term of L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 8)."""
     return learning_rate / batch_size * trace.sqrt()
+
+
+class FisherRunningSums:
+    """C̄_K and L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 7–8) as three on-device running sums.
+
+    - C̄_K = (1/K) Σ_k c_k over the finite c_k, K their count (eq. 7);
+    - L_K = Σ_k n_k · l_k over the finite l_k (eq. 8), n_k the weight of measurement k (a callback
+      measuring every n-th step counts each l_k n times, so L estimates the every-step sum).
+
+    A NaN or infinite c_k / l_k is left out without a host sync. Every sum is declared with its
+    cross-process reduction in :attr:`reductions` (all ``"sum"``, in the spirit of torchmetrics'
+    ``add_state(..., dist_reduce_fx="sum")``); :meth:`sync` applies it with one all-reduce.
+
+    Example:
+        >>> sums = FisherRunningSums()
+        >>> _ = sums.update(torch.tensor(3.0), torch.tensor(0.5), weight=2)
+        >>> c_bar, total = sums.update(torch.tensor(float("nan")), torch.tensor(0.25), weight=2)
+        >>> c_bar.item(), total.item()
+        (3.0, 1.5)
+    """
+
+    reductions: ClassVar[dict[str, str]] = {"condition_sum": "sum", "count": "sum", "energy_sum": "sum"}
+
+    def __init__(self) -> None:
+        self._sums = torch.zeros(len(self.reductions), dtype=torch.float64)
+
+    def update(self, condition: Tensor, energy: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Add the finite c_k and weight · l_k (0-d, or any shape: every element is a measurement);
+        return the updated (C̄_K, L_K)."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ValueError(f"`weight` must be a finite number > 0 (e.g. `every_n_steps`); got {weight!r}.")
+        condition = condition.to(torch.float64)
+        energy = energy.to(torch.float64)
+        finite = torch.isfinite(condition)
+        step = torch.stack(
+            [
+                torch.where(finite, condition, 0.0).sum(),
+                finite.sum().to(torch.float64),
+                weight * torch.where(torch.isfinite(energy), energy, 0.0).sum(),
+            ]
+        )
+        self._sums = self._sums.to(step.device) + step
+        return self.compute()
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """(C̄_K, L_K); C̄_K is NaN before the first finite c_k."""
+        condition_sum, count, energy_sum = self._sums
+        return torch.where(count > 0, condition_sum / count.clamp(min=1), torch.nan), energy_sum
+
+    def sync(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Combine the sums over processes with one call of ``all_reduce`` (a function returning
+        the element-wise sum of a tensor over processes), per :attr:`reductions`.
+
+        For processes that each updated with their own measurements: C̄ becomes the mean of all
+        their finite c_k and L the sum of all their weighted l_k. Processes that updated with the
+        same rank-combined values (as FisherSpectrum does: l_k needs the global Tr F̃ under its
+        square root) already agree and must not sync.
+        """
+        self._sums = all_reduce(self._sums)
+
+    def reset(self) -> None:
+        self._sums = torch.zeros_like(self._sums)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(zip(self.reductions, self._sums.tolist()))
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._sums = torch.tensor([float(state_dict[key]) for key in self.reductions], dtype=torch.float64)
