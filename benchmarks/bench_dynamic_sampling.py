@@ -22,10 +22,10 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-
-from lightning_tricks import BatchSizeScheduler
 from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.models import ImageClassifier
+
+from lightning_tricks import BatchSizeScheduler
 
 POLICIES: dict[str, dict | None] = {
     "s32": None,

@@ -1,6 +1,8 @@
 """Pure-torch gradient engines (no Lightning import)."""
 
 from .gram import GramCollector
+from .gram_fallback import FALLBACK_RULE
+from .gram_rules import GRAM_RULES, GramRule, gram_rule_for, register_gram_rule
 from .spectrum import (
     FisherRunningSums,
     FisherStatistics,
@@ -13,13 +15,18 @@ from .spectrum import (
 )
 
 __all__ = [
+    "FALLBACK_RULE",
+    "GRAM_RULES",
     "FisherRunningSums",
     "FisherStatistics",
     "GramCollector",
+    "GramRule",
     "NoiseScaleEstimate",
     "fisher_energy",
     "fisher_statistics",
     "gradient_noise_parts",
+    "gram_rule_for",
     "noise_scale_ratio",
     "pooled_noise_scale",
+    "register_gram_rule",
 ]

@@ -10,16 +10,19 @@ matrix exactly from the activations and output gradients of one ordinary batched
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .gram_rules import GradFactor, GramRule, concat_factors, gram_rule_for
+from . import gram_rules_extra  # noqa: F401 (registers the EmbeddingBag, PReLU and Bilinear rules)
+from .gram_fallback import FALLBACK_RULE, is_recomputing, output_leaves
+from .gram_rules import GradFactor, GramRule, concat_factors, first_tensor, gram_rule_for
 
 LOSS_REDUCTIONS = ("mean", "sum")
 METHODS = ("auto", "ghost", "materialize")
@@ -81,12 +84,25 @@ class GramCollector:
     The columns add up to the batch gradient: Σ_i col_i = B·∇L for ``"mean"`` (∇L for ``"sum"``),
     hence 1ᵀG1 = B²‖∇L‖². The same holds for ``nn.Embedding(scale_grad_by_freq=True)``.
 
-    Supported layers (exact type; register more with
-    :func:`~lightning_tricks.gradients.gram_rules.register_gram_rule`): Linear (any leading
+    Supported layers. Closed-form rules (``methods`` "ghost"/"materialize"): Linear (any leading
     dims), Conv1d/2d/3d and ConvTranspose1d/2d/3d (stride, padding incl. ``"same"`` and padding
     modes, dilation, groups, bias), BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, GroupNorm, LayerNorm,
-    RMSNorm, Embedding (``padding_idx``, ``scale_grad_by_freq``). The batch dimension must come
-    first in every captured layer's input.
+    RMSNorm, Embedding (``padding_idx``, ``scale_grad_by_freq``), EmbeddingBag (sum/mean/max,
+    offsets or 2-D input, ``per_sample_weights``, ``padding_idx``), PReLU, Bilinear; the batch
+    dimension comes first in their inputs. Per-sample vector-Jacobian products ("vjp",
+    :mod:`~lightning_tricks.gradients.gram_fallback`): MultiheadAttention (with ``out_proj``),
+    RNN/LSTM/GRU (multi-layer, bidirectional, ``proj_size``, initial states), both
+    ``batch_first`` settings; sequence-first TransformerEncoderLayer/DecoderLayer as a whole (batch
+    first, their children's rules serve them). Subclasses use the rule of their nearest registered
+    base if they inherit its ``forward``. Any other module owning parameters gets the generic
+    fallback ("fallback": per-sample VJPs of the module recomputed on its captured inputs, batch
+    in dim 0 of the inputs and outputs whose leading size is B); it refuses, with an error, modules
+    that draw random numbers or couple samples. Dropout in training mode is refused in
+    MultiheadAttention, between RNN layers and in sequence-first Transformer layers; unbatched
+    inputs and ``PackedSequence`` too. Register rules with
+    :func:`~lightning_tricks.gradients.gram_rules.register_gram_rule` or override them per
+    collector with ``rules=``. A module with several tensor outputs (LSTM, attention) must not
+    have them modified in place (they pass through one identity node that collects their gradients).
 
     Several forwards of one module in a collection (weight sharing, siamese branches) are handled
     exactly: that module's per-sample gradients are the sums over its calls, cross terms included;
@@ -123,8 +139,13 @@ class GramCollector:
             layer has that form (normalisation layers and biases are always materialised).
         fuse_weight_grad: ``True``, ``False`` or ``"auto"`` (on unless ``torch.distributed`` is
             initialised with world size > 1); see above.
-        unsupported: ``"raise"`` on selected parameters whose module has no rule (one error listing
-            them all) or ``"skip"`` them with one warning, leaving them out of G.
+        unsupported: with ``fallback=False``, ``"raise"`` on selected parameters whose module has
+            no rule (one error listing them all) or ``"skip"`` them with one warning, leaving them
+            out of G.
+        fallback: serve modules without a rule by the generic fallback (default); ``False`` makes
+            them unsupported.
+        rules: ``{module type: GramRule or None}`` overriding the registry for this collector
+            (``None``: no rule for that type, so the fallback or ``unsupported`` applies).
 
     Raises:
         ValueError: bad argument values, unsupported layers with ``unsupported="raise"``, a
@@ -169,6 +190,8 @@ class GramCollector:
         method: str = "auto",
         fuse_weight_grad: bool | str = "auto",
         unsupported: str = "raise",
+        fallback: bool = True,
+        rules: Mapping[type[nn.Module], GramRule | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -177,6 +200,8 @@ class GramCollector:
         _check_choice("unsupported", unsupported, UNSUPPORTED_POLICIES)
         if fuse_weight_grad not in (True, False, "auto"):
             raise ValueError(f"fuse_weight_grad must be True, False or 'auto', got {fuse_weight_grad!r}")
+        if not isinstance(fallback, bool):
+            raise TypeError(f"fallback must be True or False, got {fallback!r}")
         if modules is not None and not callable(modules):
             raise TypeError("modules must be a callable (name, module) -> bool")
         self.model = model
@@ -184,7 +209,9 @@ class GramCollector:
         self.method = method
         self.fuse_weight_grad = fuse_weight_grad
         self.unsupported = unsupported
-        self._layers = _select_layers(model, _selected_params(model, params), modules, unsupported)
+        self._layers = _select_layers(
+            model, _selected_params(model, params), modules, unsupported, fallback, _checked_rules(rules)
+        )
         self._handles: list[RemovableHandle] = []
         self._enabled = True
         self._fuse = False
@@ -251,8 +278,12 @@ class GramCollector:
 
     @property
     def methods(self) -> dict[str, str]:
-        """``"<module>.<param>" -> "ghost" | "materialize"`` chosen in the current collection."""
-        return {f"{layer.name}.{p}": m for layer in self._layers for p, m in layer.methods.items()}
+        """``"<module>.<param>" -> "ghost" | "materialize" | "vjp" | "fallback"`` in the current collection."""
+        return {
+            f"{layer.name}.{p}" if layer.name else p: layer.rule.method or m
+            for layer in self._layers
+            for p, m in layer.methods.items()
+        }
 
     @property
     def layer_names(self) -> list[str]:
@@ -304,7 +335,7 @@ class GramCollector:
     # -- hooks ------------------------------------------------------------------------------
 
     def _capturing(self) -> bool:
-        return self._enabled and torch.is_grad_enabled()
+        return self._enabled and torch.is_grad_enabled() and not is_recomputing()
 
     def _before_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Fused mode: hide the fusable weights from autograd for this call if its input needs grad
@@ -327,10 +358,9 @@ class GramCollector:
                 param.requires_grad_(True)
         layer.hidden = tuple(hidden)
 
-    def _after_forward(
-        self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> None:
-        """Keep the layer's input and hook its output gradient."""
+    def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Keep the layer's input and hook its output gradient (several outputs: see
+        :func:`_hook_output_grads`, which may return the output to use instead)."""
         hidden, layer.hidden = layer.hidden, ()
         if not self._capturing():
             return
@@ -340,15 +370,15 @@ class GramCollector:
                 "GramCollector.reset() between training steps (e.g. between accumulated micro-batches)"
             )
         inputs = _first_input(args, kwargs)
-        if not isinstance(output, Tensor) or not output.requires_grad or not isinstance(inputs, Tensor):
+        if not _requires_grad(output) or not isinstance(inputs, Tensor):
             return
-        self._check_batch_size(layer, len(inputs))
+        self._check_batch_size(layer, layer.rule.batch_size(module, args, kwargs))
         layer.pending += 1
         layer.calls += 1
-        call = _Call(layer.rule.capture(module, inputs, output), inputs, inputs._version, hidden)
-        output.register_hook(partial(self._on_backprop, layer, call))
+        call = _Call(layer.rule.activations(module, args, kwargs, output), inputs, inputs._version, hidden)
+        return _hook_output_grads(output, partial(self._on_backprop, layer, call))
 
-    def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor) -> None:
+    def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor | tuple[Tensor | None, ...]) -> None:
         """Turn one call's input and output gradient into factors; finish the layer on its last call."""
         if call.inputs._version != call.version:
             raise RuntimeError(
@@ -449,7 +479,62 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
-    return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+    return first_tensor(args, kwargs)
+
+
+def _requires_grad(output: Any) -> bool:
+    return any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in output_leaves(output))
+
+
+def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
+    """``callback(grad)`` for a tensor output. For several outputs that require grad, they pass
+    through one identity node whose backward calls ``callback(grads)`` once, one entry per output
+    leaf (``None`` where none arrived), with only the gradient from outside the module (a tensor
+    hook would also count paths from one output through another, e.g. h → tanh(h)); the output
+    made of the node's results is returned, to replace the module's."""
+    leaves, spec = tree_flatten(output)
+    hooked = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
+    if len(hooked) == 1:
+        leaves[hooked[0]].register_hook(callback)
+        return None
+
+    def join(grads: Sequence[Tensor | None]) -> None:
+        joined: list[Tensor | None] = [None] * len(leaves)
+        for k, g in zip(hooked, grads):
+            joined[k] = g
+        callback(tuple(joined))
+
+    for k, leaf in zip(hooked, _JoinOutputs.apply(join, *(leaves[k] for k in hooked))):
+        leaves[k] = leaf
+    return tree_unflatten(leaves, spec)
+
+
+class _JoinOutputs(torch.autograd.Function):
+    """Identity on a module's outputs whose backward hands their gradients to a callback."""
+
+    @staticmethod
+    def forward(ctx: Any, callback: Callable[[Sequence[Tensor | None]], None], *tensors: Tensor) -> tuple:
+        ctx.callback = callback
+        ctx.set_materialize_grads(False)
+        return tensors
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        ctx.callback(grads)
+        return (None, *grads)
+
+
+def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
+    if rules is None:
+        return {}
+    if not isinstance(rules, Mapping) or not all(
+        isinstance(t, type) and issubclass(t, nn.Module) and (r is None or isinstance(r, GramRule))
+        for t, r in rules.items()
+    ):
+        raise TypeError(
+            f"rules must map torch.nn.Module subclasses to GramRule (or None for no rule), got {rules!r}"
+        )
+    return dict(rules)
 
 
 def _distributed() -> bool:
@@ -481,13 +566,24 @@ def _select_layers(
     params: set[nn.Parameter],
     modules: Callable[[str, nn.Module], bool] | None,
     unsupported: str,
+    fallback: bool = True,
+    rules: Mapping[type[nn.Module], GramRule | None] | None = None,
 ) -> list[_Layer]:
-    """One capture state per module owning selected parameters; unsupported ones raise or warn."""
+    """One capture state per module owning selected parameters (with those of its subtree for a
+    composite rule, whose descendants are then not captured on their own); modules without a
+    rule get the fallback, or raise or warn."""
     layers: list[_Layer] = []
     owners: dict[nn.Parameter, str] = {}
     missing: list[str] = []
+    claimed: set[nn.Module] = set()
     for name, module in model.named_modules():
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p in params}
+        if module in claimed:
+            continue
+        rule = _rule_for(module, rules, fallback)
+        composite = rule is not None and rule.composite
+        if composite:
+            claimed.update(module.modules())
+        own = {n: p for n, p in module.named_parameters(recurse=composite) if p in params}
         if not own or (modules is not None and not modules(name, module)):
             continue
         for pname, param in own.items():
@@ -497,8 +593,9 @@ def _select_layers(
                     "split a parameter shared between modules (exclude it with params= or modules=)"
                 )
             owners[param] = f"{name}.{pname}"
-        rule = gram_rule_for(module)
-        uncovered = [p for p in own if rule is None or p not in rule.param_names]
+        uncovered = [p for p in own if rule is None or not rule.covers(p)]
+        if uncovered and fallback and not composite:
+            rule, uncovered = FALLBACK_RULE, []
         if uncovered:
             missing.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(uncovered)})")
             continue
@@ -508,10 +605,21 @@ def _select_layers(
             "GramCollector has no rule for these parameterised modules: "
             + "; ".join(missing)
             + ". Register one with lightning_tricks.gradients.gram_rules.register_gram_rule, "
-            "exclude them with params=/modules=, or pass unsupported='skip'"
+            "exclude them with params=/modules=, pass fallback=True or unsupported='skip'"
         )
     if missing:
         warnings.warn("GramCollector leaves out of G the parameters of: " + "; ".join(missing), stacklevel=3)
     if not layers:
         raise ValueError("GramCollector found no trainable parameter in a supported module")
     return layers
+
+
+def _rule_for(
+    module: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None, fallback: bool
+) -> GramRule | None:
+    """The module's rule (``rules`` first, then the registry, by type hierarchy), else the
+    fallback if allowed and the module owns parameters."""
+    rule = gram_rule_for(module, rules)
+    if rule is None and fallback and next(module.parameters(recurse=False), None) is not None:
+        return FALLBACK_RULE
+    return rule

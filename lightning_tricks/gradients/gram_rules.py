@@ -26,7 +26,7 @@ cheaper one per layer and parameter. Adding a layer type is adding one function 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils._pytree import tree_leaves
 
 
 class MethodCosts(NamedTuple):
@@ -263,10 +264,21 @@ def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
     return factors[0].concat(factors) if len(factors) > 1 else factors[0]
 
 
-Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, GradFactor]]
+Rule = Callable[[nn.Module, Any, Any], dict[str, GradFactor]]
+"""``factorize(layer, activations, backprops)``; ``backprops`` is the output gradient (a tuple of
+them, ``None`` where none arrived, for a module with several tensor outputs)."""
 
 
 Capture = Callable[[nn.Module, Tensor, Tensor], Any]
+"""``capture(layer, input, output)``: what the rule keeps of a forward, from its first input."""
+
+
+CallCapture = Callable[[nn.Module, tuple, dict, Any], Any]
+"""``capture_call(layer, args, kwargs, output)``: the same from the whole call."""
+
+
+BatchSize = Callable[[nn.Module, tuple, dict], int]
+"""``batch_size(layer, args, kwargs)``: B of a call; raises ``ValueError`` on an unsupported layout."""
 
 
 def capture_input(layer: nn.Module, inputs: Tensor, output: Tensor) -> Tensor:
@@ -274,44 +286,136 @@ def capture_input(layer: nn.Module, inputs: Tensor, output: Tensor) -> Tensor:
     return inputs
 
 
+def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    """The first tensor among a call's arguments (positional, then keyword), or ``None``."""
+    return next((leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)), None)
+
+
+def leading_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Default B: the leading dimension of the first tensor argument."""
+    inputs = first_tensor(args, kwargs)
+    if inputs is None or inputs.dim() == 0:
+        raise ValueError(
+            f"{type(layer).__name__} was called without a batched tensor argument; per-sample gradients "
+            "need the batch dimension first in its first tensor argument"
+        )
+    return len(inputs)
+
+
 class GramRule(NamedTuple):
     """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
 
-    ``param_names`` lists the parameters the rule covers; ``fusable`` those whose batch gradient
-    the collector may compute from the factor instead of letting autograd compute it;
-    ``capture(layer, inputs, output)`` runs right after the forward and returns what the rule
-    receives as ``activations`` (by default the input).
+    ``param_names`` lists the parameters the rule covers (``None``: all the module has);
+    ``fusable`` those whose batch gradient the collector may compute from the factor instead of
+    letting autograd compute it; ``capture(layer, inputs, output)`` runs right after the forward
+    and returns what the rule receives as ``activations`` (by default the input), unless
+    ``capture_call(layer, args, kwargs, output)`` is given, which sees the whole call.
+    ``batch_size(layer, args, kwargs)`` gives B of a call (default: the leading dimension of the
+    first tensor argument). A ``composite`` rule covers the parameters of the module's whole
+    subtree, named relative to it (``"out_proj.weight"``): for modules that call children
+    functionally, whose own hooks never fire. ``method`` names how the rule computes per-sample
+    gradients in :attr:`GramCollector.methods` when it is not a ghost/materialise choice.
+    ``applies(layer)``, if given, says whether the rule serves this instance (else the search
+    goes on up the type hierarchy).
     """
 
     factorize: Rule
-    param_names: tuple[str, ...]
-    fusable: tuple[str, ...]
-    capture: Capture
+    param_names: tuple[str, ...] | None = ("weight", "bias")
+    fusable: tuple[str, ...] = ()
+    capture: Capture = capture_input
+    capture_call: CallCapture | None = None
+    batch_size: BatchSize = leading_batch_size
+    composite: bool = False
+    method: str | None = None
+    applies: Callable[[nn.Module], bool] | None = None
+
+    def activations(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """What ``factorize`` receives as ``activations`` for this call."""
+        if self.capture_call is not None:
+            return self.capture_call(layer, args, kwargs, output)
+        return self.capture(layer, first_tensor(args, kwargs), output)
+
+    def covers(self, name: str) -> bool:
+        """Whether the rule gives the factor of parameter ``name``."""
+        return self.param_names is None or name in self.param_names
 
 
 GRAM_RULES: dict[type[nn.Module], GramRule] = {}
+"""The global registry, module type → rule; read through :func:`gram_rule_for`."""
 
 
 def register_gram_rule(
-    *layer_types: type[nn.Module],
-    param_names: tuple[str, ...] = ("weight", "bias"),
+    *args: Any,
+    overwrite: bool = False,
+    param_names: tuple[str, ...] | None = ("weight", "bias"),
     fusable: tuple[str, ...] = (),
     capture: Capture = capture_input,
-) -> Callable[[Rule], Rule]:
-    """Decorator registering a rule for the exact module types given (subclasses are not matched,
-    as a subclass may compute something else with the same parameters)."""
+) -> Any:
+    """Register a rule for a module type (and, by the type hierarchy, its subclasses).
 
-    def register(rule: Rule) -> Rule:
-        for layer_type in layer_types:
-            GRAM_RULES[layer_type] = GramRule(rule, param_names, fusable, capture)
+    Two forms::
+
+        register_gram_rule(MyLayer, GramRule(my_factors, ("weight",)))   # returns the rule
+
+        @register_gram_rule(MyLayer, OtherLayer, param_names=("weight",))  # decorator on factorize
+        def my_factors(layer, activations, backprops): ...
+
+    A type that already has a rule raises ``ValueError`` unless ``overwrite=True``.
+    """
+    if len(args) == 2 and isinstance(args[1], GramRule):
+        module_type, rule = args
+        _add_rule(module_type, rule, overwrite)
         return rule
+    for module_type in args:
+        _check_module_type(module_type)
+
+    def register(factorize: Rule) -> Rule:
+        for module_type in args:
+            _add_rule(module_type, GramRule(factorize, param_names, fusable, capture), overwrite)
+        return factorize
 
     return register
 
 
-def gram_rule_for(layer: nn.Module) -> GramRule | None:
-    """The rule registered for ``type(layer)``, or ``None``."""
-    return GRAM_RULES.get(type(layer))
+def _check_module_type(module_type: Any) -> None:
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"register_gram_rule takes torch.nn.Module subclasses and a GramRule, got {module_type!r}; "
+            "call register_gram_rule(ModuleType, GramRule(factorize, param_names)) or use it as a "
+            "decorator, @register_gram_rule(ModuleType, param_names=...)"
+        )
+
+
+def _add_rule(module_type: Any, rule: GramRule, overwrite: bool) -> None:
+    _check_module_type(module_type)
+    if not isinstance(rule, GramRule):
+        raise TypeError(f"rule must be a GramRule, got {type(rule).__name__}")
+    if module_type in GRAM_RULES and not overwrite:
+        raise ValueError(
+            f"{module_type.__name__} already has a Gram rule ({GRAM_RULES[module_type].factorize.__name__}); "
+            "pass overwrite=True to replace it, or rules={...} to GramCollector to override it there only"
+        )
+    GRAM_RULES[module_type] = rule
+
+
+def gram_rule_for(
+    layer: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None = None
+) -> GramRule | None:
+    """The rule of the nearest class in ``type(layer).__mro__`` registered in ``rules`` (which wins)
+    or in :data:`GRAM_RULES`, or ``None``. A ``None`` in ``rules`` stops the search (no rule).
+
+    A rule found for a base class serves a subclass only if the subclass inherits that class's
+    ``forward`` (a subclass computing something else would get a wrong gradient). A rule whose
+    ``applies(layer)`` is false is passed over.
+    """
+    rules = rules or {}
+    for cls in type(layer).__mro__:
+        if cls in rules or cls in GRAM_RULES:
+            rule = rules[cls] if cls in rules else GRAM_RULES[cls]
+            if rule is not None and rule.applies is not None and not rule.applies(layer):
+                continue
+            return rule if rule is None or type(layer).forward is cls.forward else None
+    return None
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
