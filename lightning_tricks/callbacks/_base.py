@@ -12,7 +12,7 @@
   ``ModelCheckpoint`` can monitor them;
 - **a run folder** (:func:`run_directory`): every file goes into the current run's versioned
   folder, the one Lightning's ``ModelCheckpoint`` writes under — ``<save_dir>/<name>/<version>`` of
-  the first logger (TensorBoard, CSV, W&B, MLflow), or ``<default_root_dir>/lightning_tricks/version_N``
+  the first logger (TensorBoard, CSV, W&B, MLflow), or ``<default_root_dir>/lightning_tricks_logs/version_N``
   without a logger — written by rank 0 only;
 - **figures for every logger** (:meth:`TrickCallback.log_figure`): TensorBoard ``add_figure``, W&B
   ``log_image``, MLflow ``log_figure``, and always a PNG in the run folder; loggers that cannot
@@ -47,7 +47,7 @@ from typing_extensions import override
 RUN_FILE = "lightning_tricks.json"
 """Run-folder metadata: which callbacks wrote here and the run folder a resumed fit continued."""
 
-NO_LOGGER_FOLDER = "lightning_tricks"
+NO_LOGGER_FOLDER = "lightning_tricks_logs"
 
 _RUN_DIRS: WeakKeyDictionary[pl.Trainer, str] = WeakKeyDictionary()
 _IMAGE_NOTICES: set[str] = set()
@@ -75,7 +75,7 @@ def run_directory(trainer: pl.Trainer) -> str:
 
     ``<save_dir>/<name>/<version>`` of the first logger — for TensorBoard and CSV exactly their
     ``log_dir`` — as Lightning's ``ModelCheckpoint`` resolves it; without a logger, the next free
-    ``<default_root_dir>/lightning_tricks/version_N``. Resolved once per trainer, so all callbacks of
+    ``<default_root_dir>/lightning_tricks_logs/version_N``. Resolved once per trainer, so all callbacks of
     a run share it.
     """
     if trainer in _RUN_DIRS:
