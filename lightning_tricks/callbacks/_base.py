@@ -44,6 +44,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
+from ._dashboard import send_metrics, write_dashboard
+
 RUN_FILE = "lightning_tricks.json"
 """Run-folder metadata: which callbacks wrote here and the run folder a resumed fit continued."""
 
@@ -146,6 +148,18 @@ class TrickCallback(Callback):
         """Every constructor argument, saved with the state and shown in TensorBoard's HParams."""
         return dict(self.identity())
 
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        """Charts of TensorBoard's Custom Scalars tab: ``{"chart title": [tag, ...]}``, each chart
+        one multi-line plot of the tags (TensorBoard matches them as regular expressions).
+
+        The layouts of all the run's ``TrickCallback`` instances are gathered into one layout at
+        fit start, one category per callback class."""
+        return {}
+
+    def metric_descriptions(self) -> dict[str, str]:
+        """``{tag: description}`` (Markdown) shown beside the tag in TensorBoard's Scalars tab."""
+        return {}
+
     @property
     @override
     def state_key(self) -> str:
@@ -198,6 +212,8 @@ class TrickCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_run_file(trainer)
+        tricks = [callback for callback in trainer.callbacks if isinstance(callback, TrickCallback)]
+        write_dashboard(trainer, tricks, self._run_dir)
 
     @property
     def run_dir(self) -> str | None:
@@ -226,7 +242,7 @@ class TrickCallback(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=step)
+                send_metrics(logger, values, step)
 
     # -- figures and files ---------------------------------------------------------------------
 

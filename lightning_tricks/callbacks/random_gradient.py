@@ -162,6 +162,21 @@ class RandomGradient(TrickCallback):
     def hyperparameters(self) -> dict[str, Any]:
         return {**self.identity(), "seed": self.seed, "log_every_n_steps": self.log_every_n_steps}
 
+    @override
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        return {"r, the loss multiplier of each step": [METRIC_NAME]}
+
+    @override
+    def metric_descriptions(self) -> dict[str, str]:
+        bounds = f"r = {self.high}" if self.schedule == "constant" else f"r in [{self.low}, {self.high}]"
+        return {
+            METRIC_NAME: (
+                f"RandomGradient: the factor r of the step's first backward, which propagates `loss * r` "
+                f"(seed 000 §4); {self.schedule} schedule, {bounds}. The gradient is scaled by r, the "
+                "learning rate is not. Every draw is in `random_gradient.csv`."
+            )
+        }
+
     @property
     def history(self) -> list[dict[str, float]]:
         """This fit's draws: ``{"step", "backward", "r"}`` per backward, in order."""

@@ -1,0 +1,248 @@
+"""Read a run folder back into tidy tables and arrays, across resumes, without TensorBoard.
+
+Every lightning-tricks callback writes into its run's versioned folder (see
+:func:`lightning_tricks.callbacks._base.run_directory`): CSV tables, ``.npy`` arrays, PNG figures and
+``lightning_tricks.json``, which records for a resumed fit the run folder it continued. The readers
+here follow that chain, so a notebook gets one table for the whole training::
+
+    from lightning_tricks.plotting import plot_gradient_flow
+    from lightning_tricks.results import load_gradient_flow, load_random_gradient
+
+    draws = load_random_gradient("lightning_logs/version_3")  # [{"step": 0, "backward": 0, "r": 0.97}, ...]
+    figure = plot_gradient_flow(*load_gradient_flow("lightning_logs/version_3"))
+
+Tables are lists of records (``dict`` per row, numbers parsed); with ``as_frame=True`` a pandas
+``DataFrame`` instead (pandas is optional and only imported then).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .callbacks._base import RUN_FILE
+
+Record = dict[str, Any]
+PathLike = str | os.PathLike
+
+RANDOM_GRADIENT_FILE = "random_gradient.csv"
+FISHER_FILE = "fisher_spectrum.csv"
+GRADIENT_FLOW_STEM = "grad_flow"
+
+
+class GradientFlowTable(NamedTuple):
+    """Gradient flow of a run, in the argument order of
+    :func:`lightning_tricks.plotting.plot_gradient_flow` (``plot_gradient_flow(*table)``)."""
+
+    matrix: np.ndarray
+    """``(layers, epochs)``: the epoch average of each layer's mean ``|∂L/∂θ|``; NaN where absent."""
+    layer_names: list[str]
+    epochs: list[int]
+
+
+# -- generic readers --------------------------------------------------------------------------
+
+
+def read_table(path: PathLike) -> list[Record]:
+    """A CSV file with a header as records; cells that are integers or floats (``nan``, ``inf``
+    included) become numbers, empty cells ``None``, others stay strings."""
+    with open(path, newline="") as handle:
+        return [{name: _parse_cell(cell) for name, cell in row.items()} for row in csv.DictReader(handle)]
+
+
+def read_array(path: PathLike) -> np.ndarray:
+    """An ``.npy`` file (no pickled objects)."""
+    return np.load(path, allow_pickle=False)
+
+
+def run_info(run_dir: PathLike) -> dict[str, Any]:
+    """``lightning_tricks.json`` of a run folder: ``{"callbacks": {namespace: {"class",
+    "hyperparameters", "resumed_from"?}}}``; an empty record if the folder has none."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return {"callbacks": {}}
+    return json.loads(path.read_text())
+
+
+def run_chain(run_dir: PathLike, namespace: str | None = None) -> list[Path]:
+    """The run folders of a training, earliest first, ending with ``run_dir``.
+
+    Follows ``resumed_from`` in each folder's ``lightning_tricks.json`` (the entry of callback
+    ``namespace``, or the first entry that has one). A recorded folder that is not found as
+    written (a relative path read from another working directory, or a moved tree) is looked
+    for beside the later folder under its own name.
+
+    Raises:
+        FileNotFoundError: ``run_dir``, or a folder the chain names, does not exist.
+    """
+    current = Path(run_dir)
+    if not current.is_dir():
+        raise FileNotFoundError(f"`run_dir` {str(run_dir)!r} is not a folder; pass a run's versioned folder.")
+    chain = [current]
+    while (previous := _resumed_from(current, namespace)) is not None:
+        found = _locate(previous, current)
+        if any(found.resolve() == seen.resolve() for seen in chain):
+            break
+        chain.append(found)
+        current = found
+    return chain[::-1]
+
+
+def concatenate_runs(
+    run_dir: PathLike,
+    file_name: str,
+    key: str,
+    namespace: str | None = None,
+    follow_resumes: bool = True,
+) -> list[Record]:
+    """The records of CSV ``file_name`` over the folders of :func:`run_chain`, earliest first.
+
+    A resumed fit restarts at some ``key`` (a step, a draw index): the rows an earlier folder has
+    at or after the first ``key`` of a later folder are the ones the resumed fit redid, and are
+    dropped. Folders without the file are skipped."""
+    folders = run_chain(run_dir, namespace) if follow_resumes else [Path(run_dir)]
+    segments = [read_table(folder / file_name) for folder in folders if (folder / file_name).is_file()]
+    records: list[Record] = []
+    for segment in segments:
+        if segment:
+            start = segment[0][key]
+            records = [row for row in records if row[key] < start]
+        records.extend(segment)
+    return records
+
+
+# -- per-callback readers (one small function per file format) ---------------------------------
+
+
+def load_random_gradient(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """RandomGradient's draws, ``{"step", "backward", "r"}`` per backward, across resumes
+    (``random_gradient.csv``; ``backward`` is the index t of the r stream)."""
+    records = concatenate_runs(run_dir, RANDOM_GRADIENT_FILE, "backward", "random_gradient", follow_resumes)
+    return _maybe_frame(records, as_frame)
+
+
+def load_fisher_spectrum(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """FisherSpectrum's per-epoch records ``{"epoch", "step", "C_bar", "L", "lr", "batch_size"}``
+    across resumes (``fisher_spectrum.csv``)."""
+    records = concatenate_runs(run_dir, FISHER_FILE, "step", "fisher", follow_resumes)
+    return _maybe_frame(records, as_frame)
+
+
+def fisher_columns(records: Sequence[Record]) -> dict[str, np.ndarray]:
+    """Records as ``{column: array}``, the table form :func:`lightning_tricks.plotting.beacon_map`
+    draws from."""
+    names = list(records[0]) if records else []
+    return {name: np.array([row[name] for row in records], dtype=float) for name in names}
+
+
+def load_gradient_flow(
+    run_dir: PathLike, stem: str = GRADIENT_FLOW_STEM, follow_resumes: bool = True
+) -> GradientFlowTable:
+    """GradientFlow's layer × epoch matrix with its layer names, across resumes.
+
+    Reads ``<stem>.csv`` (a ``layer`` column, then one ``epoch_N`` column per epoch; ``stem`` is
+    ``grad_flow_opt{i}`` for optimiser i of several) in each folder of the chain; a later folder's
+    epoch replaces an earlier one's, layers keep their first-seen order, missing entries are NaN.
+
+    Raises:
+        FileNotFoundError: no folder of the chain has ``<stem>.csv``.
+    """
+    folders = run_chain(run_dir, "grad_flow") if follow_resumes else [Path(run_dir)]
+    files = [folder / f"{stem}.csv" for folder in folders if (folder / f"{stem}.csv").is_file()]
+    if not files:
+        raise FileNotFoundError(f"No {stem}.csv in {[str(f) for f in folders]}; is GradientFlow attached?")
+    columns: dict[int, dict[str, float]] = {}
+    names: dict[str, None] = {}
+    for path in files:
+        for epoch, values in _read_gradient_flow_csv(path).items():
+            columns[epoch] = values
+            names.update(dict.fromkeys(values))
+    epochs = sorted(columns)
+    matrix = np.array([[columns[e].get(name, math.nan) for e in epochs] for name in names], dtype=float)
+    return GradientFlowTable(matrix.reshape(len(names), len(epochs)), list(names), epochs)
+
+
+def _read_gradient_flow_csv(path: Path) -> dict[int, dict[str, float]]:
+    """``grad_flow.csv`` as ``{epoch: {layer: value}}`` (columns ``layer, epoch_0, epoch_1, …``)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    epochs = [int(name.removeprefix("epoch_")) for name in header[1:]]
+    return {epoch: {row[0]: float(row[i + 1]) for row in body} for i, epoch in enumerate(epochs)}
+
+
+def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> dict[str, Any]:
+    """Everything the known callbacks left in a run folder (and the folders it resumed):
+    ``"folders"`` (:func:`run_chain`), ``"callbacks"`` (``lightning_tricks.json``), and where
+    their files exist ``"random_gradient"``, ``"fisher_spectrum"`` (tables) and ``"grad_flow"``
+    (:class:`GradientFlowTable`)."""
+    folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
+    present = {path.name for folder in folders for path in folder.iterdir()}
+    loaders: dict[str, tuple[str, Callable[[], Any]]] = {
+        "random_gradient": (
+            RANDOM_GRADIENT_FILE,
+            lambda: load_random_gradient(run_dir, follow_resumes, as_frame),
+        ),
+        "fisher_spectrum": (FISHER_FILE, lambda: load_fisher_spectrum(run_dir, follow_resumes, as_frame)),
+        "grad_flow": (
+            f"{GRADIENT_FLOW_STEM}.csv",
+            lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes),
+        ),
+    }
+    results: dict[str, Any] = {"folders": folders, "callbacks": run_info(run_dir)["callbacks"]}
+    results.update({name: load() for name, (file_name, load) in loaders.items() if file_name in present})
+    return results
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+def _resumed_from(run_dir: Path, namespace: str | None) -> str | None:
+    entries = run_info(run_dir)["callbacks"]
+    if namespace is not None:
+        return entries.get(namespace, {}).get("resumed_from")
+    return next((entry["resumed_from"] for entry in entries.values() if entry.get("resumed_from")), None)
+
+
+def _locate(recorded: str, later: Path) -> Path:
+    """The folder ``recorded`` as written, else its namesake beside ``later``."""
+    candidates = [Path(recorded), later.parent / Path(recorded).name]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"{later / RUN_FILE} says the run resumed from {recorded!r}, which is neither there nor beside "
+        f"{str(later)!r}; move it back, or pass follow_resumes=False to read this folder alone."
+    )
+
+
+def _parse_cell(cell: str | None) -> Any:
+    if cell is None or cell == "":
+        return None
+    try:
+        return int(cell)
+    except ValueError:
+        pass
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def _maybe_frame(records: list[Record], as_frame: bool) -> Any:
+    if not as_frame:
+        return records
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError(
+            "as_frame=True needs pandas (pip install pandas); as_frame=False returns records."
+        ) from error
+    return pandas.DataFrame.from_records(records)

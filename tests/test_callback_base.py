@@ -1,0 +1,155 @@
+"""The shared callback base with every logger: run folder, figures, values at their own step,
+monitoring by EarlyStopping, and DDP (only rank 0 writes, every rank agrees on the run folder)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_tricks import RandomGradient
+from lightning_tricks.callbacks._base import RUN_FILE, run_directory
+from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LOGGER_KINDS = ("tensorboard", "csv", "wandb", "mlflow", "none")
+STEPS_PER_EPOCH, EPOCHS = 4, 2
+PROBE_TAG, PROBE_FIGURE = "probe/value", "probe/figure"
+
+
+def read_tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def read_csv_logger(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [(int(row["step"]), float(row[tag])) for row in csv.DictReader(handle) if row.get(tag)]
+
+
+def read_mlflow(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """MLflow's file store: ``<run>/metrics/<tag>`` lines ``timestamp value step``."""
+    lines = (run_dir / "metrics" / tag).read_text().split()
+    return [(int(step), float(value)) for _, value, step in zip(lines[::3], lines[1::3], lines[2::3])]
+
+
+def logged(kind: str, run_dir: Path, tag: str) -> list[tuple[int, float]] | None:
+    readers = {"tensorboard": read_tensorboard, "csv": read_csv_logger, "mlflow": read_mlflow}
+    return readers[kind](run_dir, tag) if kind in readers else None
+
+
+def wandb_offline_run(save_dir: Path) -> Path:
+    (run,) = (save_dir / "wandb").glob("offline-run-*")
+    return run
+
+
+@pytest.fixture
+def logged_run(request, tmp_path, monkeypatch, make_logger, trainer_for, tiny_module, probe_callback):
+    """Two epochs of four steps with RandomGradient and the probe, run from inside ``tmp_path``
+    with the logger of ``request.param`` saving under ``tmp_path/logs``."""
+    kind = request.param
+    monkeypatch.chdir(tmp_path)
+    logger = make_logger(kind, tmp_path / "logs")
+    random_gradient, probe = RandomGradient(seed=1), probe_callback()
+    trainer = trainer_for(
+        [random_gradient, probe], logger=logger, max_epochs=EPOCHS, default_root_dir=tmp_path / "root"
+    )
+    assert trainer.log_every_n_steps == 50, "the Trainer's default, larger than the run"
+    trainer.fit(tiny_module(samples=4 * STEPS_PER_EPOCH))
+    if kind == "wandb":
+        logger.experiment.finish()
+    return kind, trainer, random_gradient
+
+
+@pytest.mark.parametrize("logged_run", LOGGER_KINDS, indirect=True)
+def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(logged_run, tmp_path):
+    kind, trainer, _ = logged_run
+    run_dir = Path(run_directory(trainer))
+    expected_top = {"root"} if kind == "none" else {"logs"}
+    assert {p.name for p in tmp_path.iterdir()} == expected_top
+    assert run_dir.is_relative_to(tmp_path / next(iter(expected_top)))
+    assert {HISTORY_FILE, "probe.figure.png", RUN_FILE} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / "probe.figure.png").read_bytes().startswith(b"\x89PNG")
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    assert set(record["callbacks"]) == {"random_gradient", "probe"}
+
+
+@pytest.mark.parametrize("logged_run", LOGGER_KINDS, indirect=True)
+def test_every_value_reaches_the_logger_at_its_own_step(logged_run):
+    kind, trainer, random_gradient = logged_run
+    run_dir = Path(run_directory(trainer))
+    probe = logged(kind, run_dir, PROBE_TAG)
+    if probe is None:
+        return
+    steps = range(STEPS_PER_EPOCH * EPOCHS)
+    assert probe == [(step, 1.0 + step / 2) for step in steps], "every step, not every 50"
+    ((step, r),) = logged(kind, run_dir, METRIC_NAME)
+    assert step == 0 and r == pytest.approx(random_gradient.history[0]["r"], rel=1e-6), "step 0 of every 50"
+
+
+@pytest.mark.parametrize("logged_run", ["tensorboard", "wandb", "mlflow"], indirect=True)
+def test_figures_reach_loggers_that_show_images(logged_run, tmp_path):
+    kind, trainer, _ = logged_run
+    run_dir = Path(run_directory(trainer))
+    if kind == "tensorboard":
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+        events.Reload()
+        assert [e.step for e in events.Images(PROBE_FIGURE)] == [4, 8]
+    elif kind == "mlflow":
+        figures = sorted(p.name for p in (run_dir / "artifacts" / "probe").iterdir())
+        assert figures == ["figure_step4.png", "figure_step8.png"]
+    else:
+        offline = wandb_offline_run(tmp_path / "logs")
+        assert len(list(offline.rglob("media/images/probe/figure_*.png"))) == 2
+        (records,) = offline.glob("run-*.wandb")
+        assert PROBE_TAG.encode() in records.read_bytes(), "the metrics are in the offline run"
+
+
+def test_early_stopping_monitors_a_callback_metric(trainer_for, tiny_module, probe_callback):
+    """The probe's value grows every step, so with ``mode="min"`` the second epoch is no improvement."""
+    stopper = EarlyStopping(monitor=PROBE_TAG, mode="min", patience=0, check_on_train_epoch_end=True)
+    trainer = trainer_for([probe_callback(), stopper], max_epochs=5)
+    trainer.fit(tiny_module(samples=16))
+    assert stopper.stopped_epoch == 1 and trainer.current_epoch == 2
+    assert float(trainer.callback_metrics[PROBE_TAG]) == 1.0 + 7 / 2
+
+
+class SaveRunDir(Callback):
+    """Each rank writes the run folder it resolved to a file of its own, outside the run folder."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        path = self.directory / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(run_directory(trainer)))
+
+
+def test_ddp_only_rank_zero_writes_and_ranks_agree_on_the_run_folder(
+    tmp_path, trainer_for, tiny_module, make_logger, probe_callback
+):
+    (tmp_path / "ranks").mkdir()
+    random_gradient = RandomGradient(seed=2, log_every_n_steps=1)
+    callbacks = [random_gradient, probe_callback(), SaveRunDir(tmp_path / "ranks")]
+    trainer = trainer_for(
+        callbacks, logger=make_logger("tensorboard", tmp_path / "logs"), strategy="ddp_fork", devices=2
+    )
+    trainer.fit(tiny_module(samples=16))  # 2 steps a rank
+
+    rank0, rank1 = (json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    run_dir = Path(rank0)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert read_tensorboard(run_dir, PROBE_TAG) == [(0, 1.0), (1, 1.5)], "one event a step, not two"
+    with open(run_dir / HISTORY_FILE) as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["0", "1"], "one row a draw, not two"
+    written = sorted(p.name for p in (tmp_path / "logs").rglob("*") if p.is_file())
+    assert [name for name in written if not name.startswith("events.")] == sorted(
+        ["hparams.yaml", "probe.figure.png", HISTORY_FILE, RUN_FILE]
+    )

@@ -1,0 +1,146 @@
+"""Reading run folders back: generic CSV/NPY readers, the per-callback files, and resumed runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_tricks import RandomGradient
+from lightning_tricks.callbacks._base import RUN_FILE, run_directory
+from lightning_tricks.plotting import plot_gradient_flow
+from lightning_tricks.results import (
+    fisher_columns,
+    load_fisher_spectrum,
+    load_gradient_flow,
+    load_random_gradient,
+    load_run,
+    read_array,
+    read_table,
+    run_chain,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_run_file(run_dir: Path, namespace: str, resumed_from: str | None) -> None:
+    entry = {"class": "X", "hyperparameters": {}}
+    if resumed_from is not None:
+        entry["resumed_from"] = resumed_from
+    write(run_dir / RUN_FILE, json.dumps({"callbacks": {namespace: entry}}))
+
+
+def test_read_table_parses_numbers_and_keeps_text(tmp_path):
+    path = write(tmp_path / "t.csv", "step,name,value,empty\n3,conv1,0.25,\n4,fc,nan,\n")
+    rows = read_table(path)
+    assert rows[0] == {"step": 3, "name": "conv1", "value": 0.25, "empty": None}
+    assert rows[1]["step"] == 4 and math.isnan(rows[1]["value"])
+
+
+def test_read_array_round_trips_and_refuses_pickles(tmp_path):
+    array = np.arange(6.0).reshape(2, 3)
+    np.save(tmp_path / "a.npy", array)
+    np.testing.assert_array_equal(read_array(tmp_path / "a.npy"), array)
+    np.save(tmp_path / "o.npy", np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        read_array(tmp_path / "o.npy")
+
+
+def test_a_resumed_random_gradient_run_reads_back_as_the_uninterrupted_one(
+    tmp_path, trainer_for, tiny_module
+):
+    full = RandomGradient(seed=4)
+    trainer_for([full], max_epochs=2, default_root_dir=tmp_path / "full").fit(tiny_module(samples=12))
+
+    first = RandomGradient(seed=4)
+    trainer = trainer_for([first], max_epochs=1)
+    trainer.fit(tiny_module(samples=12))
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = RandomGradient(seed=4)
+    second = trainer_for([resumed], max_epochs=2)
+    second.fit(tiny_module(samples=12), ckpt_path=tmp_path / "epoch1.ckpt")
+
+    earlier, later = Path(run_directory(trainer)), Path(run_directory(second))
+    assert earlier != later and run_chain(later) == [earlier, later]
+    assert load_random_gradient(later) == full.history
+    assert load_random_gradient(later, follow_resumes=False) == resumed.history
+    everything = load_run(later)
+    assert everything["random_gradient"] == full.history and everything["folders"] == [earlier, later]
+    assert everything["callbacks"]["random_gradient"]["resumed_from"] == str(earlier)
+
+
+def test_rows_a_resumed_fit_redid_are_taken_from_the_later_folder(tmp_path):
+    """The first fit ran to step 5 but was resumed from the checkpoint of step 3."""
+    first, second = tmp_path / "logs" / "version_0", tmp_path / "logs" / "version_1"
+    write(first / "random_gradient.csv", "step,backward,r\n" + "".join(f"{s},{s},0.{s}\n" for s in range(6)))
+    write(second / "random_gradient.csv", "step,backward,r\n3,3,0.9\n4,4,0.9\n")
+    write_run_file(first, "random_gradient", None)
+    write_run_file(second, "random_gradient", "logs/version_0")  # relative to another directory
+    records = load_random_gradient(second)
+    assert [(row["step"], row["r"]) for row in records] == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.9), (4, 0.9)]
+
+
+def test_a_missing_earlier_folder_names_the_path_and_the_way_out(tmp_path):
+    run = tmp_path / "version_1"
+    write(run / "random_gradient.csv", "step,backward,r\n0,0,0.5\n")
+    write_run_file(run, "random_gradient", str(tmp_path / "elsewhere" / "version_0"))
+    with pytest.raises(FileNotFoundError, match="follow_resumes=False"):
+        load_random_gradient(run)
+    assert load_random_gradient(run, follow_resumes=False) == [{"step": 0, "backward": 0, "r": 0.5}]
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        run_chain(tmp_path / "nowhere")
+
+
+def test_gradient_flow_joins_epochs_and_layers_across_resumes_and_feeds_the_plot(tmp_path):
+    """The format of GradientFlow's ``grad_flow.csv``: a ``layer`` column, then ``epoch_N``."""
+    first, second = tmp_path / "version_0", tmp_path / "version_1"
+    write(first / "grad_flow.csv", "layer,epoch_0,epoch_1\nconv1,1e-3,2e-3\nfc,0.5,0.25\n")
+    write(second / "grad_flow.csv", "layer,epoch_1,epoch_2\nconv1,3e-3,4e-3\nfc,0.5,0.5\nhead,1.0,2.0\n")
+    write_run_file(second, "grad_flow", str(first))
+    table = load_gradient_flow(second)
+    assert table.layer_names == ["conv1", "fc", "head"] and table.epochs == [0, 1, 2]
+    np.testing.assert_array_equal(table.matrix, [[1e-3, 3e-3, 4e-3], [0.5, 0.5, 0.5], [math.nan, 1.0, 2.0]])
+    figure = plot_gradient_flow(*table)
+    assert len(figure.axes[0].lines) == 3
+    with pytest.raises(FileNotFoundError, match="grad_flow_opt1.csv"):
+        load_gradient_flow(second, stem="grad_flow_opt1")
+
+
+def test_fisher_history_concatenates_by_step_and_gives_columns(tmp_path):
+    """The format of FisherSpectrum's ``fisher_spectrum.csv``: epoch, step, C_bar, L, lr, batch_size."""
+    first, second = tmp_path / "a" / "version_0", tmp_path / "b" / "version_0"
+    header = "epoch,step,C_bar,L,lr,batch_size\n"
+    write(first / "fisher_spectrum.csv", header + "0,9,2.0,0.5,0.1,32\n1,19,2.5,1.0,0.1,32\n")
+    write(second / "fisher_spectrum.csv", header + "1,19,2.4,1.1,0.1,64\n2,29,2.6,1.5,0.05,64\n")
+    write_run_file(second, "fisher", str(first))
+    records = load_fisher_spectrum(second)
+    assert [(r["epoch"], r["batch_size"]) for r in records] == [(0, 32), (1, 64), (2, 64)]
+    columns = fisher_columns(records)
+    np.testing.assert_array_equal(columns["L"], [0.5, 1.1, 1.5])
+    assert set(load_run(second)) == {"folders", "callbacks", "fisher_spectrum"}
+
+
+def test_as_frame_gives_a_dataframe_when_pandas_is_installed(tmp_path):
+    pandas = pytest.importorskip("pandas")
+    write(tmp_path / "random_gradient.csv", "step,backward,r\n0,0,0.5\n0,1,0.25\n")
+    frame = load_random_gradient(tmp_path, as_frame=True)
+    assert isinstance(frame, pandas.DataFrame) and frame["r"].tolist() == [0.5, 0.25]
+
+
+def test_a_moved_tree_is_followed_by_folder_name(tmp_path):
+    first, second = tmp_path / "old" / "version_0", tmp_path / "old" / "version_1"
+    write(first / "random_gradient.csv", "step,backward,r\n0,0,0.5\n")
+    write(second / "random_gradient.csv", "step,backward,r\n1,1,0.75\n")
+    write_run_file(second, "random_gradient", str(first))
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    assert [row["r"] for row in load_random_gradient(tmp_path / "new" / "version_1")] == [0.5, 0.75]
