@@ -421,12 +421,14 @@ class GramCollector:
                 f"module {layer.name!r} ran forward again after its backward was captured; call "
                 "GramCollector.reset() between training steps (e.g. between accumulated micro-batches)"
             )
-        if not output.requires_grad or len(inputs) == 0 or not (layer.params or layer.active_shared):
+        if not output.requires_grad or not (layer.params or layer.active_shared):
+            return
+        self._record_consumers(layer, hidden, output, (*args, *kwargs.values()))
+        if len(inputs) == 0:  # an empty batch: nothing to measure
             return
         self._check_batch_size(layer, len(inputs))
         layer.pending += 1
         layer.calls += 1
-        self._record_consumers(layer, hidden, output, (*args, *kwargs.values()))
         call = _Call(layer.rule.capture(module, inputs, output), inputs, inputs._version, hidden)
         output.register_hook(partial(self._on_backprop, layer, call))
 
