@@ -39,7 +39,9 @@ def single_thread():
 
 def make_data(n: int = 24, features: int = 6, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, features, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+    return TensorDataset(
+        torch.randn(n, features, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+    )
 
 
 class MLP(L.LightningModule):
@@ -75,7 +77,12 @@ def fit(module: L.LightningModule, callbacks: list, tmp_path, data=None, **kwarg
     options.update(kwargs)
     ckpt_path = options.pop("ckpt_path", None)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, callbacks=callbacks, enable_model_summary=False, default_root_dir=tmp_path, **options
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **options,
     )
     trainer.fit(module, DataLoader(data or make_data(), batch_size=6), ckpt_path=ckpt_path)
     return trainer
@@ -107,7 +114,9 @@ def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
         assert actual == expected, where
 
 
-def assert_training_unchanged(make_module, callbacks_factory, tmp_path, **kwargs) -> tuple[Any, FisherSpectrum]:
+def assert_training_unchanged(
+    make_module, callbacks_factory, tmp_path, **kwargs
+) -> tuple[Any, FisherSpectrum]:
     """Train twice, without and with FisherSpectrum (first in the list); the runs must be identical."""
     states = []
     for with_fisher in (False, True):
@@ -205,7 +214,13 @@ class FunctionalReuse(MLP):
 def test_weight_used_functionally_is_refused_before_any_update(tmp_path):
     module = FunctionalReuse()
     before = snapshot(module)
-    trainer = L.Trainer(max_epochs=1, callbacks=[FisherSpectrum()], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[FisherSpectrum()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     with pytest.raises(ValueError, match=r"\['enc.weight'\] are used outside their module"):
         trainer.fit(module, DataLoader(make_data(), batch_size=6), ckpt_path=None)
     assert trainer.global_step == 0
@@ -230,7 +245,9 @@ class TiedLanguageModel(MLP):
 
 def token_data() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randint(0, 7, (12, 3), generator=generator), torch.randint(0, 7, (12,), generator=generator))
+    return TensorDataset(
+        torch.randint(0, 7, (12, 3), generator=generator), torch.randint(0, 7, (12,), generator=generator)
+    )
 
 
 def test_tied_weights_train_identically_and_are_measured_exactly(tmp_path):
@@ -293,7 +310,8 @@ def plain_training(module: nn.Module, steps: int = 3) -> None:
 
 
 @pytest.mark.parametrize(
-    "point", ["forward", "training_step", "before_backward", "after_backward", "before_optimizer_step", "closure"]
+    "point",
+    ["forward", "training_step", "before_backward", "after_backward", "before_optimizer_step", "closure"],
 )
 def test_exception_at_any_point_leaves_the_model_unhooked(tmp_path, point):
     module = FailsAt(point)
@@ -379,7 +397,9 @@ class SequenceFirst(MLP):
 
 def test_batch_dimension_not_first_is_refused(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(24, 4, 6, generator=generator), torch.randint(0, 3, (24,), generator=generator))
+    data = TensorDataset(
+        torch.randn(24, 4, 6, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    )
     module = SequenceFirst()
     with pytest.raises(ValueError, match="batch dimension first"):
         fit(module, [FisherSpectrum()], tmp_path, data=data)
@@ -406,7 +426,11 @@ def test_empty_batch_is_skipped(tmp_path):
 def test_reused_callback_restarts_its_running_measures(tmp_path):
     reused, fresh = FisherSpectrum(), FisherSpectrum()
     fit(MLP(), [reused], tmp_path / "a")
-    fit(MLP(), [reused, EarlyStopping("fisher/L", patience=100, check_on_train_epoch_end=True)], tmp_path / "b")
+    fit(
+        MLP(),
+        [reused, EarlyStopping("fisher/L", patience=100, check_on_train_epoch_end=True)],
+        tmp_path / "b",
+    )
     fit(MLP(), [fresh], tmp_path / "c")
     assert [h["step"] for h in reused.history] == [h["step"] for h in fresh.history]
     assert reused.L == fresh.L and reused.C_bar == fresh.C_bar
@@ -419,7 +443,14 @@ def test_resume_with_the_same_callback_keeps_the_checkpoint_state(tmp_path):
     fit(NoDropoutMLP(), [full], tmp_path / "full", max_epochs=None, max_steps=8)
     fisher = FisherSpectrum()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    fit(NoDropoutMLP(), [fisher, checkpoint], tmp_path / "a", max_epochs=None, max_steps=6, enable_checkpointing=True)
+    fit(
+        NoDropoutMLP(),
+        [fisher, checkpoint],
+        tmp_path / "a",
+        max_epochs=None,
+        max_steps=6,
+        enable_checkpointing=True,
+    )
     resume = str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")  # the instance itself has measured 6 steps
     fit(NoDropoutMLP(), [fisher], tmp_path / "b", max_epochs=None, max_steps=8, ckpt_path=resume)
     assert [h["step"] for h in fisher.history] == list(range(8))

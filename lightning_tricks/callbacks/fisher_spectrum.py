@@ -180,7 +180,9 @@ class FisherSpectrum(Callback):
         self._release()
         self._flush()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._release()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -195,7 +197,7 @@ class FisherSpectrum(Callback):
             self._collector.enabled = True
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        if self._measuring:
+        if self._measuring and trainer.world_size == 1:  # the graph walk upsets DDP's reducer
             self._collector.check_outside_use(loss)
 
     def on_before_optimizer_step(

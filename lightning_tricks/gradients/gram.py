@@ -399,7 +399,9 @@ class GramCollector:
         inputs = _first_input(args, kwargs)
         if not (self._fuse and isinstance(inputs, Tensor) and inputs.requires_grad and len(inputs) > 0):
             return
-        hidden = [name for name in layer.rule.fusable if name in layer.params and layer.params[name].requires_grad]
+        hidden = [
+            name for name in layer.rule.fusable if name in layer.params and layer.params[name].requires_grad
+        ]
         for name in hidden:
             self._hidden[layer.params[name]] = True
             layer.params[name].requires_grad_(False)
@@ -683,7 +685,7 @@ def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_L
     for layer in layers:
         for name, param in layer.candidates.items():
             owners.setdefault(param, []).append((layer, name))
-    for param, owned in owners.items():
+    for owned in owners.values():
         if len(owned) > 1:
             for layer, name in owned:
                 layer.shared[name] = layer.candidates.pop(name)
