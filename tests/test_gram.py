@@ -416,15 +416,18 @@ def test_fused_grads_accumulate_into_existing_grad() -> None:
         torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
 
 
-def test_fused_weights_skip_autograd_and_are_restored() -> None:
+def test_fused_weights_are_hidden_only_during_their_forward() -> None:
     model, x, y = build("cnn", 4)
-    seen = []
+    inside = []
     with GramCollector(model, fuse_weight_grad=True) as gram:
+        for index in (0, 2):  # registered after the collector's hooks: sees the flag they set
+            model[index].register_forward_pre_hook(lambda m, args: inside.append(m.weight.requires_grad))
         loss = F.cross_entropy(model(x), y)
-        seen = [model[2].weight.requires_grad, model[0].weight.requires_grad]
+        after_forward = [p.requires_grad for p in model.parameters()]
         loss.backward()
     # conv 2's input needs grad, so its weight was hidden; conv 0 sees the data (no grad): kept
-    assert seen == [False, True]
+    assert inside == [True, False]
+    assert all(after_forward), "restored right after each module's forward"
     assert all(p.requires_grad for p in model.parameters())
     assert gram.matrix().shape == (4, 4)
 
@@ -567,11 +570,34 @@ def test_unused_call_output_contributes_nothing() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_parameter_shared_between_modules_is_refused() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    model[1].weight = model[0].weight
-    with pytest.raises(ValueError, match="shared between modules"):
-        GramCollector(model)
+class TiedLM(nn.Module):
+    """Embedding and output Linear share one weight; the Linear also has its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx)))).mean(dim=1)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_parameter_shared_between_modules_is_measured_exactly(fuse: bool) -> None:
+    torch.manual_seed(0)
+    model = TiedLM().to(DTYPE)
+    x, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    jacobian = per_sample_jacobian(model, x, y)
+    plain = _plain_grads(model, x, y)
+    model.zero_grad(set_to_none=True)
+    gram = collect(model, x, y, fuse_weight_grad=fuse)
+    assert relative_error(gram.matrix(), jacobian @ jacobian.T) < RTOL
+    assert set(gram.matrix(per_layer=True)) == {"mix", "head", "embed.weight"}
+    for p, expected in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(model.embed.weight.grad, plain[0]), "the tied weight is never fused"
 
 
 def test_parameter_used_outside_its_module_is_refused() -> None:
@@ -655,7 +681,7 @@ def test_forward_without_backward_restores_requires_grad() -> None:
     model, x, _ = build("cnn", 3)
     gram = GramCollector(model, fuse_weight_grad=True).attach()
     model(x)
-    assert not model[2].weight.requires_grad
+    assert all(p.requires_grad for p in model.parameters())
     gram.enabled = False
     assert all(p.requires_grad for p in model.parameters())
     model(x)

@@ -9,8 +9,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from ..gradients.gram import GramCollector
@@ -56,8 +57,18 @@ class FisherSpectrum(Callback):
     ``noise_scale`` are the mean over ranks of the local values (identical to a single process
     only with one rank).
 
-    **Scope.** Automatic optimisation without gradient accumulation: manual optimisation and
-    ``accumulate_grad_batches > 1`` are refused at ``setup``. A layer that runs several times in
+    **Scope.** Automatic optimisation without gradient accumulation: manual optimisation,
+    ``accumulate_grad_batches > 1`` and a ``GradientAccumulationScheduler`` scheduling more than one
+    batch are refused at ``setup`` (and accumulation again at every epoch start). F̃ covers the
+    parameters that require grad at each measured step (freezing and unfreezing during training are
+    followed; frozen ones are never touched); a weight tied between two modules is measured exactly;
+    a parameter used outside its module (functionally) is refused at the first measured step. Steps
+    without a backward (``training_step`` returning ``None``, SWA's BatchNorm pass, an empty batch,
+    no optimiser) are not measured. The batch dimension must come first in every layer's input
+    (checked against the batch's size). Training is untouched: parameters, buffers, optimiser state
+    and ``requires_grad`` flags evolve bit for bit as without the callback, and every hook is removed
+    at ``teardown`` or when the fit fails. The running measures restart with each ``fit`` (or
+    continue from the checkpoint it resumes). A layer that runs several times in
     one step (weight sharing, two views of the batch) is measured exactly: sample i's gradient
     sums over every call. With a ``GradScaler`` (16-bit AMP), F̃ is divided by the squared loss
     scale. The gradients measured are those of the backward as performed: a callback scaling the
@@ -116,6 +127,7 @@ class FisherSpectrum(Callback):
         self._history: list[dict[str, float]] = []
         self._epoch_rows: list[dict[str, float]] = []
         self._warned_non_finite = False
+        self._batch_size: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -153,44 +165,58 @@ class FisherSpectrum(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
+        self._restart()  # before Lightning loads a resumed checkpoint's state into the callback
         self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
         self._collector = GramCollector(
             pl_module,
             loss_reduction=self.loss_reduction,
+            fuse_weight_grad=False,  # autograd's own weight gradients: bit-exact training
             unsupported=self.unsupported,
         )
         self._collector.attach()
         self._collector.enabled = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._collector is not None:
-            self._collector.detach()
-            self._collector = None
+        self._release()
         self._flush()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_accumulation(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._measuring = trainer.global_step % self.every_n_steps == 0
+        self._measuring = self._should_measure(trainer, batch)
         if self._measuring:
             self._collector.reset()
             self._collector.enabled = True
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        if self._measuring and trainer.world_size == 1:  # the graph walk upsets DDP's reducer
+            self._collector.check_outside_use(loss)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if not self._measuring:
             return
-        self._collector.enabled = False
-        self._measuring = False
-        self._measure(trainer, pl_module, self._collector.matrix())
+        self._stop_capture()
+        if self._collector.captured:  # else no backward ran (skipped step, SWA's BatchNorm pass)
+            self._check_batch_dim()
+            self._measure(trainer, pl_module, self._collector.matrix())
+        self._collector.reset()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._measuring:  # the step was skipped (training_step returned None): nothing measured
-            self._collector.enabled = False
-            self._measuring = False
+            self._stop_capture()
+            self._collector.reset()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         history = self.history
@@ -222,11 +248,74 @@ class FisherSpectrum(Callback):
                 "FisherSpectrum needs automatic optimisation: with manual optimisation it cannot tell "
                 "which backward is the training step's. Set `self.automatic_optimization = True`."
             )
-        if trainer.accumulate_grad_batches != 1:
+        scheduled = [
+            count
+            for callback in trainer.callbacks
+            if isinstance(callback, GradientAccumulationScheduler)
+            for count in callback.scheduling.values()
+        ]
+        self._check_accumulation(trainer, max(scheduled, default=1))
+
+    def _check_accumulation(self, trainer: L.Trainer, scheduled: int = 1) -> None:
+        """One clear error for gradient accumulation (SWA's BatchNorm pass, without backward, is fine)."""
+        if getattr(trainer.fit_loop, "_skip_backward", False):
+            return
+        batches = max(trainer.accumulate_grad_batches, scheduled)
+        if batches != 1:
             raise ValueError(
-                "FisherSpectrum measures one batch per optimizer step and does not support "
-                f"`accumulate_grad_batches={trainer.accumulate_grad_batches}`; use 1 (a larger batch)."
+                "FisherSpectrum measures one batch per optimizer step and does not support gradient "
+                f"accumulation (`accumulate_grad_batches` or a GradientAccumulationScheduler giving "
+                f"{batches}); use 1 (a larger batch instead)."
             )
+
+    def _restart(self) -> None:
+        """Fresh running measures and history for a new fit."""
+        self._running = torch.zeros(3, dtype=torch.float64)
+        self._pending.clear()
+        self._history = []
+        self._epoch_rows = []
+        self._measuring = False
+
+    def _release(self) -> None:
+        """Remove every hook and drop what was captured (teardown, or the fit failed)."""
+        self._measuring = False
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            try:
+                collector.detach()
+            finally:
+                collector.reset()
+
+    def _stop_capture(self) -> None:
+        self._collector.enabled = False
+        self._measuring = False
+
+    def _should_measure(self, trainer: L.Trainer, batch: Any) -> bool:
+        """Measured steps: every n-th, with a non-empty batch and an optimiser with a learning rate."""
+        if trainer.global_step % self.every_n_steps != 0 or self._learning_rate(trainer) is None:
+            return False
+        self._check_accumulation(trainer)
+        try:
+            self._batch_size = extract_batch_size(batch)
+        except Exception:  # no tensor found: the collector's own batch size is used unchecked
+            self._batch_size = None
+        return self._batch_size != 0
+
+    def _check_batch_dim(self) -> None:
+        measured = self._collector.batch_size
+        if self._batch_size is not None and measured != self._batch_size:
+            raise ValueError(
+                f"FisherSpectrum: the layers' inputs have {measured} as their leading dimension but the "
+                f"batch has {self._batch_size} samples; F̃ needs the batch dimension first in every "
+                "layer's input (e.g. `batch_first=True`, or transpose sequence-first tensors back "
+                "before the layers)."
+            )
+
+    @staticmethod
+    def _learning_rate(trainer: L.Trainer) -> float | None:
+        """α_k of the first optimiser's first param group; ``None`` without an optimiser."""
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        return groups[0].get("lr") if groups else None
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, gram: Tensor) -> None:
         gram = gram / self._loss_scale(trainer) ** 2
@@ -236,7 +325,7 @@ class FisherSpectrum(Callback):
             [stats.trace, stats.batch_size, stats.condition, stats.lambda_max, stats.rank, stats.noise_scale]
         )
         trace, batch, condition, lambda_max, rank, noise = self._combine_ranks(trainer, local)
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self._learning_rate(trainer)
         energy = fisher_energy(trace, lr, batch)
         c_bar, total = self._update_running(condition, energy)
         values = dict(c=condition, l=energy, C_bar=c_bar, L=total, trace=trace, lambda_max=lambda_max)

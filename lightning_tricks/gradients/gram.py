@@ -42,7 +42,11 @@ class _Call:
 
 @dataclass
 class _Layer:
-    """Capture state of one parameterised module."""
+    """Capture state of one parameterised module.
+
+    ``candidates`` are the module's own parameters that may enter G, ``shared`` those it shares
+    with another captured module; ``params`` and ``active_shared`` are the ones that required grad
+    at the module's first captured forward of the current collection (the trainable set then)."""
 
     name: str
     module: nn.Module
@@ -53,9 +57,17 @@ class _Layer:
     factors: list[dict[str, GradFactor]] = field(default_factory=list)
     hidden: tuple[str, ...] = ()
     methods: dict[str, str] = field(default_factory=dict)
+    candidates: dict[str, nn.Parameter] = field(default_factory=dict)
+    shared: dict[str, nn.Parameter] = field(default_factory=dict)
+    active_shared: tuple[str, ...] = ()
+    activated: bool = False
+
+    def __post_init__(self) -> None:
+        self.candidates = dict(self.params)
 
     def clear(self) -> None:
         self.pending, self.calls, self.hidden = 0, 0, ()
+        self.activated = False
         self.factors.clear()
         self.methods.clear()
 
@@ -109,20 +121,31 @@ class GramCollector:
     all forwards of a collection are treated as parts of the same B samples. A forward after a
     module's backward was completed is refused (call :meth:`reset` between steps, e.g. between
     accumulated micro-batches; activation checkpointing, which re-runs forwards inside the
-    backward, is not supported). A parameter registered in two modules is refused at construction;
-    one that receives a gradient while its module's forward was not captured (used functionally
-    outside its module) makes :meth:`matrix` raise instead of returning a matrix without it.
+    backward, is not supported).
 
-    Fused weight gradients (``fuse_weight_grad``): during a captured forward the weights of Linear,
-    ConvNd and ConvTransposeNd layers whose input requires grad are set to ``requires_grad=False``, so autograd
-    skips their weight-gradient kernels; the collector writes ``param.grad`` itself (``+=``, or a
-    new tensor where it is ``None``) from the per-sample gradients it already forms, and restores
-    ``requires_grad`` when that layer's backward is done (at the latest at :meth:`matrix`,
-    :meth:`reset`, ``enabled = False`` or :meth:`detach`). ``.grad`` equals autograd's up to float
-    rounding. It must be off when something else needs autograd's own gradient of those weights:
-    DistributedDataParallel's reducer (``"auto"`` switches it off when ``torch.distributed`` runs
-    with more than one process), ``register_post_accumulate_grad_hook`` users, or a weight used
-    outside its module's forward (functional weight tying).
+    Trainable set: the parameters that enter G are re-read at each module's first captured forward
+    after :meth:`reset`: one with ``requires_grad=False`` then (frozen by the user) is left out and
+    never touched; one unfrozen later enters G. A parameter registered in several captured modules
+    (tied weights, e.g. an embedding and an output Linear) is measured exactly: its per-sample
+    gradients are materialised per module and added (cross terms included), and its block appears
+    in ``matrix(per_layer=True)`` as ``"<first module>.<parameter>"``. A parameter that feeds the
+    loss other than through its module's captured forwards (used functionally, e.g.
+    ``F.linear(h, emb.weight)``) cannot be measured: :meth:`check_outside_use` finds every such use
+    in the loss's autograd graph, and :meth:`matrix` raises where it sees one (a gradient reaching a
+    parameter whose captured forwards did not record it); exclude the parameter (``params=`` or
+    ``modules=``) or call it through a module. A frozen parameter of a module without a rule that
+    is unfrozen later makes :meth:`matrix` raise (``unsupported="raise"``) or warn once.
+
+    Fused weight gradients (``fuse_weight_grad``): for the duration of a captured forward call of a
+    Linear, ConvNd or ConvTransposeNd layer whose input requires grad, its weight is set to
+    ``requires_grad=False``, so autograd skips its weight-gradient kernel; the user's flag is
+    restored right after that call (also when it raises), so any later use of the weight records
+    normally. The collector writes ``param.grad`` itself (``+=``, or a new tensor where it is
+    ``None``) from the per-sample gradients it already forms; ``.grad`` equals autograd's up to
+    float rounding. It must be off where something else needs autograd's own gradient of those
+    weights: DistributedDataParallel's reducer (``"auto"`` switches it off when
+    ``torch.distributed`` runs with more than one process) or ``register_post_accumulate_grad_hook``
+    users; and where ``.grad`` must equal autograd's bit for bit. Tied weights are never fused.
 
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
@@ -148,12 +171,14 @@ class GramCollector:
             (``None``: no rule for that type, so the fallback or ``unsupported`` applies).
 
     Raises:
-        ValueError: bad argument values, unsupported layers with ``unsupported="raise"``, a
-            parameter registered in two modules, or no parameter selected.
+        ValueError: bad argument values, unsupported trainable layers with ``unsupported="raise"``,
+            or no parameter selected; from :meth:`check_outside_use`, a parameter used outside its
+            module.
         TypeError: ``model`` not a module, ``params`` not parameters, ``modules`` not callable.
-        RuntimeError: from :meth:`matrix` if no backward was captured; in the backward if a layer's
-            input was modified in place, the batch size differs between layers, or a module runs
-            again after its contribution was completed.
+        RuntimeError: from :meth:`matrix` if no backward was captured, a parameter received a
+            gradient outside its module's forward, or an unsupported layer was unfrozen; in the
+            backward if a layer's input was modified in place, the batch size differs between
+            layers, or a module runs again after its contribution was completed.
 
     Example::
 
@@ -209,16 +234,24 @@ class GramCollector:
         self.method = method
         self.fuse_weight_grad = fuse_weight_grad
         self.unsupported = unsupported
+        candidates = _selected_params(model, params)
         self._layers = _select_layers(
-            model, _selected_params(model, params), modules, unsupported, fallback, _checked_rules(rules)
+            model, candidates, modules, unsupported, fallback, _checked_rules(rules)
         )
+        self._owners = _share_tied_params(self._layers)
+        self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
         self._handles: list[RemovableHandle] = []
+        self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
         self._missed: set[str] = set()
-        self._hidden: set[nn.Parameter] = set()
+        self._hidden: dict[nn.Parameter, bool] = {}
+        self._visible: set[nn.Parameter] = set()
+        self._consumers: dict[nn.Parameter, set[Any]] = {}
+        self._shared_grads: dict[nn.Parameter, Tensor] = {}
+        self._warned_unmeasured = False
 
     # -- public API ------------------------------------------------------------------------
 
@@ -233,18 +266,25 @@ class GramCollector:
                 module.register_forward_pre_hook(partial(self._before_forward, layer), with_kwargs=True)
             )
             self._handles.append(
-                module.register_forward_hook(partial(self._after_forward, layer), with_kwargs=True)
+                module.register_forward_hook(
+                    partial(self._after_forward, layer), with_kwargs=True, always_call=True
+                )
             )
-            for name, param in layer.params.items():
-                self._handles.append(param.register_hook(partial(self._on_param_grad, layer, name)))
+            self._hook_leaves([*layer.candidates.values(), *layer.shared.values()])
         return self
 
     def detach(self) -> None:
-        """Remove the hooks and restore ``requires_grad`` of fused weights; results stay readable."""
-        self._restore_requires_grad()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove every hook (module and tensor hooks) and give hidden weights back their user's
+        ``requires_grad``; safe to call at any point, also from an exception handler. Results of a
+        completed collection stay readable."""
+        try:
+            self._restore_requires_grad()
+        finally:
+            handles = [*self._handles, *self._leaf_handles.values()]
+            self._handles.clear()
+            self._leaf_handles.clear()
+            for handle in handles:
+                handle.remove()
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
@@ -254,6 +294,9 @@ class GramCollector:
         self._batch_size = None
         self._blocks = {}
         self._missed.clear()
+        self._visible.clear()
+        self._consumers.clear()
+        self._shared_grads.clear()
 
     @property
     def enabled(self) -> bool:
@@ -274,7 +317,7 @@ class GramCollector:
     @property
     def captured(self) -> bool:
         """Whether a backward delivered at least one layer's output gradient since :meth:`reset`."""
-        return bool(self._blocks) or any(layer.factors for layer in self._layers)
+        return bool(self._blocks or self._shared_grads) or any(layer.factors for layer in self._layers)
 
     @property
     def methods(self) -> dict[str, str]:
@@ -305,11 +348,49 @@ class GramCollector:
             raise RuntimeError(
                 f"parameters {sorted(self._missed)} received gradients, but their modules' forward was "
                 "not captured (parameter used outside its module's forward, or capture enabled after "
-                "the forward); G would miss their contribution"
+                "the forward); G would miss their contribution. Call the weight through its module, or "
+                "exclude it with params=/modules="
             )
+        self._check_unmeasured()
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
-        blocks = {name: self._blocks[name] * scale for name in self.layer_names if name in self._blocks}
+        names = [*self.layer_names, *(_param_name(*self._owners[p][0]) for p in self._shared_grads)]
+        blocks = {name: self._blocks[name] * scale for name in names if name in self._blocks}
         return blocks if per_layer else torch.stack(list(blocks.values())).sum(0)
+
+    def check_outside_use(self, loss: Tensor) -> None:
+        """Raise ``ValueError`` if a parameter entering G feeds ``loss`` other than through its
+        module's captured forwards (e.g. ``F.linear(h, emb.weight)``): G would miss that use.
+
+        Walks ``loss``'s autograd graph once (call it after the forward, before the backward): every
+        graph edge into a measured parameter must come from inside one of its module's captured
+        calls, whose own edges are recorded at the end of each captured forward.
+        """
+        tracked = {p for layer in self._layers for p in layer.params.values()}
+        tracked.update(p for layer in self._layers for p in map(layer.shared.get, layer.active_shared))
+        if not tracked or not isinstance(loss, Tensor) or loss.grad_fn is None:
+            return
+        outside: set[nn.Parameter] = set()
+        stack, seen = [loss.grad_fn], {loss.grad_fn}
+        while stack:
+            node = stack.pop()
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                param = getattr(child, "variable", None)
+                if param is not None:
+                    if param in tracked and node not in self._consumers.get(param, ()):
+                        outside.add(param)
+                elif child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+        if outside:
+            names = sorted(_param_name(*self._owners[p][0]) for p in outside)
+            raise ValueError(
+                f"parameters {names} are used outside their module's forward (functionally, e.g. "
+                "F.linear(x, module.weight)), so their per-sample gradients cannot be measured. Call "
+                "them through a module (tied weights shared by two modules are measured exactly), or "
+                "leave them out of the measurement (GramCollector params=/modules=)"
+            )
 
     @staticmethod
     def check_loss(loss: Any) -> None:
@@ -329,8 +410,10 @@ class GramCollector:
         self.enabled = True
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         self.detach()
+        if exc_type is not None:
+            self.reset()  # drop what a failed step captured
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -338,40 +421,43 @@ class GramCollector:
         return self._enabled and torch.is_grad_enabled() and not is_recomputing()
 
     def _before_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Fused mode: hide the fusable weights from autograd for this call if its input needs grad
-        (else its output might need no grad at all), and show them again otherwise."""
-        if not (self._fuse and self._capturing()):
+        """Read the trainable set at the layer's first captured call; fused mode: hide the fusable
+        weights from autograd for this call only, if its (non-empty) input needs grad."""
+        if not self._capturing():
             return
+        if not layer.activated:
+            self._activate(layer)
         inputs = _first_input(args, kwargs)
-        hide = isinstance(inputs, Tensor) and inputs.requires_grad
-        hidden = []
-        for name in layer.rule.fusable:
-            param = layer.params.get(name)
-            if param is None:
-                continue
-            if hide:
-                self._hidden.add(param)
-                param.requires_grad_(False)
-                hidden.append(name)
-            elif param in self._hidden:
-                self._hidden.discard(param)
-                param.requires_grad_(True)
+        if not (self._fuse and isinstance(inputs, Tensor) and inputs.requires_grad and len(inputs) > 0):
+            return
+        hidden = [
+            name for name in layer.rule.fusable if name in layer.params and layer.params[name].requires_grad
+        ]
+        for name in hidden:
+            self._hidden[layer.params[name]] = True
+            layer.params[name].requires_grad_(False)
         layer.hidden = tuple(hidden)
 
     def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Keep the layer's input and hook its output gradient (several outputs: see
-        :func:`_hook_output_grads`, which may return the output to use instead)."""
+        """Give hidden weights their flag back (also after a failed forward), keep the layer's input
+        and hook its output gradient (several outputs: see :func:`_hook_output_grads`, which may
+        return the output to use instead)."""
         hidden, layer.hidden = layer.hidden, ()
-        if not self._capturing():
-            return
+        for name in hidden:
+            self._show(layer.params[name])
+        inputs = _first_input(args, kwargs)
+        if not self._capturing() or not isinstance(inputs, Tensor):
+            return None
         if layer.pending == 0 and layer.calls > 0:
             raise RuntimeError(
                 f"module {layer.name!r} ran forward again after its backward was captured; call "
                 "GramCollector.reset() between training steps (e.g. between accumulated micro-batches)"
             )
-        inputs = _first_input(args, kwargs)
-        if not _requires_grad(output) or not isinstance(inputs, Tensor):
-            return
+        if not _requires_grad(output) or not (layer.params or layer.active_shared):
+            return None
+        self._record_consumers(layer, hidden, output, (*args, *kwargs.values()))
+        if len(inputs) == 0:  # an empty batch: nothing to measure
+            return None
         self._check_batch_size(layer, layer.rule.batch_size(module, args, kwargs))
         layer.pending += 1
         layer.calls += 1
@@ -387,19 +473,100 @@ class GramCollector:
             )
         with torch.no_grad():
             factors = layer.rule.factorize(layer.module, call.activations, backprops)
+            self._add_shared(layer, factors)
+            layer.pending -= 1
+            if not layer.params:
+                return
             factors = {name: factors[name] for name in layer.params}
             layer.factors.append(factors)
-            layer.pending -= 1
             several_calls = layer.pending > 0 or len(layer.factors) > 1
             if several_calls:
                 self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in call.fused})
             if layer.pending == 0:
                 self._finish_layer(layer, fused=() if several_calls else call.fused)
 
-    def _on_param_grad(self, layer: _Layer, name: str, grad: Tensor) -> None:
-        """A parameter got a gradient while its module's forward was not captured: remember it."""
-        if self._enabled and layer.calls == 0:
-            self._missed.add(f"{layer.name}.{name}" if layer.name else name)
+    def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
+        """A parameter got a gradient although none of its captured forwards recorded it (it was
+        hidden in all of them, or none was captured): it was used outside its module."""
+        if self._enabled and param not in self._visible:
+            self._missed.add(_param_name(*self._owners[param][0]))
+
+    # -- trainable set, tied weights, outside use ---------------------------------------------
+
+    def _activate(self, layer: _Layer) -> None:
+        """The layer's parameters that require grad now (the user's flags) enter this collection;
+        each gets a leaf hook (once) that spots a gradient from outside its module."""
+        layer.activated = True
+        layer.params = {n: p for n, p in layer.candidates.items() if self._user_flag(p)}
+        layer.active_shared = tuple(n for n, p in layer.shared.items() if self._user_flag(p))
+        self._hook_leaves([*layer.params.values(), *map(layer.shared.get, layer.active_shared)])
+
+    def _hook_leaves(self, params: list[nn.Parameter]) -> None:
+        """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
+        for param in params:
+            if param not in self._leaf_handles and param.requires_grad:
+                self._leaf_handles[param] = param.register_hook(partial(self._on_param_grad, param))
+
+    def _user_flag(self, param: nn.Parameter) -> bool:
+        return self._hidden.get(param, param.requires_grad)
+
+    def _show(self, param: nn.Parameter) -> None:
+        """Give a hidden weight back the ``requires_grad`` its user had."""
+        flag = self._hidden.pop(param, None)
+        if flag is not None:
+            param.requires_grad_(flag)
+
+    def _record_consumers(
+        self, layer: _Layer, hidden: tuple[str, ...], output: Any, inputs: tuple[Any, ...]
+    ) -> None:
+        """Remember the autograd nodes of this call that use the layer's recorded parameters (the
+        nodes between its outputs and its inputs), for :meth:`check_outside_use`."""
+        own = {p for n, p in layer.params.items() if n not in hidden}
+        own.update(map(layer.shared.get, layer.active_shared))
+        self._visible.update(own)
+        stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+        stack = [leaf.grad_fn for leaf in output_leaves(output) if isinstance(leaf, Tensor) and leaf.grad_fn]
+        seen = stops | set(stack)
+        while stack:
+            node = stack.pop()
+            for child, _ in node.next_functions:
+                param = getattr(child, "variable", None)
+                if param in own:
+                    self._consumers.setdefault(param, set()).add(node)
+                elif child is not None and param is None and child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+
+    def _add_shared(self, layer: _Layer, factors: dict[str, GradFactor]) -> None:
+        """Tied weights: add this call's per-sample gradients to the parameter's running sum."""
+        for name in layer.active_shared:
+            param = layer.shared[name]
+            grads = factors[name].per_sample()
+            previous = self._shared_grads.get(param)
+            self._shared_grads[param] = grads if previous is None else previous + grads
+
+    def _finish_shared(self) -> None:
+        """G of each tied weight from its summed per-sample gradients (materialised)."""
+        for param, grads in self._shared_grads.items():
+            flat = grads.reshape(len(grads), -1)
+            self._blocks[_param_name(*self._owners[param][0])] = (flat @ flat.T).to(torch.float64)
+
+    def _check_unmeasured(self) -> None:
+        """A parameter of a module without rule, frozen at construction, is trainable now."""
+        late = sorted(name for param, name in self._unmeasured.items() if param.requires_grad)
+        if not late:
+            return
+        message = (
+            f"parameters {late} were frozen when the GramCollector was built and are trainable now, "
+            "but their modules have no Gram rule"
+        )
+        if self.unsupported == "raise":
+            raise RuntimeError(
+                message + "; register a rule, exclude them with params=/modules=, or pass unsupported='skip'"
+            )
+        if not self._warned_unmeasured:
+            self._warned_unmeasured = True
+            warnings.warn(message + "; G leaves them out", stacklevel=3)
 
     # -- computation ------------------------------------------------------------------------
 
@@ -439,6 +606,7 @@ class GramCollector:
             if layer.factors:
                 layer.pending = 0
                 self._finish_layer(layer, fused=())
+        self._finish_shared()
         self._restore_requires_grad()
 
     @staticmethod
@@ -454,14 +622,11 @@ class GramCollector:
 
     def _restore_layer(self, layer: _Layer) -> None:
         for param in layer.params.values():
-            if param in self._hidden:
-                self._hidden.discard(param)
-                param.requires_grad_(True)
+            self._show(param)
 
     def _restore_requires_grad(self) -> None:
-        for param in self._hidden:
-            param.requires_grad_(True)
-        self._hidden.clear()
+        while self._hidden:
+            self._show(next(iter(self._hidden)))
 
     def _check_batch_size(self, layer: _Layer, batch_size: int) -> None:
         if self._batch_size is None:
@@ -552,9 +717,14 @@ def _choose_method(factor: GradFactor, method: str) -> str:
     return "ghost" if costs.ghost < costs.materialize else "materialize"
 
 
+def _param_name(layer: _Layer, name: str) -> str:
+    return f"{layer.name}.{name}" if layer.name else name
+
+
 def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> set[nn.Parameter]:
+    """The candidates: ``params``, or every parameter (the trainable ones are read at capture)."""
     if params is None:
-        return {p for p in model.parameters() if p.requires_grad}
+        return set(model.parameters())
     selected = set(params)
     if not all(isinstance(p, nn.Parameter) for p in selected):
         raise TypeError("params must be an iterable of torch.nn.Parameter")
@@ -573,7 +743,6 @@ def _select_layers(
     composite rule, whose descendants are then not captured on their own); modules without a
     rule get the fallback, or raise or warn."""
     layers: list[_Layer] = []
-    owners: dict[nn.Parameter, str] = {}
     missing: list[str] = []
     claimed: set[nn.Module] = set()
     for name, module in model.named_modules():
@@ -586,18 +755,12 @@ def _select_layers(
         own = {n: p for n, p in module.named_parameters(recurse=composite) if p in params}
         if not own or (modules is not None and not modules(name, module)):
             continue
-        for pname, param in own.items():
-            if param in owners:
-                raise ValueError(
-                    f"parameter {name}.{pname} is also registered as {owners[param]}; GramCollector cannot "
-                    "split a parameter shared between modules (exclude it with params= or modules=)"
-                )
-            owners[param] = f"{name}.{pname}"
         uncovered = [p for p in own if rule is None or not rule.covers(p)]
         if uncovered and fallback and not composite:
             rule, uncovered = FALLBACK_RULE, []
         if uncovered:
-            missing.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(uncovered)})")
+            if any(own[p].requires_grad for p in uncovered):  # frozen ones: checked if unfrozen
+                missing.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(uncovered)})")
             continue
         layers.append(_Layer(name, module, rule, own))
     if missing and unsupported == "raise":
@@ -623,3 +786,34 @@ def _rule_for(
     if rule is None and fallback and next(module.parameters(recurse=False), None) is not None:
         return FALLBACK_RULE
     return rule
+
+
+def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_Layer, str]]]:
+    """Owners of each candidate; a parameter of several layers moves to their ``shared``."""
+    owners: dict[nn.Parameter, list[tuple[_Layer, str]]] = {}
+    for layer in layers:
+        for name, param in layer.candidates.items():
+            owners.setdefault(param, []).append((layer, name))
+    for owned in owners.values():
+        if len(owned) > 1:
+            for layer, name in owned:
+                layer.shared[name] = layer.candidates.pop(name)
+                del layer.params[name]
+    return owners
+
+
+def _frozen_unmeasured(
+    model: nn.Module,
+    candidates: set[nn.Parameter],
+    modules: Callable[[str, nn.Module], bool] | None,
+    owners: dict[nn.Parameter, list[tuple[_Layer, str]]],
+) -> dict[nn.Parameter, str]:
+    """Frozen candidates of selected modules that no rule covers (they must stay frozen)."""
+    unmeasured: dict[nn.Parameter, str] = {}
+    for name, module in model.named_modules():
+        if modules is not None and not modules(name, module):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param in candidates and param not in owners and not param.requires_grad:
+                unmeasured[param] = f"{name}.{pname}" if name else pname
+    return unmeasured
