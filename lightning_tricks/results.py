@@ -28,12 +28,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .callbacks._base import RUN_FILE
+from .callbacks.batch_size_scheduler import HISTORY_FILE as BATCH_SIZE_FILE
+from .callbacks.fisher_spectrum import EPOCH_FILE as FISHER_FILE
+from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
+from .callbacks.random_gradient import HISTORY_FILE as RANDOM_GRADIENT_FILE
 
 Record = dict[str, Any]
 PathLike = str | os.PathLike
 
-RANDOM_GRADIENT_FILE = "random_gradient.csv"
-FISHER_FILE = "fisher_spectrum.csv"
 GRADIENT_FLOW_STEM = "grad_flow"
 
 
@@ -135,6 +137,21 @@ def load_fisher_spectrum(run_dir: PathLike, follow_resumes: bool = True, as_fram
     return _maybe_frame(records, as_frame)
 
 
+def load_fisher_history(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """FisherSpectrum's measurements, one record per measured step (``step``, ``epoch``, ``lr``,
+    ``c_k``, ``l_k``, ``C_bar``, ``L``, ``trace``, ``lambda_max``, ``rank``, ``noise_scale``,
+    ``trace_sigma``, ``grad_sq_norm``, ``batch_size``) across resumes (``fisher_history.csv``)."""
+    records = concatenate_runs(run_dir, FISHER_HISTORY_FILE, "step", "fisher", follow_resumes)
+    return _maybe_frame(records, as_frame)
+
+
+def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """BatchSizeScheduler's changes ``{"epoch", "step", "size", "physical", "accumulation", "lr"}``
+    across resumes (``batch_size.csv``)."""
+    records = concatenate_runs(run_dir, BATCH_SIZE_FILE, "epoch", "batch_size", follow_resumes)
+    return _maybe_frame(records, as_frame)
+
+
 def fisher_columns(records: Sequence[Record]) -> dict[str, np.ndarray]:
     """Records as ``{column: array}``, the table form :func:`lightning_tricks.plotting.beacon_map`
     draws from."""
@@ -181,7 +198,8 @@ def _read_gradient_flow_csv(path: Path) -> dict[int, dict[str, float]]:
 def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> dict[str, Any]:
     """Everything the known callbacks left in a run folder (and the folders it resumed):
     ``"folders"`` (:func:`run_chain`), ``"callbacks"`` (``lightning_tricks.json``), and where
-    their files exist ``"random_gradient"``, ``"fisher_spectrum"`` (tables) and ``"grad_flow"``
+    their files exist ``"random_gradient"``, ``"fisher_spectrum"``, ``"fisher_history"``,
+    ``"batch_size"`` (tables) and ``"grad_flow"``
     (:class:`GradientFlowTable`)."""
     folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
     present = {path.name for folder in folders for path in folder.iterdir()}
@@ -191,6 +209,11 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
             lambda: load_random_gradient(run_dir, follow_resumes, as_frame),
         ),
         "fisher_spectrum": (FISHER_FILE, lambda: load_fisher_spectrum(run_dir, follow_resumes, as_frame)),
+        "fisher_history": (
+            FISHER_HISTORY_FILE,
+            lambda: load_fisher_history(run_dir, follow_resumes, as_frame),
+        ),
+        "batch_size": (BATCH_SIZE_FILE, lambda: load_batch_size(run_dir, follow_resumes, as_frame)),
         "grad_flow": (
             f"{GRADIENT_FLOW_STEM}.csv",
             lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import math
 
 import lightning as L
@@ -102,11 +103,11 @@ def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
     trace_sigma = (trace - gram.sum() / batch) / (batch - 1) if batch > 1 else math.nan
     grad_sq = (gram.sum() - trace) / (batch * (batch - 1)) if batch > 1 else math.nan
     return {
-        "c": math.sqrt(nonzero.max() / nonzero.min()),
+        "c_k": math.sqrt(nonzero.max() / nonzero.min()),
         "trace": trace,
         "lambda_max": float(eigenvalues.max()),
         "rank": float(len(nonzero)),
-        "l": lr / batch * math.sqrt(trace),
+        "l_k": lr / batch * math.sqrt(trace),
         "noise_scale": trace_sigma / grad_sq if grad_sq > 0 else (math.inf if trace_sigma > 0 else math.nan),
     }
 
@@ -147,18 +148,18 @@ def test_history_matches_brute_force_reference(tmp_path, batch_size):
     energies = []
     for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
         expected = reference_statistics(reference_gram(state, batch), lr)
-        energies.append(expected["l"])
+        energies.append(expected["l_k"])
         assert record["batch_size"] == batch_size
         assert record["lr"] == pytest.approx(lr, rel=1e-12)
-        for key in ("trace", "lambda_max", "l"):
+        for key in ("trace", "lambda_max", "l_k"):
             assert record[key] == pytest.approx(expected[key], rel=1e-9), key
         if batch_size > 1:
-            assert record["c"] == pytest.approx(expected["c"], rel=1e-6)
+            assert record["c_k"] == pytest.approx(expected["c_k"], rel=1e-6)
             assert record["rank"] == expected["rank"]
             assert record["noise_scale"] == pytest.approx(expected["noise_scale"], rel=1e-8)
         else:
-            assert record["c"] == pytest.approx(1.0) and math.isnan(record["noise_scale"])
-    conditions = [h["c"] for h in fisher.history]
+            assert record["c_k"] == pytest.approx(1.0) and math.isnan(record["noise_scale"])
+    conditions = [h["c_k"] for h in fisher.history]
     assert fisher.C_bar == pytest.approx(np.mean(conditions), rel=1e-12)
     assert fisher.L == pytest.approx(sum(energies), rel=1e-9)
     assert [h["C_bar"] for h in fisher.history] == pytest.approx(np.cumsum(conditions) / np.arange(1, 7))
@@ -171,11 +172,13 @@ def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
     fit(module, [fisher], tmp_path, max_steps=7)
 
     assert [h["step"] for h in fisher.history] == [0, 3, 6]
-    energies = [h["l"] for h in fisher.history]
+    energies = [h["l_k"] for h in fisher.history]
     assert fisher.L == pytest.approx(3 * sum(energies), rel=1e-12)
-    assert fisher.C_bar == pytest.approx(np.mean([h["c"] for h in fisher.history]), rel=1e-12)
+    assert fisher.C_bar == pytest.approx(np.mean([h["c_k"] for h in fisher.history]), rel=1e-12)
     state, batch, lr = module.snapshots[3]
-    assert energies[1] == pytest.approx(reference_statistics(reference_gram(state, batch), lr)["l"], rel=1e-9)
+    assert energies[1] == pytest.approx(
+        reference_statistics(reference_gram(state, batch), lr)["l_k"], rel=1e-9
+    )
 
 
 class TwoForwardNet(SmallNet):
@@ -191,7 +194,7 @@ def test_a_network_run_twice_in_a_step_is_measured_exactly(tmp_path):
     for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
         expected = reference_statistics(reference_gram(state, batch, two_forward_loss), lr)
         assert record["trace"] == pytest.approx(expected["trace"], rel=1e-9)
-        assert record["c"] == pytest.approx(expected["c"], rel=1e-6)
+        assert record["c_k"] == pytest.approx(expected["c_k"], rel=1e-6)
 
 
 def test_statistics_of_a_rank_deficient_matrix():
@@ -218,8 +221,8 @@ def test_nan_loss_does_not_crash_and_is_left_out_of_running_measures(tmp_path):
     with pytest.warns(UserWarning, match="non-finite"):
         fit(module, [fisher], tmp_path, max_steps=4)
 
-    conditions = [h["c"] for h in fisher.history]
-    assert math.isnan(conditions[2]) and math.isnan(fisher.history[2]["l"])
+    conditions = [h["c_k"] for h in fisher.history]
+    assert math.isnan(conditions[2]) and math.isnan(fisher.history[2]["l_k"])
     finite = [c for c in conditions if math.isfinite(c)]
     assert len(finite) == 3
     assert fisher.C_bar == pytest.approx(np.mean(finite), rel=1e-12)
@@ -242,22 +245,27 @@ def test_resume_continues_running_measures_exactly(tmp_path):
         ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
     )
 
-    assert [h["step"] for h in resumed.history] == list(range(8))
-    for ours, reference in zip(resumed.history, full.history):
-        assert ours["c"] == pytest.approx(reference["c"], rel=1e-9)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6, 7], "this fit's measurements"
+    for ours, reference in zip(resumed.history, full.history[4:]):
+        assert ours["c_k"] == pytest.approx(reference["c_k"], rel=1e-9)
         assert ours["L"] == pytest.approx(reference["L"], rel=1e-9)
     assert resumed.C_bar == pytest.approx(full.C_bar, rel=1e-9)
     assert resumed.L == pytest.approx(full.L, rel=1e-9)
 
 
 def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
+    """With the Trainer's default log_every_n_steps every measurement reaches TensorBoard at its step."""
     fisher = FisherSpectrum(log_eigenvalues=True)
     logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=8, logger=logger, log_every_n_steps=1)
+    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=8, logger=logger)
 
-    logged = set(trainer.logged_metrics)
-    expected = {"c", "C_bar", "l", "L", "trace", "lambda_max", "rank", "noise_scale"}
-    assert {f"fisher/{name}" for name in expected} <= logged
+    expected = {"c_k", "C_bar", "l_k", "L", "trace", "lambda_max", "rank", "noise_scale", "trace_sigma"}
+    assert {f"fisher/{name}" for name in expected} <= set(trainer.callback_metrics)
+    scalars = SummaryReader(str(tmp_path / "run" / "version_0"), pivot=False).scalars
+    for name in ("c_k", "L", "l_k"):
+        series = scalars[scalars["tag"] == f"fisher/{name}"]
+        assert series["step"].tolist() == list(range(8)), name
+        assert series["value"].tolist() == pytest.approx([h[name] for h in fisher.history], rel=1e-6), name
     csv_path = tmp_path / "run" / "version_0" / "fisher_spectrum.csv"
     rows = np.genfromtxt(csv_path, delimiter=",", names=True)
     assert rows["epoch"].tolist() == [0.0, 1.0]  # 32 samples / batch 8 = 4 steps an epoch
@@ -277,10 +285,11 @@ def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
 
 def test_csv_logger_works_and_eigenvalue_histogram_is_skipped(tmp_path):
     fisher = FisherSpectrum(log_eigenvalues=True)
-    trainer = fit(
-        SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1
-    )
-    assert "fisher/C_bar" in trainer.logged_metrics
+    trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path))
+    assert trainer.callback_metrics["fisher/C_bar"].item() == pytest.approx(fisher.C_bar, rel=1e-12)
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("fisher/L")]
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3]
     assert (tmp_path / "lightning_logs" / "version_0" / "fisher_spectrum.csv").exists()
 
 
@@ -317,8 +326,24 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
         FisherSpectrum(**kwargs)
 
 
-def test_two_instances_keep_separate_checkpoint_state():
-    assert FisherSpectrum(every_n_steps=1).state_key != FisherSpectrum(every_n_steps=5).state_key
+def test_resume_with_a_changed_knob_warns_and_keeps_the_state(tmp_path):
+    """The state key is the callback's identity, not its knobs: a resumed fit with another
+    every_n_steps keeps the checkpoint's running sums (it used to drop them silently)."""
+    assert FisherSpectrum(every_n_steps=1).state_key == FisherSpectrum(every_n_steps=5).state_key
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = FisherSpectrum()
+    fit(SmallNet(), [first, checkpoint], tmp_path / "a", max_steps=4, enable_checkpointing=True)
+    resumed = FisherSpectrum(every_n_steps=2)
+    with pytest.warns(UserWarning, match="every_n_steps: 1 -> 2"):
+        fit(
+            SmallNet(),
+            [resumed],
+            tmp_path / "b",
+            max_steps=6,
+            ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+        )
+    assert [h["step"] for h in resumed.history] == [4]
+    assert resumed.L == pytest.approx(first.L + 2 * resumed.history[0]["l_k"], rel=1e-12)
 
 
 class InterleavedShards(SmallNet):
@@ -354,14 +379,14 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
     )
     trainer.fit(InterleavedShards())
 
-    state = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=False)["callbacks"][ddp.state_key]
-    history = state["history"]
-    assert [h["batch_size"] for h in history] == [8.0] * 4
+    with open(tmp_path / "lightning_tricks_logs" / "version_0" / "fisher_history.csv") as handle:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    assert [h["batch_size"] for h in history] == [8.0] * 4, "rank 0 wrote every measurement once"
     for ours, reference in zip(history, single.history):
         assert ours["trace"] == pytest.approx(reference["trace"], rel=1e-9)
-        assert ours["l"] == pytest.approx(reference["l"], rel=1e-9)
+        assert ours["l_k"] == pytest.approx(reference["l_k"], rel=1e-9)
         assert ours["L"] == pytest.approx(reference["L"], rel=1e-9)
-        assert math.isfinite(ours["c"]) and ours["rank"] <= 4
+        assert math.isfinite(ours["c_k"]) and ours["rank"] <= 4
 
 
 def write_fisher_csv(path, batch_size: int, epochs: int = 10) -> None:

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_tricks import RandomGradient
+from lightning_tricks import BatchSizeScheduler, FisherSpectrum, RandomGradient
 from lightning_tricks.callbacks._base import RUN_FILE, run_directory
 from lightning_tricks.plotting import plot_gradient_flow
 from lightning_tricks.results import (
     fisher_columns,
+    load_batch_size,
+    load_fisher_history,
     load_fisher_spectrum,
     load_gradient_flow,
     load_random_gradient,
@@ -77,6 +79,35 @@ def test_a_resumed_random_gradient_run_reads_back_as_the_uninterrupted_one(
     everything = load_run(later)
     assert everything["random_gradient"] == full.history and everything["folders"] == [earlier, later]
     assert everything["callbacks"]["random_gradient"]["resumed_from"] == str(earlier)
+
+
+def test_resumed_fisher_and_batch_size_runs_read_back_as_the_uninterrupted_one(
+    tmp_path, trainer_for, tiny_module
+):
+    """Checkpoints hold no history: the full series comes back from the chain of run folders."""
+
+    def callbacks() -> list:
+        return [FisherSpectrum(every_n_steps=2), BatchSizeScheduler(schedule={0: 4, 1: 2})]
+
+    full = callbacks()
+    trainer_for(full, max_epochs=2, default_root_dir=tmp_path / "full").fit(tiny_module(samples=16))
+
+    first = trainer_for(callbacks(), max_epochs=1)
+    first.fit(tiny_module(samples=16))
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    second = trainer_for(resumed := callbacks(), max_epochs=2)
+    second.fit(tiny_module(samples=16), ckpt_path=tmp_path / "epoch1.ckpt")
+
+    later = Path(run_directory(second))
+    history = load_fisher_history(later)
+    assert [row["step"] for row in history] == [row["step"] for row in full[0].history] == [0, 2, 4, 6, 8, 10]
+    for ours, reference in zip(history, full[0].history):
+        assert ours["L"] == pytest.approx(reference["L"], rel=1e-12)
+    assert [row["epoch"] for row in load_fisher_spectrum(later)] == [0, 1]
+    assert (
+        [row["size"] for row in load_batch_size(later)] == [row["size"] for row in full[1].history] == [4, 2]
+    )
+    assert resumed[0].history == full[0].history[2:]
 
 
 def test_rows_a_resumed_fit_redid_are_taken_from_the_later_folder(tmp_path):

@@ -230,19 +230,23 @@ class TrickCallback(Callback):
 
     # -- scalars -------------------------------------------------------------------------------
 
-    def log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int) -> None:
-        """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``.
+    def log_scalars(
+        self, trainer: pl.Trainer, metrics: Mapping[str, Tensor | float], step: int
+    ) -> dict[str, float]:
+        """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``;
+        return them as Python floats.
 
         Never gated by ``log_every_n_steps``; one host transfer for all tensor values. Under DDP
         every rank must pass the same values (ours reduce before they log): ``callback_metrics``
         is set on every rank so that monitors agree, loggers are written by rank 0."""
         if not metrics:
-            return
+            return {}
         values = host_values(metrics)
         trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 send_metrics(logger, values, step)
+        return values
 
     # -- figures and files ---------------------------------------------------------------------
 

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from typing import Any
 
-import lightning as L
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
+from typing_extensions import override
 
 from ..gradients.gram import GramCollector
-from ..gradients.spectrum import fisher_energy, fisher_statistics
+from ..gradients.spectrum import (
+    NONZERO_RULES,
+    FisherRunningSums,
+    fisher_energy,
+    fisher_statistics,
+    noise_scale_ratio,
+)
+from ._base import TrickCallback, check_every_n, is_due
 
 LOSS_REDUCTIONS = ("mean", "sum")
 UNSUPPORTED = ("raise", "skip")
-HISTORY_KEYS = ("c", "l", "C_bar", "L", "trace", "lambda_max", "rank", "noise_scale", "batch_size")
-CSV_NAME = "fisher_spectrum.csv"
-CSV_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
+MEASURES = (
+    "c_k", "l_k", "C_bar", "L", "trace", "lambda_max", "rank",
+    "noise_scale", "trace_sigma", "grad_sq_norm", "batch_size",
+)  # fmt: skip
+LOG10_MEASURES = ("trace", "lambda_max")
+HISTORY_FILE = "fisher_history.csv"
+HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
+EPOCH_FILE = "fisher_spectrum.csv"
+EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
 
 
-class FisherSpectrum(Callback):
+class FisherSpectrum(TrickCallback):
     r"""Measure the approximate Fisher matrix F̃_k = J_kᵀJ_k of the training step's own backward.
 
     Seed 004 (``004_e5d92837cb57ce8a.txt`` §3, eq. 6–8) characterises SGD training by two running
@@ -36,26 +49,42 @@ class FisherSpectrum(Callback):
     - l_k = (α_k / |B_k|) · √Tr(F̃_k), with α_k the learning rate of the first optimiser's first
       param group and |B_k| the batch size of the step, and **L_K = Σ l_k** (eq. 8);
     - also Tr F̃_k, λmax, the numerical rank |E_k| and the gradient-noise scale
-      B_simple = tr Σ / ‖ḡ‖² estimated from F̃_k alone.
+      B_simple = tr Σ / |G|² from F̃_k alone, with both parts unbiased (McCandlish et al. 2018,
+      appendix A): tr Σ and |G|² = (1ᵀF̃1 − Tr F̃) / (B(B − 1)) are logged too, so that a consumer
+      can average them over a window before dividing; :attr:`epoch_noise_scale` does so over the
+      current epoch (the adaptive ``BatchSizeScheduler`` reads it).
 
-    With ``every_n_steps = n > 1`` only every n-th optimizer step is measured (seed 004 measured
-    every 50 mini-batches); each measured l_k then counts n times in L, so L estimates the
-    every-step sum whatever n is. C̄ is the mean of the measured c_k.
+    **What counts as non-zero** decides c_k. ``nonzero="rtol"`` (default) keeps the eigenvalues
+    above ``rank_rtol · λmax`` with ``rank_rtol = B · eps`` of the gradient dtype (the rule of
+    ``torch.linalg.matrix_rank``): robust to round-off, but it caps c_k at (B·eps)^-½ — 256 at
+    B = 128 in float32 — a cap that falls as B grows, the very axis seed 004 studies; compare
+    batch sizes well below their caps, or use ``nonzero="exact_zero"``, the seed authors' rule
+    (drop the eigenvalues that are exactly zero after a float32 eigendecomposition), which has no
+    cap but can keep round-off as a tiny non-zero eigenvalue when F̃ is rank-deficient.
 
-    Logged (on measured steps): ``fisher/c``, ``fisher/C_bar``, ``fisher/l``, ``fisher/L``,
-    ``fisher/trace``, ``fisher/lambda_max``, ``fisher/rank``, ``fisher/noise_scale``, and with
-    ``log_eigenvalues=True`` a TensorBoard histogram ``fisher/eigenvalues``. ``.history`` holds one
-    dict per measured step (step, epoch and the keys above); ``.C_bar``, ``.L`` and
-    ``.noise_scale`` the latest values, for other callbacks. Each epoch one row
-    (epoch, step, C_bar, L, lr, batch_size) is written to ``fisher_spectrum.csv`` in the log dir,
-    the input of :func:`lightning_tricks.plotting.beacon_map`.
+    With ``every_n_steps = n > 1`` only the training steps with ``step % n == 0`` are measured
+    (seed 004 measured every 50 mini-batches); each measured l_k then counts n times in L, so L
+    estimates the every-step sum whatever n is. C̄ is the mean of the measured c_k.
+
+    Logged at each measured step, to every logger and ``trainer.callback_metrics`` (one host
+    transfer per measured step, never gated by ``log_every_n_steps``): ``fisher/c_k``,
+    ``fisher/C_bar``, ``fisher/l_k``, ``fisher/L``, ``fisher/trace``, ``fisher/lambda_max`` (and
+    their ``log10_``), ``fisher/rank``, ``fisher/noise_scale``, ``fisher/trace_sigma``,
+    ``fisher/grad_sq_norm``, ``fisher/batch_size``; with ``log_eigenvalues=True`` a histogram
+    ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per
+    measured step of this fit (``step``, ``epoch``, ``lr`` and the names above without the
+    prefix), also appended to ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and
+    ``.noise_scale`` are the latest values. Each epoch one row (epoch, step, C_bar, L, lr,
+    batch_size) goes to ``fisher_spectrum.csv``, the input of
+    :func:`lightning_tricks.plotting.beacon_map`. Checkpoints hold the running sums only.
 
     **Distributed.** Each rank measures F̃ of its local batch (the diagonal blocks of the global
     F̃; cross-rank blocks would need every rank's activations). Ranks then combine with one
-    all-reduce per measured step: Tr F̃ is summed, so ``trace``, ``l`` and ``L`` are exactly those
-    of the global batch (|B_k| the global batch size); ``c``, ``lambda_max``, ``rank`` and
-    ``noise_scale`` are the mean over ranks of the local values (identical to a single process
-    only with one rank).
+    all-reduce per measured step: Tr F̃ is summed, so ``trace``, ``l_k`` and ``L`` are exactly those
+    of the global batch (|B_k| the global batch size); ``c_k``, ``lambda_max`` and ``rank`` are the
+    mean over ranks of the local values (identical to a single process only with one rank);
+    ``trace_sigma`` and ``grad_sq_norm`` are averaged (each stays unbiased) and ``noise_scale`` is
+    their ratio.
 
     **Scope.** Automatic optimisation without gradient accumulation: manual optimisation,
     ``accumulate_grad_batches > 1`` and a ``GradientAccumulationScheduler`` scheduling more than one
@@ -78,8 +107,9 @@ class FisherSpectrum(Callback):
         every_n_steps: measure every n-th optimizer step (``>= 1``).
         loss_reduction: how the module's loss reduces over the batch, ``"mean"`` or ``"sum"``;
             with ``"mean"`` the columns are rescaled to the per-sample gradients ∇ℓ_i.
-        rank_rtol: eigenvalues above ``rank_rtol · λmax`` are non-zero; ``None`` uses
-            ``B · eps`` of the gradient dtype, the rule of ``torch.linalg.matrix_rank``.
+        rank_rtol: with ``nonzero="rtol"``, eigenvalues above ``rank_rtol · λmax`` are non-zero;
+            ``None`` uses ``B · eps`` of the gradient dtype, the rule of ``torch.linalg.matrix_rank``.
+        nonzero: ``"rtol"`` or ``"exact_zero"`` (see above).
         log_eigenvalues: also log the eigenvalues as a TensorBoard histogram.
         unsupported: ``"raise"`` on parameterised layers without a Gram rule, or ``"skip"`` them
             (one warning; F̃ then covers the supported layers only).
@@ -89,84 +119,131 @@ class FisherSpectrum(Callback):
 
     Example::
 
-        import lightning as L
-        from lightning_tricks import FisherSpectrum
-
-        fisher = FisherSpectrum(every_n_steps=10)
-        trainer = L.Trainer(max_epochs=2, callbacks=[fisher])
-        trainer.fit(model, datamodule=datamodule)
-        print(fisher.C_bar, fisher.L)
+        >>> import lightning as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> fisher = FisherSpectrum(every_n_steps=4)
+        >>> trainer = L.Trainer(max_steps=8, callbacks=[fisher], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> [record["step"] for record in fisher.history], fisher.L > 0
+        ([0, 4], True)
     """
+
+    namespace = "fisher"
 
     def __init__(
         self,
         every_n_steps: int = 1,
         loss_reduction: str = "mean",
         rank_rtol: float | None = None,
+        nonzero: str = "rtol",
         log_eigenvalues: bool = False,
         unsupported: str = "raise",
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an integer >= 1; got {every_n_steps!r}.")
+        super().__init__()
+        self.every_n_steps = check_every_n("every_n_steps", every_n_steps)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}; got {loss_reduction!r}.")
-        if rank_rtol is not None and not 0 < rank_rtol < 1:
-            raise ValueError(f"`rank_rtol` must be None or in (0, 1); got {rank_rtol!r}.")
+        if nonzero not in NONZERO_RULES:
+            raise ValueError(f"`nonzero` must be one of {NONZERO_RULES}; got {nonzero!r}.")
+        if rank_rtol is not None and (nonzero != "rtol" or not 0 < rank_rtol < 1):
+            raise ValueError(f"`rank_rtol` must be None or in (0, 1) with nonzero='rtol'; got {rank_rtol!r}.")
         if unsupported not in UNSUPPORTED:
             raise ValueError(f"`unsupported` must be one of {UNSUPPORTED}; got {unsupported!r}.")
-        self.every_n_steps = every_n_steps
         self.loss_reduction = loss_reduction
         self.rank_rtol = rank_rtol
+        self.nonzero = nonzero
         self.log_eigenvalues = log_eigenvalues
         self.unsupported = unsupported
         self._collector: GramCollector | None = None
-        self._log_dir = "."
         self._measuring = False
-        self._running = torch.zeros(3, dtype=torch.float64)  # [Σ finite c_k, #finite c_k, L_K]
-        self._pending: list[tuple[int, int, float, Tensor]] = []
-        self._history: list[dict[str, float]] = []
-        self._epoch_rows: list[dict[str, float]] = []
-        self._warned_non_finite = False
         self._batch_size: int | None = None
+        self._warned_non_finite = False
+        self.reset_fit_state()
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, loss_reduction=self.loss_reduction)
+    @override
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "loss_reduction": self.loss_reduction,
+            "rank_rtol": self.rank_rtol,
+            "nonzero": self.nonzero,
+            "log_eigenvalues": self.log_eigenvalues,
+            "unsupported": self.unsupported,
+        }
+
+    @override
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        return {
+            "c_k and its running mean C_bar (seed 004 eq. 7)": ["fisher/c_k", "fisher/C_bar"],
+            "l_k and its running sum L (seed 004 eq. 8)": ["fisher/l_k", "fisher/L"],
+            "gradient-noise scale and its parts": [
+                "fisher/noise_scale",
+                "fisher/trace_sigma",
+                "fisher/grad_sq_norm",
+            ],
+            "spectrum": ["fisher/log10_trace", "fisher/log10_lambda_max", "fisher/rank"],
+        }
+
+    @override
+    def metric_descriptions(self) -> dict[str, str]:
+        return {
+            "fisher/c_k": "c_k = sqrt(λmax / λmin≠0) of F̃_k = J_kᵀJ_k, the step's per-sample gradient Gram (seed 004 eq. 7).",
+            "fisher/C_bar": "C̄_K, the running mean of the measured c_k (seed 004 eq. 7).",
+            "fisher/l_k": "l_k = (α_k / |B_k|) · sqrt(Tr F̃_k) (seed 004 eq. 8).",
+            "fisher/L": "L_K = Σ l_k, each measured l_k counted every_n_steps times (seed 004 eq. 8).",
+            "fisher/trace": "Tr F̃_k = Σ_i ‖∇ℓ_i‖².",
+            "fisher/lambda_max": "The largest eigenvalue of F̃_k.",
+            "fisher/rank": "|E_k|, the number of non-zero eigenvalues of F̃_k (see `nonzero`).",
+            "fisher/noise_scale": "B_simple = tr Σ / |G|², both unbiased (McCandlish et al. 2018, appendix A).",
+            "fisher/trace_sigma": "tr Σ, the unbiased per-sample gradient variance summed over parameters.",
+            "fisher/grad_sq_norm": "|G|² = (1ᵀF̃1 − Tr F̃) / (B(B − 1)), unbiased (may be ≤ 0 on one batch).",
+            "fisher/batch_size": "|B_k|, the (global) batch size of the measured step.",
+        }
 
     # -- public read-outs ------------------------------------------------------------------
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One dict per measured step: step, epoch, c, l, C_bar, L, trace, lambda_max, rank,
-        noise_scale, batch_size, lr."""
-        self._flush()
+        """This fit's measurements, one record per measured step: ``step``, ``epoch``, ``lr``,
+        ``c_k``, ``l_k``, ``C_bar``, ``L``, ``trace``, ``lambda_max``, ``rank``, ``noise_scale``,
+        ``trace_sigma``, ``grad_sq_norm``, ``batch_size``."""
         return self._history
 
     @property
     def C_bar(self) -> float:
         """C̄_K, the running mean of the finite measured c_k (NaN before the first one)."""
-        c_sum, count, _ = self._running.tolist()
-        return c_sum / count if count else math.nan
+        return self._running.compute()[0].item()
 
     @property
     def L(self) -> float:
         """L_K, the cumulative sum of l_k (each measured l_k counted ``every_n_steps`` times)."""
-        return self._running[2].item()
+        return self._running.compute()[1].item()
 
     @property
     def noise_scale(self) -> float:
         """The latest measured gradient-noise scale B_simple (NaN before the first measurement)."""
-        history = self.history
-        return history[-1]["noise_scale"] if history else math.nan
+        return self._history[-1]["noise_scale"] if self._history else math.nan
+
+    @property
+    def epoch_noise_scale(self) -> float:
+        """tr Σ / |G|² with both parts averaged over this epoch's measurements before dividing
+        (McCandlish et al. 2018, appendix A); NaN before the first measurement."""
+        finite = [r for r in self._epoch_records if math.isfinite(r["trace_sigma"] + r["grad_sq_norm"])]
+        if not finite:
+            return math.nan
+        trace_sigma = math.fsum(r["trace_sigma"] for r in finite) / len(finite)
+        grad_sq_norm = math.fsum(r["grad_sq_norm"] for r in finite) / len(finite)
+        return noise_scale_ratio(torch.tensor(trace_sigma), torch.tensor(grad_sq_norm)).item()
 
     # -- Lightning hooks -------------------------------------------------------------------
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
-        self._restart()  # before Lightning loads a resumed checkpoint's state into the callback
-        self._log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
         self._collector = GramCollector(
             pl_module,
             loss_reduction=self.loss_reduction,
@@ -176,32 +253,57 @@ class FisherSpectrum(Callback):
         self._collector.attach()
         self._collector.enabled = False
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._release()
-        self._flush()
+    @override
+    def reset_fit_state(self) -> None:
+        """Fresh running measures and history for a new fit (a resumed one loads them afterwards)."""
+        self._running = FisherRunningSums()
+        self._history: list[dict[str, float]] = []
+        self._epoch_records: list[dict[str, float]] = []
+        self._last_row: dict[str, float] | None = None
+        self._rows_through = -1
+        self._measuring = False
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
     def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release()
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check_accumulation(trainer)
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint saved on an epoch's last batch resumes in the next epoch: write its row now."""
+        if (
+            self._last_row is not None
+            and self._rows_through < self._last_row["epoch"] < trainer.current_epoch
+        ):
+            self._write_epoch_row(self._last_row)
 
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_accumulation(trainer)
+        self._epoch_records = []
+
+    @override
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._measuring = self._should_measure(trainer, batch)
         if self._measuring:
             self._collector.reset()
             self._collector.enabled = True
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._measuring and trainer.world_size == 1:  # the graph walk upsets DDP's reducer
             self._collector.check_outside_use(loss)
 
+    @override
     def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if not self._measuring:
             return
@@ -211,38 +313,36 @@ class FisherSpectrum(Callback):
             self._measure(trainer, pl_module, self._collector.matrix())
         self._collector.reset()
 
+    @override
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._measuring:  # the step was skipped (training_step returned None): nothing measured
             self._stop_capture()
             self._collector.reset()
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        history = self.history
-        if not history:
-            return
-        last = history[-1]
-        row = {key: last[key] for key in ("step", "C_bar", "L", "lr", "batch_size")}
-        self._epoch_rows.append({"epoch": trainer.current_epoch, **row})
-        self._write_csv()
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_row is not None and self._last_row["epoch"] == trainer.current_epoch:
+            self._write_epoch_row(self._last_row)
 
-    def state_dict(self) -> dict[str, Any]:
+    @override
+    def get_state(self) -> dict[str, Any]:
         return {
-            "running": self._running.tolist(),
-            "history": list(self.history),
-            "epoch_rows": list(self._epoch_rows),
+            "running": self._running.state_dict(),
+            "last_row": self._last_row,
+            "rows_through": self._rows_through,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending.clear()
-        self._running = torch.tensor(state_dict["running"], dtype=torch.float64)
-        self._history = list(state_dict["history"])
-        self._epoch_rows = list(state_dict["epoch_rows"])
+    @override
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._running.load_state_dict(state["running"])
+        self._last_row = state["last_row"]
+        self._rows_through = state["rows_through"]
 
     # -- internals -------------------------------------------------------------------------
 
-    def _check_trainer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "FisherSpectrum needs automatic optimisation: with manual optimisation it cannot tell "
@@ -256,7 +356,7 @@ class FisherSpectrum(Callback):
         ]
         self._check_accumulation(trainer, max(scheduled, default=1))
 
-    def _check_accumulation(self, trainer: L.Trainer, scheduled: int = 1) -> None:
+    def _check_accumulation(self, trainer: pl.Trainer, scheduled: int = 1) -> None:
         """One clear error for gradient accumulation (SWA's BatchNorm pass, without backward, is fine)."""
         if getattr(trainer.fit_loop, "_skip_backward", False):
             return
@@ -267,14 +367,6 @@ class FisherSpectrum(Callback):
                 f"accumulation (`accumulate_grad_batches` or a GradientAccumulationScheduler giving "
                 f"{batches}); use 1 (a larger batch instead)."
             )
-
-    def _restart(self) -> None:
-        """Fresh running measures and history for a new fit."""
-        self._running = torch.zeros(3, dtype=torch.float64)
-        self._pending.clear()
-        self._history = []
-        self._epoch_rows = []
-        self._measuring = False
 
     def _release(self) -> None:
         """Remove every hook and drop what was captured (teardown, or the fit failed)."""
@@ -290,9 +382,13 @@ class FisherSpectrum(Callback):
         self._collector.enabled = False
         self._measuring = False
 
-    def _should_measure(self, trainer: L.Trainer, batch: Any) -> bool:
-        """Measured steps: every n-th, with a non-empty batch and an optimiser with a learning rate."""
-        if trainer.global_step % self.every_n_steps != 0 or self._learning_rate(trainer) is None:
+    def _should_measure(self, trainer: pl.Trainer, batch: Any) -> bool:
+        """Measured steps: ``step % every_n_steps == 0``, with a non-empty batch and an optimiser
+        with a learning rate."""
+        if (
+            not is_due(self.training_step(trainer), self.every_n_steps)
+            or self._learning_rate(trainer) is None
+        ):
             return False
         self._check_accumulation(trainer)
         try:
@@ -312,90 +408,78 @@ class FisherSpectrum(Callback):
             )
 
     @staticmethod
-    def _learning_rate(trainer: L.Trainer) -> float | None:
+    def _learning_rate(trainer: pl.Trainer) -> float | None:
         """α_k of the first optimiser's first param group; ``None`` without an optimiser."""
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
         return groups[0].get("lr") if groups else None
 
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, gram: Tensor) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gram: Tensor) -> None:
+        """Statistics of F̃_k (seed 004 eq. 6–8), combined over ranks, logged and recorded."""
         gram = gram / self._loss_scale(trainer) ** 2
         grad_dtype = next(p.dtype for p in pl_module.parameters() if p.requires_grad)
-        stats = fisher_statistics(gram, self.rank_rtol, grad_dtype)
-        local = torch.stack(
-            [stats.trace, stats.batch_size, stats.condition, stats.lambda_max, stats.rank, stats.noise_scale]
+        stats = fisher_statistics(gram, self.rank_rtol, grad_dtype, nonzero=self.nonzero)
+        summed = torch.stack([stats.trace, stats.batch_size])
+        averaged = torch.stack(
+            [stats.condition, stats.lambda_max, stats.rank, stats.trace_sigma, stats.grad_sq_norm]
         )
-        trace, batch, condition, lambda_max, rank, noise = self._combine_ranks(trainer, local)
+        (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm) = self._combine_ranks(
+            trainer, summed, averaged
+        )
         lr = self._learning_rate(trainer)
         energy = fisher_energy(trace, lr, batch)
-        c_bar, total = self._update_running(condition, energy)
-        values = dict(c=condition, l=energy, C_bar=c_bar, L=total, trace=trace, lambda_max=lambda_max)
-        values.update(rank=rank, noise_scale=noise, batch_size=batch)
-        self._pending.append(
-            (trainer.global_step, trainer.current_epoch, lr, torch.stack(list(values.values())))
+        c_bar, total = self._running.update(condition, energy, weight=self.every_n_steps)
+        values = {
+            "c_k": condition, "l_k": energy, "C_bar": c_bar, "L": total, "trace": trace,
+            "lambda_max": lambda_max, "rank": rank, "noise_scale": noise_scale_ratio(trace_sigma, grad_sq_norm),
+            "trace_sigma": trace_sigma, "grad_sq_norm": grad_sq_norm, "batch_size": batch,
+        }  # fmt: skip
+        values.update({f"log10_{name}": values[name].log10() for name in LOG10_MEASURES})
+        step = self.training_step(trainer)
+        logged = self.log_scalars(
+            trainer, {f"{self.namespace}/{name}": value for name, value in values.items()}, step
         )
-        metrics = {f"fisher/{name}": value.float() for name, value in values.items() if name != "batch_size"}
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        record = {"step": step, "epoch": trainer.current_epoch, "lr": lr}
+        record.update({name: logged[f"{self.namespace}/{name}"] for name in MEASURES})
+        self._record(record)
         if self.log_eigenvalues:
-            self._log_eigenvalues(trainer, stats.eigenvalues)
+            self._log_eigenvalues(trainer, stats.eigenvalues, step)
 
-    def _update_running(self, condition: Tensor, energy: Tensor) -> tuple[Tensor, Tensor]:
-        """C̄_K = (1/K) Σ c_k over finite c_k (eq. 7); L_K += n · l_k over finite l_k (eq. 8).
+    def _record(self, record: dict[str, float]) -> None:
+        self._history.append(record)
+        self._epoch_records.append(record)
+        self._last_row = {name: record[name] for name in EPOCH_COLUMNS}
+        self.write_table(HISTORY_FILE, HISTORY_COLUMNS, [record], append=True)
+        if not self._warned_non_finite and not (
+            math.isfinite(record["c_k"]) and math.isfinite(record["l_k"])
+        ):
+            self._warned_non_finite = True
+            rank_zero_warn(
+                "FisherSpectrum: a measured F̃ had a non-finite entry or no non-zero eigenvalue; its c_k/l_k "
+                "are NaN and left out of C_bar and L. Training continues."
+            )
 
-        Device tensors throughout: a NaN measurement is left out without a host sync."""
-        finite = torch.isfinite(condition)
-        step = torch.stack(
-            [
-                torch.where(finite, condition, 0.0),
-                finite.to(torch.float64),
-                self.every_n_steps * torch.nan_to_num(energy, nan=0.0, posinf=0.0, neginf=0.0),
-            ]
-        )
-        self._running = self._running.to(step.device) + step
-        c_sum, count, total = self._running
-        return torch.where(count > 0, c_sum / count.clamp(min=1), torch.nan), total
-
-    def _combine_ranks(self, trainer: L.Trainer, local: Tensor) -> Tensor:
-        """Sum trace and batch size over ranks; average the local spectral statistics."""
-        if trainer.world_size == 1:
-            return local
-        total = trainer.strategy.reduce(local, reduce_op="sum")
-        return torch.cat([total[:2], total[2:] / trainer.world_size])
+    def _write_epoch_row(self, row: dict[str, float]) -> None:
+        self.write_table(EPOCH_FILE, EPOCH_COLUMNS, [row], append=True)
+        self._rows_through = row["epoch"]
 
     @staticmethod
-    def _loss_scale(trainer: L.Trainer) -> float:
+    def _combine_ranks(trainer: pl.Trainer, summed: Tensor, averaged: Tensor) -> tuple[Tensor, Tensor]:
+        """Sums over ranks (trace, batch size) and means over ranks (the local statistics), in one all-reduce."""
+        if trainer.world_size == 1:
+            return summed, averaged
+        total = trainer.strategy.reduce(torch.cat([summed, averaged]), reduce_op="sum")
+        return total[: len(summed)], total[len(summed) :] / trainer.world_size
+
+    @staticmethod
+    def _loss_scale(trainer: pl.Trainer) -> float:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _flush(self) -> None:
-        """Move pending device measurements to the host history (one sync for all of them)."""
-        if not self._pending:
+    @staticmethod
+    def _log_eigenvalues(trainer: pl.Trainer, eigenvalues: Tensor, step: int) -> None:
+        if not trainer.is_global_zero:
             return
-        rows = torch.stack([values for *_, values in self._pending]).cpu().tolist()
-        for (step, epoch, lr, _), row in zip(self._pending, rows):
-            record = dict(zip(HISTORY_KEYS, row))
-            self._history.append({"step": step, "epoch": epoch, **record, "lr": lr})
-            self._warn_if_non_finite(record)
-        self._pending.clear()
-
-    def _warn_if_non_finite(self, record: dict[str, float]) -> None:
-        if self._warned_non_finite or (math.isfinite(record["c"]) and math.isfinite(record["l"])):
-            return
-        self._warned_non_finite = True
-        rank_zero_warn(
-            "FisherSpectrum: a measured F̃ had a non-finite entry or no non-zero eigenvalue; its c/l "
-            "are NaN and left out of C_bar and L. Training continues."
-        )
-
-    def _log_eigenvalues(self, trainer: L.Trainer, eigenvalues: Tensor) -> None:
-        experiment = getattr(trainer.logger, "experiment", None)
-        if trainer.is_global_zero and hasattr(experiment, "add_histogram"):
-            values = torch.nan_to_num(eigenvalues).cpu()
-            experiment.add_histogram("fisher/eigenvalues", values, trainer.global_step)
-
-    @rank_zero_only
-    def _write_csv(self) -> None:
-        os.makedirs(self._log_dir, exist_ok=True)
-        with open(os.path.join(self._log_dir, CSV_NAME), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self._epoch_rows)
+        values = torch.nan_to_num(eigenvalues).cpu()
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram("fisher/eigenvalues", values, step)
