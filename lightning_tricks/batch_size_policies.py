@@ -10,6 +10,7 @@ epoch ``e``, with no Lightning import; :class:`~lightning_tricks.BatchSizeSchedu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,40 @@ class DecayToBatchPolicy:
         """``min(max_size, initial · (1/γ)^k)`` with k the milestones reached by ``epoch``."""
         decays = sum(epoch >= m for m in lr_milestones)
         return min(max(self.max_size, initial), round(initial / self.gamma**decays))
+
+
+@dataclass(frozen=True)
+class NormTestPolicy:
+    """Grow the batch while the *norm test* fails (Byrd et al. 2012, seed 004 ref. [37]).
+
+    The test asks that the variance of the batch gradient be small against its mean:
+    tr(Σ)/|B| ≤ θ²·|G|², i.e. |B| ≥ B_noise/θ² with B_noise = tr Σ / |G|² the gradient-noise scale
+    (McCandlish et al. 2018). After each epoch the batch grows by ``growth`` until it passes (at
+    most ``max_size``); it never shrinks. An infinite B_noise (no detectable mean gradient) grows
+    one step; NaN (nothing measured) keeps the size."""
+
+    theta: float
+    growth: float
+    max_size: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.theta, (int, float)) and self.theta > 0):
+            raise ValueError(f"`theta` must be a number > 0; got {self.theta!r}.")
+        if not (isinstance(self.growth, (int, float)) and self.growth > 1):
+            raise ValueError(f"`growth` must be a number > 1; got {self.growth!r}.")
+        _check_size("max_size", self.max_size)
+
+    def next_size(self, size: int, noise_scale: float) -> int:
+        """The smallest ``size · growth^k`` (rounded up) that passes the test, capped at ``max_size``."""
+        if math.isnan(noise_scale) or size >= self.max_size:
+            return size
+        target = math.inf if math.isinf(noise_scale) else noise_scale / self.theta**2
+        grown = size
+        while grown < target and grown < self.max_size:
+            grown = math.ceil(grown * self.growth)
+            if math.isinf(target):
+                break
+        return min(grown, self.max_size)
 
 
 def split_physical(size: int, max_physical: int | None, world_size: int = 1) -> tuple[int, int]:

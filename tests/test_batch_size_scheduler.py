@@ -18,10 +18,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tricks import BatchSizeScheduler
+from lightning_tricks import BatchSizeScheduler, FisherSpectrum
 from lightning_tricks.batch_size_policies import (
     DecayToBatchPolicy,
     ExplicitPolicy,
+    NormTestPolicy,
     StagedPolicy,
     split_physical,
     stage_of,
@@ -147,6 +148,13 @@ def test_increase_instead_of_decay_grows_by_one_over_gamma_up_to_the_maximum():
     assert DecayToBatchPolicy(gamma=0.1, max_size=8).size_at(5, 32, [1]) == 32, "never below the start"
 
 
+def test_norm_test_grows_to_the_first_size_that_passes():
+    policy = NormTestPolicy(theta=1.0, growth=2.0, max_size=256)
+    assert [policy.next_size(2, b) for b in (0.0, 2.0, 16.0, 17.0, 1e9)] == [2, 2, 16, 32, 256]
+    assert NormTestPolicy(theta=0.5, growth=2.0, max_size=256).next_size(2, 16.0) == 64, "B >= B_noise/θ²"
+    assert policy.next_size(8, math.inf) == 16 and policy.next_size(8, math.nan) == 8
+
+
 # -- on a Trainer ------------------------------------------------------------------------------
 
 
@@ -214,6 +222,57 @@ def test_increase_instead_of_decay_keeps_the_lr_until_the_batch_is_at_its_maximu
     lr_per_epoch = {epoch: lr for epoch, _, lr in module.seen}
     assert [lr_per_epoch[e] for e in range(8)] == pytest.approx([0.1] * 6 + [0.01] * 2, rel=1e-12)
     assert scheduler.lr_scaling == "linear"
+
+
+class NoiseScaleProblem(pl.LightningModule):
+    """Per-sample gradients g_i = -2 x_i at w = 0 (lr = 0 keeps w there) with x_i = μ + ε_i,
+    |μ|² = 1, ε_i ~ N(0, I_16): tr Σ = 4·16 and |G|² = 4, so the noise scale B_noise is exactly 16;
+    ``noise=False`` gives identical samples (B_noise = 0)."""
+
+    def __init__(self, noise: bool, samples: int = 1024, batch_size: int = 2) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.net = nn.Linear(16, 1, bias=False).double()
+        nn.init.zeros_(self.net.weight)
+        generator = torch.Generator().manual_seed(3)
+        x = torch.zeros(samples, 16, dtype=torch.float64)
+        x[:, 0] = 1.0
+        if noise:
+            x += torch.randn(samples, 16, generator=generator, dtype=torch.float64)
+        self.data = TensorDataset(x, torch.ones(samples, 1, dtype=torch.float64))
+        self.sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.sizes.append(len(x))
+        return F.mse_loss(self.net(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("noise", [True, False], ids=["noisy", "noiseless"])
+def test_adaptive_policy_settles_at_the_known_noise_scale(tmp_path, noise):
+    module = NoiseScaleProblem(noise)
+    fisher = FisherSpectrum()
+    scheduler = BatchSizeScheduler.noise_adaptive(max_size=256)
+    trainer(tmp_path, [fisher, scheduler], max_epochs=4).fit(module)
+    sizes = [record["size"] for record in scheduler.history]
+    if noise:  # B_noise = 16: the first power of two that passes the norm test is 16 (32 if over-estimated)
+        assert sizes[0] == 2 and sizes[-1] in (16, 32) and sizes == sorted(sizes)
+        assert 12 < fisher.epoch_noise_scale < 20
+    else:
+        assert sizes == [2] and set(module.sizes) == {2}
+
+
+def test_adaptive_policy_needs_fisher_spectrum(tmp_path):
+    with pytest.raises(ValueError, match="FisherSpectrum"):
+        trainer(tmp_path, [BatchSizeScheduler.noise_adaptive(max_size=64)], max_epochs=1).fit(
+            NoiseScaleProblem(True)
+        )
 
 
 def test_accumulation_fallback_gives_the_large_batch_gradient(tmp_path):
@@ -325,6 +384,9 @@ def test_ddp_scheduled_size_is_the_global_batch(tmp_path):
         (dict(max_size=64, lr_scaling="sqrt"), "linear"),
         (dict(sizes=[2], gamma=0.5), "needs `max_size`"),
         (dict(max_size=64, gamma=2.0), "gamma"),
+        (dict(sizes=[2], adaptive=True), "needs `max_size`"),
+        (dict(max_size=64, adaptive=True, growth=1.0), "growth"),
+        (dict(max_size=64, adaptive=True, theta=0), "theta"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):

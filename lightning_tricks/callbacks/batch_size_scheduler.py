@@ -12,8 +12,15 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.optim.lr_scheduler import MultiStepLR
 from typing_extensions import override
 
-from ..batch_size_policies import DecayToBatchPolicy, ExplicitPolicy, StagedPolicy, split_physical
+from ..batch_size_policies import (
+    DecayToBatchPolicy,
+    ExplicitPolicy,
+    NormTestPolicy,
+    StagedPolicy,
+    split_physical,
+)
 from ._base import TrickCallback
+from .fisher_spectrum import FisherSpectrum
 
 LR_SCALINGS = ("none", "linear", "sqrt")
 HISTORY_FILE = "batch_size.csv"
@@ -39,6 +46,12 @@ class BatchSizeScheduler(TrickCallback):
     ``max_size=...``: increase the batch instead of decaying the LR (Smith et al. 2018, cited by
     seeds 000 and 004): at each LR milestone the batch grows by 1/γ until ``max_size`` while the
     linear LR scaling cancels the scheduled decay; once the batch is at ``max_size`` the LR decays.
+    ``max_size=..., adaptive=True``: grow the batch while the *norm test* of Byrd et al. (seed 004
+    ref. [37]) fails, tr(Σ)/|B| > θ²·|G|², i.e. while |B| < B_noise/θ² with B_noise = tr Σ / |G|²
+    the gradient-noise scale: after each epoch the batch grows by ``growth`` until it passes (up to
+    ``max_size``). B_noise is :attr:`FisherSpectrum.epoch_noise_scale` — tr Σ and |G|², unbiased,
+    averaged over the epoch's measurements before dividing (McCandlish et al. 2018) — so a
+    ``FisherSpectrum`` must be attached (it costs nothing more); the batch never shrinks.
 
     **Mechanism.** The size is the *global* batch of one optimiser step. The callback writes the
     per-process batch into the attribute ``batch_arg_name`` that ``train_dataloader()`` reads — on
@@ -63,8 +76,11 @@ class BatchSizeScheduler(TrickCallback):
     Args:
         sizes: staged policy: the batch size of each of ``len(sizes)`` equal stages.
         schedule: explicit policy: ``{epoch: size}``.
-        max_size: increase-instead-of-decay policy: the largest batch size. Exactly one of
-            ``sizes``, ``schedule`` and ``max_size``.
+        max_size: increase-instead-of-decay and adaptive policies: the largest batch size.
+            Exactly one of ``sizes``, ``schedule`` and ``max_size``.
+        adaptive: with ``max_size``, the norm-test policy instead of increase-instead-of-decay.
+        theta: the norm test's θ (> 0); smaller θ asks for a less noisy gradient (larger batches).
+        growth: the factor by which the adaptive policy grows the batch (> 1).
         multistep: re-run ``sizes`` inside each learning-rate stage (seed 004's -MS).
         lr_milestones: the epochs (ints) or fractions of training (floats in (0, 1)) where the
             learning rate decays, for ``multistep`` and ``max_size``; ``None`` reads a
@@ -108,6 +124,9 @@ class BatchSizeScheduler(TrickCallback):
         multistep: bool = False,
         lr_milestones: Sequence[int | float] | None = None,
         gamma: float | None = None,
+        adaptive: bool = False,
+        theta: float = 1.0,
+        growth: float = 2.0,
         batch_arg_name: str = "batch_size",
         lr_scaling: str = "none",
         max_physical_batch_size: int | None = None,
@@ -122,11 +141,14 @@ class BatchSizeScheduler(TrickCallback):
             raise ValueError("`multistep=True` re-runs `sizes` inside each LR stage; it needs `sizes`.")
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"`lr_scaling` must be one of {LR_SCALINGS}; got {lr_scaling!r}.")
-        if max_size is not None and lr_scaling == "sqrt":
+        if adaptive and max_size is None:
+            raise ValueError("`adaptive=True` grows the batch up to `max_size`; it needs `max_size`.")
+        smith = max_size is not None and not adaptive
+        if smith and lr_scaling == "sqrt":
             raise ValueError(
                 "`max_size` cancels each LR decay by the linear scaling rule; use lr_scaling='linear'."
             )
-        if gamma is not None and max_size is None:
+        if gamma is not None and not smith:
             raise ValueError(
                 "`gamma` is the LR decay that the `max_size` policy replaces; it needs `max_size`."
             )
@@ -143,17 +165,15 @@ class BatchSizeScheduler(TrickCallback):
         self.max_size = max_size
         self.multistep = multistep
         self.gamma = gamma
-        self.policy = self._policy(
-            gamma if gamma is not None else 0.5
-        )  # validates; γ=None is read at fit start
+        self.adaptive, self.theta, self.growth = adaptive, theta, growth
+        # the policy, validated now; the increase-instead-of-decay one reads γ at fit start if not given
+        self.policy = None if smith and gamma is None else self._policy(gamma)
         self.lr_milestones = _checked_milestones(lr_milestones)
         self.batch_arg_name = batch_arg_name
-        self.lr_scaling = "linear" if max_size is not None else lr_scaling
+        self.lr_scaling = "linear" if smith else lr_scaling
         self.max_physical_batch_size = max_physical_batch_size
         self._milestones: list[int] = []
-        self._initial_size: int | None = None
-        self._size: int | None = None
-        self._history: list[dict[str, Any]] = []
+        self.reset_fit_state()
 
     @classmethod
     def staged(cls, sizes: Sequence[int], multistep: bool = False, **kwargs: Any) -> BatchSizeScheduler:
@@ -161,11 +181,22 @@ class BatchSizeScheduler(TrickCallback):
         return cls(sizes=sizes, multistep=multistep, **kwargs)
 
     @classmethod
+    def noise_adaptive(
+        cls, max_size: int, theta: float = 1.0, growth: float = 2.0, **kwargs: Any
+    ) -> BatchSizeScheduler:
+        """The norm test: grow the batch while |B| < B_noise/θ², up to ``max_size`` (needs FisherSpectrum)."""
+        return cls(max_size=max_size, adaptive=True, theta=theta, growth=growth, **kwargs)
+
+    @classmethod
     def increase_instead_of_decay(cls, max_size: int, **kwargs: Any) -> BatchSizeScheduler:
         """Smith et al.'s policy: the batch grows by 1/γ at each LR milestone, up to ``max_size``."""
         return cls(max_size=max_size, **kwargs)
 
-    def _policy(self, gamma: float | None) -> StagedPolicy | ExplicitPolicy | DecayToBatchPolicy:
+    def _policy(
+        self, gamma: float | None
+    ) -> StagedPolicy | ExplicitPolicy | DecayToBatchPolicy | NormTestPolicy:
+        if self.adaptive:
+            return NormTestPolicy(self.theta, self.growth, self.max_size)
         if self.sizes is not None:
             return StagedPolicy(self.sizes, self.multistep)
         if self.schedule is not None:
@@ -178,6 +209,7 @@ class BatchSizeScheduler(TrickCallback):
             "sizes": self.sizes,
             "schedule": self.schedule,
             "max_size": self.max_size,
+            "adaptive": self.adaptive,
             "multistep": self.multistep,
             "batch_arg_name": self.batch_arg_name,
         }
@@ -187,6 +219,8 @@ class BatchSizeScheduler(TrickCallback):
         return {
             **self.identity(),
             "gamma": self.gamma,
+            "theta": self.theta,
+            "growth": self.growth,
             "lr_milestones": self.lr_milestones,
             "lr_scaling": self.lr_scaling,
             "max_physical_batch_size": self.max_physical_batch_size,
@@ -212,13 +246,16 @@ class BatchSizeScheduler(TrickCallback):
 
     @override
     def reset_fit_state(self) -> None:
-        self._initial_size, self._size, self._history = None, None, []
+        self._initial_size: int | None = None
+        self._size: int | None = None
+        self._target: int | None = None  # the adaptive policy's next size
+        self._history: list[dict[str, Any]] = []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._milestones = self._resolve_milestones(trainer)
-        if self.max_size is not None and self.gamma is None:
+        if self.policy is None:
             self.policy = self._policy(self._scheduler_gamma(trainer))
         if self._initial_size is None:
             self._initial_size = lightning_getattr(pl_module, self.batch_arg_name) * trainer.world_size
@@ -242,6 +279,9 @@ class BatchSizeScheduler(TrickCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.policy, NormTestPolicy):
+            noise_scale = self._noise_source(trainer).epoch_noise_scale
+            self._target = _round_up(self.policy.next_size(self._size, noise_scale), trainer.world_size)
         self._apply(trainer, pl_module, trainer.current_epoch + 1)
 
     @override
@@ -251,6 +291,7 @@ class BatchSizeScheduler(TrickCallback):
     @override
     def set_state(self, state: dict[str, Any]) -> None:
         self._initial_size, self._size = state["initial_size"], state["size"]
+        self._target = self._size
         self._history = list(state["history"])
 
     # -- internals -----------------------------------------------------------------------------
@@ -261,6 +302,8 @@ class BatchSizeScheduler(TrickCallback):
             return self.policy.size_at(epoch, max_epochs, self._milestones)
         if isinstance(self.policy, DecayToBatchPolicy):
             return self.policy.size_at(epoch, self._initial_size, self._milestones)
+        if isinstance(self.policy, NormTestPolicy):
+            return self._target or self._size or self._initial_size
         return self.policy.size_at(epoch, self._initial_size)
 
     def _apply(
@@ -316,7 +359,7 @@ class BatchSizeScheduler(TrickCallback):
 
     def _resolve_milestones(self, trainer: pl.Trainer) -> list[int]:
         """LR milestones as epochs: given (fractions of ``max_epochs`` rounded), or a MultiStepLR's."""
-        if not (self.multistep or self.max_size is not None):
+        if not (self.multistep or self.policy is None or isinstance(self.policy, DecayToBatchPolicy)):
             return []
         if self.lr_milestones is not None:
             return sorted(
@@ -357,11 +400,28 @@ class BatchSizeScheduler(TrickCallback):
             )
         for size in self._known_sizes():
             self._split(trainer, size)
+        if self.adaptive:
+            self._noise_source(trainer)
+
+    @staticmethod
+    def _noise_source(trainer: pl.Trainer) -> FisherSpectrum:
+        """The attached FisherSpectrum, whose epoch noise scale the adaptive policy reads."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, FisherSpectrum):
+                return callback
+        raise ValueError(
+            "BatchSizeScheduler(adaptive=True) reads the gradient-noise scale that FisherSpectrum measures; "
+            "add FisherSpectrum(every_n_steps=...) to the Trainer's callbacks."
+        )
 
     def _known_sizes(self) -> tuple[int, ...]:
         if self.sizes is not None:
             return self.sizes
         return tuple(self.schedule.values()) if self.schedule is not None else (self.max_size,)
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
 
 
 def _checked_milestones(milestones: Sequence[int | float] | None) -> tuple[int | float, ...] | None:
