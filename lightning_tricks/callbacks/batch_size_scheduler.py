@@ -226,6 +226,22 @@ class BatchSizeScheduler(TrickCallback):
             "max_physical_batch_size": self.max_physical_batch_size,
         }
 
+    @override
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        return {
+            "batch size (seed 004 §4.3)": ["batch_size/size", "batch_size/physical"],
+            "learning rate with the batch size": ["batch_size/lr"],
+        }
+
+    @override
+    def metric_descriptions(self) -> dict[str, str]:
+        return {
+            "batch_size/size": "The global batch size of the epoch's optimiser steps (dynamic sampling, seed 004 §4.3).",
+            "batch_size/physical": "The batch one process computes at once (size / processes / accumulation).",
+            "batch_size/accumulation": "Micro-batches accumulated per optimiser step (max_physical_batch_size).",
+            "batch_size/lr": f"The first param group's learning rate at the epoch's first step (lr_scaling={self.lr_scaling!r}).",
+        }
+
     @property
     def history(self) -> list[dict[str, Any]]:
         """One record ``{"epoch", "step", "size", "physical", "accumulation", "lr"}`` per change."""
