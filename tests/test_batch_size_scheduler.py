@@ -424,3 +424,16 @@ def test_reuse_for_a_second_fit_starts_the_schedule_again(tmp_path):
         assert sizes_per_epoch(module) == {0: {2}, 1: {4}}
     assert [r["size"] for r in scheduler.history] == [2, 4]
     assert math.isclose(copy.deepcopy(scheduler).history[0]["lr"], 0.1)
+
+
+def test_runs_beside_the_other_callbacks_and_fisher_follows_the_batch_size(tmp_path):
+    from lightning_tricks import GradientFlow, RandomGradient
+
+    module, data = Recorder(), Data(samples=32)
+    fisher = FisherSpectrum(every_n_steps=2)
+    callbacks = [BatchSizeScheduler(sizes=[2, 8]), fisher, GradientFlow(), RandomGradient(seed=0)]
+    trainer(tmp_path, callbacks, max_epochs=2).fit(module, datamodule=data)
+    assert sizes_per_epoch(module) == {0: {2}, 1: {8}}
+    measured = {(record["epoch"], record["batch_size"]) for record in fisher.history}
+    assert measured == {(0, 2.0), (1, 8.0)}, "F̃ is B×B for the batch size of its step"
+    assert all(math.isfinite(record["L"]) for record in fisher.history)
