@@ -100,10 +100,10 @@ class GramCollector:
     Fused weight gradients (``fuse_weight_grad``): during a captured forward the weights of Linear,
     ConvNd and ConvTransposeNd layers whose input requires grad are set to ``requires_grad=False``, so autograd
     skips their weight-gradient kernels; the collector writes ``param.grad`` itself (``+=``, or a
-    new tensor where it is ``None``) from the per-sample gradients it already forms, and restores
-    ``requires_grad`` when that layer's backward is done (at the latest at :meth:`matrix`,
-    :meth:`reset`, ``enabled = False`` or :meth:`detach`). ``.grad`` equals autograd's up to float
-    rounding. It must be off when something else needs autograd's own gradient of those weights:
+    new tensor where it is ``None``) with the very kernel autograd would have called (same op,
+    operands and layout), and restores ``requires_grad`` when that layer's backward is done (at the
+    latest at :meth:`matrix`, :meth:`reset`, ``enabled = False`` or :meth:`detach`). ``.grad`` is
+    bit-for-bit autograd's (``tests/test_gram_fused.py``). It must be off when something else needs autograd's own gradient of those weights:
     DistributedDataParallel's reducer (``"auto"`` switches it off when ``torch.distributed`` runs
     with more than one process), ``register_post_accumulate_grad_hook`` users, or a weight used
     outside its module's forward (functional weight tying).
@@ -375,24 +375,22 @@ class GramCollector:
 
     def _finish_layer(self, layer: _Layer, fused: tuple[str, ...]) -> None:
         """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
-        ``fused`` weights from the same per-sample gradients. The materialised parameters of a
-        layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+        ``fused`` weights with autograd's own kernels (bit-identical to a plain backward). The
+        materialised parameters of a layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
         for name in layer.params:
             factor = concat_factors([factors[name] for factors in layer.factors])
+            if name in fused:
+                fused_grads[name] = factor.batch_gradient()
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
-                if name in fused:
-                    fused_grads[name] = factor.batch_gradient()
             else:
                 grads = factor.per_sample()
                 per_sample.append(grads.reshape(len(grads), -1))
-                if name in fused:
-                    fused_grads[name] = grads.sum(0)
         if per_sample:
             flat = torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]
             blocks.append(flat @ flat.T)
