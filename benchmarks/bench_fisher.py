@@ -13,19 +13,25 @@ SGD, on CPU, one process. Configurations (each a full training step; ratios are 
   sample (what seed 004 §4 did inside Torch), the Gram and its eigenvalues. To keep the run short
   only ``--loop-samples`` rows of J are computed and their time is scaled to B rows.
 - Opacus GradSampleModule / BackPACK BatchGrad: per-sample gradients from hooks during the step,
-  then the Gram and eigenvalues — only if the package imports; skipped with a note otherwise.
+  then the Gram and eigenvalues — only if the package imports (they are not dependencies of the
+  project: ``pip install opacus backpack-for-pytorch``); skipped with a note otherwise. Opacus
+  refuses trainable layers with buffers (BatchNorm), so its copy of the net has the BatchNorm
+  affine parameters frozen (1,504 of 269,850 parameters, left out of its J) and runs in training
+  mode, like the collector; BackPACK runs on the net as it is (no converter), BatchNorm in eval mode.
 
-The separate passes (vmap, loop, Opacus, BackPACK) run BatchNorm with its running statistics,
-since per-sample gradients through batch statistics are undefined for them; the collector
-measures the training-mode step itself (columns = each sample's contribution to the batch
+The separate passes (vmap, loop, BackPACK) run BatchNorm with its running statistics, since
+per-sample gradients through batch statistics are undefined for them; the collector (and Opacus)
+measure the training-mode step itself (columns = each sample's contribution to the batch
 gradient). Costs are comparable; the matrices differ by the BatchNorm mode.
 
 Timing: each round runs every configuration once, in an order that rotates between rounds, each
-right after a plain step; the table gives the median time and the median of the paired ratios
-(configuration / the plain step just before it), which cancels slow drifts of machine load. Peak memory is the growth of the process's peak resident set during one
+right after a plain step; the table gives the median time, the median of the paired ratios
+(configuration / the plain step just before it), which cancels slow drifts of machine load, and
+their range over the rounds. Peak memory is the growth of the process's peak resident set during one
 step (Linux: VmHWM reset through ``/proc/self/clear_refs`` after returning freed heap memory to
 the system with ``malloc_trim``), i.e. what the step allocated beyond the model, optimizer state
-and batch that were already alive; "n/a" where that interface is missing.
+and batch that were already alive, also as a ratio to the plain step's; "nan" where that
+interface is missing. The header names the CPU and thread count: ratios depend on both.
 
     python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 3]
                                       [--loop-samples 16] [--threads 2]
@@ -44,6 +50,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import machine_description
 from lightning_tricks.models import build_net
 from torch import nn
 
@@ -144,6 +151,9 @@ def opacus_step(work: Workload) -> Step | str:
     except ImportError:
         return "opacus not installed"
     net = copy.deepcopy(work.net)
+    for layer in net.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.requires_grad_(False)  # Opacus refuses trainable layers with buffers
     try:
         module = GradSampleModule(net, loss_reduction="mean", strict=False)
     except Exception as error:  # an unsupported layer or version: report, do not fail the table
@@ -153,8 +163,7 @@ def opacus_step(work: Workload) -> Step | str:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _eval_mode(net):
-            F.cross_entropy(module(work.images), work.labels).backward()
+        F.cross_entropy(module(work.images), work.labels).backward()
         jacobian = torch.cat([p.grad_sample.reshape(len(work.images), -1) for p in params], dim=1)
         for p in params:
             p.grad_sample = None
@@ -175,9 +184,11 @@ def backpack_step(work: Workload) -> Step | str:
     except ImportError:
         return "backpack not installed"
     try:
-        net = extend(copy.deepcopy(work.net), use_converter=True)
+        net = extend(copy.deepcopy(work.net))
         loss_fn = extend(nn.CrossEntropyLoss())
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        # learning rate 0: trained in eval mode (initial running statistics) the copy diverges; an
+        # SGD step still runs, so the cost is the same
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
     except Exception as error:
         return f"backpack failed: {type(error).__name__}: {str(error)[:60]}"
 
@@ -285,16 +296,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"ResNet-20, 3x32x32, CPU, {args.threads} threads, torch {torch.__version__}")
-    print("median step time; median ratio to a plain step run just before (paired, so load drift cancels);")
-    print("peak resident memory growth during one step")
+    print(f"ResNet-20, 3x32x32, one process; {machine_description()}")
+    print("median step time; median ratio to a plain step run just before (paired, so load drift cancels)")
+    print(
+        "and its range over the rounds; peak resident memory growth during one step, and its ratio to plain"
+    )
     for batch_size in args.batch_sizes:
         times, ratios, memory, skipped = measure(batch_size, args.rounds, args.slow_rounds, args.loop_samples)
         print(f"\nB = {batch_size}")
-        print(f"{'configuration':<30} {'runs':>4} {'median s':>9} {'ratio':>7} {'peak MiB':>9}")
+        print(
+            f"{'configuration':<30} {'runs':>4} {'median s':>9} {'ratio':>7} {'range':>13} {'peak MiB':>9} {'mem':>6}"
+        )
         for name, samples in times.items():
             median, ratio = statistics.median(samples), statistics.median(ratios[name])
-            print(f"{name:<30} {len(samples):>4} {median:>9.3f} {ratio:>6.2f}x {memory[name]:>9.0f}")
+            spread = f"{min(ratios[name]):.2f}-{max(ratios[name]):.2f}"
+            growth = memory[name] / memory["plain step"]
+            print(
+                f"{name:<30} {len(samples):>4} {median:>9.3f} {ratio:>6.2f}x {spread:>13} "
+                f"{memory[name]:>9.0f} {growth:>5.2f}x"
+            )
         for name, reason in skipped.items():
             print(f"{name:<30} skipped: {reason}")
 

@@ -6,9 +6,10 @@ batch 128 of 3x32x32 random images, SGD, CPU, one process. Each round runs every
 once, in an order that rotates between rounds, for ``--steps`` steps; a run's cost is its mean step
 time after the first step, so with ``every_n_steps=20`` and 21 steps exactly one measured step
 falls in the 20 timed ones (seed 004 measured every 50 mini-batches, ≈ 2 % of the data). The
-ratio is the median over rounds of (run with the callback) / (plain run of the same round).
+ratio is the median over rounds of (run with the callback) / (plain run of the same round); its
+range over the rounds is printed beside it, and the header names the CPU and thread count.
 
-    python benchmarks/bench_fisher_callback.py [--rounds 3] [--steps 21] [--batch-size 128]
+    python benchmarks/bench_fisher_callback.py [--rounds 3] [--steps 21] [--batch-size 128] [--threads 2]
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import statistics
 import tempfile
 
 import torch
-from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
+from common import (
+    ResNet20Classifier,
+    StepTimer,
+    machine_description,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+)
 from torch.utils.data import DataLoader
 
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
@@ -44,7 +52,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=21, help="steps per run; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     silence_lightning()
     loader = random_image_loader(args.steps, args.batch_size)
 
@@ -58,13 +68,16 @@ def main() -> None:
 
     plain = times["plain step"]
     print(
-        f"FisherSpectrum overhead: CIFAR ResNet-20, B={args.batch_size}, 3x32x32, CPU "
-        f"({torch.get_num_threads()} threads), {args.rounds} rounds x {args.steps - 1} timed steps"
+        f"FisherSpectrum overhead: CIFAR ResNet-20, B={args.batch_size}, 3x32x32, "
+        f"{args.rounds} rounds x {args.steps - 1} timed steps; {machine_description()}"
     )
-    print(f"{'configuration':<36}{'mean step [ms]':>16}{'ratio':>9}")
+    print(f"{'configuration':<36}{'mean step [ms]':>16}{'ratio':>9}{'range':>14}")
     for name in names:
-        ratio = statistics.median(t / p for t, p in zip(times[name], plain))
-        print(f"{name:<36}{statistics.median(times[name]) * 1e3:>16.1f}{ratio:>9.3f}")
+        ratios = [t / p for t, p in zip(times[name], plain)]
+        spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
+        print(
+            f"{name:<36}{statistics.median(times[name]) * 1e3:>16.1f}{statistics.median(ratios):>9.3f}{spread:>14}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ with momentum, CPU, one process.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 import warnings
 
@@ -79,3 +81,19 @@ def silence_lightning() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+
+
+def machine_description() -> str:
+    """CPU model, logical CPUs, whether AVX-512 is present, torch version and intra-op threads."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        lines = []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    model = models[0] if models else platform.processor() or platform.machine()
+    simd = ", AVX-512" if any(line.startswith("flags") and " avx512f" in line for line in lines) else ""
+    return (
+        f"CPU: {model} ({os.cpu_count()} logical CPUs{simd}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )

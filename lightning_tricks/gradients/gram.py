@@ -141,11 +141,13 @@ class GramCollector:
     ``requires_grad=False``, so autograd skips its weight-gradient kernel; the user's flag is
     restored right after that call (also when it raises), so any later use of the weight records
     normally. The collector writes ``param.grad`` itself (``+=``, or a new tensor where it is
-    ``None``) from the per-sample gradients it already forms; ``.grad`` equals autograd's up to
-    float rounding. It must be off where something else needs autograd's own gradient of those
-    weights: DistributedDataParallel's reducer (``"auto"`` switches it off when
-    ``torch.distributed`` runs with more than one process) or ``register_post_accumulate_grad_hook``
-    users; and where ``.grad`` must equal autograd's bit for bit. Tied weights are never fused.
+    ``None``) with the very kernel autograd would have called (same op, operands and layout), so
+    ``.grad`` is bit-for-bit autograd's (``tests/test_gram_fused.py``); fusing saves little
+    (2–3 %) since the per-sample gradients cannot share that kernel's work bit-exactly. It must be
+    off where something else needs autograd's own gradient of those weights:
+    DistributedDataParallel's reducer (``"auto"`` switches it off when ``torch.distributed`` runs
+    with more than one process) or ``register_post_accumulate_grad_hook`` users. Tied weights are
+    never fused.
 
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
@@ -572,24 +574,22 @@ class GramCollector:
 
     def _finish_layer(self, layer: _Layer, fused: tuple[str, ...]) -> None:
         """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
-        ``fused`` weights from the same per-sample gradients. The materialised parameters of a
-        layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+        ``fused`` weights with autograd's own kernels (bit-identical to a plain backward). The
+        materialised parameters of a layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
         for name in layer.params:
             factor = concat_factors([factors[name] for factors in layer.factors])
+            if name in fused:
+                fused_grads[name] = factor.batch_gradient()
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
-                if name in fused:
-                    fused_grads[name] = factor.batch_gradient()
             else:
                 grads = factor.per_sample()
                 per_sample.append(grads.reshape(len(grads), -1))
-                if name in fused:
-                    fused_grads[name] = grads.sum(0)
         if per_sample:
             flat = torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]
             blocks.append(flat @ flat.T)

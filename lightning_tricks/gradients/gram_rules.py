@@ -53,16 +53,39 @@ def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> Met
     )
 
 
+class MatmulGradient(NamedTuple):
+    """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
+
+    ``inputs`` (N, d_in) and ``backprops`` (N, d_out) are the 2-D views autograd's matrix product
+    saw (leading dims folded by ``reshape``, as ``F.linear`` and ``matmul`` fold them).
+    """
+
+    inputs: Tensor
+    backprops: Tensor
+    weight: Tensor
+
+    def __call__(self) -> Tensor:
+        """∇W = δᵀ x with the operands, transposes and output layout of autograd's ``mm`` backward
+        (``mm_mat2_backward`` for the operand Wᵀ), so the bits are those of a plain backward."""
+        transposed = self.weight.t()
+        rows = transposed.shape[0]
+        if transposed.stride() == (1, rows):
+            return self.backprops.t().mm(self.inputs)
+        return self.inputs.t().mm(self.backprops).t()
+
+
 class OuterFactor(NamedTuple):
     """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
 
     Shapes: ``activations`` (B, K, p, T), ``backprops`` (B, K, q, T) for K groups, p inputs and q
-    outputs per group and T positions; g_i has K·q·p entries.
+    outputs per group and T positions; g_i has K·q·p entries. ``exact``, where given, computes
+    the batch gradient with autograd's own kernel (bit-identical to a plain backward).
     """
 
     activations: Tensor
     backprops: Tensor
     shape: torch.Size
+    exact: MatmulGradient | None = None
 
     def ghost_gram(self) -> Tensor:
         """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
@@ -77,6 +100,8 @@ class OuterFactor(NamedTuple):
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
+        if self.exact is not None:
+            return self.exact()
         return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
 
     def costs(self) -> MethodCosts:
@@ -101,16 +126,16 @@ UNFOLD_MAX_POSITIONS = 64
 class ConvFactor(NamedTuple):
     """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
 
-    Shapes: ``activations`` (B, C_in, *S), ``backprops`` (B, C_out, *S'), the side that a
-    convolution reads through its kernel (the input of a ConvNd, the output gradient of a
-    ConvTransposeNd) already padded like the forward. On large maps the per-sample gradients come
-    from one convolution backward in which the batch becomes B·groups groups, so no patches are
-    unfolded unless the ghost method is chosen.
+    Shapes: ``inputs`` (B, C_in, *S), the layer's input, and ``backprops`` (B, C_out, *S'), the
+    gradient of its output, both as autograd saw them (unpadded, in the layer's dtype); per-sample
+    gradients are computed in ``dtype``. On large maps they come from one convolution backward in
+    which the batch becomes B·groups groups, so no patches are unfolded unless needed.
     """
 
-    activations: Tensor
+    inputs: Tensor
     backprops: Tensor
     layer: nn.Module
+    dtype: torch.dtype
 
     def per_sample(self) -> Tensor:
         """g_i for every i at once, shape (B, *W.shape): the weight gradient of one convolution with
@@ -118,14 +143,19 @@ class ConvFactor(NamedTuple):
         a batched matmul of unfolded patches."""
         if self._sizes()[0] <= UNFOLD_MAX_POSITIONS:
             return self.as_outer().per_sample()
-        batch = len(self.activations)
-        flat = [t.reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (self.activations, self.backprops)]
-        grads = self._weight_backward(flat[0], flat[1], batch)
+        batch = len(self.inputs)
+        inputs, padding = self._convolved()
+        flat = [
+            t.to(self.dtype).reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (inputs, self.backprops)
+        ]
+        grads = self._weight_backward(flat[0], flat[1], padding, batch)
         return grads.reshape(batch, *self.layer.weight.shape)
 
     def batch_gradient(self) -> Tensor:
-        """Σ_i g_i: the convolution's own weight-gradient kernel, shape W.shape."""
-        return self._weight_backward(self.activations, self.backprops, 1)
+        """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
+        convolved, with its padding, so the bits are those of a plain backward."""
+        inputs, padding = self._convolved()
+        return self._weight_backward(inputs, self.backprops, padding, 1)
 
     def ghost_gram(self) -> Tensor:
         """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`, seed 004 eq. 6)."""
@@ -133,26 +163,30 @@ class ConvFactor(NamedTuple):
 
     def costs(self) -> MethodCosts:
         """Those of the equivalent :class:`OuterFactor`, from shapes only."""
-        return _outer_costs(len(self.activations), self.layer.groups, *self._sizes())
+        return _outer_costs(len(self.inputs), self.layer.groups, *self._sizes())
 
     def _sizes(self) -> tuple[int, int, int]:
         """(T, p, q) of the equivalent :class:`OuterFactor`."""
-        channels_in, channels_out = self.activations.shape[1], self.backprops.shape[1]
+        channels_in, channels_out = self.inputs.shape[1], self.backprops.shape[1]
         groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
         if self.layer.transposed:
-            return self.activations[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
+            return self.inputs[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
         return self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
 
     def as_outer(self) -> OuterFactor:
-        """The same gradients as sums of outer products over unfolded positions."""
+        """The same gradients as sums of outer products over unfolded positions; the side read
+        through the kernel (a ConvNd's input, a ConvTransposeNd's output gradient) zero-padded."""
         layer = self.layer
-        read, other = (
-            (self.backprops, self.activations) if layer.transposed else (self.activations, self.backprops)
-        )
-        patches = unfold_patches(read, layer.kernel_size, layer.stride, layer.dilation)
+        if layer.transposed:
+            read, other = _zero_pad(self.backprops, layer.padding), self.inputs
+        else:
+            read, other = _zero_pad(*self._convolved()), self.backprops
+        patches = unfold_patches(read.to(self.dtype), layer.kernel_size, layer.stride, layer.dilation)
         batch, groups = len(patches), layer.groups
         return OuterFactor(
-            _positions_last(patches, batch, groups), _positions_last(other, batch, groups), layer.weight.shape
+            _positions_last(patches, batch, groups),
+            _positions_last(other.to(self.dtype), batch, groups),
+            layer.weight.shape,
         )
 
     @staticmethod
@@ -160,20 +194,44 @@ class ConvFactor(NamedTuple):
         """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
         return OuterFactor.concat([f.as_outer() for f in factors])
 
-    def _weight_backward(self, inputs: Tensor, backprops: Tensor, batch_groups: int) -> Tensor:
-        """The weight gradient of the layer's convolution on padded inputs, with ``batch_groups``
-        times its groups (``inputs``/``backprops`` then carry the batch in their channels)."""
-        layer = self.layer
-        weight_shape = (batch_groups * layer.weight.shape[0], *layer.weight.shape[1:])
+    def _convolved(self) -> tuple[Tensor, tuple[int, ...]]:
+        """The tensor ``aten.convolution`` received in the forward and the padding it applied: the
+        input itself, or the input padded first (``padding_mode`` other than zeros; the asymmetric
+        part of ``padding="same"``), as ``nn.ConvNd`` and ``F.conv*d`` do."""
+        layer, inputs = self.layer, self.inputs
         dims = len(layer.kernel_size)
-        output_padding = _output_padding(layer, inputs, backprops) if layer.transposed else (0,) * dims
+        if layer.transposed:
+            return inputs, tuple(layer.padding)
+        if layer.padding_mode != "zeros":
+            return F.pad(inputs, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0,) * dims
+        if layer.padding == "valid":
+            return inputs, (0,) * dims
+        if layer.padding != "same":
+            return inputs, tuple(layer.padding)
+        totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+        left = tuple(total // 2 for total in totals)
+        extra = [side for total in reversed(totals) for side in (0, total % 2)]
+        return (F.pad(inputs, extra) if any(extra) else inputs), left
+
+    def _weight_backward(
+        self, inputs: Tensor, backprops: Tensor, padding: tuple[int, ...], batch_groups: int
+    ) -> Tensor:
+        """The weight gradient of the layer's convolution, with ``batch_groups`` times its groups
+        (``inputs``/``backprops`` then carry the batch in their channels)."""
+        layer = self.layer
+        weight = layer.weight
+        if batch_groups > 1 or weight.dtype != inputs.dtype:
+            weight = inputs.new_empty((batch_groups * weight.shape[0], *weight.shape[1:]))
+        output_padding = (
+            _output_padding(layer, inputs, backprops, padding) if layer.transposed else (0,) * len(padding)
+        )
         return torch.ops.aten.convolution_backward(
             backprops,
             inputs,
-            inputs.new_empty(weight_shape),
+            weight,
             None,
             layer.stride,
-            (0,) * dims,
+            padding,
             layer.dilation,
             layer.transposed,
             output_padding,
@@ -182,10 +240,22 @@ class ConvFactor(NamedTuple):
         )[1]
 
 
-def _output_padding(layer: nn.Module, inputs: Tensor, backprops: Tensor) -> tuple[int, ...]:
-    """Output padding a transposed convolution used (``output_size`` may have changed it)."""
-    geometry = zip(backprops.shape[2:], inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
-    return tuple(out - ((size - 1) * s + d * (k - 1) + 1) for out, size, s, d, k in geometry)
+def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
+    """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d."""
+    if not any(padding):
+        return x
+    return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+
+
+def _output_padding(
+    layer: nn.Module, inputs: Tensor, backprops: Tensor, padding: Sequence[int]
+) -> tuple[int, ...]:
+    """Output padding a transposed convolution used (``output_size`` may have changed it):
+    out = (in − 1)·s − 2p + d·(k − 1) + output_padding + 1."""
+    geometry = zip(
+        backprops.shape[2:], inputs.shape[2:], layer.stride, padding, layer.dilation, layer.kernel_size
+    )
+    return tuple(out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for out, size, s, p, d, k in geometry)
 
 
 class EmbeddingFactor(NamedTuple):
@@ -432,29 +502,6 @@ def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
     return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
 
 
-def explicit_padding(layer: nn.Module) -> list[int]:
-    """(left, right) padding of each spatial dim in ``F.pad`` order (last dim first); for
-    ``padding="same"`` the odd unit goes right, as in ``torch.nn.modules.conv._ConvNd``."""
-    pads: list[tuple[int, int]] = []
-    for i, (k, d) in enumerate(zip(layer.kernel_size, layer.dilation)):
-        if layer.padding == "same":
-            total = d * (k - 1)
-            pads.append((total // 2, total - total // 2))
-        else:
-            p = 0 if layer.padding == "valid" else layer.padding[i]
-            pads.append((p, p))
-    return [side for pair in reversed(pads) for side in pair]
-
-
-def pad_like(x: Tensor, layer: nn.Module) -> Tensor:
-    """``x`` padded as ``layer``'s forward pads its input (zeros, reflect, replicate, circular)."""
-    pads = explicit_padding(layer)
-    if not any(pads):
-        return x
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    return F.pad(x, pads, mode=mode)
-
-
 def unfold_patches(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
 ) -> Tensor:
@@ -486,7 +533,10 @@ def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> 
     batch = len(activations)
     inputs = activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3).to(dtype)
     outputs = backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3).to(dtype)
-    factors: dict[str, GradFactor] = {"weight": OuterFactor(inputs, outputs, layer.weight.shape)}
+    exact = MatmulGradient(
+        activations.reshape(-1, layer.in_features), backprops.reshape(-1, layer.out_features), layer.weight
+    )
+    factors: dict[str, GradFactor] = {"weight": OuterFactor(inputs, outputs, layer.weight.shape, exact)}
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.sum(dim=-1).reshape(batch, -1))
     return factors
@@ -498,12 +548,9 @@ def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> di
     g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6)."""
     _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
-    outputs = backprops.to(dtype)
-    factors: dict[str, GradFactor] = {
-        "weight": ConvFactor(pad_like(activations.to(dtype), layer), outputs, layer)
-    }
+    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
+        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
     return factors
 
 
@@ -514,12 +561,9 @@ def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Ten
     unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
     _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
-    outputs = backprops.to(dtype)
-    factors: dict[str, GradFactor] = {
-        "weight": ConvFactor(activations.to(dtype), pad_like(outputs, layer), layer)
-    }
+    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(outputs.flatten(2).sum(dim=-1))
+        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
     return factors
 
 
