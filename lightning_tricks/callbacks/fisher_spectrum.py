@@ -247,7 +247,7 @@ class FisherSpectrum(TrickCallback):
         self._collector = GramCollector(
             pl_module,
             loss_reduction=self.loss_reduction,
-            fuse_weight_grad=False,  # autograd's own weight gradients: bit-exact training
+            fuse_weight_grad="auto",  # bit-for-bit autograd's kernels; off under DDP
             unsupported=self.unsupported,
         )
         self._collector.attach()
