@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tbparse import SummaryReader
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_tricks.callbacks._base import run_directory
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
 from lightning_tricks.gradients.spectrum import fisher_statistics
 from lightning_tricks.plotting import beacon_map
+from lightning_tricks.results import load_fisher_spectrum
 
 LR = 0.05
 
@@ -466,3 +468,39 @@ def test_training_and_other_callbacks_see_the_gradients_they_would_without_it(tm
     for ours, reference in zip(runs["fisher"][0].parameters(), runs["plain"][0].parameters()):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(runs["fisher"][1], runs["plain"][1], rtol=1e-10)
+
+
+class CrashAtEpochEnd(Callback):
+    """Fails the fit in on_train_epoch_end, before FisherSpectrum's own hook writes the epoch row."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise RuntimeError("crash")
+
+
+def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_row(tmp_path):
+    """Saved on epoch 0's last step, the fit dies before its epoch-end hook: the resumed fit writes
+    epoch 0's (C̄, L) row, so the beacon-map table has every epoch."""
+    full = FisherSpectrum()
+    fit(SmallNet(), [full], tmp_path / "full", max_steps=8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(
+            SmallNet(),
+            [CrashAtEpochEnd(), FisherSpectrum(), checkpoint],
+            tmp_path / "a",
+            max_steps=8,
+            enable_checkpointing=True,
+        )
+    resumed = FisherSpectrum()
+    trainer = fit(
+        SmallNet(),
+        [resumed],
+        tmp_path / "b",
+        max_steps=8,
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+    )
+    rows = load_fisher_spectrum(run_directory(trainer))
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert [row["L"] for row in rows] == pytest.approx(
+        [full.history[3]["L"], full.history[7]["L"]], rel=1e-12
+    )
