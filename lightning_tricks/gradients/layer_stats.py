@@ -48,25 +48,35 @@ class Layer:
     parameters: tuple[nn.Parameter, ...]
 
 
-def find_layers(model: nn.Module, parameters: Iterable[nn.Parameter] | None = None) -> list[Layer]:
+def is_bias(parameter_name: str) -> bool:
+    """Whether a parameter registered as ``parameter_name`` is a bias: ``"bias"`` is one of its
+    ``_``-separated words (``bias``, ``in_proj_bias``, ``bias_hh_l0``, ``bias_k``)."""
+    return "bias" in parameter_name.split("_")
+
+
+def find_layers(
+    model: nn.Module, parameters: Iterable[nn.Parameter] | None = None, include_bias: bool = True
+) -> list[Layer]:
     """The leaf-most owners of ``model``'s parameters, in registration order.
 
     A layer is every module that owns at least one parameter directly (``recurse=False``), so a
     ``Conv2d``'s weight and bias form one layer and a container owns only its own parameters. A
     parameter shared by several modules belongs to the first that registers it. With
     ``parameters`` given (e.g. one optimiser's), only those parameters are kept and modules left
-    with none are dropped.
+    with none are dropped. With ``include_bias=False`` biases (:func:`is_bias`) are left out too:
+    a layer is then its weights only, and a module owning only biases is no layer.
     """
     wanted = None if parameters is None else {id(p) for p in parameters}
     assigned: set[int] = set()
     layers = []
     for name, module in model.named_modules():
         owned = []
-        for param in module.parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
             if id(param) in assigned or (wanted is not None and id(param) not in wanted):
                 continue
             assigned.add(id(param))
-            owned.append(param)
+            if include_bias or not is_bias(param_name):
+                owned.append(param)
         if owned:
             layers.append(Layer(name or ROOT_NAME, module, tuple(owned)))
     return layers
