@@ -544,6 +544,8 @@ def test_flow_history_checkpoint_is_bounded_and_keeps_bins_and_recent_epochs():
         (dict(max_figure_columns=1), ValueError, "max_figure_columns"),
         (dict(figure_lines=-1), ValueError, "figure_lines"),
         (dict(figure_lines=2.5), TypeError, "figure_lines"),
+        (dict(figure_time_share=0.0), ValueError, "figure_time_share"),
+        (dict(figure_time_share=2.0), ValueError, "figure_time_share"),
         (dict(log_per_layer="yes"), TypeError, "log_per_layer"),
         (dict(vanish_threshold=-1.0), ValueError, "vanish_threshold"),
         (dict(explode_threshold="big"), TypeError, "explode_threshold"),
@@ -819,7 +821,7 @@ def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monke
 
     monkeypatch.setattr(flow_module, "plot_gradient_flow", spy)
     torch.manual_seed(0)
-    flow = GradientFlow(max_figure_columns=16, figure_lines=3)
+    flow = GradientFlow(max_figure_columns=16, figure_lines=3, figure_time_share=1.0)
     trainer = make_trainer(tmp_path, [flow], max_epochs=300)
     trainer.fit(Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4))
     assert len(figures) == 10 + 1  # after 1, 2, 3, 4, 8, ..., 256 epochs, and after the last
@@ -831,6 +833,14 @@ def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monke
     assert flow.flows[0].matrix.shape == (3, 300)
     binned = np.nanmean(flow.flows[0].matrix[:, 256:288], axis=1)
     np.testing.assert_allclose(data[:, 8], binned, rtol=1e-12)
+
+    figures.clear()
+    budget = GradientFlow(figure_time_share=1e-9)
+    make_trainer(tmp_path, [budget], max_epochs=20).fit(
+        Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4)
+    )
+    assert len(figures) == 2  # the first figure exhausts the budget; the last epoch's is always drawn
+    assert figure_parts(figures[-1])[2][-1] == "epoch 19"
 
 
 # ---------------------------------------------------------------------------------------------

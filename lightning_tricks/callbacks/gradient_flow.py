@@ -10,6 +10,7 @@ stay within [1e-4, 1e-1]. This callback is the Lightning adapter over the pure-t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -78,6 +79,7 @@ class _Tracked:
     warned: set[str] = field(default_factory=set)
     last_logged_step: int = -1
     last_drawn_epoch: int = -1
+    figure_pending: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -86,7 +88,6 @@ class _Tracked:
             "warned": sorted(self.warned),
             "epoch": self.epoch,
             "running": self.running.state_dict(),
-            "last_drawn_epoch": self.last_drawn_epoch,
         }
 
 
@@ -142,7 +143,10 @@ class GradientFlow(TrickCallback):
     on a log colour scale, epochs averaged into at most ``max_figure_columns`` bins, and the last
     ``figure_lines`` epochs as lines. **Bounded**: it is drawn after 1, 2, 3, 4, 8, 16, 32, …
     epochs (11 figures for 1,000 epochs, 21 for a million) and after the last epoch, and neither
-    its size nor its drawing time depends on the epoch count. This fit's matrix is also saved as ``grad_flow.npy``
+    its size nor its drawing time depends on the epoch count. A due figure waits (until a later
+    epoch end) while the figures drawn so far took more than ``figure_time_share`` of the fit's
+    wall time, so runs of very short epochs lose at most that share plus two figures (the first
+    and the last, always drawn). This fit's matrix is also saved as ``grad_flow.npy``
     (``grad_flow_opt{i}.npy``; rows ``flows[i].layer_names``, columns ``flows[i].epochs``) when a
     figure is drawn and when training ends.
 
@@ -185,6 +189,8 @@ class GradientFlow(TrickCallback):
         on_alarm: ``"warn"``, ``"raise"`` or ``"stop"``.
         max_figure_columns: the most epoch columns of the figure's heatmap (>= 2).
         figure_lines: the number of last epochs drawn as lines (>= 0).
+        figure_time_share: the most of the fit's wall time the figures may take, in (0, 1]
+            (1: the schedule alone decides).
 
     Attributes:
         history: this fit's per-epoch values, one record ``{"epoch", "optimizer", "layer",
@@ -224,6 +230,7 @@ class GradientFlow(TrickCallback):
         on_alarm: Literal["warn", "raise", "stop"] = "warn",
         max_figure_columns: int = 64,
         figure_lines: int = 5,
+        figure_time_share: float = 0.02,
     ) -> None:
         super().__init__()
         self.log_every_n_steps = check_every_n("log_every_n_steps", log_every_n_steps, allow_none=True)
@@ -238,6 +245,9 @@ class GradientFlow(TrickCallback):
         self.on_alarm = on_alarm
         self.max_figure_columns = _check_int("max_figure_columns", max_figure_columns, minimum=2)
         self.figure_lines = _check_int("figure_lines", figure_lines, minimum=0)
+        self.figure_time_share = _optional_positive("figure_time_share", figure_time_share)
+        if self.figure_time_share is None or self.figure_time_share > 1:
+            raise ValueError(f"`figure_time_share` must be in (0, 1], got {figure_time_share!r}.")
         self._filter = LayerFilter(include, exclude)
         self.include, self.exclude = include, exclude
         self.reset_fit_state()
@@ -258,6 +268,7 @@ class GradientFlow(TrickCallback):
             "on_alarm": self.on_alarm,
             "max_figure_columns": self.max_figure_columns,
             "figure_lines": self.figure_lines,
+            "figure_time_share": self.figure_time_share,
         }
 
     @property
@@ -299,6 +310,13 @@ class GradientFlow(TrickCallback):
         self._recorder = ForwardOrderRecorder()
         self._forward_order: list[str] | None = None
         self._unknown_optimizer_warned = False
+        self._fit_started = time.perf_counter()
+        self._figure_seconds = 0.0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._figure_seconds = 0.0
 
     @override
     def on_train_batch_start(
@@ -351,7 +369,6 @@ class GradientFlow(TrickCallback):
             epochs = tracked.history.epochs
             if epochs and tracked.last_drawn_epoch != epochs[-1]:
                 self._draw(trainer, index, tracked, step)
-            self._save_matrix(trainer, index, tracked)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -454,7 +471,6 @@ class GradientFlow(TrickCallback):
         close it (a checkpoint saved after an epoch's last step, before its end hook)."""
         new.counts.update({kind: int(n) for kind, n in saved["counts"].items()})
         new.warned = set(saved["warned"])
-        new.last_drawn_epoch = int(saved.get("last_drawn_epoch", -1))
         running = dict(saved["running"])
         partial = running.get("epoch_partial", {})
         if int(saved["epoch"]) != trainer.current_epoch:
@@ -529,10 +545,14 @@ class GradientFlow(TrickCallback):
         self._add_counts(tracked, window)
         if tracked.running.num_layers:
             self._add_epoch(index, tracked, trainer.current_epoch, tracked.running.names, average)
-            if figure_due(trainer.current_epoch):
+            tracked.figure_pending |= figure_due(trainer.current_epoch)
+            if tracked.figure_pending and self._figure_budget_allows():
                 self._draw(trainer, index, tracked, step)
-                self._save_matrix(trainer, index, tracked)
         self._handle_alarms(trainer, index, tracked, window)
+
+    def _figure_budget_allows(self) -> bool:
+        """Whether the figures so far took at most ``figure_time_share`` of the fit's wall time."""
+        return self._figure_seconds <= self.figure_time_share * (time.perf_counter() - self._fit_started)
 
     def _add_epoch(
         self, index: int, tracked: _Tracked, epoch: int, names: list[str], average: np.ndarray
@@ -542,10 +562,17 @@ class GradientFlow(TrickCallback):
         self.write_table(HISTORY_FILE, HISTORY_COLUMNS, rows, append=True)
 
     def _draw(self, trainer: pl.Trainer, index: int, tracked: _Tracked, step: int) -> None:
-        """The bounded figure (binned heatmap + last epochs), to every logger and the run folder."""
+        """The bounded figure (binned heatmap + last epochs) to every logger and the run folder, and
+        this fit's matrix to ``grad_flow.npy``; timed for the figure budget."""
+        started = time.perf_counter()
         tracked.last_drawn_epoch = tracked.history.epochs[-1] if tracked.history.epochs else -1
-        if not trainer.is_global_zero:
-            return
+        tracked.figure_pending = False
+        if trainer.is_global_zero:
+            self._log_flow_figure(trainer, index, tracked, step)
+            self._save_matrix(trainer, index, tracked)
+        self._figure_seconds += time.perf_counter() - started
+
+    def _log_flow_figure(self, trainer: pl.Trainer, index: int, tracked: _Tracked, step: int) -> None:
         history = tracked.history
         binned, edges = history.binned_matrix()
         lines, line_epochs = history.recent_matrix()
