@@ -187,7 +187,7 @@ def epochs_benchmark(epochs: int, rounds: int) -> None:
         f"{'  figures ({} drawn)'.format(int(last['figures'])):<44} {figure:>8.2f} s   = {100 * figure / without:.1f} % of the fit without"
     )
     print(
-        f"{'  grad_flow.csv / .npy':<44} {files:>8.2f} s   = {100 * files / without:.1f} % of the fit without"
+        f"{'  grad_flow.csv rows':<44} {files:>8.2f} s   = {100 * files / without:.1f} % of the fit without"
     )
     print(
         f"{'  TensorBoard events / run folder':<44} {last['events_mb']:>8.2f} MB / {last['folder_mb']:.2f} MB"

@@ -93,9 +93,12 @@ def plot_gradient_flow(
     num_layers = len(layer_names)
     step = max(1, math.ceil(num_layers / FLOW_MAX_LABELS))
     labelled = range(0, num_layers, step)
-    figure = Figure(figsize=(10.0, min(9.0, 3.0 + 0.12 * len(labelled))))
+    height = min(9.0, 3.0 + 0.12 * len(labelled))
+    figure = Figure(figsize=(10.0, height))
     label_width = 0.08 * max((len(layer_names[i]) for i in labelled), default=1)  # inches at 7 pt
-    figure.subplots_adjust(left=min(0.45, (0.5 + label_width) / 10.0), right=0.98, top=0.9, bottom=0.12)
+    figure.subplots_adjust(  # fixed margins in inches: constrained layout would triple the cost
+        left=min(0.45, (0.5 + label_width) / 10.0), right=0.98, top=1 - 0.6 / height, bottom=0.5 / height
+    )
     heat_axes, line_axes = figure.subplots(
         1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2], "wspace": 0.3}
     )
@@ -144,7 +147,9 @@ def _positive(values: np.ndarray) -> np.ndarray:
 def _draw_flow_heatmap(figure: Figure, axes: Axes, matrix: np.ndarray, edges: np.ndarray) -> None:
     """Layers × epoch bins on a log colour scale (one image: cheap whatever its size), colour bar."""
     axes.set_xlabel("epoch")
-    axes.set_title("average mean |∂L/∂W| per epoch", fontsize=9)
+    width = int(np.max(np.diff(edges))) if len(edges) > 1 else 1
+    per = "per epoch" if width <= 1 else f"per bin of {width} epochs"
+    axes.set_title(f"average mean |∂L/∂W| {per}", fontsize=9)
     if not np.isfinite(matrix).any():
         axes.text(0.5, 0.5, "no finite positive gradient", ha="center", va="center", transform=axes.transAxes)
         return
@@ -159,7 +164,7 @@ def _draw_flow_heatmap(figure: Figure, axes: Axes, matrix: np.ndarray, edges: np
         interpolation="nearest",
         extent=extent,
     )
-    colourbar = figure.colorbar(image, ax=axes, pad=0.02, fraction=0.06, label="log scale")
+    colourbar = figure.colorbar(image, ax=axes, pad=0.02, fraction=0.06, label="mean |∂L/∂W| (log scale)")
     _plain_log_ticks(colourbar.ax.yaxis)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
 

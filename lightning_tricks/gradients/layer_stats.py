@@ -5,7 +5,7 @@ order, the mean absolute value of the loss gradient over the layer's parameters.
 the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.GradientFlow`:
 
 - :func:`find_layers` groups parameters into layers (every module that owns parameters directly,
-  weights and biases together);
+  weights and biases together, or weights only with ``include_bias=False``, seed 001's quantity);
 - :class:`LayerFilter` keeps the layers a user asks for (name regexes or module types);
 - :class:`ForwardOrderRecorder` and :func:`sort_by_forward_order` put layers in the order they
   first run in the forward pass;
@@ -240,7 +240,8 @@ class LayerGradientStats:
     For layer ℓ with parameters θ_ℓ and gradient g = ∂L/∂θ (the ``.grad`` fields),
 
     - ``mean_abs[ℓ] = Σ_{θ∈θ_ℓ} Σ_i |g_i| / Σ_{θ∈θ_ℓ} numel(θ)`` — seed 001's "mean absolute value
-      of the gradient" of a layer, weights and biases pooled;
+      of the gradient" of a layer, over the parameters the layer is given (weights only from
+      ``find_layers(..., include_bias=False)``, as the seed's §2; weights and biases pooled otherwise);
     - ``l2[ℓ] = sqrt(Σ_{θ∈θ_ℓ} ‖g_θ‖²)``, ``max_abs[ℓ] = max_{θ∈θ_ℓ} ‖g_θ‖_∞``;
     - ``global_norm = sqrt(Σ_θ ‖g_θ‖²)`` over the layers' and ``other_parameters``' gradients
       (the norm that ``clip_grad_norm_`` clips).
