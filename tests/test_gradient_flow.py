@@ -627,6 +627,26 @@ def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(tm
     assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [0, 5]
 
 
+@pytest.mark.parametrize("after_clipping", [False, True])
+def test_gradients_are_read_before_clipping_unless_after_clipping(tmp_path, after_clipping):
+    torch.manual_seed(0)
+    module = Classifier(
+        ScrambledCNN(), loss_scale=100.0, reference_layers=lambda m: scrambled_layers(m.net, "net.")
+    )
+    logger = MemoryLogger()
+    flow = GradientFlow(log_every_n_steps=1, after_clipping=after_clipping)
+    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=1, gradient_clip_val=0.5)
+    trainer.fit(module, loader())
+    norms = [metrics["grad_flow/global_norm"] for _, metrics in logger.logged]
+    unclipped = [global_norm for _, global_norm in module.reference]  # the module's hook runs before clipping
+    assert len(norms) == 4 and min(unclipped) > 1.0
+    if after_clipping:
+        np.testing.assert_allclose(norms, 0.5, rtol=1e-4)
+        assert all(not hook_list for hook_list in (o._optimizer_step_post_hooks for o in trainer.optimizers))
+    else:
+        np.testing.assert_allclose(norms, unclipped, rtol=1e-5)
+
+
 def test_deep_sigmoid_net_raises_vanishing_alarm_naming_its_early_layers(tmp_path):
     torch.manual_seed(0)
     flow = GradientFlow(log_every_n_steps=2, on_alarm="raise")

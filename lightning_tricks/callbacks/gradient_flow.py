@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ import numpy as np
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..gradients.gradient_flow import (
@@ -103,8 +105,11 @@ class GradientFlow(TrickCallback):
     gradient after accumulation, DDP all-reduce and AMP unscaling, and **before gradient
     clipping** (Lightning 2.6 calls ``on_before_optimizer_step`` and then
     ``configure_gradient_clipping``; under manual optimisation, whatever ``training_step`` did to
-    the gradients before ``opt.step()``, ``self.clip_gradients`` included, is seen) — per layer (a
-    module that owns parameters directly):
+    the gradients before ``opt.step()``, ``self.clip_gradients`` included, is seen). With
+    ``after_clipping=True`` the gradient is read right after the optimiser stepped with it (a
+    ``register_step_post_hook`` on each optimiser, removed at fit end), so after clipping; steps an
+    AMP GradScaler skips (inf/NaN) are then not seen at all. Per layer (a module that owns
+    parameters directly):
 
     - ``mean_abs = Σ|g| / numel`` over the layer's weights (with ``include_bias=True``, weights
       and biases pooled) — the seed's quantity;
@@ -191,6 +196,8 @@ class GradientFlow(TrickCallback):
         figure_lines: the number of last epochs drawn as lines (>= 0).
         figure_time_share: the most of the fit's wall time the figures may take, in (0, 1]
             (1: the schedule alone decides).
+        after_clipping: read the gradients after the optimiser step (so after gradient clipping)
+            instead of in ``on_before_optimizer_step``.
 
     Attributes:
         history: this fit's per-epoch values, one record ``{"epoch", "optimizer", "layer",
@@ -231,11 +238,13 @@ class GradientFlow(TrickCallback):
         max_figure_columns: int = 64,
         figure_lines: int = 5,
         figure_time_share: float = 0.02,
+        after_clipping: bool = False,
     ) -> None:
         super().__init__()
         self.log_every_n_steps = check_every_n("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.log_per_layer = _check_bool("log_per_layer", log_per_layer)
         self.include_bias = _check_bool("include_bias", include_bias)
+        self.after_clipping = _check_bool("after_clipping", after_clipping)
         self.vanish_threshold = _optional_positive("vanish_threshold", vanish_threshold)
         self.explode_threshold = _optional_positive("explode_threshold", explode_threshold)
         self.vanish_ratio = _optional_positive("vanish_ratio", vanish_ratio)
@@ -269,6 +278,7 @@ class GradientFlow(TrickCallback):
             "max_figure_columns": self.max_figure_columns,
             "figure_lines": self.figure_lines,
             "figure_time_share": self.figure_time_share,
+            "after_clipping": self.after_clipping,
         }
 
     @property
@@ -312,6 +322,9 @@ class GradientFlow(TrickCallback):
         self._unknown_optimizer_warned = False
         self._fit_started = time.perf_counter()
         self._figure_seconds = 0.0
+        for handle in getattr(self, "_step_hooks", []):
+            handle.remove()
+        self._step_hooks: list[RemovableHandle] = []
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,6 +353,11 @@ class GradientFlow(TrickCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if not self.after_clipping:
+            self._measure(trainer, pl_module, optimizer)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        """Fold the optimiser's current ``.grad`` fields into its flow; log when the step is due."""
         index = self._optimizer_index(trainer, optimizer)
         if index is None:
             return
@@ -371,20 +389,41 @@ class GradientFlow(TrickCallback):
                 self._draw(trainer, index, tracked, step)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.after_clipping:
+            self._step_hooks = [
+                optimizer.register_step_post_hook(partial(self._after_step, trainer, pl_module))
+                for optimizer in trainer.optimizers
+            ]
+
+    def _after_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, args: Any, kwargs: Any
+    ) -> None:
+        """``after_clipping``: the optimiser stepped with the ``.grad`` fields it leaves in place."""
+        self._measure(trainer, pl_module, optimizer)
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._recorder.stop()
+        self._remove_hooks()
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._recorder.stop()
+        self._remove_hooks()
         for index, tracked in self._tracked.items():
             self._save_matrix(trainer, index, tracked)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         self._recorder.stop()
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
 
     # -- state ---------------------------------------------------------------------------------
 
