@@ -13,107 +13,207 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
+
+FLOW_MAX_COLUMNS = 64
+FLOW_MAX_LINES = 5
+FLOW_MAX_LABELS = 48
 
 
 def plot_gradient_flow(
     matrix: np.ndarray,
     layer_names: Sequence[str],
-    epochs: Sequence[int] | None = None,
+    epochs: Sequence[float] | None = None,
     *,
+    edges: Sequence[float] | None = None,
+    lines: np.ndarray | None = None,
+    line_epochs: Sequence[int] | None = None,
+    max_columns: int = FLOW_MAX_COLUMNS,
+    max_lines: int = FLOW_MAX_LINES,
     vanish_threshold: float | None = None,
     explode_threshold: float | None = None,
     title: str = "Gradient flow",
-    cmap: str = "viridis",
 ) -> Figure:
-    """Mean ``|∂L/∂θ|`` per layer against depth, one line per epoch (seed
-    ``001_0184062a2e770d9a.txt`` §2, Fig. 1a–b and Fig. 2).
+    """Seed ``001_0184062a2e770d9a.txt`` §2, Fig. 1a/Fig. 2 as a layer × epoch heatmap plus the last
+    epochs as lines; bounded in size and drawing time whatever the number of epochs.
 
-    Layers run along the x axis in forward order (input left, output right) and are labelled by
-    name; the y axis is logarithmic; epochs are coloured along ``cmap`` with a colour bar.
-    Non-finite and non-positive entries (no gradient, NaN) leave gaps. Thresholds inside the
-    plotted range are drawn as dashed lines.
+    Left: the average mean ``|∂L/∂W|`` of every layer (rows, forward order, input at the top) in
+    every epoch (columns), on a logarithmic colour scale; beyond ``max_columns`` columns, adjacent
+    columns are averaged (NaN left out) into at most ``max_columns`` bins. Right, sharing the layer
+    axis: the last ``max_lines`` epochs as lines on a logarithmic axis (seed 001's "gradient flow"
+    curves), the thresholds dashed. At most ``FLOW_MAX_LABELS`` layer names are written (every
+    k-th layer beyond that) and the figure's height is capped, so its cost depends on neither the
+    epoch count nor, beyond a few dozen, the layer count. Non-finite and non-positive entries (no
+    gradient) are left blank.
 
     Args:
-        matrix: ``(layers, epochs)`` array, entry ``[ℓ, e]`` the average over epoch ``e``'s steps
-            of layer ℓ's mean absolute gradient.
+        matrix: ``(layers, columns)`` array: per layer, the average over a column's epochs of its
+            per-epoch average mean |g|.
         layer_names: one name per row of ``matrix``.
-        epochs: epoch numbers of the columns (default ``0 … E-1``).
-        vanish_threshold: drawn as a dashed line when given.
-        explode_threshold: drawn as a dashed line when given.
-        title: axes title.
-        cmap: matplotlib colormap name for the epoch ramp.
+        epochs: the first epoch of every column (default ``0 … C-1``); ignored with ``edges``.
+        edges: ``C + 1`` epoch edges, column j covering ``[edges[j], edges[j+1])``.
+        lines: ``(layers, K)`` per-epoch columns to draw as lines (default: the last columns of
+            ``matrix``); only the last ``max_lines`` are drawn.
+        line_epochs: epoch numbers of ``lines``' columns.
+        max_columns: the most heatmap columns (>= 1).
+        max_lines: the most lines (>= 0).
+        vanish_threshold, explode_threshold: drawn dashed when given.
+        title: the figure's title.
 
     Raises:
-        ValueError: ``matrix`` is not 2-D or its shape does not match ``layer_names``/``epochs``.
+        ValueError: shapes that do not match ``layer_names``/``epochs``/``edges``.
 
     Example::
 
         >>> fig = plot_gradient_flow(np.array([[1e-6, 1e-5], [1e-3, 1e-3]]), ["conv1", "fc"])
-        >>> fig.axes[0].get_yscale()
+        >>> fig.axes[1].get_xscale()
         'log'
     """
     matrix = np.asarray(matrix, dtype=float)
     if matrix.ndim != 2 or matrix.shape[0] != len(layer_names):
         raise ValueError(
-            f"`matrix` must have shape (len(layer_names), epochs) = ({len(layer_names)}, E), "
-            f"got {matrix.shape}"
+            f"`matrix` must have shape (len(layer_names), columns) = ({len(layer_names)}, C), got {matrix.shape}"
         )
-    epochs = list(range(matrix.shape[1])) if epochs is None else list(epochs)
-    if len(epochs) != matrix.shape[1]:
-        raise ValueError(f"`epochs` has {len(epochs)} entries but `matrix` has {matrix.shape[1]} columns")
+    edges = _column_edges(matrix.shape[1], epochs, edges)
+    if lines is None:
+        lines, line_epochs = matrix[:, -max_lines:], [int(e) for e in edges[:-1][-max_lines:]]
+    lines = np.asarray(lines, dtype=float).reshape(len(layer_names), -1)
+    line_epochs = list(range(lines.shape[1])) if line_epochs is None else list(line_epochs)
+    if len(line_epochs) != lines.shape[1]:
+        raise ValueError(
+            f"`line_epochs` has {len(line_epochs)} entries but `lines` has {lines.shape[1]} columns"
+        )
+    matrix, edges = _bin_columns(matrix, edges, max_columns)
+    lines, line_epochs = lines[:, lines.shape[1] - min(max_lines, lines.shape[1]) :], line_epochs[-max_lines:]
 
     num_layers = len(layer_names)
-    figure = Figure(figsize=(max(6.0, 2.5 + 0.22 * num_layers), 4.8), layout="constrained")
-    axes = figure.add_subplot()
-    plotted = np.where(np.isfinite(matrix) & (matrix > 0), matrix, np.nan)
-    depth = np.arange(num_layers)
-    low, high = (min(epochs), max(epochs)) if epochs else (0, 0)
-    norm = Normalize(vmin=low, vmax=max(high, low + 1))
-    colours = colormaps[cmap]
-    for column, epoch in enumerate(epochs):
-        axes.plot(
-            depth, plotted[:, column], marker="o", markersize=2.5, linewidth=1.2, color=colours(norm(epoch))
-        )
-
-    if np.isfinite(plotted).any():
-        axes.set_yscale("log")
-        _draw_thresholds(axes, vanish_threshold, explode_threshold)
-    else:
-        axes.text(0.5, 0.5, "no finite positive gradient", ha="center", va="center", transform=axes.transAxes)
-    axes.set_xticks(
-        depth, list(layer_names), rotation=90, fontsize=max(4.0, min(8.0, 400.0 / max(num_layers, 1)))
+    step = max(1, math.ceil(num_layers / FLOW_MAX_LABELS))
+    labelled = range(0, num_layers, step)
+    height = min(9.0, 3.0 + 0.12 * len(labelled))
+    figure = Figure(figsize=(10.0, height))
+    label_width = 0.08 * max((len(layer_names[i]) for i in labelled), default=1)  # inches at 7 pt
+    figure.subplots_adjust(  # fixed margins in inches: constrained layout would triple the cost
+        left=min(0.45, (0.5 + label_width) / 10.0), right=0.98, top=1 - 0.6 / height, bottom=0.5 / height
     )
-    axes.set_xlim(-0.5, num_layers - 0.5)
-    axes.set_xlabel("layer, in forward order (input → output)")
-    axes.set_ylabel("average mean |∂L/∂θ|")
-    axes.set_title(title)
-    axes.grid(True, which="major", alpha=0.3)
-    if epochs:
-        colourbar = figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, pad=0.01)
-        colourbar.set_label("epoch")
-        colourbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    heat_axes, line_axes = figure.subplots(
+        1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2], "wspace": 0.3}
+    )
+    _draw_flow_heatmap(figure, heat_axes, _positive(matrix), edges)
+    _draw_flow_lines(line_axes, _positive(lines), line_epochs, vanish_threshold, explode_threshold)
+    heat_axes.set_yticks(np.asarray(labelled), [layer_names[i] for i in labelled], fontsize=7)
+    heat_axes.set_ylim(num_layers - 0.5, -0.5)
+    heat_axes.set_ylabel("layer (forward order, input at top)")
+    figure.suptitle(title)
     return figure
 
 
-def _draw_thresholds(axes: Axes, vanish_threshold: float | None, explode_threshold: float | None) -> None:
-    """Dashed horizontal lines at the thresholds that fall inside the current y range."""
-    low, high = axes.get_ylim()
-    thresholds = (
+def _column_edges(columns: int, epochs: Sequence[float] | None, edges: Sequence[float] | None) -> np.ndarray:
+    if edges is not None:
+        edges = np.asarray(edges, dtype=float)
+        if edges.shape != (columns + 1,):
+            raise ValueError(
+                f"`edges` must have {columns + 1} entries for {columns} columns, got {edges.shape}"
+            )
+        return edges
+    starts = np.arange(columns, dtype=float) if epochs is None else np.asarray(epochs, dtype=float)
+    if starts.shape != (columns,):
+        raise ValueError(f"`epochs` has {starts.size} entries but `matrix` has {columns} columns")
+    return np.append(starts, starts[-1] + 1 if columns else 1.0)
+
+
+def _bin_columns(matrix: np.ndarray, edges: np.ndarray, max_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_columns`` columns: groups of ``ceil(C / max_columns)`` adjacent columns averaged."""
+    columns = matrix.shape[1]
+    if columns <= max_columns:
+        return matrix, edges
+    group = math.ceil(columns / max_columns)
+    starts = np.arange(0, columns, group)
+    finite = np.isfinite(matrix)
+    sums = np.add.reduceat(np.where(finite, matrix, 0.0), starts, axis=1)
+    counts = np.add.reduceat(finite.astype(float), starts, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        binned = np.where(counts > 0, sums / counts, np.nan)
+    return binned, np.append(edges[starts], edges[-1])
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+
+def _draw_flow_heatmap(figure: Figure, axes: Axes, matrix: np.ndarray, edges: np.ndarray) -> None:
+    """Layers × epoch bins on a log colour scale (one image: cheap whatever its size), colour bar."""
+    axes.set_xlabel("epoch")
+    width = int(np.max(np.diff(edges))) if len(edges) > 1 else 1
+    per = "per epoch" if width <= 1 else f"per bin of {width} epochs"
+    axes.set_title(f"average mean |∂L/∂W| {per}", fontsize=9)
+    if not np.isfinite(matrix).any():
+        axes.text(0.5, 0.5, "no finite positive gradient", ha="center", va="center", transform=axes.transAxes)
+        return
+    low, high = np.nanmin(matrix), np.nanmax(matrix)
+    norm = LogNorm(low, high if high > low else low * 10)
+    extent = (edges[0], edges[-1], matrix.shape[0] - 0.5, -0.5)
+    image = axes.imshow(
+        np.ma.masked_invalid(matrix),
+        norm=norm,
+        cmap="viridis",
+        aspect="auto",
+        interpolation="nearest",
+        extent=extent,
+    )
+    colourbar = figure.colorbar(image, ax=axes, pad=0.02, fraction=0.06, label="mean |∂L/∂W| (log scale)")
+    _plain_log_ticks(colourbar.ax.yaxis)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+
+
+def _plain_log_ticks(axis: Axis) -> None:
+    """At most 7 log-axis ticks, written ``1e-18`` without mathtext and without minor ticks (mathtext
+    parsing and tick objects dominate a figure's drawing time)."""
+    axis.set_major_locator(LogLocator(numticks=7))
+    axis.set_major_formatter(
+        FuncFormatter(lambda value, _: f"1e{math.log10(value):.0f}" if value > 0 else "")
+    )
+    axis.set_minor_locator(NullLocator())
+
+
+def _draw_flow_lines(
+    axes: Axes,
+    lines: np.ndarray,
+    epochs: Sequence[int],
+    vanish_threshold: float | None,
+    explode_threshold: float | None,
+) -> None:
+    """The given epochs' per-layer values against depth (layers on the shared y axis), log x."""
+    depth = np.arange(lines.shape[0])
+    shades = colormaps["Greys"](np.linspace(0.35, 1.0, max(len(epochs), 1)))
+    for column, (epoch, shade) in enumerate(zip(epochs, shades)):
+        axes.plot(
+            lines[:, column],
+            depth,
+            marker="o",
+            markersize=2,
+            linewidth=1.0,
+            color=shade,
+            label=f"epoch {epoch}",
+        )
+    axes.set_title(f"last {len(epochs)} epoch(s)", fontsize=9)
+    axes.set_xlabel("average mean |∂L/∂W|")
+    axes.grid(True, axis="x", which="major", alpha=0.3)
+    if not np.isfinite(lines).any():
+        return
+    axes.set_xscale("log")
+    _plain_log_ticks(axes.xaxis)
+    low, high = np.nanmin(lines), np.nanmax(lines)
+    for value, colour, label in (
         (vanish_threshold, "tab:blue", "vanishing threshold"),
         (explode_threshold, "tab:red", "exploding threshold"),
-    )
-    drawn = False
-    for value, colour, label in thresholds:
-        if value is not None and low <= value <= high:
-            axes.axhline(value, color=colour, linestyle="--", linewidth=0.8, label=label)
-            drawn = True
-    if drawn:
-        axes.legend(loc="best", fontsize=7)
-    axes.set_ylim(low, high)
+    ):
+        if value is not None and low / 10 <= value <= high * 10:
+            axes.axvline(value, color=colour, linestyle="--", linewidth=0.8, label=label)
+    axes.legend(loc="best", fontsize=7)
 
 
 BEACON_PROGRESS = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0)

@@ -462,9 +462,9 @@ def test_training_and_other_callbacks_see_the_gradients_they_would_without_it(tm
 
     runs = {}
     for name, callbacks in {"plain": [], "fisher": [FisherSpectrum()]}.items():
-        module, flow = SmallNet(), GradientFlow(every_n_steps=1)
+        module, flow = SmallNet(), GradientFlow(log_every_n_steps=1)
         fit(module, [*callbacks, flow], tmp_path / name, max_steps=8)
-        runs[name] = (module, flow.history[0].matrix)
+        runs[name] = (module, flow.flows[0].matrix)
     for ours, reference in zip(runs["fisher"][0].parameters(), runs["plain"][0].parameters()):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(runs["fisher"][1], runs["plain"][1], rtol=1e-10)

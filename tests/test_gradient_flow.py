@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -16,21 +17,45 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import lightning_tricks.callbacks.gradient_flow as flow_module
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
+from lightning_tricks.gradients.gradient_flow import (
+    AlarmRule,
+    EpochBins,
+    FlowHistory,
+    RunningFlow,
+    epoch_average,
+    exploding_flags,
+    figure_due,
+    layer_summary,
+    log10_magnitude,
+    vanishing_flags,
+)
 from lightning_tricks.gradients.layer_stats import (
     ForwardOrderRecorder,
     LayerFilter,
     LayerGradientStats,
     find_layers,
+    is_bias,
     sort_by_forward_order,
 )
 from lightning_tricks.plotting import plot_gradient_flow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 threads on a busy 2-core machine make these tests 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---------------------------------------------------------------------------------------------
 # Networks, data, references
@@ -54,14 +79,17 @@ class ScrambledCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def scrambled_layers(net: ScrambledCNN, prefix: str = "") -> list[tuple[str, list[nn.Parameter]]]:
-    """The expected layers of ScrambledCNN in forward order, listed by hand."""
+def scrambled_layers(
+    net: ScrambledCNN, prefix: str = "", bias: bool = False
+) -> list[tuple[str, list[nn.Parameter]]]:
+    """The expected layers of ScrambledCNN in forward order, listed by hand: weights only (the
+    seed's quantity, the default) or weights and biases."""
     listed = [
-        ("conv1", [net.conv1.weight, net.conv1.bias]),
-        ("bn", [net.bn.weight, net.bn.bias]),
+        ("conv1", [net.conv1.weight] + [net.conv1.bias] * bias),
+        ("bn", [net.bn.weight] + [net.bn.bias] * bias),
         ("conv2", [net.conv2.weight]),
-        ("head", [net.head.weight, net.head.bias]),
-        ("unused", [net.unused.weight, net.unused.bias]),
+        ("head", [net.head.weight] + [net.head.bias] * bias),
+        ("unused", [net.unused.weight] + [net.unused.bias] * bias),
     ]
     return [(prefix + name, params) for name, params in listed]
 
@@ -157,7 +185,9 @@ class Classifier(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         if self.reference_layers is not None:
-            self.reference.append(brute_force_stats(self.reference_layers(self)))
+            layers, _ = brute_force_stats(self.reference_layers(self))
+            _, global_norm = brute_force_stats([("all", list(self.parameters()))])
+            self.reference.append((layers, global_norm))
         if self.zero_nonfinite:
             for p in self.parameters():
                 if p.grad is not None:
@@ -209,7 +239,6 @@ def make_trainer(tmp_path: Path, callbacks, logger=False, max_epochs: int = 2, *
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        log_every_n_steps=1,
     )
     options.update(kwargs)
     return pl.Trainer(**options)
@@ -276,22 +305,30 @@ def test_layer_filter_rejects_bad_patterns(kwargs, error, word):
         LayerFilter(**kwargs)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("arch, batch_size", [("cnn", 1), ("cnn", 7), ("resnet", 5), ("mlp", 16)])
-def test_layer_gradient_stats_equal_brute_force(arch, batch_size):
+def test_layer_gradient_stats_equal_brute_force(arch, batch_size, bias):
     torch.manual_seed(batch_size)
     if arch == "cnn":
         net = ScrambledCNN()
-        listed = scrambled_layers(net)
+        listed = scrambled_layers(net, bias=bias)
     elif arch == "resnet":
         net = small_resnet(blocks=2)
-        listed = [(layer.name, list(layer.parameters)) for layer in find_layers(net)]
+        listed = [
+            (name, [p for p_name, p in module.named_parameters(recurse=False) if bias or p_name != "bias"])
+            for name, module in net.named_modules()
+            if any(True for _ in module.parameters(recurse=False))
+        ]
     else:
         net = deep_mlp(5, nn.Tanh).double()
-        listed = [(f"{i}", [m.weight, m.bias]) for i, m in enumerate(net) if isinstance(m, nn.Linear)]
+        listed = [
+            (f"{i}", [m.weight, m.bias][: 1 + bias]) for i, m in enumerate(net) if isinstance(m, nn.Linear)
+        ]
     dtype = next(net.parameters()).dtype
     x = torch.randn(batch_size, 2, 8, 8, dtype=dtype)
     F.cross_entropy(net(x), torch.randint(0, 3, (batch_size,))).backward()
-    by_name = {layer.name: layer for layer in find_layers(net)}
+    by_name = {layer.name: layer for layer in find_layers(net, include_bias=bias)}
+    assert all(set(map(id, by_name[name].parameters)) == set(map(id, params)) for name, params in listed)
     stats = LayerGradientStats([by_name[name] for name, _ in listed]).compute()
     expected, global_norm = brute_force_stats(listed)
     for i, (name, _) in enumerate(listed):
@@ -304,6 +341,16 @@ def test_layer_gradient_stats_equal_brute_force(arch, batch_size):
             assert float(value) == pytest.approx(reference, rel=1e-5, abs=1e-12)
     assert float(stats.global_norm) == pytest.approx(global_norm, rel=1e-5)
     assert stats.mean_abs.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_is_bias_and_weights_only_layers():
+    assert all(map(is_bias, ["bias", "in_proj_bias", "bias_hh_l0", "bias_k"]))
+    assert not any(map(is_bias, ["weight", "weight_hh_l0", "biased_scale", "in_proj_weight"]))
+    net = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2), nn.Linear(2, 1, bias=False))
+    net.register_parameter("offset_bias", nn.Parameter(torch.zeros(1)))
+    layers = find_layers(net, include_bias=False)
+    assert [(layer.name, len(layer.parameters)) for layer in layers] == [("0", 1), ("1", 2), ("2", 1)]
+    assert layers[1].parameters == (net[1].weight_ih_l0, net[1].weight_hh_l0)
 
 
 def test_layer_gradient_stats_global_norm_counts_other_parameters_and_survives_nan():
@@ -321,16 +368,166 @@ def test_layer_gradient_stats_global_norm_counts_other_parameters_and_survives_n
     assert LayerGradientStats(layers).compute() is None
 
 
-def test_plot_gradient_flow_draws_one_line_per_epoch_on_a_log_axis():
+def figure_parts(figure):
+    """The heatmap's (layers, columns) data, its x extent, and the drawn epoch lines' labels."""
+    heat_axes, line_axes = figure.axes[0], figure.axes[1]
+    image = heat_axes.get_images()[0]
+    lines = [line.get_label() for line in line_axes.get_lines() if line.get_label().startswith("epoch")]
+    return np.ma.filled(image.get_array(), np.nan), image.get_extent(), lines
+
+
+def test_plot_gradient_flow_heatmap_on_log_colours_and_last_epochs_as_lines():
     matrix = np.array([[1e-12, 1e-9, np.nan], [1e-4, 1e-3, 1e-3], [1e-2, 0.0, 1e-1]])
-    figure = plot_gradient_flow(matrix, ["a", "b", "c"], [3, 4, 5], vanish_threshold=1e-8)
-    axes = figure.axes[0]
-    assert axes.get_yscale() == "log"
-    assert [t.get_text() for t in axes.get_xticklabels()] == ["a", "b", "c"]
-    epoch_lines = [line for line in axes.get_lines() if line.get_linestyle() == "-"]
-    assert len(epoch_lines) == 3
+    figure = plot_gradient_flow(matrix, ["a", "b", "c"], [3, 4, 5], vanish_threshold=1e-8, max_lines=2)
+    data, extent, lines = figure_parts(figure)
+    np.testing.assert_array_equal(data, np.where(matrix > 0, matrix, np.nan))
+    assert tuple(extent[:2]) == (3.0, 6.0)
+    assert figure.axes[0].get_images()[0].norm.__class__.__name__ == "LogNorm"
+    assert figure.axes[1].get_xscale() == "log" and lines == ["epoch 4", "epoch 5"]
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="matrix"):
         plot_gradient_flow(matrix, ["a", "b"])
+
+
+def test_plot_gradient_flow_is_bounded_whatever_the_number_of_epochs_and_layers():
+    rng = np.random.default_rng(0)
+    matrix = 10.0 ** rng.uniform(-20, 0, size=(300, 1000))
+    matrix[5, :10] = np.nan
+    figure = plot_gradient_flow(matrix, [f"layer{i}" for i in range(300)], max_columns=64, max_lines=5)
+    data, extent, lines = figure_parts(figure)
+    group = math.ceil(1000 / 64)
+    assert data.shape == (300, math.ceil(1000 / group)) and tuple(extent[:2]) == (0.0, 1000.0)
+    np.testing.assert_allclose(data[7, 1], matrix[7, group : 2 * group].mean())
+    np.testing.assert_allclose(data[5, 0], matrix[5, 10:group].mean())
+    assert lines == [f"epoch {e}" for e in range(995, 1000)]
+    assert len(figure.axes[0].get_yticklabels()) <= 48
+    assert figure.get_size_inches()[1] <= 9.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine: alarms, epoch averages, bins, running statistics (no Trainer)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_alarm_flags_equal_a_loop_over_layers():
+    mean_abs = torch.tensor([1e-12, 1e-7, 5e-1, 2e4, float("nan"), 1e-1])
+    present = torch.tensor([True, True, True, True, True, False])
+    finite = torch.isfinite(mean_abs)
+    valid, nonfinite = present & finite, present & ~finite
+    last = 3  # deepest present layer
+    vanish = vanishing_flags(mean_abs, valid, last, threshold=1e-8, ratio=1e-5)
+    explode = exploding_flags(mean_abs, valid, nonfinite, threshold=1e3, nonfinite_alarms=True)
+    m, ok = mean_abs.tolist(), valid.tolist()
+    assert vanish.tolist() == [ok[i] and (m[i] < 1e-8 or m[i] < 1e-5 * m[last]) for i in range(6)]
+    assert vanish.tolist() == [True, True, False, False, False, False]
+    assert explode.tolist() == [False, False, False, True, True, False]
+    quiet = exploding_flags(mean_abs, valid, nonfinite, threshold=None, nonfinite_alarms=False)
+    assert not quiet.any()
+
+
+def test_epoch_average_summary_and_log10():
+    np.testing.assert_array_equal(epoch_average([3.0, 0.0], [2.0, 0.0]), [1.5, np.nan])
+    summary = layer_summary(np.array([5e-19, 1e-3, 7.0, 2e-2]), np.array([True, True, False, True]))
+    assert summary["min_layer_mean"] == 5e-19 and summary["max_layer_mean"] == 2e-2
+    assert summary["first_to_last_ratio"] == pytest.approx(5e-19 / 2e-2)
+    assert summary["log10_min_layer_mean"] == pytest.approx(math.log10(5e-19))
+    assert summary["log10_first_to_last_ratio"] == pytest.approx(math.log10(5e-19 / 2e-2))
+    assert log10_magnitude(0.0) == -math.inf and math.isnan(log10_magnitude(float("nan")))
+    assert layer_summary(np.zeros(2), np.zeros(2, dtype=bool)) == {}
+
+
+@pytest.mark.parametrize("epochs, max_columns", [(5, 8), (1000, 8), (333, 64), (64, 64), (65, 64)])
+def test_epoch_bins_equal_a_brute_force_binning(epochs, max_columns):
+    rng = np.random.default_rng(epochs)
+    values = rng.uniform(size=(epochs, 3))
+    values[rng.uniform(size=values.shape) < 0.1] = np.nan
+    bins = EpochBins(max_columns)
+    for epoch in range(epochs):
+        names = ["a", "b", "c"] if epoch < epochs // 2 else ["c", "a", "b"]
+        order = [0, 1, 2] if epoch < epochs // 2 else [2, 0, 1]
+        bins.add(epoch, names, values[epoch, order])
+    matrix, edges = bins.matrix()
+    width = 1
+    while math.ceil(epochs / width) > max_columns:
+        width *= 2
+    assert matrix.shape == (3, math.ceil(epochs / width)) and bins.names == ["a", "b", "c"]
+    assert edges[0] == 0 and edges[-1] == epochs and np.all(np.diff(edges[:-1]) == width)
+    for column in range(matrix.shape[1]):
+        chunk = values[column * width : (column + 1) * width]
+        for row in range(3):
+            finite = chunk[:, row][np.isfinite(chunk[:, row])]
+            expected = finite.mean() if finite.size else np.nan
+            np.testing.assert_allclose(matrix[row, column], expected, rtol=1e-12)
+    restored = EpochBins(max_columns // 2)
+    restored.load_state_dict(bins.state_dict())
+    assert restored.matrix()[0].shape[1] <= max_columns // 2
+
+
+def test_figure_schedule_is_logarithmic():
+    drawn = [epoch + 1 for epoch in range(1000) if figure_due(epoch)]
+    assert drawn == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def stats_sequence(steps: int, layers: int = 4, seed: int = 0):
+    """Random per-step statistics with vanishing, exploding and NaN layers sprinkled in."""
+    from lightning_tricks.gradients.layer_stats import GradientStats
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        mean_abs = 10.0 ** (torch.rand(layers, generator=generator) * 16 - 12)
+        if torch.rand(1, generator=generator) < 0.2:
+            mean_abs[1] = float("nan")
+        out.append(
+            GradientStats(
+                mean_abs,
+                mean_abs * 3,
+                mean_abs * 9,
+                torch.ones(layers, dtype=torch.bool),
+                mean_abs.sum(),
+                layers - 1,
+            )
+        )
+    return out
+
+
+def test_running_flow_state_mid_window_gives_the_uninterrupted_counts_and_averages():
+    rule = AlarmRule(1e-8, 1e-5, 1e3, True)
+    names = ["a", "b", "c", "d"]
+    sequence = stats_sequence(20)
+    whole = RunningFlow(names)
+    for step, stats in enumerate(sequence):
+        whole.update(stats, rule, step)
+    average, window = whole.read_epoch()
+
+    first = RunningFlow(names)
+    for step, stats in enumerate(sequence[:7]):
+        first.update(stats, rule, step)
+    _, early = first.read_step()  # a logged step: window emptied
+    for step, stats in enumerate(sequence[7:13], start=7):
+        first.update(stats, rule, step)
+    second = RunningFlow(names)
+    second.load_state_dict(first.state_dict())
+    for step, stats in enumerate(sequence[13:], start=13):
+        second.update(stats, rule, step)
+    resumed_average, late = second.read_epoch()
+    np.testing.assert_allclose(resumed_average, average, rtol=1e-6)
+    np.testing.assert_array_equal(early.counts + late.counts, window.counts)
+    np.testing.assert_array_equal(early.flags | late.flags, window.flags)
+    assert window.counts[2] > 0 and window.counts[0] > 0 and window.first[0] == 0
+
+
+def test_flow_history_checkpoint_is_bounded_and_keeps_bins_and_recent_epochs():
+    history = FlowHistory(max_columns=16, max_recent=3)
+    for epoch in range(500):
+        history.add_epoch(epoch, ["x", "y"], np.array([epoch, 2.0 * epoch], dtype=float))
+    state = history.state_dict()
+    assert len(state["bins"]["sum"][0]) <= 16 and len(state["recent"]) == 3
+    assert history.matrix.shape == (2, 500) and len(history.records(0)) == 1000
+    restored = FlowHistory(max_columns=16, max_recent=3)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.binned_matrix()[0], history.binned_matrix()[0])
+    assert restored.recent_matrix()[1] == [497, 498, 499] and restored.matrix.shape == (2, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +538,14 @@ def test_plot_gradient_flow_draws_one_line_per_epoch_on_a_log_axis():
 @pytest.mark.parametrize(
     "kwargs, error, word",
     [
-        (dict(every_n_steps=0), ValueError, "every_n_steps"),
-        (dict(every_n_steps=2.0), TypeError, "every_n_steps"),
+        (dict(log_every_n_steps=0), ValueError, "every_n_steps"),
+        (dict(log_every_n_steps=2.0), ValueError, "log_every_n_steps"),
+        (dict(include_bias=1), TypeError, "include_bias"),
+        (dict(max_figure_columns=1), ValueError, "max_figure_columns"),
+        (dict(figure_lines=-1), ValueError, "figure_lines"),
+        (dict(figure_lines=2.5), TypeError, "figure_lines"),
+        (dict(figure_time_share=0.0), ValueError, "figure_time_share"),
+        (dict(figure_time_share=2.0), ValueError, "figure_time_share"),
         (dict(log_per_layer="yes"), TypeError, "log_per_layer"),
         (dict(vanish_threshold=-1.0), ValueError, "vanish_threshold"),
         (dict(explode_threshold="big"), TypeError, "explode_threshold"),
@@ -368,16 +571,17 @@ def test_filters_selecting_no_layer_fail_at_setup(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path):
+@pytest.mark.parametrize("bias", [False, True])
+def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path, bias):
     torch.manual_seed(0)
-    module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net."))
+    module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net.", bias))
     logger = MemoryLogger()
-    flow = GradientFlow(every_n_steps=1, log_per_layer=True)
+    flow = GradientFlow(log_every_n_steps=1, log_per_layer=True, include_bias=bias)
     trainer = make_trainer(tmp_path, [flow], logger=logger, accumulate_grad_batches=2)
     trainer.fit(module, loader(n=64, batch_size=8))
 
     names = [name for name, _ in scrambled_layers(module.net, "net.")]
-    assert flow.history[0].layer_names == names
+    assert flow.flows[0].layer_names == names
     steps = [(step, m) for step, m in logger.logged if "grad_flow/global_norm" in m]
     assert [step for step, _ in steps] == list(range(8)) == list(range(len(module.reference)))
     for (_, metrics), (expected, global_norm) in zip(steps, module.reference, strict=True):
@@ -385,32 +589,67 @@ def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path):
         assert not any("net.unused" in key for key in metrics)
         for name, values in expected.items():
             for stat, value in zip(("mean_abs", "l2", "max_abs"), values, strict=True):
-                assert metrics[f"grad_flow/layers/{name}/{stat}"] == pytest.approx(value, rel=1e-5)
+                assert metrics[f"grad_flow_{stat}/{name}"] == pytest.approx(value, rel=1e-5)
         means = [v[0] for v in expected.values()]
         assert metrics["grad_flow/min_layer_mean"] == pytest.approx(min(means), rel=1e-5)
         assert metrics["grad_flow/max_layer_mean"] == pytest.approx(max(means), rel=1e-5)
+        assert metrics["grad_flow/log10_min_layer_mean"] == pytest.approx(math.log10(min(means)), rel=1e-5)
         first, last = expected["net.conv1"][0], expected["net.head"][0]
         assert metrics["grad_flow/first_to_last_ratio"] == pytest.approx(first / last, rel=1e-5)
+        assert metrics["grad_flow/log10_first_to_last_ratio"] == pytest.approx(
+            math.log10(first / last), rel=1e-5
+        )
 
-    matrix = flow.history[0].matrix
-    assert flow.history[0].epochs == [0, 1]
+    matrix = flow.flows[0].matrix
+    assert flow.flows[0].epochs == [0, 1]
     for epoch in range(2):
         epoch_refs = [ref for ref, _ in module.reference[4 * epoch : 4 * epoch + 4]]
         for row, name in enumerate(names[:-1]):
             assert matrix[row, epoch] == pytest.approx(np.mean([r[name][0] for r in epoch_refs]), rel=1e-5)
     assert np.isnan(matrix[-1]).all()
+    records = flow.history
+    assert len(records) == 2 * len(names) and records[0] == {
+        "epoch": 0,
+        "optimizer": 0,
+        "layer": "net.conv1",
+        "mean_abs": matrix[0, 0],
+    }
 
 
-def test_logging_follows_log_every_n_steps_by_default(tmp_path):
+def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(tmp_path):
     logger = MemoryLogger()
     trainer = make_trainer(tmp_path, [GradientFlow()], logger=logger, max_epochs=1, log_every_n_steps=3)
     trainer.fit(Classifier(ScrambledCNN()), loader(n=128, batch_size=16))
-    assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [2, 5]
+    assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [0, 3, 6]
+    logger = MemoryLogger()
+    trainer = make_trainer(tmp_path, [GradientFlow(log_every_n_steps=5)], logger=logger, max_epochs=1)
+    trainer.fit(Classifier(ScrambledCNN()), loader(n=128, batch_size=16))
+    assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [0, 5]
+
+
+@pytest.mark.parametrize("after_clipping", [False, True])
+def test_gradients_are_read_before_clipping_unless_after_clipping(tmp_path, after_clipping):
+    torch.manual_seed(0)
+    module = Classifier(
+        ScrambledCNN(), loss_scale=100.0, reference_layers=lambda m: scrambled_layers(m.net, "net.")
+    )
+    logger = MemoryLogger()
+    flow = GradientFlow(log_every_n_steps=1, after_clipping=after_clipping)
+    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=1, gradient_clip_val=0.5)
+    trainer.fit(module, loader())
+    norms = [metrics["grad_flow/global_norm"] for _, metrics in logger.logged]
+    unclipped = [global_norm for _, global_norm in module.reference]  # the module's hook runs before clipping
+    assert len(norms) == 4 and min(unclipped) > 1.0
+    if after_clipping:
+        np.testing.assert_allclose(norms, 0.5, rtol=1e-4)
+        assert all(not hook_list for hook_list in (o._optimizer_step_post_hooks for o in trainer.optimizers))
+    else:
+        np.testing.assert_allclose(norms, unclipped, rtol=1e-5)
 
 
 def test_deep_sigmoid_net_raises_vanishing_alarm_naming_its_early_layers(tmp_path):
     torch.manual_seed(0)
-    flow = GradientFlow(every_n_steps=2, on_alarm="raise")
+    flow = GradientFlow(log_every_n_steps=2, on_alarm="raise")
     trainer = make_trainer(tmp_path, [flow], max_epochs=1)
     with pytest.raises(GradientFlowAlarm, match=r"vanishing gradients at step 0 in layers: net\.1, net\.3"):
         trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader())
@@ -419,13 +658,14 @@ def test_deep_sigmoid_net_raises_vanishing_alarm_naming_its_early_layers(tmp_pat
 def test_vanishing_warning_is_given_once_and_counted(tmp_path):
     torch.manual_seed(0)
     logger = MemoryLogger()
-    flow = GradientFlow(every_n_steps=2)
+    flow = GradientFlow(log_every_n_steps=2)
     trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=2)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader())
     assert len(flow_warnings(records, "vanishing")) == 1
-    assert logger.logged[-1][1]["grad_flow/vanishing_steps"] == 8
+    assert logger.logged[-1][0] == 6 and logger.logged[-1][1]["grad_flow/vanishing_steps"] == 7  # steps 0-6
+    assert flow.alarm_counts[0]["vanishing"] == 8  # step 7 read back at the epoch end
     assert logger.logged[-1][1]["grad_flow/first_to_last_ratio"] < 1e-5
 
 
@@ -440,7 +680,7 @@ def test_healthy_resnet_raises_no_alarm(tmp_path, net_name):
         net = small_resnet()
     logger = MemoryLogger()
     trainer = make_trainer(
-        tmp_path, [GradientFlow(every_n_steps=2, on_alarm="raise")], logger=logger, max_epochs=1
+        tmp_path, [GradientFlow(log_every_n_steps=2, on_alarm="raise")], logger=logger, max_epochs=1
     )
     trainer.fit(Classifier(net, lr=0.02), loader())
     last = logger.logged[-1][1]
@@ -450,7 +690,7 @@ def test_healthy_resnet_raises_no_alarm(tmp_path, net_name):
 
 def test_scaled_loss_triggers_exploding_alarm_and_stop(tmp_path):
     torch.manual_seed(0)
-    flow = GradientFlow(every_n_steps=1, on_alarm="stop")
+    flow = GradientFlow(log_every_n_steps=1, on_alarm="stop")
     trainer = make_trainer(tmp_path, [flow], max_epochs=3)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -463,11 +703,11 @@ def test_scaled_loss_triggers_exploding_alarm_and_stop(tmp_path):
 
 def test_huge_learning_rate_diverges_to_nonfinite_and_raises(tmp_path):
     torch.manual_seed(0)
-    flow = GradientFlow(every_n_steps=1, explode_threshold=None, on_alarm="raise")
+    flow = GradientFlow(log_every_n_steps=1, explode_threshold=None, on_alarm="raise")
     trainer = make_trainer(tmp_path, [flow], max_epochs=5)
     with pytest.raises(GradientFlowAlarm, match="exploding"):
         trainer.fit(Classifier(deep_mlp(6, nn.ReLU, scale=3.0), lr=1e6), loader())
-    assert flow._alarm_counts[0]["nonfinite"] + flow._alarm_counts[0]["exploding"] >= 1
+    assert flow.alarm_counts[0]["nonfinite"] + flow.alarm_counts[0]["exploding"] >= 1
 
 
 def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
@@ -479,7 +719,7 @@ def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
         reference_layers=lambda m: scrambled_layers(m.net, "net."),
     )
     logger = MemoryLogger()
-    flow = GradientFlow(every_n_steps=3)
+    flow = GradientFlow(log_every_n_steps=3)
     trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=2, limit_train_batches=4)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -490,7 +730,7 @@ def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
     finite_steps = [ref for ref, _ in module.reference[:4] if not math.isnan(ref["net.conv1"][0])]
     assert len(finite_steps) == 3
     expected = np.mean([ref["net.conv1"][0] for ref in finite_steps])
-    assert flow.history[0].matrix[0, 0] == pytest.approx(expected, rel=1e-5)
+    assert flow.flows[0].matrix[0, 0] == pytest.approx(expected, rel=1e-5)
 
 
 class GrowingOptimizerClassifier(Classifier):
@@ -509,7 +749,7 @@ def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
     torch.manual_seed(0)
     flow = GradientFlow()
     make_trainer(tmp_path, [flow], max_epochs=2).fit(GrowingOptimizerClassifier(ScrambledCNN()), loader())
-    history = flow.history[0]
+    history = flow.flows[0]
     assert history.layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
     matrix = history.matrix
     assert np.isnan(matrix[:3, 0]).all() and np.isfinite(matrix[3]).all()
@@ -521,50 +761,106 @@ def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_csv_matrix(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+def read_history_csv(path: Path) -> list[dict[str, str]]:
     with open(path) as handle:
-        rows = list(csv.reader(handle))
-    return rows[0], [row[0] for row in rows[1:]], np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+        return list(csv.DictReader(handle))
 
 
-def test_tensorboard_gets_the_figure_and_scalars_and_files_are_written(tmp_path):
+def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path):
+    """Trainer's default log_every_n_steps (50): values at steps 0, 50, 100 in every logger."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    flow = GradientFlow(every_n_steps=2)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=2)
-    trainer.fit(Classifier(ScrambledCNN()), loader())
+    tensorboard = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger, memory = CSVLogger(tmp_path, name="csv"), MemoryLogger()
+    flow = GradientFlow(log_per_layer=True)
+    trainer = make_trainer(tmp_path, [flow], logger=[tensorboard, csv_logger, memory], max_epochs=2)
+    trainer.fit(Classifier(ScrambledCNN()), loader(n=64, batch_size=1))
 
-    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    assert [step for step, _ in memory.logged] == [0, 50, 100]
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert [image.step for image in events.Images("grad_flow/figure")] == [0, 1]
-    scalars = set(events.Tags()["scalars"])
-    assert {"grad_flow/global_norm", "grad_flow/min_layer_mean", "grad_flow/first_to_last_ratio"} <= scalars
-    assert not any(tag.startswith("grad_flow/layers/") for tag in scalars)
-    history = flow.history[0]
-    np.testing.assert_array_equal(np.load(Path(logger.log_dir) / "grad_flow.npy"), history.matrix)
-    header, names, matrix = read_csv_matrix(Path(logger.log_dir) / "grad_flow.csv")
-    assert header == ["layer", "epoch_0", "epoch_1"] and names == history.layer_names
-    np.testing.assert_array_equal(matrix, history.matrix)
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as handle:
+        csv_rows = {int(row["step"]): row for row in csv.DictReader(handle)}
+    for step, metrics in memory.logged:
+        assert len(metrics) == 10 + 3 * 4  # summaries, log10 copies, counts; 3 statistics x 4 layers
+        for tag, value in metrics.items():
+            scalars = {event.step: event.value for event in events.Scalars(tag)}
+            assert scalars[step] == pytest.approx(value, rel=1e-6), tag
+            assert float(csv_rows[step][tag]) == pytest.approx(value, rel=1e-12), tag
+    assert {tag.split("/")[0] for tag in events.Tags()["scalars"]} == {
+        "grad_flow",
+        "grad_flow_mean_abs",
+        "grad_flow_l2",
+        "grad_flow_max_abs",
+    }
+    assert [image.step for image in events.Images("grad_flow/figure")] == [63, 127]
+    run_dir = Path(tensorboard.log_dir)
+    assert flow.run_dir == str(run_dir) and (run_dir / "grad_flow.figure.png").exists()
+    np.testing.assert_array_equal(np.load(run_dir / "grad_flow.npy"), flow.flows[0].matrix)
+    rows = read_history_csv(run_dir / "grad_flow.csv")
+    assert [{k: str(v) for k, v in r.items()} for r in flow.history] == [
+        {**r, "mean_abs": str(float(r["mean_abs"]))} for r in rows
+    ]
+    assert [r["layer"] for r in rows[:5]] == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
 
 
-def test_csv_logger_gets_scalars_without_figures_and_no_logger_still_writes_files(tmp_path):
+def test_early_stopping_can_monitor_the_global_norm(tmp_path):
     torch.manual_seed(0)
-    logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(
-        tmp_path, [GradientFlow(every_n_steps=2, log_per_layer=True)], logger=logger, max_epochs=1
-    )
+    stopper = EarlyStopping(monitor="grad_flow/global_norm", mode="min", stopping_threshold=1e9)
+    trainer = make_trainer(tmp_path, [GradientFlow(), stopper], max_epochs=5)
     trainer.fit(Classifier(ScrambledCNN()), loader())
-    with open(Path(logger.log_dir) / "metrics.csv") as handle:
-        header = next(csv.reader(handle))
-    assert "grad_flow/global_norm" in header and "grad_flow/layers/net.conv1/mean_abs" in header
-    assert (Path(logger.log_dir) / "grad_flow.npy").exists()
+    assert trainer.current_epoch == 1 and trainer.global_step == 4
+    assert float(trainer.callback_metrics["grad_flow/global_norm"]) > 0
 
-    bare = tmp_path / "bare"
+
+@pytest.mark.parametrize("use_logger", [False, True])
+def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(tmp_path, monkeypatch, use_logger):
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    logger = CSVLogger(root, name="csv") if use_logger else False
     flow = GradientFlow()
-    make_trainer(bare, [flow], logger=False, max_epochs=1).fit(Classifier(ScrambledCNN()), loader())
-    np.testing.assert_array_equal(np.load(bare / "grad_flow.npy"), flow.history[0].matrix)
+    make_trainer(root, [flow], logger=logger, max_epochs=2).fit(Classifier(ScrambledCNN()), loader())
+    run_dir = Path(flow.run_dir)
+    expected = Path(logger.log_dir) if use_logger else root / "lightning_tricks" / "version_0"
+    assert run_dir == expected and list(cwd.iterdir()) == []
+    assert {"grad_flow.csv", "grad_flow.npy", "grad_flow.figure.png", "lightning_tricks.json"} <= set(
+        os.listdir(run_dir)
+    )
+    np.testing.assert_array_equal(np.load(run_dir / "grad_flow.npy"), flow.flows[0].matrix)
+    assert len(read_history_csv(run_dir / "grad_flow.csv")) == 2 * 5  # net.unused: rows of NaN
+
+
+def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monkeypatch):
+    figures = []
+
+    def spy(*args, **kwargs):
+        figures.append(plot_gradient_flow(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(flow_module, "plot_gradient_flow", spy)
+    torch.manual_seed(0)
+    flow = GradientFlow(max_figure_columns=16, figure_lines=3, figure_time_share=1.0)
+    trainer = make_trainer(tmp_path, [flow], max_epochs=300)
+    trainer.fit(Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4))
+    assert len(figures) == 10 + 1  # after 1, 2, 3, 4, 8, ..., 256 epochs, and after the last
+    data, extent, lines = figure_parts(figures[-1])
+    assert data.shape == (3, 300 // 32 + 1) and tuple(extent[:2]) == (0.0, 300.0)
+    assert lines == ["epoch 297", "epoch 298", "epoch 299"]
+    state = flow.state_dict()["optimizers"][0]
+    assert len(state["history"]["bins"]["sum"][0]) <= 16 and len(state["history"]["recent"]) == 3
+    assert flow.flows[0].matrix.shape == (3, 300)
+    binned = np.nanmean(flow.flows[0].matrix[:, 256:288], axis=1)
+    np.testing.assert_allclose(data[:, 8], binned, rtol=1e-12)
+
+    figures.clear()
+    budget = GradientFlow(figure_time_share=1e-9)
+    make_trainer(tmp_path, [budget], max_epochs=20).fit(
+        Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4)
+    )
+    assert len(figures) == 2  # the first figure exhausts the budget; the last epoch's is always drawn
+    assert figure_parts(figures[-1])[2][-1] == "epoch 19"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,9 +895,7 @@ class TwoOptimizerModule(pl.LightningModule):
         index = [o.optimizer for o in self.optimizers()].index(optimizer)
         part = self.gen if index == 0 else self.critic
         prefix = "gen" if index == 0 else "critic"
-        layers = [
-            (f"{prefix}.{i}", [m.weight, m.bias]) for i, m in enumerate(part) if isinstance(m, nn.Linear)
-        ]
+        layers = [(f"{prefix}.{i}", [m.weight]) for i, m in enumerate(part) if isinstance(m, nn.Linear)]
         self.reference.append((index, brute_force_stats(layers)[0]))
 
     def configure_optimizers(self):
@@ -612,17 +906,24 @@ def test_multiple_optimizers_keep_separate_flows(tmp_path):
     torch.manual_seed(0)
     module = TwoOptimizerModule()
     logger = MemoryLogger(save_dir=tmp_path)
-    flow = GradientFlow(every_n_steps=1, log_per_layer=True)
+    flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
     trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, loader())
-    assert flow.history[0].layer_names == ["gen.0", "gen.2"]
-    assert flow.history[1].layer_names == ["critic.1", "critic.3"]
+    assert flow.flows[0].layer_names == ["gen.0", "gen.2"]
+    assert flow.flows[1].layer_names == ["critic.1", "critic.3"]
     assert len(logger.logged) == len(module.reference) == 4
+    assert [step for step, _ in logger.logged] == [0, 0, 1, 1]  # the training step, for each optimiser
     assert not any("grad_flow/global_norm" in metrics for _, metrics in logger.logged)
     for (_, metrics), (index, expected) in zip(logger.logged, module.reference, strict=True):
         for name, (mean, _, _) in expected.items():
-            assert metrics[f"grad_flow/opt{index}/layers/{name}/mean_abs"] == pytest.approx(mean, rel=1e-5)
-    assert (tmp_path / "grad_flow_opt0.npy").exists() and (tmp_path / "grad_flow_opt1.csv").exists()
+            assert metrics[f"grad_flow_opt{index}_mean_abs/{name}"] == pytest.approx(mean, rel=1e-5)
+    run_dir = Path(flow.run_dir)
+    assert run_dir == tmp_path / "memory" / "version_0"
+    np.testing.assert_array_equal(np.load(run_dir / "grad_flow_opt1.npy"), flow.flows[1].matrix)
+    assert (run_dir / "grad_flow.opt0.figure.png").exists() and (
+        run_dir / "grad_flow.opt1.figure.png"
+    ).exists()
+    assert {row["optimizer"] for row in read_history_csv(run_dir / "grad_flow.csv")} == {"0", "1"}
 
 
 def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_raise_no_alarm(tmp_path):
@@ -630,7 +931,7 @@ def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_rais
     module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net."))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     logger = MemoryLogger()
-    flow = GradientFlow(every_n_steps=1, log_per_layer=True)
+    flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
     trainer = make_trainer(
         tmp_path, [flow], logger=logger, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
     )
@@ -644,28 +945,106 @@ def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_rais
     for (_, metrics), (expected, _) in zip(logger.logged, module.reference, strict=True):
         value = expected["net.head"][0]
         if math.isfinite(value):
-            assert metrics["grad_flow/layers/net.head/mean_abs"] == pytest.approx(value, rel=1e-5)
+            assert metrics["grad_flow_mean_abs/net.head"] == pytest.approx(value, rel=1e-5)
             assert value < 1.0
             finite.append(value)
     assert len(finite) == 10 - skipped
-    assert flow.history[0].matrix[3, 0] == pytest.approx(np.mean(finite), rel=1e-5)
+    assert flow.flows[0].matrix[3, 0] == pytest.approx(np.mean(finite), rel=1e-5)
 
 
-def test_resume_from_checkpoint_keeps_the_history(tmp_path):
-    def run(root: Path, max_epochs: int, ckpt_path=None) -> GradientFlow:
-        torch.manual_seed(0)
-        flow = GradientFlow(every_n_steps=2)
-        checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
-        trainer = make_trainer(root, [flow, checkpoint], max_epochs=max_epochs, enable_checkpointing=True)
-        trainer.fit(Classifier(ScrambledCNN()), loader(), ckpt_path=ckpt_path)
-        return flow
+def fit_vanishing(
+    root: Path, flow: GradientFlow, max_epochs: int, ckpt_path=None, **checkpoint
+) -> MemoryLogger:
+    """A 12-layer sigmoid MLP (every step vanishes), 4 steps an epoch, checkpoints as asked."""
+    torch.manual_seed(0)
+    logger = MemoryLogger(save_dir=root)
+    callbacks = [flow, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, **checkpoint)]
+    trainer = make_trainer(root, callbacks, logger=logger, max_epochs=max_epochs, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader(), ckpt_path=ckpt_path)
+    return logger
 
-    full = run(tmp_path / "full", 3)
-    run(tmp_path / "part", 2)
-    resumed = run(tmp_path / "resumed", 3, ckpt_path=tmp_path / "part" / "last.ckpt")
-    assert resumed.history[0].epochs == [0, 1, 2]
-    np.testing.assert_allclose(resumed.history[0].matrix, full.history[0].matrix, rtol=1e-6, equal_nan=True)
-    assert resumed.state_dict()["steps"] == full.state_dict()["steps"] == {0: 12}
+
+def assert_same_run_history(resumed: GradientFlow, full: GradientFlow) -> None:
+    for ours, reference in zip(resumed.flows[0].binned_matrix(), full.flows[0].binned_matrix()):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, equal_nan=True)
+    ours, epochs = resumed.flows[0].recent_matrix()
+    reference, reference_epochs = full.flows[0].recent_matrix()
+    assert epochs == reference_epochs
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, equal_nan=True)
+    assert resumed.alarm_counts == full.alarm_counts
+
+
+def test_resume_from_an_epoch_end_checkpoint_continues_history_files_and_counts(tmp_path):
+    full = GradientFlow(log_every_n_steps=2)
+    fit_vanishing(tmp_path / "full", full, 3)
+    part = GradientFlow(log_every_n_steps=2)
+    fit_vanishing(tmp_path / "part", part, 2, save_last=True)
+    resumed = GradientFlow(log_every_n_steps=2)
+    fit_vanishing(tmp_path / "resumed", resumed, 3, ckpt_path=tmp_path / "part" / "ckpt" / "last.ckpt")
+    assert resumed.flows[0].epochs == [2] and full.flows[0].epochs == [0, 1, 2]
+    np.testing.assert_allclose(resumed.flows[0].matrix[:, 0], full.flows[0].matrix[:, 2], rtol=1e-6)
+    assert_same_run_history(resumed, full)
+    assert full.alarm_counts[0]["vanishing"] == 12
+    rows = read_history_csv(Path(part.run_dir) / "grad_flow.csv") + read_history_csv(
+        Path(resumed.run_dir) / "grad_flow.csv"
+    )
+    assert rows == read_history_csv(Path(full.run_dir) / "grad_flow.csv")
+
+
+def test_alarm_counts_are_exact_across_a_checkpoint_taken_between_two_logged_steps(tmp_path):
+    full = GradientFlow(log_every_n_steps=4)
+    full_log = fit_vanishing(tmp_path / "full", full, 3)
+    part = GradientFlow(log_every_n_steps=4)
+    fit_vanishing(tmp_path / "part", part, 3, every_n_train_steps=3, filename="{step}")
+    # 6 steps done (0-5): logged at 0 and 4, step 5 not read back yet, epoch 1 half done
+    resumed = GradientFlow(log_every_n_steps=4)
+    resumed_log = fit_vanishing(
+        tmp_path / "resumed", resumed, 3, ckpt_path=tmp_path / "part" / "ckpt" / "step=6.ckpt"
+    )
+    # (a plain DataLoader restarts mid-epoch, so the gradients differ; the counts must not)
+    assert [step for step, _ in resumed_log.logged] == [8]
+    logged, reference = resumed_log.logged[0][1], dict(full_log.logged)[8]
+    assert logged["grad_flow/vanishing_steps"] == reference["grad_flow/vanishing_steps"] == 9
+    assert logged["grad_flow/nonfinite_steps"] == reference["grad_flow/nonfinite_steps"] == 0
+    assert resumed.alarm_counts == full.alarm_counts == {0: {"vanishing": 12, "exploding": 0, "nonfinite": 0}}
+
+
+def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_column(tmp_path):
+    full = GradientFlow()
+    fit_vanishing(tmp_path / "full", full, 3)
+    part = GradientFlow()
+    fit_vanishing(tmp_path / "part", part, 1, every_n_train_steps=4, filename="{step}")
+    resumed = GradientFlow()
+    fit_vanishing(tmp_path / "resumed", resumed, 3, ckpt_path=tmp_path / "part" / "ckpt" / "step=4.ckpt")
+    assert resumed.flows[0].epochs == [0, 1, 2]
+    np.testing.assert_allclose(resumed.flows[0].matrix, full.flows[0].matrix, rtol=1e-6)
+    assert_same_run_history(resumed, full)
+    assert {row["epoch"] for row in read_history_csv(Path(resumed.run_dir) / "grad_flow.csv")} == {
+        "0",
+        "1",
+        "2",
+    }
+
+
+def test_resume_with_a_changed_knob_warns_and_keeps_the_state(tmp_path):
+    assert GradientFlow(vanish_threshold=1e-3, log_every_n_steps=3).state_key == GradientFlow().state_key
+    assert GradientFlow(exclude="head").state_key != GradientFlow().state_key
+    part = GradientFlow()
+    fit_vanishing(tmp_path / "part", part, 2, save_last=True)
+    resumed = GradientFlow(log_every_n_steps=3, figure_lines=2)
+    with pytest.warns(
+        UserWarning, match=r"changed settings \(log_every_n_steps: None -> 3, figure_lines: 5 -> 2\)"
+    ):
+        state = torch.load(tmp_path / "part" / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][
+            resumed.state_key
+        ]
+        resumed.load_state_dict(state)
+    fit_vanishing(tmp_path / "resumed", resumed, 3, ckpt_path=tmp_path / "part" / "ckpt" / "last.ckpt")
+    _, edges = resumed.flows[0].binned_matrix()
+    assert edges.tolist() == [0, 1, 2, 3] and resumed.flows[0].recent_matrix()[1] == [1, 2]
+    assert resumed.alarm_counts[0]["vanishing"] == 12
 
 
 class ShardedClassifier(Classifier):
@@ -688,7 +1067,7 @@ class ShardedClassifier(Classifier):
 def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     def run(root: Path, devices: int, batch_size: int, strategy: str = "auto") -> CSVLogger:
         logger = CSVLogger(root, name="csv", version=0)
-        flow = GradientFlow(every_n_steps=1, log_per_layer=True)
+        flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
         trainer = make_trainer(
             root, [flow], logger=logger, devices=devices, strategy=strategy, use_distributed_sampler=False
         )
@@ -706,10 +1085,10 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     def logged(logger: CSVLogger) -> dict[str, list[float]]:
         with open(Path(logger.log_dir) / "metrics.csv") as handle:
             rows = list(csv.DictReader(handle))
-        return {k: [float(r[k]) for r in rows if r[k]] for k in rows[0] if k.startswith("grad_flow/")}
+        return {k: [float(r[k]) for r in rows if r[k]] for k in rows[0] if k.startswith("grad_flow")}
 
     single_metrics, ddp_metrics = logged(single), logged(ddp)
-    assert single_metrics.keys() == ddp_metrics.keys() and "grad_flow/layers/net.1/mean_abs" in single_metrics
+    assert single_metrics.keys() == ddp_metrics.keys() and "grad_flow_mean_abs/net.1" in single_metrics
     assert len(single_metrics["grad_flow/global_norm"]) == 8
     for key, values in single_metrics.items():
         np.testing.assert_allclose(ddp_metrics[key], values, rtol=1e-5, err_msg=key)

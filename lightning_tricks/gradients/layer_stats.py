@@ -5,7 +5,7 @@ order, the mean absolute value of the loss gradient over the layer's parameters.
 the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.GradientFlow`:
 
 - :func:`find_layers` groups parameters into layers (every module that owns parameters directly,
-  weights and biases together);
+  weights and biases together, or weights only with ``include_bias=False``, seed 001's quantity);
 - :class:`LayerFilter` keeps the layers a user asks for (name regexes or module types);
 - :class:`ForwardOrderRecorder` and :func:`sort_by_forward_order` put layers in the order they
   first run in the forward pass;
@@ -48,25 +48,35 @@ class Layer:
     parameters: tuple[nn.Parameter, ...]
 
 
-def find_layers(model: nn.Module, parameters: Iterable[nn.Parameter] | None = None) -> list[Layer]:
+def is_bias(parameter_name: str) -> bool:
+    """Whether a parameter registered as ``parameter_name`` is a bias: ``"bias"`` is one of its
+    ``_``-separated words (``bias``, ``in_proj_bias``, ``bias_hh_l0``, ``bias_k``)."""
+    return "bias" in parameter_name.split("_")
+
+
+def find_layers(
+    model: nn.Module, parameters: Iterable[nn.Parameter] | None = None, include_bias: bool = True
+) -> list[Layer]:
     """The leaf-most owners of ``model``'s parameters, in registration order.
 
     A layer is every module that owns at least one parameter directly (``recurse=False``), so a
     ``Conv2d``'s weight and bias form one layer and a container owns only its own parameters. A
     parameter shared by several modules belongs to the first that registers it. With
     ``parameters`` given (e.g. one optimiser's), only those parameters are kept and modules left
-    with none are dropped.
+    with none are dropped. With ``include_bias=False`` biases (:func:`is_bias`) are left out too:
+    a layer is then its weights only, and a module owning only biases is no layer.
     """
     wanted = None if parameters is None else {id(p) for p in parameters}
     assigned: set[int] = set()
     layers = []
     for name, module in model.named_modules():
         owned = []
-        for param in module.parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
             if id(param) in assigned or (wanted is not None and id(param) not in wanted):
                 continue
             assigned.add(id(param))
-            owned.append(param)
+            if include_bias or not is_bias(param_name):
+                owned.append(param)
         if owned:
             layers.append(Layer(name or ROOT_NAME, module, tuple(owned)))
     return layers
@@ -230,7 +240,8 @@ class LayerGradientStats:
     For layer ℓ with parameters θ_ℓ and gradient g = ∂L/∂θ (the ``.grad`` fields),
 
     - ``mean_abs[ℓ] = Σ_{θ∈θ_ℓ} Σ_i |g_i| / Σ_{θ∈θ_ℓ} numel(θ)`` — seed 001's "mean absolute value
-      of the gradient" of a layer, weights and biases pooled;
+      of the gradient" of a layer, over the parameters the layer is given (weights only from
+      ``find_layers(..., include_bias=False)``, as the seed's §2; weights and biases pooled otherwise);
     - ``l2[ℓ] = sqrt(Σ_{θ∈θ_ℓ} ‖g_θ‖²)``, ``max_abs[ℓ] = max_{θ∈θ_ℓ} ‖g_θ‖_∞``;
     - ``global_norm = sqrt(Σ_θ ‖g_θ‖²)`` over the layers' and ``other_parameters``' gradients
       (the norm that ``clip_grad_norm_`` clips).

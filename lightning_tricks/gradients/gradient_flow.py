@@ -1,0 +1,449 @@
+"""The gradient-flow engine of seed ``001_0184062a2e770d9a.txt`` (§2, Fig. 1–2): pure torch + numpy.
+
+Seed 001 plots, per layer in depth order, the *average* over training of the *mean absolute value*
+of the loss gradient ("gradient flow"), and reads vanishing gradients off it. The per-step,
+per-layer statistics come from :class:`~lightning_tricks.gradients.layer_stats.LayerGradientStats`;
+this module holds what is built on them, each formula in one named function:
+
+- :func:`vanishing_flags` / :func:`exploding_flags` (gathered in :class:`AlarmRule`): which layers
+  alarm at one step;
+- :func:`epoch_average`: the seed's per-layer average over an epoch's optimiser steps;
+- :func:`layer_summary` and :func:`log10_magnitude`: the scalars logged per step;
+- :class:`RunningFlow`: the on-device accumulators of one optimiser between host reads (epoch sums,
+  alarm window), exact across checkpoints;
+- :class:`EpochBins` and :class:`FlowHistory`: the layer × epoch matrix, in full for the current
+  fit and in a bounded form (at most ``max_columns`` epoch bins, the last ``max_recent`` epochs)
+  for figures and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .layer_stats import GradientStats
+
+ALARM_KINDS = ("vanishing", "exploding")
+COUNT_KINDS = ("vanishing", "exploding", "nonfinite")
+
+
+# -- formulas ------------------------------------------------------------------------------------
+
+
+def vanishing_flags(
+    mean_abs: Tensor, valid: Tensor, last: int, threshold: float | None, ratio: float | None
+) -> Tensor:
+    """``(L,)`` bool: layer ℓ vanishes when ``m_ℓ < threshold`` or ``m_ℓ < ratio · m_last``.
+
+    ``m_ℓ`` is layer ℓ's mean |g| and ``last`` the deepest layer with a gradient: seed
+    001_0184062a2e770d9a.txt §2, eq. 1–2 (the product of Jacobians shrinks the gradient towards the
+    input, Fig. 1a). Only ``valid`` layers (a finite gradient) can vanish.
+    """
+    flags = torch.zeros_like(valid)
+    if threshold is not None:
+        flags |= mean_abs < threshold
+    if ratio is not None and last >= 0:
+        flags |= mean_abs < ratio * mean_abs[last]
+    return flags & valid
+
+
+def exploding_flags(
+    mean_abs: Tensor, valid: Tensor, nonfinite: Tensor, threshold: float | None, nonfinite_alarms: bool
+) -> Tensor:
+    """``(L,)`` bool: layer ℓ explodes when ``m_ℓ > threshold``, or its gradient is NaN/inf and
+    ``nonfinite_alarms`` (no AMP GradScaler skips such steps); seed 001_0184062a2e770d9a.txt §2."""
+    flags = valid & (mean_abs > threshold) if threshold is not None else torch.zeros_like(valid)
+    return flags | nonfinite if nonfinite_alarms else flags
+
+
+class AlarmRule(NamedTuple):
+    """When a layer's gradient counts as vanishing or exploding (:func:`vanishing_flags`,
+    :func:`exploding_flags`)."""
+
+    vanish_threshold: float | None
+    vanish_ratio: float | None
+    explode_threshold: float | None
+    nonfinite_alarms: bool
+
+    def flags(self, stats: GradientStats, valid: Tensor, nonfinite: Tensor) -> Tensor:
+        """``(2, L)`` bool: row 0 vanishing, row 1 exploding."""
+        vanishing = vanishing_flags(
+            stats.mean_abs, valid, stats.last_present, self.vanish_threshold, self.vanish_ratio
+        )
+        exploding = exploding_flags(
+            stats.mean_abs, valid, nonfinite, self.explode_threshold, self.nonfinite_alarms
+        )
+        return torch.stack([vanishing, exploding])
+
+
+def epoch_average(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per layer, ``Σ_t m_ℓ(t) / n_ℓ``: the average over an epoch's optimiser steps t (those with a
+    finite gradient of the layer, ``n_ℓ`` of them) of the layer's mean |g| — seed
+    001_0184062a2e770d9a.txt Fig. 1a, "per layer average mean absolute value of the gradient".
+    NaN where ``n_ℓ = 0``."""
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    return np.where(counts > 0, sums / np.maximum(counts, 1.0), np.nan)
+
+
+def log10_magnitude(value: float) -> float:
+    """``log10(value)`` for the log-scale copies of vanishing-size scalars: ``-inf`` at 0, NaN for
+    NaN or negative values (a linear chart shows 5e-19 as 0; its log10, -18.3, is readable)."""
+    if not value > 0:
+        return -math.inf if value == 0 else math.nan
+    return math.log10(value)
+
+
+def layer_summary(mean_abs: np.ndarray, present: np.ndarray) -> dict[str, float]:
+    """Min and max layer mean |g| and ``first_to_last_ratio = m_first / m_last`` over the layers
+    with a gradient (first and last in forward order; seed 001_0184062a2e770d9a.txt §2: a ratio
+    many decades below 1 is the vanishing-gradient signature), with their log10 copies. Empty
+    when no layer has a gradient."""
+    with_gradient = np.flatnonzero(present)
+    if not with_gradient.size:
+        return {}
+    values = mean_abs[with_gradient].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(values[0] / values[-1])
+    summary = {
+        "min_layer_mean": float(values.min()),
+        "max_layer_mean": float(values.max()),
+        "first_to_last_ratio": ratio,
+    }
+    summary.update({f"log10_{name}": log10_magnitude(v) for name, v in list(summary.items())})
+    return summary
+
+
+# -- running statistics of one optimiser ----------------------------------------------------------
+
+
+class AlarmWindow(NamedTuple):
+    """Alarms not yet read back: per kind the layers flagged, the first step flagged (-1: none),
+    and the steps counted (``vanishing``, ``exploding``, ``nonfinite``) since ``start``."""
+
+    flags: np.ndarray
+    first: np.ndarray
+    counts: np.ndarray
+
+
+class RunningFlow:
+    """One optimiser's gradient flow between host reads: on-device epoch sums and alarm window.
+
+    For each step it folds, on the device and without a host synchronisation, the layers' mean |g|
+    into the epoch's per-layer sum and count of finite values (:func:`epoch_average` reads them),
+    the step's alarm flags (:class:`AlarmRule`) into the window's per-layer flags, the first
+    flagged step, and the numbers of steps with a vanishing, exploding or non-finite gradient.
+    :meth:`read_step` and :meth:`read_epoch` bring everything back in one transfer;
+    :meth:`state_dict` (a transfer too) holds the partial epoch and the unread window, so that a
+    checkpoint taken between two reads loses no step.
+
+    Args:
+        names: the layers, in the order of the statistics' rows.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.current: GradientStats | None = None
+        self.steps_in_epoch = 0
+        self._restored: dict[str, Any] = {}
+        self._sum = self._count = self._flags = self._counts = self._first = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.names)
+
+    def update(self, stats: GradientStats, rule: AlarmRule, step: int) -> None:
+        """Fold one optimiser step's statistics (training step ``step``) in (device ops only)."""
+        if self._sum is None:
+            self._allocate(stats.mean_abs)
+        self.current = stats
+        self.steps_in_epoch += 1
+        finite = torch.isfinite(stats.mean_abs) & torch.isfinite(stats.l2)
+        valid, nonfinite = stats.present & finite, stats.present & ~finite
+        self._sum += torch.where(valid, stats.mean_abs, 0.0)
+        self._count += valid
+        flags = rule.flags(stats, valid, nonfinite)
+        raised = flags.any(dim=1)
+        self._flags |= flags
+        self._counts += torch.cat([raised, nonfinite.any().view(1)])
+        self._first.copy_(torch.where((self._first < 0) & raised, float(step), self._first))
+
+    def read_step(self) -> tuple[dict[str, np.ndarray], AlarmWindow]:
+        """The last step's statistics and the alarm window, in one host transfer; the window is
+        emptied."""
+        s = self.current
+        assert s is not None
+        parts = [s.mean_abs, s.l2, s.max_abs, s.present.to(s.mean_abs.dtype), s.global_norm.view(1)]
+        values = self._transfer(parts + self._window_parts())
+        sizes = [self.num_layers] * 4 + [1]
+        keys = ("mean_abs", "l2", "max_abs", "present", "global_norm")
+        step = dict(zip(keys, np.split(values[: sum(sizes)], np.cumsum(sizes)[:-1])))
+        step["present"] = step["present"] > 0
+        return step, self._take_window(values[sum(sizes) :])
+
+    def read_epoch(self) -> tuple[np.ndarray, AlarmWindow]:
+        """The epoch's :func:`epoch_average` and the alarm window, in one host transfer; both are
+        emptied."""
+        values = self._transfer([self._sum, self._count, *self._window_parts()])
+        n = self.num_layers
+        average = epoch_average(values[:n], values[n : 2 * n])
+        self._sum.zero_()
+        self._count.zero_()
+        self.steps_in_epoch = 0
+        return average, self._take_window(values[2 * n :])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The partial epoch ``{layer: [sum, count]}``, steps so far, and the unread window (one
+        host transfer; nothing is emptied)."""
+        if self._sum is None:
+            return dict(self._restored)
+        values = self._transfer([self._sum, self._count, *self._window_parts()])
+        n = self.num_layers
+        window = self._unpack_window(values[2 * n :])
+        return {
+            "epoch_partial": {
+                name: [float(s), float(c)] for name, s, c in zip(self.names, values[:n], values[n : 2 * n])
+            },
+            "steps_in_epoch": self.steps_in_epoch,
+            "window": {
+                "layers": {kind: self._flagged(window, row) for row, kind in enumerate(ALARM_KINDS)},
+                "first": window.first.tolist(),
+                "counts": window.counts.tolist(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seed the accumulators with :meth:`state_dict`'s (applied at the next step's allocation)."""
+        self._restored = dict(state)
+        self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+
+    def _flagged(self, window: AlarmWindow, row: int) -> list[str]:
+        return [self.names[i] for i in np.flatnonzero(window.flags[row])]
+
+    def _allocate(self, like: Tensor) -> None:
+        device, dtype = like.device, like.dtype
+        partial = self._restored.get("epoch_partial", {})
+        sums, counts = (
+            zip(*(partial.get(name, (0.0, 0.0)) for name in self.names)) if self.names else ((), ())
+        )
+        self._sum = torch.tensor(sums, dtype=dtype, device=device)
+        self._count = torch.tensor(counts, dtype=dtype, device=device)
+        window = self._restored.get("window", {})
+        layers = window.get("layers", {})
+        flags = [[name in layers.get(kind, ()) for name in self.names] for kind in ALARM_KINDS]
+        self._flags = torch.tensor(flags, dtype=torch.bool, device=device).reshape(2, self.num_layers)
+        self._counts = torch.tensor(window.get("counts", [0.0] * 3), dtype=dtype, device=device)
+        self._first = torch.tensor(window.get("first", [-1.0] * 2), dtype=dtype, device=device)
+        self._restored = {}
+
+    def _window_parts(self) -> list[Tensor]:
+        return [self._flags.flatten().to(self._counts.dtype), self._counts, self._first]
+
+    @staticmethod
+    def _transfer(parts: list[Tensor]) -> np.ndarray:
+        dtype = parts[0].dtype
+        return torch.cat([p.to(dtype) for p in parts]).cpu().numpy().astype(np.float64)
+
+    def _unpack_window(self, values: np.ndarray) -> AlarmWindow:
+        n = self.num_layers
+        return AlarmWindow(
+            flags=values[: 2 * n].reshape(2, n) > 0,
+            counts=np.rint(values[2 * n : 2 * n + 3]).astype(np.int64),
+            first=np.rint(values[2 * n + 3 : 2 * n + 5]).astype(np.int64),
+        )
+
+    def _take_window(self, values: np.ndarray) -> AlarmWindow:
+        window = self._unpack_window(values)
+        self._flags.zero_()
+        self._counts.zero_()
+        self._first.fill_(-1.0)
+        return window
+
+
+# -- layer × epoch history -----------------------------------------------------------------------
+
+
+class EpochBins:
+    """A bounded layer × epoch matrix: epochs averaged into at most ``max_columns`` bins.
+
+    Bin b covers epochs ``[b·w, (b+1)·w)``; the width ``w`` starts at 1 and doubles (adjacent bins
+    merge pairwise) whenever an epoch falls beyond ``max_columns`` bins, so the size stays
+    ``layers × max_columns`` whatever the number of epochs, and the merge is exact: each bin holds
+    the sum and count of the per-epoch averages that fell in it, NaN (no gradient) left out.
+
+    Args:
+        max_columns: the most bins kept, an integer >= 2.
+    """
+
+    def __init__(self, max_columns: int) -> None:
+        self.max_columns = max_columns
+        self.width = 1
+        self.last_epoch = -1
+        self.names: list[str] = []
+        self._sum = np.zeros((0, 0))
+        self._count = np.zeros((0, 0))
+
+    def add(self, epoch: int, names: Sequence[str], values: np.ndarray) -> None:
+        """Fold the per-layer averages ``values`` (row i: layer ``names[i]``) of ``epoch`` in."""
+        while epoch // self.width >= self.max_columns:
+            self._merge_pairs()
+        rows, column = self._rows(names), epoch // self.width
+        if column >= self._sum.shape[1]:
+            padding = np.zeros((self._sum.shape[0], column + 1 - self._sum.shape[1]))
+            self._sum, self._count = np.hstack([self._sum, padding]), np.hstack([self._count, padding])
+        finite = np.isfinite(values)
+        self._sum[rows[finite], column] += values[finite]
+        self._count[rows[finite], column] += 1
+        self.last_epoch = max(self.last_epoch, epoch)
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(layers, bins)`` averages (NaN where empty) and the ``bins + 1`` epoch edges (the last
+        one just after the last epoch added)."""
+        edges = np.arange(self._sum.shape[1] + 1, dtype=np.float64) * self.width
+        edges[-1] = min(edges[-1], self.last_epoch + 1) if self.last_epoch >= 0 else edges[-1]
+        return epoch_average(self._sum, self._count), edges
+
+    def _merge_pairs(self) -> None:
+        self._sum, self._count = _pairwise_sum(self._sum), _pairwise_sum(self._count)
+        self.width *= 2
+
+    def _rows(self, names: Sequence[str]) -> np.ndarray:
+        known = {name: i for i, name in enumerate(self.names)}
+        new = [name for name in names if name not in known]
+        if new:
+            known.update({name: len(self.names) + i for i, name in enumerate(new)})
+            self.names.extend(new)
+            padding = np.zeros((len(new), self._sum.shape[1]))
+            self._sum, self._count = np.vstack([self._sum, padding]), np.vstack([self._count, padding])
+        return np.array([known[name] for name in names], dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "last_epoch": self.last_epoch,
+            "names": list(self.names),
+            "sum": self._sum.tolist(),
+            "count": self._count.tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s bins (merged further if ``max_columns`` is now smaller)."""
+        self.width, self.names = int(state["width"]), list(state["names"])
+        self.last_epoch = int(state["last_epoch"])
+        shape = (len(self.names), -1) if self.names else (0, 0)
+        self._sum = np.asarray(state["sum"], dtype=np.float64).reshape(shape)
+        self._count = np.asarray(state["count"], dtype=np.float64).reshape(shape)
+        while self._sum.shape[1] > self.max_columns:
+            self._merge_pairs()
+
+
+def _pairwise_sum(array: np.ndarray) -> np.ndarray:
+    """Columns ``2b`` and ``2b + 1`` summed into column b (a missing last partner counts as 0)."""
+    if array.shape[1] % 2:
+        array = np.hstack([array, np.zeros((array.shape[0], 1))])
+    return array[:, 0::2] + array[:, 1::2]
+
+
+class FlowHistory:
+    """Per-epoch gradient flow of one optimiser: seed 001_0184062a2e770d9a.txt Fig. 1a's layer × epoch
+    matrix.
+
+    Three views of the same columns (per epoch, :func:`epoch_average` of each layer's mean |g|):
+
+    - :attr:`matrix` / :attr:`epochs`: every epoch of the **current fit** (memory grows by one
+      column per epoch; not saved in checkpoints — the run folder's ``grad_flow.csv`` holds them);
+    - :attr:`bins`: every epoch of the **run**, across resumes, in at most ``max_columns`` bins
+      (:class:`EpochBins`; saved in checkpoints);
+    - :attr:`recent`: the last ``max_recent`` epochs of the run, unbinned (saved in checkpoints).
+
+    Attributes:
+        layer_names: rows of :attr:`matrix`, in forward order; when the tracked layers change (e.g.
+            a parameter group is added for fine-tuning) the latest order comes first, then the
+            layers no longer tracked.
+        epochs: epoch number of every column of :attr:`matrix`.
+    """
+
+    def __init__(self, max_columns: int, max_recent: int) -> None:
+        self.layer_names: list[str] = []
+        self.epochs: list[int] = []
+        self._columns: list[tuple[list[str], np.ndarray]] = []
+        self.bins = EpochBins(max_columns)
+        self.recent: deque[tuple[int, list[str], np.ndarray]] = deque(maxlen=max_recent)
+
+    def add_epoch(self, epoch: int, names: Sequence[str], values: np.ndarray) -> None:
+        """Append the column of ``epoch``; ``values[i]`` belongs to layer ``names[i]``."""
+        names = list(names)
+        if names != self.layer_names[: len(names)]:
+            self.layer_names = names + [name for name in self.layer_names if name not in names]
+        values = np.asarray(values, dtype=np.float64)
+        self.epochs.append(epoch)
+        self._columns.append((names, values))
+        self.bins.add(epoch, names, values)
+        self.recent.append((epoch, names, values))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``(layers, epochs)`` float64 array of this fit; NaN where a layer had no finite gradient."""
+        return _assemble(self.layer_names, self._columns)
+
+    def recent_matrix(self) -> tuple[np.ndarray, list[int]]:
+        """``(layers, ≤ max_recent)`` array of the last epochs (rows :attr:`layer_names`) and their
+        epoch numbers."""
+        return _assemble(self.layer_names, [(n, v) for _, n, v in self.recent]), [
+            e for e, _, _ in self.recent
+        ]
+
+    def binned_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(layers, ≤ max_columns)`` binned averages (rows :attr:`layer_names`) and bin edges."""
+        binned, edges = self.bins.matrix()
+        index = {name: i for i, name in enumerate(self.bins.names)}
+        rows = [index.get(name) for name in self.layer_names]
+        out = np.full((len(rows), binned.shape[1]), np.nan)
+        for i, row in enumerate(rows):
+            if row is not None:
+                out[i] = binned[row]
+        return out, edges
+
+    def records(self, optimizer: int) -> list[dict[str, Any]]:
+        """This fit's columns as ``{"epoch", "optimizer", "layer", "mean_abs"}`` records."""
+        return [
+            {"epoch": epoch, "optimizer": optimizer, "layer": name, "mean_abs": float(value)}
+            for epoch, (names, values) in zip(self.epochs, self._columns)
+            for name, value in zip(names, values)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bounded views (bins, recent epochs) and the layer order; not this fit's full matrix."""
+        return {
+            "layer_names": list(self.layer_names),
+            "bins": self.bins.state_dict(),
+            "recent": [[epoch, list(names), values.tolist()] for epoch, names, values in self.recent],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.layer_names = list(state["layer_names"])
+        self.bins.load_state_dict(state["bins"])
+        self.recent.clear()
+        for epoch, names, values in state["recent"]:
+            self.recent.append((int(epoch), list(names), np.asarray(values, dtype=np.float64)))
+
+
+def _assemble(layer_names: Sequence[str], columns: Sequence[tuple[Sequence[str], np.ndarray]]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(layer_names)}
+    matrix = np.full((len(layer_names), len(columns)), np.nan)
+    for j, (names, values) in enumerate(columns):
+        matrix[[index[name] for name in names], j] = values
+    return matrix
+
+
+def figure_due(epoch: int) -> bool:
+    """Whether the figure is drawn after epoch ``epoch`` (0-based): after ``c = epoch + 1`` epochs
+    with ``c <= 4`` or ``c`` a power of two — 1, 2, 3, 4, 8, 16, 32, … (11 figures for 1,000 epochs,
+    21 for a million), so the figures' cost grows with the logarithm of the run's length."""
+    done = epoch + 1
+    return done <= 4 or done & (done - 1) == 0
