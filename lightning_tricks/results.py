@@ -31,12 +31,11 @@ from .callbacks._base import RUN_FILE
 from .callbacks.batch_size_scheduler import HISTORY_FILE as BATCH_SIZE_FILE
 from .callbacks.fisher_spectrum import EPOCH_FILE as FISHER_FILE
 from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
+from .callbacks.gradient_flow import HISTORY_FILE as GRADIENT_FLOW_FILE
 from .callbacks.random_gradient import HISTORY_FILE as RANDOM_GRADIENT_FILE
 
 Record = dict[str, Any]
 PathLike = str | os.PathLike
-
-GRADIENT_FLOW_STEM = "grad_flow"
 
 
 class GradientFlowTable(NamedTuple):
@@ -160,39 +159,28 @@ def fisher_columns(records: Sequence[Record]) -> dict[str, np.ndarray]:
 
 
 def load_gradient_flow(
-    run_dir: PathLike, stem: str = GRADIENT_FLOW_STEM, follow_resumes: bool = True
+    run_dir: PathLike, optimizer: int = 0, follow_resumes: bool = True
 ) -> GradientFlowTable:
-    """GradientFlow's layer × epoch matrix with its layer names, across resumes.
+    """GradientFlow's layer × epoch matrix of optimiser ``optimizer``, with its layer names, across
+    resumes (``grad_flow.csv``: one row ``epoch, optimizer, layer, mean_abs`` per epoch and layer).
 
-    Reads ``<stem>.csv`` (a ``layer`` column, then one ``epoch_N`` column per epoch; ``stem`` is
-    ``grad_flow_opt{i}`` for optimiser i of several) in each folder of the chain; a later folder's
-    epoch replaces an earlier one's, layers keep their first-seen order, missing entries are NaN.
+    Layers keep their first-seen order (forward order); missing entries are NaN.
 
     Raises:
-        FileNotFoundError: no folder of the chain has ``<stem>.csv``.
+        FileNotFoundError: no folder of the chain has ``grad_flow.csv``, or it has no row of ``optimizer``.
     """
-    folders = run_chain(run_dir, "grad_flow") if follow_resumes else [Path(run_dir)]
-    files = [folder / f"{stem}.csv" for folder in folders if (folder / f"{stem}.csv").is_file()]
-    if not files:
-        raise FileNotFoundError(f"No {stem}.csv in {[str(f) for f in folders]}; is GradientFlow attached?")
-    columns: dict[int, dict[str, float]] = {}
-    names: dict[str, None] = {}
-    for path in files:
-        for epoch, values in _read_gradient_flow_csv(path).items():
-            columns[epoch] = values
-            names.update(dict.fromkeys(values))
-    epochs = sorted(columns)
-    matrix = np.array([[columns[e].get(name, math.nan) for e in epochs] for name in names], dtype=float)
-    return GradientFlowTable(matrix.reshape(len(names), len(epochs)), list(names), epochs)
-
-
-def _read_gradient_flow_csv(path: Path) -> dict[int, dict[str, float]]:
-    """``grad_flow.csv`` as ``{epoch: {layer: value}}`` (columns ``layer, epoch_0, epoch_1, …``)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    header, body = rows[0], rows[1:]
-    epochs = [int(name.removeprefix("epoch_")) for name in header[1:]]
-    return {epoch: {row[0]: float(row[i + 1]) for row in body} for i, epoch in enumerate(epochs)}
+    records = concatenate_runs(run_dir, GRADIENT_FLOW_FILE, "epoch", "grad_flow", follow_resumes)
+    rows = [row for row in records if row["optimizer"] == optimizer]
+    if not rows:
+        raise FileNotFoundError(
+            f"No {GRADIENT_FLOW_FILE} rows of optimizer {optimizer} under {str(run_dir)!r}; is GradientFlow attached?"
+        )
+    epochs = sorted({row["epoch"] for row in rows})
+    names = list(dict.fromkeys(row["layer"] for row in rows))
+    matrix = np.full((len(names), len(epochs)), math.nan)
+    for row in rows:
+        matrix[names.index(row["layer"]), epochs.index(row["epoch"])] = row["mean_abs"]
+    return GradientFlowTable(matrix, names, epochs)
 
 
 def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> dict[str, Any]:
@@ -214,10 +202,7 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
             lambda: load_fisher_history(run_dir, follow_resumes, as_frame),
         ),
         "batch_size": (BATCH_SIZE_FILE, lambda: load_batch_size(run_dir, follow_resumes, as_frame)),
-        "grad_flow": (
-            f"{GRADIENT_FLOW_STEM}.csv",
-            lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes),
-        ),
+        "grad_flow": (GRADIENT_FLOW_FILE, lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes)),
     }
     results: dict[str, Any] = {"folders": folders, "callbacks": run_info(run_dir)["callbacks"]}
     results.update({name: load() for name, (file_name, load) in loaders.items() if file_name in present})

@@ -793,6 +793,7 @@ def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path
         "grad_flow_mean_abs",
         "grad_flow_l2",
         "grad_flow_max_abs",
+        "hp_metric",  # TensorBoard's HParams placeholder, written by the logger
     }
     assert [image.step for image in events.Images("grad_flow/figure")] == [63, 127]
     run_dir = Path(tensorboard.log_dir)
@@ -823,7 +824,7 @@ def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(tmp_pat
     flow = GradientFlow()
     make_trainer(root, [flow], logger=logger, max_epochs=2).fit(Classifier(ScrambledCNN()), loader())
     run_dir = Path(flow.run_dir)
-    expected = Path(logger.log_dir) if use_logger else root / "lightning_tricks" / "version_0"
+    expected = Path(logger.log_dir) if use_logger else root / "lightning_tricks_logs" / "version_0"
     assert run_dir == expected and list(cwd.iterdir()) == []
     assert {"grad_flow.csv", "grad_flow.npy", "grad_flow.figure.png", "lightning_tricks.json"} <= set(
         os.listdir(run_dir)

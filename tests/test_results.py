@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_tricks import BatchSizeScheduler, FisherSpectrum, RandomGradient
+from lightning_tricks import BatchSizeScheduler, FisherSpectrum, GradientFlow, RandomGradient
 from lightning_tricks.callbacks._base import RUN_FILE, run_directory
 from lightning_tricks.plotting import plot_gradient_flow
 from lightning_tricks.results import (
@@ -87,7 +87,7 @@ def test_resumed_fisher_and_batch_size_runs_read_back_as_the_uninterrupted_one(
     """Checkpoints hold no history: the full series comes back from the chain of run folders."""
 
     def callbacks() -> list:
-        return [FisherSpectrum(every_n_steps=2), BatchSizeScheduler(schedule={0: 4, 1: 2})]
+        return [FisherSpectrum(every_n_steps=2), BatchSizeScheduler(schedule={0: 4, 1: 2}), GradientFlow()]
 
     full = callbacks()
     trainer_for(full, max_epochs=2, default_root_dir=tmp_path / "full").fit(tiny_module(samples=16))
@@ -108,6 +108,9 @@ def test_resumed_fisher_and_batch_size_runs_read_back_as_the_uninterrupted_one(
         [row["size"] for row in load_batch_size(later)] == [row["size"] for row in full[1].history] == [4, 2]
     )
     assert resumed[0].history == full[0].history[2:]
+    flow = load_gradient_flow(later)
+    assert flow.epochs == [0, 1] and flow.layer_names == full[2].flows[0].layer_names
+    np.testing.assert_array_equal(flow.matrix, full[2].flows[0].matrix)
 
 
 def test_rows_a_resumed_fit_redid_are_taken_from_the_later_folder(tmp_path):
@@ -133,18 +136,24 @@ def test_a_missing_earlier_folder_names_the_path_and_the_way_out(tmp_path):
 
 
 def test_gradient_flow_joins_epochs_and_layers_across_resumes_and_feeds_the_plot(tmp_path):
-    """The format of GradientFlow's ``grad_flow.csv``: a ``layer`` column, then ``epoch_N``."""
+    """The format of GradientFlow's ``grad_flow.csv``: one row (epoch, optimizer, layer, mean_abs)."""
     first, second = tmp_path / "version_0", tmp_path / "version_1"
-    write(first / "grad_flow.csv", "layer,epoch_0,epoch_1\nconv1,1e-3,2e-3\nfc,0.5,0.25\n")
-    write(second / "grad_flow.csv", "layer,epoch_1,epoch_2\nconv1,3e-3,4e-3\nfc,0.5,0.5\nhead,1.0,2.0\n")
+    header = "epoch,optimizer,layer,mean_abs\n"
+    write(
+        first / "grad_flow.csv", header + "0,0,conv1,1e-3\n0,0,fc,0.5\n1,0,conv1,2e-3\n1,0,fc,0.25\n0,1,d,7\n"
+    )
+    write(
+        second / "grad_flow.csv",
+        header + "1,0,conv1,3e-3\n1,0,fc,0.5\n1,0,head,1.0\n2,0,conv1,4e-3\n2,0,fc,0.5\n2,0,head,2.0\n",
+    )
     write_run_file(second, "grad_flow", str(first))
     table = load_gradient_flow(second)
     assert table.layer_names == ["conv1", "fc", "head"] and table.epochs == [0, 1, 2]
     np.testing.assert_array_equal(table.matrix, [[1e-3, 3e-3, 4e-3], [0.5, 0.5, 0.5], [math.nan, 1.0, 2.0]])
-    figure = plot_gradient_flow(*table)
-    assert len(figure.axes[0].lines) == 3
-    with pytest.raises(FileNotFoundError, match="grad_flow_opt1.csv"):
-        load_gradient_flow(second, stem="grad_flow_opt1")
+    assert plot_gradient_flow(*table).axes, "the table feeds the plot"
+    assert load_gradient_flow(first, optimizer=1).layer_names == ["d"]
+    with pytest.raises(FileNotFoundError, match="optimizer 2"):
+        load_gradient_flow(second, optimizer=2)
 
 
 def test_fisher_history_concatenates_by_step_and_gives_columns(tmp_path):

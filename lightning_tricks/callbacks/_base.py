@@ -255,11 +255,11 @@ class TrickCallback(Callback):
         ``<tag>.png`` (``/`` → ``.``) in the run folder; rank 0 only."""
         if not trainer.is_global_zero:
             return
-        name = tag.replace("/", ".") + ".png"
         png = _png_bytes(figure)
-        self._write_bytes(name, png)
+        self._write_bytes(tag.replace("/", ".") + ".png", png)
+        image = _png_array(png) if trainer.loggers else None
         for logger in trainer.loggers:
-            if not _send_figure(logger, tag, figure, png, step):
+            if not _send_figure(logger, tag, image, step):
                 _notice_no_images(logger)
 
     def write_table(
@@ -331,15 +331,16 @@ def _png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _send_figure(logger: Logger, tag: str, figure: Figure, png: bytes, step: int) -> bool:
-    """Hand the figure to a logger that can show images; ``False`` if it cannot."""
+def _send_figure(logger: Logger, tag: str, image: np.ndarray, step: int) -> bool:
+    """Hand the rendered figure (an ``(H, W, 3)`` uint8 image) to a logger that can show images;
+    ``False`` if it cannot. The figure is rendered once, for the PNG, and reused here."""
     experiment = logger.experiment
     if isinstance(logger, TensorBoardLogger):
-        experiment.add_figure(tag, figure, global_step=step, close=False)
+        experiment.add_image(tag, image, global_step=step, dataformats="HWC")
     elif hasattr(logger, "log_image"):  # W&B
-        logger.log_image(key=tag, images=[_png_array(png)], step=step)
-    elif hasattr(experiment, "log_figure") and hasattr(logger, "run_id"):  # MLflow
-        experiment.log_figure(logger.run_id, figure, f"{tag}_step{step}.png")
+        logger.log_image(key=tag, images=[image], step=step)
+    elif hasattr(experiment, "log_image") and hasattr(logger, "run_id"):  # MLflow
+        experiment.log_image(logger.run_id, image, artifact_file=f"{tag}_step{step}.png")
     else:
         return False
     return True

@@ -439,6 +439,7 @@ class GradientFlow(TrickCallback):
 
     # -- dashboard -----------------------------------------------------------------------------
 
+    @override
     def dashboard_layout(self) -> dict[str, list[str]]:
         """Chart title → tags (single-optimiser names; with several, insert ``opt{i}/``)."""
         tag = f"{METRIC_PREFIX}/{{}}".format
@@ -452,6 +453,7 @@ class GradientFlow(TrickCallback):
             "Gradient flow: alarm steps": [tag(f"{kind}_steps") for kind in COUNT_KINDS],
         }
 
+    @override
     def metric_descriptions(self) -> dict[str, str]:
         """Tag → what it measures (single-optimiser names)."""
         return {f"{METRIC_PREFIX}/{name}": text for name, text in SUMMARY_DESCRIPTIONS.items()}
