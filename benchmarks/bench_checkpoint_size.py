@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import tempfile
-import warnings
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from common import silence_lightning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -77,8 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    silence_lightning()
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as root:

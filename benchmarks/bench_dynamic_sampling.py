@@ -13,15 +13,13 @@ model (mean ± standard deviation over seeds) and the time relative to s32 of th
 from __future__ import annotations
 
 import argparse
-import logging
-import platform
 import statistics
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
+from common import machine_description, silence_lightning
 from lightning_tricks.datamodules import DigitsDataModule
 from lightning_tricks.models import ImageClassifier
 
@@ -34,18 +32,6 @@ POLICIES: dict[str, dict | None] = {
     "s32-to-128": {"sizes": [32, 32, 64, 64, 128]},
     "s32-to-512-MS": {"sizes": [32, 64, 128, 256, 512], "multistep": True, "lr_milestones": [0.5, 0.75]},
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(policy: dict | None, seed: int, epochs: int, root: str) -> tuple[float, float]:
@@ -78,8 +64,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    silence_lightning()
     torch.set_num_threads(args.threads)
 
     names = list(POLICIES)
@@ -90,7 +75,7 @@ def main() -> None:
             for name in names[shift:] + names[:shift]:
                 results[name].append(run(POLICIES[name], seed, args.epochs, root))
 
-    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}; ResNet-20 on digits 16x16,")
+    print(f"# {machine_description()}; ResNet-20 on digits 16x16,")
     print(f"# {args.epochs} epochs, {args.seeds} seeds (mean ± std); time ratio = median over seeds vs s32\n")
     print("| policy | fit time (s) | vs s32 | test accuracy |")
     print("|---|---|---|---|")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,7 +32,14 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
+from common import (
+    ResNet20Classifier,
+    StepTimer,
+    machine_description,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -80,18 +86,6 @@ def run(
         off = first + 1 if on == first else first
         pairs.append((timer.times[on], timer.times[off], flow.hook_times[on]))
     return pairs
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class SmallCNN(pl.LightningModule):
@@ -169,7 +163,7 @@ def epochs_benchmark(epochs: int, rounds: int) -> None:
             for with_flow in (round_index % 2 == 0, round_index % 2 == 1):
                 runs[with_flow].append(fit_epochs(epochs, with_flow, root))
     print(
-        f"{cpu_model()}, {torch.get_num_threads()} torch threads; {epochs} epochs x 4 steps of a small CNN"
+        f"{machine_description()}; {epochs} epochs x 4 steps of a small CNN"
         f" (batch 16x3x16x16), TensorBoardLogger; {rounds} runs each way, alternating; medians"
     )
     without = statistics.median(r["seconds"] for r in runs[False])
@@ -218,7 +212,7 @@ def main() -> None:
                 pairs[name].extend(run(config, round_index % 2, args.steps, loader, root))
 
     print(
-        f"ResNet-20, batch {args.batch_size}x3x32x32, {cpu_model()} ({torch.get_num_threads()} threads), "
+        f"ResNet-20, batch {args.batch_size}x3x32x32, {machine_description()}, "
         f"{args.rounds} rounds x {(args.steps - WARMUP_STEPS) // 2} step pairs per configuration"
     )
     header = (

@@ -28,13 +28,7 @@ from lightning_tricks.batch_size_policies import (
     stage_of,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 class Recorder(pl.LightningModule):

@@ -28,13 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 def make_data(n: int = 24, features: int = 6, seed: int = 0) -> TensorDataset:

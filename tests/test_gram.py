@@ -25,13 +25,7 @@ DTYPE = torch.float64
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny float64 kernels: one intra-op thread avoids OpenMP hand-offs that dominate on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 # -- models -----------------------------------------------------------------------------------

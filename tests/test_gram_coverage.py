@@ -23,12 +23,7 @@ RTOL = 1e-10
 BATCHES = [1, 3, 8]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 # -- references -------------------------------------------------------------------------------

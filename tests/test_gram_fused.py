@@ -20,14 +20,7 @@ from torch import nn
 from lightning_tricks.gradients import gram_rules
 from lightning_tricks.gradients.gram import GramCollector
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: the small kernels here are dominated by OpenMP hand-offs on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 class Block(nn.Module):

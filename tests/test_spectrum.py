@@ -24,14 +24,7 @@ from lightning_tricks.gradients.spectrum import (
     truncated_condition_number,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Many small float64 matmuls: one intra-op thread avoids OpenMP hand-offs on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
 
 # -- references -------------------------------------------------------------------------------
