@@ -22,12 +22,6 @@ from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def per_optimiser_flows(callback: GradientFlow) -> dict:
-    """GradientFlow's layer × epoch history per optimiser index: ``flows`` in the reworked callback,
-    ``history`` before it."""
-    return callback.flows if hasattr(callback, "flows") else callback.history
-
-
 TINY = dict(depth=3, generator_channels=4, discriminator_channels=4, discriminator_layers=1, dropout_layers=0)
 
 
@@ -210,7 +204,7 @@ def test_gradient_flow_per_optimiser(trainer_for):
     trainer_for([callback], max_epochs=1, limit_val_batches=0).fit(
         model, datamodule=one_batch_data(train_size=16)
     )
-    flows = per_optimiser_flows(callback)
+    flows = callback.flows
     assert sorted(flows) == [GENERATOR, DISCRIMINATOR]
     for index, network in ((GENERATOR, "generator"), (DISCRIMINATOR, "discriminator")):
         history = flows[index]

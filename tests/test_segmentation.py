@@ -20,12 +20,6 @@ from lightning_tricks import BatchSizeScheduler, FisherSpectrum, GradientFlow, R
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def per_optimiser_flows(callback: GradientFlow) -> dict:
-    """GradientFlow's layer × epoch history per optimiser index: ``flows`` in the reworked callback,
-    ``history`` before it."""
-    return callback.flows if hasattr(callback, "flows") else callback.history
-
-
 TINY = dict(num_classes=4, backbone="resnet18", base_width=4)
 
 
@@ -182,7 +176,7 @@ def test_gradient_flow_on_segmentation(trainer_for):
     callback = GradientFlow()
     model = SegmentationModule("deeplabv3", **TINY)
     trainer_for([callback], max_epochs=1, limit_val_batches=0).fit(model, datamodule=tiny_data())
-    flow = per_optimiser_flows(callback)[0]
+    flow = callback.flows[0]
     matrix = flow.matrix
     assert matrix.shape == (len(flow.layer_names), 1) and matrix.shape[0] > 10
     assert_finite(matrix.ravel())
