@@ -233,8 +233,9 @@ def plot_minibatch_heatmap(
     Example::
 
         >>> fig = plot_minibatch_heatmap(np.array([[1.0, 2.0, 3.0], [2.0, 1.0, 0.5]]), [0, 1], [0.1, 0.5, 0.9])
-        >>> len(fig.axes)  # heatmap, colour bar, metric axis
-        3
+        >>> heatmap, colour_bar = fig.axes
+        >>> heatmap.get_ylabel(), colour_bar.get_ylabel()
+        ('epoch', '‖∇_k − ∇_e‖')
     """
     matrix = np.asarray(matrix, dtype=float)
     if matrix.ndim != 2 or matrix.shape[0] != len(epochs):
