@@ -266,6 +266,13 @@ def test_files_figures_and_scalars(tmp_path):
     assert int(metrics["heatmap/best_batch"]) == int(np.argmin(heatmap.matrix[-1]))
 
 
+def test_batches_past_limit_train_batches_are_nan(tmp_path):
+    heatmap = MinibatchHeatmap(progress=False)
+    fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1, limit_train_batches=3)
+    assert heatmap.matrix.shape == (1, 5)
+    assert np.isfinite(heatmap.matrix[0, :3]).all() and np.isnan(heatmap.matrix[0, 3:]).all()
+
+
 def test_phases_follow_the_learning_rate(tmp_path):
     heatmap = MinibatchHeatmap(progress=False)
     fit(CNNModule(small_cnn(), milestones=(2,)), [heatmap], tmp_path, epochs=4)
@@ -375,3 +382,26 @@ def test_non_finite_gradients_warn_and_give_nan_without_touching_training(tmp_pa
         fit(module, [heatmap], tmp_path, epochs=1)
     assert np.isnan(heatmap.matrix).all()
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(tmp_path, mode):
+    """Each of 2 processes takes half of every global batch of 8; the per-process gradients are summed
+    with their sizes before storage, so the matrix equals one process with batches of 8."""
+    net = small_cnn(batch_norm=False)  # BatchNorm's statistics would be per process
+    single = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
+    fit(CNNModule(copy.deepcopy(net), samples=32), [single], tmp_path / "single", epochs=2)
+
+    ddp = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
+    fit(
+        CNNModule(copy.deepcopy(net), batch_size=4, samples=32),
+        [ddp],
+        tmp_path / "ddp",
+        epochs=2,
+        devices=2,
+        strategy="ddp_fork",
+    )
+    folder = tmp_path / "ddp" / "lightning_tricks_logs" / "version_0"
+    matrix = np.load(folder / "heatmap_matrix.npy")
+    assert matrix.shape == single.matrix.shape == (2, 4)
+    np.testing.assert_allclose(matrix, single.matrix, rtol=1e-5, atol=1e-6)

@@ -71,7 +71,8 @@ class MinibatchHeatmap(TrickCallback):
     **Output.** :attr:`matrix` (measured epochs × K, batches in metric order), written with the epoch
     numbers as ``heatmap_matrix.npy`` / ``heatmap_matrix.csv`` in the run folder after each measured
     epoch; :attr:`history`, one record ``{"epoch", "batch", "metric", "distance"}`` per epoch and
-    batch (``heatmap.csv``); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
+    batch (``heatmap.csv``; with ``Trainer(limit_train_batches=...)`` ∇_e is the mean over the visited
+    batches and the others are NaN); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
     batch's mean metric value on the top axis, y epoch; ``log_scale`` colours) through every logger
     that shows images and as PNG. Phases (seed §3.1: "epochs with the same learning rate"):
     ``phases="lr"`` starts a phase whenever the first param group's learning rate at an epoch start
@@ -455,15 +456,15 @@ class MinibatchHeatmap(TrickCallback):
 
     def _record(self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor) -> None:
         epoch, step = trainer.current_epoch, self.training_step(trainer)
-        values = row.tolist()
         finite = row[torch.isfinite(row)]
         if len(finite) < len(row) and not self._warned_non_finite:
             self._warned_non_finite = True
             rank_zero_warn(
                 f"MinibatchHeatmap: non-finite gradient distances in epoch {epoch} (NaN/inf loss or "
-                "gradient, or batches cut off by limit_train_batches); they are kept as NaN."
+                "gradient); they are kept as NaN."
             )
-        self._rows.append(values)
+        # batches past Trainer(limit_train_batches) are not visited: NaN
+        self._rows.append(row.tolist() + [math.nan] * (len(self._batch_values) - len(row)))
         self._epochs.append(epoch)
         self._lrs.append(self._lr)
         best = int(torch.argmin(torch.where(torch.isfinite(row), row, math.inf))) if len(finite) else -1
