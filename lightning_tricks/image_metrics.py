@@ -10,9 +10,10 @@ images are on: ``(N,)`` for a scalar score, ``(N, m)`` for a lexicographic key (
 - :class:`PerceptualDistance`: the LPIPS-style distance to the dataset's average image in the
   feature space of a CNN (§3.2.4).
 
-Images are taken as they come (a datamodule's normalised tensors are fine for ``intensity``,
-``edges`` and ``perceptual``, whose orders do not depend on an affine pixel scale); ``color``
-expects RGB (or grey) values in ``[0, 1]`` and clamps values outside.
+Images are taken as they come: a datamodule's normalised tensors give ``intensity`` the same order
+as raw pixels (a positive affine map of every pixel); ``edges``' thresholds apply to the gradient
+magnitude of the images as given; ``color`` expects RGB (or grey) values in ``[0, 1]`` and clamps
+values outside.
 """
 
 from __future__ import annotations
