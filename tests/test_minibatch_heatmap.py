@@ -405,3 +405,18 @@ def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(
     matrix = np.load(folder / "heatmap_matrix.npy")
     assert matrix.shape == single.matrix.shape == (2, 4)
     np.testing.assert_allclose(matrix, single.matrix, rtol=1e-5, atol=1e-6)
+
+
+def test_heatmap_figure_log_scale_blanks_non_finite_cells():
+    from matplotlib.colors import LogNorm
+
+    from lightning_tricks.plotting import plot_minibatch_heatmap
+
+    matrix = np.array([[0.1, 1.0, np.nan], [10.0, 0.5, 2.0]])
+    figure = plot_minibatch_heatmap(matrix, [4, 5], [0.2, 0.4, 0.6], metric="edges", log_scale=True)
+    mesh = figure.axes[0].collections[0]
+    assert isinstance(mesh.norm, LogNorm) and (mesh.norm.vmin, mesh.norm.vmax) == (0.1, 10.0)
+    assert np.ma.getmaskarray(mesh.get_array()).sum() == 1
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["4", "5"]
+    with pytest.raises(ValueError, match="batch_values"):
+        plot_minibatch_heatmap(matrix, [4, 5], [0.2])

@@ -248,7 +248,10 @@ class MinibatchDistances:
     def add(self, index: int, row: Tensor, weight: float | Tensor) -> None:
         """Store the projected ∇_k of batch ``index`` with weight m_k (its number of samples)."""
         self._store.put(index, row)
-        self._sum.add_(row.to(torch.float64) * weight)
+        if isinstance(weight, Tensor):  # a size summed over processes: no host sync
+            self._sum.add_(row.to(torch.float64) * weight)
+        else:
+            self._sum.add_(row, alpha=weight)  # accumulated in float64
         self._weights[index] = weight
 
     def full_gradient(self) -> Tensor:
