@@ -2,13 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .callbacks import BatchSizeScheduler, FisherSpectrum, GradientFlow, GradientFlowAlarm, RandomGradient
+from .callbacks import (
+    BatchSizeScheduler,
+    FisherSpectrum,
+    GradientFlow,
+    GradientFlowAlarm,
+    MinibatchHeatmap,
+    RandomGradient,
+)
 
 __all__ = [
     "BatchSizeScheduler",
     "FisherSpectrum",
     "GradientFlow",
     "GradientFlowAlarm",
+    "MinibatchHeatmap",
     "RandomGradient",
     "__version__",
 ]

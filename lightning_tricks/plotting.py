@@ -296,3 +296,94 @@ def _draw_error_contour(
     z = np.array([errors[label] for label in labels])
     contour = axes.tricontourf(x, y, z, levels=12, cmap="Greys", alpha=0.5)
     figure.colorbar(contour, ax=axes, label="test error")
+
+
+def plot_minibatch_heatmap(
+    matrix: np.ndarray,
+    epochs: Sequence[int],
+    batch_values: Sequence[float] | None = None,
+    *,
+    metric: str = "metric",
+    distance: str = "l2",
+    log_scale: bool = False,
+    title: str = "Mini-batch gradient distance to the full gradient",
+    cmap: str = "magma_r",
+) -> Figure:
+    """Heatmap of D_{e,k}, the distance of mini-batch k's gradient to the full-batch gradient at
+    epoch e's starting parameters (seed ``002_696f8026b30a9c31.txt`` §3.1, Algorithm 1; one figure per
+    training phase as in Figs. 1–4).
+
+    Batch rank (metric order) runs along the x axis, with the batches' mean metric value on a top
+    axis; epochs run down the y axis; light cells are short distances, dark ones long (the seed's
+    colour scheme), with a colour bar, logarithmic with ``log_scale``. Non-finite cells are blank.
+
+    Args:
+        matrix: ``(epochs, batches)`` distances.
+        epochs: the epoch of each row.
+        batch_values: each batch's mean metric value (top axis), or ``None``.
+        metric: metric name for the axis label.
+        distance: ``"l2"`` or ``"cosine"`` for the colour-bar label.
+        log_scale: logarithmic colour scale (non-positive cells blank).
+        title: axes title.
+        cmap: matplotlib colormap name.
+
+    Raises:
+        ValueError: ``matrix`` is not 2-D or does not match ``epochs``/``batch_values``.
+
+    Example::
+
+        >>> fig = plot_minibatch_heatmap(np.array([[1.0, 2.0, 3.0], [2.0, 1.0, 0.5]]), [0, 1], [0.1, 0.5, 0.9])
+        >>> heatmap, colour_bar = fig.axes
+        >>> heatmap.get_ylabel(), colour_bar.get_ylabel()
+        ('epoch', '‖∇_k − ∇_e‖')
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.ndim != 2 or matrix.shape[0] != len(epochs):
+        raise ValueError(
+            f"`matrix` must have shape (len(epochs), batches) = ({len(epochs)}, K); got {matrix.shape}"
+        )
+    if batch_values is not None and len(batch_values) != matrix.shape[1]:
+        raise ValueError(
+            f"`batch_values` has {len(batch_values)} entries but `matrix` has {matrix.shape[1]} columns"
+        )
+    usable = np.isfinite(matrix) & ((matrix > 0) if log_scale else True)
+    shown = np.ma.masked_where(~usable, matrix)
+    values = matrix[usable]
+    low, high = (values.min(), values.max()) if values.size else (1.0, 10.0)
+    high = high if high > low else low * 1.01 + 1e-12
+    norm = LogNorm(vmin=low, vmax=high) if log_scale else Normalize(vmin=low, vmax=high)
+
+    figure = Figure(
+        figsize=(max(5.0, 2.5 + 0.06 * matrix.shape[1]), max(3.2, 1.8 + 0.12 * matrix.shape[0])),
+        layout="constrained",
+    )
+    axes = figure.add_subplot()
+    rows = np.arange(matrix.shape[0] + 1) - 0.5
+    image = axes.pcolormesh(np.arange(matrix.shape[1] + 1) - 0.5, rows, shown, cmap=cmap, norm=norm)
+    axes.set_ylim(rows[-1], rows[0])  # first epoch at the top
+    ticks = _spread_ticks(len(epochs), 10)
+    axes.set_yticks(ticks, [str(epochs[t]) for t in ticks])
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
+    axes.set_xlabel(f"batch rank (sorted by {metric})")
+    axes.set_ylabel("epoch")
+    axes.set_title(title)
+    label = "‖∇_k − ∇_e‖" if distance == "l2" else "1 − cos(∇_k, ∇_e)"
+    figure.colorbar(image, ax=axes, label=label)
+    if batch_values is not None:
+        _draw_metric_axis(axes, np.asarray(batch_values, dtype=float), metric)
+    return figure
+
+
+def _draw_metric_axis(axes: Axes, batch_values: np.ndarray, metric: str) -> None:
+    """A top x axis labelling a few batch ranks with the batches' mean metric value."""
+    top = axes.secondary_xaxis("top")
+    ticks = _spread_ticks(len(batch_values), 6)
+    top.set_xticks(ticks, [f"{batch_values[t]:.3g}" for t in ticks])
+    top.set_xlabel(f"batch mean {metric}")
+
+
+def _spread_ticks(length: int, most: int) -> list[int]:
+    """Up to ``most`` integer positions spread evenly over ``0 … length-1``."""
+    if length <= 0:
+        return []
+    return sorted({round(x) for x in np.linspace(0, length - 1, num=min(most, length))})

@@ -3,6 +3,14 @@
 from .batch_size_scheduler import BatchSizeScheduler
 from .fisher_spectrum import FisherSpectrum
 from .gradient_flow import GradientFlow, GradientFlowAlarm
+from .minibatch_heatmap import MinibatchHeatmap
 from .random_gradient import RandomGradient
 
-__all__ = ["BatchSizeScheduler", "FisherSpectrum", "GradientFlow", "GradientFlowAlarm", "RandomGradient"]
+__all__ = [
+    "BatchSizeScheduler",
+    "FisherSpectrum",
+    "GradientFlow",
+    "GradientFlowAlarm",
+    "MinibatchHeatmap",
+    "RandomGradient",
+]

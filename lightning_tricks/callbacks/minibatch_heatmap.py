@@ -1,0 +1,561 @@
+"""MinibatchHeatmap: distance of each fixed mini-batch's gradient to the full gradient, per epoch
+(seed 002 §3, Algorithm 1)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from typing_extensions import override
+
+from ..gradients.minibatch_distance import (
+    DISTANCES,
+    MODES,
+    LossFunction,
+    MinibatchDistances,
+    flatten,
+    freeze,
+    gradient_at,
+)
+from ..image_metrics import Metric, metric_name, resolve_metric
+from ..plotting import plot_minibatch_heatmap
+from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
+from ._base import TrickCallback, check_every_n
+
+MATRIX_FILE = "heatmap_matrix"
+HISTORY_FILE = "heatmap.csv"
+HISTORY_COLUMNS = ("epoch", "batch", "metric", "distance")
+SPILL_FILE = "heatmap_gradients.tmp.npy"
+
+
+class MinibatchHeatmap(TrickCallback):
+    r"""Which fixed mini-batch's gradient is closest to the full-batch gradient, epoch by epoch
+    (seed ``002_696f8026b30a9c31.txt`` §3, Algorithm 1, Figs. 1–4).
+
+    **Batches.** The training set is scored once by an image ``metric`` (seed §3.2:
+    ``"intensity"``, ``"color"``, ``"edges"``, ``"perceptual"`` — see
+    :mod:`lightning_tricks.image_metrics` — or any callable ``images -> scores``), sorted
+    (``descending`` or not) and cut into the same mini-batches every epoch
+    (:class:`~lightning_tricks.samplers.MetricSortedBatchSampler`, batch size and ``drop_last`` of the
+    Trainer's training loader). The callback installs those batches in the training loader at the
+    first epoch; a loader whose batch sampler already is a ``MetricSortedBatchSampler`` is used as
+    it is. Batch rank k = 0 … K−1 is the metric order.
+
+    **Measurement.** At the start of every ``every_n_epochs``-th epoch e (0, n, 2n, …) the parameters
+    θ_e (and buffers) are copied; after each training batch k, the gradient ∇_k of the batch's mean
+    loss at θ_e is taken with one extra forward/backward (the seed's ``net_compare``, without a second
+    module: ``torch.func.functional_call`` on the copies, under ``torch.random.fork_rng``; BatchNorm's
+    train-mode updates go to the copied buffers). At the epoch end ∇_e = Σ_k m_k ∇_k / Σ_k m_k
+    (eq. 3, m_k the batch sizes) and D_{e,k} = ‖∇_k − ∇_e‖ (``distance="l2"``) or
+    1 − cos(∇_k, ∇_e) (``"cosine"``). The loss is the module's ``compute_loss(batch)`` (a scalar,
+    mean-reduced) or, if the module has none, ``loss_fn(module, batch)``. Training is unperturbed:
+    parameters, buffers, optimiser state and RNG evolve bit for bit as without the callback (on the
+    same batches).
+
+    **Storage.** ``mode="exact"`` keeps the K gradients (K×P float32) on the module's device up to
+    ``memory_budget`` bytes and the rest in a memory-mapped file in the run folder, removed after
+    the epoch. ``mode="sketch"`` keeps a seeded CountSketch of each (O(P) per batch, K×``sketch_dim``
+    memory): each distance is within relative error ε of the exact one with probability at least
+    1 − 2/(``sketch_dim``·ε²) (Johnson–Lindenstrauss-type bound, see
+    :class:`~lightning_tricks.gradients.minibatch_distance.CountSketch`; e.g. ``sketch_dim=4096``:
+    ±10 % with probability ≥ 95 %). ``"auto"`` is exact when K×P×4 bytes fit the budget.
+
+    **Output.** :attr:`matrix` (measured epochs × K, batches in metric order), written with the epoch
+    numbers as ``heatmap_matrix.npy`` / ``heatmap_matrix.csv`` in the run folder after each measured
+    epoch; :attr:`history`, one record ``{"epoch", "batch", "metric", "distance"}`` per epoch and
+    batch (``heatmap.csv``; with ``Trainer(limit_train_batches=...)`` ∇_e is the mean over the visited
+    batches and the others are NaN); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
+    batch's mean metric value on the top axis, y epoch; ``log_scale`` colours) through every logger
+    that shows images and as PNG. Phases (seed §3.1: "epochs with the same learning rate"):
+    ``phases="lr"`` starts a phase whenever the first param group's learning rate at an epoch start
+    differs from the previous measured epoch's; a list of epochs starts one at each; ``None``: one
+    phase. Scalars per measured epoch: ``heatmap/distance_mean``, ``heatmap/distance_min``,
+    ``heatmap/distance_max``, ``heatmap/best_batch`` (rank of the smallest distance),
+    ``heatmap/best_batch_metric`` and ``heatmap/full_gradient_norm`` (‖∇_e‖, sketched in sketch mode).
+
+    **Resume and DDP.** The matrix, epochs, learning rates and a fingerprint of the batches are saved
+    in checkpoints; a resumed run continues the matrix (an epoch interrupted mid-way is not measured).
+    Under DDP each process takes its contiguous share of every global batch (``batch_size × world
+    size``), the per-process gradients are summed with their batch sizes before storage (one
+    all-reduce of P values, or ``sketch_dim`` in sketch mode, per batch), rank 0 stores and computes
+    the row and broadcasts it: the matrix equals one process training with the global batch. A last
+    global batch with fewer samples than processes is dropped there.
+
+    Args:
+        metric: ``"intensity"``, ``"color"``, ``"edges"``, ``"perceptual"`` or a callable ``images
+            (N, C, H, W) -> (N,)`` scores (or ``(N, m)`` lexicographic keys).
+        mode: ``"auto"``, ``"exact"`` or ``"sketch"``.
+        memory_budget: bytes of exact gradients kept in memory (``>= 0``).
+        sketch_dim: dimension of the sketch (``>= 1``).
+        every_n_epochs: measure epochs 0, n, 2n, … (``>= 1``).
+        distance: ``"l2"`` or ``"cosine"``.
+        phases: ``"lr"``, a list of epochs where phases start, or ``None``.
+        descending: sort the data by decreasing metric.
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss`` for modules without ``compute_loss``.
+        log_scale: logarithmic colour scale in the heatmaps.
+        seed: seed of the sketch.
+        image_key: where the images are in a collated batch (position or key) for scoring.
+        score_batch_size: images scored at once (``>= 1``).
+        progress: show a progress bar while scoring.
+
+    Raises:
+        ValueError / TypeError: bad arguments; at ``setup``, a module with neither ``compute_loss``
+            nor ``loss_fn``; at the first epoch, a training loader that cannot have fixed batches
+            (several loaders, an iterable dataset, a custom batch sampler) or whose batches change
+            between epochs (e.g. a reloaded loader with another batch size).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> class Module(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        ...     def compute_loss(self, batch):
+        ...         return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.compute_loss(batch)
+        ...     def train_dataloader(self):
+        ...         data = TensorDataset(torch.rand(24, 1, 4, 4), torch.randint(0, 2, (24,)))
+        ...         return DataLoader(data, batch_size=8, shuffle=True)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> heatmap = MinibatchHeatmap(metric="intensity", progress=False)
+        >>> trainer = L.Trainer(max_epochs=2, callbacks=[heatmap], logger=False, enable_progress_bar=False,
+        ...                     enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(Module())
+        >>> heatmap.matrix.shape
+        (2, 3)
+    """
+
+    namespace = "heatmap"
+
+    def __init__(
+        self,
+        metric: str | Metric = "intensity",
+        mode: str = "auto",
+        memory_budget: int = 1 << 30,
+        sketch_dim: int = 4096,
+        every_n_epochs: int = 1,
+        distance: str = "l2",
+        phases: str | Sequence[int] | None = "lr",
+        descending: bool = False,
+        loss_fn: LossFunction | None = None,
+        log_scale: bool = False,
+        seed: int = 0,
+        image_key: int | str = 0,
+        score_batch_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self._metric = resolve_metric(metric)
+        _check_choice("mode", mode, MODES)
+        _check_choice("distance", distance, DISTANCES)
+        _check_int("memory_budget", memory_budget, 0)
+        _check_int("sketch_dim", sketch_dim, 1)
+        _check_int("score_batch_size", score_batch_size, 1)
+        self.every_n_epochs = check_every_n("every_n_epochs", every_n_epochs)
+        self.phases = _checked_phases(phases)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be a callable (module, batch) -> loss or None; got {loss_fn!r}.")
+        self.metric, self.mode, self.distance = metric_name(metric), mode, distance
+        self.memory_budget, self.sketch_dim, self.seed = memory_budget, sketch_dim, seed
+        self.descending, self.loss_fn, self.log_scale = descending, loss_fn, log_scale
+        self.image_key, self.score_batch_size, self.progress = image_key, score_batch_size, progress
+        self.reset_fit_state()
+
+    # -- identity, state, dashboard ------------------------------------------------------------
+
+    @override
+    def identity(self) -> dict[str, Any]:
+        return {"metric": self.metric, "descending": self.descending, "distance": self.distance}
+
+    @override
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            "mode": self.mode,
+            "memory_budget": self.memory_budget,
+            "sketch_dim": self.sketch_dim,
+            "every_n_epochs": self.every_n_epochs,
+            "phases": self.phases if isinstance(self.phases, (str, type(None))) else list(self.phases),
+            "seed": self.seed,
+        }
+
+    @override
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        return {
+            "mini-batch distance to the full gradient (seed 002 Alg. 1)": [
+                "heatmap/distance_min",
+                "heatmap/distance_mean",
+                "heatmap/distance_max",
+            ],
+            "closest mini-batch": ["heatmap/best_batch", "heatmap/best_batch_metric"],
+            "full-batch gradient norm": ["heatmap/full_gradient_norm"],
+        }
+
+    @override
+    def metric_descriptions(self) -> dict[str, str]:
+        what = "‖∇_k − ∇_e‖" if self.distance == "l2" else "1 − cos(∇_k, ∇_e)"
+        return {
+            "heatmap/distance_mean": f"Mean over the epoch's fixed mini-batches of D_ek = {what} at the epoch-start parameters (seed 002 Alg. 1).",
+            "heatmap/distance_min": f"Smallest D_ek = {what} of the epoch.",
+            "heatmap/distance_max": f"Largest D_ek = {what} of the epoch.",
+            "heatmap/best_batch": f"Rank (in {self.metric} order) of the mini-batch closest to the full gradient.",
+            "heatmap/best_batch_metric": f"Mean {self.metric} of the mini-batch closest to the full gradient.",
+            "heatmap/full_gradient_norm": "‖∇_e‖, the norm of the batch-size-weighted mean of the mini-batch gradients.",
+        }
+
+    @override
+    def reset_fit_state(self) -> None:
+        self._rows: list[list[float]] = []
+        self._epochs: list[int] = []
+        self._lrs: list[float] = []
+        self._batch_values: list[float] | None = None
+        self._fingerprint: tuple[int, int, int] | None = None
+        self._sampler: MetricSortedBatchSampler | None = None
+        self._engine: MinibatchDistances | None = None
+        self._frozen: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self._warned_non_finite = False
+
+    @override
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "rows": [list(row) for row in self._rows],
+            "epochs": list(self._epochs),
+            "lrs": list(self._lrs),
+            "batch_values": self._batch_values,
+            "fingerprint": self._fingerprint,
+        }
+
+    @override
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._rows = [list(row) for row in state["rows"]]
+        self._epochs, self._lrs = list(state["epochs"]), list(state["lrs"])
+        self._batch_values = state["batch_values"]
+        self._fingerprint = None if state["fingerprint"] is None else tuple(state["fingerprint"])
+
+    # -- results ---------------------------------------------------------------------------------
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """D_{e,k}: one row per measured epoch (:attr:`epochs`), one column per batch in metric order."""
+        width = len(self._batch_values or [])
+        return np.array(self._rows, dtype=float).reshape(len(self._rows), width)
+
+    @property
+    def epochs(self) -> list[int]:
+        """The measured epochs, one per row of :attr:`matrix`."""
+        return list(self._epochs)
+
+    @property
+    def batch_values(self) -> np.ndarray:
+        """Each batch's mean metric value (column 0 of a lexicographic key such as colour's hue)."""
+        return np.array(self._batch_values or [], dtype=float)
+
+    @property
+    def phase_of_epoch(self) -> list[int]:
+        """The phase index of each measured epoch."""
+        return phase_indices(self._epochs, self._lrs, self.phases)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record ``{"epoch", "batch", "metric", "distance"}`` per measured epoch and batch."""
+        values = self._batch_values or []
+        return [
+            {"epoch": epoch, "batch": k, "metric": values[k], "distance": distance}
+            for epoch, row in zip(self._epochs, self._rows)
+            for k, distance in enumerate(row)
+        ]
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._loss = self._loss_function(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed mid-epoch skips that epoch's start hook: fix its batches here
+        self._install_sorted_batches(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install_sorted_batches(trainer, pl_module)
+        self._release()
+        if trainer.current_epoch % self.every_n_epochs == 0:
+            self._start_epoch(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._engine is None or batch_idx >= self._num_batches:
+            return
+        params, buffers = self._frozen
+        with (
+            torch.random.fork_rng(devices=_cuda_devices(pl_module)),
+            trainer.precision_plugin.forward_context(),
+        ):
+            gradient = flatten(gradient_at(pl_module, params, buffers, self._loss, batch))
+        self._store(trainer, batch_idx, gradient)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is None:
+            return
+        row = self._engine.distances(self.distance) if trainer.is_global_zero else None
+        full_norm = self._engine.full_gradient().norm() if trainer.is_global_zero else None
+        self._release()
+        row, full_norm = trainer.strategy.broadcast((row, full_norm), src=0)
+        self._record(trainer, row.cpu(), full_norm.cpu())
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def _install_sorted_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the training loader form the metric-sorted batches (once per loader built)."""
+        fit_loop = trainer.fit_loop
+        combined = fit_loop._combined_loader
+        loaders = combined.flattened
+        if len(loaders) != 1:
+            raise ValueError(
+                f"MinibatchHeatmap needs a single training loader to fix its batches; got {len(loaders)}."
+            )
+        loader = loaders[0]
+        current = getattr(loader, "batch_sampler", None)
+        if isinstance(current, MetricSortedBatchSampler):
+            self._adopt(current)
+            return
+        sampler = self._sorted_sampler(trainer, pl_module, loader)
+        self._adopt(sampler)
+        combined.flattened = [sorted_loader(loader, sampler)]
+        num_batches = _limited(len(sampler), trainer.limit_train_batches)
+        combined.limits = [num_batches]
+        if num_batches != fit_loop.max_batches and isinstance(trainer.val_check_interval, float):
+            trainer.val_check_batch = max(1, int(num_batches * trainer.val_check_interval))
+        fit_loop.max_batches = num_batches
+        fit_loop._data_fetcher.setup(combined)
+        with torch.random.fork_rng(
+            devices=_cuda_devices(pl_module)
+        ):  # as the replaced loader's iterator drew
+            iter(fit_loop._data_fetcher)
+
+    def _sorted_sampler(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
+    ) -> MetricSortedBatchSampler:
+        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            raise ValueError(
+                "MinibatchHeatmap forms fixed batches from a map-style dataset; the training loader is "
+                f"{type(loader).__name__} over {type(getattr(loader, 'dataset', None)).__name__}. Use a "
+                "DataLoader over a Dataset with __getitem__/__len__."
+            )
+        batch_sampler = loader.batch_sampler
+        if type(batch_sampler) is not BatchSampler:
+            raise ValueError(
+                f"MinibatchHeatmap needs the same batches every epoch, but the training loader's batch sampler "
+                f"is a {type(batch_sampler).__name__}, whose batches may change between epochs. Use a DataLoader "
+                "with `batch_size=` (the callback sorts it) or a MetricSortedBatchSampler."
+            )
+        scores = None
+        if trainer.is_global_zero:
+            scores = score_dataset(
+                loader.dataset,
+                self._metric,
+                batch_size=self.score_batch_size,
+                collate_fn=loader.collate_fn,
+                image_key=self.image_key,
+                device=pl_module.device,
+                progress=self.progress,
+            )
+        scores = trainer.strategy.broadcast(scores, src=0)
+        return MetricSortedBatchSampler(
+            scores,
+            batch_sampler.batch_size,
+            descending=self.descending,
+            drop_last=batch_sampler.drop_last,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+        )
+
+    def _adopt(self, sampler: MetricSortedBatchSampler) -> None:
+        """Use ``sampler``'s batches, refusing batches other than those of earlier epochs."""
+        fingerprint = sampler.fingerprint()
+        if self._fingerprint is not None and fingerprint != self._fingerprint:
+            raise ValueError(
+                "MinibatchHeatmap compares the same mini-batches across epochs, but the training batches "
+                f"changed (samples, batches, hash: {self._fingerprint} -> {fingerprint}), e.g. by a reloaded "
+                "loader with another batch size or dataset. Keep the training loader's batches fixed while it is attached."
+            )
+        self._fingerprint = fingerprint
+        self._sampler = sampler
+        self._batch_values = sampler.batch_values.tolist()
+
+    # -- measurement ----------------------------------------------------------------------------
+
+    def _loss_function(self, pl_module: pl.LightningModule) -> LossFunction:
+        if callable(getattr(pl_module, "compute_loss", None)):
+            return lambda module, batch: module.compute_loss(batch)
+        if self.loss_fn is not None:
+            return self.loss_fn
+        raise ValueError(
+            f"MinibatchHeatmap evaluates the loss at the epoch-start parameters itself, but "
+            f"{type(pl_module).__name__} defines no `compute_loss(batch) -> scalar mean loss` and no "
+            "`loss_fn(module, batch)` was given: define the method or pass `loss_fn=`."
+        )
+
+    def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._frozen = freeze(pl_module)
+        dim = sum(p.numel() for p in self._frozen[0].values() if p.requires_grad)
+        self._num_batches = int(trainer.num_training_batches)
+        self._engine = MinibatchDistances(
+            self._num_batches,
+            dim,
+            mode=self.mode,
+            memory_budget=self.memory_budget,
+            sketch_dim=self.sketch_dim,
+            seed=self.seed,
+            device=pl_module.device,
+            spill_path=os.path.join(self.run_dir, SPILL_FILE),
+            store=trainer.is_global_zero,  # the other processes only sketch and sum
+        )
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+
+    def _store(self, trainer: pl.Trainer, batch_idx: int, gradient: Tensor) -> None:
+        """Add ∇_k of the global batch: under DDP Σ_r m_r ∇_k^r / Σ_r m_r over the processes."""
+        size = self._sampler.batch_sizes[batch_idx]
+        row = self._engine.project(gradient)
+        if trainer.world_size > 1:
+            packed = torch.cat([row * size, row.new_tensor([size])])
+            packed = trainer.strategy.reduce(packed, reduce_op="sum")
+            size = packed[-1]
+            row = packed[:-1] / size
+        if trainer.is_global_zero:
+            self._engine.add(batch_idx, row, size)
+
+    def _record(self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor) -> None:
+        epoch, step = trainer.current_epoch, self.training_step(trainer)
+        finite = row[torch.isfinite(row)]
+        if len(finite) < len(row) and not self._warned_non_finite:
+            self._warned_non_finite = True
+            rank_zero_warn(
+                f"MinibatchHeatmap: non-finite gradient distances in epoch {epoch} (NaN/inf loss or "
+                "gradient); they are kept as NaN."
+            )
+        # batches past Trainer(limit_train_batches) are not visited: NaN
+        self._rows.append(row.tolist() + [math.nan] * (len(self._batch_values) - len(row)))
+        self._epochs.append(epoch)
+        self._lrs.append(self._lr)
+        best = int(torch.argmin(torch.where(torch.isfinite(row), row, math.inf))) if len(finite) else -1
+        scalars = {
+            "heatmap/distance_mean": finite.mean() if len(finite) else math.nan,
+            "heatmap/distance_min": finite.min() if len(finite) else math.nan,
+            "heatmap/distance_max": finite.max() if len(finite) else math.nan,
+            "heatmap/best_batch": float(best),
+            "heatmap/best_batch_metric": self._batch_values[best] if best >= 0 else math.nan,
+            "heatmap/full_gradient_norm": full_norm,
+        }
+        self.log_scalars(trainer, scalars, step)
+        self._write_files()
+        self._log_phase_figure(trainer, step)
+
+    def _write_files(self) -> None:
+        matrix = self.matrix
+        self.write_array(f"{MATRIX_FILE}.npy", matrix)
+        columns = ["epoch", *(f"batch_{k}" for k in range(matrix.shape[1]))]
+        rows = ([epoch, *row] for epoch, row in zip(self._epochs, matrix.tolist()))
+        self.write_table(f"{MATRIX_FILE}.csv", columns, rows)
+        self.write_table(HISTORY_FILE, HISTORY_COLUMNS, self.history)
+
+    def _log_phase_figure(self, trainer: pl.Trainer, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        phases = self.phase_of_epoch
+        current = phases[-1]
+        rows = [i for i, phase in enumerate(phases) if phase == current]
+        figure = plot_minibatch_heatmap(
+            self.matrix[rows],
+            [self._epochs[i] for i in rows],
+            self.batch_values,
+            metric=self.metric,
+            distance=self.distance,
+            log_scale=self.log_scale,
+            title=f"Mini-batch gradient distance, phase {current} (lr {self._lrs[rows[0]]:.3g})",
+        )
+        self.log_figure(trainer, f"heatmap/phase_{current}", figure, step)
+
+    def _release(self) -> None:
+        """Free the epoch's gradients and frozen copy and remove a spill file."""
+        if self._engine is not None:
+            self._engine.close()
+        self._engine, self._frozen = None, None
+
+
+def phase_indices(
+    epochs: Sequence[int], lrs: Sequence[float], phases: str | Sequence[int] | None
+) -> list[int]:
+    """Phase of each measured epoch (seed ``002_696f8026b30a9c31.txt`` §3.1: "training phases based on
+    epochs with the same learning rate"): ``"lr"`` counts learning-rate changes between consecutive
+    measured epochs; a list of epochs counts the boundaries at or before each epoch; ``None``: 0."""
+    if phases is None:
+        return [0] * len(epochs)
+    if phases == "lr":
+        out, phase = [], 0
+        for i, lr in enumerate(lrs):
+            if i and not math.isclose(lr, lrs[i - 1], rel_tol=1e-9, abs_tol=0.0):
+                phase += 1
+            out.append(phase)
+        return out
+    return [sum(epoch >= boundary for boundary in phases) for epoch in epochs]
+
+
+def _limited(length: int, limit: int | float) -> int:
+    """Batches per epoch under ``Trainer(limit_train_batches=limit)``, as Lightning counts them."""
+    return min(length, int(limit)) if isinstance(limit, int) else int(length * limit)
+
+
+def _cuda_devices(module: pl.LightningModule) -> list[int]:
+    return [module.device.index or 0] if module.device.type == "cuda" else []
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+
+
+def _checked_phases(phases: Any) -> str | tuple[int, ...] | None:
+    if phases is None or phases == "lr":
+        return phases
+    if isinstance(phases, str) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in phases
+    ):
+        raise ValueError(
+            f"`phases` must be 'lr', None or a list of epochs (ints >= 0) where phases start; got {phases!r}."
+        )
+    return tuple(sorted(phases))

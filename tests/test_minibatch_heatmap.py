@@ -1,0 +1,422 @@
+"""MinibatchHeatmap (seed 002 §3, Algorithm 1) against a direct two-network implementation."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+from lightning_tricks import MinibatchHeatmap
+from lightning_tricks.callbacks.minibatch_heatmap import phase_indices
+from lightning_tricks.gradients.minibatch_distance import (
+    CountSketch,
+    MinibatchDistances,
+    sketch_failure_probability,
+)
+from lightning_tricks.image_metrics import intensity
+from lightning_tricks.samplers import MetricSortedBatchSampler
+
+SAMPLES, BATCH = 36, 8  # 5 batches a epoch, the last one of 4 samples
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def make_data(samples: int = SAMPLES) -> TensorDataset:
+    generator = torch.Generator().manual_seed(3)
+    images = (
+        torch.rand(samples, 1, 6, 6, generator=generator)
+        * torch.linspace(0.2, 1.5, samples)[:, None, None, None]
+    )
+    return TensorDataset(images, torch.randint(0, 3, (samples,), generator=generator))
+
+
+def small_cnn(batch_norm: bool = True, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3)]
+    layers += [nn.BatchNorm2d(4)] if batch_norm else []
+    layers += [nn.ReLU(), nn.Dropout(dropout), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)]
+    return nn.Sequential(*layers)
+
+
+class CNNModule(pl.LightningModule):
+    """A user-written module: ``compute_loss`` defines the loss, ``training_step`` uses it."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 0.1,
+        batch_size: int = BATCH,
+        sorted_by_hand: bool = False,
+        optimizer: str = "sgd",
+        milestones: tuple[int, ...] = (),
+        samples: int = SAMPLES,
+        define_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.net, self.lr, self.batch_size = net, lr, batch_size
+        self.sorted_by_hand, self.optimizer, self.milestones = sorted_by_hand, optimizer, milestones
+        self.data = make_data(samples)
+        if define_loss:
+            self.compute_loss = self._loss
+
+    def _loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def train_dataloader(self):
+        if self.sorted_by_hand:
+            sampler = MetricSortedBatchSampler(intensity(self.data.tensors[0]), self.batch_size)
+            return DataLoader(self.data, batch_sampler=sampler)
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.milestones:
+            return optimizer
+        return [optimizer], [torch.optim.lr_scheduler.MultiStepLR(optimizer, list(self.milestones), 0.1)]
+
+
+def fit(module, callbacks, root, epochs=3, **overrides):
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    trainer = pl.Trainer(callbacks=callbacks, **{**options, **overrides})
+    trainer.fit(module)
+    return trainer
+
+
+def algorithm_1(net: nn.Module, data: TensorDataset, lr: float, epochs: int, distance: str = "l2"):
+    """Seed 002 Algorithm 1 as written: net_normal trains (SGD, momentum 0.9), net_compare is copied at
+    each epoch start and only runs forward/backward; batches are the data sorted by intensity."""
+    images, labels = data.tensors
+    order = torch.argsort(images.sum(dim=(1, 2, 3)), stable=True)
+    batches = list(order.split(BATCH))
+    net_normal = copy.deepcopy(net)
+    optimizer = torch.optim.SGD(net_normal.parameters(), lr=lr, momentum=0.9)
+    rows = []
+    for _ in range(epochs):
+        net_compare = copy.deepcopy(net_normal)
+        gradients, sizes = [], []
+        for index in batches:
+            x, y = images[index], labels[index]
+            optimizer.zero_grad()
+            F.cross_entropy(net_normal(x), y).backward()
+            optimizer.step()
+            net_compare.zero_grad()
+            F.cross_entropy(net_compare(x), y).backward()
+            gradients.append(torch.cat([p.grad.reshape(-1) for p in net_compare.parameters()]).double())
+            sizes.append(len(index))
+        stacked, weights = torch.stack(gradients), torch.tensor(sizes, dtype=torch.float64)
+        full = (weights[:, None] * stacked).sum(0) / weights.sum()
+        if distance == "l2":
+            rows.append([float((g - full).norm()) for g in stacked])
+        else:
+            rows.append([1 - float(g @ full / (g.norm() * full.norm())) for g in stacked])
+    batch_means = [float(images[index].sum(dim=(1, 2, 3)).mean()) for index in batches]
+    return np.array(rows), batch_means
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, distance):
+    net = small_cnn(batch_norm=True)
+    reference, batch_means = algorithm_1(net, make_data(), lr=0.1, epochs=3, distance=distance)
+    heatmap = MinibatchHeatmap(mode="exact", distance=distance, progress=False)
+    fit(CNNModule(copy.deepcopy(net)), [heatmap], tmp_path)
+    assert heatmap.matrix.shape == (3, 5)
+    np.testing.assert_allclose(heatmap.matrix, reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(heatmap.batch_values, batch_means, rtol=1e-6)
+    assert heatmap.epochs == [0, 1, 2]
+    assert heatmap.history[6] == {
+        "epoch": 1,
+        "batch": 1,
+        "metric": pytest.approx(batch_means[1]),
+        "distance": pytest.approx(reference[1, 1], abs=1e-6),
+    }
+
+
+def test_sketch_mode_is_within_its_stated_error_of_exact(tmp_path):
+    net = small_cnn()
+    exact, sketch = (
+        MinibatchHeatmap(mode="exact", progress=False),
+        MinibatchHeatmap(mode="sketch", sketch_dim=8192, seed=1, progress=False),
+    )
+    fit(CNNModule(copy.deepcopy(net)), [exact], tmp_path / "exact")
+    fit(CNNModule(copy.deepcopy(net)), [sketch], tmp_path / "sketch")
+    eps = 0.25
+    assert sketch_failure_probability(8192, eps) < 0.005  # 15 entries: all within ε with prob. > 0.92
+    relative = np.abs(sketch.matrix - exact.matrix) / exact.matrix
+    assert relative.max() <= eps
+    assert relative.max() > 0, "the sketch is an approximation, not the exact gradients"
+
+
+def test_count_sketch_error_frequency_is_within_the_chebyshev_bound():
+    """Over many seeds, |‖Sx‖² − ‖x‖²| > ε‖x‖² no more often than 2/(d ε²), and E‖Sx‖² = ‖x‖²."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 3, 5000).double()
+    x[:5] *= 30  # a few heavy coordinates, the hard case for a sparse sketch
+    d, eps = 256, 0.2
+    ratios = (
+        torch.tensor([float(CountSketch(len(x), d, seed)(x).pow(2).sum()) for seed in range(400)])
+        / x.pow(2).sum()
+    )
+    assert float((ratios - 1).abs().gt(eps).double().mean()) <= sketch_failure_probability(d, eps)
+    assert float(ratios.mean()) == pytest.approx(1.0, abs=0.03)
+
+
+def parameters_buffers_state(module, trainer):
+    return (
+        {k: v.clone() for k, v in module.state_dict().items()},
+        copy.deepcopy(trainer.optimizers[0].state_dict()),
+        torch.get_rng_state(),
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, optimizer, mode):
+    """BatchNorm (running statistics) and dropout (RNG) in the model; on the same fixed batches."""
+    results = []
+    for callbacks in ([], [MinibatchHeatmap(mode=mode, sketch_dim=64, progress=False)]):
+        torch.manual_seed(5)
+        module = CNNModule(small_cnn(batch_norm=True, dropout=0.3), sorted_by_hand=True, optimizer=optimizer)
+        trainer = fit(module, callbacks, tmp_path / str(len(callbacks)), epochs=2)
+        results.append(parameters_buffers_state(module, trainer))
+    (state_a, optim_a, rng_a), (state_b, optim_b, rng_b) = results
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    for index, values in optim_a["state"].items():
+        for name, value in values.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][name])), name
+    assert torch.equal(rng_a, rng_b)
+    assert all(p.grad is None or p.requires_grad for p in module.parameters())
+
+
+def test_installed_sorted_batches_equal_a_hand_built_sorted_loader(tmp_path):
+    installed, by_hand = MinibatchHeatmap(progress=False), MinibatchHeatmap(progress=False)
+    net = small_cnn()
+    fit(CNNModule(copy.deepcopy(net)), [installed], tmp_path / "a")
+    fit(CNNModule(copy.deepcopy(net), sorted_by_hand=True), [by_hand], tmp_path / "b")
+    np.testing.assert_array_equal(installed.matrix, by_hand.matrix)
+
+
+def test_exact_mode_spills_beyond_the_budget_gives_the_same_matrix_and_removes_the_file(tmp_path):
+    net = small_cnn()
+    in_memory = MinibatchHeatmap(mode="exact", progress=False)
+    spilled = MinibatchHeatmap(
+        mode="exact", memory_budget=2 * 4 * 367, progress=False
+    )  # 2 of 5 rows in memory
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if spilled._engine is not None:
+                seen.append(spilled._engine.spilled)
+
+    fit(CNNModule(copy.deepcopy(net)), [in_memory], tmp_path / "a")
+    fit(CNNModule(copy.deepcopy(net)), [spilled, Spy()], tmp_path / "b")
+    assert any(seen), "rows went to the memory-mapped file"
+    np.testing.assert_allclose(spilled.matrix, in_memory.matrix, rtol=0, atol=1e-12)
+    assert not any(name.endswith(".tmp.npy") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+def test_auto_mode_picks_exact_when_the_gradients_fit():
+    assert MinibatchDistances(5, 100, mode="auto", memory_budget=2000).mode == "exact"
+    assert MinibatchDistances(5, 100, mode="auto", memory_budget=1999).mode == "sketch"
+
+
+def test_files_figures_and_scalars(tmp_path):
+    heatmap = MinibatchHeatmap(every_n_epochs=2, progress=False)
+    trainer = fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=3)
+    assert heatmap.epochs == [0, 2]
+    folder = heatmap.run_dir
+    np.testing.assert_array_equal(np.load(os.path.join(folder, "heatmap_matrix.npy")), heatmap.matrix)
+    table = np.loadtxt(os.path.join(folder, "heatmap_matrix.csv"), delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table[:, 0], [0, 2])
+    np.testing.assert_allclose(table[:, 1:], heatmap.matrix)
+    assert os.path.exists(os.path.join(folder, "heatmap.phase_0.png"))
+    assert len(heatmap.history) == 2 * 5
+    metrics = trainer.callback_metrics
+    assert float(metrics["heatmap/distance_min"]) == pytest.approx(heatmap.matrix[-1].min())
+    assert int(metrics["heatmap/best_batch"]) == int(np.argmin(heatmap.matrix[-1]))
+
+
+def test_batches_past_limit_train_batches_are_nan(tmp_path):
+    heatmap = MinibatchHeatmap(progress=False)
+    fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1, limit_train_batches=3)
+    assert heatmap.matrix.shape == (1, 5)
+    assert np.isfinite(heatmap.matrix[0, :3]).all() and np.isnan(heatmap.matrix[0, 3:]).all()
+
+
+def test_phases_follow_the_learning_rate(tmp_path):
+    heatmap = MinibatchHeatmap(progress=False)
+    fit(CNNModule(small_cnn(), milestones=(2,)), [heatmap], tmp_path, epochs=4)
+    assert heatmap.phase_of_epoch == [0, 0, 1, 1]
+    files = os.listdir(heatmap.run_dir)
+    assert "heatmap.phase_0.png" in files and "heatmap.phase_1.png" in files
+
+
+def test_phase_indices():
+    assert phase_indices([0, 1, 2, 3], [0.1, 0.1, 0.01, 0.01], "lr") == [0, 0, 1, 1]
+    assert phase_indices([0, 2, 4, 6], [0.1] * 4, (3, 5)) == [0, 0, 1, 2]
+    assert phase_indices([0, 1], [0.1, 0.2], None) == [0, 0]
+
+
+def test_resume_keeps_the_matrix(tmp_path):
+    net = small_cnn()
+    uninterrupted = MinibatchHeatmap(progress=False)
+    fit(CNNModule(copy.deepcopy(net)), [uninterrupted], tmp_path / "full", epochs=4)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = MinibatchHeatmap(progress=False)
+    fit(
+        CNNModule(copy.deepcopy(net)),
+        [first, checkpoint],
+        tmp_path / "part",
+        epochs=2,
+        enable_checkpointing=True,
+    )
+    resumed = MinibatchHeatmap(progress=False)
+    trainer = pl.Trainer(
+        callbacks=[resumed],
+        accelerator="cpu",
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path / "part",
+    )
+    trainer.fit(CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.epochs == [0, 1, 2, 3]
+    np.testing.assert_allclose(resumed.matrix, uninterrupted.matrix, rtol=0, atol=1e-6)
+
+
+def test_a_module_without_compute_loss_needs_loss_fn(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss.*loss_fn"):
+        fit(CNNModule(small_cnn(), define_loss=False), [MinibatchHeatmap(progress=False)], tmp_path)
+    with_fn = MinibatchHeatmap(
+        loss_fn=lambda module, batch: module._loss(batch), mode="exact", progress=False
+    )
+    with_method = MinibatchHeatmap(mode="exact", progress=False)
+    net = small_cnn()
+    fit(CNNModule(copy.deepcopy(net), define_loss=False), [with_fn], tmp_path / "a", epochs=1)
+    fit(CNNModule(copy.deepcopy(net)), [with_method], tmp_path / "b", epochs=1)
+    np.testing.assert_array_equal(with_fn.matrix, with_method.matrix)
+
+
+class CustomBatches(CNNModule):
+    def train_dataloader(self):
+        sampler = BatchSampler(SequentialSampler(range(SAMPLES)), BATCH, False)
+
+        class Shuffled(BatchSampler):
+            pass
+
+        return DataLoader(self.data, batch_sampler=Shuffled(sampler.sampler, BATCH, False))
+
+
+class GrowingBatches(CNNModule):
+    def train_dataloader(self):
+        size = BATCH * (1 + self.trainer.current_epoch)
+        return DataLoader(self.data, batch_size=size, shuffle=True)
+
+
+def test_loaders_whose_batches_may_change_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="Shuffled"):
+        fit(CustomBatches(small_cnn()), [MinibatchHeatmap(progress=False)], tmp_path / "a")
+    with pytest.raises(ValueError, match="batches changed"):
+        fit(
+            GrowingBatches(small_cnn()),
+            [MinibatchHeatmap(progress=False)],
+            tmp_path / "b",
+            reload_dataloaders_every_n_epochs=1,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"mode": "fast"}, "mode"),
+        ({"distance": "l1"}, "distance"),
+        ({"memory_budget": -1}, "memory_budget"),
+        ({"sketch_dim": 0}, "sketch_dim"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"phases": "epoch"}, "phases"),
+        ({"metric": "hue"}, "metric"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises((ValueError, TypeError), match=argument):
+        MinibatchHeatmap(**kwargs)
+
+
+def test_non_finite_gradients_warn_and_give_nan_without_touching_training(tmp_path):
+    heatmap = MinibatchHeatmap(loss_fn=lambda module, batch: module._loss(batch) * math.inf, progress=False)
+    module = CNNModule(small_cnn(), define_loss=False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(module, [heatmap], tmp_path, epochs=1)
+    assert np.isnan(heatmap.matrix).all()
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(tmp_path, mode):
+    """Each of 2 processes takes half of every global batch of 8; the per-process gradients are summed
+    with their sizes before storage, so the matrix equals one process with batches of 8."""
+    net = small_cnn(batch_norm=False)  # BatchNorm's statistics would be per process
+    single = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
+    fit(CNNModule(copy.deepcopy(net), samples=32), [single], tmp_path / "single", epochs=2)
+
+    ddp = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
+    fit(
+        CNNModule(copy.deepcopy(net), batch_size=4, samples=32),
+        [ddp],
+        tmp_path / "ddp",
+        epochs=2,
+        devices=2,
+        strategy="ddp_fork",
+    )
+    folder = tmp_path / "ddp" / "lightning_tricks_logs" / "version_0"
+    matrix = np.load(folder / "heatmap_matrix.npy")
+    assert matrix.shape == single.matrix.shape == (2, 4)
+    np.testing.assert_allclose(matrix, single.matrix, rtol=1e-5, atol=1e-6)
+
+
+def test_heatmap_figure_log_scale_blanks_non_finite_cells():
+    from matplotlib.colors import LogNorm
+
+    from lightning_tricks.plotting import plot_minibatch_heatmap
+
+    matrix = np.array([[0.1, 1.0, np.nan], [10.0, 0.5, 2.0]])
+    figure = plot_minibatch_heatmap(matrix, [4, 5], [0.2, 0.4, 0.6], metric="edges", log_scale=True)
+    mesh = figure.axes[0].collections[0]
+    assert isinstance(mesh.norm, LogNorm) and (mesh.norm.vmin, mesh.norm.vmax) == (0.1, 10.0)
+    assert np.ma.getmaskarray(mesh.get_array()).sum() == 1
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["4", "5"]
+    with pytest.raises(ValueError, match="batch_values"):
+        plot_minibatch_heatmap(matrix, [4, 5], [0.2])
