@@ -32,6 +32,7 @@ from .callbacks.batch_size_scheduler import HISTORY_FILE as BATCH_SIZE_FILE
 from .callbacks.fisher_spectrum import EPOCH_FILE as FISHER_FILE
 from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
 from .callbacks.gradient_flow import HISTORY_FILE as GRADIENT_FLOW_FILE
+from .callbacks.minibatch_heatmap import HISTORY_FILE as HEATMAP_FILE
 from .callbacks.random_gradient import HISTORY_FILE as RANDOM_GRADIENT_FILE
 
 Record = dict[str, Any]
@@ -151,6 +152,13 @@ def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bo
     return _maybe_frame(records, as_frame)
 
 
+def load_minibatch_heatmap(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """MinibatchHeatmap's distances ``{"epoch", "batch", "metric", "distance"}``, one record per
+    measured epoch and batch rank (``heatmap.csv``), across resumes."""
+    records = concatenate_runs(run_dir, HEATMAP_FILE, "epoch", "heatmap", follow_resumes)
+    return _maybe_frame(records, as_frame)
+
+
 def fisher_columns(records: Sequence[Record]) -> dict[str, np.ndarray]:
     """Records as ``{column: array}``, the table form :func:`lightning_tricks.plotting.beacon_map`
     draws from."""
@@ -187,7 +195,7 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
     """Everything the known callbacks left in a run folder (and the folders it resumed):
     ``"folders"`` (:func:`run_chain`), ``"callbacks"`` (``lightning_tricks.json``), and where
     their files exist ``"random_gradient"``, ``"fisher_spectrum"``, ``"fisher_history"``,
-    ``"batch_size"`` (tables) and ``"grad_flow"``
+    ``"batch_size"``, ``"heatmap"`` (tables) and ``"grad_flow"``
     (:class:`GradientFlowTable`)."""
     folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
     present = {path.name for folder in folders for path in folder.iterdir()}
@@ -202,6 +210,7 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
             lambda: load_fisher_history(run_dir, follow_resumes, as_frame),
         ),
         "batch_size": (BATCH_SIZE_FILE, lambda: load_batch_size(run_dir, follow_resumes, as_frame)),
+        "heatmap": (HEATMAP_FILE, lambda: load_minibatch_heatmap(run_dir, follow_resumes, as_frame)),
         "grad_flow": (GRADIENT_FLOW_FILE, lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes)),
     }
     results: dict[str, Any] = {"folders": folders, "callbacks": run_info(run_dir)["callbacks"]}

@@ -236,10 +236,13 @@ class NoiseScaleProblem(pl.LightningModule):
         self.data = TensorDataset(x, torch.ones(samples, 1, dtype=torch.float64))
         self.sizes: list[int] = []
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch):
         x, y = batch
-        self.sizes.append(len(x))
         return F.mse_loss(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        self.sizes.append(len(batch[0]))
+        return self.compute_loss(batch)
 
     def train_dataloader(self):
         return DataLoader(self.data, batch_size=self.batch_size)
@@ -257,16 +260,31 @@ def test_adaptive_policy_settles_at_the_known_noise_scale(tmp_path, noise):
     sizes = [record["size"] for record in scheduler.history]
     if noise:  # B_noise = 16: the first power of two that passes the norm test is 16 (32 if over-estimated)
         assert sizes[0] == 2 and sizes[-1] in (16, 32) and sizes == sorted(sizes)
-        assert 12 < fisher.epoch_noise_scale < 20
+        assert 12 < fisher.epoch_noise_scale < 20 and scheduler.noise_scale == fisher.epoch_noise_scale
     else:
         assert sizes == [2] and set(module.sizes) == {2}
 
 
-def test_adaptive_policy_needs_fisher_spectrum(tmp_path):
-    with pytest.raises(ValueError, match="FisherSpectrum"):
-        trainer(tmp_path, [BatchSizeScheduler.noise_adaptive(max_size=64)], max_epochs=1).fit(
-            NoiseScaleProblem(True)
-        )
+def test_adaptive_policy_without_fisher_spectrum_uses_its_own_two_batch_estimate(tmp_path):
+    """No FisherSpectrum: the halves of every noise_every_n_steps-th batch give tr Σ and |G|²
+    (McCandlish et al. appendix A.1); B_noise = 16 is found again."""
+    module = NoiseScaleProblem(noise=True)
+    scheduler = BatchSizeScheduler.noise_adaptive(max_size=256, noise_every_n_steps=2)
+    trainer(tmp_path, [scheduler], max_epochs=3).fit(module)
+    sizes = [record["size"] for record in scheduler.history]
+    assert sizes[0] == 2 and sizes[-1] in (16, 32)
+    assert 12 < scheduler.noise_scale < 20
+
+
+def test_adaptive_policy_without_fisher_spectrum_needs_a_loss(tmp_path):
+    class NoLoss(NoiseScaleProblem):
+        compute_loss = None
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.net(batch[0]), batch[1])
+
+    with pytest.raises(ValueError, match="compute_loss"):
+        trainer(tmp_path, [BatchSizeScheduler.noise_adaptive(max_size=64)], max_epochs=1).fit(NoLoss(True))
 
 
 def test_accumulation_fallback_gives_the_large_batch_gradient(tmp_path):

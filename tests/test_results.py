@@ -9,8 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from lightning_tricks import BatchSizeScheduler, FisherSpectrum, GradientFlow, RandomGradient
+from lightning_tricks import (
+    BatchSizeScheduler,
+    FisherSpectrum,
+    GradientFlow,
+    MinibatchHeatmap,
+    RandomGradient,
+)
 from lightning_tricks.callbacks._base import RUN_FILE, run_directory
 from lightning_tricks.plotting import plot_gradient_flow
 from lightning_tricks.results import (
@@ -19,6 +26,7 @@ from lightning_tricks.results import (
     load_fisher_history,
     load_fisher_spectrum,
     load_gradient_flow,
+    load_minibatch_heatmap,
     load_random_gradient,
     load_run,
     read_array,
@@ -81,6 +89,11 @@ def test_a_resumed_random_gradient_run_reads_back_as_the_uninterrupted_one(
     assert everything["callbacks"]["random_gradient"]["resumed_from"] == str(earlier)
 
 
+def mse_loss(module, batch) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.mse_loss(module.net(x), y)
+
+
 def test_resumed_fisher_and_batch_size_runs_read_back_as_the_uninterrupted_one(
     tmp_path, trainer_for, tiny_module
 ):
@@ -111,6 +124,19 @@ def test_resumed_fisher_and_batch_size_runs_read_back_as_the_uninterrupted_one(
     flow = load_gradient_flow(later)
     assert flow.epochs == [0, 1] and flow.layer_names == full[2].flows[0].layer_names
     np.testing.assert_array_equal(flow.matrix, full[2].flows[0].matrix)
+
+
+def test_minibatch_heatmap_reads_back(tmp_path, trainer_for, tiny_module):
+    heatmap = MinibatchHeatmap(metric=lambda features: features.sum(dim=1), loss_fn=mse_loss, progress=False)
+    trainer = trainer_for([heatmap], max_epochs=2)
+    trainer.fit(tiny_module(samples=16))
+    folder = run_directory(trainer)
+    records = load_minibatch_heatmap(folder)
+    assert load_run(folder)["heatmap"] == records
+    assert [(row["epoch"], row["batch"]) for row in records] == [(e, k) for e in (0, 1) for k in range(4)]
+    assert [row["distance"] for row in records] == pytest.approx(
+        [r["distance"] for r in heatmap.history], rel=1e-12
+    )
 
 
 def test_rows_a_resumed_fit_redid_are_taken_from_the_later_folder(tmp_path):

@@ -30,7 +30,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
@@ -110,6 +110,23 @@ def _next_version_dir(root: str, trainer: pl.Trainer) -> str:
 
 def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
+
+
+def resolve_loss_fn(
+    pl_module: pl.LightningModule, loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None, user: str
+) -> Callable[[pl.LightningModule, Any], Tensor]:
+    """The loss a callback evaluates by itself (DESIGN rule 1): the module's ``compute_loss(batch)``
+    (a scalar, mean-reduced) if it has one, else the ``loss_fn(module, batch)`` the callback was given;
+    one clear error naming what is missing otherwise (``user`` says which callback needs it)."""
+    if callable(getattr(pl_module, "compute_loss", None)):
+        return lambda module, batch: module.compute_loss(batch)
+    if loss_fn is not None:
+        return loss_fn
+    raise ValueError(
+        f"{user} evaluates the loss itself, but {type(pl_module).__name__} defines no "
+        "`compute_loss(batch) -> scalar mean loss` and no `loss_fn(module, batch)` was given: define "
+        "the method or pass `loss_fn=`."
+    )
 
 
 def host_values(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
+from torch import Tensor
 from torch.optim.lr_scheduler import MultiStepLR
 from typing_extensions import override
 
@@ -19,7 +22,9 @@ from ..batch_size_policies import (
     StagedPolicy,
     split_physical,
 )
-from ._base import TrickCallback
+from ..gradients.noise_scale import half_batch_noise_parts
+from ..gradients.spectrum import noise_scale_ratio
+from ._base import TrickCallback, check_every_n, is_due, resolve_loss_fn
 from .fisher_spectrum import FisherSpectrum
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -49,9 +54,13 @@ class BatchSizeScheduler(TrickCallback):
     ``max_size=..., adaptive=True``: grow the batch while the *norm test* of Byrd et al. (seed 004
     ref. [37]) fails, tr(Σ)/|B| > θ²·|G|², i.e. while |B| < B_noise/θ² with B_noise = tr Σ / |G|²
     the gradient-noise scale: after each epoch the batch grows by ``growth`` until it passes (up to
-    ``max_size``). B_noise is :attr:`FisherSpectrum.epoch_noise_scale` — tr Σ and |G|², unbiased,
-    averaged over the epoch's measurements before dividing (McCandlish et al. 2018) — so a
-    ``FisherSpectrum`` must be attached (it costs nothing more); the batch never shrinks.
+    ``max_size``); the batch never shrinks. B_noise = tr Σ / |G|² with both parts unbiased and
+    averaged over the epoch before dividing (McCandlish et al. 2018): an attached ``FisherSpectrum``'s
+    :attr:`~FisherSpectrum.epoch_noise_scale` (no extra cost), or else the callback's own estimate
+    from the gradients of the two halves of every ``noise_every_n_steps``-th batch (McCandlish et
+    al. appendix A.1, :func:`~lightning_tricks.gradients.noise_scale.half_batch_noise_parts`): one
+    extra forward/backward of that batch at the current parameters, with the module's
+    ``compute_loss(batch)`` or ``loss_fn``, that changes nothing the model trains.
 
     **Mechanism.** The size is the *global* batch of one optimiser step. The callback writes the
     per-process batch into the attribute ``batch_arg_name`` that ``train_dataloader()`` reads — on
@@ -90,6 +99,10 @@ class BatchSizeScheduler(TrickCallback):
         batch_arg_name: the attribute holding the loader's batch size.
         lr_scaling: ``"none"``, ``"linear"`` or ``"sqrt"`` (``max_size`` implies ``"linear"``).
         max_physical_batch_size: the largest batch one process computes at once, or ``None``.
+        noise_every_n_steps: the adaptive policy's own estimate measures the steps with
+            ``step % n == 0`` (without FisherSpectrum).
+        loss_fn: ``loss_fn(module, batch) -> scalar mean loss`` for the own estimate, for modules
+            without ``compute_loss``.
 
     Raises:
         ValueError: bad arguments; at ``setup``, a module/datamodule without ``batch_arg_name``, a
@@ -130,6 +143,8 @@ class BatchSizeScheduler(TrickCallback):
         batch_arg_name: str = "batch_size",
         lr_scaling: str = "none",
         max_physical_batch_size: int | None = None,
+        noise_every_n_steps: int = 10,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if sum(policy is not None for policy in (sizes, schedule, max_size)) != 1:
@@ -172,6 +187,10 @@ class BatchSizeScheduler(TrickCallback):
         self.batch_arg_name = batch_arg_name
         self.lr_scaling = "linear" if smith else lr_scaling
         self.max_physical_batch_size = max_physical_batch_size
+        self.noise_every_n_steps = check_every_n("noise_every_n_steps", noise_every_n_steps)
+        self.loss_fn = loss_fn
+        self._fisher: FisherSpectrum | None = None
+        self._loss: Callable[[pl.LightningModule, Any], Tensor] | None = None
         self._milestones: list[int] = []
         self.reset_fit_state()
 
@@ -224,6 +243,7 @@ class BatchSizeScheduler(TrickCallback):
             "lr_milestones": self.lr_milestones,
             "lr_scaling": self.lr_scaling,
             "max_physical_batch_size": self.max_physical_batch_size,
+            "noise_every_n_steps": self.noise_every_n_steps,
         }
 
     @override
@@ -231,6 +251,7 @@ class BatchSizeScheduler(TrickCallback):
         return {
             "batch size (seed 004 §4.3)": ["batch_size/size", "batch_size/physical"],
             "learning rate with the batch size": ["batch_size/lr"],
+            "gradient-noise scale (adaptive policy)": ["batch_size/noise_scale"],
         }
 
     @override
@@ -240,12 +261,18 @@ class BatchSizeScheduler(TrickCallback):
             "batch_size/physical": "The batch one process computes at once (size / processes / accumulation).",
             "batch_size/accumulation": "Micro-batches accumulated per optimiser step (max_physical_batch_size).",
             "batch_size/lr": f"The first param group's learning rate at the epoch's first step (lr_scaling={self.lr_scaling!r}).",
+            "batch_size/noise_scale": "The adaptive policy's B_noise = tr Σ / |G|² of the epoch (McCandlish et al. 2018).",
         }
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """One record ``{"epoch", "step", "size", "physical", "accumulation", "lr"}`` per change."""
         return self._history
+
+    @property
+    def noise_scale(self) -> float:
+        """The adaptive policy's latest epoch estimate of B_noise = tr Σ / |G|² (NaN before one)."""
+        return self._noise_scale
 
     @property
     def size(self) -> int | None:
@@ -257,8 +284,23 @@ class BatchSizeScheduler(TrickCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._check_trainer(trainer, pl_module)
+        if stage != "fit":
+            return
+        self._check_trainer(trainer, pl_module)
+        if self.adaptive:
+            self._fisher = next((c for c in trainer.callbacks if isinstance(c, FisherSpectrum)), None)
+            if self._fisher is None:
+                self._loss = resolve_loss_fn(pl_module, self.loss_fn, "BatchSizeScheduler(adaptive=True)")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._loss is not None and is_due(self.training_step(trainer), self.noise_every_n_steps):
+            batch_size = extract_batch_size(batch)
+            if batch_size >= 2:
+                parts = torch.stack(half_batch_noise_parts(pl_module, self._loss, batch, batch_size))
+                self._noise_sums = torch.cat([parts, parts.new_ones(1)]) + self._noise_sums.to(parts.device)
 
     @override
     def reset_fit_state(self) -> None:
@@ -266,6 +308,8 @@ class BatchSizeScheduler(TrickCallback):
         self._size: int | None = None
         self._target: int | None = None  # the adaptive policy's next size
         self._history: list[dict[str, Any]] = []
+        self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements (own estimate)
+        self._noise_scale = math.nan
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -287,6 +331,7 @@ class BatchSizeScheduler(TrickCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements
         step = self.training_step(trainer)
         physical, accumulation = self._split(trainer, self._size)
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
@@ -296,8 +341,11 @@ class BatchSizeScheduler(TrickCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(self.policy, NormTestPolicy):
-            noise_scale = self._noise_source(trainer).epoch_noise_scale
-            self._target = _round_up(self.policy.next_size(self._size, noise_scale), trainer.world_size)
+            self._noise_scale = self._epoch_noise_scale(trainer)
+            self.log_scalars(
+                trainer, {f"{self.namespace}/noise_scale": self._noise_scale}, self.training_step(trainer)
+            )
+            self._target = _round_up(self.policy.next_size(self._size, self._noise_scale), trainer.world_size)
         self._apply(trainer, pl_module, trainer.current_epoch + 1)
 
     @override
@@ -416,18 +464,20 @@ class BatchSizeScheduler(TrickCallback):
             )
         for size in self._known_sizes():
             self._split(trainer, size)
-        if self.adaptive:
-            self._noise_source(trainer)
 
-    @staticmethod
-    def _noise_source(trainer: pl.Trainer) -> FisherSpectrum:
-        """The attached FisherSpectrum, whose epoch noise scale the adaptive policy reads."""
-        for callback in trainer.callbacks:
-            if isinstance(callback, FisherSpectrum):
-                return callback
-        raise ValueError(
-            "BatchSizeScheduler(adaptive=True) reads the gradient-noise scale that FisherSpectrum measures; "
-            "add FisherSpectrum(every_n_steps=...) to the Trainer's callbacks."
+    def _epoch_noise_scale(self, trainer: pl.Trainer) -> float:
+        """B_noise of the epoch: FisherSpectrum's, or the two-batch-size estimate's, with tr Σ and
+        |G|² averaged over the epoch (and the processes) before dividing."""
+        if self._fisher is not None:
+            return self._fisher.epoch_noise_scale
+        sums = self._noise_sums
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums.to(trainer.strategy.root_device), reduce_op="sum")
+        trace_sigma, grad_sq_norm, count = sums.tolist()
+        return (
+            noise_scale_ratio(torch.tensor(trace_sigma), torch.tensor(grad_sq_norm)).item()
+            if count
+            else math.nan
         )
 
     def _known_sizes(self) -> tuple[int, ...]:

@@ -24,11 +24,12 @@ from ..gradients.minibatch_distance import (
     flatten,
     freeze,
     gradient_at,
+    rng_devices,
 )
 from ..image_metrics import Metric, metric_name, resolve_metric
 from ..plotting import plot_minibatch_heatmap
 from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
-from ._base import TrickCallback, check_every_n
+from ._base import TrickCallback, check_every_n, resolve_loss_fn
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
@@ -284,7 +285,7 @@ class MinibatchHeatmap(TrickCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._loss = self._loss_function(pl_module)
+            self._loss = resolve_loss_fn(pl_module, self.loss_fn, "MinibatchHeatmap")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -306,7 +307,7 @@ class MinibatchHeatmap(TrickCallback):
             return
         params, buffers = self._frozen
         with (
-            torch.random.fork_rng(devices=_cuda_devices(pl_module)),
+            torch.random.fork_rng(devices=rng_devices(pl_module)),
             trainer.precision_plugin.forward_context(),
         ):
             gradient = flatten(gradient_at(pl_module, params, buffers, self._loss, batch))
@@ -357,9 +358,7 @@ class MinibatchHeatmap(TrickCallback):
             trainer.val_check_batch = max(1, int(num_batches * trainer.val_check_interval))
         fit_loop.max_batches = num_batches
         fit_loop._data_fetcher.setup(combined)
-        with torch.random.fork_rng(
-            devices=_cuda_devices(pl_module)
-        ):  # as the replaced loader's iterator drew
+        with torch.random.fork_rng(devices=rng_devices(pl_module)):  # as the replaced loader's iterator drew
             iter(fit_loop._data_fetcher)
 
     def _sorted_sampler(
@@ -413,17 +412,6 @@ class MinibatchHeatmap(TrickCallback):
         self._batch_values = sampler.batch_values.tolist()
 
     # -- measurement ----------------------------------------------------------------------------
-
-    def _loss_function(self, pl_module: pl.LightningModule) -> LossFunction:
-        if callable(getattr(pl_module, "compute_loss", None)):
-            return lambda module, batch: module.compute_loss(batch)
-        if self.loss_fn is not None:
-            return self.loss_fn
-        raise ValueError(
-            f"MinibatchHeatmap evaluates the loss at the epoch-start parameters itself, but "
-            f"{type(pl_module).__name__} defines no `compute_loss(batch) -> scalar mean loss` and no "
-            "`loss_fn(module, batch)` was given: define the method or pass `loss_fn=`."
-        )
 
     def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._frozen = freeze(pl_module)
@@ -533,10 +521,6 @@ def phase_indices(
 def _limited(length: int, limit: int | float) -> int:
     """Batches per epoch under ``Trainer(limit_train_batches=limit)``, as Lightning counts them."""
     return min(length, int(limit)) if isinstance(limit, int) else int(length * limit)
-
-
-def _cuda_devices(module: pl.LightningModule) -> list[int]:
-    return [module.device.index or 0] if module.device.type == "cuda" else []
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

@@ -77,6 +77,13 @@ def gradient_at(
     return list(torch.autograd.grad(loss.reshape(()), trainable, allow_unused=True, materialize_grads=True))
 
 
+def rng_devices(module: nn.Module) -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save around ``module``'s extra
+    forwards (none on CPU), so that they leave training's random stream untouched."""
+    device = next(module.parameters()).device
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """One vector of all ``tensors`` (float32 at least), in order."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32) if tensors else torch.float32
