@@ -31,6 +31,7 @@ POLICIES: dict[str, dict | None] = {
     "s512-to-32": {"sizes": [512, 256, 128, 64, 32]},
     "s32-to-128": {"sizes": [32, 32, 64, 64, 128]},
     "s32-to-512-MS": {"sizes": [32, 64, 128, 256, 512], "multistep": True, "lr_milestones": [0.5, 0.75]},
+    "adaptive (norm test, θ=1)": {"max_size": 512, "adaptive": True},
 }
 
 
