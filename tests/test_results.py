@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,17 @@ def test_a_moved_tree_is_followed_by_folder_name(tmp_path):
     write_run_file(second, "random_gradient", str(first))
     shutil.move(tmp_path / "old", tmp_path / "new")
     assert [row["r"] for row in load_random_gradient(tmp_path / "new" / "version_1")] == [0.5, 0.75]
+
+
+def test_a_callable_argument_is_checkpointed_by_name(tmp_path, trainer_for, tiny_module):
+    """A lambda metric (or loss_fn) cannot be pickled: checkpoints store its qualified name, and a
+    resume with the same function does not warn that settings changed."""
+    heatmap = MinibatchHeatmap(metric=lambda features: features.sum(dim=1), loss_fn=mse_loss, progress=False)
+    trainer = trainer_for([heatmap], max_epochs=1)
+    trainer.fit(tiny_module(samples=16))
+    trainer.save_checkpoint(tmp_path / "heatmap.ckpt")
+    saved = torch.load(tmp_path / "heatmap.ckpt", weights_only=False)["callbacks"][heatmap.state_key]
+    assert saved["hyperparameters"]["metric"].endswith("<lambda>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        heatmap.load_state_dict(saved)

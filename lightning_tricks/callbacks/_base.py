@@ -195,7 +195,11 @@ class TrickCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"hyperparameters": self.hyperparameters(), "run_dir": self._run_dir, **self.get_state()}
+        return {
+            "hyperparameters": _plain(self.hyperparameters()),
+            "run_dir": self._run_dir,
+            **self.get_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -207,7 +211,7 @@ class TrickCallback(Callback):
         self.set_state(state)
 
     def _warn_if_changed(self, saved: Mapping[str, Any]) -> None:
-        current = self.hyperparameters()
+        current = _plain(self.hyperparameters())
         changed = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -329,7 +333,7 @@ class TrickCallback(Callback):
         if os.path.exists(path):
             with open(path) as handle:
                 record = json.load(handle)
-        entry = {"class": type(self).__name__, "hyperparameters": _jsonable(self.hyperparameters())}
+        entry = {"class": type(self).__name__, "hyperparameters": _plain(self.hyperparameters())}
         if self._resumed_from and os.path.abspath(self._resumed_from) != os.path.abspath(self._run_dir):
             entry["resumed_from"] = self._resumed_from
         record["callbacks"][self.namespace] = entry
@@ -378,7 +382,15 @@ def _notice_no_images(logger: Logger) -> None:
         )
 
 
-def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in values.items()
-    }
+def _plain(value: Any) -> Any:
+    """``value`` in plain, picklable, JSON-able form (checkpoints, ``lightning_tricks.json``): numbers,
+    strings, lists and dicts as they are, a callable by its qualified name, anything else by ``repr``."""
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
