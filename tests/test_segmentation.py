@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,13 @@ from lightning_tricks.models.nets.dilated_resnet import DilatedResNet
 from lightning_tricks.models.segmentation import per_image_cross_entropy
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from lightning_tricks import BatchSizeScheduler, FisherSpectrum, GradientFlow, RandomGradient
+from lightning_tricks import (
+    BatchSizeScheduler,
+    FisherSpectrum,
+    GradientFlow,
+    MinibatchHeatmap,
+    RandomGradient,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -198,3 +205,15 @@ def test_batch_size_scheduler_changes_the_datamodules_batch_size(trainer_for):
     trainer_for([scheduler], max_epochs=2, limit_val_batches=0).fit(model, datamodule=data)
     assert [record["size"] for record in scheduler.history] == [4, 8] and data.batch_size == 8
     assert_finite(record["lr"] for record in scheduler.history)
+
+
+@pytest.mark.parametrize("metric", ["intensity", "edges"])
+def test_minibatch_heatmap_on_segmentation(trainer_for, metric):
+    """The seed-002 heatmap on the segmentation task: the module's compute_loss at the epoch-start
+    parameters, batches sorted by an image metric of the scenes."""
+    heatmap = MinibatchHeatmap(metric=metric, progress=False)
+    model = SegmentationModule("pspnet", **TINY)
+    trainer_for([heatmap], max_epochs=2, limit_val_batches=0).fit(model, datamodule=tiny_data())
+    assert heatmap.matrix.shape == (2, 4)
+    assert_finite(heatmap.matrix.ravel())
+    assert (np.diff(heatmap.batch_values) >= 0).all(), "batch ranks follow the metric order"
