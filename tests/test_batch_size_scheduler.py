@@ -449,3 +449,28 @@ def test_runs_beside_the_other_callbacks_and_fisher_follows_the_batch_size(tmp_p
     measured = {(record["epoch"], record["batch_size"]) for record in fisher.history}
     assert measured == {(0, 2.0), (1, 8.0)}, "F̃ is B×B for the batch size of its step"
     assert all(math.isfinite(record["L"]) for record in fisher.history)
+
+
+class AdaptiveProbe(pl.Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        scheduler = next(c for c in trainer.callbacks if isinstance(c, BatchSizeScheduler))
+        record = {"sizes": [r["size"] for r in scheduler.history], "noise_scale": scheduler.noise_scale}
+        torch.save(record, self.directory / f"adaptive{trainer.global_rank}.pt")
+
+
+def test_ddp_adaptive_policy_agrees_across_ranks(tmp_path):
+    """Each rank estimates from its own half of the global batch; the epoch sums are all-reduced,
+    so both ranks take the same decision, near the known noise scale of 16."""
+    module = NoiseScaleProblem(noise=True, batch_size=2)  # 2 per process: a global batch of 4
+    callbacks = [
+        BatchSizeScheduler.noise_adaptive(max_size=256, noise_every_n_steps=1),
+        AdaptiveProbe(tmp_path),
+    ]
+    trainer(tmp_path, callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(module)
+    records = [torch.load(tmp_path / f"adaptive{rank}.pt") for rank in (0, 1)]
+    assert records[0] == records[1]
+    assert records[0]["sizes"][0] == 4 and records[0]["sizes"][-1] in (16, 32)
+    assert 12 < records[0]["noise_scale"] < 20
