@@ -4,9 +4,12 @@ Example::
 
     lightning-tricks fit -c configs/demo.yaml
     lightning-tricks test -c configs/demo.yaml --ckpt_path logs/demo/version_0/checkpoints/last.ckpt
+    lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --workers 2   # see sweep.py
 """
 
 from __future__ import annotations
+
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -31,8 +34,13 @@ class TricksCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-tricks`` console script."""
+def main(args: list[str] | None = None) -> int | None:
+    """Entry point of the ``lightning-tricks`` console script (``sweep`` goes to ``lightning_tricks.sweep``)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["sweep"]:
+        from lightning_tricks.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     TricksCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -44,4 +52,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,14 +8,19 @@ import pytest
 
 from lightning_tricks.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+# the experiments' base configs too; their grid files (`*.grid.yaml`) are tested in test_sweep.py
+CONFIGS = sorted(ROOT.glob("*.yaml")) + sorted(
+    path for path in (ROOT / "experiments").glob("*.yaml") if not path.name.endswith(".grid.yaml")
+)
 
 
 def test_there_are_configs():
     assert len(CONFIGS) >= 4
+    assert sum(path.parent.name == "experiments" for path in CONFIGS) >= 5
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(ROOT).with_suffix("")))
 def test_config_runs_one_batch(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write logs/ relative to the working directory
     main(

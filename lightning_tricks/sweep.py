@@ -1,0 +1,398 @@
+"""``lightning-tricks sweep``: expand a grid file into runs and run them, or print them for a cluster.
+
+A grid file is YAML::
+
+    base: seed004_beacon.yaml          # the config every run starts from (relative to this file)
+    name: "s{data.init_args.batch_size}-lr{model.init_args.lr}"
+    grid:
+      data.init_args.batch_size: [32, 64, 128]   # a config key and its values
+      model.init_args.lr: [0.05, 0.1, 0.2]
+      schedule:                                  # a named axis: label -> overrides
+        s32-to-512: {trainer.callbacks.init_args.sizes: [32, 64, 128, 256, 512]}
+        s512-to-32: {trainer.callbacks.init_args.sizes: [512, 256, 128, 64, 32]}
+
+The runs are the cartesian product of the axes (``grid`` may also be a list of such mappings: the
+union of their products, for one-at-a-time sweeps). Each run is ``lightning-tricks fit -c base``
+plus one ``--key value`` override a key, and logs into ``<out>/<run name>/`` (TensorBoard events,
+``config.yaml``, checkpoints, ``sweep.log`` with its stdout and stderr). A run is finished when its
+folder holds ``done.json``, written only after a successful exit; re-running a sweep skips
+finished runs (``--force`` redoes them).
+
+Example::
+
+    lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --workers 2
+    lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --print-commands
+    lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --slurm > sweep.sbatch
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GRID_KEYS = ("base", "grid", "name", "command")
+COMMANDS = ("fit", "validate", "test")
+MARKER = "done.json"
+LOG = "sweep.log"
+_NAME_OK = re.compile(r"^[A-Za-z0-9._+=-]+$")
+_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+class GridError(ValueError):
+    """A grid file that cannot be expanded; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a sweep: its folder name and its ``(config key, value)`` overrides."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...]
+
+    def cli_args(self) -> list[str]:
+        """The overrides as LightningCLI arguments: ``["--key", "value", ...]``."""
+        return [part for key, value in self.overrides for part in (f"--{key}", format_value(value))]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file: the base config, the subcommand and the expanded runs."""
+
+    path: Path
+    base: Path
+    command: str
+    runs: tuple[Run, ...]
+
+
+def format_value(value: Any) -> str:
+    """A value as the command line spells it: ``0.1``, ``1.0``, ``0.00001``, ``true``, ``[32, 64]``.
+
+    Floats keep a decimal point and no exponent (a YAML parser reads ``1e-05`` as a string).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        text = format(Decimal(repr(value)), "f")
+        return text if "." in text else text + ".0"
+    return json.dumps(value)
+
+
+def format_label(value: Any) -> str:
+    """A value as a run name spells it: floats short (``0.1``, ``0`` for 0.0) when that is exact."""
+    if isinstance(value, float) and math.isfinite(value) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return format_value(value)
+
+
+def _fail(path: Path, key: str, message: str) -> GridError:
+    return GridError(f"grid file {path}: `{key}` {message}")
+
+
+def _axis(path: Path, key: str, values: Any) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """One axis as ``(label, overrides)`` pairs: a list of values of ``key``, or label -> overrides."""
+    if isinstance(values, Mapping):
+        if not values:
+            raise _fail(path, f"grid.{key}", "is an empty mapping; give label: {config.key: value} pairs.")
+        axis = []
+        for label, overrides in values.items():
+            if not isinstance(overrides, Mapping) or not overrides:
+                raise _fail(
+                    path,
+                    f"grid.{key}.{label}",
+                    f"must be a non-empty mapping of config keys to values, got {overrides!r}.",
+                )
+            axis.append((str(label), tuple((str(k), v) for k, v in overrides.items())))
+        return axis
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise _fail(
+            path,
+            f"grid.{key}",
+            f"must be a non-empty list of values (or a mapping label -> overrides), got {values!r}; "
+            f"write e.g. `{key}: [{format_value(values)}]`.",
+        )
+    return [(format_label(value), ((key, value),)) for value in values]
+
+
+def _default_template(keys: Sequence[str]) -> str:
+    return "-".join(f"{key.rsplit('.', 1)[-1]}{{{key}}}" for key in keys)
+
+
+def _render(path: Path, template: str, labels: Mapping[str, str]) -> str:
+    def field(match: re.Match[str]) -> str:
+        if match.group(1) not in labels:
+            raise _fail(
+                path,
+                "name",
+                f"uses {{{match.group(1)}}}, which is not an axis of `grid`; axes: {sorted(labels)}.",
+            )
+        return labels[match.group(1)]
+
+    name = _FIELD.sub(field, template)
+    if not _NAME_OK.match(name):
+        raise _fail(
+            path,
+            "name",
+            f"gives the run name {name!r}; use letters, digits and . _ + = - only (it names a folder).",
+        )
+    return name
+
+
+def _product(path: Path, spec: Any, template: str | None, where: str) -> list[Run]:
+    if not isinstance(spec, Mapping) or not spec:
+        raise _fail(path, where, f"must be a non-empty mapping of axes to values, got {spec!r}.")
+    axes = {str(key): _axis(path, str(key), values) for key, values in spec.items()}
+    template = _default_template(list(axes)) if template is None else template
+    runs = []
+    for combo in itertools.product(*axes.values()):
+        labels = {key: label for key, (label, _) in zip(axes, combo)}
+        overrides = tuple(item for _, items in combo for item in items)
+        runs.append(Run(_render(path, template, labels), overrides))
+    return runs
+
+
+def expand(path: Path, spec: Any, template: str | None = None) -> list[Run]:
+    """The runs of ``grid`` (one mapping of axes, or a list of them: the union of their products).
+
+    Raises ``GridError`` naming the key when an axis is malformed, the name template uses a key
+    that is no axis, a name is not a safe folder name, or two different runs get the same name.
+    """
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs:
+        raise _fail(path, "grid", "is an empty list; give at least one mapping of axes.")
+    runs: dict[str, Run] = {}
+    for i, one in enumerate(specs):
+        for run in _product(path, one, template, f"grid[{i}]" if isinstance(spec, list) else "grid"):
+            if run.name in runs and runs[run.name] != run:
+                raise _fail(
+                    path,
+                    "name",
+                    f"gives two different runs the name {run.name!r}; add the axis that tells them apart to it.",
+                )
+            runs[run.name] = run
+    return list(runs.values())
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and expand a grid file; ``base`` is resolved relative to the grid file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist.")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, Mapping):
+        raise GridError(f"grid file {path}: must be a YAML mapping with keys {GRID_KEYS}, got {data!r}.")
+    unknown = sorted(set(map(str, data)) - set(GRID_KEYS))
+    if unknown:
+        raise _fail(path, unknown[0], f"is not a grid-file key; allowed: {GRID_KEYS}.")
+    for key in ("base", "grid"):
+        if key not in data:
+            raise _fail(path, key, "is missing; a grid file needs `base` (a config) and `grid` (the axes).")
+    base = path.parent / str(data["base"])
+    if not base.is_file():
+        raise _fail(
+            path, "base", f"names {data['base']!r}, but {base} does not exist (relative to the grid file)."
+        )
+    command = data.get("command", "fit")
+    if command not in COMMANDS:
+        raise _fail(path, "command", f"must be one of {COMMANDS}, got {command!r}.")
+    template = data.get("name")
+    if template is not None and not isinstance(template, str):
+        raise _fail(
+            path, "name", f"must be a string such as 's{{data.init_args.batch_size}}', got {template!r}."
+        )
+    return Grid(path, base, command, tuple(expand(path, data["grid"], template)))
+
+
+def parse_set(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``["trainer.max_epochs=1", ...]`` as ``(("trainer.max_epochs", "1"), ...)``."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. trainer.max_epochs=1), got {item!r}.")
+        pairs.append((key.removeprefix("--"), value))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A grid with where it logs and what every run adds: overlay configs and ``--set`` overrides."""
+
+    grid: Grid
+    out: Path
+    configs: tuple[Path, ...] = ()
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def args(self, run: Run) -> list[str]:
+        """One run's CLI arguments after the program name: subcommand, base, overlays, the run's
+        overrides, the ``--set`` ones, then the log dir ``<out>/<run name>/``.
+
+        The logger gets ``save_dir`` out, ``name`` the run and an empty ``version``, so the base
+        config's logger must take those arguments (TensorBoard, CSV).
+        """
+        args = [self.grid.command, "-c", str(self.grid.base)]
+        args += [part for path in self.configs for part in ("-c", str(path))]
+        args += run.cli_args()
+        args += [part for key, value in self.extra for part in (f"--{key}", value)]
+        args += ["--trainer.default_root_dir", str(self.folder(run))]
+        args += ["--trainer.logger.init_args.save_dir", str(self.out)]
+        args += ["--trainer.logger.init_args.name", run.name]
+        args += ["--trainer.logger.init_args.version", ""]
+        return args
+
+    def folder(self, run: Run) -> Path:
+        """The run's log folder."""
+        return self.out / run.name
+
+    def is_done(self, run: Run) -> bool:
+        """Whether the run's folder holds the marker of a successful exit."""
+        return (self.folder(run) / MARKER).is_file()
+
+    def select(self, only: Sequence[str] = ()) -> list[Run]:
+        """The runs named in ``only`` (all when empty); an unknown name raises ``ValueError``."""
+        names = [run.name for run in self.grid.runs]
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            raise ValueError(f"--only {unknown[0]!r} is not a run of {self.grid.path}; runs: {names}.")
+        return [run for run in self.grid.runs if not only or run.name in only]
+
+
+def _execute(sweep: Sweep, run: Run, report: Callable[[str], None]) -> bool:
+    folder = sweep.folder(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "lightning_tricks.cli", *sweep.args(run)]
+    report(f"start {run.name}")
+    start = time.perf_counter()
+    with open(folder / LOG, "w") as log:
+        log.write(shlex.join(command) + "\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        report(f"FAILED {run.name} (exit code {code}, {wall:.1f} s); log: {folder / LOG}")
+        return False
+    marker = {"returncode": code, "wall_s": round(wall, 3), "args": sweep.args(run)}
+    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    report(f"done {run.name} ({wall:.1f} s)")
+    return True
+
+
+def run_local(sweep: Sweep, workers: int = 1, force: bool = False, only: Sequence[str] = ()) -> list[Run]:
+    """Run the unfinished runs, ``workers`` processes at a time; return the failed runs.
+
+    One progress line per run start, finish, failure (with its log path) and skip.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an int >= 1, got {workers!r}.")
+    runs = sweep.select(only)
+    todo = [i for i, run in enumerate(runs) if force or not sweep.is_done(run)]
+    lock = threading.Lock()
+
+    def report(index: int, message: str) -> None:
+        with lock:
+            print(f"[{index + 1}/{len(runs)}] {message}", flush=True)
+
+    for i, run in enumerate(runs):
+        if i not in todo:
+            report(i, f"skip {run.name} (finished: {sweep.folder(run) / MARKER})")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(_execute, sweep, runs[i], lambda message, i=i: report(i, message)) for i in todo]
+        failed = [runs[i] for i, job in zip(todo, jobs) if not job.result()]
+    skipped = len(runs) - len(todo)
+    print(
+        f"{skipped} skipped, {len(todo) - len(failed)} done, {len(failed)} failed (out: {sweep.out})",
+        flush=True,
+    )
+    return failed
+
+
+def print_commands(sweep: Sweep) -> str:
+    """One shell command a run: ``lightning-tricks fit -c base --key value ...``."""
+    return "".join(shlex.join(["lightning-tricks", *sweep.args(run)]) + "\n" for run in sweep.grid.runs)
+
+
+def slurm_script(sweep: Sweep) -> str:
+    """A SLURM array script: task ``i`` runs ``lightning-tricks sweep <grid> --only <run i>``.
+
+    Each task goes through the sweep itself, so it writes the run's log and marker and skips a run
+    that is already finished; submit with ``sbatch`` (add ``#SBATCH`` lines for GPUs and time).
+    """
+    common = ["--out", str(sweep.out)]
+    common += [part for path in sweep.configs for part in ("--config", str(path))]
+    common += [part for key, value in sweep.extra for part in ("--set", f"{key}={value}")]
+    commands = [
+        shlex.join(["lightning-tricks", "sweep", str(sweep.grid.path), "--only", run.name, *common])
+        for run in sweep.grid.runs
+    ]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={sweep.grid.path.name.split('.')[0]}",
+        f"#SBATCH --array=0-{len(commands) - 1}",
+        f"#SBATCH --output={sweep.out}/slurm-%A_%a.out",
+        "RUNS=(",
+        *(f"  {shlex.quote(command)}" for command in commands),
+        ")",
+        'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-tricks sweep`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-tricks sweep",
+        description="Expand a grid file into runs; run them locally, or print them for a cluster.",
+    )
+    add = parser.add_argument
+    add("grid", type=Path, help="grid file (YAML with base, grid, name)")
+    add("--out", type=Path, default=None, help="parent of the run folders (default: logs/<grid file stem>)")
+    add("--workers", type=int, default=1, help="runs at a time (default 1)")
+    add("--config", action="append", type=Path, default=[], help="overlay config after the base (repeatable)")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
+    add("--only", action="append", default=[], metavar="NAME", help="only this run (repeatable)")
+    add("--force", action="store_true", help="redo finished runs")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print the run names and exit")
+    mode.add_argument("--print-commands", action="store_true", help="print one shell command a run and exit")
+    mode.add_argument("--slurm", action="store_true", help="print a SLURM array script and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-tricks sweep``; returns the exit code (1 if a run failed)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        grid = load_grid(ns.grid)
+        out = ns.out if ns.out is not None else Path("logs") / ns.grid.name.split(".")[0]
+        for path in ns.config:
+            if not path.is_file():
+                raise ValueError(f"--config {str(path)!r} does not exist.")
+        sweep = Sweep(grid, out, tuple(ns.config), parse_set(ns.set))
+        if ns.list:
+            print("\n".join(run.name for run in sweep.select(ns.only)))
+        elif ns.print_commands:
+            print(print_commands(sweep), end="")
+        elif ns.slurm:
+            print(slurm_script(sweep), end="")
+        else:
+            return 1 if run_local(sweep, ns.workers, ns.force, ns.only) else 0
+    except ValueError as error:
+        parser.error(str(error))
+    return 0

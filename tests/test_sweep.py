@@ -1,0 +1,318 @@
+"""``lightning-tricks sweep``: grid expansion and names, printed commands, SLURM script, local runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_tricks.cli import main as cli_main
+from lightning_tricks.sweep import (
+    GridError,
+    Sweep,
+    format_label,
+    format_value,
+    load_grid,
+    main,
+    print_commands,
+    slurm_script,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "configs" / "experiments"
+GRIDS = sorted(EXPERIMENTS.glob("*.grid.yaml"))
+BASE = EXPERIMENTS / "seed000_random_gradient.yaml"
+TINY = [
+    "trainer.max_steps=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.init_args.image_size=8",
+]
+
+
+def write_grid(folder: Path, content: dict, name: str = "tiny.grid.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def one_thread_subprocesses(monkeypatch):
+    """Runs are subprocesses: pin their torch to one thread through the environment."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_values_are_spelled_as_on_the_command_line_and_in_names():
+    values = (0.1, 1.0, 1e-5, 5e-2, 1e20, 32, True, None, "edges", [32, 64])
+    assert [format_value(v) for v in values] == [
+        "0.1",
+        "1.0",
+        "0.00001",
+        "0.05",
+        "100000000000000000000.0",
+        "32",
+        "true",
+        "null",
+        "edges",
+        "[32, 64]",
+    ]
+    assert [format_label(v) for v in (0.1, 1.0, 0.0, 1e-4, 32, "edges")] == [
+        "0.1",
+        "1",
+        "0",
+        "0.0001",
+        "32",
+        "edges",
+    ]
+    assert float(format_value(0.1 + 0.2)) == float(format_label(0.1 + 0.2)) == 0.1 + 0.2  # nothing lost
+
+
+def test_cartesian_product_names_and_overrides(tmp_path):
+    grid = load_grid(
+        write_grid(
+            tmp_path,
+            {
+                "base": str(BASE),
+                "name": "s{data.init_args.batch_size}-lr{model.init_args.lr}-{rg}",
+                "grid": {
+                    "data.init_args.batch_size": [16, 32],
+                    "model.init_args.lr": [0.1, 0.05, 0.0001],
+                    "rg": {
+                        "on": {"trainer.callbacks.init_args.low": 0.0},
+                        "off": {"trainer.callbacks.init_args.low": 1.0},
+                    },
+                },
+            },
+        )
+    )
+    names = [run.name for run in grid.runs]
+    assert len(names) == 12 == len(set(names))
+    assert names[:3] == ["s16-lr0.1-on", "s16-lr0.1-off", "s16-lr0.05-on"]
+    assert "s32-lr0.0001-off" in names
+    run = grid.runs[names.index("s32-lr0.05-off")]
+    assert run.cli_args() == [
+        "--data.init_args.batch_size",
+        "32",
+        "--model.init_args.lr",
+        "0.05",
+        "--trainer.callbacks.init_args.low",
+        "1.0",
+    ]
+    assert grid.base == BASE and grid.command == "fit"
+
+
+def test_list_of_grids_is_the_union_without_duplicates(tmp_path):
+    grid = load_grid(
+        write_grid(
+            tmp_path,
+            {
+                "base": str(BASE),
+                "grid": [
+                    {"model.init_args.lr": [0.1], "model.init_args.momentum": [0.0, 0.5]},
+                    {"model.init_args.lr": [0.01, 0.1], "model.init_args.momentum": [0.5]},
+                ],
+            },
+        )
+    )
+    # default names: the last part of each key and its value
+    assert [run.name for run in grid.runs] == ["lr0.1-momentum0", "lr0.1-momentum0.5", "lr0.01-momentum0.5"]
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda path: path.name)
+def test_shipped_grids_expand(path):
+    grid = load_grid(path)
+    assert grid.base.parent == EXPERIMENTS and grid.base.is_file()
+    assert len(grid.runs) >= 4
+    assert len({run.name for run in grid.runs}) == len(grid.runs)
+
+
+def test_shipped_grids_cover_the_seeds():
+    assert {path.name.split("_")[0] for path in GRIDS} == {"seed000", "seed001", "seed002", "seed004"}
+    beacon = [run.name for run in load_grid(EXPERIMENTS / "seed004_beacon.grid.yaml").runs]
+    assert "s32-lr0.1" in beacon
+    dynamic = [run.name for run in load_grid(EXPERIMENTS / "seed004_dynamic.grid.yaml").runs]
+    assert {"s32-to-512-lr0.1", "s512-to-32-lr0.1", "s32-to-512-MS-lr0.1"} <= set(dynamic)
+
+
+BAD_GRIDS = [
+    ({"grid": {"model.init_args.lr": [0.1]}}, "`base` is missing"),
+    ({"base": "nowhere.yaml", "grid": {"model.init_args.lr": [0.1]}}, "`base` names 'nowhere.yaml'"),
+    ({"base": str(BASE)}, "`grid` is missing"),
+    ({"base": str(BASE), "grid": {"model.init_args.lr": [0.1]}, "axes": {}}, "`axes` is not a grid-file key"),
+    (
+        {"base": str(BASE), "grid": {"model.init_args.lr": 0.1}},
+        "`grid.model.init_args.lr` must be a non-empty list",
+    ),
+    (
+        {"base": str(BASE), "grid": {"model.init_args.lr": []}},
+        "`grid.model.init_args.lr` must be a non-empty list",
+    ),
+    ({"base": str(BASE), "grid": {"rg": {"on": 0.0}}}, "`grid.rg.on` must be a non-empty mapping"),
+    ({"base": str(BASE), "grid": {}}, "`grid` must be a non-empty mapping"),
+    ({"base": str(BASE), "grid": []}, "`grid` is an empty list"),
+    (
+        {"base": str(BASE), "name": "lr{model.init_args.lrr}", "grid": {"model.init_args.lr": [0.1]}},
+        "`name` uses {model.init_args.lrr}, which is not an axis",
+    ),
+    (
+        {"base": str(BASE), "name": "run", "grid": {"model.init_args.lr": [0.1, 0.2]}},
+        "`name` gives two different runs the name 'run'",
+    ),
+    (
+        {"base": str(BASE), "name": "a/{model.init_args.lr}", "grid": {"model.init_args.lr": [0.1]}},
+        "`name` gives the run name 'a/0.1'",
+    ),
+    (
+        {"base": str(BASE), "command": "train", "grid": {"model.init_args.lr": [0.1]}},
+        "`command` must be one of",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_GRIDS, ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_grid_files_name_the_key(tmp_path, content, message):
+    with pytest.raises(GridError, match=re.escape(message)):
+        load_grid(write_grid(tmp_path, content))
+
+
+def test_bad_grid_through_the_cli_exits_with_the_message(tmp_path, capsys):
+    path = write_grid(tmp_path, {"base": str(BASE), "grid": {"model.init_args.lr": 0.1}})
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sweep", str(path)])
+    assert exit_info.value.code == 2
+    assert "`grid.model.init_args.lr` must be a non-empty list" in capsys.readouterr().err
+
+
+def test_print_commands_one_parsable_command_per_run(tmp_path, capsys):
+    grid_path = EXPERIMENTS / "seed004_beacon.grid.yaml"
+    out = tmp_path / "out dir"  # a space, to check the quoting
+    assert main([str(grid_path), "--out", str(out), "--print-commands", "--set", "trainer.max_epochs=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    grid = load_grid(grid_path)
+    assert len(lines) == len(grid.runs) == 35
+    for line, run in zip(lines, grid.runs):
+        args = shlex.split(line)
+        assert args[:4] == ["lightning-tricks", "fit", "-c", str(grid.base)]
+        options = dict(zip(args[4::2], args[5::2]))
+        assert options["--trainer.max_epochs"] == "1"
+        assert options["--trainer.logger.init_args.save_dir"] == str(out)
+        assert options["--trainer.logger.init_args.name"] == run.name
+        assert options["--trainer.logger.init_args.version"] == ""
+        size, lr = re.fullmatch(r"s(\d+)-lr([\d.]+)", run.name).groups()
+        assert options["--data.init_args.batch_size"] == size and options["--model.init_args.lr"] == lr
+
+
+def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
+    """Run the printed script with bash for one array index, `lightning-tricks` replaced by echo."""
+    grid_path = EXPERIMENTS / "seed004_dynamic.grid.yaml"
+    overlay = EXPERIMENTS / "data" / "cifar10.yaml"
+    out = tmp_path / "out"
+    argv = [
+        str(grid_path),
+        "--out",
+        str(out),
+        "--slurm",
+        "--set",
+        "trainer.max_epochs=1",
+        "--config",
+        str(overlay),
+    ]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    runs = load_grid(grid_path).runs
+    assert script.startswith("#!/bin/bash\n")
+    assert f"#SBATCH --array=0-{len(runs) - 1}\n" in script
+    fake = tmp_path / "bin" / "lightning-tricks"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    for index in (0, len(runs) - 1):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+        done = subprocess.run(
+            ["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, check=True
+        )
+        args = done.stdout.splitlines()
+        assert args == [
+            "sweep",
+            str(grid_path),
+            "--only",
+            runs[index].name,
+            "--out",
+            str(out),
+            "--config",
+            str(overlay),
+            "--set",
+            "trainer.max_epochs=1",
+        ]
+
+
+def test_overlay_config_comes_before_the_run_overrides(tmp_path):
+    overlay = EXPERIMENTS / "data" / "cifar10.yaml"
+    sweep = Sweep(load_grid(EXPERIMENTS / "seed004_beacon.grid.yaml"), tmp_path, (overlay,), (("a.b", "1"),))
+    args = sweep.args(sweep.grid.runs[0])
+    assert args[:5] == ["fit", "-c", str(sweep.grid.base), "-c", str(overlay)]
+    assert args.index("--data.init_args.batch_size") < args.index("--a.b")
+    assert print_commands(sweep).count("\n") == len(sweep.grid.runs)
+    assert slurm_script(sweep).count("lightning-tricks sweep") == len(sweep.grid.runs)
+
+
+def test_local_sweep_runs_skips_and_reports_failures(tmp_path, capsys, one_thread_subprocesses):
+    """Two tiny digits runs with two workers; a second call skips both; a bad run is not finished."""
+    grid_path = write_grid(
+        tmp_path,
+        {
+            "base": str(BASE),
+            "name": "s{data.init_args.batch_size}",
+            "grid": {"data.init_args.batch_size": [8, 16]},
+        },
+    )
+    out = tmp_path / "runs"
+    argv = [
+        str(grid_path),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        *(part for s in TINY for part in ("--set", s)),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("s8", "s16"):
+        assert re.search(rf"^\[\d/2\] start {name}$", printed, re.M)
+        assert re.search(rf"^\[\d/2\] done {name} \(", printed, re.M)
+        folder = out / name
+        marker = json.loads((folder / "done.json").read_text())
+        assert marker["returncode"] == 0 and marker["wall_s"] > 0
+        assert "Trainer.fit` stopped: `max_steps=2` reached" in (folder / "sweep.log").read_text()
+        assert list(folder.glob("events.out.tfevents.*")), "the run logs into its own folder"
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["data"]["init_args"]["batch_size"] == int(name[1:])
+        assert config["data"]["init_args"]["image_size"] == 8
+    assert "0 skipped, 2 done, 0 failed" in printed
+    stamps = {name: (out / name / "done.json").stat().st_mtime_ns for name in ("s8", "s16")}
+
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skip ") == 2 and "start" not in printed
+    assert "2 skipped, 0 done, 0 failed" in printed
+    assert stamps == {name: (out / name / "done.json").stat().st_mtime_ns for name in ("s8", "s16")}
+
+    bad = write_grid(
+        tmp_path,
+        {"base": str(BASE), "name": "lr{model.init_args.lr}", "grid": {"model.init_args.lr": [-1.0]}},
+        "bad.grid.yaml",
+    )
+    assert main([str(bad), "--out", str(out), *(part for s in TINY for part in ("--set", s))]) == 1
+    printed = capsys.readouterr().out
+    log = out / "lr-1" / "sweep.log"
+    assert "FAILED lr-1 (exit code " in printed and f"log: {log}" in printed
+    assert "lr" in log.read_text() and not (out / "lr-1" / "done.json").exists()
+    assert "0 skipped, 0 done, 1 failed" in printed
