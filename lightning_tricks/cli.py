@@ -34,6 +34,10 @@ class TricksCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
+CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+"""How ``main`` builds ``TricksCLI`` (also used by ``lightning_tricks.sweep`` to check a run's arguments)."""
+
+
 def main(args: list[str] | None = None) -> int | None:
     """Entry point of the ``lightning-tricks`` console script (``sweep`` goes to ``lightning_tricks.sweep``)."""
     argv = sys.argv[1:] if args is None else args
@@ -41,14 +45,7 @@ def main(args: list[str] | None = None) -> int | None:
         from lightning_tricks.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
-    TricksCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    TricksCLI(L.LightningModule, L.LightningDataModule, **CLI_OPTIONS, args=args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ union of their products, for one-at-a-time sweeps). Each run is ``lightning-tric
 plus one ``--key value`` override a key, and logs into ``<out>/<run name>/`` (TensorBoard events,
 ``config.yaml``, checkpoints, ``sweep.log`` with its stdout and stderr). A run is finished when its
 folder holds ``done.json``, written only after a successful exit; re-running a sweep skips
-finished runs (``--force`` redoes them).
+finished runs (``--force`` redoes them) and moves an unfinished run's earlier folder to
+``<out>.previous/`` before it starts again.
 
 Example::
 
@@ -28,11 +29,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -272,12 +276,77 @@ class Sweep:
         return [run for run in self.grid.runs if not only or run.name in only]
 
 
+class _Parsed(Exception):
+    """Raised by the parse-only CLI once the arguments parsed."""
+
+
+def _parse_error(args: list[str]) -> str | None:
+    """The CLI parser's error for ``args`` (after the program name), or None when they parse.
+
+    Parses only: nothing is instantiated, seeded or run.
+    """
+    import lightning as L
+
+    from lightning_tricks.cli import CLI_OPTIONS, TricksCLI
+
+    class ParseOnly(TricksCLI):
+        def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI's signature
+            super().parse_arguments(parser, args)
+            raise _Parsed
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            ParseOnly(L.LightningModule, L.LightningDataModule, **CLI_OPTIONS, args=args)
+    except _Parsed:
+        return None
+    except SystemExit:
+        lines = stderr.getvalue().splitlines()
+        first = next((i for i, line in enumerate(lines) if line.startswith("error:")), 0)
+        return "\n".join(lines[first:])
+    return "the CLI ran instead of only parsing"
+
+
+def check_runs(sweep: Sweep, runs: Sequence[Run]) -> None:
+    """Parse the arguments of one run per distinct set of override keys before anything starts.
+
+    Raises ``ValueError`` naming the run, its overrides and the parser's message, so a misspelt key
+    or an ill-typed value fails at once instead of in every run. Values the parser accepts but a
+    constructor rejects (a negative learning rate) still fail in their runs, with their logs.
+    """
+    seen: set[tuple[str, ...]] = set()
+    for run in runs:
+        keys = tuple(key for key, _ in run.overrides)
+        if keys in seen:
+            continue
+        seen.add(keys)
+        error = _parse_error(sweep.args(run))
+        if error is not None:
+            raise ValueError(
+                f"run {run.name!r} of {sweep.grid.path} does not parse (overrides {run.cli_args()}):\n{error}"
+            )
+
+
+def _set_aside(sweep: Sweep, run: Run) -> Path | None:
+    """Move a previous attempt's folder to ``<out>.previous/<run name>.<k>``, so the new attempt
+    starts empty (no mixed event files) and nothing the old one wrote (checkpoints) is lost."""
+    folder = sweep.folder(run)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    previous = sweep.out.parent / f"{sweep.out.name}.previous"
+    previous.mkdir(parents=True, exist_ok=True)
+    k = 0
+    while (previous / f"{run.name}.{k}").exists():
+        k += 1
+    return Path(shutil.move(str(folder), str(previous / f"{run.name}.{k}")))
+
+
 def _execute(sweep: Sweep, run: Run, report: Callable[[str], None]) -> bool:
     folder = sweep.folder(run)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)
+    moved = _set_aside(sweep, run)
+    folder.mkdir(parents=True)
+    report(f"start {run.name}" + (f" (previous attempt moved to {moved})" if moved else ""))
     command = [sys.executable, "-m", "lightning_tricks.cli", *sweep.args(run)]
-    report(f"start {run.name}")
     start = time.perf_counter()
     with open(folder / LOG, "w") as log:
         log.write(shlex.join(command) + "\n")
@@ -302,6 +371,7 @@ def run_local(sweep: Sweep, workers: int = 1, force: bool = False, only: Sequenc
         raise ValueError(f"--workers must be an int >= 1, got {workers!r}.")
     runs = sweep.select(only)
     todo = [i for i, run in enumerate(runs) if force or not sweep.is_done(run)]
+    check_runs(sweep, [runs[i] for i in todo])
     lock = threading.Lock()
 
     def report(index: int, message: str) -> None:
@@ -322,29 +392,33 @@ def run_local(sweep: Sweep, workers: int = 1, force: bool = False, only: Sequenc
     return failed
 
 
-def print_commands(sweep: Sweep) -> str:
+def print_commands(sweep: Sweep, only: Sequence[str] = ()) -> str:
     """One shell command a run: ``lightning-tricks fit -c base --key value ...``."""
-    return "".join(shlex.join(["lightning-tricks", *sweep.args(run)]) + "\n" for run in sweep.grid.runs)
+    return "".join(shlex.join(["lightning-tricks", *sweep.args(run)]) + "\n" for run in sweep.select(only))
 
 
-def slurm_script(sweep: Sweep) -> str:
+def slurm_script(sweep: Sweep, only: Sequence[str] = (), sbatch: Sequence[str] = ()) -> str:
     """A SLURM array script: task ``i`` runs ``lightning-tricks sweep <grid> --only <run i>``.
 
     Each task goes through the sweep itself, so it writes the run's log and marker and skips a run
-    that is already finished; submit with ``sbatch`` (add ``#SBATCH`` lines for GPUs and time).
+    that is already finished. ``sbatch`` adds ``#SBATCH`` options (``gres=gpu:1``, ``time=4:00:00``);
+    SLURM writes each task's output to ``<out>/slurm-<job>_<task>.out``, so ``<out>`` must exist
+    (``main`` creates it). A run is an ordinary Lightning job: for several GPUs or nodes a run, ask
+    SLURM for them here and set ``trainer.devices`` / ``trainer.num_nodes`` with ``--set``.
     """
     common = ["--out", str(sweep.out)]
     common += [part for path in sweep.configs for part in ("--config", str(path))]
     common += [part for key, value in sweep.extra for part in ("--set", f"{key}={value}")]
     commands = [
         shlex.join(["lightning-tricks", "sweep", str(sweep.grid.path), "--only", run.name, *common])
-        for run in sweep.grid.runs
+        for run in sweep.select(only)
     ]
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={sweep.grid.path.name.split('.')[0]}",
         f"#SBATCH --array=0-{len(commands) - 1}",
         f"#SBATCH --output={sweep.out}/slurm-%A_%a.out",
+        *(f"#SBATCH --{line.removeprefix('--')}" for line in sbatch),
         "RUNS=(",
         *(f"  {shlex.quote(command)}" for command in commands),
         ")",
@@ -371,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--list", action="store_true", help="print the run names and exit")
     mode.add_argument("--print-commands", action="store_true", help="print one shell command a run and exit")
     mode.add_argument("--slurm", action="store_true", help="print a SLURM array script and exit")
+    add(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH option, e.g. gres=gpu:1 (repeatable)",
+    )
     return parser
 
 
@@ -388,9 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.list:
             print("\n".join(run.name for run in sweep.select(ns.only)))
         elif ns.print_commands:
-            print(print_commands(sweep), end="")
+            print(print_commands(sweep, ns.only), end="")
         elif ns.slurm:
-            print(slurm_script(sweep), end="")
+            out.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
+            print(slurm_script(sweep, ns.only, ns.sbatch), end="")
         else:
             return 1 if run_local(sweep, ns.workers, ns.force, ns.only) else 0
     except ValueError as error:

@@ -190,6 +190,18 @@ def test_bad_grid_through_the_cli_exits_with_the_message(tmp_path, capsys):
     assert "`grid.model.init_args.lr` must be a non-empty list" in capsys.readouterr().err
 
 
+def test_misspelt_key_fails_before_any_run_starts(tmp_path, capsys):
+    path = write_grid(tmp_path, {"base": str(BASE), "grid": {"model.init_args.lrr": [0.1, 0.2]}})
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "run 'lrr0.1' of" in err and "--model.init_args.lrr" in err and "Option 'lrr' is not accepted" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_print_commands_one_parsable_command_per_run(tmp_path, capsys):
     grid_path = EXPERIMENTS / "seed004_beacon.grid.yaml"
     out = tmp_path / "out dir"  # a space, to check the quoting
@@ -229,6 +241,11 @@ def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
     runs = load_grid(grid_path).runs
     assert script.startswith("#!/bin/bash\n")
     assert f"#SBATCH --array=0-{len(runs) - 1}\n" in script
+    assert out.is_dir(), "SLURM needs the --output folder to exist"
+    assert main([*argv, "--sbatch", "gres=gpu:1", "--only", runs[1].name, "--only", runs[3].name]) == 0
+    some = capsys.readouterr().out
+    assert "#SBATCH --array=0-1\n" in some and "#SBATCH --gres=gpu:1\n" in some
+    assert runs[1].name in some and runs[3].name in some and runs[0].name + "'" not in some
     fake = tmp_path / "bin" / "lightning-tricks"
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "$a"; done\n')
@@ -316,3 +333,8 @@ def test_local_sweep_runs_skips_and_reports_failures(tmp_path, capsys, one_threa
     assert "FAILED lr-1 (exit code " in printed and f"log: {log}" in printed
     assert "lr" in log.read_text() and not (out / "lr-1" / "done.json").exists()
     assert "0 skipped, 0 done, 1 failed" in printed
+
+    assert main([str(bad), "--out", str(out), *(part for s in TINY for part in ("--set", s))]) == 1
+    moved = tmp_path / "runs.previous" / "lr-1.0"
+    assert f"start lr-1 (previous attempt moved to {moved})" in capsys.readouterr().out
+    assert (moved / "sweep.log").is_file() and (out / "lr-1" / "sweep.log").is_file()
