@@ -19,6 +19,12 @@ folder holds ``done.json``, written only after a successful exit; re-running a s
 finished runs (``--force`` redoes them) and moves an unfinished run's earlier folder to
 ``<out>.previous/`` before it starts again.
 
+Before anything starts, one run per distinct set of override keys is parsed by the CLI (nothing
+instantiated), so a misspelt key fails at once. ``--config`` adds an overlay config after the
+base (``configs/experiments/data/cifar10.yaml``: the real dataset), ``--set key=value`` an override
+to every run. Runs are ordinary Lightning jobs: ``--set trainer.devices=4`` makes each a multi-GPU
+run; for a cluster, ``--slurm`` prints an array script whose task ``i`` is run ``i``.
+
 Example::
 
     lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --workers 2
