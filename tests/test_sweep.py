@@ -16,6 +16,7 @@ from lightning_tricks.cli import main as cli_main
 from lightning_tricks.sweep import (
     GridError,
     Sweep,
+    check_runs,
     format_label,
     format_value,
     load_grid,
@@ -338,3 +339,13 @@ def test_local_sweep_runs_skips_and_reports_failures(tmp_path, capsys, one_threa
     moved = tmp_path / "runs.previous" / "lr-1.0"
     assert f"start lr-1 (previous attempt moved to {moved})" in capsys.readouterr().out
     assert (moved / "sweep.log").is_file() and (out / "lr-1" / "sweep.log").is_file()
+
+
+@pytest.mark.parametrize("overlay", [None, "cifar10.yaml", "cifar100.yaml"])
+@pytest.mark.parametrize("path", GRIDS, ids=lambda path: path.name)
+def test_shipped_grids_parse_on_digits_and_with_a_real_dataset_overlay(path, overlay, tmp_path):
+    """Every run's overrides (one run per set of keys) are accepted by the CLI, overlay or not."""
+    configs = () if overlay is None else (EXPERIMENTS / "data" / overlay,)
+    sweep = Sweep(load_grid(path), tmp_path, configs)
+    check_runs(sweep, sweep.grid.runs)
+    assert not any(tmp_path.iterdir()), "checking writes nothing"
