@@ -21,8 +21,8 @@ finished runs (``--force`` redoes them) and moves an unfinished run's earlier fo
 
 Before anything starts, one run per distinct set of override keys is parsed by the CLI (nothing
 instantiated), so a misspelt key fails at once. ``--config`` adds an overlay config after the
-base (``configs/experiments/data/cifar10.yaml``: the real dataset), ``--set key=value`` an override
-to every run. Runs are ordinary Lightning jobs: ``--set trainer.devices=4`` makes each a multi-GPU
+base (``configs/experiments/datasets/cifar10.yaml``: the real dataset), ``--set key=value`` an
+override to every run. Runs are ordinary Lightning jobs: ``--set trainer.devices=4`` makes each a multi-GPU
 run; for a cluster, ``--slurm`` prints an array script whose task ``i`` is run ``i``.
 
 Example::

@@ -225,7 +225,7 @@ def test_print_commands_one_parsable_command_per_run(tmp_path, capsys):
 def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
     """Run the printed script with bash for one array index, `lightning-tricks` replaced by echo."""
     grid_path = EXPERIMENTS / "seed004_dynamic.grid.yaml"
-    overlay = EXPERIMENTS / "data" / "cifar10.yaml"
+    overlay = EXPERIMENTS / "datasets" / "cifar10.yaml"
     out = tmp_path / "out"
     argv = [
         str(grid_path),
@@ -273,7 +273,7 @@ def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
 
 
 def test_overlay_config_comes_before_the_run_overrides(tmp_path):
-    overlay = EXPERIMENTS / "data" / "cifar10.yaml"
+    overlay = EXPERIMENTS / "datasets" / "cifar10.yaml"
     sweep = Sweep(load_grid(EXPERIMENTS / "seed004_beacon.grid.yaml"), tmp_path, (overlay,), (("a.b", "1"),))
     args = sweep.args(sweep.grid.runs[0])
     assert args[:5] == ["fit", "-c", str(sweep.grid.base), "-c", str(overlay)]
@@ -345,7 +345,7 @@ def test_local_sweep_runs_skips_and_reports_failures(tmp_path, capsys, one_threa
 @pytest.mark.parametrize("path", GRIDS, ids=lambda path: path.name)
 def test_shipped_grids_parse_on_digits_and_with_a_real_dataset_overlay(path, overlay, tmp_path):
     """Every run's overrides (one run per set of keys) are accepted by the CLI, overlay or not."""
-    configs = () if overlay is None else (EXPERIMENTS / "data" / overlay,)
+    configs = () if overlay is None else (EXPERIMENTS / "datasets" / overlay,)
     sweep = Sweep(load_grid(path), tmp_path, configs)
     check_runs(sweep, sweep.grid.runs)
     assert not any(tmp_path.iterdir()), "checking writes nothing"
