@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -347,49 +347,85 @@ def _set_aside(sweep: Sweep, run: Run) -> Path | None:
     return Path(shutil.move(str(folder), str(previous / f"{run.name}.{k}")))
 
 
-def _execute(sweep: Sweep, run: Run, report: Callable[[str], None]) -> bool:
-    folder = sweep.folder(run)
-    moved = _set_aside(sweep, run)
-    folder.mkdir(parents=True)
-    report(f"start {run.name}" + (f" (previous attempt moved to {moved})" if moved else ""))
-    command = [sys.executable, "-m", "lightning_tricks.cli", *sweep.args(run)]
-    start = time.perf_counter()
-    with open(folder / LOG, "w") as log:
-        log.write(shlex.join(command) + "\n")
-        log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    wall = time.perf_counter() - start
-    if code != 0:
-        report(f"FAILED {run.name} (exit code {code}, {wall:.1f} s); log: {folder / LOG}")
-        return False
-    marker = {"returncode": code, "wall_s": round(wall, 3), "args": sweep.args(run)}
-    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    report(f"done {run.name} ({wall:.1f} s)")
-    return True
+class _Local:
+    """The state of a local sweep shared by its worker threads: progress lines and live children."""
+
+    def __init__(self, sweep: Sweep, runs: Sequence[Run]) -> None:
+        self.sweep, self.runs = sweep, runs
+        self.lock = threading.Lock()
+        self.children: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def report(self, index: int, message: str) -> None:
+        with self.lock:
+            print(f"[{index + 1}/{len(self.runs)}] {message}", flush=True)
+
+    def execute(self, index: int) -> bool:
+        """Run one run as a child process, its output to ``sweep.log``; the marker on success."""
+        run, sweep = self.runs[index], self.sweep
+        folder = sweep.folder(run)
+        moved = _set_aside(sweep, run)
+        folder.mkdir(parents=True)
+        command = [sys.executable, "-m", "lightning_tricks.cli", *sweep.args(run)]
+        start = time.perf_counter()
+        with open(folder / LOG, "w") as log:
+            log.write(shlex.join(command) + "\n")
+            log.flush()
+            with self.lock:
+                if self.stopping:
+                    return False
+                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                self.children.add(child)
+            self.report(
+                index, f"start {run.name}" + (f" (previous attempt moved to {moved})" if moved else "")
+            )
+            code = child.wait()
+            with self.lock:
+                self.children.discard(child)
+        wall = time.perf_counter() - start
+        if self.stopping:  # a terminated Lightning run may still exit 0: never mark it finished
+            self.report(index, f"stopped {run.name} (unfinished, exit code {code}); log: {folder / LOG}")
+            return False
+        if code != 0:
+            self.report(index, f"FAILED {run.name} (exit code {code}, {wall:.1f} s); log: {folder / LOG}")
+            return False
+        marker = {"returncode": code, "wall_s": round(wall, 3), "args": sweep.args(run)}
+        (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        self.report(index, f"done {run.name} ({wall:.1f} s)")
+        return True
+
+    def stop(self) -> None:
+        """Start no more runs and terminate the running ones (their runs stay unfinished)."""
+        with self.lock:
+            self.stopping = True
+            for child in self.children:
+                child.terminate()
 
 
 def run_local(sweep: Sweep, workers: int = 1, force: bool = False, only: Sequence[str] = ()) -> list[Run]:
     """Run the unfinished runs, ``workers`` processes at a time; return the failed runs.
 
-    One progress line per run start, finish, failure (with its log path) and skip.
+    One progress line per run start, finish, failure (with its log path) and skip. On Ctrl-C the
+    running runs are terminated (left unfinished) and no further run starts.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an int >= 1, got {workers!r}.")
     runs = sweep.select(only)
     todo = [i for i, run in enumerate(runs) if force or not sweep.is_done(run)]
     check_runs(sweep, [runs[i] for i in todo])
-    lock = threading.Lock()
-
-    def report(index: int, message: str) -> None:
-        with lock:
-            print(f"[{index + 1}/{len(runs)}] {message}", flush=True)
-
+    local = _Local(sweep, runs)
     for i, run in enumerate(runs):
         if i not in todo:
-            report(i, f"skip {run.name} (finished: {sweep.folder(run) / MARKER})")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = [pool.submit(_execute, sweep, runs[i], lambda message, i=i: report(i, message)) for i in todo]
+            local.report(i, f"skip {run.name} (finished: {sweep.folder(run) / MARKER})")
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        jobs = [pool.submit(local.execute, i) for i in todo]
         failed = [runs[i] for i, job in zip(todo, jobs) if not job.result()]
+    except KeyboardInterrupt:
+        local.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     skipped = len(runs) - len(todo)
     print(
         f"{skipped} skipped, {len(todo) - len(failed)} done, {len(failed)} failed (out: {sweep.out})",

@@ -6,7 +6,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -349,3 +352,34 @@ def test_shipped_grids_parse_on_digits_and_with_a_real_dataset_overlay(path, ove
     sweep = Sweep(load_grid(path), tmp_path, configs)
     check_runs(sweep, sweep.grid.runs)
     assert not any(tmp_path.iterdir()), "checking writes nothing"
+
+
+def test_ctrl_c_terminates_the_running_run_and_starts_no_other(tmp_path, capsys, one_thread_subprocesses):
+    """SIGINT to the sweep while its first run trains: that run is terminated and left unfinished,
+    the queued runs never start, and the sweep re-raises KeyboardInterrupt."""
+    grid_path = write_grid(
+        tmp_path,
+        {
+            "base": str(BASE),
+            "name": "s{data.init_args.batch_size}",
+            "grid": {"data.init_args.batch_size": [8, 16, 32]},
+        },
+    )
+    out = tmp_path / "runs"
+    endless = [s for s in TINY if not s.startswith("trainer.max_steps")] + ["trainer.max_steps=1000000"]
+    argv = [str(grid_path), "--out", str(out), *(part for s in endless for part in ("--set", s))]
+    main_thread = threading.get_ident()
+
+    def interrupt_once_training() -> None:
+        log = out / "s8" / "sweep.log"
+        while not (log.is_file() and "Total params" in log.read_text()):
+            time.sleep(0.1)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert sorted(path.name for path in out.iterdir()) == ["s8"]
+    assert not (out / "s8" / "done.json").exists()
+    assert "max_steps=1000000` reached" not in (out / "s8" / "sweep.log").read_text()
+    assert "[1/3] stopped s8 (unfinished" in capsys.readouterr().out
