@@ -48,7 +48,33 @@ def holdout_split(
     return np.sort(kept), np.sort(held_out)
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class LoaderMixin:
+    """The loaders every datamodule here builds: ``self.batch_size`` and ``self.num_workers`` read
+    when a loader is created, and one clear error when ``setup`` has not run."""
+
+    batch_size: int
+    num_workers: int
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _require(self, dataset: Dataset | None, hook: str, stage: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{hook}() needs the data: call `setup({stage!r})` first "
+                "(the Trainer does this for you)."
+            )
+        return dataset
+
+
+class ClassificationDataModule(LoaderMixin, L.LightningDataModule):
     """Base of the image-classification datamodules: argument checks, train/val split and loaders.
 
     A subclass sets the class attributes ``num_classes``, ``in_channels`` and ``image_size`` (a
@@ -133,20 +159,3 @@ class ClassificationDataModule(L.LightningDataModule):
                 "leaves none to train on; choose a smaller count or fraction."
             )
         self.train_indices, self.val_indices = holdout_split(labels, n_val, self.seed, self.stratify)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _require(self, dataset: Dataset | None, hook: str, stage: str) -> Dataset:
-        if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.{hook}() needs the data: call `setup({stage!r})` first "
-                "(the Trainer does this for you)."
-            )
-        return dataset

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .base import check_int
+from .base import LoaderMixin, check_int
 
 
-class DenseDataModule(L.LightningDataModule):
+class DenseDataModule(LoaderMixin, L.LightningDataModule):
     """Base of the segmentation and paired-image datamodules: argument checks and the three loaders.
 
     A subclass builds ``train_set``, ``val_set`` and ``test_set`` in ``setup``; each yields pairs
@@ -54,24 +54,6 @@ class DenseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Loader over the test set."""
         return self._loader(self._require(self.test_set, "test_dataloader", "test"), shuffle=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _require(self, dataset: Dataset | None, hook: str, stage: str) -> Dataset:
-        if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.{hook}() needs the data: call `setup({stage!r})` first "
-                "(the Trainer does this for you)."
-            )
-        return dataset
 
 
 class PadTo(v2.Transform):
