@@ -129,6 +129,13 @@ def resolve_loss_fn(
     )
 
 
+def first_learning_rate(trainer: pl.Trainer, default: float | None = None) -> float | None:
+    """α of the first optimiser's first param group (what the callbacks report as "the" LR);
+    ``default`` without an optimiser."""
+    groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+    return groups[0].get("lr", default) if groups else default
+
+
 def host_values(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
     """The metrics as Python floats, with one device-to-host transfer for all tensor values."""
     tensors = {k: v for k, v in metrics.items() if isinstance(v, Tensor)}

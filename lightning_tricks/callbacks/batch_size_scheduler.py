@@ -24,7 +24,7 @@ from ..batch_size_policies import (
 )
 from ..gradients.noise_scale import half_batch_noise_parts
 from ..gradients.spectrum import noise_scale_ratio
-from ._base import TrickCallback, check_every_n, is_due, resolve_loss_fn
+from ._base import TrickCallback, check_every_n, first_learning_rate, is_due, resolve_loss_fn
 from .fisher_spectrum import FisherSpectrum
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -334,7 +334,7 @@ class BatchSizeScheduler(TrickCallback):
         self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements
         step = self.training_step(trainer)
         physical, accumulation = self._split(trainer, self._size)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        lr = first_learning_rate(trainer, default=math.nan)
         metrics = {"size": self._size, "physical": physical, "accumulation": accumulation, "lr": lr}
         self.log_scalars(trainer, {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}, step)
 
@@ -382,7 +382,7 @@ class BatchSizeScheduler(TrickCallback):
         self._size = size
         self._set_loader_size(trainer, pl_module)
         physical, accumulation = self._split(trainer, size)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        lr = first_learning_rate(trainer, default=math.nan)
         step = self.training_step(trainer)
         record = {
             "epoch": epoch,

@@ -22,7 +22,7 @@ from ..gradients.spectrum import (
     fisher_statistics,
     noise_scale_ratio,
 )
-from ._base import TrickCallback, check_every_n, is_due
+from ._base import TrickCallback, check_every_n, first_learning_rate, is_due
 
 LOSS_REDUCTIONS = ("mean", "sum")
 UNSUPPORTED = ("raise", "skip")
@@ -387,7 +387,7 @@ class FisherSpectrum(TrickCallback):
         with a learning rate."""
         if (
             not is_due(self.training_step(trainer), self.every_n_steps)
-            or self._learning_rate(trainer) is None
+            or first_learning_rate(trainer) is None
         ):
             return False
         self._check_accumulation(trainer)
@@ -407,12 +407,6 @@ class FisherSpectrum(TrickCallback):
                 "before the layers)."
             )
 
-    @staticmethod
-    def _learning_rate(trainer: pl.Trainer) -> float | None:
-        """α_k of the first optimiser's first param group; ``None`` without an optimiser."""
-        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
-        return groups[0].get("lr") if groups else None
-
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gram: Tensor) -> None:
         """Statistics of F̃_k (seed 004 eq. 6–8), combined over ranks, logged and recorded."""
         gram = gram / self._loss_scale(trainer) ** 2
@@ -425,7 +419,7 @@ class FisherSpectrum(TrickCallback):
         (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm) = self._combine_ranks(
             trainer, summed, averaged
         )
-        lr = self._learning_rate(trainer)
+        lr = first_learning_rate(trainer)
         energy = fisher_energy(trace, lr, batch)
         c_bar, total = self._running.update(condition, energy, weight=self.every_n_steps)
         values = {

@@ -29,7 +29,7 @@ from ..gradients.minibatch_distance import (
 from ..image_metrics import Metric, metric_name, resolve_metric
 from ..plotting import plot_minibatch_heatmap
 from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
-from ._base import TrickCallback, check_every_n, resolve_loss_fn
+from ._base import TrickCallback, check_every_n, first_learning_rate, resolve_loss_fn
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
@@ -428,7 +428,7 @@ class MinibatchHeatmap(TrickCallback):
             spill_path=os.path.join(self.run_dir, SPILL_FILE),
             store=trainer.is_global_zero,  # the other processes only sketch and sum
         )
-        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        self._lr = first_learning_rate(trainer, default=math.nan)
 
     def _store(self, trainer: pl.Trainer, batch_idx: int, gradient: Tensor) -> None:
         """Add ∇_k of the global batch: under DDP Σ_r m_r ∇_k^r / Σ_r m_r over the processes."""
