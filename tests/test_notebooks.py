@@ -1,24 +1,48 @@
-"""Every notebook in notebooks/ runs top to bottom (quick mode) without an error."""
+"""Every notebook is stored without outputs, declares SMALL, and runs top to bottom with SMALL = True."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+_spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "notebooks.py")
+run_notebooks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_notebooks)
+
+
+def code_outputs(notebook: nbformat.NotebookNode) -> list:
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_TRICKS_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+def test_notebook_is_stored_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not code_outputs(notebook), f"clear the outputs of {path.name} before committing"
+    assert all(cell.execution_count is None for cell in notebook.cells if cell.cell_type == "code")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_declares_small_in_its_parameters_cell(path):
+    cell = run_notebooks.parameters_cell(nbformat.read(path, as_version=4))
+    assert "SMALL =" in cell.source
+
+
+def test_missing_parameters_cell_is_a_clear_error():
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    with pytest.raises(ValueError, match="parameters"):
+        run_notebooks.parameters_cell(notebook)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_runs_small(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = run_notebooks.execute(path, small=True, workdir=tmp_path, timeout=600)
+    outputs = code_outputs(notebook)
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("ok" in output.get("text", "") for output in outputs), "the notebook's own checks ran"
+    assert any("image/png" in output.get("data", {}) for output in outputs), "the notebook drew a figure"
