@@ -10,14 +10,18 @@ Example::
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 class TricksCLI(LightningCLI):
     """LightningCLI whose ``fit`` can test the best checkpoint right after training
-    (``--test_after_fit true``), so one command trains and reports test accuracy."""
+    (``--test_after_fit true``), so one command trains and reports test accuracy, and which can pin
+    torch's CPU thread count (``--torch_threads 1``): reductions split across threads add in another
+    order, so a CPU run is reproducible bit for bit only at a fixed thread count."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -26,6 +30,22 @@ class TricksCLI(LightningCLI):
             default=False,
             help="After `fit`, run `test` on the best checkpoint (the last weights if none).",
         )
+        parser.add_argument(
+            "--torch_threads",
+            type=Optional[int],
+            default=None,
+            help="torch.set_num_threads before anything is built (default: torch's own choice). "
+            "Fix it for CPU results that do not depend on the machine's core count.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = config.get("torch_threads")
+        if threads is None:
+            return
+        if threads < 1:
+            raise ValueError(f"--torch_threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
 
     def after_fit(self) -> None:
         if not self.config["fit"].get("test_after_fit"):

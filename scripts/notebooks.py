@@ -36,7 +36,9 @@ def execute(path: Path, *, small: bool, workdir: Path, timeout: int = 3600) -> n
     notebook = nbformat.read(path, as_version=4)
     cell = parameters_cell(notebook)
     cell.source = f"{cell.source}\nSMALL = {small}  # set by scripts/notebooks.py"
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()
     return notebook
 
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="SMALL = False: the paper-scale settings")
     parser.add_argument("--out", type=Path, default=NOTEBOOKS / "executed", help="where executed copies go")
     args = parser.parse_args(argv)
-    paths = [p for p in sorted(NOTEBOOKS.glob("*.ipynb")) if not args.names or any(n in p.name for n in args.names)]
+    paths = [
+        p for p in sorted(NOTEBOOKS.glob("*.ipynb")) if not args.names or any(n in p.name for n in args.names)
+    ]
     if not paths:
         parser.error(f"no notebook in {NOTEBOOKS} matches {args.names}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,7 @@ def test_bad_arguments_name_the_argument_and_allowed_values(kwargs, argument):
         ImageClassifier(**kwargs)
 
 
+@pytest.mark.usefixtures("single_thread")  # the demo config pins torch threads; restore them
 def test_cli_trains_and_tests_digits_above_90_percent(tmp_path):
     """The demo config, shrunk (8×8 digits, ResNet-8): fit, then test the best checkpoint."""
     main(

@@ -8,6 +8,8 @@ import pytest
 
 from lightning_tricks.cli import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the demo config pins torch threads; restore them
+
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 # the experiments' base configs too; their grid files (`*.grid.yaml`) are tested in test_sweep.py
 CONFIGS = sorted(ROOT.glob("*.yaml")) + sorted(

@@ -574,14 +574,15 @@ def _channel_affine_factors(
     of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004 eq. 6).
 
     Both reductions run in one pass of the batch-norm backward kernel, with the batch folded into
-    the channels so that each (sample, channel) is reduced on its own.
+    the channels so that each (sample, channel) is reduced on its own. The kernel's weight only
+    scales the input gradient, which is not asked for; CUDA's kernel needs one all the same.
     """
     batch, channels = inputs.shape[:2]
     folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))
     _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
         backprops.reshape(1, batch * channels, -1),
         inputs.reshape(1, batch * channels, -1),
-        None,
+        folded_rstd.new_ones(batch * channels),
         None,
         None,
         folded_mean,
