@@ -2,14 +2,16 @@
 
 Every lightning-tricks callback writes into its run's versioned folder (see
 :func:`lightning_tricks.callbacks._base.run_directory`): CSV tables, ``.npy`` arrays, PNG figures and
-``lightning_tricks.json``, which records for a resumed fit the run folder it continued. The readers
-here follow that chain, so a notebook gets one table for the whole training::
+``lightning_tricks.json``, which records for a resumed fit the run folder it continued; the logger
+writes the scalars beside them (TensorBoard event files, or CSVLogger's ``metrics.csv``). The
+readers here follow that chain, so a notebook gets one table for the whole training::
 
     from lightning_tricks.plotting import plot_gradient_flow
     from lightning_tricks.results import load_gradient_flow, load_random_gradient
 
     draws = load_random_gradient("lightning_logs/version_3")  # [{"step": 0, "backward": 0, "r": 0.97}, ...]
     figure = plot_gradient_flow(*load_gradient_flow("lightning_logs/version_3"))
+    accuracy = scalar_series(load_scalars("lightning_logs/version_3"), "val/acc", by="epoch")
 
 Tables are lists of records (``dict`` per row, numbers parsed); with ``as_frame=True`` a pandas
 ``DataFrame`` instead (pandas is optional and only imported then).
@@ -34,6 +36,11 @@ from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
 from .callbacks.gradient_flow import HISTORY_FILE as GRADIENT_FLOW_FILE
 from .callbacks.minibatch_heatmap import HISTORY_FILE as HEATMAP_FILE
 from .callbacks.random_gradient import HISTORY_FILE as RANDOM_GRADIENT_FILE
+
+EVENTS_PREFIX = "events.out.tfevents."
+"""TensorBoard event files start with this."""
+METRICS_FILE = "metrics.csv"
+"""CSVLogger's scalars."""
 
 Record = dict[str, Any]
 PathLike = str | os.PathLike
@@ -191,11 +198,49 @@ def load_gradient_flow(
     return GradientFlowTable(matrix, names, epochs)
 
 
+def load_scalars(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
+    """Every scalar the logger wrote (the model's ``self.log`` values and the callbacks' metrics),
+    ``{"tag", "step", "epoch", "value"}`` per logged value, across resumes.
+
+    Read from the folder's TensorBoard event files (with the ``tensorboard`` package, no
+    TensorFlow), else from CSVLogger's ``metrics.csv``. ``epoch`` is the ``epoch`` scalar Lightning
+    logs with every step (``None`` where there is none); the ``epoch`` tag itself is not a record.
+    Records keep the order they were written in. A resumed fit restarts each tag at some step:
+    the earlier folders' rows of that tag from that step on are the ones it redid, and are dropped.
+    """
+    folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
+    records: list[Record] = []
+    for segment in (_read_scalars(folder) for folder in folders):
+        starts: dict[str, int] = {}
+        for row in segment:
+            starts[row["tag"]] = min(row["step"], starts.get(row["tag"], row["step"]))
+        records = [row for row in records if row["step"] < starts.get(row["tag"], math.inf)]
+        records.extend(segment)
+    return _maybe_frame(records, as_frame)
+
+
+def scalar_series(records: Sequence[Record], tag: str, by: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """The ``(x, values)`` arrays of one tag of :func:`load_scalars`, ``x`` its ``"step"`` or ``"epoch"``.
+
+    Raises:
+        KeyError: no record has ``tag`` (the message lists the tags there are).
+        ValueError: ``by`` is neither ``"step"`` nor ``"epoch"``.
+    """
+    if by not in ("step", "epoch"):
+        raise ValueError(f"`by` must be 'step' or 'epoch', got {by!r}.")
+    rows = [row for row in records if row["tag"] == tag]
+    if not rows:
+        tags = sorted({row["tag"] for row in records})
+        raise KeyError(f"No scalar {tag!r} in these records; tags: {tags}.")
+    x = np.array([math.nan if row[by] is None else row[by] for row in rows], dtype=float)
+    return x, np.array([row["value"] for row in rows], dtype=float)
+
+
 def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> dict[str, Any]:
     """Everything the known callbacks left in a run folder (and the folders it resumed):
     ``"folders"`` (:func:`run_chain`), ``"callbacks"`` (``lightning_tricks.json``), and where
     their files exist ``"random_gradient"``, ``"fisher_spectrum"``, ``"fisher_history"``,
-    ``"batch_size"``, ``"heatmap"`` (tables) and ``"grad_flow"``
+    ``"batch_size"``, ``"heatmap"``, ``"scalars"`` (:func:`load_scalars`; tables) and ``"grad_flow"``
     (:class:`GradientFlowTable`)."""
     folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
     present = {path.name for folder in folders for path in folder.iterdir()}
@@ -215,6 +260,8 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
     }
     results: dict[str, Any] = {"folders": folders, "callbacks": run_info(run_dir)["callbacks"]}
     results.update({name: load() for name, (file_name, load) in loaders.items() if file_name in present})
+    if METRICS_FILE in present or any(name.startswith(EVENTS_PREFIX) for name in present):
+        results["scalars"] = load_scalars(run_dir, follow_resumes, as_frame)
     return results
 
 
@@ -238,6 +285,50 @@ def _locate(recorded: str, later: Path) -> Path:
         f"{later / RUN_FILE} says the run resumed from {recorded!r}, which is neither there nor beside "
         f"{str(later)!r}; move it back, or pass follow_resumes=False to read this folder alone."
     )
+
+
+def _read_scalars(folder: Path) -> list[Record]:
+    """One folder's scalars: its event files in the order written, else its ``metrics.csv``."""
+    events = sorted(path for path in folder.iterdir() if path.name.startswith(EVENTS_PREFIX))
+    if events:
+        pairs = [pair for path in events for pair in _event_scalars(path)]
+    elif (folder / METRICS_FILE).is_file():
+        pairs = _csv_scalars(folder / METRICS_FILE)
+    else:
+        return []
+    epochs = {step: value for step, tag, value in pairs if tag == "epoch"}
+    return [
+        {"tag": tag, "step": step, "epoch": _as_int(epochs.get(step)), "value": value}
+        for step, tag, value in pairs
+        if tag != "epoch"
+    ]
+
+
+def _event_scalars(path: Path) -> list[tuple[int, str, float]]:
+    """``(step, tag, value)`` of every scalar summary in one TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return [
+        (int(event.step), value.tag, float(make_ndarray(value.tensor)))
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "scalars"
+    ]
+
+
+def _csv_scalars(path: Path) -> list[tuple[int, str, float]]:
+    """``(step, tag, value)`` of every filled cell of CSVLogger's ``metrics.csv``."""
+    return [
+        (row["step"], tag, float(value))
+        for row in read_table(path)
+        for tag, value in row.items()
+        if tag != "step" and value is not None
+    ]
+
+
+def _as_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _parse_cell(cell: str | None) -> Any:

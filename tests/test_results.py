@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_tricks import (
     BatchSizeScheduler,
@@ -30,9 +31,11 @@ from lightning_tricks.results import (
     load_minibatch_heatmap,
     load_random_gradient,
     load_run,
+    load_scalars,
     read_array,
     read_table,
     run_chain,
+    scalar_series,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -225,3 +228,56 @@ def test_a_callable_argument_is_checkpointed_by_name(tmp_path, trainer_for, tiny
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         heatmap.load_state_dict(saved)
+
+
+class LossRecorder(Callback):
+    """The loss of every training step as the module returned it, with the step and epoch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append((trainer.global_step - 1, trainer.current_epoch, float(outputs["loss"])))
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "csv"])
+def test_scalars_read_back_what_the_module_logged(kind, tmp_path, trainer_for, tiny_module, make_logger):
+    recorder = LossRecorder()
+    logger = make_logger(kind, tmp_path / "logs")
+    trainer = trainer_for([recorder], max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(tiny_module(samples=12))
+    records = load_scalars(logger.log_dir)
+    loss = [(row["step"], row["epoch"], row["value"]) for row in records if row["tag"] == "train_loss"]
+    assert [(step, epoch) for step, epoch, _ in loss] == [(step, epoch) for step, epoch, _ in recorder.rows]
+    np.testing.assert_allclose([v for *_, v in loss], [v for *_, v in recorder.rows], rtol=1e-6)
+    steps, values = scalar_series(records, "val_loss", by="epoch")
+    assert steps.tolist() == [0.0, 1.0] and np.isfinite(values).all()
+    assert all(row["tag"] != "epoch" for row in records)
+    assert load_run(logger.log_dir)["scalars"] == records
+
+
+def test_scalars_a_resumed_fit_redid_are_taken_from_the_later_folder(tmp_path):
+    """The first fit logged to step 5 but was resumed at step 3; the resumed one logs ``hp`` at step 0."""
+    first, second = tmp_path / "logs" / "version_0", tmp_path / "logs" / "version_1"
+    write(
+        first / "metrics.csv",
+        "epoch,step,loss,hp\n0,0,,1.0\n" + "".join(f"{s // 3},{s},{s}.0,\n" for s in range(6)),
+    )
+    write(second / "metrics.csv", "epoch,step,loss,hp\n1,0,,2.0\n1,3,30.0,\n1,4,40.0,\n")
+    write_run_file(first, "random_gradient", None)
+    write_run_file(second, "random_gradient", str(first))
+    records = load_scalars(second)
+    assert scalar_series(records, "loss")[1].tolist() == [0.0, 1.0, 2.0, 30.0, 40.0]
+    assert scalar_series(records, "loss", by="epoch")[0].tolist() == [0, 0, 0, 1, 1]
+    assert scalar_series(records, "hp")[1].tolist() == [2.0]
+    assert [row["value"] for row in load_scalars(second, follow_resumes=False)] == [2.0, 30.0, 40.0]
+
+
+def test_scalar_series_names_what_is_there(tmp_path):
+    records = [{"tag": "val/acc", "step": 3, "epoch": None, "value": 0.5}]
+    assert [a.tolist() for a in scalar_series(records, "val/acc")] == [[3.0], [0.5]]
+    assert np.isnan(scalar_series(records, "val/acc", by="epoch")[0]).all()
+    with pytest.raises(KeyError, match=r"val/acc"):
+        scalar_series(records, "val/loss")
+    with pytest.raises(ValueError, match="`by`"):
+        scalar_series(records, "val/acc", by="time")
