@@ -305,7 +305,7 @@ def beacon_map(
         >>> run = {"C_bar": [9.0, 8.0, 8.5], "L": [0.1, 0.3, 0.4], "batch_size": [32] * 3, "lr": [0.1] * 3}
         >>> figure = beacon_map({"s32-lr0.1": run}, errors={"s32-lr0.1": 0.05})
         >>> print(figure.axes[0].get_title())
-        Beacon map: markers at 5%, 20%, 40%, 60%, 80%, 100% of training
+        Beacon map: markers at 5%, 20%, 40%, 60%, 80%, 100% of training; labels: run: test error
         all runs: mini-batch size |B_k| = 32
         no error contour: it needs ≥ 6 runs with an error; have 1
     """
@@ -324,9 +324,8 @@ def beacon_map(
     axes.set_xlabel("C̄_K: mean truncated condition number of F̃_k (seed 004 eq. 7)")
     axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)")
     marks = ", ".join(f"{p:.0%}" for p in progress)
-    title = "\n".join(
-        [f"Beacon map: markers at {marks} of training", *filter(None, [colour_note, contour_note])]
-    )
+    head = f"Beacon map: markers at {marks} of training" + (f"; labels: run: {error_label}" if errors else "")
+    title = "\n".join([head, *filter(None, [colour_note, contour_note])])
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
     return figure
