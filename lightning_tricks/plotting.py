@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.tri import TriAnalyzer, Triangulation
 
 FLOW_MAX_COLUMNS = 64
 FLOW_MAX_LINES = 5
@@ -217,69 +219,250 @@ def _draw_flow_lines(
 
 
 BEACON_PROGRESS = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0)
+CONTOUR_MIN_RUNS = 6
+"""Fewest runs (final points with an error) the beacon map's error contour is drawn from."""
+CONTOUR_MIN_DISTINCT = 3
+"""Fewest distinct final C̄_K values, and L_K values, the error contour is drawn from."""
+CONTOUR_MAX_EDGE = 3.0
+"""A triangle with an edge longer than this many times the median edge is masked (a gap)."""
+CONTOUR_MIN_CIRCLE_RATIO = 0.1
+"""A border triangle whose in-/circumcircle radius ratio is below this is masked (a sliver)."""
+_COLOR_LABELS = {"batch_size": "mini-batch size |B_k|", "lr": "learning rate α_k"}
+_REQUIRED = ("C_bar", "L")
+
+FisherRun = str | os.PathLike | Sequence[Mapping[str, float]] | Mapping[str, Sequence[float]]
+"""One run's FisherSpectrum table: a ``fisher_spectrum.csv`` / ``fisher_history.csv`` path, the
+records :func:`lightning_tricks.results.load_fisher_history` returns, or ``{column: values}``."""
+
+
+class ContourSupport(NamedTuple):
+    """Whether the runs' final points support an error contour, and why not."""
+
+    triangulation: Triangulation | None
+    """The masked Delaunay triangulation of the final (C̄_K, L_K) points, or ``None``."""
+    reason: str
+    """Why there is no contour (empty when there is one)."""
 
 
 def beacon_map(
-    runs: Mapping[str, str | os.PathLike],
+    runs: Mapping[str, FisherRun],
     *,
     color_by: str = "batch_size",
     errors: Mapping[str, float] | None = None,
     progress: Sequence[float] = BEACON_PROGRESS,
+    min_contour_runs: int = CONTOUR_MIN_RUNS,
+    error_label: str = "test error",
 ) -> Figure:
-    """C̄_K (x) against L_K (y) trajectories of several runs (seed 004_e5d92837cb57ce8a.txt Fig. 5).
+    """C̄_K (x) against L_K (y) trajectories of several runs, over their error contour where the runs
+    support one (seed ``004_e5d92837cb57ce8a.txt`` Fig. 5 trajectories, Fig. 1b / Fig. 3 contour).
 
-    Each run is the per-epoch CSV that :class:`~lightning_tricks.FisherSpectrum` writes
-    (``fisher_spectrum.csv``: epoch, step, C_bar, L, lr, batch_size). Its trajectory is drawn with
-    markers at the given fractions of training (seed 004 marks 5, 20, 40, 60, 80 and 100 %) and
-    coloured by the run's final ``color_by`` column (``"batch_size"`` or ``"lr"``, log scale).
-    With ``errors`` (run → final test error) for at least three runs, the error interpolated over
-    the runs' final (C̄, L) points is drawn as a filled contour behind them (seed 004 Fig. 1b).
+    Each run is FisherSpectrum's table (:data:`FisherRun`: per epoch, ``fisher_spectrum.csv``, or
+    per measured step, ``fisher_history.csv``); its trajectory is drawn with markers growing at the
+    ``progress`` fractions of its rows (seed 004 marks 5, 20, 40, 60, 80 and 100 % of training) and
+    its name written at its final point (name runs as the sweep does, ``s32-lr0.1``), followed by
+    its error when ``errors`` has one.
+
+    **Colours.** Runs are coloured by their first row's ``color_by`` (``"batch_size"`` or ``"lr"``:
+    the initial value, which names a run and is where a dynamic-sampling run starts, seed 004
+    Fig. 5), one colour per distinct value; the colour bar has one band and one tick per value that
+    occurs, so it never shows a range no run has. With a single value there is no colour bar: the
+    value is written in the title.
+
+    **Error contour — the rule.** With ``errors`` (run → final error), the error is interpolated
+    linearly over the runs' final (C̄_K, L_K) points and drawn as filled contours only when
+
+    1. at least ``min_contour_runs`` runs (default :data:`CONTOUR_MIN_RUNS` = 6) have a finite
+       error and final point,
+    2. their final points have at least :data:`CONTOUR_MIN_DISTINCT` = 3 distinct C̄_K values and
+       3 distinct L_K values (6 significant digits), and the errors are not all equal,
+    3. the points are not collinear (in coordinates scaled to the points' span on each axis, the
+       smaller singular value of the centred points is at least 1e-3 of the larger),
+    4. on their Delaunay triangulation (in those scaled coordinates), after masking border slivers
+       (in-/circumcircle ratio < :data:`CONTOUR_MIN_CIRCLE_RATIO`) and triangles with an edge longer
+       than :data:`CONTOUR_MAX_EDGE` × the median edge (gaps between clusters of runs), at least
+       two triangles remain.
+
+    The contour then covers only the unmasked triangles, i.e. never leaves the convex hull of the
+    points nor bridges a gap. Otherwise no contour is drawn and the title says why (e.g. "no error
+    contour: it needs ≥ 6 runs with an error; have 3"). (The seed averages the five nearest errors
+    on a grid; interpolating over triangles draws nothing the runs do not span.)
+
+    Args:
+        runs: run name → its FisherSpectrum table.
+        color_by: ``"batch_size"`` or ``"lr"``.
+        errors: run name → final error (e.g. test error), for the contour and the labels.
+        progress: fractions of training in (0, 1] marked on each trajectory.
+        min_contour_runs: fewest runs with an error for a contour (>= 3).
+        error_label: what ``errors`` are, for the colour bar.
 
     Raises:
-        ValueError: no runs, an unknown ``color_by``, or ``progress`` outside (0, 1].
+        ValueError: no runs, an unknown ``color_by``, ``progress`` outside (0, 1], ``min_contour_runs``
+            < 3, ``errors`` naming a run not in ``runs``, or a table without rows or without the
+            ``C_bar``, ``L`` or ``color_by`` column.
+
+    Example::
+
+        >>> run = {"C_bar": [9.0, 8.0, 8.5], "L": [0.1, 0.3, 0.4], "batch_size": [32] * 3, "lr": [0.1] * 3}
+        >>> figure = beacon_map({"s32-lr0.1": run}, errors={"s32-lr0.1": 0.05})
+        >>> print(figure.axes[0].get_title())
+        Beacon map: markers at 5%, 20%, 40%, 60%, 80%, 100% of training; labels: run: test error
+        all runs: mini-batch size |B_k| = 32
+        no error contour: it needs ≥ 6 runs with an error; have 1
     """
-    if not runs:
-        raise ValueError("`runs` must name at least one FisherSpectrum CSV file.")
-    if color_by not in ("batch_size", "lr"):
-        raise ValueError(f"`color_by` must be 'batch_size' or 'lr'; got {color_by!r}.")
-    if any(not 0 < p <= 1 for p in progress):
-        raise ValueError(f"`progress` fractions must be in (0, 1]; got {progress}.")
-    tables = {label: _read_fisher_csv(path) for label, path in runs.items()}
-    figure = Figure(figsize=(7, 5.5), layout="constrained")
+    _check_beacon_arguments(runs, color_by, errors, progress, min_contour_runs)
+    tables = {label: _fisher_table(label, run, color_by) for label, run in runs.items()}
+    errors = dict(errors or {})
+    figure = Figure(figsize=(8, 6), layout="constrained")
     axes = figure.add_subplot()
-    if errors is not None and len(errors) >= 3:
-        _draw_error_contour(figure, axes, tables, errors)
-    values = np.array([table[color_by][-1] for table in tables.values()])
-    norm = _color_norm(values)
-    cmap = colormaps["plasma"]
-    for (label, table), value in zip(tables.items(), values):
-        color = cmap(norm(value))
-        axes.plot(table["C_bar"], table["L"], color=color, linewidth=1.2, alpha=0.8)
-        marks = _progress_indices(len(table["C_bar"]), progress)
-        sizes = np.linspace(12, 48, len(marks))
-        axes.scatter(table["C_bar"][marks], table["L"][marks], color=color, s=sizes, zorder=3)
-        final = (table["C_bar"][-1], table["L"][-1])
-        axes.annotate(label, final, xytext=(4, 4), textcoords="offset points", fontsize=8)
-    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=color_by)
-    axes.set_xlabel("C̄_K  (running mean truncated condition number, eq. 7)")
-    axes.set_ylabel("L_K  (cumulative Fisher energy, eq. 8)")
+    contour_note = ""
+    if errors:
+        contour_note = _draw_error_contour(figure, axes, tables, errors, min_contour_runs, error_label)
+    first_values = {label: table[color_by][0] for label, table in tables.items()}
+    colours, colour_note = _run_colours(figure, axes, first_values, color_by)
+    for label, table in tables.items():
+        _draw_trajectory(axes, label, table, colours[label], progress, errors.get(label))
+    axes.set_xlabel("C̄_K: mean truncated condition number of F̃_k (seed 004 eq. 7)")
+    axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)")
     marks = ", ".join(f"{p:.0%}" for p in progress)
-    axes.set_title(f"Beacon map (markers at {marks} of training)", fontsize=9)
+    head = f"Beacon map: markers at {marks} of training" + (f"; labels: run: {error_label}" if errors else "")
+    title = "\n".join([head, *filter(None, [colour_note, contour_note])])
+    axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
     return figure
 
 
-def _color_norm(values: np.ndarray) -> Normalize:
-    """Log scale over the runs' values (batch sizes and learning rates span decades)."""
-    low, high = float(values.min()), float(values.max())
-    return LogNorm(low, high) if 0 < low < high else Normalize(low - 1, high + 1)
+def error_contour_support(
+    x: Sequence[float], y: Sequence[float], errors: Sequence[float], min_runs: int = CONTOUR_MIN_RUNS
+) -> ContourSupport:
+    """The masked triangulation the beacon map's error contour is drawn on, or why there is none
+    (the rule in :func:`beacon_map`); ``x``, ``y``, ``errors`` are the runs' final C̄_K, L_K and
+    error, non-finite entries left out."""
+    x, y, errors = (np.asarray(v, dtype=float) for v in (x, y, errors))
+    keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(errors)
+    x, y, errors = x[keep], y[keep], errors[keep]
+    if len(x) < min_runs:
+        return ContourSupport(
+            None, f"no error contour: it needs ≥ {min_runs} runs with an error; have {len(x)}"
+        )
+    distinct = [len({float(f"{v:.6g}") for v in axis}) for axis in (x, y)]
+    if min(distinct) < CONTOUR_MIN_DISTINCT:
+        return ContourSupport(
+            None,
+            f"no error contour: it needs ≥ {CONTOUR_MIN_DISTINCT} distinct C̄_K and L_K values; "
+            f"have {distinct[0]} and {distinct[1]}",
+        )
+    if np.ptp(errors) == 0:
+        return ContourSupport(None, "no error contour: every run has the same error")
+    scaled = np.column_stack([(x - x.min()) / np.ptp(x), (y - y.min()) / np.ptp(y)])
+    singular = np.linalg.svd(scaled - scaled.mean(axis=0), compute_uv=False)
+    if singular[-1] < 1e-3 * singular[0]:
+        return ContourSupport(None, f"no error contour: the {len(x)} runs' final points are collinear")
+    triangulation = Triangulation(scaled[:, 0], scaled[:, 1])
+    mask = TriAnalyzer(triangulation).get_flat_tri_mask(CONTOUR_MIN_CIRCLE_RATIO) | _long_triangles(
+        scaled, triangulation
+    )
+    if np.count_nonzero(~mask) < 2:
+        return ContourSupport(
+            None,
+            "no error contour: fewer than 2 triangles between the runs' final points are not gaps or slivers",
+        )
+    return ContourSupport(Triangulation(x, y, triangulation.triangles, mask=mask), "")
+
+
+def _long_triangles(points: np.ndarray, triangulation: Triangulation) -> np.ndarray:
+    """Triangles with an edge longer than ``CONTOUR_MAX_EDGE`` × the median edge."""
+    corners = points[triangulation.triangles]  # (T, 3, 2)
+    lengths = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)  # (T, 3)
+    edges = np.linalg.norm(np.diff(points[triangulation.edges], axis=1)[:, 0], axis=1)
+    return lengths.max(axis=1) > CONTOUR_MAX_EDGE * np.median(edges)
+
+
+def _check_beacon_arguments(
+    runs: Mapping[str, FisherRun],
+    color_by: str,
+    errors: Mapping[str, float] | None,
+    progress: Sequence[float],
+    min_contour_runs: int,
+) -> None:
+    if not runs:
+        raise ValueError("`runs` must name at least one run's FisherSpectrum table (or CSV file).")
+    if color_by not in _COLOR_LABELS:
+        raise ValueError(f"`color_by` must be 'batch_size' or 'lr'; got {color_by!r}.")
+    if any(not 0 < p <= 1 for p in progress):
+        raise ValueError(f"`progress` fractions must be in (0, 1]; got {progress}.")
+    if isinstance(min_contour_runs, bool) or not isinstance(min_contour_runs, int) or min_contour_runs < 3:
+        raise ValueError(
+            f"`min_contour_runs` must be an int >= 3 (a triangle needs three points); got {min_contour_runs!r}."
+        )
+    unknown = sorted(set(errors or {}) - set(runs))
+    if unknown:
+        raise ValueError(f"`errors` names runs that are not in `runs`: {unknown}; runs: {sorted(runs)}.")
+
+
+def _fisher_table(label: str, run: FisherRun, color_by: str) -> dict[str, np.ndarray]:
+    """A run's table as ``{column: float array}`` with at least one row and the needed columns."""
+    if isinstance(run, (str, os.PathLike)):
+        table = _read_fisher_csv(run)
+    elif isinstance(run, Mapping):
+        table = {str(name): np.atleast_1d(np.asarray(values, dtype=float)) for name, values in run.items()}
+    else:
+        names = list(run[0]) if len(run) else []
+        table = {name: np.array([row[name] for row in run], dtype=float) for name in names}
+    missing = [name for name in (*_REQUIRED, color_by) if name not in table]
+    if missing:
+        raise ValueError(
+            f"run {label!r}: its FisherSpectrum table has no column {missing} (columns: {sorted(table)}); "
+            "pass fisher_spectrum.csv / fisher_history.csv or what lightning_tricks.results reads from them."
+        )
+    if len(table["C_bar"]) == 0:
+        raise ValueError(f"run {label!r}: its FisherSpectrum table has no rows yet.")
+    return table
 
 
 def _read_fisher_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     rows = np.genfromtxt(path, delimiter=",", names=True, ndmin=1)
     if rows.size == 0:
-        raise ValueError(f"{path} has no epoch rows yet.")
-    return {name: np.atleast_1d(rows[name]) for name in rows.dtype.names}
+        raise ValueError(f"{path} has no rows yet.")
+    return {name: np.atleast_1d(rows[name]).astype(float) for name in rows.dtype.names}
+
+
+def _run_colours(
+    figure: Figure, axes: Axes, values: Mapping[str, float], color_by: str
+) -> tuple[dict[str, tuple], str]:
+    """One colour per distinct value, a colour bar with one band and tick per value (none for a
+    single value); returns the colours and a title note."""
+    distinct = sorted(set(values.values()))
+    label = _COLOR_LABELS[color_by]
+    if len(distinct) == 1:
+        return {run: colormaps["plasma"](0.2) for run in values}, f"all runs: {label} = {distinct[0]:g}"
+    cmap = ListedColormap(colormaps["plasma"](np.linspace(0.0, 0.85, len(distinct))))
+    norm = BoundaryNorm(np.arange(len(distinct) + 1) - 0.5, len(distinct))
+    colourbar = figure.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap),
+        ax=axes,
+        ticks=np.arange(len(distinct)),
+        label=f"{label} (at the start)",
+    )
+    colourbar.ax.set_yticklabels([f"{value:g}" for value in distinct])
+    colourbar.ax.minorticks_off()
+    return {run: cmap(distinct.index(value)) for run, value in values.items()}, ""
+
+
+def _draw_trajectory(
+    axes: Axes,
+    label: str,
+    table: Mapping[str, np.ndarray],
+    colour: tuple,
+    progress: Sequence[float],
+    error: float | None,
+) -> None:
+    """The run's (C̄_K, L_K) curve, growing markers at the ``progress`` rows, its name at the end."""
+    c_bar, total = table["C_bar"], table["L"]
+    axes.plot(c_bar, total, color=colour, linewidth=1.2, alpha=0.8)
+    marks = _progress_indices(len(c_bar), progress)
+    axes.scatter(c_bar[marks], total[marks], color=colour, s=np.linspace(12, 48, len(marks)), zorder=3)
+    text = label if error is None else f"{label}: {error:.3g}"
+    axes.annotate(text, (c_bar[-1], total[-1]), xytext=(4, 4), textcoords="offset points", fontsize=7)
 
 
 def _progress_indices(length: int, progress: Sequence[float]) -> np.ndarray:
@@ -288,14 +471,28 @@ def _progress_indices(length: int, progress: Sequence[float]) -> np.ndarray:
 
 
 def _draw_error_contour(
-    figure: Figure, axes: Axes, tables: Mapping[str, dict[str, np.ndarray]], errors: Mapping[str, float]
-) -> None:
-    labels = [label for label in tables if label in errors]
-    x = np.array([tables[label]["C_bar"][-1] for label in labels])
-    y = np.array([tables[label]["L"][-1] for label in labels])
-    z = np.array([errors[label] for label in labels])
-    contour = axes.tricontourf(x, y, z, levels=12, cmap="Greys", alpha=0.5)
-    figure.colorbar(contour, ax=axes, label="test error")
+    figure: Figure,
+    axes: Axes,
+    tables: Mapping[str, dict[str, np.ndarray]],
+    errors: Mapping[str, float],
+    min_runs: int,
+    error_label: str,
+) -> str:
+    """Filled error contours over the masked triangulation of the final points, with a colour bar
+    ticked at the levels; returns the title note saying why there is none."""
+    x, y, z = (
+        np.array([value(label) for label in errors], dtype=float)
+        for value in (lambda r: tables[r]["C_bar"][-1], lambda r: tables[r]["L"][-1], errors.get)
+    )
+    keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    support = error_contour_support(x[keep], y[keep], z[keep], min_runs)
+    if support.triangulation is None:
+        return support.reason
+    used = z[keep]
+    levels = MaxNLocator(nbins=min(8, len(used) - 1)).tick_values(used.min(), used.max())
+    contour = axes.tricontourf(support.triangulation, used, levels=levels, cmap="Greys", alpha=0.5)
+    figure.colorbar(contour, ax=axes, label=f"{error_label} (linear between {len(used)} runs' final points)")
+    return ""
 
 
 def plot_minibatch_heatmap(

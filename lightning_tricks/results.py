@@ -160,8 +160,9 @@ def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bo
 
 
 def load_minibatch_heatmap(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
-    """MinibatchHeatmap's distances ``{"epoch", "batch", "metric", "distance"}``, one record per
-    measured epoch and batch rank (``heatmap.csv``), across resumes."""
+    """MinibatchHeatmap's distances ``{"epoch", "lr", "phase", "batch", "metric", "distance"}``, one
+    record per measured epoch and batch rank (``heatmap.csv``), across resumes; ``phase`` numbers
+    the learning-rate phases (seed 002 §3.1) as the callback's figures do."""
     records = concatenate_runs(run_dir, HEATMAP_FILE, "epoch", "heatmap", follow_resumes)
     return _maybe_frame(records, as_frame)
 

@@ -391,32 +391,6 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
         assert math.isfinite(ours["c_k"]) and ours["rank"] <= 4
 
 
-def write_fisher_csv(path, batch_size: int, epochs: int = 10) -> None:
-    epoch = np.arange(epochs)
-    c_bar, total = 5 + batch_size / 32 + 0.1 * epoch, 0.2 * (epoch + 1) / batch_size
-    rows = np.column_stack(
-        [epoch, epoch * 10, c_bar, total, np.full(epochs, 0.1), np.full(epochs, batch_size)]
-    )
-    np.savetxt(path, rows, delimiter=",", header="epoch,step,C_bar,L,lr,batch_size", comments="")
-
-
-def test_beacon_map_marks_progress_points_and_draws_the_error_contour(tmp_path):
-    runs = {}
-    for batch_size in (32, 128, 512):
-        runs[f"s{batch_size}"] = tmp_path / f"s{batch_size}.csv"
-        write_fisher_csv(runs[f"s{batch_size}"], batch_size)
-    figure = beacon_map(runs, errors={"s32": 0.05, "s128": 0.06, "s512": 0.09})
-
-    axes = figure.axes[0]
-    markers = [c for c in axes.collections if c.get_offsets().shape[0] and not hasattr(c, "levels")]
-    # 10 epochs: 5 %, 20 %, …, 100 % fall on rows 0, 1, 3, 5, 7, 9
-    assert [m.get_offsets().shape[0] for m in markers] == [6, 6, 6]
-    assert np.allclose(markers[0].get_offsets()[:, 0], [5 + 1 + 0.1 * e for e in (0, 1, 3, 5, 7, 9)])
-    assert len(figure.axes) == 3, "the batch-size colour bar and the error colour bar"
-    with pytest.raises(ValueError, match="color_by"):
-        beacon_map(runs, color_by="momentum")
-
-
 class Float32Net(SmallNet):
     def __init__(self) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ from lightning_tricks.gradients.minibatch_distance import (
     sketch_failure_probability,
 )
 from lightning_tricks.image_metrics import intensity
+from lightning_tricks.results import load_minibatch_heatmap
 from lightning_tricks.samplers import MetricSortedBatchSampler
 
 SAMPLES, BATCH = 36, 8  # 5 batches a epoch, the last one of 4 samples
@@ -153,6 +154,8 @@ def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, dist
     assert heatmap.epochs == [0, 1, 2]
     assert heatmap.history[6] == {
         "epoch": 1,
+        "lr": 0.1,
+        "phase": 0,
         "batch": 1,
         "metric": pytest.approx(batch_means[1]),
         "distance": pytest.approx(reference[1, 1], abs=1e-6),
@@ -279,6 +282,9 @@ def test_phases_follow_the_learning_rate(tmp_path):
     assert heatmap.phase_of_epoch == [0, 0, 1, 1]
     files = os.listdir(heatmap.run_dir)
     assert "heatmap.phase_0.png" in files and "heatmap.phase_1.png" in files
+    records = load_minibatch_heatmap(heatmap.run_dir)  # heatmap.csv splits by phase when read back
+    assert [(row["epoch"], row["phase"]) for row in records[::5]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert [row["lr"] for row in records[::5]] == pytest.approx([0.1, 0.1, 0.01, 0.01])
 
 
 def test_phase_indices():

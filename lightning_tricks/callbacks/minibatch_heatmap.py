@@ -33,7 +33,7 @@ from ._base import TrickCallback, check_every_n, first_learning_rate, resolve_lo
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
-HISTORY_COLUMNS = ("epoch", "batch", "metric", "distance")
+HISTORY_COLUMNS = ("epoch", "lr", "phase", "batch", "metric", "distance")
 SPILL_FILE = "heatmap_gradients.tmp.npy"
 
 
@@ -71,9 +71,10 @@ class MinibatchHeatmap(TrickCallback):
 
     **Output.** :attr:`matrix` (measured epochs × K, batches in metric order), written with the epoch
     numbers as ``heatmap_matrix.npy`` / ``heatmap_matrix.csv`` in the run folder after each measured
-    epoch; :attr:`history`, one record ``{"epoch", "batch", "metric", "distance"}`` per epoch and
-    batch (``heatmap.csv``; with ``Trainer(limit_train_batches=...)`` ∇_e is the mean over the visited
-    batches and the others are NaN); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
+    epoch; :attr:`history`, one record ``{"epoch", "lr", "phase", "batch", "metric", "distance"}``
+    per epoch and batch (``heatmap.csv``, so a reader can split it by phase; with
+    ``Trainer(limit_train_batches=...)`` ∇_e is the mean over the visited batches and the others
+    are NaN); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
     batch's mean metric value on the top axis, y epoch; ``log_scale`` colours) through every logger
     that shows images and as PNG. Phases (seed §3.1: "epochs with the same learning rate"):
     ``phases="lr"`` starts a phase whenever the first param group's learning rate at an epoch start
@@ -271,11 +272,12 @@ class MinibatchHeatmap(TrickCallback):
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One record ``{"epoch", "batch", "metric", "distance"}`` per measured epoch and batch."""
+        """One record ``{"epoch", "lr", "phase", "batch", "metric", "distance"}`` per measured epoch
+        and batch (``lr``: the first param group's at the epoch start; ``phase``: :attr:`phase_of_epoch`)."""
         values = self._batch_values or []
         return [
-            {"epoch": epoch, "batch": k, "metric": values[k], "distance": distance}
-            for epoch, row in zip(self._epochs, self._rows)
+            {"epoch": epoch, "lr": lr, "phase": phase, "batch": k, "metric": values[k], "distance": distance}
+            for epoch, lr, phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
             for k, distance in enumerate(row)
         ]
 

@@ -1,0 +1,205 @@
+"""The beacon map's promises, checked on the Figure's artists: the error contour only where the
+runs support it, colour bars without invented ranges, labelled axes and runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.text import Annotation
+from matplotlib.tri import TriContourSet
+
+from lightning_tricks.plotting import CONTOUR_MIN_RUNS, beacon_map, error_contour_support
+
+BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+LEARNING_RATES = (0.025, 0.05, 0.1, 0.2, 0.4)
+
+
+def run_table(batch_size: int, lr: float, rows: int = 10) -> dict[str, np.ndarray]:
+    """A FisherSpectrum-like table: C̄ grows with the batch size, L with α/|B| (seed 004 §4.1)."""
+    t = np.arange(1, rows + 1)
+    return {
+        "C_bar": 5 + np.log2(batch_size) * (1 + lr) + 0.1 * t,
+        "L": 3 * lr / batch_size * t,
+        "batch_size": np.full(rows, float(batch_size)),
+        "lr": np.full(rows, lr),
+    }
+
+
+def error_of(batch_size: int, lr: float) -> float:
+    return 0.05 + 0.01 * abs(np.log2(batch_size / 32)) + 0.02 * abs(np.log2(lr / 0.1))
+
+
+def grid(batch_sizes=BATCH_SIZES, learning_rates=LEARNING_RATES):
+    runs = {f"s{b}-lr{lr:g}": run_table(b, lr) for b in batch_sizes for lr in learning_rates}
+    errors = {f"s{b}-lr{lr:g}": error_of(b, lr) for b in batch_sizes for lr in learning_rates}
+    return runs, errors
+
+
+def contours(figure):
+    return [c for c in figure.axes[0].collections if isinstance(c, TriContourSet)]
+
+
+def title(figure) -> str:
+    return figure.axes[0].get_title()
+
+
+def test_contour_is_drawn_from_a_full_grid_and_stays_inside_the_points_hull():
+    runs, errors = grid()
+    figure = beacon_map(runs, errors=errors)
+    (contour,) = contours(figure)
+    assert "no error contour" not in title(figure)
+    assert contour.levels.min() <= min(errors.values()) and contour.levels.max() >= max(errors.values())
+    x = [table["C_bar"][-1] for table in runs.values()]
+    y = [table["L"][-1] for table in runs.values()]
+    for path in contour.get_paths():
+        if len(path.vertices):
+            assert path.vertices[:, 0].min() >= min(x) - 1e-9 and path.vertices[:, 0].max() <= max(x) + 1e-9
+            assert path.vertices[:, 1].min() >= min(y) - 1e-12 and path.vertices[:, 1].max() <= max(y) + 1e-12
+    labels = [axes.get_ylabel() for axes in figure.axes[1:]]
+    assert any("test error" in label and "35 runs" in label for label in labels), labels
+
+
+@pytest.mark.parametrize("count", [1, 3, CONTOUR_MIN_RUNS - 1])
+def test_contour_is_absent_with_too_few_runs_and_the_title_says_so(count):
+    runs, errors = grid()
+    names = list(runs)[:: len(runs) // count][:count]
+    figure = beacon_map({n: runs[n] for n in names}, errors={n: errors[n] for n in names})
+    assert not contours(figure)
+    assert f"it needs ≥ {CONTOUR_MIN_RUNS} runs with an error; have {count}" in title(figure)
+
+
+def test_min_contour_runs_moves_the_threshold():
+    runs, errors = grid(batch_sizes=(16, 64, 256), learning_rates=(0.05, 0.2))
+    assert not contours(beacon_map(runs, errors=errors, min_contour_runs=7))
+    assert len(contours(beacon_map(runs, errors=errors, min_contour_runs=6))) == 1
+
+
+def test_contour_is_absent_when_the_final_points_are_collinear():
+    """One learning rate's beacons s8 … s512 (seed 004 Fig. 5) placed on a line: nothing to span."""
+    runs, errors = {}, {}
+    for i, batch_size in enumerate(BATCH_SIZES):
+        table = run_table(batch_size, 0.1)
+        table["C_bar"][-1], table["L"][-1] = 6 + i, 0.5 - 0.05 * i
+        runs[f"s{batch_size}-lr0.1"], errors[f"s{batch_size}-lr0.1"] = table, error_of(batch_size, 0.1)
+    figure = beacon_map(runs, errors=errors)
+    assert not contours(figure)
+    assert "collinear" in title(figure)
+
+
+def test_contour_is_absent_with_fewer_than_three_distinct_values_on_an_axis():
+    x = [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    y = [0.1, 0.2, 0.3, 0.1, 0.2, 0.3]
+    support = error_contour_support(x, y, [0.1, 0.2, 0.3, 0.2, 0.3, 0.4])
+    assert support.triangulation is None and "have 2 and 3" in support.reason
+
+
+def test_contour_is_absent_when_every_run_has_the_same_error():
+    runs, _ = grid(batch_sizes=(16, 64, 256), learning_rates=(0.05, 0.1, 0.2))
+    figure = beacon_map(runs, errors=dict.fromkeys(runs, 0.1))
+    assert not contours(figure) and "same error" in title(figure)
+
+
+def test_triangles_bridging_a_gap_and_border_slivers_are_masked():
+    rng = np.random.default_rng(0)
+    cluster = rng.uniform(0, 1, size=(12, 2))
+    points = np.vstack([cluster, [[8.0, 8.0]]])  # one far run: its triangles span a gap
+    support = error_contour_support(points[:, 0], points[:, 1], rng.uniform(0, 1, 13))
+    triangulation = support.triangulation
+    far = np.any(triangulation.triangles == 12, axis=1)
+    assert far.any() and triangulation.mask[far].all(), "every triangle reaching the far run is masked"
+    assert not triangulation.mask[~far].all(), "the cluster keeps its triangles"
+
+
+def test_non_finite_errors_and_points_are_left_out():
+    runs, errors = grid(batch_sizes=(16, 64, 256), learning_rates=(0.05, 0.2))
+    errors["s16-lr0.05"] = float("nan")
+    figure = beacon_map(runs, errors=errors)
+    assert not contours(figure) and "have 5" in title(figure)
+
+
+def test_one_run_has_no_colour_bar_and_its_value_is_written():
+    runs, _ = grid(batch_sizes=(32,), learning_rates=(0.1,))
+    figure = beacon_map(runs)
+    assert len(figure.axes) == 1, "no colour bar"
+    assert "all runs: mini-batch size |B_k| = 32" in title(figure)
+    figure = beacon_map(runs, color_by="lr")
+    assert len(figure.axes) == 1 and "learning rate α_k = 0.1" in title(figure)
+
+
+def test_colour_bar_has_one_tick_per_value_that_occurs():
+    runs, errors = grid(batch_sizes=(32, 512), learning_rates=(0.1,))
+    figure = beacon_map(runs, errors=errors)
+    assert len(figure.axes) == 2, "the batch-size colour bar; no error colour bar without a contour"
+    colour_bar = figure.axes[1]
+    assert [t.get_text() for t in colour_bar.get_yticklabels()] == ["32", "512"]
+    assert "mini-batch size" in colour_bar.get_ylabel()
+    runs, _ = grid(batch_sizes=(64,), learning_rates=(0.05, 0.1, 0.4))
+    colour_bar = beacon_map(runs, color_by="lr").axes[1]
+    assert [t.get_text() for t in colour_bar.get_yticklabels()] == ["0.05", "0.1", "0.4"]
+
+
+def test_runs_are_coloured_by_their_first_value():
+    """A dynamic-sampling run s32-to-512 takes the colour of the s32 beacon (seed 004 Fig. 5)."""
+    beacon = run_table(32, 0.1)
+    dynamic = run_table(32, 0.1)
+    dynamic["batch_size"] = np.repeat([32.0, 64, 128, 256, 512], 2)
+    figure = beacon_map({"s32-lr0.1": beacon, "s32-to-512": dynamic, "s512-lr0.1": run_table(512, 0.1)})
+    lines = figure.axes[0].get_lines()
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+
+
+def test_axes_name_the_measures_and_each_run_is_labelled_at_its_end():
+    runs, errors = grid(batch_sizes=(16, 128), learning_rates=(0.1,))
+    figure = beacon_map(runs, errors=errors)
+    axes = figure.axes[0]
+    assert axes.get_xlabel().startswith("C̄_K") and "truncated condition number" in axes.get_xlabel()
+    assert axes.get_ylabel().startswith("L_K") and "cumulative l_k" in axes.get_ylabel()
+    annotations = [child for child in axes.get_children() if isinstance(child, Annotation)]
+    assert [a.get_text() for a in annotations] == [f"{name}: {errors[name]:.3g}" for name in runs]
+    assert [a.xy for a in annotations] == [(t["C_bar"][-1], t["L"][-1]) for t in runs.values()]
+
+
+def test_progress_markers_fall_on_the_rows_reached(tmp_path):
+    """10 rows: 5 %, 20 %, …, 100 % fall on rows 0, 1, 3, 5, 7, 9."""
+    runs = {}
+    for batch_size in (32, 128, 512):
+        table = run_table(batch_size, 0.1)
+        runs[f"s{batch_size}"] = path = tmp_path / f"s{batch_size}.csv"
+        columns = ["C_bar", "L", "lr", "batch_size"]
+        np.savetxt(
+            path,
+            np.column_stack([table[c] for c in columns]),
+            delimiter=",",
+            header=",".join(columns),
+            comments="",
+        )
+    figure = beacon_map(runs)
+    markers = [c for c in figure.axes[0].collections if c.get_offsets().shape[0]]
+    assert [m.get_offsets().shape[0] for m in markers] == [6, 6, 6]
+    expected = run_table(32, 0.1)["C_bar"][[0, 1, 3, 5, 7, 9]]
+    np.testing.assert_allclose(markers[0].get_offsets()[:, 0], expected)
+
+
+def test_records_as_the_results_loader_returns_them_are_accepted():
+    table = run_table(32, 0.1, rows=4)
+    records = [{name: float(values[i]) for name, values in table.items()} for i in range(4)]
+    figure = beacon_map({"s32-lr0.1": records})
+    np.testing.assert_allclose(figure.axes[0].get_lines()[0].get_xdata(), table["C_bar"])
+
+
+def test_bad_arguments_are_clear_errors():
+    runs, errors = grid(batch_sizes=(32,), learning_rates=(0.1,))
+    with pytest.raises(ValueError, match="color_by"):
+        beacon_map(runs, color_by="momentum")
+    with pytest.raises(ValueError, match="not in `runs`"):
+        beacon_map(runs, errors={"s64-lr0.1": 0.1})
+    with pytest.raises(ValueError, match="min_contour_runs"):
+        beacon_map(runs, min_contour_runs=2)
+    with pytest.raises(ValueError, match="progress"):
+        beacon_map(runs, progress=[0.0, 1.0])
+    with pytest.raises(ValueError, match="no column \\['L'\\]"):
+        beacon_map({"s32": {"C_bar": [1.0], "batch_size": [32]}})
+    with pytest.raises(ValueError, match="no rows"):
+        beacon_map({"s32": {"C_bar": [], "L": [], "batch_size": []}})
+    with pytest.raises(ValueError, match="at least one"):
+        beacon_map({})
