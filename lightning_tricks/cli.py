@@ -54,7 +54,16 @@ class TricksCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
-CLI_OPTIONS = dict(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+SWEEP_HELP = (
+    "Train, validate or test any LightningModule from a config (`fit -c configs/demo.yaml`). "
+    "`lightning-tricks sweep GRID.yaml` runs a grid of such runs (`lightning-tricks sweep --help`)."
+)
+CLI_OPTIONS = dict(
+    subclass_mode_model=True,
+    subclass_mode_data=True,
+    save_config_kwargs={"overwrite": True},
+    parser_kwargs={"description": SWEEP_HELP},
+)
 """How ``main`` builds ``TricksCLI`` (also used by ``lightning_tricks.sweep`` to check a run's arguments)."""
 
 

@@ -55,3 +55,9 @@ def test_torch_threads_must_be_positive(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="--torch_threads"):
         main(["fit", "-c", str(DEMO), "--torch_threads", "0", "--trainer.fast_dev_run", "1"])
+
+
+def test_help_names_the_sweep_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "lightning-tricks sweep GRID.yaml" in " ".join(capsys.readouterr().out.split())
