@@ -17,9 +17,8 @@ import statistics
 import tempfile
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import torch
-from common import ResNet20Classifier, StepTimer, random_image_loader, silence_lightning
+from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
 from lightning.pytorch.callbacks import Callback
 
 from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
@@ -52,19 +51,9 @@ def mean_step_time(config: str, precision: str, loader, steps: int, warmup: int,
     make = CONFIGS[config]
     callbacks = [timer] if make is None else [timer, make()]
     torch.manual_seed(0)
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
+    quiet_trainer(steps, callbacks, root, accelerator="gpu", precision=precision).fit(
+        ResNet20Classifier(), loader
     )
-    trainer.fit(ResNet20Classifier(), loader)
     return statistics.fmean(timer.times[warmup:])
 
 

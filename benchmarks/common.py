@@ -61,11 +61,14 @@ def random_image_loader(steps: int, batch_size: int) -> DataLoader:
     )
 
 
-def quiet_trainer(steps: int, callbacks: list[Callback], root: str | None = None) -> pl.Trainer:
-    """A CPU trainer for ``steps`` steps with no logger, checkpoint, progress bar or summary."""
+def quiet_trainer(
+    steps: int, callbacks: list[Callback], root: str | None = None, accelerator: str = "cpu", **options
+) -> pl.Trainer:
+    """A one-device trainer for ``steps`` steps with no logger, checkpoint, progress bar or summary
+    (``options``: more Trainer arguments, e.g. ``precision``)."""
     return pl.Trainer(
         default_root_dir=root,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=steps,
         logger=False,
@@ -73,6 +76,7 @@ def quiet_trainer(steps: int, callbacks: list[Callback], root: str | None = None
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        **options,
     )
 
 
