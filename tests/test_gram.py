@@ -739,3 +739,19 @@ def test_collector_leaves_no_warning_on_supported_model() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collect(model, x, y).matrix()
+
+
+@pytest.mark.parametrize("batch", [1, 63, 64, 65, 128, 129])
+def test_block_triangular_gram_equals_full_product(batch: int) -> None:
+    """The Gram of each materialised layer is built from its upper block triangle from
+    ``SYMMETRIC_MIN_BATCH`` rows on; it must equal R Rᵀ, for odd B too, its lower-left block the
+    mirror of the upper-right one."""
+    from lightning_tricks.gradients.gram import SYMMETRIC_MIN_BATCH, _gram
+
+    assert SYMMETRIC_MIN_BATCH <= 64
+    rows = torch.randn(batch, 37, dtype=DTYPE)
+    gram = _gram(rows)
+    torch.testing.assert_close(gram, rows @ rows.T, rtol=1e-13, atol=1e-13)
+    half = batch // 2
+    if batch >= SYMMETRIC_MIN_BATCH:
+        assert torch.equal(gram[half:, :half], gram[:half, half:].T)

@@ -527,7 +527,8 @@ class GramCollector:
         own.update(map(layer.shared.get, layer.active_shared))
         self._visible.update(own)
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-        stack = [leaf.grad_fn for leaf in output_leaves(output) if isinstance(leaf, Tensor) and leaf.grad_fn]
+        leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
+        stack = [leaf.grad_fn for leaf in leaves if isinstance(leaf, Tensor) and leaf.grad_fn]
         seen = stops | set(stack)
         while stack:
             node = stack.pop()
@@ -588,11 +589,9 @@ class GramCollector:
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
             else:
-                grads = factor.per_sample()
-                per_sample.append(grads.reshape(len(grads), -1))
+                per_sample.append(_rows(factor))
         if per_sample:
-            flat = torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]
-            blocks.append(flat @ flat.T)
+            blocks.append(_gram(torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]))
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
         self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
@@ -648,6 +647,8 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 
 
 def _requires_grad(output: Any) -> bool:
+    if isinstance(output, Tensor):
+        return output.requires_grad
     return any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in output_leaves(output))
 
 
@@ -657,6 +658,9 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
     leaf (``None`` where none arrived), with only the gradient from outside the module (a tensor
     hook would also count paths from one output through another, e.g. h → tanh(h)); the output
     made of the node's results is returned, to replace the module's."""
+    if isinstance(output, Tensor):
+        output.register_hook(callback)
+        return None
     leaves, spec = tree_flatten(output)
     hooked = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
     if len(hooked) == 1:
@@ -715,6 +719,35 @@ def _choose_method(factor: GradFactor, method: str) -> str:
         return method
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
+
+
+SYMMETRIC_MIN_BATCH = 64
+"""From this batch size on, :func:`_gram` computes only the upper block triangle."""
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """G = R Rᵀ for R (B, P) with 3/4 of the multiply-adds: R split into halves R₀, R₁ by rows,
+    the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is
+    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows, one product."""
+    batch = len(rows)
+    if batch < SYMMETRIC_MIN_BATCH:
+        return rows @ rows.T
+    half = batch // 2
+    gram = rows.new_empty(batch, batch)
+    gram[:half] = rows[:half] @ rows.T
+    gram[half:, half:] = rows[half:] @ rows[half:].T
+    gram[half:, :half] = gram[:half, half:].T
+    return gram
+
+
+def _rows(factor: GradFactor) -> Tensor:
+    """(B, P) per-sample gradients, flattened: the factor's own ``rows()`` where it has one (entries
+    in an order of its choosing, the same for every sample), else ``per_sample()`` reshaped."""
+    rows = getattr(factor, "rows", None)
+    if rows is not None:
+        return rows()
+    grads = factor.per_sample()
+    return grads.reshape(len(grads), -1)
 
 
 def _param_name(layer: _Layer, name: str) -> str:
