@@ -746,10 +746,10 @@ def test_block_triangular_gram_equals_full_product(batch: int) -> None:
     """The Gram of each materialised layer is built from its upper block triangle from
     ``SYMMETRIC_MIN_BATCH`` rows on; it must equal R Rᵀ, for odd B too, its lower-left block the
     mirror of the upper-right one."""
-    from lightning_tricks.gradients.gram import SYMMETRIC_MIN_BATCH, _gram
+    from lightning_tricks.gradients.gram import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
 
     assert SYMMETRIC_MIN_BATCH <= 64
-    rows = torch.randn(batch, 37, dtype=DTYPE)
+    rows = torch.randn(batch, SYMMETRIC_MIN_ENTRIES + 3, dtype=DTYPE)
     gram = _gram(rows)
     torch.testing.assert_close(gram, rows @ rows.T, rtol=1e-13, atol=1e-13)
     half = batch // 2

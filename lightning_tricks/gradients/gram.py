@@ -722,15 +722,17 @@ def _choose_method(factor: GradFactor, method: str) -> str:
 
 
 SYMMETRIC_MIN_BATCH = 64
-"""From this batch size on, :func:`_gram` computes only the upper block triangle."""
+SYMMETRIC_MIN_ENTRIES = 1024
+"""From this batch size and this many entries per row on, :func:`_gram` computes only the upper
+block triangle (below, the three products cost more than the multiply-adds they save)."""
 
 
 def _gram(rows: Tensor) -> Tensor:
     """G = R Rᵀ for R (B, P) with 3/4 of the multiply-adds: R split into halves R₀, R₁ by rows,
     the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is
-    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows, one product."""
+    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` columns, one product."""
     batch = len(rows)
-    if batch < SYMMETRIC_MIN_BATCH:
+    if batch < SYMMETRIC_MIN_BATCH or rows.shape[1] < SYMMETRIC_MIN_ENTRIES:
         return rows @ rows.T
     half = batch // 2
     gram = rows.new_empty(batch, batch)
