@@ -155,17 +155,20 @@ def test_collector_on_a_conv_net_through_each_method(
 
 
 @pytest.mark.parametrize(
-    ("layer", "size", "expected"),
+    ("layer", "size", "on_cpu", "elsewhere"),
     [
-        (nn.Conv2d(3, 16, 3, padding=1), 32, "patches"),  # stem: 27-entry patches
-        (nn.Conv2d(16, 16, 3, padding=1), 32, "grouped"),
-        (nn.Conv2d(32, 32, 3, padding=1), 16, "grouped"),
-        (nn.Conv2d(64, 64, 3, padding=1), 8, "shifted"),
-        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 16, "patches"),  # 8×8 output, stride 2
+        (nn.Conv2d(3, 16, 3, padding=1), 32, "patches", "grouped"),  # stem: 27-entry patches
+        (nn.Conv2d(16, 16, 3, padding=1), 32, "grouped", "grouped"),
+        (nn.Conv2d(32, 32, 3, padding=1), 16, "grouped", "grouped"),
+        (nn.Conv2d(64, 64, 3, padding=1), 8, "shifted", "patches"),
+        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 16, "patches", "patches"),  # 8×8 output, stride 2
     ],
 )
-def test_chooser_on_resnet20_shapes(layer: nn.Module, size: int, expected: str) -> None:
+def test_chooser_on_resnet20_shapes(layer: nn.Module, size: int, on_cpu: str, elsewhere: str) -> None:
+    """The CPU choices, and the GPU ones (fewer kernel launches), seen on the shape-only meta device."""
     x = torch.randn(2, layer.in_channels, size, size)
     with torch.no_grad():
         delta = torch.randn_like(layer(x))
-    assert ConvFactor(x, delta, layer, torch.float32).per_sample_method() == expected
+    assert ConvFactor(x, delta, layer, torch.float32).per_sample_method() == on_cpu
+    meta = ConvFactor(x.to("meta"), delta.to("meta"), layer.to("meta"), torch.float32)
+    assert meta.per_sample_method() == elsewhere

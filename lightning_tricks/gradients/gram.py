@@ -152,7 +152,11 @@ class GramCollector:
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
     float64, where the blocks are stored and summed, on the model's device; nothing syncs with the
-    host. G is that of the loss actually backpropagated: with a gradient scaler (16-bit AMP) divide
+    host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
+    multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
+    gradients (:meth:`ConvFactor.per_sample_method
+    <lightning_tricks.gradients.gram_rules.ConvFactor.per_sample_method>`). G is that of the loss
+    actually backpropagated: with a gradient scaler (16-bit AMP) divide
     it by the scale squared.
 
     Args:
@@ -730,9 +734,10 @@ block triangle (below, the three products cost more than the multiply-adds they 
 def _gram(rows: Tensor) -> Tensor:
     """G = R Rᵀ for R (B, P) with 3/4 of the multiply-adds: R split into halves R₀, R₁ by rows,
     the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is
-    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` columns, one product."""
+    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` columns, and off the
+    CPU (where the extra kernel launches cost more than the multiply-adds saved), one product."""
     batch = len(rows)
-    if batch < SYMMETRIC_MIN_BATCH or rows.shape[1] < SYMMETRIC_MIN_ENTRIES:
+    if batch < SYMMETRIC_MIN_BATCH or rows.shape[1] < SYMMETRIC_MIN_ENTRIES or rows.device.type != "cpu":
         return rows @ rows.T
     half = batch // 2
     gram = rows.new_empty(batch, batch)

@@ -146,10 +146,14 @@ class ConvFactor(NamedTuple):
     dtype: torch.dtype
 
     def per_sample_method(self) -> str:
-        """``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries), else ``"shifted"`` or
-        (stride > 1) ``"patches"`` on small maps (≤ ``UNFOLD_MAX_POSITIONS`` positions), else
-        ``"grouped"`` (one B·groups-group convolution backward; slow on small maps)."""
+        """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries), else
+        ``"shifted"`` or (stride > 1) ``"patches"`` on small maps (≤ ``UNFOLD_MAX_POSITIONS``
+        positions), else ``"grouped"`` (one B·groups-group convolution backward; slow on small
+        maps). Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on
+        small maps, else ``"grouped"``."""
         positions, patch, _ = self._sizes()
+        if self.inputs.device.type != "cpu":
+            return "patches" if positions <= UNFOLD_MAX_POSITIONS else "grouped"
         if patch <= UNFOLD_MAX_PATCH:
             return "patches"
         if positions > UNFOLD_MAX_POSITIONS:
