@@ -88,10 +88,12 @@ def test_each_method_matches_per_sample_loop(
     grads = factor.per_sample()
     assert grads.shape == expected.shape and grads.dtype == DTYPE
     torch.testing.assert_close(grads, expected, rtol=1e-12, atol=1e-12)
-    rows = factor.rows()
-    assert rows.shape == (batch, expected[0].numel())
+    rows = factor.rows()  # (B, P), or split into column blocks (n, B, P / n)
+    blocks = rows if rows.dim() == 3 else rows[None]
+    assert blocks.shape[1] == batch and blocks.shape[0] * blocks.shape[2] == expected[0].numel()
     flat = expected.reshape(batch, -1)
-    torch.testing.assert_close(rows @ rows.T, flat @ flat.T, rtol=1e-12, atol=1e-10)
+    gram = sum(block @ block.T for block in blocks)
+    torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))

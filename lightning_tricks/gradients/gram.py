@@ -156,8 +156,7 @@ class GramCollector:
     multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
     gradients (:meth:`ConvFactor.per_sample_method
     <lightning_tricks.gradients.gram_rules.ConvFactor.per_sample_method>`). G is that of the loss
-    actually backpropagated: with a gradient scaler (16-bit AMP) divide
-    it by the scale squared.
+    actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
@@ -594,8 +593,10 @@ class GramCollector:
                 blocks.append(factor.ghost_gram())
             else:
                 per_sample.append(_rows(factor))
-        if per_sample:
-            blocks.append(_gram(torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]))
+        if len(per_sample) > 1:
+            blocks.append(_gram(torch.cat([_per_sample_order(rows) for rows in per_sample], dim=1)))
+        elif per_sample:
+            blocks.append(_gram(per_sample[0]))
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
         self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
@@ -730,31 +731,46 @@ SYMMETRIC_MIN_ENTRIES = 1024
 """From this batch size and this many entries per row on, :func:`_gram` computes only the upper
 block triangle (below, the three products cost more than the multiply-adds they save)."""
 
+GRAM_SPLITS = 4
+"""Rows (B, P) with P divisible by this are split into this many column blocks for :func:`_gram`."""
+
 
 def _gram(rows: Tensor) -> Tensor:
-    """G = R Rᵀ for R (B, P) with 3/4 of the multiply-adds: R split into halves R₀, R₁ by rows,
-    the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is
-    symmetric). Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` columns, and off the
-    CPU (where the extra kernel launches cost more than the multiply-adds saved), one product."""
-    batch = len(rows)
-    if batch < SYMMETRIC_MIN_BATCH or rows.shape[1] < SYMMETRIC_MIN_ENTRIES or rows.device.type != "cpu":
-        return rows @ rows.T
+    """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (2-D rows (B, P) are
+    viewed so, ``GRAM_SPLITS`` blocks): one batched product, whose independent blocks keep every
+    thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁, the
+    top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
+    Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` entries, and off the CPU
+    (where extra kernel launches cost more than the multiply-adds saved), one product."""
+    if rows.dim() == 2 and rows.shape[1] % GRAM_SPLITS == 0:
+        rows = rows.view(len(rows), GRAM_SPLITS, -1).transpose(0, 1)
+    elif rows.dim() == 2:
+        rows = rows[None]
+    splits, batch, entries = rows.shape
+    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or rows.device.type != "cpu":
+        return torch.bmm(rows, rows.transpose(1, 2)).sum(0) if splits > 1 else rows[0] @ rows[0].T
     half = batch // 2
     gram = rows.new_empty(batch, batch)
-    gram[:half] = rows[:half] @ rows.T
-    gram[half:, half:] = rows[half:] @ rows[half:].T
+    gram[:half] = torch.bmm(rows[:, :half], rows.transpose(1, 2)).sum(0)
+    gram[half:, half:] = torch.bmm(rows[:, half:], rows[:, half:].transpose(1, 2)).sum(0)
     gram[half:, :half] = gram[:half, half:].T
     return gram
 
 
 def _rows(factor: GradFactor) -> Tensor:
-    """(B, P) per-sample gradients, flattened: the factor's own ``rows()`` where it has one (entries
-    in an order of its choosing, the same for every sample), else ``per_sample()`` reshaped."""
+    """Per-sample gradients, flattened: the factor's own ``rows()`` where it has one ((B, P), entries
+    in an order of its choosing, the same for every sample, or (n, B, P_n) split into column
+    blocks), else ``per_sample()`` reshaped to (B, P)."""
     rows = getattr(factor, "rows", None)
     if rows is not None:
         return rows()
     grads = factor.per_sample()
     return grads.reshape(len(grads), -1)
+
+
+def _per_sample_order(rows: Tensor) -> Tensor:
+    """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
+    return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
 
 
 def _param_name(layer: _Layer, name: str) -> str:

@@ -166,11 +166,11 @@ class ConvFactor(NamedTuple):
         if method == "patches":
             return self.as_outer().per_sample()
         if method == "shifted":
-            grads = self._shifted_products()  # (B·K, Πk, q, p/Πk) → (B, K·q, p/Πk, *kernel)
+            grads = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
             batch, kernel = len(self.inputs), self.layer.kernel_size
-            grads = grads.reshape(batch, self.layer.groups, *kernel, *grads.shape[2:])
+            grads = grads.reshape(*kernel, batch, self.layer.groups, *grads.shape[2:])
             dims = len(kernel)
-            grads = grads.permute(0, 1, 2 + dims, 3 + dims, *range(2, 2 + dims))
+            grads = grads.permute(dims, dims + 1, dims + 2, dims + 3, *range(dims))
             return grads.reshape(batch, *self.layer.weight.shape)
         batch = len(self.inputs)
         inputs, padding = self._convolved()
@@ -181,15 +181,16 @@ class ConvFactor(NamedTuple):
         return grads.reshape(batch, *self.layer.weight.shape)
 
     def rows(self) -> Tensor:
-        """(B, W.numel()): g_i flattened, its entries in an order of the method's choosing (the
-        same for every i; G only needs ⟨g_i, g_j⟩): kernel offset before channels when shifted."""
+        """g_i flattened, (B, W.numel()), or split by kernel offset, (Πk, B, W.numel()/Πk) when
+        shifted (G = Σ over the splits of their Grams; no copy into per-sample order)."""
         if self.per_sample_method() == "shifted":
-            return self._shifted_products().reshape(len(self.inputs), -1)
+            grads = self._shifted_products()
+            return grads.reshape(len(grads), len(self.inputs), -1)
         grads = self.per_sample()
         return grads.reshape(len(grads), -1)
 
     def _shifted_products(self) -> Tensor:
-        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (B·K, Πk, q, p/Πk): o is the side
+        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk): o is the side
         indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
         zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
 
@@ -215,7 +216,10 @@ class ConvFactor(NamedTuple):
         if offsets[-1] + span > flat.shape[-1]:
             flat = F.pad(flat, (0, offsets[-1] + span - flat.shape[-1]))
         rows = other.reshape(batch * groups, other.shape[1] // groups, span)
-        return torch.stack([torch.bmm(rows, flat[:, :, o : o + span].transpose(1, 2)) for o in offsets], 1)
+        grads = rows.new_empty(len(offsets), batch * groups, rows.shape[1], flat.shape[1])
+        for n, offset in enumerate(offsets):
+            torch.bmm(rows, flat[:, :, offset : offset + span].transpose(1, 2), out=grads[n])
+        return grads
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
