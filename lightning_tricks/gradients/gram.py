@@ -736,18 +736,19 @@ GRAM_SPLITS = 4
 
 
 def _gram(rows: Tensor) -> Tensor:
-    """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (2-D rows (B, P) are
-    viewed so, ``GRAM_SPLITS`` blocks): one batched product, whose independent blocks keep every
-    thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁, the
-    top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ and the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
+    """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (on CPU, 2-D rows (B, P)
+    are viewed so, ``GRAM_SPLITS`` blocks): one batched product, whose independent blocks keep
+    every thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁,
+    the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ, the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
     Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` entries, and off the CPU
     (where extra kernel launches cost more than the multiply-adds saved), one product."""
-    if rows.dim() == 2 and rows.shape[1] % GRAM_SPLITS == 0:
+    cpu = rows.device.type == "cpu"
+    if rows.dim() == 2 and cpu and rows.shape[1] % GRAM_SPLITS == 0:
         rows = rows.view(len(rows), GRAM_SPLITS, -1).transpose(0, 1)
     elif rows.dim() == 2:
         rows = rows[None]
     splits, batch, entries = rows.shape
-    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or rows.device.type != "cpu":
+    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or not cpu:
         return torch.bmm(rows, rows.transpose(1, 2)).sum(0) if splits > 1 else rows[0] @ rows[0].T
     half = batch // 2
     gram = rows.new_empty(batch, batch)
