@@ -33,8 +33,12 @@ the system with ``malloc_trim``), i.e. what the step allocated beyond the model,
 and batch that were already alive, also as a ratio to the plain step's; "nan" where that
 interface is missing. The header names the CPU and thread count: ratios depend on both.
 
+``--profile N`` adds, per batch size, the N operators whose self CPU time grows most from the plain
+step to the fused collector's step (``torch.profiler``, shapes kept apart, mean over 3 × 2 steps of
+each): where the remaining overhead goes.
+
     python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 3]
-                                      [--loop-samples 16] [--threads 2]
+                                      [--loop-samples 16] [--threads 2] [--profile 20]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import ctypes
 import statistics
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -278,6 +283,33 @@ def measure(
     return times, ratios, memory, skipped
 
 
+def profile_overhead(batch_size: int, rows: int) -> None:
+    """Print the ``rows`` operators (name, input shapes) whose self CPU time per step grows most from
+    the plain step to the fused collector's step, with both times."""
+    from torch.profiler import profile
+
+    work = Workload(batch_size)
+    steps = {"plain": work.plain_step, "fused": work.collector_step(GramCollector(work.net))}
+    per_step: dict[str, dict[tuple[str, str], float]] = {}
+    for name, step in steps.items():
+        step()
+        totals: dict[tuple[str, str], float] = defaultdict(float)
+        for _ in range(3):
+            with profile(record_shapes=True) as prof:
+                step()
+                step()
+            for event in prof.key_averages(group_by_input_shape=True):
+                totals[(event.key, str(event.input_shapes))] += event.self_cpu_time_total / 6e3
+        per_step[name] = totals
+    plain, fused = per_step["plain"], per_step["fused"]
+    keys = sorted(set(plain) | set(fused), key=lambda k: plain.get(k, 0.0) - fused.get(k, 0.0))
+    print(f"\nB = {batch_size}: self CPU ms per step (profiler on), largest growth first")
+    print(f"{'plain':>8} {'fused':>8}  operator, input shapes")
+    for key in keys[:rows]:
+        print(f"{plain.get(key, 0.0):8.2f} {fused.get(key, 0.0):8.2f}  {key[0]} {key[1][:90]}")
+    print(f"{sum(plain.values()):8.2f} {sum(fused.values()):8.2f}  total")
+
+
 def _timed(step: Step) -> float:
     start = time.perf_counter()
     reported = step()
@@ -293,6 +325,9 @@ def main() -> None:
         "--loop-samples", type=int, default=16, help="rows of J the loop computes (time scaled to B)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also list the N operators that grow most"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -317,6 +352,8 @@ def main() -> None:
             )
         for name, reason in skipped.items():
             print(f"{name:<30} skipped: {reason}")
+        if args.profile:
+            profile_overhead(batch_size, args.profile)
 
 
 if __name__ == "__main__":

@@ -152,8 +152,11 @@ class GramCollector:
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
     float64, where the blocks are stored and summed, on the model's device; nothing syncs with the
-    host. G is that of the loss actually backpropagated: with a gradient scaler (16-bit AMP) divide
-    it by the scale squared.
+    host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
+    multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
+    gradients (:meth:`ConvFactor.per_sample_method
+    <lightning_tricks.gradients.gram_rules.ConvFactor.per_sample_method>`). G is that of the loss
+    actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
@@ -527,7 +530,8 @@ class GramCollector:
         own.update(map(layer.shared.get, layer.active_shared))
         self._visible.update(own)
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-        stack = [leaf.grad_fn for leaf in output_leaves(output) if isinstance(leaf, Tensor) and leaf.grad_fn]
+        leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
+        stack = [leaf.grad_fn for leaf in leaves if isinstance(leaf, Tensor) and leaf.grad_fn]
         seen = stops | set(stack)
         while stack:
             node = stack.pop()
@@ -588,11 +592,11 @@ class GramCollector:
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
             else:
-                grads = factor.per_sample()
-                per_sample.append(grads.reshape(len(grads), -1))
-        if per_sample:
-            flat = torch.cat(per_sample, dim=1) if len(per_sample) > 1 else per_sample[0]
-            blocks.append(flat @ flat.T)
+                per_sample.append(_rows(factor))
+        if len(per_sample) > 1:
+            blocks.append(_gram(torch.cat([_per_sample_order(rows) for rows in per_sample], dim=1)))
+        elif per_sample:
+            blocks.append(_gram(per_sample[0]))
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
         self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
@@ -648,6 +652,8 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 
 
 def _requires_grad(output: Any) -> bool:
+    if isinstance(output, Tensor):
+        return output.requires_grad
     return any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in output_leaves(output))
 
 
@@ -657,6 +663,9 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
     leaf (``None`` where none arrived), with only the gradient from outside the module (a tensor
     hook would also count paths from one output through another, e.g. h → tanh(h)); the output
     made of the node's results is returned, to replace the module's."""
+    if isinstance(output, Tensor):
+        output.register_hook(callback)
+        return None
     leaves, spec = tree_flatten(output)
     hooked = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
     if len(hooked) == 1:
@@ -715,6 +724,54 @@ def _choose_method(factor: GradFactor, method: str) -> str:
         return method
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
+
+
+SYMMETRIC_MIN_BATCH = 64
+SYMMETRIC_MIN_ENTRIES = 1024
+"""From this batch size and this many entries per row on, :func:`_gram` computes only the upper
+block triangle (below, the three products cost more than the multiply-adds they save)."""
+
+GRAM_SPLITS = 4
+"""Rows (B, P) with P divisible by this are split into this many column blocks for :func:`_gram`."""
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (on CPU, 2-D rows (B, P)
+    are viewed so, ``GRAM_SPLITS`` blocks): one batched product, whose independent blocks keep
+    every thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁,
+    the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ, the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
+    Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` entries, and off the CPU
+    (where extra kernel launches cost more than the multiply-adds saved), one product."""
+    cpu = rows.device.type == "cpu"
+    if rows.dim() == 2 and cpu and rows.shape[1] % GRAM_SPLITS == 0:
+        rows = rows.view(len(rows), GRAM_SPLITS, -1).transpose(0, 1)
+    elif rows.dim() == 2:
+        rows = rows[None]
+    splits, batch, entries = rows.shape
+    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or not cpu:
+        return torch.bmm(rows, rows.transpose(1, 2)).sum(0) if splits > 1 else rows[0] @ rows[0].T
+    half = batch // 2
+    gram = rows.new_empty(batch, batch)
+    gram[:half] = torch.bmm(rows[:, :half], rows.transpose(1, 2)).sum(0)
+    gram[half:, half:] = torch.bmm(rows[:, half:], rows[:, half:].transpose(1, 2)).sum(0)
+    gram[half:, :half] = gram[:half, half:].T
+    return gram
+
+
+def _rows(factor: GradFactor) -> Tensor:
+    """Per-sample gradients, flattened: the factor's own ``rows()`` where it has one ((B, P), entries
+    in an order of its choosing, the same for every sample, or (n, B, P_n) split into column
+    blocks), else ``per_sample()`` reshaped to (B, P)."""
+    rows = getattr(factor, "rows", None)
+    if rows is not None:
+        return rows()
+    grads = factor.per_sample()
+    return grads.reshape(len(grads), -1)
+
+
+def _per_sample_order(rows: Tensor) -> Tensor:
+    """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
+    return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
 
 
 def _param_name(layer: _Layer, name: str) -> str:

@@ -25,6 +25,7 @@ cheaper one per layer and parameter. Adding a layer type is adding one function 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
@@ -120,7 +121,12 @@ class OuterFactor(NamedTuple):
 
 
 UNFOLD_MAX_POSITIONS = 64
-"""Convolutions with at most this many positions get per-sample gradients from unfolded patches."""
+"""Convolutions with at most this many positions (small maps) get per-sample gradients from batched
+matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
+
+UNFOLD_MAX_PATCH = 32
+"""Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
+convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
 
 
 class ConvFactor(NamedTuple):
@@ -128,8 +134,10 @@ class ConvFactor(NamedTuple):
 
     Shapes: ``inputs`` (B, C_in, *S), the layer's input, and ``backprops`` (B, C_out, *S'), the
     gradient of its output, both as autograd saw them (unpadded, in the layer's dtype); per-sample
-    gradients are computed in ``dtype``. On large maps they come from one convolution backward in
-    which the batch becomes B·groups groups, so no patches are unfolded unless needed.
+    gradients are computed in ``dtype`` by one of three exact methods (:meth:`per_sample_method`):
+    one convolution backward in which the batch becomes B·groups groups (large maps), one batched
+    matrix product per kernel offset on shifted views of the flattened, padded map (small maps,
+    stride 1: no patches copied), or a batched matrix product of unfolded patches.
     """
 
     inputs: Tensor
@@ -137,12 +145,33 @@ class ConvFactor(NamedTuple):
     layer: nn.Module
     dtype: torch.dtype
 
+    def per_sample_method(self) -> str:
+        """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries), else
+        ``"shifted"`` or (stride > 1) ``"patches"`` on small maps (≤ ``UNFOLD_MAX_POSITIONS``
+        positions), else ``"grouped"`` (one B·groups-group convolution backward; slow on small
+        maps). Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on
+        small maps, else ``"grouped"``."""
+        positions, patch, _ = self._sizes()
+        if self.inputs.device.type != "cpu":
+            return "patches" if positions <= UNFOLD_MAX_POSITIONS else "grouped"
+        if patch <= UNFOLD_MAX_PATCH:
+            return "patches"
+        if positions > UNFOLD_MAX_POSITIONS:
+            return "grouped"
+        return "shifted" if all(s == 1 for s in self.layer.stride) else "patches"
+
     def per_sample(self) -> Tensor:
-        """g_i for every i at once, shape (B, *W.shape): the weight gradient of one convolution with
-        B·K groups, or on small maps (T ≤ ``UNFOLD_MAX_POSITIONS``, where grouped kernels are slow)
-        a batched matmul of unfolded patches."""
-        if self._sizes()[0] <= UNFOLD_MAX_POSITIONS:
+        """g_i for every i at once, shape (B, *W.shape)."""
+        method = self.per_sample_method()
+        if method == "patches":
             return self.as_outer().per_sample()
+        if method == "shifted":
+            grads = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
+            batch, kernel = len(self.inputs), self.layer.kernel_size
+            grads = grads.reshape(*kernel, batch, self.layer.groups, *grads.shape[2:])
+            dims = len(kernel)
+            grads = grads.permute(dims, dims + 1, dims + 2, dims + 3, *range(dims))
+            return grads.reshape(batch, *self.layer.weight.shape)
         batch = len(self.inputs)
         inputs, padding = self._convolved()
         flat = [
@@ -150,6 +179,47 @@ class ConvFactor(NamedTuple):
         ]
         grads = self._weight_backward(flat[0], flat[1], padding, batch)
         return grads.reshape(batch, *self.layer.weight.shape)
+
+    def rows(self) -> Tensor:
+        """g_i flattened, (B, W.numel()), or split by kernel offset, (Πk, B, W.numel()/Πk) when
+        shifted (G = Σ over the splits of their Grams; no copy into per-sample order)."""
+        if self.per_sample_method() == "shifted":
+            grads = self._shifted_products()
+            return grads.reshape(len(grads), len(self.inputs), -1)
+        grads = self.per_sample()
+        return grads.reshape(len(grads), -1)
+
+    def _shifted_products(self) -> Tensor:
+        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk): o is the side
+        indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
+        zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
+
+        Both are flattened over space, o zero-padded to r's sizes in every spatial dim but the
+        first, so that for each κ the window t + κ·d of r is one contiguous slice of r's flat
+        positions: one batched matrix product per kernel offset, the padded zeros of o cancelling
+        the wrapped-around entries of r (seed 004 eq. 6 in the layout of the weight's kernel offsets).
+        """
+        layer, groups = self.layer, self.layer.groups
+        read, other = self._read_and_other()
+        read, other = read.to(self.dtype), other.to(self.dtype)
+        sizes, extent = read.shape[2:], other.shape[2:]
+        pad = [side for r, o in zip(reversed(sizes[1:]), reversed(extent[1:])) for side in (0, r - o)]
+        other = F.pad(other, pad) if any(pad) else other
+        span = other[0, 0].numel()
+        steps = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
+        offsets = [
+            sum(k * dil * step for k, dil, step in zip(kappa, layer.dilation, steps))
+            for kappa in itertools.product(*map(range, layer.kernel_size))
+        ]
+        batch = len(read)
+        flat = read.reshape(batch * groups, read.shape[1] // groups, -1)
+        if offsets[-1] + span > flat.shape[-1]:
+            flat = F.pad(flat, (0, offsets[-1] + span - flat.shape[-1]))
+        rows = other.reshape(batch * groups, other.shape[1] // groups, span)
+        grads = rows.new_empty(len(offsets), batch * groups, rows.shape[1], flat.shape[1])
+        for n, offset in enumerate(offsets):
+            torch.bmm(rows, flat[:, :, offset : offset + span].transpose(1, 2), out=grads[n])
+        return grads
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
@@ -173,14 +243,24 @@ class ConvFactor(NamedTuple):
             return self.inputs[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
         return self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
 
-    def as_outer(self) -> OuterFactor:
-        """The same gradients as sums of outer products over unfolded positions; the side read
-        through the kernel (a ConvNd's input, a ConvTransposeNd's output gradient) zero-padded."""
+    def _read_and_other(self) -> tuple[Tensor, Tensor]:
+        """The side read through the kernel, zero-padded (a ConvNd's input as convolved, a
+        ConvTransposeNd's output gradient cut to the (in − 1)·s + d·(k − 1) + 1 entries per dim that
+        the input positions reach: ``output_padding`` may add more), and the other side (indexed by
+        positions t)."""
         layer = self.layer
-        if layer.transposed:
-            read, other = _zero_pad(self.backprops, layer.padding), self.inputs
-        else:
-            read, other = _zero_pad(*self._convolved()), self.backprops
+        if not layer.transposed:
+            return _zero_pad(*self._convolved()), self.backprops
+        read = _zero_pad(self.backprops, layer.padding)
+        geometry = zip(self.inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
+        reach = [slice(0, (size - 1) * s + d * (k - 1) + 1) for size, s, d, k in geometry]
+        return read[(slice(None), slice(None), *reach)], self.inputs
+
+    def as_outer(self) -> OuterFactor:
+        """The same gradients as sums of outer products over unfolded positions of the side read
+        through the kernel (:meth:`_read_and_other`)."""
+        layer = self.layer
+        read, other = self._read_and_other()
         patches = unfold_patches(read.to(self.dtype), layer.kernel_size, layer.stride, layer.dilation)
         batch, groups = len(patches), layer.groups
         return OuterFactor(
@@ -358,6 +438,8 @@ def capture_input(layer: nn.Module, inputs: Tensor, output: Tensor) -> Tensor:
 
 def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     """The first tensor among a call's arguments (positional, then keyword), or ``None``."""
+    if args and isinstance(args[0], Tensor):  # the usual call, without walking the pytree
+        return args[0]
     return next((leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)), None)
 
 
