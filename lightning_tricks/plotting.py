@@ -219,6 +219,10 @@ def _draw_flow_lines(
 
 
 BEACON_PROGRESS = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0)
+BEACON_MAX_LABELS = 12
+"""Most runs whose names the beacon map writes at their final points (more would overlap)."""
+BEACON_LOG_SPAN = 100.0
+"""``log_l=None``: L_K on a logarithmic axis when the runs' final L_K span more than this factor."""
 CONTOUR_MIN_RUNS = 6
 """Fewest runs (final points with an error) the beacon map's error contour is drawn from."""
 CONTOUR_MIN_DISTINCT = 3
@@ -252,6 +256,7 @@ def beacon_map(
     progress: Sequence[float] = BEACON_PROGRESS,
     min_contour_runs: int = CONTOUR_MIN_RUNS,
     error_label: str = "test error",
+    log_l: bool | None = None,
 ) -> Figure:
     """C̄_K (x) against L_K (y) trajectories of several runs, over their error contour where the runs
     support one (seed ``004_e5d92837cb57ce8a.txt`` Fig. 5 trajectories, Fig. 1b / Fig. 3 contour).
@@ -260,7 +265,10 @@ def beacon_map(
     per measured step, ``fisher_history.csv``); its trajectory is drawn with markers growing at the
     ``progress`` fractions of its rows (seed 004 marks 5, 20, 40, 60, 80 and 100 % of training) and
     its name written at its final point (name runs as the sweep does, ``s32-lr0.1``), followed by
-    its error when ``errors`` has one.
+    its error when ``errors`` has one — for at most :data:`BEACON_MAX_LABELS` runs; beyond that the
+    names would overlap, so none is written and the title says so. L_K is drawn on a logarithmic
+    axis with ``log_l=True``, or by default when the runs' final L_K span more than
+    :data:`BEACON_LOG_SPAN` (a grid of batch sizes 8 … 512 spans three decades).
 
     **Colours.** Runs are coloured by their first row's ``color_by`` (``"batch_size"`` or ``"lr"``:
     the initial value, which names a run and is where a dynamic-sampling run starts, seed 004
@@ -269,7 +277,7 @@ def beacon_map(
     value is written in the title.
 
     **Error contour — the rule.** With ``errors`` (run → final error), the error is interpolated
-    linearly over the runs' final (C̄_K, L_K) points and drawn as filled contours only when
+    linearly over the runs' final (C̄_K, L_K) points (log L_K on a logarithmic axis) and drawn as filled contours only when
 
     1. at least ``min_contour_runs`` runs (default :data:`CONTOUR_MIN_RUNS` = 6) have a finite
        error and final point,
@@ -294,6 +302,7 @@ def beacon_map(
         progress: fractions of training in (0, 1] marked on each trajectory.
         min_contour_runs: fewest runs with an error for a contour (>= 3).
         error_label: what ``errors`` are, for the colour bar.
+        log_l: logarithmic L_K axis; ``None`` decides by the final L_K's span.
 
     Raises:
         ValueError: no runs, an unknown ``color_by``, ``progress`` outside (0, 1], ``min_contour_runs``
@@ -312,19 +321,26 @@ def beacon_map(
     _check_beacon_arguments(runs, color_by, errors, progress, min_contour_runs)
     tables = {label: _fisher_table(label, run, color_by) for label, run in runs.items()}
     errors = dict(errors or {})
+    log = _wants_log_l(tables) if log_l is None else log_l
     figure = Figure(figsize=(8, 6), layout="constrained")
     axes = figure.add_subplot()
+    if log:
+        axes.set_yscale("log")
     contour_note = ""
     if errors:
-        contour_note = _draw_error_contour(figure, axes, tables, errors, min_contour_runs, error_label)
+        contour_note = _draw_error_contour(figure, axes, tables, errors, min_contour_runs, error_label, log)
     first_values = {label: table[color_by][0] for label, table in tables.items()}
     colours, colour_note = _run_colours(figure, axes, first_values, color_by)
+    named = len(tables) <= BEACON_MAX_LABELS
     for label, table in tables.items():
-        _draw_trajectory(axes, label, table, colours[label], progress, errors.get(label))
+        _draw_trajectory(axes, label if named else None, table, colours[label], progress, errors.get(label))
     axes.set_xlabel("C̄_K: mean truncated condition number of F̃_k (seed 004 eq. 7)")
-    axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)")
+    axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)" + (", log scale" if log else ""))
     marks = ", ".join(f"{p:.0%}" for p in progress)
-    head = f"Beacon map: markers at {marks} of training" + (f"; labels: run: {error_label}" if errors else "")
+    labels = f"labels: run: {error_label}" if errors else "labels: run"
+    if not named:
+        labels = f"no run labels for {len(tables)} runs (more than {BEACON_MAX_LABELS})"
+    head = f"Beacon map: markers at {marks} of training; {labels}"
     title = "\n".join([head, *filter(None, [colour_note, contour_note])])
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
@@ -448,19 +464,29 @@ def _run_colours(
     return {run: cmap(distinct.index(value)) for run, value in values.items()}, ""
 
 
+def _wants_log_l(tables: Mapping[str, dict[str, np.ndarray]]) -> bool:
+    """Whether the positive final L_K span more than ``BEACON_LOG_SPAN``."""
+    final = np.array([table["L"][-1] for table in tables.values()], dtype=float)
+    final = final[np.isfinite(final) & (final > 0)]
+    return len(final) > 1 and final.max() > BEACON_LOG_SPAN * final.min()
+
+
 def _draw_trajectory(
     axes: Axes,
-    label: str,
+    label: str | None,
     table: Mapping[str, np.ndarray],
     colour: tuple,
     progress: Sequence[float],
     error: float | None,
 ) -> None:
-    """The run's (C̄_K, L_K) curve, growing markers at the ``progress`` rows, its name at the end."""
+    """The run's (C̄_K, L_K) curve, growing markers at the ``progress`` rows, its name (unless
+    ``None``) at the end."""
     c_bar, total = table["C_bar"], table["L"]
     axes.plot(c_bar, total, color=colour, linewidth=1.2, alpha=0.8)
     marks = _progress_indices(len(c_bar), progress)
     axes.scatter(c_bar[marks], total[marks], color=colour, s=np.linspace(12, 48, len(marks)), zorder=3)
+    if label is None:
+        return
     text = label if error is None else f"{label}: {error:.3g}"
     axes.annotate(text, (c_bar[-1], total[-1]), xytext=(4, 4), textcoords="offset points", fontsize=7)
 
@@ -477,20 +503,23 @@ def _draw_error_contour(
     errors: Mapping[str, float],
     min_runs: int,
     error_label: str,
+    log_l: bool,
 ) -> str:
-    """Filled error contours over the masked triangulation of the final points, with a colour bar
-    ticked at the levels; returns the title note saying why there is none."""
+    """Filled error contours over the masked triangulation of the final points (triangulated in
+    log L_K on a log axis), with a colour bar ticked at the levels; returns the title note saying
+    why there is none."""
     x, y, z = (
         np.array([value(label) for label in errors], dtype=float)
         for value in (lambda r: tables[r]["C_bar"][-1], lambda r: tables[r]["L"][-1], errors.get)
     )
-    keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
-    support = error_contour_support(x[keep], y[keep], z[keep], min_runs)
+    keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(z) & ((y > 0) if log_l else True)
+    x, y, used = x[keep], y[keep], z[keep]
+    support = error_contour_support(x, np.log10(y) if log_l else y, used, min_runs)
     if support.triangulation is None:
         return support.reason
-    used = z[keep]
+    triangulation = Triangulation(x, y, support.triangulation.triangles, mask=support.triangulation.mask)
     levels = MaxNLocator(nbins=min(8, len(used) - 1)).tick_values(used.min(), used.max())
-    contour = axes.tricontourf(support.triangulation, used, levels=levels, cmap="Greys", alpha=0.5)
+    contour = axes.tricontourf(triangulation, used, levels=levels, cmap="Greys", alpha=0.5)
     figure.colorbar(contour, ax=axes, label=f"{error_label} (linear between {len(used)} runs' final points)")
     return ""
 

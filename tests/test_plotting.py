@@ -8,7 +8,7 @@ import pytest
 from matplotlib.text import Annotation
 from matplotlib.tri import TriContourSet
 
-from lightning_tricks.plotting import CONTOUR_MIN_RUNS, beacon_map, error_contour_support
+from lightning_tricks.plotting import BEACON_MAX_LABELS, CONTOUR_MIN_RUNS, beacon_map, error_contour_support
 
 BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
 LEARNING_RATES = (0.025, 0.05, 0.1, 0.2, 0.4)
@@ -203,3 +203,23 @@ def test_bad_arguments_are_clear_errors():
         beacon_map({"s32": {"C_bar": [], "L": [], "batch_size": []}})
     with pytest.raises(ValueError, match="at least one"):
         beacon_map({})
+
+
+def test_names_are_left_out_beyond_the_label_limit_and_the_title_says_so():
+    runs, errors = grid()
+    figure = beacon_map(runs, errors=errors)
+    assert len(runs) > BEACON_MAX_LABELS
+    assert not [child for child in figure.axes[0].get_children() if isinstance(child, Annotation)]
+    assert f"no run labels for {len(runs)} runs" in title(figure)
+    few = dict(list(runs.items())[:BEACON_MAX_LABELS])
+    written = [c for c in beacon_map(few).axes[0].get_children() if isinstance(c, Annotation)]
+    assert len(written) == BEACON_MAX_LABELS
+
+
+def test_l_axis_is_logarithmic_only_when_the_final_values_span_more_than_the_limit():
+    runs, errors = grid()  # final L_K from 3·0.025/512·10 to 3·0.4/8·10: four decades
+    assert beacon_map(runs, errors=errors).axes[0].get_yscale() == "log"
+    linear = beacon_map(runs, errors=errors, log_l=False)
+    assert linear.axes[0].get_yscale() == "linear" and contours(linear)
+    narrow = {name: run_table(32, lr) for name, lr in (("a", 0.1), ("b", 0.2), ("c", 0.4))}
+    assert beacon_map(narrow).axes[0].get_yscale() == "linear"  # a fourfold span
