@@ -21,6 +21,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_identical
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -236,21 +237,6 @@ def snapshot(module: nn.Module, trainer: L.Trainer) -> dict[str, Any]:
     state = {f"state:{n}": t.detach().cpu().clone() for n, t in module.state_dict().items()}
     state["optim"] = copy.deepcopy(trainer.optimizers[0].state_dict())
     return state
-
-
-def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
-    if isinstance(expected, torch.Tensor):
-        assert torch.equal(actual.cpu(), expected.cpu()), where
-    elif isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, where
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_identical
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
     Callback,
@@ -90,22 +91,6 @@ def snapshot(module: nn.Module, trainer: L.Trainer | None = None) -> dict[str, A
         for i, optimizer in enumerate(trainer.optimizers):
             state[f"optim:{i}"] = copy.deepcopy(optimizer.state_dict())
     return state
-
-
-def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
-    """Equal structure, and every tensor equal bit for bit."""
-    if isinstance(expected, torch.Tensor):
-        assert torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, where
 
 
 def assert_training_unchanged(
