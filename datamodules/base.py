@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -113,6 +114,8 @@ class ClassificationDataModule(LoaderMixin, L.LightningDataModule):
     num_classes: int
     in_channels: int
     image_size: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __init__(
         self, batch_size: int, num_workers: int, val_size: int | float, seed: int, stratify: bool
@@ -148,6 +151,16 @@ class ClassificationDataModule(LoaderMixin, L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Loader over the test split."""
         return self._loader(self._require(self.test_set, "test_dataloader", "test"), shuffle=False)
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """The images as stored, ``x · std + mean`` per channel, from the loaders' standardised
+        ``(N, C, H, W)`` tensors (the inverse of the per-channel ``(x - mean) / std``; unchanged when
+        ``mean``/``std`` are ``None``: a datamodule that does not standardise). A callback that scores
+        the images themselves (``MinibatchHeatmap``'s metrics) calls it."""
+        if self.mean is None or self.std is None:
+            return images
+        shape = (1, -1, 1, 1)
+        return images * images.new_tensor(self.std).view(shape) + images.new_tensor(self.mean).view(shape)
 
     def _split_train_val(self, labels: np.ndarray) -> None:
         """Set ``train_indices`` / ``val_indices`` (positions in ``labels``) from ``val_size`` and ``seed``."""

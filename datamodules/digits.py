@@ -25,7 +25,7 @@ class DigitsDataModule(ClassificationDataModule):
        ``image_size=8`` keeps the native images);
     3. standardised ``(x - mean) / std`` with the mean and (population) standard deviation of all
        pixels of the training split, stored per channel as ``self.mean`` / ``self.std`` tuples
-       like the torchvision datamodules' constants;
+       like the torchvision datamodules' constants (``denormalize(x)`` undoes this step);
     4. repeated to ``channels`` identical channels.
 
     The test split is drawn first, then the validation split from the rest; both are seeded and

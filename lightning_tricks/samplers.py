@@ -37,13 +37,19 @@ def images_of(batch: Any, image_key: int | str = 0) -> Tensor:
 
 
 def _batches(
-    dataset: Dataset, batch_size: int, collate_fn: Callable | None, image_key: int | str, device: Any
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable | None,
+    image_key: int | str,
+    device: Any,
+    transform: Callable[[Tensor], Tensor] | None,
 ) -> Iterator[Tensor]:
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate
     )
     for batch in loader:
-        yield images_of(batch, image_key).to(device=device, dtype=torch.get_default_dtype())
+        images = images_of(batch, image_key).to(device=device, dtype=torch.get_default_dtype())
+        yield images if transform is None else transform(images)
 
 
 @torch.no_grad()
@@ -56,10 +62,13 @@ def score_dataset(
     image_key: int | str = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``metric`` of every image of ``dataset``, in dataset order, on the CPU: ``(N,)`` or ``(N, m)``.
 
-    Images are scored ``batch_size`` at a time on ``device``. A metric with ``needs_reference``
+    Images are scored ``batch_size`` at a time on ``device``, after ``transform`` (``images ->
+    images``, e.g. a datamodule's ``denormalize``, so that the metric sees the images as stored rather
+    than standardised; ``None``: as the dataset gives them). A metric with ``needs_reference``
     (:class:`~lightning_tricks.image_metrics.PerceptualDistance`) first gets the dataset's average
     image through ``metric.with_reference`` (a second pass). The torch RNG is forked, so random
     augmentations in the dataset draw without moving the training's random stream.
@@ -71,14 +80,14 @@ def score_dataset(
     with torch.random.fork_rng(devices=devices):
         if getattr(metric, "needs_reference", False):
             total, count = None, 0
-            for images in _batches(dataset, batch_size, collate_fn, image_key, device):
+            for images in _batches(dataset, batch_size, collate_fn, image_key, device, transform):
                 summed = images.sum(dim=0)
                 total, count = (summed if total is None else total + summed), count + images.shape[0]
             metric = metric.with_reference(total / count)
         scores = []
         name = getattr(metric, "name", None) or getattr(metric, "__name__", "metric")
         with tqdm(total=len(dataset), desc=f"scoring images by {name}", disable=not progress) as bar:
-            for images in _batches(dataset, batch_size, collate_fn, image_key, device):
+            for images in _batches(dataset, batch_size, collate_fn, image_key, device, transform):
                 scores.append(metric(images).detach().to("cpu", torch.float64))
                 bar.update(images.shape[0])
     scores = torch.cat(scores)

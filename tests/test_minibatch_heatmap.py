@@ -155,6 +155,7 @@ def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, dist
     assert heatmap.history[6] == {
         "epoch": 1,
         "lr": 0.1,
+        "lr_last": 0.1,
         "phase": 0,
         "batch": 1,
         "metric": pytest.approx(batch_means[1]),

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 from typing_extensions import override
@@ -26,15 +28,18 @@ from ..gradients.minibatch_distance import (
     gradient_at,
     rng_devices,
 )
-from ..image_metrics import Metric, metric_name, resolve_metric
+from ..image_metrics import Metric, color, metric_name, resolve_metric
 from ..plotting import plot_minibatch_heatmap
 from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
 from ._base import TrickCallback, check_every_n, first_learning_rate, resolve_loss_fn
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
-HISTORY_COLUMNS = ("epoch", "lr", "phase", "batch", "metric", "distance")
+HISTORY_COLUMNS = ("epoch", "lr", "lr_last", "phase", "batch", "metric", "distance")
 SPILL_FILE = "heatmap_gradients.tmp.npy"
+ImageTransform = Callable[[Tensor], Tensor]
+"""``images (N, C, H, W) -> images``: what the metric sees of a training batch (e.g. a datamodule's
+``denormalize``)."""
 
 
 class MinibatchHeatmap(TrickCallback):
@@ -158,6 +163,7 @@ class MinibatchHeatmap(TrickCallback):
         image_key: int | str = 0,
         score_batch_size: int = 256,
         progress: bool = True,
+        metric_transform: str | ImageTransform | None = "auto",
     ) -> None:
         super().__init__()
         self._metric = resolve_metric(metric)
@@ -166,6 +172,17 @@ class MinibatchHeatmap(TrickCallback):
         _check_int("memory_budget", memory_budget, 0)
         _check_int("sketch_dim", sketch_dim, 1)
         _check_int("score_batch_size", score_batch_size, 1)
+        _check_int("seed", seed, 0)
+        for name, flag in (("descending", descending), ("log_scale", log_scale), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False; got {flag!r}.")
+        if isinstance(image_key, bool) or not isinstance(image_key, (int, str)):
+            raise TypeError(f"`image_key` must be a position (int) or a key (str); got {image_key!r}.")
+        if metric_transform != "auto" and metric_transform is not None and not callable(metric_transform):
+            raise TypeError(
+                "`metric_transform` must be 'auto' (the datamodule's `denormalize`), None (images as the "
+                f"loader gives them) or a callable images -> images; got {metric_transform!r}."
+            )
         self.every_n_epochs = check_every_n("every_n_epochs", every_n_epochs)
         self.phases = _checked_phases(phases)
         if loss_fn is not None and not callable(loss_fn):
@@ -174,6 +191,8 @@ class MinibatchHeatmap(TrickCallback):
         self.memory_budget, self.sketch_dim, self.seed = memory_budget, sketch_dim, seed
         self.descending, self.loss_fn, self.log_scale = descending, loss_fn, log_scale
         self.image_key, self.score_batch_size, self.progress = image_key, score_batch_size, progress
+        self.metric_transform = metric_transform
+        self.leader = True
         self.reset_fit_state()
 
     # -- identity, state, dashboard ------------------------------------------------------------
@@ -192,42 +211,51 @@ class MinibatchHeatmap(TrickCallback):
             "every_n_epochs": self.every_n_epochs,
             "phases": self.phases if isinstance(self.phases, (str, type(None))) else list(self.phases),
             "seed": self.seed,
+            "metric_transform": self.metric_transform
+            if isinstance(self.metric_transform, (str, type(None)))
+            else metric_name(self.metric_transform),
         }
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
+        ns, which = self.namespace, "" if self.leader else f" ({self.namespace})"
         return {
-            "mini-batch distance to the full gradient (seed 002 Alg. 1)": [
-                "heatmap/distance_min",
-                "heatmap/distance_mean",
-                "heatmap/distance_max",
+            f"mini-batch distance to the full gradient (seed 002 Alg. 1){which}": [
+                f"{ns}/distance_min",
+                f"{ns}/distance_mean",
+                f"{ns}/distance_max",
             ],
-            "closest mini-batch": ["heatmap/best_batch", "heatmap/best_batch_metric"],
-            "full-batch gradient norm": ["heatmap/full_gradient_norm"],
+            f"closest mini-batch{which}": [f"{ns}/best_batch", f"{ns}/best_batch_metric"],
+            f"full-batch gradient norm{which}": [f"{ns}/full_gradient_norm"],
         }
 
     @override
     def metric_descriptions(self) -> dict[str, str]:
         what = "‖∇_k − ∇_e‖" if self.distance == "l2" else "1 − cos(∇_k, ∇_e)"
+        ns = self.namespace
         return {
-            "heatmap/distance_mean": f"Mean over the epoch's fixed mini-batches of D_ek = {what} at the epoch-start parameters (seed 002 Alg. 1).",
-            "heatmap/distance_min": f"Smallest D_ek = {what} of the epoch.",
-            "heatmap/distance_max": f"Largest D_ek = {what} of the epoch.",
-            "heatmap/best_batch": f"Rank (in {self.metric} order) of the mini-batch closest to the full gradient.",
-            "heatmap/best_batch_metric": f"Mean {self.metric} of the mini-batch closest to the full gradient.",
-            "heatmap/full_gradient_norm": "‖∇_e‖, the norm of the batch-size-weighted mean of the mini-batch gradients.",
+            f"{ns}/distance_mean": f"Mean over the epoch's fixed mini-batches of D_ek = {what} at the epoch-start parameters (seed 002 Alg. 1).",
+            f"{ns}/distance_min": f"Smallest D_ek = {what} of the epoch.",
+            f"{ns}/distance_max": f"Largest D_ek = {what} of the epoch.",
+            f"{ns}/best_batch": f"Rank (in {self.metric} order) of the mini-batch closest to the full gradient.",
+            f"{ns}/best_batch_metric": f"Mean {self.metric} of the mini-batch closest to the full gradient.",
+            f"{ns}/full_gradient_norm": "‖∇_e‖, the norm of the batch-size-weighted mean of the mini-batch gradients.",
         }
 
     @override
     def reset_fit_state(self) -> None:
         self._rows: list[list[float]] = []
         self._epochs: list[int] = []
-        self._lrs: list[float] = []
+        self._lrs: list[tuple[float, float]] = []  # (first, last) LR of the epoch's optimiser steps
+        self._mixed: list[bool] = []  # the LR changed inside the epoch
         self._batch_values: list[float] | None = None
         self._fingerprint: tuple[int, int, int] | None = None
         self._sampler: MetricSortedBatchSampler | None = None
+        self._source: tuple[Any, int, bool] | None = None  # (dataset, batch size, drop_last) scored
         self._engine: MinibatchDistances | None = None
         self._frozen: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        self._step_lrs: list[float | Tensor] | None = None
+        self._started_epoch: int | None = None
         self._warned_non_finite = False
 
     @override
@@ -235,7 +263,8 @@ class MinibatchHeatmap(TrickCallback):
         return {
             "rows": [list(row) for row in self._rows],
             "epochs": list(self._epochs),
-            "lrs": list(self._lrs),
+            "lrs": [list(lr) for lr in self._lrs],
+            "mixed": list(self._mixed),
             "batch_values": self._batch_values,
             "fingerprint": self._fingerprint,
         }
@@ -243,7 +272,9 @@ class MinibatchHeatmap(TrickCallback):
     @override
     def set_state(self, state: dict[str, Any]) -> None:
         self._rows = [list(row) for row in state["rows"]]
-        self._epochs, self._lrs = list(state["epochs"]), list(state["lrs"])
+        self._epochs = list(state["epochs"])
+        self._lrs = [(lr, lr) if isinstance(lr, (int, float)) else tuple(lr) for lr in state["lrs"]]
+        self._mixed = list(state.get("mixed", [False] * len(self._lrs)))
         self._batch_values = state["batch_values"]
         self._fingerprint = None if state["fingerprint"] is None else tuple(state["fingerprint"])
 
@@ -267,17 +298,31 @@ class MinibatchHeatmap(TrickCallback):
 
     @property
     def phase_of_epoch(self) -> list[int]:
-        """The phase index of each measured epoch."""
-        return phase_indices(self._epochs, self._lrs, self.phases)
+        """The phase index of each measured epoch (see :func:`phase_indices`)."""
+        return phase_indices(self._epochs, [first for first, _ in self._lrs], self.phases, self._mixed)
+
+    @property
+    def learning_rates(self) -> list[tuple[float, float]]:
+        """``(first, last)``: the learning rate of each measured epoch's first and last optimiser step
+        (the first param group's, read as the step uses it)."""
+        return list(self._lrs)
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One record ``{"epoch", "lr", "phase", "batch", "metric", "distance"}`` per measured epoch
-        and batch (``lr``: the first param group's at the epoch start; ``phase``: :attr:`phase_of_epoch`)."""
+        """One record ``{"epoch", "lr", "lr_last", "phase", "batch", "metric", "distance"}`` per measured
+        epoch and batch (``lr``/``lr_last``: :attr:`learning_rates`; ``phase``: :attr:`phase_of_epoch`)."""
         values = self._batch_values or []
         return [
-            {"epoch": epoch, "lr": lr, "phase": phase, "batch": k, "metric": values[k], "distance": distance}
-            for epoch, lr, phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
+            {
+                "epoch": epoch,
+                "lr": first,
+                "lr_last": last,
+                "phase": phase,
+                "batch": k,
+                "metric": values[k],
+                "distance": distance,
+            }
+            for epoch, (first, last), phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
             for k, distance in enumerate(row)
         ]
 
@@ -285,6 +330,8 @@ class MinibatchHeatmap(TrickCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._take_role(trainer)
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._loss = resolve_loss_fn(pl_module, self.loss_fn, "MinibatchHeatmap")
@@ -296,34 +343,47 @@ class MinibatchHeatmap(TrickCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._install_sorted_batches(trainer, pl_module)
-        self._release()
-        if trainer.current_epoch % self.every_n_epochs == 0:
-            self._start_epoch(trainer, pl_module)
+        self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning resumed from a checkpoint of an epoch's last batch runs the next epoch from its
+        # first batch without calling on_train_epoch_start: begin the epoch here (θ_e is untouched)
+        if batch_idx == 0 and self._started_epoch != trainer.current_epoch:
+            self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._step_lrs is not None:  # the LR this step uses (schedulers move it after the step)
+            lr = first_learning_rate(trainer)
+            self._step_lrs.append(lr.detach().clone() if isinstance(lr, Tensor) else lr)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._engine is None or batch_idx >= self._num_batches:
+        if self._engine is None:
             return
-        params, buffers = self._frozen
-        with (
-            torch.random.fork_rng(devices=rng_devices(pl_module)),
-            trainer.precision_plugin.forward_context(),
-        ):
-            gradient = flatten(gradient_at(pl_module, params, buffers, self._loss, batch))
-        self._store(trainer, batch_idx, gradient)
+        if self.leader and batch_idx < self._num_batches:
+            params, buffers = self._frozen
+            with (
+                torch.random.fork_rng(devices=rng_devices(pl_module)),
+                trainer.precision_plugin.forward_context(),
+            ):
+                gradient = flatten(gradient_at(pl_module, params, buffers, self._loss, batch))
+            self._store(trainer, batch_idx, gradient)
+        if batch_idx == int(trainer.num_training_batches) - 1:
+            # the row is complete: record it now, so a checkpoint of this batch holds it
+            self._finish_epoch(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._engine is None:
-            return
-        row = self._engine.distances(self.distance) if trainer.is_global_zero else None
-        full_norm = self._engine.full_gradient().norm() if trainer.is_global_zero else None
-        self._release()
-        row, full_norm = trainer.strategy.broadcast((row, full_norm), src=0)
-        self._record(trainer, row.cpu(), full_norm.cpu())
+        if self._engine is not None:  # the epoch stopped before its last batch
+            self._finish_epoch(trainer, pl_module)
 
     @override
     def on_exception(
@@ -335,10 +395,43 @@ class MinibatchHeatmap(TrickCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
 
+    # -- roles -----------------------------------------------------------------------------------
+
+    def _take_role(self, trainer: pl.Trainer) -> None:
+        """The first ``MinibatchHeatmap`` of the Trainer orders the training batches (namespace
+        ``heatmap``); each other one measures its own batches (namespace ``heatmap_<metric>…``)."""
+        heatmaps = [c for c in trainer.callbacks if isinstance(c, MinibatchHeatmap)]
+        keys = [c.state_key for c in heatmaps]
+        if len(set(keys)) < len(keys):
+            raise ValueError(
+                "Two MinibatchHeatmap callbacks with the same metric, descending and distance measure the "
+                "same matrix; attach one, or make them differ (e.g. `metric=`)."
+            )
+        self.leader = heatmaps[0] is self
+        if self.leader:
+            self.namespace = type(self).namespace
+            return
+        suffix = [self.metric] + (["descending"] if self.descending else []) + [self.distance]
+        self.namespace = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(["heatmap", *suffix]))
+
+    def _file(self, kind: str) -> str:
+        """This callback's file names: ``heatmap_matrix`` / ``heatmap.csv`` / the spill file, with
+        ``heatmap`` replaced by :attr:`namespace` for the non-leading heatmaps."""
+        names = {"matrix": MATRIX_FILE, "history": HISTORY_FILE, "spill": SPILL_FILE}
+        return names[kind].replace("heatmap", self.namespace, 1)
+
     # -- batches -------------------------------------------------------------------------------
 
+    def _begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started_epoch = trainer.current_epoch
+        self._install_sorted_batches(trainer, pl_module)
+        self._release()
+        if trainer.current_epoch % self.every_n_epochs == 0:
+            self._start_epoch(trainer, pl_module)
+
     def _install_sorted_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make the training loader form the metric-sorted batches (once per loader built)."""
+        """Make the training loader form the metric-sorted batches (once per loader built); a
+        non-leading heatmap only forms its own batches from the loader's data."""
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
         loaders = combined.flattened
@@ -348,6 +441,9 @@ class MinibatchHeatmap(TrickCallback):
             )
         loader = loaders[0]
         current = getattr(loader, "batch_sampler", None)
+        if not self.leader:
+            self._adopt(self._own_sampler(trainer, pl_module, loader))
+            return
         if isinstance(current, MetricSortedBatchSampler):
             self._adopt(current)
             return
@@ -363,6 +459,23 @@ class MinibatchHeatmap(TrickCallback):
         with torch.random.fork_rng(devices=rng_devices(pl_module)):  # as the replaced loader's iterator drew
             iter(fit_loop._data_fetcher)
 
+    def _own_sampler(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
+    ) -> MetricSortedBatchSampler:
+        """A non-leading heatmap's batches: the loader's data in this metric's order, with the loader's
+        batch size and ``drop_last`` (scored once per dataset and batch size)."""
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        source = (
+            getattr(loader, "dataset", None),
+            getattr(batch_sampler, "batch_size", None),
+            getattr(batch_sampler, "drop_last", None),
+        )
+        if self._source is None or source[0] is not self._source[0] or source[1:] != self._source[1:]:
+            self._sampler = self._sorted_sampler(trainer, pl_module, loader)
+            self._source = source
+        self._loader = loader
+        return self._sampler
+
     def _sorted_sampler(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
     ) -> MetricSortedBatchSampler:
@@ -373,7 +486,9 @@ class MinibatchHeatmap(TrickCallback):
                 "DataLoader over a Dataset with __getitem__/__len__."
             )
         batch_sampler = loader.batch_sampler
-        if type(batch_sampler) is not BatchSampler:
+        if type(batch_sampler) is not BatchSampler and not (
+            not self.leader and isinstance(batch_sampler, MetricSortedBatchSampler)
+        ):
             raise ValueError(
                 f"MinibatchHeatmap needs the same batches every epoch, but the training loader's batch sampler "
                 f"is a {type(batch_sampler).__name__}, whose batches may change between epochs. Use a DataLoader "
@@ -389,7 +504,14 @@ class MinibatchHeatmap(TrickCallback):
                 image_key=self.image_key,
                 device=pl_module.device,
                 progress=self.progress,
+                transform=self._image_view(trainer),
             )
+            if self._metric is color and not scores[:, 1].any():
+                rank_zero_warn(
+                    "MinibatchHeatmap(metric='color'): the training images are grey (one channel, or equal "
+                    "channels), so every hue and saturation is 0 and `color` orders them by mean value "
+                    "alone, the order of `intensity`."
+                )
         scores = trainer.strategy.broadcast(scores, src=0)
         return MetricSortedBatchSampler(
             scores,
@@ -399,6 +521,13 @@ class MinibatchHeatmap(TrickCallback):
             num_replicas=trainer.world_size,
             rank=trainer.global_rank,
         )
+
+    def _image_view(self, trainer: pl.Trainer) -> ImageTransform | None:
+        """What the metric scores (seed §3.2 scores the images): ``metric_transform``, or with
+        ``"auto"`` the datamodule's ``denormalize`` (the images as stored, before normalisation)."""
+        if self.metric_transform != "auto":
+            return self.metric_transform
+        return getattr(trainer.datamodule, "denormalize", None)
 
     def _adopt(self, sampler: MetricSortedBatchSampler) -> None:
         """Use ``sampler``'s batches, refusing batches other than those of earlier epochs."""
@@ -418,7 +547,8 @@ class MinibatchHeatmap(TrickCallback):
     def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._frozen = freeze(pl_module)
         dim = sum(p.numel() for p in self._frozen[0].values() if p.requires_grad)
-        self._num_batches = int(trainer.num_training_batches)
+        num_batches = int(trainer.num_training_batches)
+        self._num_batches = num_batches if self.leader else _limited(len(self._sampler), trainer.limit_train_batches)
         self._engine = MinibatchDistances(
             self._num_batches,
             dim,
@@ -427,10 +557,27 @@ class MinibatchHeatmap(TrickCallback):
             sketch_dim=self.sketch_dim,
             seed=self.seed,
             device=pl_module.device,
-            spill_path=os.path.join(self.run_dir, SPILL_FILE),
+            spill_path=os.path.join(self.run_dir, self._file("spill")),
             store=trainer.is_global_zero,  # the other processes only sketch and sum
         )
-        self._lr = first_learning_rate(trainer, default=math.nan)
+        self._lr_at_start = first_learning_rate(trainer, default=math.nan)
+        self._step_lrs = []
+
+    def _measure_own_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A non-leading heatmap's ∇_k: its own fixed batches at θ_e, after the epoch's training
+        (the loader's RNG draws and the extra forwards under ``fork_rng``)."""
+        params, buffers = self._frozen
+        loader = sorted_loader(self._loader, self._sampler)
+        with (
+            torch.random.fork_rng(devices=rng_devices(pl_module)),
+            trainer.precision_plugin.forward_context(),
+        ):
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= self._num_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                gradient = flatten(gradient_at(pl_module, params, buffers, self._loss, batch))
+                self._store(trainer, batch_idx, gradient)
 
     def _store(self, trainer: pl.Trainer, batch_idx: int, gradient: Tensor) -> None:
         """Add ∇_k of the global batch: under DDP Σ_r m_r ∇_k^r / Σ_r m_r over the processes."""
@@ -444,7 +591,26 @@ class MinibatchHeatmap(TrickCallback):
         if trainer.is_global_zero:
             self._engine.add(batch_idx, row, size)
 
-    def _record(self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor) -> None:
+    def _finish_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.leader:
+            self._measure_own_batches(trainer, pl_module)
+        row = self._engine.distances(self.distance) if trainer.is_global_zero else None
+        full_norm = self._engine.full_gradient().norm() if trainer.is_global_zero else None
+        lrs = self._epoch_learning_rates()
+        self._release()
+        row, full_norm = trainer.strategy.broadcast((row, full_norm), src=0)
+        self._record(trainer, row.cpu(), full_norm.cpu(), lrs)
+
+    def _epoch_learning_rates(self) -> tuple[float, float, bool]:
+        """``(first, last, changed)``: the LR of the epoch's first and last optimiser step and whether
+        any step used another than the first (the LR at the epoch start if no step ran)."""
+        values = [float(lr) for lr in self._step_lrs or [self._lr_at_start]]
+        first = values[0]
+        return first, values[-1], any(not _same_lr(value, first) for value in values)
+
+    def _record(
+        self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor, lrs: tuple[float, float, bool]
+    ) -> None:
         epoch, step = trainer.current_epoch, self.training_step(trainer)
         finite = row[torch.isfinite(row)]
         if len(finite) < len(row) and not self._warned_non_finite:
@@ -456,34 +622,38 @@ class MinibatchHeatmap(TrickCallback):
         # batches past Trainer(limit_train_batches) are not visited: NaN
         self._rows.append(row.tolist() + [math.nan] * (len(self._batch_values) - len(row)))
         self._epochs.append(epoch)
-        self._lrs.append(self._lr)
+        self._lrs.append(lrs[:2])
+        self._mixed.append(lrs[2])
         best = int(torch.argmin(torch.where(torch.isfinite(row), row, math.inf))) if len(finite) else -1
+        ns = self.namespace
         scalars = {
-            "heatmap/distance_mean": finite.mean() if len(finite) else math.nan,
-            "heatmap/distance_min": finite.min() if len(finite) else math.nan,
-            "heatmap/distance_max": finite.max() if len(finite) else math.nan,
-            "heatmap/best_batch": float(best),
-            "heatmap/best_batch_metric": self._batch_values[best] if best >= 0 else math.nan,
-            "heatmap/full_gradient_norm": full_norm,
+            f"{ns}/distance_mean": finite.mean() if len(finite) else math.nan,
+            f"{ns}/distance_min": finite.min() if len(finite) else math.nan,
+            f"{ns}/distance_max": finite.max() if len(finite) else math.nan,
+            f"{ns}/best_batch": float(best),
+            f"{ns}/best_batch_metric": self._batch_values[best] if best >= 0 else math.nan,
+            f"{ns}/full_gradient_norm": full_norm,
         }
         self.log_scalars(trainer, scalars, step)
         self._write_files()
-        self._log_phase_figure(trainer, step)
+        if trainer.is_global_zero:
+            current = self.phase_of_epoch[-1]
+            self.log_figure(trainer, f"{ns}/phase_{current}", self.phase_figure(current), step)
 
     def _write_files(self) -> None:
         matrix = self.matrix
-        self.write_array(f"{MATRIX_FILE}.npy", matrix)
+        self.write_array(f"{self._file('matrix')}.npy", matrix)
         columns = ["epoch", *(f"batch_{k}" for k in range(matrix.shape[1]))]
         rows = ([epoch, *row] for epoch, row in zip(self._epochs, matrix.tolist()))
-        self.write_table(f"{MATRIX_FILE}.csv", columns, rows)
-        self.write_table(HISTORY_FILE, HISTORY_COLUMNS, self.history)
+        self.write_table(f"{self._file('matrix')}.csv", columns, rows)
+        self.write_table(self._file("history"), HISTORY_COLUMNS, self.history)
 
-    def _log_phase_figure(self, trainer: pl.Trainer, step: int) -> None:
-        if not trainer.is_global_zero:
-            return
-        phases = self.phase_of_epoch
-        current = phases[-1]
-        rows = [i for i, phase in enumerate(phases) if phase == current]
+    def phase_figure(self, phase: int) -> Figure:
+        """The heatmap of one phase: its epochs × batches, titled with the phase's learning rate(s);
+        a last batch shorter than the others (the remainder of the data) is marked on its column."""
+        rows = [i for i, p in enumerate(self.phase_of_epoch) if p == phase]
+        first, last = self._lrs[rows[0]][0], self._lrs[rows[-1]][1]
+        lr = f"{first:.3g}" if _same_lr(first, last) and not self._mixed[rows[0]] else f"{first:.3g} → {last:.3g}"
         figure = plot_minibatch_heatmap(
             self.matrix[rows],
             [self._epochs[i] for i in rows],
@@ -491,29 +661,53 @@ class MinibatchHeatmap(TrickCallback):
             metric=self.metric,
             distance=self.distance,
             log_scale=self.log_scale,
-            title=f"Mini-batch gradient distance, phase {current} (lr {self._lrs[rows[0]]:.3g})",
+            title=f"Mini-batch gradient distance, phase {phase} (lr {lr})",
         )
-        self.log_figure(trainer, f"heatmap/phase_{current}", figure, step)
+        sizes = self._sampler.global_batch_sizes if self._sampler is not None else []
+        if len(sizes) > 1 and sizes[-1] < sizes[0]:
+            _mark_remainder(figure.axes[0], len(sizes) - 1, sizes[-1], sizes[0])
+        return figure
 
     def _release(self) -> None:
         """Free the epoch's gradients and frozen copy and remove a spill file."""
         if self._engine is not None:
             self._engine.close()
-        self._engine, self._frozen = None, None
+        self._engine, self._frozen, self._step_lrs = None, None, None
+
+
+def _mark_remainder(axes: Any, column: int, size: int, full: int) -> None:
+    """Outline the remainder batch's column and say on it how many samples it holds."""
+    axes.axvspan(column - 0.5, column + 0.5, fill=False, hatch="//", edgecolor="tab:cyan", linewidth=0)
+    axes.text(
+        column, 0.0, f"remainder: {size} of {full}", transform=axes.get_xaxis_transform(),
+        rotation=90, ha="center", va="bottom", fontsize=7, color="tab:cyan",
+    )
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
 def phase_indices(
-    epochs: Sequence[int], lrs: Sequence[float], phases: str | Sequence[int] | None
+    epochs: Sequence[int],
+    lrs: Sequence[float],
+    phases: str | Sequence[int] | None,
+    mixed: Sequence[bool] | None = None,
 ) -> list[int]:
     """Phase of each measured epoch (seed ``002_696f8026b30a9c31.txt`` §3.1: "training phases based on
-    epochs with the same learning rate"): ``"lr"`` counts learning-rate changes between consecutive
-    measured epochs; a list of epochs counts the boundaries at or before each epoch; ``None``: 0."""
+    epochs with the same learning rate").
+
+    ``"lr"``: a phase is a maximal run of consecutive measured epochs with the same learning rate
+    ``lrs`` (each epoch's, as its optimiser steps used it; equal within a relative 1e-9); an epoch
+    flagged in ``mixed`` (its LR changed between its own steps, e.g. a per-step schedule) is a phase of
+    its own. A list of epochs starts a phase at each; ``None``: one phase, 0."""
     if phases is None:
         return [0] * len(epochs)
     if phases == "lr":
+        mixed = mixed or [False] * len(lrs)
         out, phase = [], 0
         for i, lr in enumerate(lrs):
-            if i and not math.isclose(lr, lrs[i - 1], rel_tol=1e-9, abs_tol=0.0):
+            if i and (mixed[i] or mixed[i - 1] or not _same_lr(lr, lrs[i - 1])):
                 phase += 1
             out.append(phase)
         return out
@@ -531,14 +725,21 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}; got {value!r} ({type(value).__name__}).")
+    if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
 
 
 def _checked_phases(phases: Any) -> str | tuple[int, ...] | None:
     if phases is None or phases == "lr":
         return phases
-    if isinstance(phases, str) or not all(
+    if isinstance(phases, str) or not isinstance(phases, Sequence):
+        raise TypeError(
+            f"`phases` must be 'lr', None or a list of epochs (ints >= 0) where phases start; got {phases!r} "
+            f"({type(phases).__name__})."
+        )
+    if not all(
         isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in phases
     ):
         raise ValueError(
