@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import colorsys
 import copy
+import json
 import math
 import os
 
@@ -22,7 +24,8 @@ from lightning_tricks.gradients.minibatch_distance import (
     MinibatchDistances,
     sketch_failure_probability,
 )
-from lightning_tricks.image_metrics import intensity
+from lightning_tricks.datamodules import ClassificationDataModule
+from lightning_tricks.image_metrics import color, edges, intensity, metric_order
 from lightning_tricks.results import load_minibatch_heatmap
 from lightning_tricks.samplers import MetricSortedBatchSampler
 
@@ -155,6 +158,7 @@ def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, dist
     assert heatmap.history[6] == {
         "epoch": 1,
         "lr": 0.1,
+        "lr_first": 0.1,
         "lr_last": 0.1,
         "phase": 0,
         "batch": 1,
@@ -375,6 +379,15 @@ def test_loaders_whose_batches_may_change_are_refused(tmp_path):
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"phases": "epoch"}, "phases"),
         ({"metric": "hue"}, "metric"),
+        ({"phases": 5}, "phases"),
+        ({"phases": [1, "a"]}, "phases"),
+        ({"seed": "a"}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"descending": 1}, "descending"),
+        ({"log_scale": "yes"}, "log_scale"),
+        ({"progress": None}, "progress"),
+        ({"image_key": 1.5}, "image_key"),
+        ({"metric_transform": 3}, "metric_transform"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
@@ -427,3 +440,256 @@ def test_heatmap_figure_log_scale_blanks_non_finite_cells():
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["4", "5"]
     with pytest.raises(ValueError, match="batch_values"):
         plot_minibatch_heatmap(matrix, [4, 5], [0.2])
+
+
+# -- issue 19: phases from the LR the steps used (finding 1) ---------------------------------------
+
+
+class ScheduledModule(CNNModule):
+    """A user module with a plain torch scheduler: MultiStepLR stepped per epoch, or a LambdaLR
+    stepped per optimiser step whose LR at step s is ``lr · 0.1^(number of step milestones <= s)``."""
+
+    def __init__(self, net, interval, milestones):
+        super().__init__(net)
+        self.interval, self.schedule_milestones = interval, milestones
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.interval == "epoch":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(self.schedule_milestones), 0.1)
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 0.1 ** sum(step >= m for m in self.schedule_milestones)
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.interval}}
+
+
+def reference_phases(step_lrs_per_epoch):
+    """Epoch LR = the LR most of its steps used (ties: the later one); a phase = a maximal run of equal LRs."""
+    lrs = []
+    for values in step_lrs_per_epoch:
+        lrs.append(max(values, key=lambda v: (values.count(v), max(i for i, w in enumerate(values) if w == v))))
+    phases = [0]
+    for previous, lr in zip(lrs, lrs[1:]):
+        phases.append(phases[-1] + (not math.isclose(lr, previous, rel_tol=1e-9)))
+    return lrs, phases
+
+
+@pytest.mark.parametrize(
+    ("interval", "milestones"),
+    [
+        ("epoch", (2, 4)),  # torch MultiStepLR: epochs 0-1, 2-3, 4-5
+        ("step", (10, 17)),  # per step: the second decay inside epoch 3 (steps 15-19: 2 steps at 0.001·10, 3 at 0.001)
+        ("step", (11, 21)),  # one step late (the lag of a scheduler stepped before the epoch's first step ran)
+    ],
+)
+def test_phases_follow_the_learning_rate_the_steps_used(tmp_path, interval, milestones):
+    epochs, batches = 6, 5
+    heatmap = MinibatchHeatmap(progress=False)
+    fit(ScheduledModule(small_cnn(), interval, milestones), [heatmap], tmp_path, epochs=epochs)
+    if interval == "epoch":
+        step_lrs = [[0.1 * 0.1 ** sum(e >= m for m in milestones)] * batches for e in range(epochs)]
+    else:
+        step_lrs = [
+            [0.1 * 0.1 ** sum(s >= m for m in milestones) for s in range(e * batches, (e + 1) * batches)]
+            for e in range(epochs)
+        ]
+    lrs, phases = reference_phases(step_lrs)
+    assert heatmap.phase_of_epoch == phases
+    assert [lr for lr, _, _ in heatmap.learning_rates] == pytest.approx(lrs, rel=1e-9)
+    np.testing.assert_allclose(
+        [(first, last) for _, first, last in heatmap.learning_rates],
+        [(values[0], values[-1]) for values in step_lrs],
+        rtol=1e-9,
+    )
+    assert [row["lr"] for row in heatmap.history[::batches]] == pytest.approx(lrs, rel=1e-9)
+
+
+# -- issue 19: metrics score the images, not the standardised tensors (finding 2) ------------------
+
+
+class TintedRGB(ClassificationDataModule):
+    """RGB images with one random tint each, served standardised per channel (mean/std below)."""
+
+    num_classes, in_channels, image_size = 3, 3, 6
+    mean, std = (0.3, 0.5, 0.7), (0.1, 0.2, 0.3)
+
+    def __init__(self):
+        super().__init__(batch_size=BATCH, num_workers=0, val_size=0, seed=0, stratify=False)
+
+    def setup(self, stage=None):
+        generator = torch.Generator().manual_seed(4)
+        tint = torch.rand(SAMPLES, 3, 1, 1, generator=generator)
+        self.raw = (tint * 0.7 + 0.3 * torch.rand(SAMPLES, 3, 6, 6, generator=generator)).clamp(0, 1)
+        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
+        labels = torch.randint(0, 3, (SAMPLES,), generator=generator)
+        self.train_set = TensorDataset((self.raw - mean) / std, labels)
+        self.val_set = TensorDataset(self.raw[:0], labels[:0])
+
+
+class RGBModule(CNNModule):
+    def __init__(self):
+        super().__init__(small_cnn(batch_norm=False))
+        torch.manual_seed(0)
+        self.net[0] = nn.Conv2d(3, 4, 3)
+
+    def train_dataloader(self):
+        return None
+
+
+def reference_order(raw: torch.Tensor, metric: str) -> list[int]:
+    """Sorted sample indices from the raw images: float64 sums, colorsys HSV of the mean colour, Canny counts."""
+    raw64 = raw.double()
+    if metric == "intensity":
+        keys = [(float(image.sum()),) for image in raw64]
+    elif metric == "color":
+        keys = [colorsys.rgb_to_hsv(*image.mean(dim=(1, 2)).tolist()) for image in raw64]
+    else:
+        keys = [(float(count),) for count in edges(raw)]
+    return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+
+
+@pytest.mark.parametrize("metric", ["intensity", "color", "edges"])
+def test_metrics_score_the_images_before_normalisation(tmp_path, metric):
+    datamodule = TintedRGB()
+    heatmap = MinibatchHeatmap(metric=metric, progress=False)
+    trainer = pl.Trainer(
+        callbacks=[heatmap], max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(RGBModule(), datamodule=datamodule)
+    order = reference_order(datamodule.raw, metric)
+    assert heatmap._sampler.order.tolist() == order
+    primary = {
+        "intensity": datamodule.raw.double().sum(dim=(1, 2, 3)),
+        "color": torch.tensor([colorsys.rgb_to_hsv(*im.mean(dim=(1, 2)).tolist())[0] for im in datamodule.raw.double()]),
+        "edges": edges(datamodule.raw).double(),
+    }[metric]
+    expected = [float(primary[order[k : k + BATCH]].mean()) for k in range(0, SAMPLES, BATCH)]
+    np.testing.assert_allclose(heatmap.batch_values, expected, rtol=1e-5, atol=1e-6)
+    if metric != "intensity":  # a positive affine map keeps intensity's order, not these
+        scores = {"color": color, "edges": edges}[metric](datamodule.train_set.tensors[0])
+        assert metric_order(scores).tolist() != order, "the test data tell the two apart"
+
+
+def test_digits_denormalize_gives_the_stored_pixels():
+    from sklearn.datasets import load_digits
+
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    datamodule = DigitsDataModule(image_size=8, channels=3, val_size=0, test_size=0.2)
+    datamodule.setup("fit")
+    raw = torch.from_numpy(load_digits().images[datamodule.train_indices]).float() / 16
+    images = datamodule.train_set.tensors[0]
+    assert images.min() < 0, "the loader's tensors are standardised"
+    np.testing.assert_allclose(datamodule.denormalize(images), raw[:, None].expand(-1, 3, -1, -1), atol=1e-6)
+
+
+def test_color_on_grey_images_warns(tmp_path):
+    with pytest.warns(UserWarning, match="grey"):
+        fit(CNNModule(small_cnn()), [MinibatchHeatmap(metric="color", progress=False)], tmp_path, epochs=1)
+
+
+# -- issue 19: several heatmaps on one Trainer (finding 3) -----------------------------------------
+
+
+class EpochStartWeights(pl.Callback):
+    def __init__(self):
+        self.nets = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.nets.append(copy.deepcopy(pl_module.net))
+
+
+def distances_of_batches(nets, data, batches):
+    """‖∇_k − ∇_e‖ of each batch at each epoch-start network, plain loops in float64."""
+    images, labels = data.tensors
+    rows = []
+    for net in nets:
+        net = copy.deepcopy(net).double()
+        gradients = []
+        for index in batches:
+            net.zero_grad()
+            F.cross_entropy(net(images[index].double()), labels[index]).backward()
+            gradients.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        stacked = torch.stack(gradients)
+        sizes = torch.tensor([len(index) for index in batches], dtype=torch.float64)
+        full = (sizes[:, None] * stacked).sum(0) / sizes.sum()
+        rows.append([float((g - full).norm()) for g in stacked])
+    return np.array(rows)
+
+
+def test_a_second_heatmap_measures_its_own_batches_without_changing_training(tmp_path):
+    net = small_cnn(batch_norm=False)
+    alone = MinibatchHeatmap(mode="exact", progress=False)
+    module_alone = CNNModule(copy.deepcopy(net))
+    fit(module_alone, [alone], tmp_path / "alone", epochs=2)
+
+    leader = MinibatchHeatmap(mode="exact", progress=False)
+    second = MinibatchHeatmap(metric="edges", mode="exact", memory_budget=4 * 367, progress=False)
+    weights = EpochStartWeights()
+    module = CNNModule(copy.deepcopy(net))
+    fit(module, [leader, second, weights], tmp_path / "both", epochs=2)
+
+    for a, b in zip(module_alone.parameters(), module.parameters()):
+        assert torch.equal(a, b), "the second heatmap does not change training"
+    np.testing.assert_array_equal(leader.matrix, alone.matrix)
+    data = module.data
+    order = torch.tensor(sorted(range(SAMPLES), key=lambda i: (float(edges(data.tensors[0][i : i + 1])[0]), i)))
+    reference = distances_of_batches(weights.nets, data, list(order.split(BATCH)))
+    np.testing.assert_allclose(second.matrix, reference, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(second.matrix, leader.matrix)
+
+    folder = leader.run_dir
+    assert second.run_dir == folder
+    files = set(os.listdir(folder))
+    assert {"heatmap_matrix.npy", "heatmap.csv", "heatmap.phase_0.png"} <= files
+    assert {"heatmap_edges_l2_matrix.npy", "heatmap_edges_l2.csv", "heatmap_edges_l2.phase_0.png"} <= files
+    np.testing.assert_array_equal(np.load(os.path.join(folder, "heatmap_edges_l2_matrix.npy")), second.matrix)
+    assert not any(name.endswith(".tmp.npy") for name in files)
+    with open(os.path.join(folder, "lightning_tricks.json")) as handle:
+        entries = json.load(handle)["callbacks"]
+    assert entries["heatmap"]["hyperparameters"]["metric"] == "intensity"
+    assert entries["heatmap_edges_l2"]["hyperparameters"]["metric"] == "edges"
+
+
+def test_two_identical_heatmaps_are_refused(tmp_path):
+    """Lightning refuses two callbacks with one ``state_key`` (metric, descending, distance): they would
+    measure the same matrix, and their files could not be told apart."""
+    with pytest.raises(RuntimeError, match="state_key"):
+        fit(CNNModule(small_cnn()), [MinibatchHeatmap(progress=False), MinibatchHeatmap(progress=False)], tmp_path)
+
+
+# -- issue 19: resume from a checkpoint of an epoch's last batch (finding 11) ----------------------
+
+
+@pytest.mark.parametrize("resume_step", [5, 10])
+def test_resume_from_a_step_checkpoint_on_an_epochs_last_batch(tmp_path, resume_step):
+    net = small_cnn()
+    uninterrupted = MinibatchHeatmap(progress=False)
+    fit(CNNModule(copy.deepcopy(net)), [uninterrupted], tmp_path / "full", epochs=4)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    first = MinibatchHeatmap(progress=False)
+    fit(CNNModule(copy.deepcopy(net)), [first, checkpoint], tmp_path / "part", epochs=3, enable_checkpointing=True)
+    resumed = MinibatchHeatmap(progress=False)
+    trainer = pl.Trainer(
+        callbacks=[resumed], accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "part",
+    )
+    trainer.fit(CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / f"step={resume_step}.ckpt"))
+    assert resumed.epochs == uninterrupted.epochs == [0, 1, 2, 3]
+    np.testing.assert_allclose(resumed.matrix, uninterrupted.matrix, rtol=0, atol=1e-6)
+
+
+# -- issue 20 finding 7: the remainder batch is marked -------------------------------------------
+
+
+def test_the_short_remainder_batch_is_marked_in_the_figure(tmp_path):
+    heatmap = MinibatchHeatmap(progress=False)
+    fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1)
+    texts = [text.get_text() for text in heatmap.phase_figure(0).axes[0].texts]
+    assert texts == [f"remainder: {SAMPLES % BATCH} of {BATCH}"]
+    even = MinibatchHeatmap(progress=False)
+    fit(CNNModule(small_cnn(), samples=32), [even], tmp_path / "even", epochs=1)
+    assert len(even.phase_figure(0).axes[0].texts) == 0

@@ -35,7 +35,7 @@ from ._base import TrickCallback, check_every_n, first_learning_rate, resolve_lo
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
-HISTORY_COLUMNS = ("epoch", "lr", "lr_last", "phase", "batch", "metric", "distance")
+HISTORY_COLUMNS = ("epoch", "lr", "lr_first", "lr_last", "phase", "batch", "metric", "distance")
 SPILL_FILE = "heatmap_gradients.tmp.npy"
 ImageTransform = Callable[[Tensor], Tensor]
 """``images (N, C, H, W) -> images``: what the metric sees of a training batch (e.g. a datamodule's
@@ -246,8 +246,7 @@ class MinibatchHeatmap(TrickCallback):
     def reset_fit_state(self) -> None:
         self._rows: list[list[float]] = []
         self._epochs: list[int] = []
-        self._lrs: list[tuple[float, float]] = []  # (first, last) LR of the epoch's optimiser steps
-        self._mixed: list[bool] = []  # the LR changed inside the epoch
+        self._lrs: list[tuple[float, float, float]] = []  # (epoch LR, first step's, last step's)
         self._batch_values: list[float] | None = None
         self._fingerprint: tuple[int, int, int] | None = None
         self._sampler: MetricSortedBatchSampler | None = None
@@ -264,7 +263,6 @@ class MinibatchHeatmap(TrickCallback):
             "rows": [list(row) for row in self._rows],
             "epochs": list(self._epochs),
             "lrs": [list(lr) for lr in self._lrs],
-            "mixed": list(self._mixed),
             "batch_values": self._batch_values,
             "fingerprint": self._fingerprint,
         }
@@ -273,8 +271,7 @@ class MinibatchHeatmap(TrickCallback):
     def set_state(self, state: dict[str, Any]) -> None:
         self._rows = [list(row) for row in state["rows"]]
         self._epochs = list(state["epochs"])
-        self._lrs = [(lr, lr) if isinstance(lr, (int, float)) else tuple(lr) for lr in state["lrs"]]
-        self._mixed = list(state.get("mixed", [False] * len(self._lrs)))
+        self._lrs = [(lr, lr, lr) if isinstance(lr, (int, float)) else tuple(lr) for lr in state["lrs"]]
         self._batch_values = state["batch_values"]
         self._fingerprint = None if state["fingerprint"] is None else tuple(state["fingerprint"])
 
@@ -299,30 +296,33 @@ class MinibatchHeatmap(TrickCallback):
     @property
     def phase_of_epoch(self) -> list[int]:
         """The phase index of each measured epoch (see :func:`phase_indices`)."""
-        return phase_indices(self._epochs, [first for first, _ in self._lrs], self.phases, self._mixed)
+        return phase_indices(self._epochs, [lr for lr, _, _ in self._lrs], self.phases)
 
     @property
-    def learning_rates(self) -> list[tuple[float, float]]:
-        """``(first, last)``: the learning rate of each measured epoch's first and last optimiser step
-        (the first param group's, read as the step uses it)."""
+    def learning_rates(self) -> list[tuple[float, float, float]]:
+        """``(lr, first, last)`` of each measured epoch: the learning rate most of its optimiser steps
+        used (ties: the later one), the first step's and the last step's (the first param group's,
+        read as each step uses it)."""
         return list(self._lrs)
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One record ``{"epoch", "lr", "lr_last", "phase", "batch", "metric", "distance"}`` per measured
-        epoch and batch (``lr``/``lr_last``: :attr:`learning_rates`; ``phase``: :attr:`phase_of_epoch`)."""
+        """One record ``{"epoch", "lr", "lr_first", "lr_last", "phase", "batch", "metric", "distance"}``
+        per measured epoch and batch (the three LRs: :attr:`learning_rates`; ``phase``:
+        :attr:`phase_of_epoch`)."""
         values = self._batch_values or []
         return [
             {
                 "epoch": epoch,
-                "lr": first,
+                "lr": lr,
+                "lr_first": first,
                 "lr_last": last,
                 "phase": phase,
                 "batch": k,
                 "metric": values[k],
                 "distance": distance,
             }
-            for epoch, (first, last), phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
+            for epoch, (lr, first, last), phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
             for k, distance in enumerate(row)
         ]
 
@@ -401,12 +401,6 @@ class MinibatchHeatmap(TrickCallback):
         """The first ``MinibatchHeatmap`` of the Trainer orders the training batches (namespace
         ``heatmap``); each other one measures its own batches (namespace ``heatmap_<metric>…``)."""
         heatmaps = [c for c in trainer.callbacks if isinstance(c, MinibatchHeatmap)]
-        keys = [c.state_key for c in heatmaps]
-        if len(set(keys)) < len(keys):
-            raise ValueError(
-                "Two MinibatchHeatmap callbacks with the same metric, descending and distance measure the "
-                "same matrix; attach one, or make them differ (e.g. `metric=`)."
-            )
         self.leader = heatmaps[0] is self
         if self.leader:
             self.namespace = type(self).namespace
@@ -601,15 +595,17 @@ class MinibatchHeatmap(TrickCallback):
         row, full_norm = trainer.strategy.broadcast((row, full_norm), src=0)
         self._record(trainer, row.cpu(), full_norm.cpu(), lrs)
 
-    def _epoch_learning_rates(self) -> tuple[float, float, bool]:
-        """``(first, last, changed)``: the LR of the epoch's first and last optimiser step and whether
-        any step used another than the first (the LR at the epoch start if no step ran)."""
+    def _epoch_learning_rates(self) -> tuple[float, float, float]:
+        """``(lr, first, last)``: the LR most of the epoch's optimiser steps used (ties: the later),
+        its first step's and its last step's (the LR at the epoch start if no step ran)."""
         values = [float(lr) for lr in self._step_lrs or [self._lr_at_start]]
-        first = values[0]
-        return first, values[-1], any(not _same_lr(value, first) for value in values)
+        counts = {value: values.count(value) for value in values}
+        last_use = {value: index for index, value in enumerate(values)}
+        lr = max(counts, key=lambda value: (counts[value], last_use[value]))
+        return lr, values[0], values[-1]
 
     def _record(
-        self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor, lrs: tuple[float, float, bool]
+        self, trainer: pl.Trainer, row: Tensor, full_norm: Tensor, lrs: tuple[float, float, float]
     ) -> None:
         epoch, step = trainer.current_epoch, self.training_step(trainer)
         finite = row[torch.isfinite(row)]
@@ -622,8 +618,7 @@ class MinibatchHeatmap(TrickCallback):
         # batches past Trainer(limit_train_batches) are not visited: NaN
         self._rows.append(row.tolist() + [math.nan] * (len(self._batch_values) - len(row)))
         self._epochs.append(epoch)
-        self._lrs.append(lrs[:2])
-        self._mixed.append(lrs[2])
+        self._lrs.append(lrs)
         best = int(torch.argmin(torch.where(torch.isfinite(row), row, math.inf))) if len(finite) else -1
         ns = self.namespace
         scalars = {
@@ -652,8 +647,9 @@ class MinibatchHeatmap(TrickCallback):
         """The heatmap of one phase: its epochs × batches, titled with the phase's learning rate(s);
         a last batch shorter than the others (the remainder of the data) is marked on its column."""
         rows = [i for i, p in enumerate(self.phase_of_epoch) if p == phase]
-        first, last = self._lrs[rows[0]][0], self._lrs[rows[-1]][1]
-        lr = f"{first:.3g}" if _same_lr(first, last) and not self._mixed[rows[0]] else f"{first:.3g} → {last:.3g}"
+        lr = self._lrs[rows[0]][0]
+        changed = [self._epochs[i] for i in rows if not _same_lr(self._lrs[i][1], self._lrs[i][2])]
+        note = f"; LR changed inside epoch {', '.join(map(str, changed))}" if changed else ""
         figure = plot_minibatch_heatmap(
             self.matrix[rows],
             [self._epochs[i] for i in rows],
@@ -661,7 +657,7 @@ class MinibatchHeatmap(TrickCallback):
             metric=self.metric,
             distance=self.distance,
             log_scale=self.log_scale,
-            title=f"Mini-batch gradient distance, phase {phase} (lr {lr})",
+            title=f"Mini-batch gradient distance, phase {phase} (lr {lr:.3g}{note})",
         )
         sizes = self._sampler.global_batch_sizes if self._sampler is not None else []
         if len(sizes) > 1 and sizes[-1] < sizes[0]:
@@ -689,25 +685,20 @@ def _same_lr(a: float, b: float) -> bool:
 
 
 def phase_indices(
-    epochs: Sequence[int],
-    lrs: Sequence[float],
-    phases: str | Sequence[int] | None,
-    mixed: Sequence[bool] | None = None,
+    epochs: Sequence[int], lrs: Sequence[float], phases: str | Sequence[int] | None
 ) -> list[int]:
     """Phase of each measured epoch (seed ``002_696f8026b30a9c31.txt`` §3.1: "training phases based on
     epochs with the same learning rate").
 
     ``"lr"``: a phase is a maximal run of consecutive measured epochs with the same learning rate
-    ``lrs`` (each epoch's, as its optimiser steps used it; equal within a relative 1e-9); an epoch
-    flagged in ``mixed`` (its LR changed between its own steps, e.g. a per-step schedule) is a phase of
-    its own. A list of epochs starts a phase at each; ``None``: one phase, 0."""
+    ``lrs`` (each epoch's, the one most of its optimiser steps used; equal within a relative 1e-9).
+    A list of epochs starts a phase at each; ``None``: one phase, 0."""
     if phases is None:
         return [0] * len(epochs)
     if phases == "lr":
-        mixed = mixed or [False] * len(lrs)
         out, phase = [], 0
         for i, lr in enumerate(lrs):
-            if i and (mixed[i] or mixed[i - 1] or not _same_lr(lr, lrs[i - 1])):
+            if i and not _same_lr(lr, lrs[i - 1]):
                 phase += 1
             out.append(phase)
         return out
