@@ -10,10 +10,11 @@ images are on: ``(N,)`` for a scalar score, ``(N, m)`` for a lexicographic key (
 - :class:`PerceptualDistance`: the LPIPS-style distance to the dataset's average image in the
   feature space of a CNN (§3.2.4).
 
-Images are taken as they come: a datamodule's normalised tensors give ``intensity`` the same order
-as raw pixels (a positive affine map of every pixel); ``edges``' thresholds apply to the gradient
-magnitude of the images as given; ``color`` expects RGB (or grey) values in ``[0, 1]`` and clamps
-values outside.
+The functions take images as they come: ``edges``' thresholds apply to the gradient magnitude of
+the images as given, and ``color`` expects RGB (or grey) values in ``[0, 1]`` and clamps values
+outside, so both need the images as stored, not a loader's standardised tensors (seed §3.2 scores
+the images). ``MinibatchHeatmap`` gives them as stored: through the datamodule's ``denormalize``
+or its ``metric_transform=`` argument.
 """
 
 from __future__ import annotations

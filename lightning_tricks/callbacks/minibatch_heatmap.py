@@ -53,7 +53,23 @@ class MinibatchHeatmap(TrickCallback):
     (:class:`~lightning_tricks.samplers.MetricSortedBatchSampler`, batch size and ``drop_last`` of the
     Trainer's training loader). The callback installs those batches in the training loader at the
     first epoch; a loader whose batch sampler already is a ``MetricSortedBatchSampler`` is used as
-    it is. Batch rank k = 0 … K−1 is the metric order.
+    it is. Batch rank k = 0 … K−1 is the metric order. The metric scores the images as stored
+    (seed §3.2), not the standardised tensors a loader gives: ``metric_transform="auto"`` passes the
+    loader's images through the datamodule's ``denormalize(images)`` (the protocol:
+    ``x · std + mean`` per channel, :class:`~lightning_tricks.datamodules.ClassificationDataModule`
+    and its subclasses define it) when ``Trainer.fit(datamodule=...)`` has one; with your own loader
+    pass ``metric_transform=`` (any ``images -> images``), ``None`` scores what the loader gives.
+    ``color`` on grey images (one channel, or equal channels) warns: hue and saturation are all 0,
+    so it orders by mean value, the order of ``intensity``.
+
+    **Several heatmaps** (to compare metrics on one run): the first ``MinibatchHeatmap`` in
+    ``Trainer(callbacks=...)`` decides the training order as above; every other one forms its own
+    fixed batches (same data, batch size and ``drop_last``) and, after each measured epoch's last
+    batch, takes their gradients at the same θ_e (one extra forward/backward per batch, RNG forked):
+    training is as with the first alone. Their files and tags use ``heatmap_<metric>[_descending]_<distance>``
+    instead of ``heatmap`` (e.g. ``heatmap_edges_l2_matrix.npy``, ``heatmap_edges_l2/distance_min``).
+    Two heatmaps with the same metric, ``descending`` and ``distance`` are refused by Lightning (same
+    ``state_key``).
 
     **Measurement.** At the start of every ``every_n_epochs``-th epoch e (0, n, 2n, …) the parameters
     θ_e (and buffers) are copied; after each training batch k, the gradient ∇_k of the batch's mean
@@ -80,16 +96,24 @@ class MinibatchHeatmap(TrickCallback):
     per epoch and batch (``heatmap.csv``, so a reader can split it by phase; with
     ``Trainer(limit_train_batches=...)`` ∇_e is the mean over the visited batches and the others
     are NaN); one heatmap per phase (``heatmap/phase_<p>``, x batch rank with the
-    batch's mean metric value on the top axis, y epoch; ``log_scale`` colours) through every logger
+    batch's mean metric value on the top axis, y epoch; ``log_scale`` colours; a short last batch,
+    the remainder of the data, is hatched and labelled with its size) through every logger
     that shows images and as PNG. Phases (seed §3.1: "epochs with the same learning rate"):
-    ``phases="lr"`` starts a phase whenever the first param group's learning rate at an epoch start
-    differs from the previous measured epoch's; a list of epochs starts one at each; ``None``: one
+    ``phases="lr"``: an epoch's learning rate is the first param group's as its optimiser steps used
+    it (read in ``on_before_optimizer_step``, before a scheduler moves it), the value most of its
+    steps used (ties: the later); a phase is a maximal run of measured epochs with the same one. An
+    epoch whose LR changed between its steps (per-step schedules, a scheduler one step late) thus
+    joins the phase of the LR it mostly trained with; ``lr_first``/``lr_last`` in ``heatmap.csv``
+    and the figure title show it. A schedule that changes the LR every step makes each epoch its own
+    phase: pass ``phases=[...]`` then. A list of epochs starts a phase at each; ``None``: one
     phase. Scalars per measured epoch: ``heatmap/distance_mean``, ``heatmap/distance_min``,
     ``heatmap/distance_max``, ``heatmap/best_batch`` (rank of the smallest distance),
     ``heatmap/best_batch_metric`` and ``heatmap/full_gradient_norm`` (‖∇_e‖, sketched in sketch mode).
 
     **Resume and DDP.** The matrix, epochs, learning rates and a fingerprint of the batches are saved
-    in checkpoints; a resumed run continues the matrix (an epoch interrupted mid-way is not measured).
+    in checkpoints; an epoch's row is recorded at its last batch, so a checkpoint of that batch
+    (``ModelCheckpoint(every_n_train_steps=...)``) holds it and a run resumed from there measures the
+    next epochs as an uninterrupted one; an epoch interrupted before its last batch is not measured.
     Under DDP each process takes its contiguous share of every global batch (``batch_size × world
     size``), the per-process gradients are summed with their batch sizes before storage (one
     all-reduce of P values, or ``sketch_dim`` in sketch mode, per batch), rank 0 stores and computes
@@ -112,9 +136,11 @@ class MinibatchHeatmap(TrickCallback):
         image_key: where the images are in a collated batch (position or key) for scoring.
         score_batch_size: images scored at once (``>= 1``).
         progress: show a progress bar while scoring.
+        metric_transform: ``"auto"`` (the datamodule's ``denormalize``, if any), ``None`` or a callable
+            ``images -> images`` applied before the metric.
 
     Raises:
-        ValueError / TypeError: bad arguments; at ``setup``, a module with neither ``compute_loss``
+        ValueError / TypeError: bad arguments (naming the argument); at ``setup``, a module with neither ``compute_loss``
             nor ``loss_fn``; at the first epoch, a training loader that cannot have fixed batches
             (several loaders, an iterable dataset, a custom batch sampler) or whose batches change
             between epochs (e.g. a reloaded loader with another batch size).
