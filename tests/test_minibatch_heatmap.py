@@ -688,8 +688,10 @@ def test_resume_from_a_step_checkpoint_on_an_epochs_last_batch(tmp_path, resume_
 def test_the_short_remainder_batch_is_marked_in_the_figure(tmp_path):
     heatmap = MinibatchHeatmap(progress=False)
     fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1)
-    texts = [text.get_text() for text in heatmap.phase_figure(0).axes[0].texts]
-    assert texts == [f"remainder: {SAMPLES % BATCH} of {BATCH}"]
+    axes = heatmap.phase_figure(0).axes[0]
+    assert axes.get_xlabel().endswith(f"hatched: batch 4, the remainder ({SAMPLES % BATCH} of {BATCH} samples)")
+    assert [patch.get_hatch() for patch in axes.patches] == ["//"]
     even = MinibatchHeatmap(progress=False)
     fit(CNNModule(small_cnn(), samples=32), [even], tmp_path / "even", epochs=1)
-    assert len(even.phase_figure(0).axes[0].texts) == 0
+    axes = even.phase_figure(0).axes[0]
+    assert "remainder" not in axes.get_xlabel() and len(axes.patches) == 0

@@ -140,10 +140,11 @@ class MinibatchHeatmap(TrickCallback):
             ``images -> images`` applied before the metric.
 
     Raises:
-        ValueError / TypeError: bad arguments (naming the argument); at ``setup``, a module with neither ``compute_loss``
-            nor ``loss_fn``; at the first epoch, a training loader that cannot have fixed batches
-            (several loaders, an iterable dataset, a custom batch sampler) or whose batches change
-            between epochs (e.g. a reloaded loader with another batch size).
+        ValueError / TypeError: bad arguments (naming the argument); at ``setup``, a module with
+            neither ``compute_loss`` nor ``loss_fn``; at the first epoch, a training loader that
+            cannot have fixed batches (several loaders, an iterable dataset, a custom batch
+            sampler) or whose batches change between epochs (e.g. a reloaded loader with another
+            batch size).
 
     Example::
 
@@ -348,7 +349,9 @@ class MinibatchHeatmap(TrickCallback):
                 "metric": values[k],
                 "distance": distance,
             }
-            for epoch, (lr, first, last), phase, row in zip(self._epochs, self._lrs, self.phase_of_epoch, self._rows)
+            for epoch, (lr, first, last), phase, row in zip(
+                self._epochs, self._lrs, self.phase_of_epoch, self._rows
+            )
             for k, distance in enumerate(row)
         ]
 
@@ -567,8 +570,11 @@ class MinibatchHeatmap(TrickCallback):
     def _start_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._frozen = freeze(pl_module)
         dim = sum(p.numel() for p in self._frozen[0].values() if p.requires_grad)
-        num_batches = int(trainer.num_training_batches)
-        self._num_batches = num_batches if self.leader else _limited(len(self._sampler), trainer.limit_train_batches)
+        self._num_batches = (
+            int(trainer.num_training_batches)
+            if self.leader
+            else _limited(len(self._sampler), trainer.limit_train_batches)
+        )
         self._engine = MinibatchDistances(
             self._num_batches,
             dim,
@@ -675,7 +681,7 @@ class MinibatchHeatmap(TrickCallback):
         rows = [i for i, p in enumerate(self.phase_of_epoch) if p == phase]
         lr = self._lrs[rows[0]][0]
         changed = [self._epochs[i] for i in rows if not _same_lr(self._lrs[i][1], self._lrs[i][2])]
-        note = f"; LR changed inside epoch {', '.join(map(str, changed))}" if changed else ""
+        note = f"\nthe LR changed inside epoch {', '.join(map(str, changed))}" if changed else ""
         figure = plot_minibatch_heatmap(
             self.matrix[rows],
             [self._epochs[i] for i in rows],
@@ -683,7 +689,7 @@ class MinibatchHeatmap(TrickCallback):
             metric=self.metric,
             distance=self.distance,
             log_scale=self.log_scale,
-            title=f"Mini-batch gradient distance, phase {phase} (lr {lr:.3g}{note})",
+            title=f"Mini-batch gradient distance, phase {phase} (lr {lr:.3g}){note}",
         )
         sizes = self._sampler.global_batch_sizes if self._sampler is not None else []
         if len(sizes) > 1 and sizes[-1] < sizes[0]:
@@ -698,12 +704,9 @@ class MinibatchHeatmap(TrickCallback):
 
 
 def _mark_remainder(axes: Any, column: int, size: int, full: int) -> None:
-    """Outline the remainder batch's column and say on it how many samples it holds."""
+    """Hatch the remainder batch's column and say under the x axis how many samples it holds."""
     axes.axvspan(column - 0.5, column + 0.5, fill=False, hatch="//", edgecolor="tab:cyan", linewidth=0)
-    axes.text(
-        column, 0.0, f"remainder: {size} of {full}", transform=axes.get_xaxis_transform(),
-        rotation=90, ha="center", va="bottom", fontsize=7, color="tab:cyan",
-    )
+    axes.set_xlabel(f"{axes.get_xlabel()}\nhatched: batch {column}, the remainder ({size} of {full} samples)")
 
 
 def _same_lr(a: float, b: float) -> bool:
