@@ -410,21 +410,24 @@ def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(
     with their sizes before storage, so the matrix equals one process with batches of 8."""
     net = small_cnn(batch_norm=False)  # BatchNorm's statistics would be per process
     single = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
-    fit(CNNModule(copy.deepcopy(net), samples=32), [single], tmp_path / "single", epochs=2)
+    single_edges = MinibatchHeatmap(metric="edges", mode=mode, sketch_dim=512, progress=False)
+    fit(CNNModule(copy.deepcopy(net), samples=32), [single, single_edges], tmp_path / "single", epochs=2)
 
     ddp = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
+    ddp_edges = MinibatchHeatmap(metric="edges", mode=mode, sketch_dim=512, progress=False)
     fit(
         CNNModule(copy.deepcopy(net), batch_size=4, samples=32),
-        [ddp],
+        [ddp, ddp_edges],
         tmp_path / "ddp",
         epochs=2,
         devices=2,
         strategy="ddp_fork",
     )
     folder = tmp_path / "ddp" / "lightning_tricks_logs" / "version_0"
-    matrix = np.load(folder / "heatmap_matrix.npy")
-    assert matrix.shape == single.matrix.shape == (2, 4)
-    np.testing.assert_allclose(matrix, single.matrix, rtol=1e-5, atol=1e-6)
+    for name, reference in (("heatmap", single), ("heatmap_edges_l2", single_edges)):  # a second heatmap too
+        matrix = np.load(folder / f"{name}_matrix.npy")
+        assert matrix.shape == reference.matrix.shape == (2, 4)
+        np.testing.assert_allclose(matrix, reference.matrix, rtol=1e-5, atol=1e-6)
 
 
 def test_heatmap_figure_log_scale_blanks_non_finite_cells():
