@@ -188,3 +188,17 @@ def test_sampler_rejects_bad_arguments():
         MetricSortedBatchSampler(torch.ones(3), 0)
     with pytest.raises(ValueError, match="rank"):
         MetricSortedBatchSampler(torch.ones(3), 1, num_replicas=2, rank=2)
+
+
+def test_score_dataset_scores_the_transformed_images():
+    """With ``transform`` (a datamodule's ``denormalize``) the metric sees the images as stored: colour
+    of standardised tensors, undone, equals colorsys on the raw mean colours."""
+    generator = torch.Generator().manual_seed(1)
+    raw = torch.rand(10, 3, 4, 4, generator=generator)
+    mean, std = torch.tensor([0.4, 0.5, 0.6])[:, None, None], torch.tensor([0.2, 0.3, 0.25])[:, None, None]
+    data = TensorDataset((raw - mean) / std, torch.zeros(10))
+    scores = score_dataset(data, color, batch_size=4, progress=False, transform=lambda x: x * std + mean)
+    expected = [colorsys.rgb_to_hsv(*image.double().mean(dim=(1, 2)).tolist()) for image in raw]
+    assert scores.tolist() == [pytest.approx(list(hsv), abs=1e-5) for hsv in expected]
+    as_given = score_dataset(data, color, batch_size=4, progress=False)
+    assert not torch.allclose(as_given, scores), "standardised tensors give other colours"
