@@ -25,9 +25,9 @@ def stage_of(epoch: int, num_epochs: int, num_stages: int) -> int:
     """The stage of ``epoch`` when ``num_epochs`` are split into ``num_stages`` equal stages.
 
     Stage k covers epochs ``[⌊k·E/S⌋, ⌊(k+1)·E/S⌋)``: equal when S divides E, otherwise stages
-    differ by at most one epoch and the longer ones come last (E=10, S=3 → 3, 3, 4 epochs).
-    With fewer epochs than stages some stages get no epoch (E=3, S=5 → sizes 2, 4, 5 are used).
-    Epochs past ``num_epochs`` stay in the last stage."""
+    differ by at most one epoch and the longer ones come last (E=10, S=3 → 3, 3, 4 epochs), and
+    with fewer epochs than stages some stages get no epoch (E=3, S=5 → sizes 2, 4, 5 are used);
+    :meth:`StagedPolicy.check` refuses both. Epochs past ``num_epochs`` stay in the last stage."""
     if epoch >= num_epochs:
         return num_stages - 1
     return ((epoch + 1) * num_stages - 1) // num_epochs  # the largest k with ⌊k·E/S⌋ <= epoch

@@ -767,3 +767,52 @@ def test_resumed_history_and_logged_steps_match_the_uninterrupted_run(tmp_path, 
             return [(int(r["step"]), float(r["batch_size/size"])) for r in csv.DictReader(handle) if r.get("batch_size/size")]
 
     assert logged("resumed")[-6:] == logged("full")[-6:] == [(32, 4), (40, 4), (48, 8), (52, 8), (56, 16), (58, 16)]
+
+
+def shipped_staged_runs() -> dict[str, tuple[dict, int]]:
+    """``name: (BatchSizeScheduler init_args, max_epochs)`` of the shipped staged configs and grid runs."""
+    import yaml
+
+    from lightning_tricks.sweep import load_grid
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    runs = {}
+
+    def scheduler_args(config: dict) -> dict:
+        callbacks = config["trainer"]["callbacks"]
+        return next(c for c in callbacks if c["class_path"].endswith("BatchSizeScheduler"))["init_args"]
+
+    for path in sorted(root.glob("batch_size_*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        runs[path.stem] = (scheduler_args(config), config["trainer"]["max_epochs"])
+    grid = load_grid(root / "experiments" / "seed004_dynamic.grid.yaml")
+    base = yaml.safe_load(grid.base.read_text())
+    for run in grid.runs:
+        overrides = {key.rsplit(".", 1)[-1]: value for key, value in run.overrides if "callbacks" in key}
+        runs[run.name] = ({**scheduler_args(base), **overrides}, base["trainer"]["max_epochs"])
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("ms", "plain", "sequence"),
+    [
+        ("batch_size_s32_to_512_ms", "batch_size_s32_to_512", (32, 64, 128, 256, 512)),
+        ("s32-to-512-MS-lr0.1", "s32-to-512-lr0.1", (32, 64, 128, 256, 512)),
+        ("s32-to-128-MS-lr0.1", "s32-to-128-lr0.1", (32, 32, 64, 64, 128)),  # five stages, as s16-to-64
+    ],
+)
+def test_shipped_ms_configs_train_each_size_on_the_samples_of_their_plain_partner(ms, plain, sequence):
+    """Per-epoch sizes of the shipped configs against seed 004 §4.3 written out (LR decays at 50 % and
+    75 %): the same epochs, hence samples, of every size with and without -MS."""
+    runs = shipped_staged_runs()
+    epochs = {}
+    for name, lr_stages in ((plain, None), (ms, "seed")):
+        args, max_epochs = runs[name]
+        scheduler = BatchSizeScheduler(**args)
+        milestones = scheduler._milestones_for(max_epochs)
+        stages = [max_epochs // 2, max_epochs // 4, max_epochs // 4] if lr_stages else None
+        scheduler.policy.check(max_epochs, milestones)
+        per_epoch = [scheduler.policy.size_at(e, max_epochs, milestones) for e in range(max_epochs)]
+        assert per_epoch == seed_004_sizes(sequence, max_epochs, stages)
+        epochs[name] = {size: per_epoch.count(size) for size in sequence}
+    assert epochs[ms] == epochs[plain]

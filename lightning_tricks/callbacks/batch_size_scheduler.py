@@ -66,11 +66,15 @@ class BatchSizeScheduler(TrickCallback):
     re-run inside each learning-rate stage; Table 1 reports the same accuracy as the best fixed
     size in less time (CIFAR-10 ResNet: s32-to-128 7.0 h against 7.7 h for s32).
 
-    **Policies.** ``sizes=[...]``: ``len(sizes)`` equal stages over ``max_epochs`` (stage k covers
-    epochs ⌊k·E/S⌋ to ⌊(k+1)·E/S⌋ − 1, so when S does not divide E the later stages are one epoch
-    longer); with ``multistep=True`` the stages are laid out again between consecutive
-    learning-rate milestones (``lr_milestones`` as epochs, or as fractions of ``max_epochs`` in
-    (0, 1) like the project's classifier, or read from a ``MultiStepLR`` with ``interval="epoch"``).
+    **Policies.** ``sizes=[...]``: ``len(sizes)`` equal stages over ``max_epochs``; with
+    ``multistep=True`` the stages are laid out again between consecutive learning-rate milestones
+    (``lr_milestones`` as epochs, or as fractions of ``max_epochs`` in (0, 1) like the project's
+    classifier, or read from a ``MultiStepLR`` with ``interval="epoch"``). Sizes change at epoch
+    boundaries, so every stage must last the same whole number of epochs: ``max_epochs`` (with
+    -MS, each learning-rate stage) a multiple of ``len(sizes)``; otherwise ``on_fit_start``
+    raises, naming the ``max_epochs`` that fit (s32-to-512-MS: 20, 40, ...). Each size then
+    trains on the same samples with -MS as without (seed 004 §4.3: the two "share the same
+    amount of units of mini-batch sizes").
     ``schedule={epoch: size}``: from each listed epoch on, that size (the idiom of Lightning's
     ``GradientAccumulationScheduler``; before the first key the loader's own size).
     ``max_size=...``: increase the batch instead of decaying the LR (Smith et al. 2018, cited by
@@ -94,13 +98,20 @@ class BatchSizeScheduler(TrickCallback):
     Under DDP the per-process size is ``size / world_size`` (an error where it does not divide).
     ``max_physical_batch_size`` caps the batch one process computes at once: a larger size runs as
     ``physical × accumulation`` micro-batches (``trainer.accumulate_grad_batches``), the same
-    gradient as one large batch. A resumed run continues the schedule where it stopped.
+    gradient as one large batch: Lightning divides each micro-batch loss by the accumulation A,
+    right for full windows only, so the loss gradient of a micro-batch of n samples in the epoch's
+    last window of N samples is multiplied by A·n/N (no hook on full windows). Accumulation needs
+    automatic optimisation (Lightning ignores it otherwise): under manual optimisation a size
+    that needs it raises. A size larger than an epoch's samples raises before training. A
+    resumed run continues the schedule where it stopped, its history at the same steps.
 
     **Learning rate.** ``lr_scaling="linear"`` multiplies every learning rate by new/old size at
     each change (the linear scaling rule of Goyal et al. 2017, seed 003), ``"sqrt"`` by its square
     root, ``"none"`` leaves it; the configured LR is that of the first size. The factor is applied to
-    each param group's ``lr`` and ``initial_lr`` and to every scheduler's ``base_lrs``, so both
-    closed-form schedulers (``LambdaLR``, cosine) and chainable ones (``MultiStepLR``) keep it.
+    the param groups' :data:`LR_GROUP_KEYS` and to every value a scheduler recomputes its LR from
+    (``base_lrs`` and :data:`SCALED_SCHEDULER_VALUES`), so each of torch's 15 schedulers, nested
+    in ``ChainedScheduler``/``SequentialLR`` too, continues exactly ×factor; other schedulers are
+    refused at fit start.
 
     Logged at the first step of every epoch: ``batch_size/size``, ``batch_size/physical``,
     ``batch_size/accumulation`` and ``batch_size/lr`` (first param group of the first optimiser).
@@ -130,9 +141,12 @@ class BatchSizeScheduler(TrickCallback):
             without ``compute_loss``.
 
     Raises:
-        ValueError: bad arguments; at ``setup``, a module/datamodule without ``batch_arg_name``, a
+        TypeError: arguments of the wrong kind.
+        ValueError: bad values; at ``setup``, a module/datamodule without ``batch_arg_name``, a
             Trainer with ``accumulate_grad_batches > 1`` or a ``GradientAccumulationScheduler``, a
-            staged policy without ``max_epochs``, or a size not divisible by the number of processes.
+            staged policy without ``max_epochs``, or a size not divisible by the number of processes;
+            at fit start, unequal stages, ``lr_scaling`` with a scheduler it cannot scale, or
+            accumulation under manual optimisation; at train start, a size above the dataset's.
 
     Example::
 
@@ -364,7 +378,7 @@ class BatchSizeScheduler(TrickCallback):
         self._milestones = self._resolve_milestones(trainer)
         if self.policy is None:
             self.policy = self._policy(self._scheduler_gamma(trainer))
-        if isinstance(self.policy, StagedPolicy):
+        if isinstance(self.policy, StagedPolicy) and not trainer.fast_dev_run:  # a dry run: max_epochs = 1
             self._check_stages(trainer.max_epochs)
         if self.lr_scaling != "none":
             _check_scalable(trainer)
@@ -582,7 +596,10 @@ class BatchSizeScheduler(TrickCallback):
         physical batch."""
         if pl_module.automatic_optimization:
             return
-        for name, size in (*self._known_sizes(), ("the loader's batch size", self._initial_size)):
+        sizes = self._known_sizes()
+        if self.sizes is None and 0 not in (self.schedule or {}):  # the loader's own size trains first
+            sizes.append(("the loader's batch size", self._initial_size))
+        for name, size in sizes:
             physical, accumulation = self._split(trainer, size)
             if accumulation > 1:
                 raise ValueError(
