@@ -547,7 +547,8 @@ class BatchSizeScheduler(TrickCallback):
         physical, accumulation = self._split(trainer, self._size)
         lr = first_learning_rate(trainer, default=math.nan)
         metrics = {"size": self._size, "physical": physical, "accumulation": accumulation, "lr": lr}
-        self.log_scalars(trainer, {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}, self._next_step(trainer))
+        scalars = {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}
+        self.log_scalars(trainer, scalars, self._next_step(trainer))
 
     def _next_step(self, trainer: pl.Trainer) -> int:
         """The index of the next optimiser step. Lightning's counter lags one step between the
