@@ -526,7 +526,8 @@ def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, mile
 def test_stages_that_are_not_equal_whole_epochs_are_refused_naming_the_epochs_that_fit(
     tmp_path, sizes, epochs, milestones, fits
 ):
-    scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=milestones is not None, lr_milestones=milestones)
+    multistep = milestones is not None
+    scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=multistep, lr_milestones=milestones)
     with pytest.raises(ValueError, match=f"multiple of {len(sizes)}.*max_epochs = {fits}"):
         trainer(tmp_path, [scheduler], max_epochs=epochs).fit(Recorder(), datamodule=Data())
 
@@ -595,7 +596,8 @@ def test_manual_optimisation_refuses_sizes_that_need_accumulation(tmp_path):
             self.manual_backward(super().training_step(batch, batch_idx))
             optimizer.step()
 
-    with pytest.raises(ValueError, match="manual optimisation.*sizes\\[1\\] = 8 cannot run as 2 micro-batches of 4"):
+    match = "manual optimisation.*sizes\\[1\\] = 8 cannot run as 2 micro-batches of 4"
+    with pytest.raises(ValueError, match=match):
         trainer(tmp_path, [BatchSizeScheduler(sizes=[4, 8], max_physical_batch_size=4)], max_epochs=2).fit(
             Manual(), datamodule=Data()
         )
@@ -698,25 +700,28 @@ def test_lr_scaling_refuses_a_scheduler_it_cannot_scale_by_name(tmp_path):
 # -- arguments --------------------------------------------------------------------------------
 
 
+SMITH, ADAPTIVE = BatchSizeScheduler.increase_instead_of_decay, BatchSizeScheduler.noise_adaptive
+
+
 @pytest.mark.parametrize(
-    ("make", "error", "match"),
+    ("make", "kwargs", "error", "match"),
     [
-        (lambda: BatchSizeScheduler(sizes=[2], multistep=True, lr_milestones=5), TypeError, "`lr_milestones`.*got 5"),
-        (lambda: BatchSizeScheduler.increase_instead_of_decay(max_size=-1), ValueError, "`max_size`.*>= 1; got -1"),
-        (lambda: BatchSizeScheduler.increase_instead_of_decay(max_size=0), ValueError, "`max_size`.*>= 1; got 0"),
-        (lambda: BatchSizeScheduler.increase_instead_of_decay(max_size="big"), ValueError, "`max_size`.*'big'"),
-        (lambda: BatchSizeScheduler.noise_adaptive(max_size=64, growth=math.inf), ValueError, "`growth`.*finite.*inf"),
-        (lambda: BatchSizeScheduler.noise_adaptive(max_size=64, theta=math.nan), ValueError, "`theta`.*nan"),
-        (lambda: BatchSizeScheduler(sizes=[2], batch_arg_name=3), TypeError, "`batch_arg_name`.*got 3"),
-        (lambda: BatchSizeScheduler(sizes=32), TypeError, "`sizes`.*got 32"),
-        (lambda: BatchSizeScheduler(schedule=[(0, 4)]), TypeError, "`schedule`.*epoch: size"),
-        (lambda: BatchSizeScheduler(sizes=[2], multistep="yes"), TypeError, "`multistep`.*bool"),
-        (lambda: BatchSizeScheduler(sizes=[2], loss_fn="mse"), TypeError, "`loss_fn`.*'mse'"),
+        (BatchSizeScheduler, dict(sizes=[2], multistep=True, lr_milestones=5), TypeError, "`lr_milestones`.*got 5"),
+        (SMITH, dict(max_size=-1), ValueError, "`max_size`.*>= 1; got -1"),
+        (SMITH, dict(max_size=0), ValueError, "`max_size`.*>= 1; got 0"),
+        (SMITH, dict(max_size="big"), ValueError, "`max_size`.*'big'"),
+        (ADAPTIVE, dict(max_size=64, growth=math.inf), ValueError, "`growth`.*finite.*inf"),
+        (ADAPTIVE, dict(max_size=64, theta=math.nan), ValueError, "`theta`.*nan"),
+        (BatchSizeScheduler, dict(sizes=[2], batch_arg_name=3), TypeError, "`batch_arg_name`.*got 3"),
+        (BatchSizeScheduler, dict(sizes=32), TypeError, "`sizes`.*got 32"),
+        (BatchSizeScheduler, dict(schedule=[(0, 4)]), TypeError, "`schedule`.*epoch: size"),
+        (BatchSizeScheduler, dict(sizes=[2], multistep="yes"), TypeError, "`multistep`.*bool"),
+        (BatchSizeScheduler, dict(sizes=[2], loss_fn="mse"), TypeError, "`loss_fn`.*'mse'"),
     ],
 )
-def test_bad_arguments_are_refused_at_construction_naming_the_argument(make, error, match):
+def test_bad_arguments_are_refused_at_construction_naming_the_argument(make, kwargs, error, match):
     with pytest.raises(error, match=match):
-        make()
+        make(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -730,7 +735,8 @@ def test_bad_arguments_are_refused_at_construction_naming_the_argument(make, err
 def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, kwargs, match):
     module = Recorder()
     with pytest.raises(ValueError, match=match):
-        trainer(tmp_path, [BatchSizeScheduler(**kwargs)], max_epochs=2).fit(module, datamodule=Data(samples=40))
+        fit = trainer(tmp_path, [BatchSizeScheduler(**kwargs)], max_epochs=2)
+        fit.fit(module, datamodule=Data(samples=40))
     assert module.seen == []
 
 
@@ -764,9 +770,11 @@ def test_resumed_history_and_logged_steps_match_the_uninterrupted_run(tmp_path, 
 
     def logged(name):
         with open(tmp_path / name / "version_0" / "metrics.csv") as handle:
-            return [(int(r["step"]), float(r["batch_size/size"])) for r in csv.DictReader(handle) if r.get("batch_size/size")]
+            rows = [r for r in csv.DictReader(handle) if r.get("batch_size/size")]
+        return [(int(r["step"]), float(r["batch_size/size"])) for r in rows]
 
-    assert logged("resumed")[-6:] == logged("full")[-6:] == [(32, 4), (40, 4), (48, 8), (52, 8), (56, 16), (58, 16)]
+    expected = [(32, 4), (40, 4), (48, 8), (52, 8), (56, 16), (58, 16)]
+    assert logged("resumed")[-6:] == logged("full")[-6:] == expected
 
 
 def shipped_staged_runs() -> dict[str, tuple[dict, int]]:

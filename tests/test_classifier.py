@@ -152,16 +152,24 @@ def window_start_progress(seen, max_epochs: int, accumulation: dict[int, int]) -
 
 
 def lr_trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
-    options = dict(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                   default_root_dir=tmp_path)
+    options = dict(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
 
 
 def digits_like(samples: int = 16) -> torch.utils.data.TensorDataset:
     generator = torch.Generator().manual_seed(0)
     return torch.utils.data.TensorDataset(
-        torch.randn(samples, 1, 4, 4, generator=generator), torch.randint(0, 10, (samples,), generator=generator)
+        torch.randn(samples, 1, 4, 4, generator=generator),
+        torch.randint(0, 10, (samples,), generator=generator),
     )
 
 
@@ -210,7 +218,8 @@ def test_lr_by_steps_when_training_is_bounded_by_max_steps(tmp_path):
     model.seen = []
     loader = torch.utils.data.DataLoader(digits_like(), batch_size=4)
     lr_trainer(tmp_path, max_epochs=-1, max_steps=10).fit(model, loader)
-    assert [lr for *_, lr in model.seen] == pytest.approx([0.1 * (1 - k / 10) ** 0.9 for k in range(10)], rel=1e-12)
+    expected = [0.1 * (1 - k / 10) ** 0.9 for k in range(10)]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -229,4 +238,5 @@ def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(tmp_p
     scheduler = BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=2)
     lr_trainer(tmp_path, [scheduler], max_epochs=2).fit(model, datamodule=data)
     progress = window_start_progress(model.seen, 2, {1: 2})
-    assert [lr for *_, lr in model.seen] == pytest.approx([0.02 * (1 - p) ** power for p in progress], rel=1e-12)
+    expected = [0.02 * (1 - p) ** power for p in progress]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)

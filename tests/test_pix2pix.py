@@ -224,7 +224,8 @@ def test_batch_size_scheduler_refuses_accumulation_under_manual_optimisation(tra
     from lightning_tricks import BatchSizeScheduler
 
     model = Pix2Pix(**TINY)
-    with pytest.raises(ValueError, match="manual optimisation.*sizes\\[0\\] = 16 cannot run as 4 micro-batches"):
+    match = "manual optimisation.*sizes\\[0\\] = 16 cannot run as 4 micro-batches"
+    with pytest.raises(ValueError, match=match):
         trainer_for([BatchSizeScheduler.staged([16], max_physical_batch_size=4)], max_steps=2).fit(
             model, datamodule=one_batch_data(train_size=16)
         )
@@ -235,5 +236,6 @@ def test_batch_size_scheduler_refuses_accumulation_under_manual_optimisation(tra
 
     seen: list[int] = []
     callbacks = [BatchSizeScheduler.staged([4], max_physical_batch_size=4), Sizes()]
-    trainer_for(callbacks, max_epochs=1, limit_val_batches=0).fit(model, datamodule=one_batch_data(train_size=16))
+    trainer = trainer_for(callbacks, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=one_batch_data(train_size=16))
     assert seen == [4, 4, 4, 4]
