@@ -7,7 +7,7 @@ Seed ``004_e5d92837cb57ce8a.txt`` Table 1 (CIFAR-10, ResNet): s32-to-128 trains 
 alternating order; the table gives the wall time of ``fit`` and the test accuracy of the final
 model (mean ± standard deviation over seeds) and the time relative to s32 of the same seed.
 
-    python benchmarks/bench_dynamic_sampling.py [--seeds 3] [--epochs 10] [--threads 2]
+    python benchmarks/bench_dynamic_sampling.py [--seeds 3] [--epochs 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run(policy: dict | None, seed: int, epochs: int, root: str) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)  # -MS: LR stages of 10, 5, 5 epochs
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     silence_lightning()

@@ -25,9 +25,9 @@ def stage_of(epoch: int, num_epochs: int, num_stages: int) -> int:
     """The stage of ``epoch`` when ``num_epochs`` are split into ``num_stages`` equal stages.
 
     Stage k covers epochs ``[⌊k·E/S⌋, ⌊(k+1)·E/S⌋)``: equal when S divides E, otherwise stages
-    differ by at most one epoch and the longer ones come last (E=10, S=3 → 3, 3, 4 epochs).
-    With fewer epochs than stages some stages get no epoch (E=3, S=5 → sizes 2, 4, 5 are used).
-    Epochs past ``num_epochs`` stay in the last stage."""
+    differ by at most one epoch and the longer ones come last (E=10, S=3 → 3, 3, 4 epochs), and
+    with fewer epochs than stages some stages get no epoch (E=3, S=5 → sizes 2, 4, 5 are used);
+    :meth:`StagedPolicy.check` refuses both. Epochs past ``num_epochs`` stay in the last stage."""
     if epoch >= num_epochs:
         return num_stages - 1
     return ((epoch + 1) * num_stages - 1) // num_epochs  # the largest k with ⌊k·E/S⌋ <= epoch
@@ -39,7 +39,8 @@ class StagedPolicy:
 
     With ``lr_milestones`` (the epochs where the learning rate decays) and ``multistep=True``, the
     sequence runs again inside each learning-rate stage ("-MS"): the stages are those of the
-    epochs between two milestones.
+    epochs between two milestones. :meth:`check` refuses layouts whose stages are not equal whole
+    epochs, so that every size trains on the same number of samples, with -MS as with -∅.
     """
 
     sizes: tuple[int, ...]
@@ -51,13 +52,39 @@ class StagedPolicy:
         for i, size in enumerate(self.sizes):
             _check_size(f"sizes[{i}]", size)
 
+    def stages(self, max_epochs: int, lr_milestones: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """The ``[start, end)`` epochs the sequence runs over: the whole training, or (``multistep``)
+        each learning-rate stage between consecutive milestones."""
+        if not self.multistep:
+            return [(0, max_epochs)]
+        bounds = [0, *sorted({m for m in lr_milestones if 0 < m < max_epochs}), max_epochs]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def check(self, max_epochs: int, lr_milestones: Sequence[int] = ()) -> None:
+        """Refuse a layout whose stages cannot all be equal whole epochs.
+
+        Seed 004 §4.3: "five stages, each with equal number of training epochs", and -MS shares "the
+        same amount of units of mini-batch sizes" as -∅; both hold only when every length in
+        :meth:`stages` is a multiple of ``len(sizes)`` (epochs are the unit the size changes at).
+
+        Raises:
+            ValueError: naming the stage lengths (the caller adds which ``max_epochs`` would fit).
+        """
+        lengths = [end - start for start, end in self.stages(max_epochs, lr_milestones)]
+        if any(length % len(self.sizes) for length in lengths):
+            where = "the learning-rate stages last" if self.multistep else "training lasts"
+            raise ValueError(
+                f"`sizes` {list(self.sizes)} needs equal stages of whole epochs (seed 004 §4.3), but {where} "
+                f"{', '.join(map(str, lengths))} epochs (max_epochs={max_epochs}"
+                f"{f', LR milestones at epochs {sorted(set(lr_milestones))}' if self.multistep else ''}): each "
+                f"must be a multiple of {len(self.sizes)}."
+            )
+
     def size_at(self, epoch: int, max_epochs: int, lr_milestones: Sequence[int] = ()) -> int:
         """Global batch size of ``epoch`` (0-based) in a fit of ``max_epochs`` epochs."""
-        start, end = 0, max_epochs
-        if self.multistep:
-            bounds = [0, *sorted(m for m in lr_milestones if 0 < m < max_epochs), max_epochs]
-            start = max(b for b in bounds[:-1] if b <= epoch)
-            end = bounds[bounds.index(start) + 1]
+        start, end = next(
+            (s, e) for s, e in self.stages(max_epochs, lr_milestones)[::-1] if s <= epoch
+        )
         return self.sizes[stage_of(epoch - start, end - start, len(self.sizes))]
 
 
@@ -121,10 +148,10 @@ class NormTestPolicy:
     max_size: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.theta, (int, float)) and self.theta > 0):
-            raise ValueError(f"`theta` must be a number > 0; got {self.theta!r}.")
-        if not (isinstance(self.growth, (int, float)) and self.growth > 1):
-            raise ValueError(f"`growth` must be a number > 1; got {self.growth!r}.")
+        for name, value, low in (("theta", self.theta, 0), ("growth", self.growth, 1)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and low < value < math.inf):
+                raise ValueError(f"`{name}` must be a finite number > {low}; got {value!r}.")
         _check_size("max_size", self.max_size)
 
     def next_size(self, size: int, noise_scale: float) -> int:

@@ -53,13 +53,31 @@ def lr_factor(
     return factor
 
 
+def next_step_progress(trainer: L.Trainer, batch_idx: int) -> float:
+    """Progress of training at the start of the optimiser step after batch ``batch_idx``, the value
+    a per-step scheduler stepped after this batch needs: ``(epoch + (batch_idx + 1) / batches) /
+    max_epochs``, or ``(global_step + 1) / max_steps`` when training is bounded by steps.
+
+    Step k of an epoch of K batches starts at batch k (k·A with accumulation A), so the LR of every
+    step is the schedule's value at its own start (step 0 at progress 0; the scheduler computes
+    it at construction). Counting in epochs keeps the schedule right when a callback changes the
+    batch size, and with it the number of steps per epoch."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        batches = trainer.num_training_batches
+        epoch_fraction = (batch_idx + 1) / batches if math.isfinite(batches) and batches > 0 else 0.0
+        return (trainer.current_epoch + epoch_fraction) / trainer.max_epochs
+    return (trainer.global_step + 1) / max(trainer.max_steps, 1)
+
+
 class ImageClassifier(L.LightningModule):
     """Classifier over any network of :func:`lightning_tricks.models.build_net`.
 
     Cross-entropy loss, top-1 (and top-5 when there are at least 5 classes) accuracy from
     torchmetrics on train/val/test, SGD (momentum, Nesterov, weight decay) or Adam/AdamW, and a
     learning-rate schedule driven by training progress (so it stays correct when a callback
-    changes the batch size and with it the number of steps per epoch).
+    changes the batch size and with it the number of steps per epoch): every optimiser step runs
+    at ``lr · lr_factor(progress at the step's start)`` (:func:`next_step_progress`); with a
+    warm-up the first step therefore runs at LR 0.
 
     Args:
         arch: network name, one of ``lightning_tricks.models.NETWORKS``.
@@ -137,6 +155,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, logits = self._loss_and_logits(batch)
+        self._progress = next_step_progress(self.trainer, batch_idx)  # read by the scheduler's step
         self.train_metrics.update(logits.detach(), batch[1])
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
@@ -153,19 +172,6 @@ class ImageClassifier(L.LightningModule):
         metrics.update(logits, batch[1])
         self.log(f"{prefix}loss", loss, prog_bar=prefix == "val/")
         self.log_dict(metrics, prog_bar=prefix == "val/")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._progress = self._training_progress(batch_idx)
-
-    def _training_progress(self, batch_idx: int) -> float:
-        """Fraction of training done: epochs (with the fraction of this epoch) over ``max_epochs``,
-        or optimizer steps over ``max_steps`` when training is bounded by steps."""
-        trainer = self.trainer
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            batches = trainer.num_training_batches
-            epoch_fraction = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
-            return (trainer.current_epoch + epoch_fraction) / trainer.max_epochs
-        return trainer.global_step / max(trainer.max_steps, 1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from os import PathLike
 from typing import Any
 
@@ -13,7 +12,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from .classifier import _check_choice, lr_factor
+from .classifier import _check_choice, lr_factor, next_step_progress
 from .nets.segmentation import BACKBONES, SEGMENTATION_NETWORKS, build_segmentation_net
 
 SEGMENTATION_OPTIMIZERS = ("sgd", "adam")
@@ -31,18 +30,6 @@ def per_image_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -
     return pixels.sum(dim=1) / labelled
 
 
-def next_iteration_progress(trainer: L.Trainer, batch_idx: int) -> float:
-    """``iter / max_iter`` of the iteration after batch ``batch_idx`` (seed 000 §1's poly schedule):
-    ``(epoch + (batch_idx + 1) / batches) / max_epochs``, or ``(global_step + 1) / max_steps`` when
-    training is bounded by steps. Counting in epochs keeps the schedule right when a callback
-    changes the batch size, and with it the number of iterations."""
-    if trainer.max_epochs is not None and trainer.max_epochs > 0:
-        batches = trainer.num_training_batches
-        epoch_fraction = (batch_idx + 1) / batches if math.isfinite(batches) and batches > 0 else 0.0
-        return (trainer.current_epoch + epoch_fraction) / trainer.max_epochs
-    return (trainer.global_step + 1) / max(trainer.max_steps, 1)
-
-
 class SegmentationModule(L.LightningModule):
     """Semantic segmentation with PSPNet, FCN or DeepLabV3 on a dilated ResNet (seed 000 §1, §5.1).
 
@@ -55,7 +42,7 @@ class SegmentationModule(L.LightningModule):
       :func:`per_image_cross_entropy`); plus ``aux_weight`` × the same loss of the auxiliary head
       during training (PSPNet: 0.4).
     - Learning rate: ``lr · (1 − progress)^power`` updated every step, ``progress`` from
-      :func:`next_iteration_progress`: iteration k of K trains with ``lr · (1 − k/K)^power``.
+      :func:`next_step_progress`: iteration k of K trains with ``lr · (1 − k/K)^power``.
     - Metrics: ``{val,test}/miou`` (torchmetrics ``MulticlassJaccardIndex``, macro average over the
       classes present in the prediction or the target, ignoring ``ignore_index`` pixels),
       ``{val,test}/pixel_acc`` and ``{train,val,test}/loss``.
@@ -152,7 +139,7 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
-        self._progress = next_iteration_progress(self.trainer, batch_idx)  # read by the scheduler's step
+        self._progress = next_step_progress(self.trainer, batch_idx)  # read by the scheduler's step
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -474,3 +474,353 @@ def test_ddp_adaptive_policy_agrees_across_ranks(tmp_path):
     assert records[0] == records[1]
     assert records[0]["sizes"][0] == 4 and records[0]["sizes"][-1] in (16, 32)
     assert 12 < records[0]["noise_scale"] < 20
+
+
+# -- seed 004's stages: the sizes and the samples each size trains on -------------------------
+
+
+def seed_004_sizes(sizes, max_epochs, lr_stages=None):
+    """Seed 004 §4.3 written out: the sequence over equal stages of each LR stage (one LR stage: -∅)."""
+    per_epoch = []
+    for length in lr_stages or [max_epochs]:
+        per_epoch += [size for size in sizes for _ in range(length // len(sizes))]
+    return per_epoch
+
+
+@pytest.mark.parametrize(
+    ("sizes", "epochs", "milestones", "lr_stages"),
+    [
+        ((32, 64, 128, 256, 512), 20, [0.5, 0.75], [10, 5, 5]),
+        ((32, 32, 64, 64, 128), 20, [0.5, 0.75], [10, 5, 5]),
+        ((2, 4), 8, [4, 6], [4, 2, 2]),
+        ((2, 4, 8), 12, [0.5, 0.75], [6, 3, 3]),
+    ],
+)
+def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, milestones, lr_stages):
+    """-MS re-runs the sequence in each LR stage; -∅ and -MS train every size on the same number of
+    samples (seed 004 §4.3), checked on the batches training_step receives."""
+    samples = max(sizes)
+    units = {}
+    for multistep in (False, True):
+        module, data = Recorder(), Data(samples=samples, batch_size=2)
+        scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=multistep, lr_milestones=milestones)
+        trainer(tmp_path / str(multistep), [scheduler], max_epochs=epochs).fit(module, datamodule=data)
+        expected = seed_004_sizes(sizes, epochs, lr_stages if multistep else None)
+        assert sizes_per_epoch(module) == {epoch: {size} for epoch, size in enumerate(expected)}
+        units[multistep] = {size: 0 for size in sizes}
+        for epoch, length, _ in module.seen:
+            units[multistep][expected[epoch]] += length
+        assert units[multistep] == {size: expected.count(size) * samples for size in sizes}
+    assert units[False] == units[True]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "epochs", "milestones", "fits"),
+    [
+        ((32, 64, 128, 256, 512), 10, [0.5, 0.75], "20, 40, 60"),  # LR stages 5, 3, 2 (the old layout skipped sizes)
+        ((32, 64, 128, 256, 512), 25, [0.5, 0.75], "20, 40, 60"),  # 12, 7, 6 (round(12.5), round(18.75))
+        ((2, 4, 8), 10, None, "3, 6, 9"),  # -∅, 10 epochs for 3 stages
+        ((2, 4, 8, 16, 32), 3, None, "5, 10, 15"),  # fewer epochs than sizes
+    ],
+)
+def test_stages_that_are_not_equal_whole_epochs_are_refused_naming_the_epochs_that_fit(
+    tmp_path, sizes, epochs, milestones, fits
+):
+    multistep = milestones is not None
+    scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=multistep, lr_milestones=milestones)
+    with pytest.raises(ValueError, match=f"multiple of {len(sizes)}.*max_epochs = {fits}"):
+        trainer(tmp_path, [scheduler], max_epochs=epochs).fit(Recorder(), datamodule=Data())
+
+
+def test_multistep_refusal_with_milestones_read_from_multisteplr(tmp_path):
+    scheduler = BatchSizeScheduler(sizes=[2, 4, 8], multistep=True)  # MultiStepLR [4, 6]: stages 4, 2, 2
+    with pytest.raises(ValueError, match="4, 2, 2 epochs"):
+        trainer(tmp_path, [scheduler], max_epochs=8).fit(Recorder(scheduler="multistep"), datamodule=Data())
+
+
+# -- accumulation: the gradient of one batch of the window's samples --------------------------
+
+
+class GradientProbe(pl.Callback):
+    """The gradient the optimiser receives at each step (lr = 0 keeps the parameters fixed)."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).clone())
+
+
+def window_gradients(module: Recorder, data: Data, sizes_per_epoch: list[int]) -> list[torch.Tensor]:
+    """Brute force, float64: for each optimiser step, the mean-loss gradient of its samples as one batch."""
+    x, y = data.dataset.tensors
+    grads = []
+    for size in sizes_per_epoch:
+        for start in range(0, len(x), size):
+            module.zero_grad()
+            F.cross_entropy(module.net(x[start : start + size]), y[start : start + size]).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]).clone())
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("samples", "sizes", "physical"),
+    [
+        (64, [16], 4),  # every window full
+        (40, [16], 4),  # last window: 2 full micro-batches of 4
+        (61, [16], 4),  # prime: last window 4 + 4 + 4 + 1
+        (37, [4, 12], 3),  # prime: 12 = 4 × 3, last windows 1 and 3 + 3 + 3 + 1
+        (1000, [32, 128], 32),  # the finding: 1000 = 7 × 128 + 104
+    ],
+)
+def test_capped_batches_give_the_one_batch_gradient_of_every_window(tmp_path, samples, sizes, physical):
+    module, data = Recorder(lr=0.0), Data(samples=samples, batch_size=physical)
+    probe = GradientProbe()
+    scheduler = BatchSizeScheduler(sizes=sizes, max_physical_batch_size=physical)
+    trainer(tmp_path, [scheduler, probe], max_epochs=len(sizes)).fit(module, datamodule=data)
+    expected = window_gradients(module, data, sizes)
+    assert len(probe.grads) == len(expected)
+    for step, (got, want) in enumerate(zip(probe.grads, expected)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=f"step {step}")
+
+
+def test_manual_optimisation_refuses_sizes_that_need_accumulation(tmp_path):
+    class Manual(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizer.step()
+
+    match = "manual optimisation.*sizes\\[1\\] = 8 cannot run as 2 micro-batches of 4"
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, [BatchSizeScheduler(sizes=[4, 8], max_physical_batch_size=4)], max_epochs=2).fit(
+            Manual(), datamodule=Data()
+        )
+    module = Manual()  # within the cap: trained as scheduled
+    trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=4)], max_epochs=2).fit(
+        module, datamodule=Data(samples=16)
+    )
+    assert sizes_per_epoch(module) == {0: {2}, 1: {4}}
+
+
+# -- linear LR scaling composes with every torch scheduler ------------------------------------
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda k: 0.9**k),
+    "MultiplicativeLR": lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda k: 0.95),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 7], gamma=0.5),
+    "ConstantLR": lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=6),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=9),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+    "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=24, power=2.0),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=7, eta_min=0.01),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        o, T_0=3, T_mult=2, eta_min=0.02
+    ),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=21),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=5),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=9, eta_min=0.01),
+        ]
+    ),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=9, eta_min=0.01),
+        ],
+        milestones=[6],
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        o, factor=0.5, patience=1, min_lr=0.02
+    ),
+}
+
+
+class ScheduledRecorder(Recorder):
+    """Recorder with one of SCHEDULERS stepped every step; ReduceLROnPlateau monitors a fixed series."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def training_step(self, batch, batch_idx):
+        self.log("plateau", 1.0 + 0.0 * self.global_step)  # never improves: the LR decays to min_lr
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        scheduler = {"scheduler": SCHEDULERS[self.name](optimizer), "interval": "step", "monitor": "plateau"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+@pytest.mark.parametrize("scaling", ["linear", "sqrt"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_lr_scaling_multiplies_every_schedulers_lr_at_every_step(tmp_path, name, scaling):
+    """Sizes 2 then 8 on 16 samples (8 steps, then 2 per epoch): against the same schedule unscaled,
+    the LR of every step is ×1 before the change and exactly ×4 (sqrt: ×2) after it."""
+    lrs = {}
+    for run in ("none", scaling):
+        module = ScheduledRecorder(name)
+        scheduler = BatchSizeScheduler(sizes=[2, 8], lr_scaling=run)
+        trainer(tmp_path / run, [scheduler], max_epochs=4).fit(module, datamodule=Data(samples=16))
+        lrs[run] = [lr for *_, lr in module.seen]
+    factor = 4.0 if scaling == "linear" else 2.0
+    ratios = [scaled / plain for scaled, plain in zip(lrs[scaling], lrs["none"])]
+    assert len(ratios) == 20
+    assert ratios == pytest.approx([1.0] * 16 + [factor] * 4, rel=1e-12)
+
+
+def test_lr_scaling_refuses_a_scheduler_it_cannot_scale_by_name(tmp_path):
+    class Halving(torch.optim.lr_scheduler.LRScheduler):
+        def get_lr(self):
+            return [0.1 * 0.5**self.last_epoch for _ in self.optimizer.param_groups]
+
+    class Custom(Recorder):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [optimizer], [Halving(optimizer)]
+
+    with pytest.raises(ValueError, match="not for Halving.*lr_scaling='none'"):
+        trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4], lr_scaling="linear")], max_epochs=2).fit(
+            Custom(), datamodule=Data()
+        )
+    trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4])], max_epochs=2).fit(Custom(), datamodule=Data())
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+SMITH, ADAPTIVE = BatchSizeScheduler.increase_instead_of_decay, BatchSizeScheduler.noise_adaptive
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "error", "match"),
+    [
+        (BatchSizeScheduler, dict(sizes=[2], multistep=True, lr_milestones=5), TypeError, "`lr_milestones`.*got 5"),
+        (SMITH, dict(max_size=-1), ValueError, "`max_size`.*>= 1; got -1"),
+        (SMITH, dict(max_size=0), ValueError, "`max_size`.*>= 1; got 0"),
+        (SMITH, dict(max_size="big"), ValueError, "`max_size`.*'big'"),
+        (ADAPTIVE, dict(max_size=64, growth=math.inf), ValueError, "`growth`.*finite.*inf"),
+        (ADAPTIVE, dict(max_size=64, theta=math.nan), ValueError, "`theta`.*nan"),
+        (BatchSizeScheduler, dict(sizes=[2], batch_arg_name=3), TypeError, "`batch_arg_name`.*got 3"),
+        (BatchSizeScheduler, dict(sizes=32), TypeError, "`sizes`.*got 32"),
+        (BatchSizeScheduler, dict(schedule=[(0, 4)]), TypeError, "`schedule`.*epoch: size"),
+        (BatchSizeScheduler, dict(sizes=[2], multistep="yes"), TypeError, "`multistep`.*bool"),
+        (BatchSizeScheduler, dict(sizes=[2], loss_fn="mse"), TypeError, "`loss_fn`.*'mse'"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction_naming_the_argument(make, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sizes=[4, 64]), "`sizes\\[1\\]` = 64 is larger than the 40 training samples.*1..40"),
+        (dict(schedule={1: 41}), "`schedule\\[1\\]` = 41"),
+        (dict(max_size=128, lr_milestones=[1], gamma=0.5), "`max_size` = 128"),
+    ],
+)
+def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, kwargs, match):
+    module = Recorder()
+    with pytest.raises(ValueError, match=match):
+        fit = trainer(tmp_path, [BatchSizeScheduler(**kwargs)], max_epochs=2)
+        fit.fit(module, datamodule=Data(samples=40))
+    assert module.seen == []
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save", ["last_batch", "epoch_end"])
+def test_resumed_history_and_logged_steps_match_the_uninterrupted_run(tmp_path, save):
+    """A checkpoint on an epoch's last batch (every_n_train_steps) restores Lightning's step counter
+    one short until the first batch; the history and the epoch-start logs keep the right step."""
+    sizes, data = [2, 4, 8, 16], dict(samples=32)
+    full = BatchSizeScheduler(sizes=sizes)
+    logger = CSVLogger(tmp_path, name="full")
+    trainer(tmp_path / "full", [full], max_epochs=8, logger=logger).fit(Recorder(), datamodule=Data(**data))
+
+    every = {"last_batch": dict(every_n_train_steps=32), "epoch_end": dict(every_n_epochs=2)}[save]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)
+    logger = CSVLogger(tmp_path, name="resumed", version=0)
+    callbacks = [BatchSizeScheduler(sizes=sizes), checkpoint]
+    trainer(tmp_path / "a", callbacks, max_epochs=8, enable_checkpointing=True, logger=logger).fit(
+        Recorder(), datamodule=Data(**data)
+    )
+    path = next((tmp_path / "ckpt").glob("*step=32.ckpt"))
+    resumed = BatchSizeScheduler(sizes=sizes)
+    logger = CSVLogger(tmp_path, name="resumed", version=0)
+    trainer(tmp_path / "b", [resumed], max_epochs=8, logger=logger).fit(
+        Recorder(), datamodule=Data(**data), ckpt_path=path
+    )
+    assert resumed.history == full.history
+    assert [(r["epoch"], r["step"]) for r in resumed.history] == [(0, 0), (2, 32), (4, 48), (6, 56)]
+
+    def logged(name):
+        with open(tmp_path / name / "version_0" / "metrics.csv") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("batch_size/size")]
+        return [(int(r["step"]), float(r["batch_size/size"])) for r in rows]
+
+    expected = [(32, 4), (40, 4), (48, 8), (52, 8), (56, 16), (58, 16)]
+    assert logged("resumed")[-6:] == logged("full")[-6:] == expected
+
+
+def shipped_staged_runs() -> dict[str, tuple[dict, int]]:
+    """``name: (BatchSizeScheduler init_args, max_epochs)`` of the shipped staged configs and grid runs."""
+    import yaml
+
+    from lightning_tricks.sweep import load_grid
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    runs = {}
+
+    def scheduler_args(config: dict) -> dict:
+        callbacks = config["trainer"]["callbacks"]
+        return next(c for c in callbacks if c["class_path"].endswith("BatchSizeScheduler"))["init_args"]
+
+    for path in sorted(root.glob("batch_size_*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        runs[path.stem] = (scheduler_args(config), config["trainer"]["max_epochs"])
+    grid = load_grid(root / "experiments" / "seed004_dynamic.grid.yaml")
+    base = yaml.safe_load(grid.base.read_text())
+    for run in grid.runs:
+        overrides = {key.rsplit(".", 1)[-1]: value for key, value in run.overrides if "callbacks" in key}
+        runs[run.name] = ({**scheduler_args(base), **overrides}, base["trainer"]["max_epochs"])
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("ms", "plain", "sequence"),
+    [
+        ("batch_size_s32_to_512_ms", "batch_size_s32_to_512", (32, 64, 128, 256, 512)),
+        ("s32-to-512-MS-lr0.1", "s32-to-512-lr0.1", (32, 64, 128, 256, 512)),
+        ("s32-to-128-MS-lr0.1", "s32-to-128-lr0.1", (32, 32, 64, 64, 128)),  # five stages, as s16-to-64
+    ],
+)
+def test_shipped_ms_configs_train_each_size_on_the_samples_of_their_plain_partner(ms, plain, sequence):
+    """Per-epoch sizes of the shipped configs against seed 004 §4.3 written out (LR decays at 50 % and
+    75 %): the same epochs, hence samples, of every size with and without -MS."""
+    runs = shipped_staged_runs()
+    epochs = {}
+    for name, lr_stages in ((plain, None), (ms, "seed")):
+        args, max_epochs = runs[name]
+        scheduler = BatchSizeScheduler(**args)
+        milestones = scheduler._milestones_for(max_epochs)
+        stages = [max_epochs // 2, max_epochs // 4, max_epochs // 4] if lr_stages else None
+        scheduler.policy.check(max_epochs, milestones)
+        per_epoch = [scheduler.policy.size_at(e, max_epochs, milestones) for e in range(max_epochs)]
+        assert per_epoch == seed_004_sizes(sequence, max_epochs, stages)
+        epochs[name] = {size: per_epoch.count(size) for size in sequence}
+    assert epochs[ms] == epochs[plain]

@@ -115,3 +115,128 @@ def test_cli_trains_and_tests_digits_above_90_percent(tmp_path):
     assert val_acc >= 0.9
     config = yaml.safe_load((version / "config.yaml").read_text())
     assert config["model"]["init_args"]["arch"] == "resnet8"
+
+
+# -- the LR every optimiser step runs at ------------------------------------------------------
+
+
+def closed_form_factor(progress: float, schedule: str, warmup: float) -> float:
+    """The schedules written out (milestones 0.5/0.75 ×0.1, cosine floor 0.01, poly 0.9)."""
+    factor = {
+        "multistep": 0.1 ** ((progress >= 0.5) + (progress >= 0.75)),
+        "cosine": 0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2,
+        "poly": (1 - progress) ** 0.9,
+        "constant": 1.0,
+    }[schedule]
+    return factor * (progress / warmup if progress < warmup else 1.0)
+
+
+def records_lr(module_class: type[L.LightningModule]) -> type[L.LightningModule]:
+    """``module_class`` whose training_step records (epoch, batch_idx, batches, lr)."""
+
+    class Recording(module_class):
+        def training_step(self, batch, batch_idx):
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.seen.append((self.current_epoch, batch_idx, self.trainer.num_training_batches, lr))
+            return super().training_step(batch, batch_idx)
+
+    return Recording
+
+
+def window_start_progress(seen, max_epochs: int, accumulation: dict[int, int]) -> list[float]:
+    """Progress at the start of the optimiser step each recorded micro-batch belongs to."""
+    return [
+        (epoch + (batch_idx - batch_idx % accumulation.get(epoch, 1)) / batches) / max_epochs
+        for epoch, batch_idx, batches, _ in seen
+    ]
+
+
+def lr_trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
+    options = dict(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
+
+
+def digits_like(samples: int = 16) -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(
+        torch.randn(samples, 1, 4, 4, generator=generator),
+        torch.randint(0, 10, (samples,), generator=generator),
+    )
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("warmup", [0.0, 0.3])
+@pytest.mark.parametrize("schedule", ["multistep", "cosine", "poly", "constant"])
+def test_every_step_runs_at_the_lr_its_schedule_defines_for_it(tmp_path, schedule, warmup):
+    """4 epochs of 4 batches: step k runs at lr · f(k/16) (the step after a milestone at the new LR;
+    the old code ran every step at the previous step's value)."""
+    model = records_lr(ImageClassifier)(
+        "mlp", 10, 1, net_kwargs={"image_size": 4}, lr=0.1, schedule=schedule, eta_min=0.001, warmup=warmup
+    )
+    model.seen = []
+    loader = torch.utils.data.DataLoader(digits_like(), batch_size=4)
+    lr_trainer(tmp_path).fit(model, loader)
+    assert len(model.seen) == 16
+    expected = [0.1 * closed_form_factor(k / 16, schedule, warmup) for k in range(16)]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_lr_follows_the_step_when_the_batch_size_and_accumulation_change(tmp_path):
+    """BatchSizeScheduler: 13 samples in batches of 2 (7 steps/epoch) then 4 as 2 × 2 micro-batches
+    (4 steps: 3 full windows and one of a single 1-sample batch); each step at f(its start)."""
+    from lightning_tricks import BatchSizeScheduler
+
+    class Module(records_lr(ImageClassifier)):
+        batch_size = 2
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(digits_like(13), batch_size=self.batch_size)
+
+    model = Module("mlp", 10, 1, net_kwargs={"image_size": 4}, lr=0.1, schedule="multistep", warmup=0.2)
+    model.seen = []
+    scheduler = BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=2)
+    lr_trainer(tmp_path, [scheduler]).fit(model)
+    progress = window_start_progress(model.seen, 4, {2: 2, 3: 2})
+    expected = [0.1 * closed_form_factor(p, "multistep", 0.2) for p in progress]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert len(model.seen) == 28 and {batches for _, _, batches, _ in model.seen} == {7}
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_lr_by_steps_when_training_is_bounded_by_max_steps(tmp_path):
+    model = records_lr(ImageClassifier)("mlp", 10, 1, net_kwargs={"image_size": 4}, lr=0.1, schedule="poly")
+    model.seen = []
+    loader = torch.utils.data.DataLoader(digits_like(), batch_size=4)
+    lr_trainer(tmp_path, max_epochs=-1, max_steps=10).fit(model, loader)
+    expected = [0.1 * (1 - k / 10) ** 0.9 for k in range(10)]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("power", [0.9, 0.0])
+def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(tmp_path, power):
+    from lightning_tricks.datamodules import ShapesSegmentationDataModule
+    from lightning_tricks.models import SegmentationModule
+
+    from lightning_tricks import BatchSizeScheduler
+
+    model = records_lr(SegmentationModule)(
+        "fcn", num_classes=4, backbone="resnet18", base_width=4, aux_loss=False, lr=0.02, power=power
+    )
+    model.seen = []
+    data = ShapesSegmentationDataModule(image_size=16, batch_size=2, train_size=10, val_size=4, test_size=4)
+    scheduler = BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=2)
+    lr_trainer(tmp_path, [scheduler], max_epochs=2).fit(model, datamodule=data)
+    progress = window_start_progress(model.seen, 2, {1: 2})
+    expected = [0.02 * (1 - p) ** power for p in progress]
+    assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)

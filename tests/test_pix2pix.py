@@ -216,3 +216,26 @@ def test_gradient_flow_per_optimiser(trainer_for):
 def test_fisher_spectrum_refuses_manual_optimisation(trainer_for):
     with pytest.raises(ValueError, match="automatic optimisation"):
         trainer_for([FisherSpectrum()], max_steps=2).fit(Pix2Pix(**TINY), datamodule=one_batch_data())
+
+
+def test_batch_size_scheduler_refuses_accumulation_under_manual_optimisation(trainer_for):
+    """Lightning ignores accumulate_grad_batches under manual optimisation: size 16 as 4 × 4 would
+    train as size 4 while logging 16, so it is refused before training; a size within the cap runs."""
+    from lightning_tricks import BatchSizeScheduler
+
+    model = Pix2Pix(**TINY)
+    match = "manual optimisation.*sizes\\[0\\] = 16 cannot run as 4 micro-batches"
+    with pytest.raises(ValueError, match=match):
+        trainer_for([BatchSizeScheduler.staged([16], max_physical_batch_size=4)], max_steps=2).fit(
+            model, datamodule=one_batch_data(train_size=16)
+        )
+
+    class Sizes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(len(batch[0]))
+
+    seen: list[int] = []
+    callbacks = [BatchSizeScheduler.staged([4], max_physical_batch_size=4), Sizes()]
+    trainer = trainer_for(callbacks, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=one_batch_data(train_size=16))
+    assert seen == [4, 4, 4, 4]

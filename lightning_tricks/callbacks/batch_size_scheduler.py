@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,9 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 from torch import Tensor
+from torch.optim import lr_scheduler as schedulers
 from torch.optim.lr_scheduler import MultiStepLR
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..batch_size_policies import (
@@ -20,6 +23,7 @@ from ..batch_size_policies import (
     ExplicitPolicy,
     NormTestPolicy,
     StagedPolicy,
+    _check_size,
     split_physical,
 )
 from ..gradients.noise_scale import half_batch_noise_parts
@@ -30,6 +34,27 @@ from .fisher_spectrum import FisherSpectrum
 LR_SCALINGS = ("none", "linear", "sqrt")
 HISTORY_FILE = "batch_size.csv"
 HISTORY_COLUMNS = ("epoch", "step", "size", "physical", "accumulation", "lr")
+LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+"""Param-group entries that hold learning rates (``max_lr``/``min_lr``: OneCycleLR's)."""
+SCALED_SCHEDULER_VALUES: dict[type, tuple[str, ...]] = {
+    schedulers.LambdaLR: (),
+    schedulers.MultiplicativeLR: (),
+    schedulers.StepLR: (),
+    schedulers.MultiStepLR: (),
+    schedulers.ConstantLR: (),
+    schedulers.LinearLR: (),
+    schedulers.ExponentialLR: (),
+    schedulers.PolynomialLR: (),
+    schedulers.CosineAnnealingLR: ("eta_min",),
+    schedulers.CosineAnnealingWarmRestarts: ("eta_min",),
+    schedulers.CyclicLR: ("max_lrs",),
+    schedulers.OneCycleLR: (),
+    schedulers.ReduceLROnPlateau: ("min_lrs", "eps"),
+    schedulers.ChainedScheduler: (),
+    schedulers.SequentialLR: (),
+}
+"""The schedulers whose LR ``lr_scaling`` can scale exactly, and the learning-rate values each
+recomputes its LR from besides ``base_lrs`` and the param groups' :data:`LR_GROUP_KEYS`."""
 
 
 class BatchSizeScheduler(TrickCallback):
@@ -41,11 +66,15 @@ class BatchSizeScheduler(TrickCallback):
     re-run inside each learning-rate stage; Table 1 reports the same accuracy as the best fixed
     size in less time (CIFAR-10 ResNet: s32-to-128 7.0 h against 7.7 h for s32).
 
-    **Policies.** ``sizes=[...]``: ``len(sizes)`` equal stages over ``max_epochs`` (stage k covers
-    epochs ⌊k·E/S⌋ to ⌊(k+1)·E/S⌋ − 1, so when S does not divide E the later stages are one epoch
-    longer); with ``multistep=True`` the stages are laid out again between consecutive
-    learning-rate milestones (``lr_milestones`` as epochs, or as fractions of ``max_epochs`` in
-    (0, 1) like the project's classifier, or read from a ``MultiStepLR`` with ``interval="epoch"``).
+    **Policies.** ``sizes=[...]``: ``len(sizes)`` equal stages over ``max_epochs``; with
+    ``multistep=True`` the stages are laid out again between consecutive learning-rate milestones
+    (``lr_milestones`` as epochs, or as fractions of ``max_epochs`` in (0, 1) like the project's
+    classifier, or read from a ``MultiStepLR`` with ``interval="epoch"``). Sizes change at epoch
+    boundaries, so every stage must last the same whole number of epochs: ``max_epochs`` (with
+    -MS, each learning-rate stage) a multiple of ``len(sizes)``; otherwise ``on_fit_start``
+    raises, naming the ``max_epochs`` that fit (s32-to-512-MS: 20, 40, ...). Each size then
+    trains on the same samples with -MS as without (seed 004 §4.3: the two "share the same
+    amount of units of mini-batch sizes").
     ``schedule={epoch: size}``: from each listed epoch on, that size (the idiom of Lightning's
     ``GradientAccumulationScheduler``; before the first key the loader's own size).
     ``max_size=...``: increase the batch instead of decaying the LR (Smith et al. 2018, cited by
@@ -69,13 +98,20 @@ class BatchSizeScheduler(TrickCallback):
     Under DDP the per-process size is ``size / world_size`` (an error where it does not divide).
     ``max_physical_batch_size`` caps the batch one process computes at once: a larger size runs as
     ``physical × accumulation`` micro-batches (``trainer.accumulate_grad_batches``), the same
-    gradient as one large batch. A resumed run continues the schedule where it stopped.
+    gradient as one large batch: Lightning divides each micro-batch loss by the accumulation A,
+    right for full windows only, so the loss gradient of a micro-batch of n samples in the epoch's
+    last window of N samples is multiplied by A·n/N (no hook on full windows). Accumulation needs
+    automatic optimisation (Lightning ignores it otherwise): under manual optimisation a size
+    that needs it raises. A size larger than an epoch's samples raises before training. A
+    resumed run continues the schedule where it stopped, its history at the same steps.
 
     **Learning rate.** ``lr_scaling="linear"`` multiplies every learning rate by new/old size at
     each change (the linear scaling rule of Goyal et al. 2017, seed 003), ``"sqrt"`` by its square
     root, ``"none"`` leaves it; the configured LR is that of the first size. The factor is applied to
-    each param group's ``lr`` and ``initial_lr`` and to every scheduler's ``base_lrs``, so both
-    closed-form schedulers (``LambdaLR``, cosine) and chainable ones (``MultiStepLR``) keep it.
+    the param groups' :data:`LR_GROUP_KEYS` and to every value a scheduler recomputes its LR from
+    (``base_lrs`` and :data:`SCALED_SCHEDULER_VALUES`), so each of torch's 15 schedulers, nested
+    in ``ChainedScheduler``/``SequentialLR`` too, continues exactly ×factor; other schedulers are
+    refused at fit start.
 
     Logged at the first step of every epoch: ``batch_size/size``, ``batch_size/physical``,
     ``batch_size/accumulation`` and ``batch_size/lr`` (first param group of the first optimiser).
@@ -105,9 +141,12 @@ class BatchSizeScheduler(TrickCallback):
             without ``compute_loss``.
 
     Raises:
-        ValueError: bad arguments; at ``setup``, a module/datamodule without ``batch_arg_name``, a
+        TypeError: arguments of the wrong kind.
+        ValueError: bad values; at ``setup``, a module/datamodule without ``batch_arg_name``, a
             Trainer with ``accumulate_grad_batches > 1`` or a ``GradientAccumulationScheduler``, a
-            staged policy without ``max_epochs``, or a size not divisible by the number of processes.
+            staged policy without ``max_epochs``, or a size not divisible by the number of processes;
+            at fit start, unequal stages, ``lr_scaling`` with a scheduler it cannot scale, or
+            accumulation under manual optimisation; at train start, a size above the dataset's.
 
     Example::
 
@@ -147,6 +186,7 @@ class BatchSizeScheduler(TrickCallback):
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        _check_argument_types(sizes, schedule, lr_milestones, batch_arg_name, multistep, adaptive, loss_fn)
         if sum(policy is not None for policy in (sizes, schedule, max_size)) != 1:
             raise ValueError(
                 "BatchSizeScheduler needs exactly one of `sizes` (staged), `schedule` ({epoch: size}) and "
@@ -163,6 +203,8 @@ class BatchSizeScheduler(TrickCallback):
             raise ValueError(
                 "`max_size` cancels each LR decay by the linear scaling rule; use lr_scaling='linear'."
             )
+        if max_size is not None:
+            _check_size("max_size", max_size)
         if gamma is not None and not smith:
             raise ValueError(
                 "`gamma` is the LR decay that the `max_size` policy replaces; it needs `max_size`."
@@ -296,11 +338,27 @@ class BatchSizeScheduler(TrickCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._loss_factor = self._window_weight(trainer, batch_idx)
+        if trainer.current_epoch != self._logged_epoch:  # the epoch's first batch (also after a resume)
+            self._logged_epoch = trainer.current_epoch
+            self._log_size(trainer)
         if self._loss is not None and is_due(self.training_step(trainer), self.noise_every_n_steps):
             batch_size = extract_batch_size(batch)
             if batch_size >= 2:
                 parts = torch.stack(half_batch_noise_parts(pl_module, self._loss, batch, batch_size))
                 self._noise_sums = torch.cat([parts, parts.new_ones(1)]) + self._noise_sums.to(parts.device)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._loss_factor != 1.0 and loss.requires_grad:
+            loss.register_hook(partial(_scaled, factor=self._loss_factor))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.fit_loop.epoch_loop._should_accumulate():  # this batch stepped the optimisers
+            self._steps_done = self.training_step(trainer) + 1
 
     @override
     def reset_fit_state(self) -> None:
@@ -310,6 +368,9 @@ class BatchSizeScheduler(TrickCallback):
         self._history: list[dict[str, Any]] = []
         self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements (own estimate)
         self._noise_scale = math.nan
+        self._steps_done = 0  # optimiser steps taken (batches that stepped), kept in checkpoints
+        self._loss_factor = 1.0  # the current micro-batch's accumulation weight
+        self._logged_epoch: int | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,8 +378,13 @@ class BatchSizeScheduler(TrickCallback):
         self._milestones = self._resolve_milestones(trainer)
         if self.policy is None:
             self.policy = self._policy(self._scheduler_gamma(trainer))
+        if isinstance(self.policy, StagedPolicy) and not trainer.fast_dev_run:  # a dry run: max_epochs = 1
+            self._check_stages(trainer.max_epochs)
+        if self.lr_scaling != "none":
+            _check_scalable(trainer)
         if self._initial_size is None:
             self._initial_size = lightning_getattr(pl_module, self.batch_arg_name) * trainer.world_size
+        self._check_accumulation(trainer, pl_module)
         if self._size is None:  # a fresh fit: the first epoch's size, at the configured LR
             self._apply(trainer, pl_module, 0, scale_lr=False)
         else:  # resumed: the size of the checkpoint, before the first loader is built
@@ -326,17 +392,13 @@ class BatchSizeScheduler(TrickCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_dataset_size(trainer)
         # the loops are restored by now: a checkpoint saved before our epoch-end hook resumes one epoch on
         self._apply(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements
-        step = self.training_step(trainer)
-        physical, accumulation = self._split(trainer, self._size)
-        lr = first_learning_rate(trainer, default=math.nan)
-        metrics = {"size": self._size, "physical": physical, "accumulation": accumulation, "lr": lr}
-        self.log_scalars(trainer, {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}, step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -350,13 +412,19 @@ class BatchSizeScheduler(TrickCallback):
 
     @override
     def get_state(self) -> dict[str, Any]:
-        return {"initial_size": self._initial_size, "size": self._size, "history": list(self._history)}
+        return {
+            "initial_size": self._initial_size,
+            "size": self._size,
+            "history": list(self._history),
+            "steps_done": self._steps_done,
+        }
 
     @override
     def set_state(self, state: dict[str, Any]) -> None:
         self._initial_size, self._size = state["initial_size"], state["size"]
         self._target = self._size
         self._history = list(state["history"])
+        self._steps_done = state.get("steps_done", 0)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -383,7 +451,7 @@ class BatchSizeScheduler(TrickCallback):
         self._set_loader_size(trainer, pl_module)
         physical, accumulation = self._split(trainer, size)
         lr = first_learning_rate(trainer, default=math.nan)
-        step = self.training_step(trainer)
+        step = self._next_step(trainer)
         record = {
             "epoch": epoch,
             "step": step,
@@ -407,29 +475,38 @@ class BatchSizeScheduler(TrickCallback):
         return split_physical(size, self.max_physical_batch_size, trainer.world_size)
 
     def _scale_learning_rates(self, trainer: pl.Trainer, ratio: float) -> None:
-        """Multiply every LR by ``ratio`` (linear) or ``√ratio`` (sqrt), in param groups and schedulers."""
+        """Multiply every LR by ``ratio`` (linear) or ``√ratio`` (sqrt): the param groups'
+        :data:`LR_GROUP_KEYS` and every value a scheduler recomputes its LR from
+        (:data:`SCALED_SCHEDULER_VALUES`), so the schedule continues exactly ×factor."""
         if self.lr_scaling == "none":
             return
         factor = ratio if self.lr_scaling == "linear" else math.sqrt(ratio)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] *= factor
-                if "initial_lr" in group:
-                    group["initial_lr"] *= factor
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+                for key in LR_GROUP_KEYS:
+                    if key in group:
+                        group[key] *= factor
+        for scheduler in _nested_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
+            for name in ("base_lrs", "_last_lr", *SCALED_SCHEDULER_VALUES[type(scheduler)]):
+                value = getattr(scheduler, name, None)
+                if isinstance(value, (list, tuple)):
+                    setattr(scheduler, name, [v * factor for v in value])
+                elif isinstance(value, float | int) and not isinstance(value, bool):
+                    setattr(scheduler, name, value * factor)
 
     def _resolve_milestones(self, trainer: pl.Trainer) -> list[int]:
         """LR milestones as epochs: given (fractions of ``max_epochs`` rounded), or a MultiStepLR's."""
         if not (self.multistep or self.policy is None or isinstance(self.policy, DecayToBatchPolicy)):
             return []
         if self.lr_milestones is not None:
-            return sorted(
-                {m if isinstance(m, int) else round(m * trainer.max_epochs) for m in self.lr_milestones}
-            )
+            return self._milestones_for(trainer.max_epochs)
         return sorted(self._multistep_lr(trainer, "lr_milestones").milestones)
+
+    def _milestones_for(self, max_epochs: int) -> list[int]:
+        """The milestones as epochs of a fit of ``max_epochs`` (fractions rounded; read ones fixed)."""
+        if self.lr_milestones is None:
+            return self._milestones
+        return sorted({m if isinstance(m, int) else round(m * max_epochs) for m in self.lr_milestones})
 
     def _scheduler_gamma(self, trainer: pl.Trainer) -> float:
         return float(self._multistep_lr(trainer, "gamma").gamma)
@@ -462,8 +539,89 @@ class BatchSizeScheduler(TrickCallback):
             raise ValueError(
                 "BatchSizeScheduler(sizes=...) lays its stages over the epochs of training: set Trainer(max_epochs=...)."
             )
-        for size in self._known_sizes():
+        for _, size in self._known_sizes():
             self._split(trainer, size)
+
+    def _log_size(self, trainer: pl.Trainer) -> None:
+        """Log size, physical batch, accumulation and LR at the current step."""
+        physical, accumulation = self._split(trainer, self._size)
+        lr = first_learning_rate(trainer, default=math.nan)
+        metrics = {"size": self._size, "physical": physical, "accumulation": accumulation, "lr": lr}
+        scalars = {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}
+        self.log_scalars(trainer, scalars, self._next_step(trainer))
+
+    def _next_step(self, trainer: pl.Trainer) -> int:
+        """The index of the next optimiser step. Lightning's counter lags one step between the
+        restore of a checkpoint saved at a batch's end and the first batch (it adds it back then);
+        ours, kept in the checkpoint, does not."""
+        return max(self.training_step(trainer), self._steps_done)
+
+    def _window_weight(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        """The factor A·n/N on the loss gradient of micro-batch ``batch_idx`` (n samples) in an
+        accumulation window of N samples, A = ``accumulate_grad_batches``.
+
+        Lightning divides every micro-batch loss (a mean over its n samples) by A; the window's
+        gradient is the mean over its N samples only when N = A·n. The epoch's last window can have
+        fewer micro-batches, or a short last batch: A·n/N gives it the gradient of one batch of its
+        N samples. 1 (no hook, bit-identical) for every full window."""
+        accumulation = trainer.accumulate_grad_batches
+        layout = _loader_layout(trainer) if accumulation > 1 else None
+        if layout is None:
+            return 1.0
+        samples, physical, drop_last = layout
+        last = math.ceil(samples / physical) - 1 if not drop_last else samples // physical - 1
+        last_size = physical if drop_last else samples - last * physical
+        start = batch_idx - batch_idx % accumulation
+        end = min(start + accumulation, trainer.num_training_batches)
+        window = (end - start) * physical - (physical - last_size if start <= last < end else 0)
+        micro = last_size if batch_idx == last else physical
+        return accumulation * micro / window
+
+    def _check_stages(self, max_epochs: int) -> None:
+        """The staged policy's equal whole-epoch stages, or an error naming ``max_epochs`` that fit."""
+        try:
+            self.policy.check(max_epochs, self._milestones)
+        except ValueError as error:
+            fits = [e for e in range(1, 50 * max_epochs + 1) if self._stages_fit(e)][:3]
+            hint = f" max_epochs = {', '.join(map(str, fits))}, ... fit." if fits else ""
+            raise ValueError(f"{error}{hint}") from None
+
+    def _stages_fit(self, max_epochs: int) -> bool:
+        milestones = self._milestones_for(max_epochs) if self.multistep else []
+        lengths = [e - s for s, e in self.policy.stages(max_epochs, milestones)]
+        return all(length % len(self.sizes) == 0 for length in lengths)
+
+    def _check_accumulation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Accumulation needs automatic optimisation: Lightning ignores ``accumulate_grad_batches``
+        under manual optimisation, so a size over ``max_physical_batch_size`` would train as one
+        physical batch."""
+        if pl_module.automatic_optimization:
+            return
+        sizes = self._known_sizes()
+        if self.sizes is None and 0 not in (self.schedule or {}):  # the loader's own size trains first
+            sizes.append(("the loader's batch size", self._initial_size))
+        for name, size in sizes:
+            physical, accumulation = self._split(trainer, size)
+            if accumulation > 1:
+                raise ValueError(
+                    f"BatchSizeScheduler: {type(pl_module).__name__} uses manual optimisation, where Lightning "
+                    f"ignores gradient accumulation, so {name} = {size} cannot run as {accumulation} micro-batches "
+                    f"of {physical} (max_physical_batch_size={self.max_physical_batch_size}). Use sizes up to "
+                    "max_physical_batch_size per process, or accumulate inside training_step."
+                )
+
+    def _check_dataset_size(self, trainer: pl.Trainer) -> None:
+        """No size larger than an epoch's samples (it would train on fewer samples than it says)."""
+        layout = _loader_layout(trainer)
+        if layout is None:
+            return
+        samples = layout[0] * trainer.world_size
+        for name, size in self._known_sizes():
+            if size > samples:
+                raise ValueError(
+                    f"BatchSizeScheduler: `{name}` = {size} is larger than the {samples} training samples of "
+                    f"an epoch; batch sizes must be in 1..{samples}."
+                )
 
     def _epoch_noise_scale(self, trainer: pl.Trainer) -> float:
         """B_noise of the epoch: FisherSpectrum's, or the two-batch-size estimate's, with tr Σ and
@@ -480,10 +638,13 @@ class BatchSizeScheduler(TrickCallback):
             else math.nan
         )
 
-    def _known_sizes(self) -> tuple[int, ...]:
+    def _known_sizes(self) -> list[tuple[str, int]]:
+        """``(argument, size)`` of every size the policy can train with."""
         if self.sizes is not None:
-            return self.sizes
-        return tuple(self.schedule.values()) if self.schedule is not None else (self.max_size,)
+            return [(f"sizes[{i}]", size) for i, size in enumerate(self.sizes)]
+        if self.schedule is not None:
+            return [(f"schedule[{epoch}]", size) for epoch, size in self.schedule.items()]
+        return [("max_size", self.max_size)]
 
 
 def _round_up(size: int, multiple: int) -> int:
@@ -502,3 +663,77 @@ def _checked_milestones(milestones: Sequence[int | float] | None) -> tuple[int |
                 f"`lr_milestones` must be epochs (ints > 0) or fractions of training (floats in (0, 1)); got {m!r}."
             )
     return checked
+
+
+def _check_argument_types(
+    sizes: object,
+    schedule: object,
+    lr_milestones: object,
+    batch_arg_name: object,
+    multistep: object,
+    adaptive: object,
+    loss_fn: object,
+) -> None:
+    """TypeError for arguments of the wrong kind, naming the argument, the value and what it takes."""
+    expected = {
+        "sizes": (sizes, sizes is None or _is_sequence(sizes), "None or a sequence of batch sizes"),
+        "schedule": (schedule, schedule is None or isinstance(schedule, Mapping), "None or {epoch: size}"),
+        "lr_milestones": (
+            lr_milestones,
+            lr_milestones is None or _is_sequence(lr_milestones),
+            "None or a sequence of epochs or fractions of training",
+        ),
+        "batch_arg_name": (
+            batch_arg_name,
+            isinstance(batch_arg_name, str) and batch_arg_name != "",
+            "the name of the attribute holding the loader's batch size (a non-empty str)",
+        ),
+        "multistep": (multistep, isinstance(multistep, bool), "a bool"),
+        "adaptive": (adaptive, isinstance(adaptive, bool), "a bool"),
+        "loss_fn": (loss_fn, loss_fn is None or callable(loss_fn), "None or loss_fn(module, batch) -> loss"),
+    }
+    for name, (value, valid, allowed) in expected.items():
+        if not valid:
+            raise TypeError(f"`{name}` must be {allowed}; got {value!r}.")
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _scaled(grad: Tensor, factor: float) -> Tensor:
+    return grad * factor
+
+
+def _loader_layout(trainer: pl.Trainer) -> tuple[int, int, bool] | None:
+    """``(samples per epoch on this process, batch size, drop_last)`` of a training ``DataLoader``
+    with a batch size and a sampler of known length; ``None`` for anything else."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return None
+    try:
+        return len(loader.sampler), loader.batch_size, loader.drop_last
+    except TypeError:  # a sampler without a length
+        return None
+
+
+def _nested_schedulers(top: Iterable[Any]) -> list[Any]:
+    """The schedulers and those inside ``ChainedScheduler``/``SequentialLR``, each once."""
+    found: dict[int, Any] = {}
+    stack = list(top)
+    while stack:
+        scheduler = stack.pop()
+        found.setdefault(id(scheduler), scheduler)
+        stack.extend(getattr(scheduler, "_schedulers", ()))
+    return list(found.values())
+
+
+def _check_scalable(trainer: pl.Trainer) -> None:
+    """Refuse ``lr_scaling`` with a scheduler whose LR we cannot scale exactly."""
+    for scheduler in _nested_schedulers(config.scheduler for config in trainer.lr_scheduler_configs):
+        if type(scheduler) not in SCALED_SCHEDULER_VALUES:
+            raise ValueError(
+                f"BatchSizeScheduler(lr_scaling=...) scales the learning rates that schedulers recompute from, "
+                f"which it knows for torch's {', '.join(c.__name__ for c in SCALED_SCHEDULER_VALUES)}; "
+                f"not for {type(scheduler).__name__}. Use one of those or lr_scaling='none'."
+            )
