@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
+from collections import Counter
 
 import lightning as L
 import numpy as np
@@ -181,6 +183,60 @@ def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
     assert energies[1] == pytest.approx(
         reference_statistics(reference_gram(state, batch), lr)["l_k"], rel=1e-9
     )
+
+
+class StepProbe(Callback):
+    """Per training step, from ``on_train_batch_start`` to ``on_train_batch_end`` (listed first, it
+    opens and closes before the other callbacks' hooks of those names): the top-level aten ops
+    (torch.profiler; not called by another aten op), the Python calls into the Gram engine's files, and whether the model carried
+    a hook after the backward."""
+
+    def __init__(self) -> None:
+        self.ops: dict[int, Counter] = {}
+        self.engine_calls: dict[int, int] = {}
+        self.hooked: dict[int, bool] = {}
+
+    def _count(self, frame, event, arg) -> None:
+        if event == "call" and "gradients/gram" in frame.f_code.co_filename.replace("\\", "/"):
+            self._calls += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._calls = 0
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        sys.setprofile(self._count)
+
+    def on_after_backward(self, trainer, pl_module):
+        self.hooked[trainer.global_step] = any(
+            m._forward_hooks or m._forward_pre_hooks for m in pl_module.modules()
+        ) or any(p._backward_hooks for p in pl_module.parameters())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sys.setprofile(None)
+        self._profiler.__exit__(None, None, None)
+        step = trainer.global_step - 1
+        self.engine_calls[step] = self._calls
+        events = self._profiler.events()
+        self.ops[step] = Counter(e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent)))
+
+
+def _aten(event) -> bool:
+    return event.name.startswith("aten::")
+
+
+def test_unmeasured_steps_run_nothing_of_the_engine(tmp_path):
+    """Hooks are attached for measured steps only: an unmeasured step has the plain step's aten
+    ops, no call into the Gram engine and no hook on the model."""
+    probes = {}
+    for name, callbacks in {"plain": [], "fisher": [FisherSpectrum(every_n_steps=3)]}.items():
+        probes[name] = StepProbe()
+        fit(SmallNet(), [probes[name], *callbacks], tmp_path / name, max_steps=6)
+    plain, fisher = probes["plain"], probes["fisher"]
+    for step in range(6):
+        measured = step % 3 == 0
+        assert fisher.hooked[step] == measured and not plain.hooked[step], step
+        assert (fisher.engine_calls[step] > 0) == measured and plain.engine_calls[step] == 0, step
+        assert (fisher.ops[step] == plain.ops[step]) != measured, step
 
 
 class TwoForwardNet(SmallNet):

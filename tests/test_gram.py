@@ -611,6 +611,17 @@ def test_parameter_used_outside_its_module_is_refused() -> None:
         gram.matrix()
 
 
+def test_outside_use_check_needs_tracking() -> None:
+    model, x, y = build("mlp", 4)
+    with GramCollector(model) as gram:
+        gram.track_outside_use = False
+        loss = F.cross_entropy(model(x), y)
+        with pytest.raises(RuntimeError, match="track_outside_use"):
+            gram.check_outside_use(loss)
+        loss.backward()
+    assert not gram._consumers and gram.matrix().shape == (4, 4)
+
+
 def test_second_backward_without_reset_is_refused() -> None:
     model, x, y = build("mlp", 4)
     with GramCollector(model) as gram:

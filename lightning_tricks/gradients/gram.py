@@ -10,9 +10,9 @@ matrix exactly from the activations and output gradients of one ordinary batched
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -247,6 +247,7 @@ class GramCollector:
         self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
         self._handles: list[RemovableHandle] = []
         self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
+        weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
@@ -257,6 +258,10 @@ class GramCollector:
         self._consumers: dict[nn.Parameter, set[Any]] = {}
         self._shared_grads: dict[nn.Parameter, Tensor] = {}
         self._warned_unmeasured = False
+        self.track_outside_use = True
+        """Record, at each captured forward, the autograd nodes that use the measured parameters
+        (a walk over that call's part of the graph), which :meth:`check_outside_use` needs; set it
+        ``False`` for collections that will not be checked."""
 
     # -- public API ------------------------------------------------------------------------
 
@@ -268,11 +273,11 @@ class GramCollector:
         for layer in self._layers:
             module = layer.module
             self._handles.append(
-                module.register_forward_pre_hook(partial(self._before_forward, layer), with_kwargs=True)
+                module.register_forward_pre_hook(_WeakHook(self._before_forward, layer), with_kwargs=True)
             )
             self._handles.append(
                 module.register_forward_hook(
-                    partial(self._after_forward, layer), with_kwargs=True, always_call=True
+                    _WeakHook(self._after_forward, layer), with_kwargs=True, always_call=True
                 )
             )
             self._hook_leaves([*layer.candidates.values(), *layer.shared.values()])
@@ -285,11 +290,8 @@ class GramCollector:
         try:
             self._restore_requires_grad()
         finally:
-            handles = [*self._handles, *self._leaf_handles.values()]
-            self._handles.clear()
-            self._leaf_handles.clear()
-            for handle in handles:
-                handle.remove()
+            self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
+            _remove_handles(self._handles, self._leaf_handles)
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
@@ -368,8 +370,13 @@ class GramCollector:
 
         Walks ``loss``'s autograd graph once (call it after the forward, before the backward): every
         graph edge into a measured parameter must come from inside one of its module's captured
-        calls, whose own edges are recorded at the end of each captured forward.
+        calls, whose own edges are recorded at the end of each captured forward (only while
+        :attr:`track_outside_use`: otherwise it raises ``RuntimeError``).
         """
+        if not self.track_outside_use:
+            raise RuntimeError(
+                "check_outside_use needs the forward captured with track_outside_use=True (the default)"
+            )
         tracked = {p for layer in self._layers for p in layer.params.values()}
         tracked.update(p for layer in self._layers for p in map(layer.shared.get, layer.active_shared))
         if not tracked or not isinstance(loss, Tensor) or loss.grad_fn is None:
@@ -467,7 +474,7 @@ class GramCollector:
         layer.pending += 1
         layer.calls += 1
         call = _Call(layer.rule.activations(module, args, kwargs, output), inputs, inputs._version, hidden)
-        return _hook_output_grads(output, partial(self._on_backprop, layer, call))
+        return _hook_output_grads(output, _WeakHook(self._on_backprop, layer, call))
 
     def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor | tuple[Tensor | None, ...]) -> None:
         """Turn one call's input and output gradient into factors; finish the layer on its last call."""
@@ -510,7 +517,7 @@ class GramCollector:
         """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
         for param in params:
             if param not in self._leaf_handles and param.requires_grad:
-                self._leaf_handles[param] = param.register_hook(partial(self._on_param_grad, param))
+                self._leaf_handles[param] = param.register_hook(_WeakHook(self._on_param_grad, param))
 
     def _user_flag(self, param: nn.Parameter) -> bool:
         return self._hidden.get(param, param.requires_grad)
@@ -524,11 +531,14 @@ class GramCollector:
     def _record_consumers(
         self, layer: _Layer, hidden: tuple[str, ...], output: Any, inputs: tuple[Any, ...]
     ) -> None:
-        """Remember the autograd nodes of this call that use the layer's recorded parameters (the
-        nodes between its outputs and its inputs), for :meth:`check_outside_use`."""
+        """Remember the parameters this call recorded in the graph and, while
+        :attr:`track_outside_use`, the autograd nodes that use them (the nodes between its outputs
+        and its inputs), for :meth:`check_outside_use`."""
         own = {p for n, p in layer.params.items() if n not in hidden}
         own.update(map(layer.shared.get, layer.active_shared))
         self._visible.update(own)
+        if not self.track_outside_use:
+            return
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
         leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
         stack = [leaf.grad_fn for leaf in leaves if isinstance(leaf, Tensor) and leaf.grad_fn]
@@ -642,6 +652,33 @@ class GramCollector:
             )
 
 
+class _WeakHook:
+    """``method(*args, *hook_args)`` through a weak reference to the collector: a hook held by a
+    module, a parameter or an autograd node (in C++, out of the garbage collector's sight) never
+    keeps the collector, its model or what it captured alive; once the collector is gone it does
+    nothing."""
+
+    __slots__ = ("_method", "_args")
+
+    def __init__(self, method: Callable[..., Any], *args: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+        self._args = args
+
+    def __call__(self, *hook_args: Any) -> Any:
+        method = self._method()
+        return None if method is None else method(*self._args, *hook_args)
+
+
+def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]) -> None:
+    """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
+    collected while attached)."""
+    removed = [*handles, *leaf_handles.values()]
+    handles.clear()
+    leaf_handles.clear()
+    for handle in removed:
+        handle.remove()
+
+
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -672,8 +709,10 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
         leaves[hooked[0]].register_hook(callback)
         return None
 
+    count = len(leaves)  # not the list itself: it ends up holding the node's own outputs (a cycle)
+
     def join(grads: Sequence[Tensor | None]) -> None:
-        joined: list[Tensor | None] = [None] * len(leaves)
+        joined: list[Tensor | None] = [None] * count
         for k, g in zip(hooked, grads):
             joined[k] = g
         callback(tuple(joined))
