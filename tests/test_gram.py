@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.gradients import gram_rules
-from lightning_tricks.gradients.gram import GramCollector
-from lightning_tricks.gradients.gram_rules import GRAM_RULES, PerSampleFactor, register_gram_rule
+from lightning_tricks.gradients import GRAM_RULES, GramCollector, register_gram_rule
+from lightning_tricks.gradients.gram import factors
+from lightning_tricks.gradients.gram.factors import PerSampleFactor
+from lightning_tricks.gradients.gram.rules import norm
 
 DTYPE = torch.float64
 RTOL = 1e-10
@@ -317,7 +318,7 @@ def test_matches_per_sample_reference(arch: str, batch: int) -> None:
 def test_grouped_convolution_path_matches_reference(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-sample convolution gradients from one B·K-group convolution backward (used on maps of
     more than ``UNFOLD_MAX_POSITIONS`` positions; the 8×8 test inputs take the unfold path)."""
-    monkeypatch.setattr(gram_rules, "UNFOLD_MAX_POSITIONS", 0)
+    monkeypatch.setattr(factors, "UNFOLD_MAX_POSITIONS", 0)
     model, x, y = build(arch, 7)
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
@@ -335,10 +336,10 @@ def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() ->
     x = (3 + 2 * torch.randn(5, 4, 3, 3, dtype=DTYPE)).requires_grad_()
     output = layer(x)
     backprops = torch.randn_like(output)
-    captured = gram_rules.batch_norm_capture(layer, x, output)
-    assert isinstance(captured, gram_rules.NormalizedInput)
-    from_autograd = gram_rules.batch_norm_factors(layer, captured, backprops)
-    recomputed = gram_rules.batch_norm_factors(layer, x.detach(), backprops)
+    captured = norm.batch_norm_capture(layer, (x,), {}, output)
+    assert isinstance(captured, norm.NormalizedInput)
+    from_autograd = norm.batch_norm_factors(layer, captured, backprops)
+    recomputed = norm.batch_norm_factors(layer, x.detach(), backprops)
     for name in ("weight", "bias"):
         torch.testing.assert_close(recomputed[name].grads, from_autograd[name].grads, rtol=1e-12, atol=1e-12)
     torch.autograd.backward(output, backprops)
@@ -760,7 +761,7 @@ def test_block_triangular_gram_equals_full_product(batch: int, entries: int, spl
     ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks; it must equal R Rᵀ, for odd B
     and columns that do not split evenly too, its lower-left block the mirror of the upper-right
     one; rows given split into column blocks (n, B, P / n) give the Gram of their concatenation."""
-    from lightning_tricks.gradients.gram import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
+    from lightning_tricks.gradients.gram.collector import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
 
     assert SYMMETRIC_MIN_BATCH <= 64
     rows = torch.randn(batch, SYMMETRIC_MIN_ENTRIES * entries + 3 * (entries == 1), dtype=DTYPE)

@@ -1,12 +1,9 @@
-"""Per-layer rules for the Gram matrix of per-sample gradients (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+"""Factors: exact, compact descriptions of one parameter's per-sample gradients (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
 
 Seed 004 builds F̃_k = J_kᵀ J_k layer by layer, F̃_k = Σ_l J_(k,l)ᵀ J_(k,l) (§4, "Implementation"),
-where J_(k,l) holds the rows of J_k for layer l's parameters. Here a layer's contribution comes
-from the activations its forward received and the gradient its output received in the ordinary
-batched backward, through one small rule per layer type.
-
-A rule turns ``(layer, activations, backprops)`` into one *factor* per parameter: a compact,
-exact description of that parameter's per-sample gradients g_i (column i of J_(k,l)).
+where J_(k,l) holds the rows of J_k for layer l's parameters. A rule (:mod:`.rules`) turns a
+layer's captured activations and output gradients into one *factor* per parameter, describing
+that parameter's per-sample gradients g_i (column i of J_(k,l)):
 
 - :class:`OuterFactor`: g_i[k] = Σ_t δ_{i,k,t} ⊗ a_{i,k,t}, a sum over positions t (sequence
   steps, pixels) of outer products of an output-gradient vector δ and an input vector a, per group
@@ -16,34 +13,28 @@ exact description of that parameter's per-sample gradients g_i (column i of J_(k
   followed by their Gram.
 - :class:`EmbeddingFactor`: g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}, with the same two methods.
 - :class:`PerSampleFactor`: the g_i outright, when they are no larger than one activation channel
-  per sample (biases, normalisation affine parameters).
+  per sample (biases, normalisation affine parameters), or computed by per-sample VJPs.
 
 Each factor carries the cost of both methods in multiply-adds, so that the collector can pick the
-cheaper one per layer and parameter. Adding a layer type is adding one function decorated with
-:func:`register_gram_rule`. Every formula below is a column of J_k of seed 004 eq. 6.
+cheaper one per layer and parameter. Every formula below is a column of J_k of seed 004 eq. 6.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.utils._pytree import tree_leaves
-
 
 class MethodCosts(NamedTuple):
     """Multiply-adds of the ghost and of the materialised method for one parameter."""
 
     ghost: float
     materialize: float
-
 
 def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
     """Ghost: B²·K·T²·(p + q) (the two T×T inner-product blocks per pair of samples).
@@ -52,7 +43,6 @@ def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> Met
         ghost=batch**2 * groups * positions**2 * (p + q),
         materialize=batch * groups * positions * p * q + batch**2 * groups * p * q,
     )
-
 
 class MatmulGradient(NamedTuple):
     """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
@@ -73,7 +63,6 @@ class MatmulGradient(NamedTuple):
         if transposed.stride() == (1, rows):
             return self.backprops.t().mm(self.inputs)
         return self.inputs.t().mm(self.backprops).t()
-
 
 class OuterFactor(NamedTuple):
     """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
@@ -119,7 +108,6 @@ class OuterFactor(NamedTuple):
             factors[0].shape,
         )
 
-
 UNFOLD_MAX_POSITIONS = 64
 """Convolutions with at most this many positions (small maps) get per-sample gradients from batched
 matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
@@ -127,7 +115,6 @@ matrix products on the tensor read through the kernel (shifted views, else unfol
 UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
 convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
-
 
 class ConvFactor(NamedTuple):
     """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
@@ -319,13 +306,11 @@ class ConvFactor(NamedTuple):
             (False, True, False),
         )[1]
 
-
 def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
     """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d."""
     if not any(padding):
         return x
     return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-
 
 def _output_padding(
     layer: nn.Module, inputs: Tensor, backprops: Tensor, padding: Sequence[int]
@@ -336,7 +321,6 @@ def _output_padding(
         backprops.shape[2:], inputs.shape[2:], layer.stride, padding, layer.dilation, layer.kernel_size
     )
     return tuple(out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for out, size, s, p, d, k in geometry)
-
 
 class EmbeddingFactor(NamedTuple):
     """g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}: ``indices`` (B, T) int, ``backprops`` (B, T, d)."""
@@ -382,7 +366,6 @@ class EmbeddingFactor(NamedTuple):
             factors[0].num_embeddings,
         )
 
-
 class PerSampleFactor(NamedTuple):
     """The per-sample gradients themselves, ``grads`` of shape (B, *parameter shape)."""
 
@@ -405,170 +388,11 @@ class PerSampleFactor(NamedTuple):
         """Several calls of one layer add their gradients."""
         return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
 
-
 GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor]
-
 
 def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
     """The factor of a parameter used by several calls of its layer: gradients of all calls added."""
     return factors[0].concat(factors) if len(factors) > 1 else factors[0]
-
-
-Rule = Callable[[nn.Module, Any, Any], dict[str, GradFactor]]
-"""``factorize(layer, activations, backprops)``; ``backprops`` is the output gradient (a tuple of
-them, ``None`` where none arrived, for a module with several tensor outputs)."""
-
-
-Capture = Callable[[nn.Module, Tensor, Tensor], Any]
-"""``capture(layer, input, output)``: what the rule keeps of a forward, from its first input."""
-
-
-CallCapture = Callable[[nn.Module, tuple, dict, Any], Any]
-"""``capture_call(layer, args, kwargs, output)``: the same from the whole call."""
-
-
-BatchSize = Callable[[nn.Module, tuple, dict], int]
-"""``batch_size(layer, args, kwargs)``: B of a call; raises ``ValueError`` on an unsupported layout."""
-
-
-def capture_input(layer: nn.Module, inputs: Tensor, output: Tensor) -> Tensor:
-    """Default capture: the rule's ``activations`` are the layer's input."""
-    return inputs
-
-
-def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    """The first tensor among a call's arguments (positional, then keyword), or ``None``."""
-    if args and isinstance(args[0], Tensor):  # the usual call, without walking the pytree
-        return args[0]
-    return next((leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)), None)
-
-
-def leading_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Default B: the leading dimension of the first tensor argument."""
-    inputs = first_tensor(args, kwargs)
-    if inputs is None or inputs.dim() == 0:
-        raise ValueError(
-            f"{type(layer).__name__} was called without a batched tensor argument; per-sample gradients "
-            "need the batch dimension first in its first tensor argument"
-        )
-    return len(inputs)
-
-
-class GramRule(NamedTuple):
-    """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
-
-    ``param_names`` lists the parameters the rule covers (``None``: all the module has);
-    ``fusable`` those whose batch gradient the collector may compute from the factor instead of
-    letting autograd compute it; ``capture(layer, inputs, output)`` runs right after the forward
-    and returns what the rule receives as ``activations`` (by default the input), unless
-    ``capture_call(layer, args, kwargs, output)`` is given, which sees the whole call.
-    ``batch_size(layer, args, kwargs)`` gives B of a call (default: the leading dimension of the
-    first tensor argument). A ``composite`` rule covers the parameters of the module's whole
-    subtree, named relative to it (``"out_proj.weight"``): for modules that call children
-    functionally, whose own hooks never fire. ``method`` names how the rule computes per-sample
-    gradients in :attr:`GramCollector.methods` when it is not a ghost/materialise choice.
-    ``applies(layer)``, if given, says whether the rule serves this instance (else the search
-    goes on up the type hierarchy).
-    """
-
-    factorize: Rule
-    param_names: tuple[str, ...] | None = ("weight", "bias")
-    fusable: tuple[str, ...] = ()
-    capture: Capture = capture_input
-    capture_call: CallCapture | None = None
-    batch_size: BatchSize = leading_batch_size
-    composite: bool = False
-    method: str | None = None
-    applies: Callable[[nn.Module], bool] | None = None
-
-    def activations(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """What ``factorize`` receives as ``activations`` for this call."""
-        if self.capture_call is not None:
-            return self.capture_call(layer, args, kwargs, output)
-        return self.capture(layer, first_tensor(args, kwargs), output)
-
-    def covers(self, name: str) -> bool:
-        """Whether the rule gives the factor of parameter ``name``."""
-        return self.param_names is None or name in self.param_names
-
-
-GRAM_RULES: dict[type[nn.Module], GramRule] = {}
-"""The global registry, module type → rule; read through :func:`gram_rule_for`."""
-
-
-def register_gram_rule(
-    *args: Any,
-    overwrite: bool = False,
-    param_names: tuple[str, ...] | None = ("weight", "bias"),
-    fusable: tuple[str, ...] = (),
-    capture: Capture = capture_input,
-) -> Any:
-    """Register a rule for a module type (and, by the type hierarchy, its subclasses).
-
-    Two forms::
-
-        register_gram_rule(MyLayer, GramRule(my_factors, ("weight",)))   # returns the rule
-
-        @register_gram_rule(MyLayer, OtherLayer, param_names=("weight",))  # decorator on factorize
-        def my_factors(layer, activations, backprops): ...
-
-    A type that already has a rule raises ``ValueError`` unless ``overwrite=True``.
-    """
-    if len(args) == 2 and isinstance(args[1], GramRule):
-        module_type, rule = args
-        _add_rule(module_type, rule, overwrite)
-        return rule
-    for module_type in args:
-        _check_module_type(module_type)
-
-    def register(factorize: Rule) -> Rule:
-        for module_type in args:
-            _add_rule(module_type, GramRule(factorize, param_names, fusable, capture), overwrite)
-        return factorize
-
-    return register
-
-
-def _check_module_type(module_type: Any) -> None:
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(
-            f"register_gram_rule takes torch.nn.Module subclasses and a GramRule, got {module_type!r}; "
-            "call register_gram_rule(ModuleType, GramRule(factorize, param_names)) or use it as a "
-            "decorator, @register_gram_rule(ModuleType, param_names=...)"
-        )
-
-
-def _add_rule(module_type: Any, rule: GramRule, overwrite: bool) -> None:
-    _check_module_type(module_type)
-    if not isinstance(rule, GramRule):
-        raise TypeError(f"rule must be a GramRule, got {type(rule).__name__}")
-    if module_type in GRAM_RULES and not overwrite:
-        raise ValueError(
-            f"{module_type.__name__} already has a Gram rule ({GRAM_RULES[module_type].factorize.__name__}); "
-            "pass overwrite=True to replace it, or rules={...} to GramCollector to override it there only"
-        )
-    GRAM_RULES[module_type] = rule
-
-
-def gram_rule_for(
-    layer: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None = None
-) -> GramRule | None:
-    """The rule of the nearest class in ``type(layer).__mro__`` registered in ``rules`` (which wins)
-    or in :data:`GRAM_RULES`, or ``None``. A ``None`` in ``rules`` stops the search (no rule).
-
-    A rule found for a base class serves a subclass only if the subclass inherits that class's
-    ``forward`` (a subclass computing something else would get a wrong gradient). A rule whose
-    ``applies(layer)`` is false is passed over.
-    """
-    rules = rules or {}
-    for cls in type(layer).__mro__:
-        if cls in rules or cls in GRAM_RULES:
-            rule = rules[cls] if cls in rules else GRAM_RULES[cls]
-            if rule is not None and rule.applies is not None and not rule.applies(layer):
-                continue
-            return rule if rule is None or type(layer).forward is cls.forward else None
-    return None
-
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype the Gram is computed in: the promoted floating dtype, at least float32."""
@@ -578,11 +402,9 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
             dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
 
-
 def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
     """(B, C, *positions) → (B, K, C/K, T)."""
     return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
-
 
 def unfold_patches(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
@@ -597,222 +419,3 @@ def unfold_patches(
         x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
     x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
     return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), -1)
-
-
-def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
-    if tensor.dim() != spatial_dims + 2:
-        raise ValueError(
-            f"{type(layer).__name__} got an input of shape {tuple(tensor.shape)}; per-sample gradients "
-            f"need a batched input (B, C, {spatial_dims} spatial dims)"
-        )
-
-
-@register_gram_rule(nn.Linear, fusable=("weight",))
-def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """y_t = W a_t + b at each position t of an input (B, *, d_in) (seed 004 §4, fully-connected):
-    g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t (eq. 6)."""
-    dtype = compute_dtype(activations, backprops)
-    batch = len(activations)
-    inputs = activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3).to(dtype)
-    outputs = backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3).to(dtype)
-    exact = MatmulGradient(
-        activations.reshape(-1, layer.in_features), backprops.reshape(-1, layer.out_features), layer.weight
-    )
-    factors: dict[str, GradFactor] = {"weight": OuterFactor(inputs, outputs, layer.weight.shape, exact)}
-    if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(outputs.sum(dim=-1).reshape(batch, -1))
-    return factors
-
-
-@register_gram_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fusable=("weight",))
-def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):
-    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6)."""
-    _check_batched(layer, activations, len(layer.kernel_size))
-    dtype = compute_dtype(activations, backprops)
-    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
-    if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
-    return factors
-
-
-@register_gram_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fusable=("weight",))
-def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """A transposed convolution is the adjoint of the convolution with the same stride, padding and
-    dilation, so g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, where patch(δ)
-    unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
-    _check_batched(layer, activations, len(layer.kernel_size))
-    dtype = compute_dtype(activations, backprops)
-    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
-    if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
-    return factors
-
-
-def _channel_affine_factors(
-    layer: nn.Module, inputs: Tensor, backprops: Tensor, mean: Tensor, rstd: Tensor
-) -> dict[str, GradFactor]:
-    """y = γ_c·(x − μ)·r + β_c per channel c, inputs and backprops (B, C, *S), μ and r = 1/√(σ² + ε)
-    of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004 eq. 6).
-
-    Both reductions run in one pass of the batch-norm backward kernel, with the batch folded into
-    the channels so that each (sample, channel) is reduced on its own. The kernel's weight only
-    scales the input gradient, which is not asked for; CUDA's kernel needs one all the same.
-    """
-    batch, channels = inputs.shape[:2]
-    folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))
-    _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
-        backprops.reshape(1, batch * channels, -1),
-        inputs.reshape(1, batch * channels, -1),
-        folded_rstd.new_ones(batch * channels),
-        None,
-        None,
-        folded_mean,
-        folded_rstd,
-        True,
-        0.0,
-        [False, layer.weight is not None, layer.bias is not None],
-    )
-    factors: dict[str, GradFactor] = {}
-    if layer.weight is not None:
-        factors["weight"] = PerSampleFactor(weight_grads.reshape(batch, channels))
-    if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(bias_grads.reshape(batch, channels))
-    return factors
-
-
-def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """μ and 1/√(σ² + ε) from the running statistics, in ``dtype``."""
-    return layer.running_mean.to(dtype), (layer.running_var.to(dtype) + layer.eps).rsqrt()
-
-
-def _sample_stats(inputs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """μ and 1/√(σ² + ε) (biased σ²) per sample and group of channels, repeated per channel (B, C)."""
-    batch, channels = inputs.shape[:2]
-    var, mean = torch.var_mean(inputs.reshape(batch, groups, -1), dim=2, correction=0)
-    return (t.repeat_interleave(channels // groups, dim=1) for t in (mean, (var + eps).rsqrt()))
-
-
-class NormalizedInput(NamedTuple):
-    """A normalisation layer's input with the per-channel mean μ and 1/√(σ² + ε) it used."""
-
-    inputs: Tensor
-    mean: Tensor
-    rstd: Tensor
-
-
-def _uses_batch_stats(layer: _BatchNorm) -> bool:
-    return layer.training or layer.running_mean is None
-
-
-def batch_norm_capture(layer: _BatchNorm, inputs: Tensor, output: Tensor) -> Tensor | NormalizedInput:
-    """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
-    so the rule needs no second pass over the input; the bare input where they are not exposed."""
-    node = output.grad_fn
-    mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
-    channels = (inputs.shape[1],)
-    if _uses_batch_stats(layer) and all(isinstance(t, Tensor) and t.shape == channels for t in (mean, rstd)):
-        return NormalizedInput(inputs, mean, rstd)
-    return inputs
-
-
-def _batch_norm_statistics(
-    layer: _BatchNorm, activations: Tensor | NormalizedInput, dtype: torch.dtype
-) -> NormalizedInput:
-    """μ and 1/√(σ² + ε) per channel: captured, recomputed from the batch (biased σ²), or running."""
-    if isinstance(activations, NormalizedInput):
-        return NormalizedInput(*(t.to(dtype) for t in activations))
-    inputs = activations.to(dtype)
-    if not _uses_batch_stats(layer):
-        return NormalizedInput(inputs, *_running_stats(layer, dtype))
-    var, mean = torch.var_mean(inputs, dim=(0, *range(2, inputs.dim())), correction=0)
-    return NormalizedInput(inputs, mean, (var + layer.eps).rsqrt())
-
-
-@register_gram_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, capture=batch_norm_capture)
-def batch_norm_factors(
-    layer: _BatchNorm, activations: Tensor | NormalizedInput, backprops: Tensor
-) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per channel, with the batch's statistics in training mode — then the
-    samples are coupled and g_i is sample i's contribution to the batch gradient — and the running
-    ones otherwise (seed 004 §4, batch normalisation); g_i as in :func:`_channel_affine_factors`."""
-    raw = activations.inputs if isinstance(activations, NormalizedInput) else activations
-    dtype = compute_dtype(raw, backprops)
-    inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
-
-
-@register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-def instance_norm_factors(
-    layer: _InstanceNorm, activations: Tensor, backprops: Tensor
-) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per sample and channel (the running statistics in eval mode if
-    tracked); g_i as in :func:`_channel_affine_factors` (seed 004 eq. 6)."""
-    dtype = compute_dtype(activations, backprops)
-    inputs = activations.to(dtype)
-    if layer.training or not layer.track_running_stats:
-        mean, rstd = _sample_stats(inputs, inputs.shape[1], layer.eps)
-    else:
-        mean, rstd = _running_stats(layer, dtype)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
-
-
-@register_gram_rule(nn.GroupNorm)
-def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels, γ and β per channel; g_i as in
-    :func:`_channel_affine_factors` (seed 004 eq. 6)."""
-    dtype = compute_dtype(activations, backprops)
-    inputs = activations.to(dtype)
-    mean, rstd = _sample_stats(inputs, layer.num_groups, layer.eps)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
-
-
-def _trailing_affine_factors(
-    layer: nn.Module, normalized: Tensor, backprops: Tensor
-) -> dict[str, GradFactor]:
-    """y = γ ⊙ x̂ + β over the trailing dims of (B, *positions, *γ.shape):
-    g_i(γ) = Σ_t δ_t ⊙ x̂_t, g_i(β) = Σ_t δ_t."""
-    positions = tuple(range(1, backprops.dim() - len(layer.normalized_shape)))
-    factors: dict[str, GradFactor] = {}
-    if layer.weight is not None:
-        products = backprops * normalized
-        factors["weight"] = PerSampleFactor(products.sum(dim=positions) if positions else products)
-    if getattr(layer, "bias", None) is not None:
-        factors["bias"] = PerSampleFactor(backprops.sum(dim=positions) if positions else backprops)
-    return factors
-
-
-@register_gram_rule(nn.LayerNorm)
-def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape);
-    g_i as in :func:`_trailing_affine_factors` (seed 004 eq. 6)."""
-    dtype = compute_dtype(activations, backprops)
-    normalized = F.layer_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
-    return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
-
-
-if hasattr(nn, "RMSNorm"):
-
-    @register_gram_rule(nn.RMSNorm, param_names=("weight",))
-    def rms_norm_factors(layer: nn.RMSNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-        """x̂ = x / √(mean(x²) + ε) over the trailing ``normalized_shape`` dims; γ only:
-        g_i(γ) = Σ_t δ_t ⊙ x̂_t (seed 004 eq. 6)."""
-        dtype = compute_dtype(activations, backprops)
-        normalized = F.rms_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
-        return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
-
-
-@register_gram_rule(nn.Embedding, param_names=("weight",))
-def embedding_factors(layer: nn.Embedding, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """y_t = W[idx_t]: g_i(W)[v] = Σ_t [idx_t = v] δ_t. Rows at ``padding_idx`` get no gradient; with
-    ``scale_grad_by_freq`` each δ_t is divided by idx_t's count in the whole batch (as autograd
-    does), so g_i is sample i's contribution to the batch gradient (seed 004 eq. 6)."""
-    batch = len(activations)
-    indices = activations.reshape(batch, -1)
-    outputs = backprops.to(compute_dtype(backprops)).reshape(batch, indices.shape[1], layer.embedding_dim)
-    if layer.padding_idx is not None:
-        outputs = outputs * (indices != layer.padding_idx)[..., None]
-    if layer.scale_grad_by_freq:
-        counts = torch.bincount(indices.reshape(-1), minlength=layer.num_embeddings)
-        outputs = outputs / counts[indices][..., None]
-    return {"weight": EmbeddingFactor(indices, outputs, layer.num_embeddings)}

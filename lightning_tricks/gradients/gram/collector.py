@@ -20,14 +20,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from . import gram_rules_extra  # noqa: F401 (registers the EmbeddingBag, PReLU and Bilinear rules)
-from .gram_fallback import FALLBACK_RULE, is_recomputing, output_leaves
-from .gram_rules import GradFactor, GramRule, concat_factors, first_tensor, gram_rule_for
+from .factors import GradFactor, concat_factors
+from .fallback import FALLBACK_RULE, is_recomputing, output_leaves
+from .registry import GramRule, first_tensor, gram_rule_for
 
 LOSS_REDUCTIONS = ("mean", "sum")
-METHODS = ("auto", "ghost", "materialize")
-UNSUPPORTED_POLICIES = ("raise", "skip")
 
+METHODS = ("auto", "ghost", "materialize")
+
+UNSUPPORTED_POLICIES = ("raise", "skip")
 
 @dataclass
 class _Call:
@@ -38,7 +39,6 @@ class _Call:
     inputs: Tensor
     version: int
     fused: tuple[str, ...]
-
 
 @dataclass
 class _Layer:
@@ -71,14 +71,13 @@ class _Layer:
         self.factors.clear()
         self.methods.clear()
 
-
 class GramCollector:
     """Exact B×B Gram matrix of per-sample gradients, G[i, j] = ⟨∇ℓ_i, ∇ℓ_j⟩, from one backward.
 
     G is seed 004's approximate Fisher matrix F̃_k = J_kᵀ J_k (``004_e5d92837cb57ce8a.txt`` §3,
     eq. 6), computed as Σ_l J_(k,l)ᵀ J_(k,l) over layers l (§4). Hooks capture each parameterised
     layer's input in the forward and its output gradient in the ordinary backward; a per-layer
-    rule (:mod:`~lightning_tricks.gradients.gram_rules`) turns the two into that layer's (B, B)
+    rule (:mod:`~lightning_tricks.gradients.gram.rules`) turns the two into that layer's (B, B)
     contribution, inside the backward, so per-sample gradients of more than one layer are never
     held. There is no second backward and no loop over samples. Per layer and parameter the
     cheaper of two exact methods is used: *ghost* (inner products of activations and of output
@@ -102,7 +101,8 @@ class GramCollector:
     RMSNorm, Embedding (``padding_idx``, ``scale_grad_by_freq``), EmbeddingBag (sum/mean/max,
     offsets or 2-D input, ``per_sample_weights``, ``padding_idx``), PReLU, Bilinear; the batch
     dimension comes first in their inputs. Per-sample vector-Jacobian products ("vjp",
-    :mod:`~lightning_tricks.gradients.gram_fallback`): MultiheadAttention (with ``out_proj``),
+    :mod:`~lightning_tricks.gradients.gram.rules.attention`,
+    :mod:`~lightning_tricks.gradients.gram.rules.recurrent`): MultiheadAttention (with ``out_proj``),
     RNN/LSTM/GRU (multi-layer, bidirectional, ``proj_size``, initial states), both
     ``batch_first`` settings; sequence-first TransformerEncoderLayer/DecoderLayer as a whole (batch
     first, their children's rules serve them). Subclasses use the rule of their nearest registered
@@ -112,7 +112,7 @@ class GramCollector:
     that draw random numbers or couple samples. Dropout in training mode is refused in
     MultiheadAttention, between RNN layers and in sequence-first Transformer layers; unbatched
     inputs and ``PackedSequence`` too. Register rules with
-    :func:`~lightning_tricks.gradients.gram_rules.register_gram_rule` or override them per
+    :func:`~lightning_tricks.gradients.gram.registry.register_gram_rule` or override them per
     collector with ``rules=``. A module with several tensor outputs (LSTM, attention) must not
     have them modified in place (they pass through one identity node that collects their gradients).
 
@@ -155,7 +155,7 @@ class GramCollector:
     host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
     multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
     gradients (:meth:`ConvFactor.per_sample_method
-    <lightning_tricks.gradients.gram_rules.ConvFactor.per_sample_method>`). G is that of the loss
+    <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Args:
@@ -651,7 +651,6 @@ class GramCollector:
                 "GramCollector needs the batch dimension first in every layer's input"
             )
 
-
 class _WeakHook:
     """``method(*args, *hook_args)`` through a weak reference to the collector: a hook held by a
     module, a parameter or an autograd node (in C++, out of the garbage collector's sight) never
@@ -668,7 +667,6 @@ class _WeakHook:
         method = self._method()
         return None if method is None else method(*self._args, *hook_args)
 
-
 def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]) -> None:
     """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
     collected while attached)."""
@@ -678,21 +676,17 @@ def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parame
     for handle in removed:
         handle.remove()
 
-
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
-
 def _first_input(args: tuple, kwargs: dict) -> Any:
     return first_tensor(args, kwargs)
-
 
 def _requires_grad(output: Any) -> bool:
     if isinstance(output, Tensor):
         return output.requires_grad
     return any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in output_leaves(output))
-
 
 def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
     """``callback(grad)`` for a tensor output. For several outputs that require grad, they pass
@@ -721,7 +715,6 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
         leaves[k] = leaf
     return tree_unflatten(leaves, spec)
 
-
 class _JoinOutputs(torch.autograd.Function):
     """Identity on a module's outputs whose backward hands their gradients to a callback."""
 
@@ -736,7 +729,6 @@ class _JoinOutputs(torch.autograd.Function):
         ctx.callback(grads)
         return (None, *grads)
 
-
 def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
     if rules is None:
         return {}
@@ -749,11 +741,9 @@ def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
         )
     return dict(rules)
 
-
 def _distributed() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
 
 def _choose_method(factor: GradFactor, method: str) -> str:
     """The forced method where the factor has it, else the one with fewer multiply-adds."""
@@ -764,15 +754,14 @@ def _choose_method(factor: GradFactor, method: str) -> str:
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
 
-
 SYMMETRIC_MIN_BATCH = 64
+
 SYMMETRIC_MIN_ENTRIES = 1024
 """From this batch size and this many entries per row on, :func:`_gram` computes only the upper
 block triangle (below, the three products cost more than the multiply-adds they save)."""
 
 GRAM_SPLITS = 4
 """Rows (B, P) with P divisible by this are split into this many column blocks for :func:`_gram`."""
-
 
 def _gram(rows: Tensor) -> Tensor:
     """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (on CPU, 2-D rows (B, P)
@@ -796,7 +785,6 @@ def _gram(rows: Tensor) -> Tensor:
     gram[half:, :half] = gram[:half, half:].T
     return gram
 
-
 def _rows(factor: GradFactor) -> Tensor:
     """Per-sample gradients, flattened: the factor's own ``rows()`` where it has one ((B, P), entries
     in an order of its choosing, the same for every sample, or (n, B, P_n) split into column
@@ -807,15 +795,12 @@ def _rows(factor: GradFactor) -> Tensor:
     grads = factor.per_sample()
     return grads.reshape(len(grads), -1)
 
-
 def _per_sample_order(rows: Tensor) -> Tensor:
     """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
     return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
 
-
 def _param_name(layer: _Layer, name: str) -> str:
     return f"{layer.name}.{name}" if layer.name else name
-
 
 def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> set[nn.Parameter]:
     """The candidates: ``params``, or every parameter (the trainable ones are read at capture)."""
@@ -825,7 +810,6 @@ def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) ->
     if not all(isinstance(p, nn.Parameter) for p in selected):
         raise TypeError("params must be an iterable of torch.nn.Parameter")
     return selected
-
 
 def _select_layers(
     model: nn.Module,
@@ -863,7 +847,7 @@ def _select_layers(
         raise ValueError(
             "GramCollector has no rule for these parameterised modules: "
             + "; ".join(missing)
-            + ". Register one with lightning_tricks.gradients.gram_rules.register_gram_rule, "
+            + ". Register one with lightning_tricks.gradients.register_gram_rule, "
             "exclude them with params=/modules=, pass fallback=True or unsupported='skip'"
         )
     if missing:
@@ -871,7 +855,6 @@ def _select_layers(
     if not layers:
         raise ValueError("GramCollector found no trainable parameter in a supported module")
     return layers
-
 
 def _rule_for(
     module: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None, fallback: bool
@@ -882,7 +865,6 @@ def _rule_for(
     if rule is None and fallback and next(module.parameters(recurse=False), None) is not None:
         return FALLBACK_RULE
     return rule
-
 
 def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_Layer, str]]]:
     """Owners of each candidate; a parameter of several layers moves to their ``shared``."""
@@ -896,7 +878,6 @@ def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_L
                 layer.shared[name] = layer.candidates.pop(name)
                 del layer.params[name]
     return owners
-
 
 def _frozen_unmeasured(
     model: nn.Module,

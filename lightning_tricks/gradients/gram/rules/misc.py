@@ -1,8 +1,7 @@
-"""Closed-form Gram rules for EmbeddingBag, PReLU and Bilinear (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+"""PReLU, Bilinear and EmbeddingBag: closed-form rules (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
 
-Same shape as the rules of :mod:`~lightning_tricks.gradients.gram_rules`: one function per layer
-type turning the captured call and the output gradient δ into one factor per parameter, each an
-exact description of the per-sample gradients g_i (column i of J_k in seed 004 eq. 6).
+One function per layer type turning the captured call and the output gradient δ into one factor
+per parameter, each an exact description of the per-sample gradients g_i (column i of J_k).
 """
 
 from __future__ import annotations
@@ -14,19 +13,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .gram_rules import (
-    EmbeddingFactor,
-    GradFactor,
-    GramRule,
-    MethodCosts,
-    OuterFactor,
-    PerSampleFactor,
-    compute_dtype,
-    register_gram_rule,
-)
+from ..factors import EmbeddingFactor, GradFactor, MethodCosts, OuterFactor, PerSampleFactor, compute_dtype
+from ..registry import register_gram_rule
 
 # -- PReLU ---------------------------------------------------------------------------------------
-
 
 @register_gram_rule(nn.PReLU, param_names=("weight",))
 def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
@@ -44,9 +34,7 @@ def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> di
         return {"weight": PerSampleFactor(products.reshape(batch, -1).sum(1, keepdim=True))}
     return {"weight": PerSampleFactor(products.reshape(batch, layer.num_parameters, -1).sum(-1))}
 
-
 # -- Bilinear ------------------------------------------------------------------------------------
-
 
 class BilinearFactor(NamedTuple):
     """g_i(W)[k] = Σ_t δ_{itk}·x1_{it} x2_{it}ᵀ: ``first`` (B, T, p), ``second`` (B, T, q), ``backprops`` (B, T, K)."""
@@ -82,13 +70,12 @@ class BilinearFactor(NamedTuple):
         """Several calls of one layer add their gradients: join their positions."""
         return BilinearFactor(*(torch.cat(parts, dim=1) for parts in zip(*factors)))
 
-
 def bilinear_capture(layer: nn.Bilinear, args: tuple, kwargs: dict, output: Tensor) -> tuple[Tensor, Tensor]:
     """Both inputs of the call."""
     bound = inspect.signature(layer.forward).bind(*args, **kwargs)
     return bound.arguments["input1"], bound.arguments["input2"]
 
-
+@register_gram_rule(nn.Bilinear, capture=bilinear_capture)
 def bilinear_factors(
     layer: nn.Bilinear, activations: tuple[Tensor, Tensor], backprops: Tensor
 ) -> dict[str, GradFactor]:
@@ -103,12 +90,7 @@ def bilinear_factors(
         factors["bias"] = PerSampleFactor(outputs.sum(dim=1))
     return factors
 
-
-register_gram_rule(nn.Bilinear, GramRule(bilinear_factors, capture_call=bilinear_capture))
-
-
 # -- EmbeddingBag --------------------------------------------------------------------------------
-
 
 class Bags(NamedTuple):
     """An EmbeddingBag call as flat indices (N,), the bag of each index (N,), per-sample weights
@@ -120,7 +102,6 @@ class Bags(NamedTuple):
     weights: Tensor | None
     batch: int
     max_rows: Tensor | None
-
 
 def _bag_arguments(
     layer: nn.EmbeddingBag, args: tuple, kwargs: dict
@@ -136,12 +117,10 @@ def _bag_arguments(
         )
     return inputs, bound.arguments.get("offsets"), bound.arguments.get("per_sample_weights")
 
-
 def embedding_bag_batch_size(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> int:
     """B: rows of a 2-D input, else the number of offsets (less one with ``include_last_offset``)."""
     inputs, offsets, _ = _bag_arguments(layer, args, kwargs)
     return len(inputs) if offsets is None else len(offsets) - int(layer.include_last_offset)
-
 
 def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, output: Tensor) -> Bags:
     """Flatten the call into :class:`Bags`; in ``"max"`` mode also the selected rows, from the
@@ -176,7 +155,9 @@ def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, out
             )[3]
     return Bags(indices, bags, flat_weights, batch, max_rows)
 
-
+@register_gram_rule(
+    nn.EmbeddingBag, param_names=("weight",), capture=embedding_bag_capture, batch_size=embedding_bag_batch_size
+)
 def embedding_bag_factors(
     layer: nn.EmbeddingBag, activations: Bags, backprops: Tensor
 ) -> dict[str, GradFactor]:
@@ -204,14 +185,3 @@ def embedding_bag_factors(
         outputs.new_zeros(batch * vocab).index_add_(0, bags * vocab + indices, w).reshape(batch, 1, vocab, 1)
     )
     return {"weight": OuterFactor(outputs.reshape(batch, 1, dim, 1), rows, layer.weight.shape)}
-
-
-register_gram_rule(
-    nn.EmbeddingBag,
-    GramRule(
-        embedding_bag_factors,
-        ("weight",),
-        capture_call=embedding_bag_capture,
-        batch_size=embedding_bag_batch_size,
-    ),
-)
