@@ -8,6 +8,7 @@ import math
 import sys
 from collections import Counter
 
+import helpers
 import lightning as L
 import numpy as np
 import pytest
@@ -84,17 +85,11 @@ class SmallNet(L.LightningModule):
 def reference_gram(
     state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor], loss_fn=single_forward_loss
 ) -> np.ndarray:
-    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64)."""
+    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64; helpers.py)."""
     net = SmallNet().net
     net.load_state_dict(state)
     x, y = batch
-    columns = []
-    for i in range(x.shape[0]):
-        loss = loss_fn(net, x[i : i + 1], y[i : i + 1])
-        grads = torch.autograd.grad(loss, list(net.parameters()))
-        columns.append(torch.cat([g.reshape(-1) for g in grads]))
-    jacobian = torch.stack(columns, dim=1).numpy()
-    return jacobian.T @ jacobian
+    return helpers.reference_gram(net, lambda i: loss_fn(net, x[i : i + 1], y[i : i + 1]), len(x)).numpy()
 
 
 def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,22 +211,12 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def flatten(grads: tuple, params: list[torch.Tensor]) -> torch.Tensor:
-    """One row of J: the gradients concatenated, zeros for parameters that got none."""
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    )
-
-
 def per_sample_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """J (B, P): row i = ∇ℓ_i over all trainable parameters, one autograd.grad call per sample."""
+    """J (B, P): row i = ∇ℓ_i over all trainable parameters (the shared reference, helpers.py)."""
     params = [p for _, p in trainable(model)]
-    rows = []
-    for i in range(len(x)):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(flatten(grads, params))
-    return torch.stack(rows)
+    return helpers.per_sample_jacobian(
+        params, lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum"), len(x)
+    )
 
 
 def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -261,7 +252,7 @@ def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         for h in handles:
             h.remove()
         scale = len(x) if reduction == "mean" else 1
-        rows.append(scale * flatten(grads, params))
+        rows.append(scale * helpers.jacobian_row(grads, params))
     return torch.stack(rows)
 
 

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_gram
 from torch import nn
 
 from lightning_tricks.gradients import (
@@ -34,21 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one 
 
 
 # -- references -------------------------------------------------------------------------------
-
-
-def reference_gram(model: nn.Module, sample_loss, batch: int) -> torch.Tensor:
-    """J Jᵀ with row i = ∇ℓ_i over the trainable parameters, ``sample_loss(i)`` run on sample i alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(batch):
-        grads = torch.autograd.grad(sample_loss(i), params, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-            )
-        )
-    jacobian = torch.stack(rows)
-    return jacobian @ jacobian.T
 
 
 def collect(model: nn.Module, batch_loss, **options) -> GramCollector:
