@@ -30,6 +30,7 @@ METHODS = ("auto", "ghost", "materialize")
 
 UNSUPPORTED_POLICIES = ("raise", "skip")
 
+
 @dataclass
 class _Call:
     """One captured forward of a layer: what its rule's capture kept, the input and its version
@@ -39,6 +40,7 @@ class _Call:
     inputs: Tensor
     version: int
     fused: tuple[str, ...]
+
 
 @dataclass
 class _Layer:
@@ -70,6 +72,7 @@ class _Layer:
         self.activated = False
         self.factors.clear()
         self.methods.clear()
+
 
 class GramCollector:
     """Exact B×B Gram matrix of per-sample gradients, G[i, j] = ⟨∇ℓ_i, ∇ℓ_j⟩, from one backward.
@@ -198,16 +201,19 @@ class GramCollector:
         G = gram.matrix()                      # (8, 8) float64, G[i, j] = <grad l_i, grad l_j>
         blocks = gram.matrix(per_layer=True)   # {"0": (8, 8), "2": (8, 8)}, summing to G
 
-        # from a callback: attach once, capture only on measured steps
-        collector = GramCollector(model).attach()
-        collector.enabled = False
-        ...                                    # unmeasured steps: hooks return at once
+        # from a callback: hooks on measured steps only (an unmeasured step runs none of this code)
+        collector = GramCollector(model)
+        ...                                    # unmeasured steps: nothing attached
         collector.reset()
-        collector.enabled = True
+        collector.attach()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        collector.enabled = False
+        collector.detach()                     # what was captured stays readable
         eigenvalues = torch.linalg.eigvalsh(collector.matrix())
-        collector.detach()
+
+    Memory: hooks reach the collector through a weak reference and :meth:`detach` drops the
+    recorded graph nodes, so after the context (or :meth:`detach`, or an exception) nothing keeps
+    the model, the collector or its captures alive; a collector dropped while attached removes its
+    hooks.
     """
 
     def __init__(
@@ -651,6 +657,7 @@ class GramCollector:
                 "GramCollector needs the batch dimension first in every layer's input"
             )
 
+
 class _WeakHook:
     """``method(*args, *hook_args)`` through a weak reference to the collector: a hook held by a
     module, a parameter or an autograd node (in C++, out of the garbage collector's sight) never
@@ -667,6 +674,7 @@ class _WeakHook:
         method = self._method()
         return None if method is None else method(*self._args, *hook_args)
 
+
 def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]) -> None:
     """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
     collected while attached)."""
@@ -676,17 +684,21 @@ def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parame
     for handle in removed:
         handle.remove()
 
+
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
+
 def _first_input(args: tuple, kwargs: dict) -> Any:
     return first_tensor(args, kwargs)
+
 
 def _requires_grad(output: Any) -> bool:
     if isinstance(output, Tensor):
         return output.requires_grad
     return any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in output_leaves(output))
+
 
 def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
     """``callback(grad)`` for a tensor output. For several outputs that require grad, they pass
@@ -715,6 +727,7 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
         leaves[k] = leaf
     return tree_unflatten(leaves, spec)
 
+
 class _JoinOutputs(torch.autograd.Function):
     """Identity on a module's outputs whose backward hands their gradients to a callback."""
 
@@ -729,6 +742,7 @@ class _JoinOutputs(torch.autograd.Function):
         ctx.callback(grads)
         return (None, *grads)
 
+
 def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
     if rules is None:
         return {}
@@ -741,9 +755,11 @@ def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
         )
     return dict(rules)
 
+
 def _distributed() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 
 def _choose_method(factor: GradFactor, method: str) -> str:
     """The forced method where the factor has it, else the one with fewer multiply-adds."""
@@ -754,6 +770,7 @@ def _choose_method(factor: GradFactor, method: str) -> str:
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
 
+
 SYMMETRIC_MIN_BATCH = 64
 
 SYMMETRIC_MIN_ENTRIES = 1024
@@ -762,6 +779,7 @@ block triangle (below, the three products cost more than the multiply-adds they 
 
 GRAM_SPLITS = 4
 """Rows (B, P) with P divisible by this are split into this many column blocks for :func:`_gram`."""
+
 
 def _gram(rows: Tensor) -> Tensor:
     """G = Σ_n R_n R_nᵀ for rows split into column blocks R_n, (n, B, P_n) (on CPU, 2-D rows (B, P)
@@ -785,6 +803,7 @@ def _gram(rows: Tensor) -> Tensor:
     gram[half:, :half] = gram[:half, half:].T
     return gram
 
+
 def _rows(factor: GradFactor) -> Tensor:
     """Per-sample gradients, flattened: the factor's own ``rows()`` where it has one ((B, P), entries
     in an order of its choosing, the same for every sample, or (n, B, P_n) split into column
@@ -795,12 +814,15 @@ def _rows(factor: GradFactor) -> Tensor:
     grads = factor.per_sample()
     return grads.reshape(len(grads), -1)
 
+
 def _per_sample_order(rows: Tensor) -> Tensor:
     """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
     return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
 
+
 def _param_name(layer: _Layer, name: str) -> str:
     return f"{layer.name}.{name}" if layer.name else name
+
 
 def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) -> set[nn.Parameter]:
     """The candidates: ``params``, or every parameter (the trainable ones are read at capture)."""
@@ -810,6 +832,7 @@ def _selected_params(model: nn.Module, params: Iterable[nn.Parameter] | None) ->
     if not all(isinstance(p, nn.Parameter) for p in selected):
         raise TypeError("params must be an iterable of torch.nn.Parameter")
     return selected
+
 
 def _select_layers(
     model: nn.Module,
@@ -856,6 +879,7 @@ def _select_layers(
         raise ValueError("GramCollector found no trainable parameter in a supported module")
     return layers
 
+
 def _rule_for(
     module: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None, fallback: bool
 ) -> GramRule | None:
@@ -865,6 +889,7 @@ def _rule_for(
     if rule is None and fallback and next(module.parameters(recurse=False), None) is not None:
         return FALLBACK_RULE
     return rule
+
 
 def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_Layer, str]]]:
     """Owners of each candidate; a parameter of several layers moves to their ``shared``."""
@@ -878,6 +903,7 @@ def _share_tied_params(layers: list[_Layer]) -> dict[nn.Parameter, list[tuple[_L
                 layer.shared[name] = layer.candidates.pop(name)
                 del layer.params[name]
     return owners
+
 
 def _frozen_unmeasured(
     model: nn.Module,

@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
 class MethodCosts(NamedTuple):
     """Multiply-adds of the ghost and of the materialised method for one parameter."""
 
     ghost: float
     materialize: float
+
 
 def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
     """Ghost: B²·K·T²·(p + q) (the two T×T inner-product blocks per pair of samples).
@@ -43,6 +45,7 @@ def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> Met
         ghost=batch**2 * groups * positions**2 * (p + q),
         materialize=batch * groups * positions * p * q + batch**2 * groups * p * q,
     )
+
 
 class MatmulGradient(NamedTuple):
     """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
@@ -63,6 +66,7 @@ class MatmulGradient(NamedTuple):
         if transposed.stride() == (1, rows):
             return self.backprops.t().mm(self.inputs)
         return self.inputs.t().mm(self.backprops).t()
+
 
 class OuterFactor(NamedTuple):
     """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
@@ -108,6 +112,7 @@ class OuterFactor(NamedTuple):
             factors[0].shape,
         )
 
+
 UNFOLD_MAX_POSITIONS = 64
 """Convolutions with at most this many positions (small maps) get per-sample gradients from batched
 matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
@@ -115,6 +120,7 @@ matrix products on the tensor read through the kernel (shifted views, else unfol
 UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
 convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
+
 
 class ConvFactor(NamedTuple):
     """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
@@ -306,11 +312,13 @@ class ConvFactor(NamedTuple):
             (False, True, False),
         )[1]
 
+
 def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
     """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d."""
     if not any(padding):
         return x
     return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+
 
 def _output_padding(
     layer: nn.Module, inputs: Tensor, backprops: Tensor, padding: Sequence[int]
@@ -321,6 +329,7 @@ def _output_padding(
         backprops.shape[2:], inputs.shape[2:], layer.stride, padding, layer.dilation, layer.kernel_size
     )
     return tuple(out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for out, size, s, p, d, k in geometry)
+
 
 class EmbeddingFactor(NamedTuple):
     """g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}: ``indices`` (B, T) int, ``backprops`` (B, T, d)."""
@@ -366,6 +375,7 @@ class EmbeddingFactor(NamedTuple):
             factors[0].num_embeddings,
         )
 
+
 class PerSampleFactor(NamedTuple):
     """The per-sample gradients themselves, ``grads`` of shape (B, *parameter shape)."""
 
@@ -388,11 +398,14 @@ class PerSampleFactor(NamedTuple):
         """Several calls of one layer add their gradients."""
         return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
 
+
 GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor]
+
 
 def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
     """The factor of a parameter used by several calls of its layer: gradients of all calls added."""
     return factors[0].concat(factors) if len(factors) > 1 else factors[0]
+
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype the Gram is computed in: the promoted floating dtype, at least float32."""
@@ -402,9 +415,11 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
             dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
 
+
 def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
     """(B, C, *positions) → (B, K, C/K, T)."""
     return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
+
 
 def unfold_patches(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]

@@ -37,9 +37,11 @@ _STATE = threading.local()
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
 
+
 def is_recomputing() -> bool:
     """Whether a fallback recomputation is running (the collector's hooks must then stay idle)."""
     return getattr(_STATE, "depth", 0) > 0
+
 
 @contextmanager
 def _recomputing() -> Iterator[None]:
@@ -49,9 +51,11 @@ def _recomputing() -> Iterator[None]:
     finally:
         _STATE.depth -= 1
 
+
 def output_leaves(output: Any) -> list[Any]:
     """The leaves of a module's output (tensors, ``None`` and other values), in a fixed order."""
     return tree_leaves(output)
+
 
 class SampledCall(NamedTuple):
     """One captured call, split into what varies per sample and what the samples share.
@@ -71,6 +75,7 @@ class SampledCall(NamedTuple):
     out_dims: tuple[int | None, ...]
     versions: tuple[int, ...]
     recurse: bool
+
 
 def _sampled_call(
     layer: nn.Module,
@@ -95,6 +100,7 @@ def _sampled_call(
     )
 
 # -- the per-sample vector-Jacobian products -------------------------------------------------------
+
 
 def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> dict[str, GradFactor]:
     """g_i(θ) = ∂/∂θ ⟨δ_i, f(x_i; θ)⟩ for every parameter θ of the module (of its subtree for a
@@ -142,6 +148,7 @@ def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> di
     _check_outputs(layer, call, used, outputs)
     return {name: _factor(sample_grads, name, param, call, grads, used) for name, param in named.items()}
 
+
 def _factor(
     sample_grads: dict[str, Tensor],
     name: str,
@@ -157,9 +164,11 @@ def _factor(
     batch = grads[k].shape[call.out_dims[k]]
     return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))
 
+
 def _fork_rng(tensors: Sequence[Tensor]) -> Any:
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     return torch.random.fork_rng(devices=devices)
+
 
 def _check_versions(layer: nn.Module, call: SampledCall) -> None:
     current = tuple(t._version for t in call.inputs)
@@ -168,6 +177,7 @@ def _check_versions(layer: nn.Module, call: SampledCall) -> None:
             f"an input of {type(layer).__name__} was modified in place after its forward; GramCollector's "
             "fallback recomputes the module from its inputs and needs them unchanged until the backward"
         )
+
 
 def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs: tuple[Tensor, ...]) -> None:
     """On the first recomputation of ``layer`` in its current mode: the recomputed outputs equal the
@@ -196,6 +206,7 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
 
 # -- any module ----------------------------------------------------------------------------------
 
+
 def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> SampledCall:
     """Any module: tensor arguments whose leading size is B (that of the first tensor argument) are
     per-sample along dim 0, the others shared; outputs with leading size B are per-sample."""
@@ -220,6 +231,7 @@ def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) ->
 
     inputs = [leaves[k] for k in positions]
     return _sampled_call(layer, forward, inputs, [0] * len(inputs), output, out_dim, recurse=False)
+
 
 FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_capture, method="fallback")
 """Used by :class:`~lightning_tricks.gradients.GramCollector` for any module without a rule."""

@@ -30,15 +30,18 @@ Capture = Callable[[nn.Module, tuple, dict, Any], Any]
 BatchSize = Callable[[nn.Module, tuple, dict], int]
 """``batch_size(layer, args, kwargs)``: B of a call; raises ``ValueError`` on an unsupported layout."""
 
+
 def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     """The first tensor among a call's arguments (positional, then keyword), or ``None``."""
     if args and isinstance(args[0], Tensor):  # the usual call, without walking the pytree
         return args[0]
     return next((leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)), None)
 
+
 def capture_input(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
     """Default capture: the rule's ``activations`` are the call's first tensor argument."""
     return first_tensor(args, kwargs)
+
 
 def leading_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
     """Default B: the leading dimension of the first tensor argument."""
@@ -49,6 +52,7 @@ def leading_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
             "need the batch dimension first in its first tensor argument"
         )
     return len(inputs)
+
 
 class GramRule(NamedTuple):
     """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
@@ -83,8 +87,10 @@ class GramRule(NamedTuple):
         """Whether the rule gives the factor of parameter ``name``."""
         return self.param_names is None or name in self.param_names
 
+
 GRAM_RULES: dict[type[nn.Module], GramRule] = {}
 """The global registry, module type → rule; read through :func:`gram_rule_for`."""
+
 
 def register_gram_rule(
     *module_types: type[nn.Module],
@@ -134,6 +140,7 @@ def _check_module_type(module_type: Any) -> None:
             f"register_gram_rule takes torch.nn.Module subclasses, got {module_type!r}; use it as a "
             "decorator on the rule's function: @register_gram_rule(ModuleType, param_names=...)"
         )
+
 
 def gram_rule_for(
     layer: nn.Module, rules: Mapping[type[nn.Module], GramRule | None] | None = None

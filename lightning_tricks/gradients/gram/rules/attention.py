@@ -15,6 +15,7 @@ from ..registry import register_gram_rule
 
 # -- MultiheadAttention --------------------------------------------------------------------------
 
+
 def _mha_arguments(layer: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = inspect.signature(layer.forward).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -25,9 +26,11 @@ def _mha_arguments(layer: nn.MultiheadAttention, args: tuple, kwargs: dict) -> d
         )
     return dict(bound.arguments)
 
+
 def mha_batch_size(layer: nn.MultiheadAttention, args: tuple, kwargs: dict) -> int:
     """B: dim 1 of the query, dim 0 with ``batch_first``."""
     return _mha_arguments(layer, args, kwargs)["query"].shape[0 if layer.batch_first else 1]
+
 
 def mha_capture(layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> SampledCall:
     """Query, key and value per sample along their batch dim, ``key_padding_mask`` (B, S) along
@@ -65,6 +68,7 @@ def mha_capture(layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output:
         layer, forward, [arguments[n] for n in names], list(batched.values()), output, out_dim, recurse=True
     )
 
+
 @register_gram_rule(
     nn.MultiheadAttention,
     param_names=None,
@@ -79,6 +83,7 @@ def attention_factors(layer: nn.MultiheadAttention, activations: SampledCall, ba
     return recompute_factors(layer, activations, backprops)
 
 # -- Transformer layers, sequence first ------------------------------------------------------------
+
 
 def _transformer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = inspect.signature(layer.forward).bind(*args, **kwargs)
@@ -100,10 +105,12 @@ def _transformer_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> dict[
         )
     return arguments
 
+
 def transformer_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
     """B: dim 1 of ``src``/``tgt`` (sequence-first layers)."""
     arguments = _transformer_arguments(layer, args, kwargs)
     return arguments.get("src", arguments.get("tgt")).shape[1]
+
 
 def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> SampledCall:
     """A sequence-first ``nn.TransformerEncoderLayer``/``DecoderLayer`` as a whole: its Linear and
@@ -135,6 +142,7 @@ def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Ten
     return _sampled_call(
         layer, forward, [arguments[n] for n in names], list(batched.values()), output, out_dim, recurse=True
     )
+
 
 @register_gram_rule(
     nn.TransformerEncoderLayer,

@@ -8,12 +8,14 @@ from torch import Tensor, nn
 from ..factors import ConvFactor, GradFactor, PerSampleFactor, compute_dtype
 from ..registry import register_gram_rule
 
+
 def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
     if tensor.dim() != spatial_dims + 2:
         raise ValueError(
             f"{type(layer).__name__} got an input of shape {tuple(tensor.shape)}; per-sample gradients "
             f"need a batched input (B, C, {spatial_dims} spatial dims)"
         )
+
 
 @register_gram_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fusable=("weight",))
 def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
@@ -25,6 +27,7 @@ def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> di
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
     return factors
+
 
 @register_gram_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fusable=("weight",))
 def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..factors import EmbeddingFactor, GradFactor, compute_dtype
 from ..registry import register_gram_rule
 
+
 @register_gram_rule(nn.Embedding, param_names=("weight",))
 def embedding_factors(layer: nn.Embedding, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y_t = W[idx_t]: g_i(W)[v] = Σ_t [idx_t = v] δ_t. Rows at ``padding_idx`` get no gradient; with

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ..factors import GradFactor, MatmulGradient, OuterFactor, PerSampleFactor, compute_dtype
 from ..registry import register_gram_rule
 
+
 @register_gram_rule(nn.Linear, fusable=("weight",))
 def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y_t = W a_t + b at each position t of an input (B, *, d_in) (seed 004 §4, fully-connected):

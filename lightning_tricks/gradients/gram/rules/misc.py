@@ -18,6 +18,7 @@ from ..registry import register_gram_rule
 
 # -- PReLU ---------------------------------------------------------------------------------------
 
+
 @register_gram_rule(nn.PReLU, param_names=("weight",))
 def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y = max(x, 0) + a_c·min(x, 0) per channel c (dim 1; one shared a if ``num_parameters`` is 1):
@@ -35,6 +36,7 @@ def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> di
     return {"weight": PerSampleFactor(products.reshape(batch, layer.num_parameters, -1).sum(-1))}
 
 # -- Bilinear ------------------------------------------------------------------------------------
+
 
 class BilinearFactor(NamedTuple):
     """g_i(W)[k] = Σ_t δ_{itk}·x1_{it} x2_{it}ᵀ: ``first`` (B, T, p), ``second`` (B, T, q), ``backprops`` (B, T, K)."""
@@ -70,10 +72,12 @@ class BilinearFactor(NamedTuple):
         """Several calls of one layer add their gradients: join their positions."""
         return BilinearFactor(*(torch.cat(parts, dim=1) for parts in zip(*factors)))
 
+
 def bilinear_capture(layer: nn.Bilinear, args: tuple, kwargs: dict, output: Tensor) -> tuple[Tensor, Tensor]:
     """Both inputs of the call."""
     bound = inspect.signature(layer.forward).bind(*args, **kwargs)
     return bound.arguments["input1"], bound.arguments["input2"]
+
 
 @register_gram_rule(nn.Bilinear, capture=bilinear_capture)
 def bilinear_factors(
@@ -92,6 +96,7 @@ def bilinear_factors(
 
 # -- EmbeddingBag --------------------------------------------------------------------------------
 
+
 class Bags(NamedTuple):
     """An EmbeddingBag call as flat indices (N,), the bag of each index (N,), per-sample weights
     (N,) or ``None``, the number of bags B, and for ``mode="max"`` the row chosen per bag and
@@ -102,6 +107,7 @@ class Bags(NamedTuple):
     weights: Tensor | None
     batch: int
     max_rows: Tensor | None
+
 
 def _bag_arguments(
     layer: nn.EmbeddingBag, args: tuple, kwargs: dict
@@ -117,10 +123,12 @@ def _bag_arguments(
         )
     return inputs, bound.arguments.get("offsets"), bound.arguments.get("per_sample_weights")
 
+
 def embedding_bag_batch_size(layer: nn.EmbeddingBag, args: tuple, kwargs: dict) -> int:
     """B: rows of a 2-D input, else the number of offsets (less one with ``include_last_offset``)."""
     inputs, offsets, _ = _bag_arguments(layer, args, kwargs)
     return len(inputs) if offsets is None else len(offsets) - int(layer.include_last_offset)
+
 
 def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, output: Tensor) -> Bags:
     """Flatten the call into :class:`Bags`; in ``"max"`` mode also the selected rows, from the
@@ -154,6 +162,7 @@ def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, out
                 layer.padding_idx,
             )[3]
     return Bags(indices, bags, flat_weights, batch, max_rows)
+
 
 @register_gram_rule(
     nn.EmbeddingBag, param_names=("weight",), capture=embedding_bag_capture, batch_size=embedding_bag_batch_size

@@ -14,6 +14,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from ..factors import GradFactor, PerSampleFactor, compute_dtype
 from ..registry import first_tensor, register_gram_rule
 
+
 def _channel_affine_factors(
     layer: nn.Module, inputs: Tensor, backprops: Tensor, mean: Tensor, rstd: Tensor
 ) -> dict[str, GradFactor]:
@@ -45,15 +46,18 @@ def _channel_affine_factors(
         factors["bias"] = PerSampleFactor(bias_grads.reshape(batch, channels))
     return factors
 
+
 def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """μ and 1/√(σ² + ε) from the running statistics, in ``dtype``."""
     return layer.running_mean.to(dtype), (layer.running_var.to(dtype) + layer.eps).rsqrt()
+
 
 def _sample_stats(inputs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """μ and 1/√(σ² + ε) (biased σ²) per sample and group of channels, repeated per channel (B, C)."""
     batch, channels = inputs.shape[:2]
     var, mean = torch.var_mean(inputs.reshape(batch, groups, -1), dim=2, correction=0)
     return (t.repeat_interleave(channels // groups, dim=1) for t in (mean, (var + eps).rsqrt()))
+
 
 class NormalizedInput(NamedTuple):
     """A normalisation layer's input with the per-channel mean μ and 1/√(σ² + ε) it used."""
@@ -62,8 +66,10 @@ class NormalizedInput(NamedTuple):
     mean: Tensor
     rstd: Tensor
 
+
 def _uses_batch_stats(layer: _BatchNorm) -> bool:
     return layer.training or layer.running_mean is None
+
 
 def batch_norm_capture(layer: _BatchNorm, args: tuple, kwargs: dict, output: Tensor) -> Tensor | NormalizedInput:
     """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
@@ -75,6 +81,7 @@ def batch_norm_capture(layer: _BatchNorm, args: tuple, kwargs: dict, output: Ten
     if _uses_batch_stats(layer) and all(isinstance(t, Tensor) and t.shape == channels for t in (mean, rstd)):
         return NormalizedInput(inputs, mean, rstd)
     return inputs
+
 
 def _batch_norm_statistics(
     layer: _BatchNorm, activations: Tensor | NormalizedInput, dtype: torch.dtype
@@ -88,6 +95,7 @@ def _batch_norm_statistics(
     var, mean = torch.var_mean(inputs, dim=(0, *range(2, inputs.dim())), correction=0)
     return NormalizedInput(inputs, mean, (var + layer.eps).rsqrt())
 
+
 @register_gram_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, capture=batch_norm_capture)
 def batch_norm_factors(
     layer: _BatchNorm, activations: Tensor | NormalizedInput, backprops: Tensor
@@ -99,6 +107,7 @@ def batch_norm_factors(
     dtype = compute_dtype(raw, backprops)
     inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
     return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
+
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def instance_norm_factors(
@@ -114,6 +123,7 @@ def instance_norm_factors(
         mean, rstd = _running_stats(layer, dtype)
     return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
 
+
 @register_gram_rule(nn.GroupNorm)
 def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels, γ and β per channel; g_i as in
@@ -122,6 +132,7 @@ def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tens
     inputs = activations.to(dtype)
     mean, rstd = _sample_stats(inputs, layer.num_groups, layer.eps)
     return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
+
 
 def _trailing_affine_factors(
     layer: nn.Module, normalized: Tensor, backprops: Tensor
@@ -137,6 +148,7 @@ def _trailing_affine_factors(
         factors["bias"] = PerSampleFactor(backprops.sum(dim=positions) if positions else backprops)
     return factors
 
+
 @register_gram_rule(nn.LayerNorm)
 def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape);
@@ -144,6 +156,7 @@ def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tens
     dtype = compute_dtype(activations, backprops)
     normalized = F.layer_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
     return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
+
 
 if hasattr(nn, "RMSNorm"):
 

@@ -20,6 +20,7 @@ from ..factors import GradFactor
 from ..fallback import SampledCall, _sampled_call, recompute_factors
 from ..registry import register_gram_rule
 
+
 def _rnn_arguments(layer: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
     bound = inspect.signature(layer.forward).bind(*args, **kwargs)
     inputs, hx = bound.arguments["input"], bound.arguments.get("hx")
@@ -35,9 +36,11 @@ def _rnn_arguments(layer: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[Tensor
         )
     return inputs, hx
 
+
 def rnn_batch_size(layer: nn.RNNBase, args: tuple, kwargs: dict) -> int:
     """B: dim 1 of the input, dim 0 with ``batch_first``."""
     return _rnn_arguments(layer, args, kwargs)[0].shape[0 if layer.batch_first else 1]
+
 
 def rnn_capture(layer: nn.RNNBase, args: tuple, kwargs: dict, output: Any) -> SampledCall:
     """Input per sample along its batch dim, initial states (layers·directions, B, H) along dim 1;
@@ -61,6 +64,7 @@ def rnn_capture(layer: nn.RNNBase, args: tuple, kwargs: dict, output: Any) -> Sa
     return _sampled_call(
         layer, forward, [inputs, *states], [dim] + [1] * len(states), output, out_dim, recurse=False
     )
+
 
 def unrolled_rnn(
     layer: nn.RNNBase, weights: dict[str, Tensor], inputs: Tensor, initial: Sequence[Tensor] | None
@@ -89,6 +93,7 @@ def unrolled_rnn(
     output = x.transpose(0, 1) if layer.batch_first else x
     return [output, *(torch.stack(store) for store in finals if store)]
 
+
 def _run_cell(
     layer: nn.RNNBase, weights: dict[str, Tensor], suffix: str, x: Tensor, h: Tensor, c: Tensor | None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -113,6 +118,7 @@ def _run_cell(
             h = (torch.tanh if layer.mode == "RNN_TANH" else torch.relu)(step + recurrent)
         outputs.append(h)
     return torch.stack(outputs), (h,) if c is None else (h, c)
+
 
 @register_gram_rule(
     nn.RNN, nn.LSTM, nn.GRU, param_names=None, capture=rnn_capture, batch_size=rnn_batch_size, method="vjp"
