@@ -1,9 +1,7 @@
 """Exact per-step counts of a FisherSpectrum-measured step on the CPU proxy of a host-bound GPU step.
 
 ResNet-20, B = 8, 3×8×8 images, one thread, SGD: top-level aten ops (torch.profiler, ops not called
-by another aten op), Python calls (a profile hook) and host syncs (``.item``/``.tolist``/``.cpu``
-and ``eigvalsh``'s info check show up as ``aten::item``/``aten::_local_scalar_dense``) of a plain
-step, and of a step measured by :class:`GramCollector` + ``fisher_statistics`` (as FisherSpectrum
+by another aten op) and Python calls (a profile hook) of a plain step, and of a step measured by :class:`GramCollector` + ``fisher_statistics`` (as FisherSpectrum
 does: attach, forward, backward, G, statistics, detach). Counts, not times: they are exact on a
 shared machine.
 
@@ -42,8 +40,7 @@ def counted(step: Callable[[], None]) -> dict[str, object]:
         return e.name.startswith("aten::")
 
     top = Counter(e.name for e in events if aten(e) and not (e.cpu_parent and aten(e.cpu_parent)))
-    syncs = sum(n for name, n in top.items() if name in ("aten::item", "aten::_local_scalar_dense"))
-    return {"ops": sum(top.values()), "python_calls": calls, "syncs": syncs, "by_op": top}
+    return {"ops": sum(top.values()), "python_calls": calls, "by_op": top}
 
 
 def main() -> None:
@@ -75,7 +72,7 @@ def main() -> None:
         plain()
         measured()
     base, fisher = counted(plain), counted(measured)
-    for key in ("ops", "python_calls", "syncs"):
+    for key in ("ops", "python_calls"):
         print(f"{key:>13}: plain {base[key]:>6}  measured {fisher[key]:>6}  (+{fisher[key] - base[key]})")
     extra = fisher["by_op"] - base["by_op"]
     print("extra ops:", ", ".join(f"{name[6:]} {n}" for name, n in extra.most_common(16)))

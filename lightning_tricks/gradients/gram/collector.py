@@ -9,6 +9,7 @@ matrix exactly from the activations and output gradients of one ordinary batched
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .factors import GradFactor, concat_factors
+from .factors import GradFactor, cast, concat_factors
 from .fallback import FALLBACK_RULE, is_recomputing, output_leaves
 from .registry import GramRule, first_tensor, gram_rule_for
 
@@ -153,9 +154,9 @@ class GramCollector:
     never fused.
 
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
-    activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
-    float64, where the blocks are stored and summed, on the model's device; nothing syncs with the
-    host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
+    activations and gradients (at least float32; float16/bfloat16 are upcast) and kept so; when G
+    is read the blocks are cast to float64 together and summed there, on the model's device;
+    nothing syncs with the host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
     multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
     gradients (:meth:`ConvFactor.per_sample_method
     <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
@@ -367,8 +368,12 @@ class GramCollector:
         self._check_unmeasured()
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
         names = [*self.layer_names, *(_param_name(*self._owners[p][0]) for p in self._shared_grads)]
-        blocks = {name: self._blocks[name] * scale for name in names if name in self._blocks}
-        return blocks if per_layer else torch.stack(list(blocks.values())).sum(0)
+        blocks = {name: self._blocks[name] for name in names if name in self._blocks}
+        if per_layer:
+            return {name: block.to(torch.float64) * scale for name, block in blocks.items()}
+        dtype = functools.reduce(torch.promote_types, {block.dtype for block in blocks.values()})
+        stacked = torch.stack([cast(block, dtype) for block in blocks.values()])
+        return cast(stacked, torch.float64).sum(0) * scale
 
     def check_outside_use(self, loss: Tensor) -> None:
         """Raise ``ValueError`` if a parameter entering G feeds ``loss`` other than through its
@@ -571,7 +576,7 @@ class GramCollector:
         """G of each tied weight from its summed per-sample gradients (materialised)."""
         for param, grads in self._shared_grads.items():
             flat = grads.reshape(len(grads), -1)
-            self._blocks[_param_name(*self._owners[param][0])] = (flat @ flat.T).to(torch.float64)
+            self._blocks[_param_name(*self._owners[param][0])] = flat @ flat.T
 
     def _check_unmeasured(self) -> None:
         """A parameter of a module without rule, frozen at construction, is trainable now."""
@@ -615,9 +620,7 @@ class GramCollector:
             blocks.append(_gram(per_sample[0]))
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
-        self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
-            torch.float64
-        )
+        self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         self._restore_layer(layer)
 
     def _finish_pending(self) -> None:
@@ -634,7 +637,7 @@ class GramCollector:
         """param.grad += Σ_i g_i (a new tensor where ``.grad`` is None), in the parameter's dtype."""
         for name, grad in grads.items():
             param = layer.params[name]
-            grad = grad.to(param.dtype)
+            grad = cast(grad, param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:

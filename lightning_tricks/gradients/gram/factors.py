@@ -168,7 +168,7 @@ class ConvFactor(NamedTuple):
         batch = len(self.inputs)
         inputs, padding = self._convolved()
         flat = [
-            t.to(self.dtype).reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (inputs, self.backprops)
+            cast(t, self.dtype).reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (inputs, self.backprops)
         ]
         grads = self._weight_backward(flat[0], flat[1], padding, batch)
         return grads.reshape(batch, *self.layer.weight.shape)
@@ -194,7 +194,7 @@ class ConvFactor(NamedTuple):
         """
         layer, groups = self.layer, self.layer.groups
         read, other = self._read_and_other()
-        read, other = read.to(self.dtype), other.to(self.dtype)
+        read, other = cast(read, self.dtype), cast(other, self.dtype)
         sizes, extent = read.shape[2:], other.shape[2:]
         pad = [side for r, o in zip(reversed(sizes[1:]), reversed(extent[1:])) for side in (0, r - o)]
         other = F.pad(other, pad) if any(pad) else other
@@ -254,11 +254,11 @@ class ConvFactor(NamedTuple):
         through the kernel (:meth:`_read_and_other`)."""
         layer = self.layer
         read, other = self._read_and_other()
-        patches = unfold_patches(read.to(self.dtype), layer.kernel_size, layer.stride, layer.dilation)
+        patches = unfold_patches(cast(read, self.dtype), layer.kernel_size, layer.stride, layer.dilation)
         batch, groups = len(patches), layer.groups
         return OuterFactor(
             _positions_last(patches, batch, groups),
-            _positions_last(other.to(self.dtype), batch, groups),
+            _positions_last(cast(other, self.dtype), batch, groups),
             layer.weight.shape,
         )
 
@@ -407,13 +407,22 @@ def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
     return factors[0].concat(factors) if len(factors) > 1 else factors[0]
 
 
+_BELOW_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype the Gram is computed in: the promoted floating dtype, at least float32."""
+    """The dtype the Gram is computed in: the promoted floating dtype, at least float32 (no
+    dispatched ``promote_types`` for the usual float32/16-bit tensors)."""
     dtype = torch.float32
     for tensor in tensors:
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and tensor.dtype not in _BELOW_FLOAT32:
             dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+def cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without dispatching an op where it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:

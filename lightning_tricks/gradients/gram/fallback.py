@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .factors import GradFactor, PerSampleFactor, compute_dtype
+from .factors import GradFactor, PerSampleFactor, cast, compute_dtype
 from .registry import GramRule
 
 _STATE = threading.local()
@@ -159,7 +159,7 @@ def _factor(
 ) -> PerSampleFactor:
     if name in sample_grads:
         g = sample_grads[name]
-        return PerSampleFactor(g.to(compute_dtype(g)))
+        return PerSampleFactor(cast(g, compute_dtype(g)))
     k = used[0]
     batch = grads[k].shape[call.out_dims[k]]
     return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))

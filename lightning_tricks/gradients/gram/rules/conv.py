@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..factors import ConvFactor, GradFactor, PerSampleFactor, compute_dtype
+from ..factors import ConvFactor, GradFactor, PerSampleFactor, cast, compute_dtype
 from ..registry import register_gram_rule
 
 
@@ -25,7 +25,7 @@ def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> di
     dtype = compute_dtype(activations, backprops)
     factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
+        factors["bias"] = PerSampleFactor(cast(backprops, dtype).flatten(2).sum(dim=-1))
     return factors
 
 
@@ -38,5 +38,5 @@ def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Ten
     dtype = compute_dtype(activations, backprops)
     factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(backprops.to(dtype).flatten(2).sum(dim=-1))
+        factors["bias"] = PerSampleFactor(cast(backprops, dtype).flatten(2).sum(dim=-1))
     return factors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..factors import EmbeddingFactor, GradFactor, compute_dtype
+from ..factors import EmbeddingFactor, GradFactor, cast, compute_dtype
 from ..registry import register_gram_rule
 
 
@@ -16,7 +16,7 @@ def embedding_factors(layer: nn.Embedding, activations: Tensor, backprops: Tenso
     does), so g_i is sample i's contribution to the batch gradient (seed 004 eq. 6)."""
     batch = len(activations)
     indices = activations.reshape(batch, -1)
-    outputs = backprops.to(compute_dtype(backprops)).reshape(batch, indices.shape[1], layer.embedding_dim)
+    outputs = cast(backprops, compute_dtype(backprops)).reshape(batch, indices.shape[1], layer.embedding_dim)
     if layer.padding_idx is not None:
         outputs = outputs * (indices != layer.padding_idx)[..., None]
     if layer.scale_grad_by_freq:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..factors import GradFactor, MatmulGradient, OuterFactor, PerSampleFactor, compute_dtype
+from ..factors import GradFactor, MatmulGradient, OuterFactor, PerSampleFactor, cast, compute_dtype
 from ..registry import register_gram_rule
 
 
@@ -14,8 +14,8 @@ def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> 
     g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t (eq. 6)."""
     dtype = compute_dtype(activations, backprops)
     batch = len(activations)
-    inputs = activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3).to(dtype)
-    outputs = backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3).to(dtype)
+    inputs = cast(activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3), dtype)
+    outputs = cast(backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3), dtype)
     exact = MatmulGradient(
         activations.reshape(-1, layer.in_features), backprops.reshape(-1, layer.out_features), layer.weight
     )

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..factors import EmbeddingFactor, GradFactor, MethodCosts, OuterFactor, PerSampleFactor, compute_dtype
+from ..factors import EmbeddingFactor, GradFactor, MethodCosts, OuterFactor, PerSampleFactor, cast, compute_dtype
 from ..registry import register_gram_rule
 
 # -- PReLU ---------------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> di
             "per-sample gradients need a batched input (B, C, *)"
         )
     dtype = compute_dtype(activations, backprops)
-    products = backprops.to(dtype) * activations.to(dtype).clamp(max=0)
+    products = cast(backprops, dtype) * cast(activations, dtype).clamp(max=0)
     batch = len(products)
     if layer.num_parameters == 1:
         return {"weight": PerSampleFactor(products.reshape(batch, -1).sum(1, keepdim=True))}
@@ -88,7 +88,7 @@ def bilinear_factors(
     first, second = activations
     dtype = compute_dtype(first, second, backprops)
     batch = len(backprops)
-    first, second, outputs = (t.to(dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops))
+    first, second, outputs = (cast(t, dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops))
     factors: dict[str, GradFactor] = {"weight": BilinearFactor(first, second, outputs)}
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.sum(dim=1))
@@ -178,13 +178,13 @@ def embedding_bag_factors(
     c, so g_i(W)[v, c] = [m_{ic} = v]·δ_{ic}: an embedding of the flattened (V·d) table."""
     indices, bags, weights, batch, max_rows = activations
     vocab, dim = layer.weight.shape
-    outputs = backprops.to(compute_dtype(backprops))
+    outputs = cast(backprops, compute_dtype(backprops))
     keep = (indices != (-1 if layer.padding_idx is None else layer.padding_idx)).to(outputs.dtype)
     sizes = outputs.new_zeros(batch).index_add_(0, bags, keep)
     if max_rows is not None:
         flat = max_rows * dim + torch.arange(dim, device=max_rows.device)
         return {"weight": EmbeddingFactor(flat, (outputs * (sizes > 0)[:, None])[..., None], vocab * dim)}
-    w = keep if weights is None else keep * weights.to(outputs.dtype)
+    w = keep if weights is None else keep * cast(weights, outputs.dtype)
     if layer.mode == "mean":
         w = w / sizes.clamp(min=1)[bags]
     if layer.scale_grad_by_freq:

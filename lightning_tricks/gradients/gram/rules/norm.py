@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..factors import GradFactor, PerSampleFactor, compute_dtype
+from ..factors import GradFactor, PerSampleFactor, cast, compute_dtype
 from ..registry import first_tensor, register_gram_rule
 
 
@@ -49,7 +49,7 @@ def _channel_affine_factors(
 
 def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """μ and 1/√(σ² + ε) from the running statistics, in ``dtype``."""
-    return layer.running_mean.to(dtype), (layer.running_var.to(dtype) + layer.eps).rsqrt()
+    return cast(layer.running_mean, dtype), (cast(layer.running_var, dtype) + layer.eps).rsqrt()
 
 
 def _sample_stats(inputs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -88,8 +88,8 @@ def _batch_norm_statistics(
 ) -> NormalizedInput:
     """μ and 1/√(σ² + ε) per channel: captured, recomputed from the batch (biased σ²), or running."""
     if isinstance(activations, NormalizedInput):
-        return NormalizedInput(*(t.to(dtype) for t in activations))
-    inputs = activations.to(dtype)
+        return NormalizedInput(*(cast(t, dtype) for t in activations))
+    inputs = cast(activations, dtype)
     if not _uses_batch_stats(layer):
         return NormalizedInput(inputs, *_running_stats(layer, dtype))
     var, mean = torch.var_mean(inputs, dim=(0, *range(2, inputs.dim())), correction=0)
@@ -106,7 +106,7 @@ def batch_norm_factors(
     raw = activations.inputs if isinstance(activations, NormalizedInput) else activations
     dtype = compute_dtype(raw, backprops)
     inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
+    return _channel_affine_factors(layer, inputs, cast(backprops, dtype), mean, rstd)
 
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -116,12 +116,12 @@ def instance_norm_factors(
     """x̂ = (x − μ)/√(σ² + ε) per sample and channel (the running statistics in eval mode if
     tracked); g_i as in :func:`_channel_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    inputs = activations.to(dtype)
+    inputs = cast(activations, dtype)
     if layer.training or not layer.track_running_stats:
         mean, rstd = _sample_stats(inputs, inputs.shape[1], layer.eps)
     else:
         mean, rstd = _running_stats(layer, dtype)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
+    return _channel_affine_factors(layer, inputs, cast(backprops, dtype), mean, rstd)
 
 
 @register_gram_rule(nn.GroupNorm)
@@ -129,9 +129,9 @@ def group_norm_factors(layer: nn.GroupNorm, activations: Tensor, backprops: Tens
     """x̂ = (x − μ)/√(σ² + ε) per sample and group of channels, γ and β per channel; g_i as in
     :func:`_channel_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    inputs = activations.to(dtype)
+    inputs = cast(activations, dtype)
     mean, rstd = _sample_stats(inputs, layer.num_groups, layer.eps)
-    return _channel_affine_factors(layer, inputs, backprops.to(dtype), mean, rstd)
+    return _channel_affine_factors(layer, inputs, cast(backprops, dtype), mean, rstd)
 
 
 def _trailing_affine_factors(
@@ -154,8 +154,8 @@ def layer_norm_factors(layer: nn.LayerNorm, activations: Tensor, backprops: Tens
     """x̂ = (x − μ)/√(σ² + ε) over the trailing ``normalized_shape`` dims of (B, *, *normalized_shape);
     g_i as in :func:`_trailing_affine_factors` (seed 004 eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    normalized = F.layer_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
-    return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
+    normalized = F.layer_norm(cast(activations, dtype), layer.normalized_shape, eps=layer.eps)
+    return _trailing_affine_factors(layer, normalized, cast(backprops, dtype))
 
 
 if hasattr(nn, "RMSNorm"):
@@ -165,5 +165,5 @@ if hasattr(nn, "RMSNorm"):
         """x̂ = x / √(mean(x²) + ε) over the trailing ``normalized_shape`` dims; γ only:
         g_i(γ) = Σ_t δ_t ⊙ x̂_t (seed 004 eq. 6)."""
         dtype = compute_dtype(activations, backprops)
-        normalized = F.rms_norm(activations.to(dtype), layer.normalized_shape, eps=layer.eps)
-        return _trailing_affine_factors(layer, normalized, backprops.to(dtype))
+        normalized = F.rms_norm(cast(activations, dtype), layer.normalized_shape, eps=layer.eps)
+        return _trailing_affine_factors(layer, normalized, cast(backprops, dtype))
