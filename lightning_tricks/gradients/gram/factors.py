@@ -198,20 +198,17 @@ class ConvFactor(NamedTuple):
         sizes, extent = read.shape[2:], other.shape[2:]
         pad = [side for r, o in zip(reversed(sizes[1:]), reversed(extent[1:])) for side in (0, r - o)]
         other = F.pad(other, pad) if any(pad) else other
-        span = other[0, 0].numel()
-        steps = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
-        offsets = [
-            sum(k * dil * step for k, dil, step in zip(kappa, layer.dilation, steps))
-            for kappa in itertools.product(*map(range, layer.kernel_size))
-        ]
+        span = math.prod(other.shape[2:])
+        jumps = [dil * math.prod(sizes[d + 1 :]) for d, dil in enumerate(layer.dilation)]
+        last = sum((k - 1) * jump for k, jump in zip(layer.kernel_size, jumps))
         batch = len(read)
         flat = read.reshape(batch * groups, read.shape[1] // groups, -1)
-        if offsets[-1] + span > flat.shape[-1]:
-            flat = F.pad(flat, (0, offsets[-1] + span - flat.shape[-1]))
+        if last + span > flat.shape[-1]:
+            flat = F.pad(flat, (0, last + span - flat.shape[-1]))
         rows = other.reshape(batch * groups, other.shape[1] // groups, span)
-        grads = rows.new_empty(len(offsets), batch * groups, rows.shape[1], flat.shape[1])
-        for n, offset in enumerate(offsets):
-            torch.bmm(rows, flat[:, :, offset : offset + span].transpose(1, 2), out=grads[n])
+        grads = rows.new_empty(math.prod(layer.kernel_size), batch * groups, rows.shape[1], flat.shape[1])
+        for out, window in zip(grads.unbind(0), _windows(flat, layer.kernel_size, jumps, span)):
+            torch.bmm(rows, window, out=out)
         return grads
 
     def batch_gradient(self) -> Tensor:
@@ -311,6 +308,18 @@ class ConvFactor(NamedTuple):
             batch_groups * layer.groups,
             (False, True, False),
         )[1]
+
+
+def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> list[Tensor]:
+    """``flat[:, :, o : o + span].transpose(1, 2)`` for every kernel offset κ, o = Σ_d κ_d·jump_d, in
+    ``itertools.product`` order: the same views, cut from one strided view of ``flat`` (N, C, L) by
+    a few ``unbind`` instead of a slice and a transpose per offset."""
+    n, c, l = flat.stride()
+    windows = flat.as_strided((*kernel, flat.shape[0], span, flat.shape[1]), (*(j * l for j in jumps), n, l, c))
+    views = [windows]
+    for _ in kernel:
+        views = [view for stacked in views for view in stacked.unbind(0)]
+    return views
 
 
 def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
