@@ -255,6 +255,10 @@ class GramCollector:
         self._handles: list[RemovableHandle] = []
         self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
         weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
+        self._module_hooks = [
+            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer)) for layer in self._layers
+        ]  # made once: attaching at every measured step only registers them
+        self._param_hooks: dict[nn.Parameter, _WeakHook] = {}
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
@@ -277,16 +281,10 @@ class GramCollector:
         if self._handles:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
-        for layer in self._layers:
+        for layer, (before, after) in zip(self._layers, self._module_hooks):
             module = layer.module
-            self._handles.append(
-                module.register_forward_pre_hook(_WeakHook(self._before_forward, layer), with_kwargs=True)
-            )
-            self._handles.append(
-                module.register_forward_hook(
-                    _WeakHook(self._after_forward, layer), with_kwargs=True, always_call=True
-                )
-            )
+            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
             self._hook_leaves([*layer.candidates.values(), *layer.shared.values()])
         return self
 
@@ -528,7 +526,10 @@ class GramCollector:
         """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
         for param in params:
             if param not in self._leaf_handles and param.requires_grad:
-                self._leaf_handles[param] = param.register_hook(_WeakHook(self._on_param_grad, param))
+                hook = self._param_hooks.get(param) or self._param_hooks.setdefault(
+                    param, _WeakHook(self._on_param_grad, param)
+                )
+                self._leaf_handles[param] = param.register_hook(hook)
 
     def _user_flag(self, param: nn.Parameter) -> bool:
         return self._hidden.get(param, param.requires_grad)
