@@ -92,9 +92,8 @@ class FisherSpectrum(TrickCallback):
     parameters that require grad at each measured step (freezing and unfreezing during training are
     followed; frozen ones are never touched); a weight tied between two modules is measured exactly;
     a parameter used outside its module (functionally) is refused at the first measured step (checked
-    again whenever the trainable set changes). Steps
-    without a backward (``training_step`` returning ``None``, SWA's BatchNorm pass, an empty batch,
-    no optimiser) are not measured. The batch dimension must come first in every layer's input
+    again whenever the trainable set changes). Steps without a backward (``training_step`` returning
+    ``None``, SWA's BatchNorm pass, an empty batch, no optimiser) are not measured. The batch dimension must come first in every layer's input
     (checked against the batch's size). Training is untouched: parameters, buffers, optimiser state
     and ``requires_grad`` flags evolve bit for bit as without the callback. Hooks are attached for the
     measured steps only (an unmeasured step runs none of the callback's capture code) and removed
