@@ -230,8 +230,8 @@ class ConvFactor(NamedTuple):
         channels_in, channels_out = self.inputs.shape[1], self.backprops.shape[1]
         groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
         if self.layer.transposed:
-            return self.inputs[0, 0].numel(), channels_out // groups * kernel, channels_in // groups
-        return self.backprops[0, 0].numel(), channels_in // groups * kernel, channels_out // groups
+            return math.prod(self.inputs.shape[2:]), channels_out // groups * kernel, channels_in // groups
+        return math.prod(self.backprops.shape[2:]), channels_in // groups * kernel, channels_out // groups
 
     def _read_and_other(self) -> tuple[Tensor, Tensor]:
         """The side read through the kernel, zero-padded (a ConvNd's input as convolved, a
@@ -400,7 +400,7 @@ class PerSampleFactor(NamedTuple):
 
     def costs(self) -> MethodCosts:
         """Materialised only: B²·P multiply-adds for the Gram."""
-        return MethodCosts(math.inf, len(self.grads) ** 2 * self.grads[0].numel())
+        return MethodCosts(math.inf, len(self.grads) ** 2 * math.prod(self.grads.shape[1:]))
 
     @staticmethod
     def concat(factors: Sequence[PerSampleFactor]) -> PerSampleFactor:
