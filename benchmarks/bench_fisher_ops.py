@@ -1,10 +1,11 @@
 """Exact per-step counts of a FisherSpectrum-measured step on the CPU proxy of a host-bound GPU step.
 
 ResNet-20, B = 8, 3×8×8 images, one thread, SGD: top-level aten ops (torch.profiler, ops not called
-by another aten op) and Python calls (a profile hook) of a plain step, and of a step measured by :class:`GramCollector` + ``fisher_statistics`` (as FisherSpectrum
-does: attach, forward, backward, G, statistics, detach), at a later measured step and at the
-first one (which also walks the graph for parameters used outside their modules). Counts, not
-times: they are exact on a shared machine.
+by another aten op) and Python calls (a profile hook) of a plain step, and of a step measured by
+:class:`GramCollector` + ``fisher_statistics`` as FisherSpectrum does (attach, forward, backward,
+G, statistics, detach), at a later measured step and at the first one (which also walks the graph
+for parameters used outside their modules). Counts, not times: they are exact on a shared
+machine.
 
     python benchmarks/bench_fisher_ops.py
 """

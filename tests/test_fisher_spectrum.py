@@ -183,8 +183,8 @@ def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
 class StepProbe(Callback):
     """Per training step, from ``on_train_batch_start`` to ``on_train_batch_end`` (listed first, it
     opens and closes before the other callbacks' hooks of those names): the top-level aten ops
-    (torch.profiler; not called by another aten op), the Python calls into the Gram engine's files, and whether the model carried
-    a hook after the backward."""
+    (torch.profiler; not called by another aten op), the Python calls into the Gram engine's
+    files, and whether the model carried a hook after the backward."""
 
     def __init__(self) -> None:
         self.ops: dict[int, Counter] = {}

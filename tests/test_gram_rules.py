@@ -75,12 +75,16 @@ CASES: dict[type[nn.Module], Callable[[], Case]] = {
     ),
     nn.RNN: lambda: Case(nn.RNN(3, 4, batch_first=True), (x(BATCH, 5, 3),), forward=first_output),
     nn.LSTM: lambda: Case(nn.LSTM(3, 4), (x(4, BATCH, 3),), (1,), first_output),
-    nn.GRU: lambda: Case(nn.GRU(3, 4, num_layers=2, batch_first=True), (x(BATCH, 4, 3),), forward=first_output),
+    nn.GRU: lambda: Case(
+        nn.GRU(3, 4, num_layers=2, batch_first=True), (x(BATCH, 4, 3),), forward=first_output
+    ),
     nn.TransformerEncoderLayer: lambda: Case(
         nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0), (x(3, BATCH, 4),), (1,)
     ),
     nn.TransformerDecoderLayer: lambda: Case(
-        nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.0), (x(3, BATCH, 4), x(2, BATCH, 4)), (1, 1)
+        nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.0),
+        (x(3, BATCH, 4), x(2, BATCH, 4)),
+        (1, 1),
     ),
 }
 if hasattr(nn, "RMSNorm"):

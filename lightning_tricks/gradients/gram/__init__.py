@@ -17,4 +17,12 @@ from .collector import GramCollector
 from .fallback import FALLBACK_RULE
 from .registry import GRAM_RULES, GramRule, gram_rule_for, register_gram_rule
 
-__all__ = ["FALLBACK_RULE", "GRAM_RULES", "GramCollector", "GramRule", "gram_rule_for", "register_gram_rule", "rules"]
+__all__ = [
+    "FALLBACK_RULE",
+    "GRAM_RULES",
+    "GramCollector",
+    "GramRule",
+    "gram_rule_for",
+    "register_gram_rule",
+    "rules",
+]

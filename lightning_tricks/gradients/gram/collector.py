@@ -156,9 +156,9 @@ class GramCollector:
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and kept so; when G
     is read the blocks are cast to float64 together and summed there, on the model's device;
-    nothing syncs with the host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
-    multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
-    gradients (:meth:`ConvFactor.per_sample_method
+    nothing syncs with the host. On CPU a materialised block is computed from its upper block
+    triangle (3/4 of the multiply-adds, from B = 64), and each convolution picks the fastest exact
+    way to its per-sample gradients (:meth:`ConvFactor.per_sample_method
     <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
@@ -255,9 +255,10 @@ class GramCollector:
         self._handles: list[RemovableHandle] = []
         self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
         weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
-        self._module_hooks = [
-            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer)) for layer in self._layers
-        ]  # made once: attaching at every measured step only registers them
+        self._module_hooks = [  # made once: attaching at every measured step only registers them
+            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer))
+            for layer in self._layers
+        ]
         self._param_hooks: dict[nn.Parameter, _WeakHook] = {}
         self._enabled = True
         self._fuse = False
@@ -526,9 +527,9 @@ class GramCollector:
         """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
         for param in params:
             if param not in self._leaf_handles and param.requires_grad:
-                hook = self._param_hooks.get(param) or self._param_hooks.setdefault(
-                    param, _WeakHook(self._on_param_grad, param)
-                )
+                hook = self._param_hooks.get(param)
+                if hook is None:
+                    hook = self._param_hooks[param] = _WeakHook(self._on_param_grad, param)
                 self._leaf_handles[param] = param.register_hook(hook)
 
     def _user_flag(self, param: nn.Parameter) -> bool:
@@ -679,7 +680,9 @@ class _WeakHook:
         return None if method is None else method(*self._args, *hook_args)
 
 
-def _remove_handles(handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]) -> None:
+def _remove_handles(
+    handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]
+) -> None:
     """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
     collected while attached)."""
     removed = [*handles, *leaf_handles.values()]

@@ -21,7 +21,6 @@ cheaper one per layer and parameter. Every formula below is a column of J_k of s
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -315,7 +314,8 @@ def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: in
     ``itertools.product`` order: the same views, cut from one strided view of ``flat`` (N, C, L) by
     a few ``unbind`` instead of a slice and a transpose per offset."""
     n, c, l = flat.stride()
-    windows = flat.as_strided((*kernel, flat.shape[0], span, flat.shape[1]), (*(j * l for j in jumps), n, l, c))
+    sizes = (*kernel, flat.shape[0], span, flat.shape[1])
+    windows = flat.as_strided(sizes, (*(jump * l for jump in jumps), n, l, c))
     views = [windows]
     for _ in kernel:
         views = [view for stacked in views for view in stacked.unbind(0)]

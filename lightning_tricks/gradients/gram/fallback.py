@@ -12,9 +12,10 @@ own hooks are off, random operations are refused (``randomness="error"``, inside
 The batch dimension of every input and output comes from the rule's capture: here the leading
 one for any module (inputs whose leading size differs from B are shared by all samples); the
 attention and recurrent rules (:mod:`.rules.attention`, :mod:`.rules.recurrent`) describe their
-own layouts and reuse :func:`recompute_factors`. The recomputed outputs are compared with the module's own outputs on
-the first use of each module in each mode (train/eval): a module whose samples are coupled, or
-that is not what the description assumes, raises instead of giving a wrong matrix.
+own layouts and reuse :func:`recompute_factors`. The recomputed outputs are compared with the
+module's own outputs on the first use of each module in each mode (train/eval): a module whose
+samples are coupled, or that is not what the description assumes, raises instead of giving a
+wrong matrix.
 """
 
 from __future__ import annotations

@@ -77,7 +77,9 @@ def mha_capture(layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output:
     composite=True,
     method="vjp",
 )
-def attention_factors(layer: nn.MultiheadAttention, activations: SampledCall, backprops: Any) -> dict[str, GradFactor]:
+def attention_factors(
+    layer: nn.MultiheadAttention, activations: SampledCall, backprops: Any
+) -> dict[str, GradFactor]:
     """g_i of every parameter of the attention (``in_proj``, ``out_proj``, biases): the per-sample
     VJP of its recomputed forward (seed 004 eq. 6)."""
     return recompute_factors(layer, activations, backprops)

@@ -13,7 +13,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..factors import EmbeddingFactor, GradFactor, MethodCosts, OuterFactor, PerSampleFactor, cast, compute_dtype
+from ..factors import (
+    EmbeddingFactor,
+    GradFactor,
+    MethodCosts,
+    OuterFactor,
+    PerSampleFactor,
+    cast,
+    compute_dtype,
+)
 from ..registry import register_gram_rule
 
 # -- PReLU ---------------------------------------------------------------------------------------
@@ -88,7 +96,9 @@ def bilinear_factors(
     first, second = activations
     dtype = compute_dtype(first, second, backprops)
     batch = len(backprops)
-    first, second, outputs = (cast(t, dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops))
+    first, second, outputs = (
+        cast(t, dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops)
+    )
     factors: dict[str, GradFactor] = {"weight": BilinearFactor(first, second, outputs)}
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.sum(dim=1))
@@ -165,7 +175,10 @@ def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, out
 
 
 @register_gram_rule(
-    nn.EmbeddingBag, param_names=("weight",), capture=embedding_bag_capture, batch_size=embedding_bag_batch_size
+    nn.EmbeddingBag,
+    param_names=("weight",),
+    capture=embedding_bag_capture,
+    batch_size=embedding_bag_batch_size,
 )
 def embedding_bag_factors(
     layer: nn.EmbeddingBag, activations: Bags, backprops: Tensor

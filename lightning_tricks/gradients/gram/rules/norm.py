@@ -71,7 +71,9 @@ def _uses_batch_stats(layer: _BatchNorm) -> bool:
     return layer.training or layer.running_mean is None
 
 
-def batch_norm_capture(layer: _BatchNorm, args: tuple, kwargs: dict, output: Tensor) -> Tensor | NormalizedInput:
+def batch_norm_capture(
+    layer: _BatchNorm, args: tuple, kwargs: dict, output: Tensor
+) -> Tensor | NormalizedInput:
     """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
     so the rule needs no second pass over the input; the bare input where they are not exposed."""
     inputs = first_tensor(args, kwargs)
