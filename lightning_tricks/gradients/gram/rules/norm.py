@@ -26,7 +26,7 @@ def _channel_affine_factors(
     scales the input gradient, which is not asked for; CUDA's kernel needs one all the same.
     """
     batch, channels = inputs.shape[:2]
-    folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))  # not repeat: slower
+    folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))
     _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
         backprops.reshape(1, batch * channels, -1),
         inputs.reshape(1, batch * channels, -1),
