@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tricks.callbacks._base import run_directory
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
+from lightning_tricks.gradients import GramCollector
 from lightning_tricks.gradients.spectrum import fisher_statistics
 from lightning_tricks.plotting import beacon_map
 from lightning_tricks.results import load_fisher_spectrum
@@ -232,6 +233,39 @@ def test_unmeasured_steps_run_nothing_of_the_engine(tmp_path):
         assert fisher.hooked[step] == measured and not plain.hooked[step], step
         assert (fisher.engine_calls[step] > 0) == measured and plain.engine_calls[step] == 0, step
         assert (fisher.ops[step] == plain.ops[step]) != measured, step
+
+
+@pytest.mark.parametrize(("every", "attaches"), [(1, 1), (3, 2)])
+def test_hooks_stay_between_consecutive_measured_steps_only(tmp_path, monkeypatch, every, attaches):
+    """Every step measured: the hooks are registered once (idle between steps); every 3rd step:
+    registered at steps 0 and 3, removed for the steps between."""
+    registered = []
+    attach = GramCollector.attach
+
+    def counting_attach(collector):
+        registered.append(not collector._handles)
+        return attach(collector)
+
+    monkeypatch.setattr(GramCollector, "attach", counting_attach)
+    fisher = FisherSpectrum(every_n_steps=every)
+    fit(SmallNet(), [fisher], tmp_path, max_steps=6)
+    assert len(fisher.history) == 6 // every and sum(registered) == attaches
+
+
+class HookProbe(Callback):
+    """Whether the model carries a forward hook at each validation batch."""
+
+    def __init__(self) -> None:
+        self.hooked: list[bool] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.hooked.append(any(m._forward_hooks or m._forward_pre_hooks for m in pl_module.modules()))
+
+
+def test_validation_runs_without_hooks_when_every_step_is_measured(tiny_module, trainer_for):
+    fisher, probe = FisherSpectrum(), HookProbe()
+    trainer_for([fisher, probe], max_steps=4, val_check_interval=2).fit(tiny_module())
+    assert len(fisher.history) == 4 and probe.hooked and not any(probe.hooked)
 
 
 class TwoForwardNet(SmallNet):

@@ -96,8 +96,9 @@ class FisherSpectrum(TrickCallback):
     ``None``, SWA's BatchNorm pass, an empty batch, no optimiser) are not measured. The batch dimension must come first in every layer's input
     (checked against the batch's size). Training is untouched: parameters, buffers, optimiser state
     and ``requires_grad`` flags evolve bit for bit as without the callback. Hooks are attached for the
-    measured steps only (an unmeasured step runs none of the callback's capture code) and removed
-    after each, also when the fit fails. The running measures restart with each ``fit`` (or
+    measured steps only (an unmeasured step, and validation, run none of the callback's capture
+    code; with ``every_n_steps=1`` they stay, idle, between steps) and removed at ``teardown`` or
+    when the fit fails. The running measures restart with each ``fit`` (or
     continue from the checkpoint it resumes). A layer that runs several times in
     one step (weight sharing, two views of the batch) is measured exactly: sample i's gradient
     sums over every call. With a ``GradScaler`` (16-bit AMP), F̃ is divided by the squared loss
@@ -159,6 +160,7 @@ class FisherSpectrum(TrickCallback):
         self._collector: GramCollector | None = None
         self._measuring = False
         self._checked_trainable: tuple[bool, ...] | None = None
+        self._attached = False
         self._batch_size: int | None = None
         self._warned_non_finite = False
         self.reset_fit_state()
@@ -253,6 +255,7 @@ class FisherSpectrum(TrickCallback):
             unsupported=self.unsupported,
         )  # attached for measured steps only: an unmeasured step runs none of its code
         self._checked_trainable = None
+        self._attached = False
 
     @override
     def reset_fit_state(self) -> None:
@@ -295,6 +298,12 @@ class FisherSpectrum(TrickCallback):
         self._measuring = self._should_measure(trainer, batch)
         if self._measuring:
             self._start_capture(trainer, pl_module)
+        else:
+            self._unhook()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unhook()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -370,7 +379,7 @@ class FisherSpectrum(TrickCallback):
 
     def _release(self) -> None:
         """Remove every hook and drop what was captured (teardown, or the fit failed)."""
-        self._measuring = False
+        self._measuring = self._attached = False
         collector, self._collector = self._collector, None
         if collector is not None:
             try:
@@ -390,11 +399,21 @@ class FisherSpectrum(TrickCallback):
         collector.reset()
         collector.enabled = True
         collector.attach()
+        self._attached = True
 
     def _stop_capture(self) -> None:
-        """Unhook the model (what the step captured stays readable)."""
+        """End the step's capture (what it captured stays readable). The hooks come off unless
+        the next step is measured too (``every_n_steps=1``): then they stay, idle, until a step
+        is not measured, validation starts or the fit ends."""
         self._measuring = False
-        self._collector.detach()
+        self._collector.enabled = False
+        if self.every_n_steps > 1:
+            self._unhook()
+
+    def _unhook(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._collector.detach()
 
     def _should_measure(self, trainer: pl.Trainer, batch: Any) -> bool:
         """Measured steps: ``step % every_n_steps == 0``, with a non-empty batch and an optimiser
