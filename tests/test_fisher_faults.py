@@ -222,6 +222,7 @@ def test_weight_used_functionally_is_refused_before_any_update(tmp_path):
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        default_root_dir=tmp_path,
     )
     with pytest.raises(ValueError, match=r"\['enc.weight'\] are used outside their module"):
         trainer.fit(module, DataLoader(make_data(), batch_size=6), ckpt_path=None)
