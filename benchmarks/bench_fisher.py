@@ -59,7 +59,7 @@ from common import machine_description
 from lightning_tricks.models import build_net
 from torch import nn
 
-from lightning_tricks.gradients.gram import GramCollector
+from lightning_tricks.gradients import GramCollector
 
 Step = Callable[[], "float | None"]
 """A configuration; one that returns a float reports its own (extrapolated) duration."""

@@ -1,7 +1,8 @@
-"""Assertions shared by several test files (imported as ``helpers``: pytest puts tests/ on the path)."""
+"""Assertions and brute-force references shared by several test files (imported as ``helpers``: pytest puts tests/ on the path)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,3 +23,30 @@ def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
             assert_identical(a, e, f"{where}[{i}]")
     else:
         assert actual == expected, where
+
+
+def jacobian_row(grads: tuple, params: list[torch.Tensor]) -> torch.Tensor:
+    """One row of J: the gradients concatenated, zeros for parameters that got none."""
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
+
+
+def per_sample_jacobian(
+    params: list[torch.Tensor], sample_loss: Callable[[int], torch.Tensor], batch: int
+) -> torch.Tensor:
+    """J (B, P): row i = ∇ℓ_i over ``params``, ``sample_loss(i)`` computed on sample i alone, one
+    ``torch.autograd.grad`` per sample (the brute-force reference of seed 004 eq. 6's J_k)."""
+    rows = [
+        jacobian_row(torch.autograd.grad(sample_loss(i), params, allow_unused=True), params)
+        for i in range(batch)
+    ]
+    return torch.stack(rows)
+
+
+def reference_gram(
+    model: torch.nn.Module, sample_loss: Callable[[int], torch.Tensor], batch: int
+) -> torch.Tensor:
+    """G = J Jᵀ over the model's trainable parameters (:func:`per_sample_jacobian`)."""
+    jacobian = per_sample_jacobian([p for p in model.parameters() if p.requires_grad], sample_loss, batch)
+    return jacobian @ jacobian.T

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
+from lightning_tricks.gradients import GramCollector
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
@@ -162,6 +163,28 @@ def test_finetuning_freeze_is_respected_and_unfrozen_layers_enter_the_matrix(tmp
         assert record["trace"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_outside_use_check_runs_when_the_trainable_set_changes(tmp_path, monkeypatch):
+    """The graph walk runs at the first measured step and again after the unfreezing (epoch 1),
+    not at the steps in between (their forwards record no consumer nodes either)."""
+    checked, recorded = [], []
+    check, record = GramCollector.check_outside_use, GramCollector._record_consumers
+
+    def counting_check(collector, loss):
+        checked.append(len(fisher.history))
+        check(collector, loss)
+
+    def counting_record(collector, *args):
+        recorded.append(collector.track_outside_use)
+        record(collector, *args)
+
+    monkeypatch.setattr(GramCollector, "check_outside_use", counting_check)
+    monkeypatch.setattr(GramCollector, "_record_consumers", counting_record)
+    fisher = FisherSpectrum()
+    fit(NoDropoutMLP(), [fisher, FreezeMiddle()], tmp_path)
+    assert len(fisher.history) == 8 and checked == [0, 4]
+    assert recorded.count(True) == 2 + 3  # layers measured at step 0 (the middle one frozen), at step 4
+
+
 class FreezesItself(MLP):
     """Freezes its head's weight (not the bias) at the start of epoch 1 (the module's own hook)."""
 
@@ -199,6 +222,7 @@ def test_weight_used_functionally_is_refused_before_any_update(tmp_path):
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        default_root_dir=tmp_path,
     )
     with pytest.raises(ValueError, match=r"\['enc.weight'\] are used outside their module"):
         trainer.fit(module, DataLoader(make_data(), batch_size=6), ckpt_path=None)

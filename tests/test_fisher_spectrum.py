@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
+from collections import Counter
 
+import helpers
 import lightning as L
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tricks.callbacks._base import run_directory
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
+from lightning_tricks.gradients import GramCollector
 from lightning_tricks.gradients.spectrum import fisher_statistics
 from lightning_tricks.plotting import beacon_map
 from lightning_tricks.results import load_fisher_spectrum
@@ -82,17 +86,11 @@ class SmallNet(L.LightningModule):
 def reference_gram(
     state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor], loss_fn=single_forward_loss
 ) -> np.ndarray:
-    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64)."""
+    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64; helpers.py)."""
     net = SmallNet().net
     net.load_state_dict(state)
     x, y = batch
-    columns = []
-    for i in range(x.shape[0]):
-        loss = loss_fn(net, x[i : i + 1], y[i : i + 1])
-        grads = torch.autograd.grad(loss, list(net.parameters()))
-        columns.append(torch.cat([g.reshape(-1) for g in grads]))
-    jacobian = torch.stack(columns, dim=1).numpy()
-    return jacobian.T @ jacobian
+    return helpers.reference_gram(net, lambda i: loss_fn(net, x[i : i + 1], y[i : i + 1]), len(x)).numpy()
 
 
 def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
@@ -181,6 +179,93 @@ def test_every_n_steps_counts_each_measurement_n_times(tmp_path):
     assert energies[1] == pytest.approx(
         reference_statistics(reference_gram(state, batch), lr)["l_k"], rel=1e-9
     )
+
+
+class StepProbe(Callback):
+    """Per training step, from ``on_train_batch_start`` to ``on_train_batch_end`` (listed first, it
+    opens and closes before the other callbacks' hooks of those names): the top-level aten ops
+    (torch.profiler; not called by another aten op), the Python calls into the Gram engine's
+    files, and whether the model carried a hook after the backward."""
+
+    def __init__(self) -> None:
+        self.ops: dict[int, Counter] = {}
+        self.engine_calls: dict[int, int] = {}
+        self.hooked: dict[int, bool] = {}
+
+    def _count(self, frame, event, arg) -> None:
+        if event == "call" and "gradients/gram" in frame.f_code.co_filename.replace("\\", "/"):
+            self._calls += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._calls = 0
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        sys.setprofile(self._count)
+
+    def on_after_backward(self, trainer, pl_module):
+        self.hooked[trainer.global_step] = any(
+            m._forward_hooks or m._forward_pre_hooks for m in pl_module.modules()
+        ) or any(p._backward_hooks for p in pl_module.parameters())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sys.setprofile(None)
+        self._profiler.__exit__(None, None, None)
+        step = trainer.global_step - 1
+        self.engine_calls[step] = self._calls
+        events = self._profiler.events()
+        self.ops[step] = Counter(e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent)))
+
+
+def _aten(event) -> bool:
+    return event.name.startswith("aten::")
+
+
+def test_unmeasured_steps_run_nothing_of_the_engine(tmp_path):
+    """Hooks are attached for measured steps only: an unmeasured step has the plain step's aten
+    ops, no call into the Gram engine and no hook on the model."""
+    probes = {}
+    for name, callbacks in {"plain": [], "fisher": [FisherSpectrum(every_n_steps=3)]}.items():
+        probes[name] = StepProbe()
+        fit(SmallNet(), [probes[name], *callbacks], tmp_path / name, max_steps=6)
+    plain, fisher = probes["plain"], probes["fisher"]
+    for step in range(6):
+        measured = step % 3 == 0
+        assert fisher.hooked[step] == measured and not plain.hooked[step], step
+        assert (fisher.engine_calls[step] > 0) == measured and plain.engine_calls[step] == 0, step
+        assert (fisher.ops[step] == plain.ops[step]) != measured, step
+
+
+@pytest.mark.parametrize(("every", "attaches"), [(1, 1), (3, 2)])
+def test_hooks_stay_between_consecutive_measured_steps_only(tmp_path, monkeypatch, every, attaches):
+    """Every step measured: the hooks are registered once (idle between steps); every 3rd step:
+    registered at steps 0 and 3, removed for the steps between."""
+    registered = []
+    attach = GramCollector.attach
+
+    def counting_attach(collector):
+        registered.append(not collector._handles)
+        return attach(collector)
+
+    monkeypatch.setattr(GramCollector, "attach", counting_attach)
+    fisher = FisherSpectrum(every_n_steps=every)
+    fit(SmallNet(), [fisher], tmp_path, max_steps=6)
+    assert len(fisher.history) == 6 // every and sum(registered) == attaches
+
+
+class HookProbe(Callback):
+    """Whether the model carries a forward hook at each validation batch."""
+
+    def __init__(self) -> None:
+        self.hooked: list[bool] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.hooked.append(any(m._forward_hooks or m._forward_pre_hooks for m in pl_module.modules()))
+
+
+def test_validation_runs_without_hooks_when_every_step_is_measured(tiny_module, trainer_for):
+    fisher, probe = FisherSpectrum(), HookProbe()
+    trainer_for([fisher, probe], max_steps=4, val_check_interval=2).fit(tiny_module())
+    assert len(fisher.history) == 4 and probe.hooked and not any(probe.hooked)
 
 
 class TwoForwardNet(SmallNet):

@@ -12,14 +12,16 @@ from __future__ import annotations
 import copy
 import warnings
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.gradients import gram_rules
-from lightning_tricks.gradients.gram import GramCollector
-from lightning_tricks.gradients.gram_rules import GRAM_RULES, PerSampleFactor, register_gram_rule
+from lightning_tricks.gradients import GRAM_RULES, GramCollector, register_gram_rule
+from lightning_tricks.gradients.gram import factors
+from lightning_tricks.gradients.gram.factors import PerSampleFactor
+from lightning_tricks.gradients.gram.rules import norm
 
 DTYPE = torch.float64
 RTOL = 1e-10
@@ -209,22 +211,12 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def flatten(grads: tuple, params: list[torch.Tensor]) -> torch.Tensor:
-    """One row of J: the gradients concatenated, zeros for parameters that got none."""
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    )
-
-
 def per_sample_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """J (B, P): row i = ∇ℓ_i over all trainable parameters, one autograd.grad call per sample."""
+    """J (B, P): row i = ∇ℓ_i over all trainable parameters (the shared reference, helpers.py)."""
     params = [p for _, p in trainable(model)]
-    rows = []
-    for i in range(len(x)):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(flatten(grads, params))
-    return torch.stack(rows)
+    return helpers.per_sample_jacobian(
+        params, lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum"), len(x)
+    )
 
 
 def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -260,7 +252,7 @@ def contribution_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, re
         for h in handles:
             h.remove()
         scale = len(x) if reduction == "mean" else 1
-        rows.append(scale * flatten(grads, params))
+        rows.append(scale * helpers.jacobian_row(grads, params))
     return torch.stack(rows)
 
 
@@ -317,7 +309,7 @@ def test_matches_per_sample_reference(arch: str, batch: int) -> None:
 def test_grouped_convolution_path_matches_reference(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-sample convolution gradients from one B·K-group convolution backward (used on maps of
     more than ``UNFOLD_MAX_POSITIONS`` positions; the 8×8 test inputs take the unfold path)."""
-    monkeypatch.setattr(gram_rules, "UNFOLD_MAX_POSITIONS", 0)
+    monkeypatch.setattr(factors, "UNFOLD_MAX_POSITIONS", 0)
     model, x, y = build(arch, 7)
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
@@ -335,10 +327,10 @@ def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() ->
     x = (3 + 2 * torch.randn(5, 4, 3, 3, dtype=DTYPE)).requires_grad_()
     output = layer(x)
     backprops = torch.randn_like(output)
-    captured = gram_rules.batch_norm_capture(layer, x, output)
-    assert isinstance(captured, gram_rules.NormalizedInput)
-    from_autograd = gram_rules.batch_norm_factors(layer, captured, backprops)
-    recomputed = gram_rules.batch_norm_factors(layer, x.detach(), backprops)
+    captured = norm.batch_norm_capture(layer, (x,), {}, output)
+    assert isinstance(captured, norm.NormalizedInput)
+    from_autograd = norm.batch_norm_factors(layer, captured, backprops)
+    recomputed = norm.batch_norm_factors(layer, x.detach(), backprops)
     for name in ("weight", "bias"):
         torch.testing.assert_close(recomputed[name].grads, from_autograd[name].grads, rtol=1e-12, atol=1e-12)
     torch.autograd.backward(output, backprops)
@@ -611,6 +603,17 @@ def test_parameter_used_outside_its_module_is_refused() -> None:
         gram.matrix()
 
 
+def test_outside_use_check_needs_tracking() -> None:
+    model, x, y = build("mlp", 4)
+    with GramCollector(model) as gram:
+        gram.track_outside_use = False
+        loss = F.cross_entropy(model(x), y)
+        with pytest.raises(RuntimeError, match="track_outside_use"):
+            gram.check_outside_use(loss)
+        loss.backward()
+    assert not gram._consumers and gram.matrix().shape == (4, 4)
+
+
 def test_second_backward_without_reset_is_refused() -> None:
     model, x, y = build("mlp", 4)
     with GramCollector(model) as gram:
@@ -749,7 +752,7 @@ def test_block_triangular_gram_equals_full_product(batch: int, entries: int, spl
     ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks; it must equal R Rᵀ, for odd B
     and columns that do not split evenly too, its lower-left block the mirror of the upper-right
     one; rows given split into column blocks (n, B, P / n) give the Gram of their concatenation."""
-    from lightning_tricks.gradients.gram import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
+    from lightning_tricks.gradients.gram.collector import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
 
     assert SYMMETRIC_MIN_BATCH <= 64
     rows = torch.randn(batch, SYMMETRIC_MIN_ENTRIES * entries + 3 * (entries == 1), dtype=DTYPE)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tricks.gradients import gram_rules
-from lightning_tricks.gradients.gram import GramCollector
-from lightning_tricks.gradients.gram_rules import ConvFactor
+from lightning_tricks.gradients import GRAM_RULES, GramCollector
+from lightning_tricks.gradients.gram import factors
+from lightning_tricks.gradients.gram.factors import ConvFactor
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
@@ -66,7 +66,7 @@ def factor_for(name: str, batch: int, seed: int = 0) -> tuple[ConvFactor, torch.
     x = torch.randn(batch, layer.in_channels, *size, dtype=DTYPE)
     with torch.no_grad():
         delta = torch.randn_like(layer(x))
-    factor = gram_rules.GRAM_RULES[type(layer)].factorize(layer, x, delta)["weight"]
+    factor = GRAM_RULES[type(layer)].factorize(layer, x, delta)["weight"]
     return factor, reference_per_sample(layer, x, delta)
 
 
@@ -128,7 +128,7 @@ def test_collector_on_a_conv_net_through_each_method(
         "per_sample_method",
         lambda self: method if method != "shifted" or chooser(self) == "shifted" else "patches",
     )
-    monkeypatch.setattr(gram_rules, "UNFOLD_MAX_POSITIONS", 10**6)  # every stride-1 conv is "shifted"
+    monkeypatch.setattr(factors, "UNFOLD_MAX_POSITIONS", 10**6)  # every stride-1 conv is "shifted"
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=False),

@@ -12,11 +12,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import reference_gram
 from torch import nn
 
-from lightning_tricks.gradients import GramCollector, GramRule, gram_rules, register_gram_rule
-from lightning_tricks.gradients.gram_fallback import FALLBACK_RULE, unrolled_rnn
-from lightning_tricks.gradients.gram_rules import GRAM_RULES, gram_rule_for
+from lightning_tricks.gradients import (
+    FALLBACK_RULE,
+    GRAM_RULES,
+    GramCollector,
+    GramRule,
+    gram_rule_for,
+    register_gram_rule,
+)
+from lightning_tricks.gradients.gram.factors import PerSampleFactor
+from lightning_tricks.gradients.gram.rules.recurrent import unrolled_rnn
 
 DTYPE = torch.float64
 RTOL = 1e-10
@@ -27,21 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one 
 
 
 # -- references -------------------------------------------------------------------------------
-
-
-def reference_gram(model: nn.Module, sample_loss, batch: int) -> torch.Tensor:
-    """J Jᵀ with row i = ∇ℓ_i over the trainable parameters, ``sample_loss(i)`` run on sample i alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(batch):
-        grads = torch.autograd.grad(sample_loss(i), params, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-            )
-        )
-    jacobian = torch.stack(rows)
-    return jacobian @ jacobian.T
 
 
 def collect(model: nn.Module, batch_loss, **options) -> GramCollector:
@@ -499,7 +492,7 @@ class Scale(nn.Module):
 
 
 def _scale_factors(layer, activations, backprops):
-    return {"gain": gram_rules.PerSampleFactor(torch.einsum("b...,b...->b", backprops, activations)[:, None])}
+    return {"gain": PerSampleFactor(torch.einsum("b...,b...->b", backprops, activations)[:, None])}
 
 
 def test_registry_clash_overwrite_and_per_collector_override() -> None:
@@ -509,14 +502,16 @@ def test_registry_clash_overwrite_and_per_collector_override() -> None:
     loss = lambda: model(x).square().sum()  # noqa: E731
     assert collect(model, loss).methods["1.gain"] == "fallback"
     try:
-        assert register_gram_rule(Scale, rule) is rule
+        assert register_gram_rule(Scale, param_names=("gain",))(_scale_factors) is _scale_factors
+        assert GRAM_RULES[Scale] == rule
         with pytest.raises(ValueError, match="already has a Gram rule"):
-            register_gram_rule(Scale, rule)
+            register_gram_rule(Scale, param_names=("gain",))(_scale_factors)
         assert collect(model, loss).methods["1.gain"] == "materialize"
-        doubled = rule._replace(
-            factorize=lambda *a: {"gain": gram_rules.PerSampleFactor(2 * _scale_factors(*a)["gain"].grads)}
-        )
-        register_gram_rule(Scale, doubled, overwrite=True)
+
+        @register_gram_rule(Scale, param_names=("gain",), overwrite=True)
+        def doubled(*args):
+            return {"gain": PerSampleFactor(2 * _scale_factors(*args)["gain"].grads)}
+
         blocks = collect(model, loss).matrix(per_layer=True)
         expected = collect(model, loss, rules={Scale: rule}).matrix(per_layer=True)
         torch.testing.assert_close(blocks["1"], 4 * expected["1"], rtol=1e-12, atol=0)
@@ -527,7 +522,9 @@ def test_registry_clash_overwrite_and_per_collector_override() -> None:
     finally:
         GRAM_RULES.pop(Scale, None)
     with pytest.raises(TypeError, match="Module subclasses"):
-        register_gram_rule("Scale", rule)
+        register_gram_rule("Scale")
+    with pytest.raises(TypeError, match="Module subclasses"):
+        register_gram_rule(Scale, rule)  # the removed second form: a rule record after the type
     with pytest.raises(TypeError, match="rules must map"):
         GramCollector(model, rules={Scale: _scale_factors})
     with pytest.raises(ValueError, match="no rule for these"):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.gradients import gram_rules
-from lightning_tricks.gradients.gram import GramCollector
+from lightning_tricks.gradients import GramCollector
+from lightning_tricks.gradients.gram import factors
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
@@ -209,7 +209,7 @@ def test_fused_gradients_bitwise_whatever_the_gram_method(arch: str, method: str
     model, x, y = build(arch, 6, torch.float32)
     _, plain = loss_and_grads(model, x, y)
     for positions in (0, 10**9):  # grouped-convolution path everywhere, then unfolded patches everywhere
-        monkeypatch.setattr(gram_rules, "UNFOLD_MAX_POSITIONS", positions)
+        monkeypatch.setattr(factors, "UNFOLD_MAX_POSITIONS", positions)
         _, fused = loss_and_grads(model, x, y, GramCollector(model, method=method, fuse_weight_grad=True))
         assert_bitwise(fused, plain, model)
 

@@ -91,12 +91,14 @@ class FisherSpectrum(TrickCallback):
     batch are refused at ``setup`` (and accumulation again at every epoch start). F̃ covers the
     parameters that require grad at each measured step (freezing and unfreezing during training are
     followed; frozen ones are never touched); a weight tied between two modules is measured exactly;
-    a parameter used outside its module (functionally) is refused at the first measured step. Steps
-    without a backward (``training_step`` returning ``None``, SWA's BatchNorm pass, an empty batch,
-    no optimiser) are not measured. The batch dimension must come first in every layer's input
+    a parameter used outside its module (functionally) is refused at the first measured step (checked
+    again whenever the trainable set changes). Steps without a backward (``training_step`` returning
+    ``None``, SWA's BatchNorm pass, an empty batch, no optimiser) are not measured. The batch dimension must come first in every layer's input
     (checked against the batch's size). Training is untouched: parameters, buffers, optimiser state
-    and ``requires_grad`` flags evolve bit for bit as without the callback, and every hook is removed
-    at ``teardown`` or when the fit fails. The running measures restart with each ``fit`` (or
+    and ``requires_grad`` flags evolve bit for bit as without the callback. Hooks are attached for the
+    measured steps only (an unmeasured step, and validation, run none of the callback's capture
+    code; with ``every_n_steps=1`` they stay, idle, between steps) and removed at ``teardown`` or
+    when the fit fails. The running measures restart with each ``fit`` (or
     continue from the checkpoint it resumes). A layer that runs several times in
     one step (weight sharing, two views of the batch) is measured exactly: sample i's gradient
     sums over every call. With a ``GradScaler`` (16-bit AMP), F̃ is divided by the squared loss
@@ -157,6 +159,8 @@ class FisherSpectrum(TrickCallback):
         self.unsupported = unsupported
         self._collector: GramCollector | None = None
         self._measuring = False
+        self._checked_trainable: tuple[bool, ...] | None = None
+        self._attached = False
         self._batch_size: int | None = None
         self._warned_non_finite = False
         self.reset_fit_state()
@@ -249,9 +253,9 @@ class FisherSpectrum(TrickCallback):
             loss_reduction=self.loss_reduction,
             fuse_weight_grad="auto",  # bit-for-bit autograd's kernels; off under DDP
             unsupported=self.unsupported,
-        )
-        self._collector.attach()
-        self._collector.enabled = False
+        )  # attached for measured steps only: an unmeasured step runs none of its code
+        self._checked_trainable = None
+        self._attached = False
 
     @override
     def reset_fit_state(self) -> None:
@@ -293,12 +297,17 @@ class FisherSpectrum(TrickCallback):
     ) -> None:
         self._measuring = self._should_measure(trainer, batch)
         if self._measuring:
-            self._collector.reset()
-            self._collector.enabled = True
+            self._start_capture(trainer, pl_module)
+        else:
+            self._unhook()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unhook()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._measuring and trainer.world_size == 1:  # the graph walk upsets DDP's reducer
+        if self._measuring and self._collector.track_outside_use:
             self._collector.check_outside_use(loss)
 
     @override
@@ -370,7 +379,7 @@ class FisherSpectrum(TrickCallback):
 
     def _release(self) -> None:
         """Remove every hook and drop what was captured (teardown, or the fit failed)."""
-        self._measuring = False
+        self._measuring = self._attached = False
         collector, self._collector = self._collector, None
         if collector is not None:
             try:
@@ -378,9 +387,33 @@ class FisherSpectrum(TrickCallback):
             finally:
                 collector.reset()
 
+    def _start_capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook the model for this step; the outside-use check (a walk over the whole autograd
+        graph) runs at the first measured step and whenever the trainable set has changed, on a
+        single process (the walk upsets DDP's reducer)."""
+        trainable = tuple(p.requires_grad for p in pl_module.parameters())
+        collector = self._collector
+        collector.track_outside_use = trainer.world_size == 1 and trainable != self._checked_trainable
+        if collector.track_outside_use:
+            self._checked_trainable = trainable
+        collector.reset()
+        collector.enabled = True
+        collector.attach()
+        self._attached = True
+
     def _stop_capture(self) -> None:
-        self._collector.enabled = False
+        """End the step's capture (what it captured stays readable). The hooks come off unless
+        the next step is measured too (``every_n_steps=1``): then they stay, idle, until a step
+        is not measured, validation starts or the fit ends."""
         self._measuring = False
+        self._collector.enabled = False
+        if self.every_n_steps > 1:
+            self._unhook()
+
+    def _unhook(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._collector.detach()
 
     def _should_measure(self, trainer: pl.Trainer, batch: Any) -> bool:
         """Measured steps: ``step % every_n_steps == 0``, with a non-empty batch and an optimiser

@@ -1,8 +1,6 @@
 """Pure-torch gradient engines (no Lightning import)."""
 
-from .gram import GramCollector
-from .gram_fallback import FALLBACK_RULE
-from .gram_rules import GRAM_RULES, GramRule, gram_rule_for, register_gram_rule
+from .gram import FALLBACK_RULE, GRAM_RULES, GramCollector, GramRule, gram_rule_for, register_gram_rule
 from .spectrum import (
     FisherRunningSums,
     FisherStatistics,

@@ -9,10 +9,11 @@ matrix exactly from the activations and output gradients of one ordinary batched
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -20,12 +21,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from . import gram_rules_extra  # noqa: F401 (registers the EmbeddingBag, PReLU and Bilinear rules)
-from .gram_fallback import FALLBACK_RULE, is_recomputing, output_leaves
-from .gram_rules import GradFactor, GramRule, concat_factors, first_tensor, gram_rule_for
+from .factors import GradFactor, cast, concat_factors
+from .fallback import FALLBACK_RULE, is_recomputing, output_leaves
+from .registry import GramRule, first_tensor, gram_rule_for
 
 LOSS_REDUCTIONS = ("mean", "sum")
+
 METHODS = ("auto", "ghost", "materialize")
+
 UNSUPPORTED_POLICIES = ("raise", "skip")
 
 
@@ -78,7 +81,7 @@ class GramCollector:
     G is seed 004's approximate Fisher matrix F̃_k = J_kᵀ J_k (``004_e5d92837cb57ce8a.txt`` §3,
     eq. 6), computed as Σ_l J_(k,l)ᵀ J_(k,l) over layers l (§4). Hooks capture each parameterised
     layer's input in the forward and its output gradient in the ordinary backward; a per-layer
-    rule (:mod:`~lightning_tricks.gradients.gram_rules`) turns the two into that layer's (B, B)
+    rule (:mod:`~lightning_tricks.gradients.gram.rules`) turns the two into that layer's (B, B)
     contribution, inside the backward, so per-sample gradients of more than one layer are never
     held. There is no second backward and no loop over samples. Per layer and parameter the
     cheaper of two exact methods is used: *ghost* (inner products of activations and of output
@@ -102,7 +105,8 @@ class GramCollector:
     RMSNorm, Embedding (``padding_idx``, ``scale_grad_by_freq``), EmbeddingBag (sum/mean/max,
     offsets or 2-D input, ``per_sample_weights``, ``padding_idx``), PReLU, Bilinear; the batch
     dimension comes first in their inputs. Per-sample vector-Jacobian products ("vjp",
-    :mod:`~lightning_tricks.gradients.gram_fallback`): MultiheadAttention (with ``out_proj``),
+    :mod:`~lightning_tricks.gradients.gram.rules.attention`,
+    :mod:`~lightning_tricks.gradients.gram.rules.recurrent`): MultiheadAttention (with ``out_proj``),
     RNN/LSTM/GRU (multi-layer, bidirectional, ``proj_size``, initial states), both
     ``batch_first`` settings; sequence-first TransformerEncoderLayer/DecoderLayer as a whole (batch
     first, their children's rules serve them). Subclasses use the rule of their nearest registered
@@ -112,7 +116,7 @@ class GramCollector:
     that draw random numbers or couple samples. Dropout in training mode is refused in
     MultiheadAttention, between RNN layers and in sequence-first Transformer layers; unbatched
     inputs and ``PackedSequence`` too. Register rules with
-    :func:`~lightning_tricks.gradients.gram_rules.register_gram_rule` or override them per
+    :func:`~lightning_tricks.gradients.gram.registry.register_gram_rule` or override them per
     collector with ``rules=``. A module with several tensor outputs (LSTM, attention) must not
     have them modified in place (they pass through one identity node that collects their gradients).
 
@@ -150,12 +154,12 @@ class GramCollector:
     never fused.
 
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
-    activations and gradients (at least float32; float16/bfloat16 are upcast) and cast once to
-    float64, where the blocks are stored and summed, on the model's device; nothing syncs with the
-    host. On CPU a materialised block is computed from its upper block triangle (3/4 of the
-    multiply-adds, from B = 64), and each convolution picks the fastest exact way to its per-sample
-    gradients (:meth:`ConvFactor.per_sample_method
-    <lightning_tricks.gradients.gram_rules.ConvFactor.per_sample_method>`). G is that of the loss
+    activations and gradients (at least float32; float16/bfloat16 are upcast) and kept so; when G
+    is read the blocks are cast to float64 together and summed there, on the model's device;
+    nothing syncs with the host. On CPU a materialised block is computed from its upper block
+    triangle (3/4 of the multiply-adds, from B = 64), and each convolution picks the fastest exact
+    way to its per-sample gradients (:meth:`ConvFactor.per_sample_method
+    <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Args:
@@ -198,16 +202,19 @@ class GramCollector:
         G = gram.matrix()                      # (8, 8) float64, G[i, j] = <grad l_i, grad l_j>
         blocks = gram.matrix(per_layer=True)   # {"0": (8, 8), "2": (8, 8)}, summing to G
 
-        # from a callback: attach once, capture only on measured steps
-        collector = GramCollector(model).attach()
-        collector.enabled = False
-        ...                                    # unmeasured steps: hooks return at once
+        # from a callback: hooks on measured steps only (an unmeasured step runs none of this code)
+        collector = GramCollector(model)
+        ...                                    # unmeasured steps: nothing attached
         collector.reset()
-        collector.enabled = True
+        collector.attach()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        collector.enabled = False
+        collector.detach()                     # what was captured stays readable
         eigenvalues = torch.linalg.eigvalsh(collector.matrix())
-        collector.detach()
+
+    Memory: hooks reach the collector through a weak reference and :meth:`detach` drops the
+    recorded graph nodes, so after the context (or :meth:`detach`, or an exception) nothing keeps
+    the model, the collector or its captures alive; a collector dropped while attached removes its
+    hooks.
     """
 
     def __init__(
@@ -247,6 +254,12 @@ class GramCollector:
         self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
         self._handles: list[RemovableHandle] = []
         self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
+        weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
+        self._module_hooks = [  # made once: attaching at every measured step only registers them
+            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer))
+            for layer in self._layers
+        ]
+        self._param_hooks: dict[nn.Parameter, _WeakHook] = {}
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
@@ -257,6 +270,10 @@ class GramCollector:
         self._consumers: dict[nn.Parameter, set[Any]] = {}
         self._shared_grads: dict[nn.Parameter, Tensor] = {}
         self._warned_unmeasured = False
+        self.track_outside_use = True
+        """Record, at each captured forward, the autograd nodes that use the measured parameters
+        (a walk over that call's part of the graph), which :meth:`check_outside_use` needs; set it
+        ``False`` for collections that will not be checked."""
 
     # -- public API ------------------------------------------------------------------------
 
@@ -265,16 +282,10 @@ class GramCollector:
         if self._handles:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
-        for layer in self._layers:
+        for layer, (before, after) in zip(self._layers, self._module_hooks):
             module = layer.module
-            self._handles.append(
-                module.register_forward_pre_hook(partial(self._before_forward, layer), with_kwargs=True)
-            )
-            self._handles.append(
-                module.register_forward_hook(
-                    partial(self._after_forward, layer), with_kwargs=True, always_call=True
-                )
-            )
+            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
             self._hook_leaves([*layer.candidates.values(), *layer.shared.values()])
         return self
 
@@ -285,11 +296,8 @@ class GramCollector:
         try:
             self._restore_requires_grad()
         finally:
-            handles = [*self._handles, *self._leaf_handles.values()]
-            self._handles.clear()
-            self._leaf_handles.clear()
-            for handle in handles:
-                handle.remove()
+            self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
+            _remove_handles(self._handles, self._leaf_handles)
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
@@ -359,8 +367,12 @@ class GramCollector:
         self._check_unmeasured()
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
         names = [*self.layer_names, *(_param_name(*self._owners[p][0]) for p in self._shared_grads)]
-        blocks = {name: self._blocks[name] * scale for name in names if name in self._blocks}
-        return blocks if per_layer else torch.stack(list(blocks.values())).sum(0)
+        blocks = {name: self._blocks[name] for name in names if name in self._blocks}
+        if per_layer:
+            return {name: block.to(torch.float64) * scale for name, block in blocks.items()}
+        dtype = functools.reduce(torch.promote_types, {block.dtype for block in blocks.values()})
+        stacked = torch.stack([cast(block, dtype) for block in blocks.values()])
+        return cast(stacked, torch.float64).sum(0) * scale
 
     def check_outside_use(self, loss: Tensor) -> None:
         """Raise ``ValueError`` if a parameter entering G feeds ``loss`` other than through its
@@ -368,8 +380,13 @@ class GramCollector:
 
         Walks ``loss``'s autograd graph once (call it after the forward, before the backward): every
         graph edge into a measured parameter must come from inside one of its module's captured
-        calls, whose own edges are recorded at the end of each captured forward.
+        calls, whose own edges are recorded at the end of each captured forward (only while
+        :attr:`track_outside_use`: otherwise it raises ``RuntimeError``).
         """
+        if not self.track_outside_use:
+            raise RuntimeError(
+                "check_outside_use needs the forward captured with track_outside_use=True (the default)"
+            )
         tracked = {p for layer in self._layers for p in layer.params.values()}
         tracked.update(p for layer in self._layers for p in map(layer.shared.get, layer.active_shared))
         if not tracked or not isinstance(loss, Tensor) or loss.grad_fn is None:
@@ -467,7 +484,7 @@ class GramCollector:
         layer.pending += 1
         layer.calls += 1
         call = _Call(layer.rule.activations(module, args, kwargs, output), inputs, inputs._version, hidden)
-        return _hook_output_grads(output, partial(self._on_backprop, layer, call))
+        return _hook_output_grads(output, _WeakHook(self._on_backprop, layer, call))
 
     def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor | tuple[Tensor | None, ...]) -> None:
         """Turn one call's input and output gradient into factors; finish the layer on its last call."""
@@ -510,7 +527,10 @@ class GramCollector:
         """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
         for param in params:
             if param not in self._leaf_handles and param.requires_grad:
-                self._leaf_handles[param] = param.register_hook(partial(self._on_param_grad, param))
+                hook = self._param_hooks.get(param)
+                if hook is None:
+                    hook = self._param_hooks[param] = _WeakHook(self._on_param_grad, param)
+                self._leaf_handles[param] = param.register_hook(hook)
 
     def _user_flag(self, param: nn.Parameter) -> bool:
         return self._hidden.get(param, param.requires_grad)
@@ -524,11 +544,14 @@ class GramCollector:
     def _record_consumers(
         self, layer: _Layer, hidden: tuple[str, ...], output: Any, inputs: tuple[Any, ...]
     ) -> None:
-        """Remember the autograd nodes of this call that use the layer's recorded parameters (the
-        nodes between its outputs and its inputs), for :meth:`check_outside_use`."""
+        """Remember the parameters this call recorded in the graph and, while
+        :attr:`track_outside_use`, the autograd nodes that use them (the nodes between its outputs
+        and its inputs), for :meth:`check_outside_use`."""
         own = {p for n, p in layer.params.items() if n not in hidden}
         own.update(map(layer.shared.get, layer.active_shared))
         self._visible.update(own)
+        if not self.track_outside_use:
+            return
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
         leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
         stack = [leaf.grad_fn for leaf in leaves if isinstance(leaf, Tensor) and leaf.grad_fn]
@@ -555,7 +578,7 @@ class GramCollector:
         """G of each tied weight from its summed per-sample gradients (materialised)."""
         for param, grads in self._shared_grads.items():
             flat = grads.reshape(len(grads), -1)
-            self._blocks[_param_name(*self._owners[param][0])] = (flat @ flat.T).to(torch.float64)
+            self._blocks[_param_name(*self._owners[param][0])] = flat @ flat.T
 
     def _check_unmeasured(self) -> None:
         """A parameter of a module without rule, frozen at construction, is trainable now."""
@@ -599,9 +622,7 @@ class GramCollector:
             blocks.append(_gram(per_sample[0]))
         layer.factors.clear()
         self._write_fused_grads(layer, fused_grads)
-        self._blocks[layer.name] = (blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)).to(
-            torch.float64
-        )
+        self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         self._restore_layer(layer)
 
     def _finish_pending(self) -> None:
@@ -618,7 +639,7 @@ class GramCollector:
         """param.grad += Σ_i g_i (a new tensor where ``.grad`` is None), in the parameter's dtype."""
         for name, grad in grads.items():
             param = layer.params[name]
-            grad = grad.to(param.dtype)
+            grad = cast(grad, param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:
@@ -640,6 +661,35 @@ class GramCollector:
                 f"module {layer.name!r} got a batch of {batch_size} samples, other layers {self._batch_size}; "
                 "GramCollector needs the batch dimension first in every layer's input"
             )
+
+
+class _WeakHook:
+    """``method(*args, *hook_args)`` through a weak reference to the collector: a hook held by a
+    module, a parameter or an autograd node (in C++, out of the garbage collector's sight) never
+    keeps the collector, its model or what it captured alive; once the collector is gone it does
+    nothing."""
+
+    __slots__ = ("_method", "_args")
+
+    def __init__(self, method: Callable[..., Any], *args: Any) -> None:
+        self._method = weakref.WeakMethod(method)
+        self._args = args
+
+    def __call__(self, *hook_args: Any) -> Any:
+        method = self._method()
+        return None if method is None else method(*self._args, *hook_args)
+
+
+def _remove_handles(
+    handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]
+) -> None:
+    """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
+    collected while attached)."""
+    removed = [*handles, *leaf_handles.values()]
+    handles.clear()
+    leaf_handles.clear()
+    for handle in removed:
+        handle.remove()
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -672,8 +722,10 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
         leaves[hooked[0]].register_hook(callback)
         return None
 
+    count = len(leaves)  # not the list itself: it ends up holding the node's own outputs (a cycle)
+
     def join(grads: Sequence[Tensor | None]) -> None:
-        joined: list[Tensor | None] = [None] * len(leaves)
+        joined: list[Tensor | None] = [None] * count
         for k, g in zip(hooked, grads):
             joined[k] = g
         callback(tuple(joined))
@@ -727,6 +779,7 @@ def _choose_method(factor: GradFactor, method: str) -> str:
 
 
 SYMMETRIC_MIN_BATCH = 64
+
 SYMMETRIC_MIN_ENTRIES = 1024
 """From this batch size and this many entries per row on, :func:`_gram` computes only the upper
 block triangle (below, the three products cost more than the multiply-adds they save)."""
@@ -824,7 +877,7 @@ def _select_layers(
         raise ValueError(
             "GramCollector has no rule for these parameterised modules: "
             + "; ".join(missing)
-            + ". Register one with lightning_tricks.gradients.gram_rules.register_gram_rule, "
+            + ". Register one with lightning_tricks.gradients.register_gram_rule, "
             "exclude them with params=/modules=, pass fallback=True or unsupported='skip'"
         )
     if missing:

@@ -1,8 +1,7 @@
-"""Closed-form Gram rules for EmbeddingBag, PReLU and Bilinear (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+"""PReLU, Bilinear and EmbeddingBag: closed-form rules (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
 
-Same shape as the rules of :mod:`~lightning_tricks.gradients.gram_rules`: one function per layer
-type turning the captured call and the output gradient δ into one factor per parameter, each an
-exact description of the per-sample gradients g_i (column i of J_k in seed 004 eq. 6).
+One function per layer type turning the captured call and the output gradient δ into one factor
+per parameter, each an exact description of the per-sample gradients g_i (column i of J_k).
 """
 
 from __future__ import annotations
@@ -14,16 +13,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .gram_rules import (
+from ..factors import (
     EmbeddingFactor,
     GradFactor,
-    GramRule,
     MethodCosts,
     OuterFactor,
     PerSampleFactor,
+    cast,
     compute_dtype,
-    register_gram_rule,
 )
+from ..registry import register_gram_rule
 
 # -- PReLU ---------------------------------------------------------------------------------------
 
@@ -38,12 +37,11 @@ def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> di
             "per-sample gradients need a batched input (B, C, *)"
         )
     dtype = compute_dtype(activations, backprops)
-    products = backprops.to(dtype) * activations.to(dtype).clamp(max=0)
+    products = cast(backprops, dtype) * cast(activations, dtype).clamp(max=0)
     batch = len(products)
     if layer.num_parameters == 1:
         return {"weight": PerSampleFactor(products.reshape(batch, -1).sum(1, keepdim=True))}
     return {"weight": PerSampleFactor(products.reshape(batch, layer.num_parameters, -1).sum(-1))}
-
 
 # -- Bilinear ------------------------------------------------------------------------------------
 
@@ -89,6 +87,7 @@ def bilinear_capture(layer: nn.Bilinear, args: tuple, kwargs: dict, output: Tens
     return bound.arguments["input1"], bound.arguments["input2"]
 
 
+@register_gram_rule(nn.Bilinear, capture=bilinear_capture)
 def bilinear_factors(
     layer: nn.Bilinear, activations: tuple[Tensor, Tensor], backprops: Tensor
 ) -> dict[str, GradFactor]:
@@ -97,15 +96,13 @@ def bilinear_factors(
     first, second = activations
     dtype = compute_dtype(first, second, backprops)
     batch = len(backprops)
-    first, second, outputs = (t.to(dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops))
+    first, second, outputs = (
+        cast(t, dtype).reshape(batch, -1, t.shape[-1]) for t in (first, second, backprops)
+    )
     factors: dict[str, GradFactor] = {"weight": BilinearFactor(first, second, outputs)}
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.sum(dim=1))
     return factors
-
-
-register_gram_rule(nn.Bilinear, GramRule(bilinear_factors, capture_call=bilinear_capture))
-
 
 # -- EmbeddingBag --------------------------------------------------------------------------------
 
@@ -177,6 +174,12 @@ def embedding_bag_capture(layer: nn.EmbeddingBag, args: tuple, kwargs: dict, out
     return Bags(indices, bags, flat_weights, batch, max_rows)
 
 
+@register_gram_rule(
+    nn.EmbeddingBag,
+    param_names=("weight",),
+    capture=embedding_bag_capture,
+    batch_size=embedding_bag_batch_size,
+)
 def embedding_bag_factors(
     layer: nn.EmbeddingBag, activations: Bags, backprops: Tensor
 ) -> dict[str, GradFactor]:
@@ -188,13 +191,13 @@ def embedding_bag_factors(
     c, so g_i(W)[v, c] = [m_{ic} = v]·δ_{ic}: an embedding of the flattened (V·d) table."""
     indices, bags, weights, batch, max_rows = activations
     vocab, dim = layer.weight.shape
-    outputs = backprops.to(compute_dtype(backprops))
+    outputs = cast(backprops, compute_dtype(backprops))
     keep = (indices != (-1 if layer.padding_idx is None else layer.padding_idx)).to(outputs.dtype)
     sizes = outputs.new_zeros(batch).index_add_(0, bags, keep)
     if max_rows is not None:
         flat = max_rows * dim + torch.arange(dim, device=max_rows.device)
         return {"weight": EmbeddingFactor(flat, (outputs * (sizes > 0)[:, None])[..., None], vocab * dim)}
-    w = keep if weights is None else keep * weights.to(outputs.dtype)
+    w = keep if weights is None else keep * cast(weights, outputs.dtype)
     if layer.mode == "mean":
         w = w / sizes.clamp(min=1)[bags]
     if layer.scale_grad_by_freq:
@@ -204,14 +207,3 @@ def embedding_bag_factors(
         outputs.new_zeros(batch * vocab).index_add_(0, bags * vocab + indices, w).reshape(batch, 1, vocab, 1)
     )
     return {"weight": OuterFactor(outputs.reshape(batch, 1, dim, 1), rows, layer.weight.shape)}
-
-
-register_gram_rule(
-    nn.EmbeddingBag,
-    GramRule(
-        embedding_bag_factors,
-        ("weight",),
-        capture_call=embedding_bag_capture,
-        batch_size=embedding_bag_batch_size,
-    ),
-)

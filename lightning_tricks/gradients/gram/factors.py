@@ -1,0 +1,454 @@
+"""Factors: exact, compact descriptions of one parameter's per-sample gradients (seed 004_e5d92837cb57ce8a.txt §3, eq. 6).
+
+Seed 004 builds F̃_k = J_kᵀ J_k layer by layer, F̃_k = Σ_l J_(k,l)ᵀ J_(k,l) (§4, "Implementation"),
+where J_(k,l) holds the rows of J_k for layer l's parameters. A rule (:mod:`.rules`) turns a
+layer's captured activations and output gradients into one *factor* per parameter, describing
+that parameter's per-sample gradients g_i (column i of J_(k,l)):
+
+- :class:`OuterFactor`: g_i[k] = Σ_t δ_{i,k,t} ⊗ a_{i,k,t}, a sum over positions t (sequence
+  steps, pixels) of outer products of an output-gradient vector δ and an input vector a, per group
+  k (Linear weights; :class:`ConvFactor` is the same for ConvNd and ConvTransposeNd weights, with
+  a = receptive-field patches). Both exact methods apply: *ghost*, the Gram from inner products
+  of the a's and of the δ's without ever forming g_i, and *materialised*, the g_i themselves
+  followed by their Gram.
+- :class:`EmbeddingFactor`: g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}, with the same two methods.
+- :class:`PerSampleFactor`: the g_i outright, when they are no larger than one activation channel
+  per sample (biases, normalisation affine parameters), or computed by per-sample VJPs.
+
+Each factor carries the cost of both methods in multiply-adds, so that the collector can pick the
+cheaper one per layer and parameter. Every formula below is a column of J_k of seed 004 eq. 6.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MethodCosts(NamedTuple):
+    """Multiply-adds of the ghost and of the materialised method for one parameter."""
+
+    ghost: float
+    materialize: float
+
+
+def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> MethodCosts:
+    """Ghost: B²·K·T²·(p + q) (the two T×T inner-product blocks per pair of samples).
+    Materialised: B·K·T·p·q (per-sample gradients) + B²·K·p·q (their Gram)."""
+    return MethodCosts(
+        ghost=batch**2 * groups * positions**2 * (p + q),
+        materialize=batch * groups * positions * p * q + batch**2 * groups * p * q,
+    )
+
+
+class MatmulGradient(NamedTuple):
+    """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
+
+    ``inputs`` (N, d_in) and ``backprops`` (N, d_out) are the 2-D views autograd's matrix product
+    saw (leading dims folded by ``reshape``, as ``F.linear`` and ``matmul`` fold them).
+    """
+
+    inputs: Tensor
+    backprops: Tensor
+    weight: Tensor
+
+    def __call__(self) -> Tensor:
+        """∇W = δᵀ x with the operands, transposes and output layout of autograd's ``mm`` backward
+        (``mm_mat2_backward`` for the operand Wᵀ), so the bits are those of a plain backward."""
+        transposed = self.weight.t()
+        rows = transposed.shape[0]
+        if transposed.stride() == (1, rows):
+            return self.backprops.t().mm(self.inputs)
+        return self.inputs.t().mm(self.backprops).t()
+
+
+class OuterFactor(NamedTuple):
+    """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
+
+    Shapes: ``activations`` (B, K, p, T), ``backprops`` (B, K, q, T) for K groups, p inputs and q
+    outputs per group and T positions; g_i has K·q·p entries. ``exact``, where given, computes
+    the batch gradient with autograd's own kernel (bit-identical to a plain backward).
+    """
+
+    activations: Tensor
+    backprops: Tensor
+    shape: torch.Size
+    exact: MatmulGradient | None = None
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
+        input_products = torch.einsum("bkpt,ckps->bckts", self.activations, self.activations)
+        output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
+        return (input_products * output_products).sum(dim=(2, 3, 4))
+
+    def per_sample(self) -> Tensor:
+        """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
+        grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
+        return grads.reshape(len(grads), *self.shape)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
+        if self.exact is not None:
+            return self.exact()
+        return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
+
+    def costs(self) -> MethodCosts:
+        """See :func:`_outer_costs`."""
+        batch, groups, p, positions = self.activations.shape
+        return _outer_costs(batch, groups, positions, p, self.backprops.shape[2])
+
+    @staticmethod
+    def concat(factors: Sequence[OuterFactor]) -> OuterFactor:
+        """Several calls of one layer add their gradients: join their positions."""
+        return OuterFactor(
+            torch.cat([f.activations for f in factors], dim=-1),
+            torch.cat([f.backprops for f in factors], dim=-1),
+            factors[0].shape,
+        )
+
+
+UNFOLD_MAX_POSITIONS = 64
+"""Convolutions with at most this many positions (small maps) get per-sample gradients from batched
+matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
+
+UNFOLD_MAX_PATCH = 32
+"""Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
+convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
+
+
+class ConvFactor(NamedTuple):
+    """Weight of a ConvNd or ConvTransposeNd layer: g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ (see the rules).
+
+    Shapes: ``inputs`` (B, C_in, *S), the layer's input, and ``backprops`` (B, C_out, *S'), the
+    gradient of its output, both as autograd saw them (unpadded, in the layer's dtype); per-sample
+    gradients are computed in ``dtype`` by one of three exact methods (:meth:`per_sample_method`):
+    one convolution backward in which the batch becomes B·groups groups (large maps), one batched
+    matrix product per kernel offset on shifted views of the flattened, padded map (small maps,
+    stride 1: no patches copied), or a batched matrix product of unfolded patches.
+    """
+
+    inputs: Tensor
+    backprops: Tensor
+    layer: nn.Module
+    dtype: torch.dtype
+
+    def per_sample_method(self) -> str:
+        """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries), else
+        ``"shifted"`` or (stride > 1) ``"patches"`` on small maps (≤ ``UNFOLD_MAX_POSITIONS``
+        positions), else ``"grouped"`` (one B·groups-group convolution backward; slow on small
+        maps). Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on
+        small maps, else ``"grouped"``."""
+        positions, patch, _ = self._sizes()
+        if self.inputs.device.type != "cpu":
+            return "patches" if positions <= UNFOLD_MAX_POSITIONS else "grouped"
+        if patch <= UNFOLD_MAX_PATCH:
+            return "patches"
+        if positions > UNFOLD_MAX_POSITIONS:
+            return "grouped"
+        return "shifted" if all(s == 1 for s in self.layer.stride) else "patches"
+
+    def per_sample(self) -> Tensor:
+        """g_i for every i at once, shape (B, *W.shape)."""
+        method = self.per_sample_method()
+        if method == "patches":
+            return self.as_outer().per_sample()
+        if method == "shifted":
+            grads = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
+            batch, kernel = len(self.inputs), self.layer.kernel_size
+            grads = grads.reshape(*kernel, batch, self.layer.groups, *grads.shape[2:])
+            dims = len(kernel)
+            grads = grads.permute(dims, dims + 1, dims + 2, dims + 3, *range(dims))
+            return grads.reshape(batch, *self.layer.weight.shape)
+        batch = len(self.inputs)
+        inputs, padding = self._convolved()
+        flat = [
+            cast(t, self.dtype).reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (inputs, self.backprops)
+        ]
+        grads = self._weight_backward(flat[0], flat[1], padding, batch)
+        return grads.reshape(batch, *self.layer.weight.shape)
+
+    def rows(self) -> Tensor:
+        """g_i flattened, (B, W.numel()), or split by kernel offset, (Πk, B, W.numel()/Πk) when
+        shifted (G = Σ over the splits of their Grams; no copy into per-sample order)."""
+        if self.per_sample_method() == "shifted":
+            grads = self._shifted_products()
+            return grads.reshape(len(grads), len(self.inputs), -1)
+        grads = self.per_sample()
+        return grads.reshape(len(grads), -1)
+
+    def _shifted_products(self) -> Tensor:
+        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk): o is the side
+        indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
+        zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
+
+        Both are flattened over space, o zero-padded to r's sizes in every spatial dim but the
+        first, so that for each κ the window t + κ·d of r is one contiguous slice of r's flat
+        positions: one batched matrix product per kernel offset, the padded zeros of o cancelling
+        the wrapped-around entries of r (seed 004 eq. 6 in the layout of the weight's kernel offsets).
+        """
+        layer, groups = self.layer, self.layer.groups
+        read, other = self._read_and_other()
+        read, other = cast(read, self.dtype), cast(other, self.dtype)
+        sizes, extent = read.shape[2:], other.shape[2:]
+        pad = [side for r, o in zip(reversed(sizes[1:]), reversed(extent[1:])) for side in (0, r - o)]
+        other = F.pad(other, pad) if any(pad) else other
+        span = math.prod(other.shape[2:])
+        jumps = [dil * math.prod(sizes[d + 1 :]) for d, dil in enumerate(layer.dilation)]
+        last = sum((k - 1) * jump for k, jump in zip(layer.kernel_size, jumps))
+        batch = len(read)
+        flat = read.reshape(batch * groups, read.shape[1] // groups, -1)
+        if last + span > flat.shape[-1]:
+            flat = F.pad(flat, (0, last + span - flat.shape[-1]))
+        rows = other.reshape(batch * groups, other.shape[1] // groups, span)
+        grads = rows.new_empty(math.prod(layer.kernel_size), batch * groups, rows.shape[1], flat.shape[1])
+        for out, window in zip(grads.unbind(0), _windows(flat, layer.kernel_size, jumps, span)):
+            torch.bmm(rows, window, out=out)
+        return grads
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
+        convolved, with its padding, so the bits are those of a plain backward."""
+        inputs, padding = self._convolved()
+        return self._weight_backward(inputs, self.backprops, padding, 1)
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`, seed 004 eq. 6)."""
+        return self.as_outer().ghost_gram()
+
+    def costs(self) -> MethodCosts:
+        """Those of the equivalent :class:`OuterFactor`, from shapes only."""
+        return _outer_costs(len(self.inputs), self.layer.groups, *self._sizes())
+
+    def _sizes(self) -> tuple[int, int, int]:
+        """(T, p, q) of the equivalent :class:`OuterFactor`."""
+        channels_in, channels_out = self.inputs.shape[1], self.backprops.shape[1]
+        groups, kernel = self.layer.groups, math.prod(self.layer.kernel_size)
+        if self.layer.transposed:
+            return math.prod(self.inputs.shape[2:]), channels_out // groups * kernel, channels_in // groups
+        return math.prod(self.backprops.shape[2:]), channels_in // groups * kernel, channels_out // groups
+
+    def _read_and_other(self) -> tuple[Tensor, Tensor]:
+        """The side read through the kernel, zero-padded (a ConvNd's input as convolved, a
+        ConvTransposeNd's output gradient cut to the (in − 1)·s + d·(k − 1) + 1 entries per dim that
+        the input positions reach: ``output_padding`` may add more), and the other side (indexed by
+        positions t)."""
+        layer = self.layer
+        if not layer.transposed:
+            return _zero_pad(*self._convolved()), self.backprops
+        read = _zero_pad(self.backprops, layer.padding)
+        geometry = zip(self.inputs.shape[2:], layer.stride, layer.dilation, layer.kernel_size)
+        reach = [slice(0, (size - 1) * s + d * (k - 1) + 1) for size, s, d, k in geometry]
+        return read[(slice(None), slice(None), *reach)], self.inputs
+
+    def as_outer(self) -> OuterFactor:
+        """The same gradients as sums of outer products over unfolded positions of the side read
+        through the kernel (:meth:`_read_and_other`)."""
+        layer = self.layer
+        read, other = self._read_and_other()
+        patches = unfold_patches(cast(read, self.dtype), layer.kernel_size, layer.stride, layer.dilation)
+        batch, groups = len(patches), layer.groups
+        return OuterFactor(
+            _positions_last(patches, batch, groups),
+            _positions_last(cast(other, self.dtype), batch, groups),
+            layer.weight.shape,
+        )
+
+    @staticmethod
+    def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
+        """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
+        return OuterFactor.concat([f.as_outer() for f in factors])
+
+    def _convolved(self) -> tuple[Tensor, tuple[int, ...]]:
+        """The tensor ``aten.convolution`` received in the forward and the padding it applied: the
+        input itself, or the input padded first (``padding_mode`` other than zeros; the asymmetric
+        part of ``padding="same"``), as ``nn.ConvNd`` and ``F.conv*d`` do."""
+        layer, inputs = self.layer, self.inputs
+        dims = len(layer.kernel_size)
+        if layer.transposed:
+            return inputs, tuple(layer.padding)
+        if layer.padding_mode != "zeros":
+            return F.pad(inputs, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0,) * dims
+        if layer.padding == "valid":
+            return inputs, (0,) * dims
+        if layer.padding != "same":
+            return inputs, tuple(layer.padding)
+        totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+        left = tuple(total // 2 for total in totals)
+        extra = [side for total in reversed(totals) for side in (0, total % 2)]
+        return (F.pad(inputs, extra) if any(extra) else inputs), left
+
+    def _weight_backward(
+        self, inputs: Tensor, backprops: Tensor, padding: tuple[int, ...], batch_groups: int
+    ) -> Tensor:
+        """The weight gradient of the layer's convolution, with ``batch_groups`` times its groups
+        (``inputs``/``backprops`` then carry the batch in their channels)."""
+        layer = self.layer
+        weight = layer.weight
+        if batch_groups > 1 or weight.dtype != inputs.dtype:
+            weight = inputs.new_empty((batch_groups * weight.shape[0], *weight.shape[1:]))
+        output_padding = (
+            _output_padding(layer, inputs, backprops, padding) if layer.transposed else (0,) * len(padding)
+        )
+        return torch.ops.aten.convolution_backward(
+            backprops,
+            inputs,
+            weight,
+            None,
+            layer.stride,
+            padding,
+            layer.dilation,
+            layer.transposed,
+            output_padding,
+            batch_groups * layer.groups,
+            (False, True, False),
+        )[1]
+
+
+def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> list[Tensor]:
+    """``flat[:, :, o : o + span].transpose(1, 2)`` for every kernel offset κ, o = Σ_d κ_d·jump_d, in
+    ``itertools.product`` order: the same views, cut from one strided view of ``flat`` (N, C, L) by
+    a few ``unbind`` instead of a slice and a transpose per offset."""
+    n, c, l = flat.stride()
+    sizes = (*kernel, flat.shape[0], span, flat.shape[1])
+    windows = flat.as_strided(sizes, (*(jump * l for jump in jumps), n, l, c))
+    views = [windows]
+    for _ in kernel:
+        views = [view for stacked in views for view in stacked.unbind(0)]
+    return views
+
+
+def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
+    """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d."""
+    if not any(padding):
+        return x
+    return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+
+
+def _output_padding(
+    layer: nn.Module, inputs: Tensor, backprops: Tensor, padding: Sequence[int]
+) -> tuple[int, ...]:
+    """Output padding a transposed convolution used (``output_size`` may have changed it):
+    out = (in − 1)·s − 2p + d·(k − 1) + output_padding + 1."""
+    geometry = zip(
+        backprops.shape[2:], inputs.shape[2:], layer.stride, padding, layer.dilation, layer.kernel_size
+    )
+    return tuple(out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for out, size, s, p, d, k in geometry)
+
+
+class EmbeddingFactor(NamedTuple):
+    """g_i[v] = Σ_t [idx_{i,t} = v] δ_{i,t}: ``indices`` (B, T) int, ``backprops`` (B, T, d)."""
+
+    indices: Tensor
+    backprops: Tensor
+    num_embeddings: int
+
+    def ghost_gram(self) -> Tensor:
+        """G[i, j] = Σ_{t,s} [idx_{it} = idx_{js}] · ⟨δ_{it}, δ_{js}⟩."""
+        same_row = self.indices[:, :, None, None] == self.indices[None, None, :, :]
+        output_products = torch.einsum("btd,csd->btcs", self.backprops, self.backprops)
+        return (output_products * same_row).sum(dim=(1, 3))
+
+    def per_sample(self) -> Tensor:
+        """Dense g_i, shape (B, V, d): each δ_{it} added into row idx_{it} of sample i's copy."""
+        batch, positions, dim = self.backprops.shape
+        rows = self.indices + self.num_embeddings * torch.arange(batch, device=self.indices.device)[:, None]
+        grads = self.backprops.new_zeros(batch * self.num_embeddings, dim)
+        grads.index_add_(0, rows.reshape(-1), self.backprops.reshape(-1, dim))
+        return grads.reshape(batch, self.num_embeddings, dim)
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i, shape (V, d)."""
+        dim = self.backprops.shape[-1]
+        grads = self.backprops.new_zeros(self.num_embeddings, dim)
+        return grads.index_add_(0, self.indices.reshape(-1), self.backprops.reshape(-1, dim))
+
+    def costs(self) -> MethodCosts:
+        """Ghost: B²·T²·(d + 1). Materialised: B·T·d (scatter) + B²·V·d (Gram of dense g_i)."""
+        batch, positions, dim = self.backprops.shape
+        return MethodCosts(
+            ghost=batch**2 * positions**2 * (dim + 1),
+            materialize=batch * positions * dim + batch**2 * self.num_embeddings * dim,
+        )
+
+    @staticmethod
+    def concat(factors: Sequence[EmbeddingFactor]) -> EmbeddingFactor:
+        """Several calls of one embedding add their gradients: join their positions."""
+        return EmbeddingFactor(
+            torch.cat([f.indices for f in factors], dim=1),
+            torch.cat([f.backprops for f in factors], dim=1),
+            factors[0].num_embeddings,
+        )
+
+
+class PerSampleFactor(NamedTuple):
+    """The per-sample gradients themselves, ``grads`` of shape (B, *parameter shape)."""
+
+    grads: Tensor
+
+    def per_sample(self) -> Tensor:
+        """g_i, shape (B, *shape)."""
+        return self.grads
+
+    def batch_gradient(self) -> Tensor:
+        """Σ_i g_i."""
+        return self.grads.sum(0)
+
+    def costs(self) -> MethodCosts:
+        """Materialised only: B²·P multiply-adds for the Gram."""
+        return MethodCosts(math.inf, len(self.grads) ** 2 * math.prod(self.grads.shape[1:]))
+
+    @staticmethod
+    def concat(factors: Sequence[PerSampleFactor]) -> PerSampleFactor:
+        """Several calls of one layer add their gradients."""
+        return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
+
+
+GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor]
+
+
+def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:
+    """The factor of a parameter used by several calls of its layer: gradients of all calls added."""
+    return factors[0].concat(factors) if len(factors) > 1 else factors[0]
+
+
+_BELOW_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the Gram is computed in: the promoted floating dtype, at least float32 (no
+    dispatched ``promote_types`` for the usual float32/16-bit tensors)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.dtype not in _BELOW_FLOAT32:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without dispatching an op where it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
+    """(B, C, *positions) → (B, K, C/K, T)."""
+    return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
+
+
+def unfold_patches(
+    x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> Tensor:
+    """Receptive-field patches of an already padded ``x`` (B, C, *S): (B, C·Πk, T).
+
+    Patch t of channel c holds x[c, o_t·stride + κ·dilation] for each kernel offset κ, in the
+    (C, *kernel) order of a ConvNd weight; T = Π output sizes.
+    """
+    dims = len(kernel_size)
+    for d, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel_size), -1)

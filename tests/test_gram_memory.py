@@ -1,0 +1,108 @@
+"""GramCollector keeps nothing alive: after the context exits (normally, by an exception, or with no
+backward), after ``detach()``, or when an attached collector is dropped, the model, the collector
+and what it captured are collectable, and repeated use leaves the number of live tensors flat."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from lightning_tricks.gradients import GramCollector
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
+
+
+def conv_bn() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    return model, torch.randn(4, 3, 6, 6)
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor]:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), torch.randn(4, 6)
+
+
+def resnet18() -> tuple[nn.Module, torch.Tensor]:
+    return torchvision.models.resnet18(num_classes=3), torch.randn(2, 3, 16, 16)
+
+
+NETS = {"conv_bn": conv_bn, "mlp": mlp, "resnet18": resnet18}
+
+
+class Boom(Exception):
+    pass
+
+
+def use(model: nn.Module, x: torch.Tensor, ending: str) -> GramCollector:
+    """One collection ending as ``ending`` says; returns the collector (the caller drops it)."""
+    y = torch.arange(len(x)) % 3
+    gram = GramCollector(model)
+    if ending == "detach":
+        gram.attach()
+        F.cross_entropy(model(x), y).backward()
+        gram.matrix()
+        gram.detach()
+        return gram
+    try:
+        with gram:
+            loss = F.cross_entropy(model(x), y)
+            if ending == "exception":
+                raise Boom
+            if ending == "backward":
+                loss.backward()
+    except Boom:
+        pass
+    if ending == "backward":
+        gram.matrix()
+    return gram
+
+
+def references(make: Callable[[], tuple[nn.Module, torch.Tensor]], ending: str) -> list[weakref.ref]:
+    torch.manual_seed(0)
+    model, x = make()
+    gram = use(model, x, ending)
+    return [weakref.ref(model), weakref.ref(gram)]
+
+
+@pytest.mark.parametrize("ending", ["backward", "exception", "no_backward", "detach"])
+@pytest.mark.parametrize("net", list(NETS))
+def test_model_and_collector_are_collectable_after_use(net: str, ending: str) -> None:
+    refs = references(NETS[net], ending)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
+def test_attached_collector_dropped_removes_its_hooks() -> None:
+    model, x = mlp()
+    gram = GramCollector(model).attach()
+    ref = weakref.ref(gram)
+    del gram
+    gc.collect()
+    assert ref() is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(not p._backward_hooks for p in model.parameters())
+    model(x).sum().backward()  # nothing left to call
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("ending", ["backward", "no_backward", "exception"])
+def test_repeated_use_keeps_live_tensors_flat(ending: str) -> None:
+    torch.manual_seed(0)
+    model, x = conv_bn()
+    use(model, x, ending)  # first use: lazily created state (autograd, BatchNorm) settles
+    before = live_tensors()
+    for _ in range(5):
+        use(model, x, ending)
+    assert live_tensors() == before
