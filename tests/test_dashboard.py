@@ -236,6 +236,19 @@ def test_helpers_merge_callbacks_and_reject_a_malformed_layout(probe_callback):
         custom_scalars_layout([first])
 
 
+def test_dashboard_command_checks_its_arguments_and_keeps_descriptions(tmp_path, capsys):
+    from lightning_tricks.cli import main
+    from lightning_tricks.dashboard import tensorboard_flags
+
+    with pytest.raises(SystemExit) as exited:
+        main(["dashboard", str(tmp_path / "missing")])
+    assert exited.value.code == 2 and "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dashboard", str(tmp_path), "--port", "70000"])
+    assert "--port must be in [0, 65535]" in capsys.readouterr().err
+    assert "--load_fast=false" in tensorboard_flags(str(tmp_path)), "the fast loader drops descriptions"
+
+
 def test_description_metadata_matches_tensorboards_scalar_plugin():
     """The first-value metadata is what TensorBoard's data_compat makes of a described simple_value."""
     from tensorboard import data_compat
