@@ -31,12 +31,17 @@ def tensorboard_flags(logdir: str, host: str = DEFAULT_HOST, port: int = DEFAULT
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="lightning-tricks dashboard",
-        description="Serve TensorBoard over LOGDIR with tag descriptions, Custom Scalars, figures and HParams.",
+        description="Serve TensorBoard over LOGDIR with tag descriptions, Custom Scalars, figures and "
+        "HParams.",
     )
     parser.add_argument("logdir", help="A folder of runs (e.g. `logs`), searched recursively.")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
     parser.add_argument(
-        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}, this machine only)"
+        "--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one"
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}, this machine only)",
     )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.logdir):

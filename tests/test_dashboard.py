@@ -141,7 +141,26 @@ def test_hparams_register_outcome_metrics_and_no_internal_columns(tensorboard_ru
     assert not [name for name in hparams if name.startswith("_") or "/_" in name]
     assert records["session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
     assert "hp_metric" not in events.Tags()["scalars"], "no placeholder"
-    assert {"val_loss", "fisher/C_bar", "fisher/L"} <= set(events.Tags()["scalars"]), "the columns have values"
+    assert {"val_loss", "fisher/C_bar", "fisher/L"} <= set(events.Tags()["scalars"]), "columns with values"
+
+
+class Failing(pl.Callback):
+    """Raises after the third training step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            raise RuntimeError("failing on purpose")
+
+
+def test_a_failed_fit_still_registers_its_metrics_and_ends_as_failed(tmp_path, trainer_for, tiny_module):
+    logger = TensorBoardLogger(tmp_path / "logs", name="tb")
+    trainer = trainer_for([FisherSpectrum(every_n_steps=1), Failing()], logger=logger)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        trainer.fit(tiny_module(samples=16))
+    records = hparams_records(accumulator(Path(logger.log_dir)))
+    metrics = [info.name.tag for info in records["experiment"].experiment.metric_infos]
+    assert metrics == ["fisher/C_bar", "fisher/L"]
+    assert records["session_end_info"].session_end_info.status == api_pb2.STATUS_FAILURE
 
 
 def layout_tags(layout: dict) -> set[str]:
@@ -194,7 +213,7 @@ def test_no_chart_mixes_scales_on_a_real_fit(tmp_path, trainer_for, tiny_module)
         for a, b in combinations(scale, 2)
         if 0 < min(scale[a], scale[b]) and min(scale[a], scale[b]) * 100 < max(scale[a], scale[b])
     }
-    assert frozenset(("fisher/noise_scale", "fisher/grad_sq_norm")) in apart, {t: scale[t] for t in sorted(scale)}
+    assert frozenset(("fisher/noise_scale", "fisher/grad_sq_norm")) in apart, scale
     layout = layout_of(events)
     assert layout.category[0].title == "model"
     for category in layout.category:
@@ -202,8 +221,8 @@ def test_no_chart_mixes_scales_on_a_real_fit(tmp_path, trainer_for, tiny_module)
             drawn = chart_matches(list(chart.multiline.tag), scale)
             assert drawn or category.title == "model", f"{chart.title!r} draws nothing"
             mixed = [pair for pair in combinations(drawn, 2) if frozenset(pair) in apart]
-            assert not mixed, f"{chart.title!r} mixes scales: {[(a, scale[a], b, scale[b]) for a, b in mixed]}"
-    model = {chart.title: chart_matches(list(chart.multiline.tag), scale) for chart in layout.category[0].chart}
+            assert not mixed, f"{chart.title!r} mixes {[(a, scale[a], b, scale[b]) for a, b in mixed]}"
+    model = {c.title: chart_matches(list(c.multiline.tag), scale) for c in layout.category[0].chart}
     assert model["training loss"] == ["train_loss"] and model["validation loss"] == ["val_loss"]
 
 
@@ -315,7 +334,8 @@ def get_json(base: str, route: str, until=lambda body: bool(body), body: dict | 
     answer: dict = {}
     while time.monotonic() < deadline:
         try:
-            request = urllib.request.Request(base + route, data=data, headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(base + route, data=data, headers=headers)
             with urllib.request.urlopen(request, timeout=2) as response:
                 answer = json.load(response)
             if until(answer):
@@ -326,7 +346,9 @@ def get_json(base: str, route: str, until=lambda body: bool(body), body: dict | 
     pytest.fail(f"TensorBoard did not serve {route} within {SERVER_WAIT_S} s; last answer {answer!r}")
 
 
-def test_dashboard_serves_descriptions_layout_figures_and_hparams(tensorboard_server, tensorboard_run, probe_callback):
+def test_dashboard_serves_descriptions_layout_figures_and_hparams(
+    tensorboard_server, tensorboard_run, probe_callback
+):
     """Issue 20 finding 1: the README's plain ``tensorboard --logdir logs`` served no description;
     ``lightning-tricks dashboard`` brings the loader that does. Finding 5: the metric columns."""
     run = tensorboard_run.name

@@ -267,7 +267,9 @@ class _HParamsOutcome(Callback):
         finish_sessions(trainer, api_pb2.STATUS_SUCCESS)
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         finish_sessions(trainer, api_pb2.STATUS_FAILURE)
 
 
