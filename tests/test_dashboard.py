@@ -266,6 +266,9 @@ def test_dashboard_command_checks_its_arguments_and_keeps_descriptions(tmp_path,
         main(["dashboard", str(tmp_path), "--port", "70000"])
     assert "--port must be in [0, 65535]" in capsys.readouterr().err
     assert "--load_fast=false" in tensorboard_flags(str(tmp_path)), "the fast loader drops descriptions"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "lightning-tricks dashboard LOGDIR" in " ".join(capsys.readouterr().out.split())
 
 
 def test_description_metadata_matches_tensorboards_scalar_plugin():
