@@ -182,6 +182,9 @@ def test_layout_has_charts_only_for_what_is_attached_and_configured():
     assert "batch_size/noise_scale" in layout_tags(adaptive)
     assert list(fisher) == ["model", "FisherSpectrum"]
     assert not [tag for tag in layout_tags(fisher) if tag.startswith("batch_size/")]
+    (_, norms) = custom_scalars_layout([GradientFlow()])["GradientFlow"]["Gradient flow: norms"]
+    logged = ["grad_flow/global_norm", "grad_flow/opt1/global_norm", "grad_flow/opt1/l2"]
+    assert chart_matches(norms, logged) == logged[:2], "several optimisers (pix2pix) add opt<i>/"
     model = {title: tags for title, (_, tags) in staged["model"].items()}
     logged = ["train_loss", "train/loss", "val_loss", "val/loss", "val/acc", "val/acc_top5", "val/miou", "lr"]
     assert chart_matches(model["training loss"], logged) == ["train_loss", "train/loss"]

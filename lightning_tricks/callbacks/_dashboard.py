@@ -69,6 +69,10 @@ every l_k; a rank counts eigenvalues or batches; B_noise, tr Σ and |G|² are a 
 parts): a chart is split into one chart per group (unlisted tags form one group), so no series
 reads as zero beside a larger one."""
 
+PER_OPTIMIZER_NAMESPACES = ("grad_flow",)
+"""Callbacks whose tags gain ``opt<i>/`` after the namespace when the module has several
+optimisers (their layouts name the single-optimiser tags); their charts match both."""
+
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "fisher": ("C_bar", "L"),
     "batch_size": ("size",),
@@ -113,14 +117,16 @@ def custom_scalars_layout(callbacks: Iterable[DashboardSource]) -> dict[str, dic
     """``{category: {chart title: ["Multiline", [tag regexes]]}}``, the form of
     ``SummaryWriter.add_custom_scalars``: :data:`MODEL_CHARTS` as ``"model"``, then one category
     per callback class (callbacks of one class share it) with the charts of the tags the callback
-    logs (:func:`unlogged_tags`), each split by :data:`SCALE_GROUPS`. Empty without callback charts."""
+    logs (:func:`unlogged_tags`), each split by :data:`SCALE_GROUPS`, matching the per-optimiser
+    tags of :data:`PER_OPTIMIZER_NAMESPACES`. Empty without callback charts."""
     layout: dict[str, dict[str, list[Any]]] = {}
     for callback in callbacks:
         skipped = unlogged_tags(callback)
         for title, tags in _checked_layout(callback).items():
             logged = [tag for tag in tags if tag not in skipped]
             for part_title, part in split_by_scale(title, logged).items():
-                layout.setdefault(type(callback).__name__, {})[part_title] = ["Multiline", part]
+                patterns = [_per_optimizer_pattern(callback.namespace, tag) for tag in part]
+                layout.setdefault(type(callback).__name__, {})[part_title] = ["Multiline", patterns]
     if not layout:
         return {}
     model = {title: ["Multiline", list(tags)] for title, tags in MODEL_CHARTS.items()}
@@ -144,6 +150,14 @@ def split_by_scale(title: str, tags: Sequence[str]) -> dict[str, list[str]]:
     if len(groups) <= 1:
         return {title: list(tags)} if tags else {}
     return {f"{title}: {', '.join(t.rsplit('/', 1)[-1] for t in part)}": part for part in groups.values()}
+
+
+def _per_optimizer_pattern(namespace: str, tag: str) -> str:
+    """``grad_flow/x`` → ``grad_flow/(opt\\d+/)?x`` for :data:`PER_OPTIMIZER_NAMESPACES`, else ``tag``."""
+    prefix = f"{namespace}/"
+    if namespace not in PER_OPTIMIZER_NAMESPACES or not tag.startswith(prefix):
+        return tag
+    return prefix + r"(opt\d+/)?" + tag[len(prefix) :]
 
 
 def metric_descriptions(callbacks: Iterable[DashboardSource]) -> dict[str, str]:
