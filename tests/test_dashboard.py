@@ -186,8 +186,9 @@ def test_layout_has_charts_only_for_what_is_attached_and_configured():
     logged = ["grad_flow/global_norm", "grad_flow/opt1/global_norm", "grad_flow/opt1/l2"]
     assert chart_matches(norms, logged) == logged[:2], "several optimisers (pix2pix) add opt<i>/"
     model = {title: tags for title, (_, tags) in staged["model"].items()}
-    logged = ["train_loss", "train/loss", "val_loss", "val/loss", "val/acc", "val/acc_top5", "val/miou", "lr"]
-    assert chart_matches(model["training loss"], logged) == ["train_loss", "train/loss"]
+    logged = ["train_loss", "train/loss", "train/loss_d", "train/loss_g_l1", "val_loss", "val/loss"]
+    logged += ["val/acc", "val/acc_top5", "val/miou", "lr"]
+    assert chart_matches(model["training loss"], logged) == ["train_loss", "train/loss", "train/loss_d"]
     assert chart_matches(model["validation loss"], logged) == ["val_loss", "val/loss"]
     assert chart_matches(model["validation accuracy"], logged) == ["val/acc", "val/acc_top5", "val/miou"]
 

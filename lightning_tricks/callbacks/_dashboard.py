@@ -48,12 +48,13 @@ _PREFIX_JOIN = TensorBoardLogger.LOGGER_JOIN_CHAR
 
 MODEL_CATEGORY = "model"
 MODEL_CHARTS: dict[str, list[str]] = {
-    "training loss": [r"train[/_]loss"],
-    "validation loss": [r"val[/_]loss"],
+    "training loss": [r"train[/_]loss(_[a-z])?(_step|_epoch)?$"],
+    "validation loss": [r"val[/_]loss(_epoch)?$"],
     "validation accuracy": [r"val[/_]\w*(acc|iou)"],
 }
-"""The module's own curves beside the diagnostics, as tag regexes (``train_loss``, ``train/loss``,
-``val/acc``, ``val/miou``, ...); a chart whose pattern matches nothing stays empty."""
+"""The module's own curves beside the diagnostics, as tag regexes: ``train_loss``, ``train/loss``
+or one loss per network (pix2pix's ``train/loss_d``, ``train/loss_g``, not their weighted parts),
+``val/loss``, ``val/acc``, ``val/acc_top5``, ``val/miou``, ...; a chart matching nothing stays empty."""
 
 SCALE_GROUPS: dict[str, str] = {
     "fisher/L": "L_K",
