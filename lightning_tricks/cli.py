@@ -5,6 +5,7 @@ Example::
     lightning-tricks fit -c configs/demo.yaml
     lightning-tricks test -c configs/demo.yaml --ckpt_path logs/demo/version_0/checkpoints/last.ckpt
     lightning-tricks sweep configs/experiments/seed004_beacon.grid.yaml --workers 2   # see sweep.py
+    lightning-tricks dashboard logs                   # TensorBoard over logs/, see dashboard.py
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class TricksCLI(LightningCLI):
 
 SWEEP_HELP = (
     "Train, validate or test any LightningModule from a config (`fit -c configs/demo.yaml`). "
-    "`lightning-tricks sweep GRID.yaml` runs a grid of such runs (`lightning-tricks sweep --help`)."
+    "`lightning-tricks sweep GRID.yaml` runs a grid of such runs (`lightning-tricks sweep --help`); "
+    "`lightning-tricks dashboard LOGDIR` serves their TensorBoard (`lightning-tricks dashboard --help`)."
 )
 CLI_OPTIONS = dict(
     subclass_mode_model=True,
@@ -68,12 +70,17 @@ CLI_OPTIONS = dict(
 
 
 def main(args: list[str] | None = None) -> int | None:
-    """Entry point of the ``lightning-tricks`` console script (``sweep`` goes to ``lightning_tricks.sweep``)."""
+    """Entry point of the ``lightning-tricks`` console script (``sweep`` goes to ``lightning_tricks.sweep``,
+    ``dashboard`` to ``lightning_tricks.dashboard``)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["sweep"]:
         from lightning_tricks.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["dashboard"]:
+        from lightning_tricks.dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     TricksCLI(L.LightningModule, L.LightningDataModule, **CLI_OPTIONS, args=args)
 
 

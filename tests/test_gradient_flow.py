@@ -793,7 +793,6 @@ def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path
         "grad_flow_mean_abs",
         "grad_flow_l2",
         "grad_flow_max_abs",
-        "hp_metric",  # TensorBoard's HParams placeholder, written by the logger
     }
     assert [image.step for image in events.Images("grad_flow/figure")] == [63, 127]
     run_dir = Path(tensorboard.log_dir)

@@ -1,33 +1,89 @@
-"""The TensorBoard dashboard of the lightning-tricks callbacks, written once per run at fit start.
+"""The TensorBoard dashboard of the lightning-tricks callbacks, written once per run.
 
-- **Custom Scalars**: one layout gathering every callback's
-  :meth:`~lightning_tricks.callbacks._base.TrickCallback.dashboard_layout`, one category per
-  callback class, one multi-line chart per entry (TensorBoard matches each entry as a regular
-  expression against the tags, so ``"grad_flow/layers/.*/mean_abs"`` draws every layer);
+Serve it with ``lightning-tricks dashboard LOGDIR`` (:mod:`lightning_tricks.dashboard`): TensorBoard's
+default fast loader drops the tag descriptions.
+
+- **Custom Scalars**: one layout, written at fit start: a ``model`` category (the module's training
+  loss, validation loss and accuracy, matched by name) and one category per callback class with
+  that callback's :meth:`~lightning_tricks.callbacks._base.TrickCallback.dashboard_layout` charts
+  (TensorBoard matches each entry as a regular expression against the tags), less the charts of
+  tags the callback's configuration never logs (:func:`unlogged_tags`), and with every chart split
+  so that one chart holds one scale (:data:`SCALE_GROUPS`);
 - **tag descriptions**: TensorBoard shows a tag's description from the summary metadata of its
   *first* event, so the first value of every tag a callback describes
   (:meth:`~lightning_tricks.callbacks._base.TrickCallback.metric_descriptions`) is written as a
   scalar summary carrying ``summary_description``; later values go through the logger as usual;
 - **HParams**: the callbacks' hyper-parameters, as ``<namespace>/<name>``, logged to every logger
-  and, for TensorBoard, merged with the module's and datamodule's ``hparams`` into the one
-  hyper-parameter record the HParams tab reads (it keeps the first record of a run; Lightning
-  logs its own one right after ``on_fit_start``, so ours, a superset of it, is the one shown).
+  and, for TensorBoard, merged with the module's and datamodule's ``hparams`` (without LightningCLI's
+  ``_class_path``/``_instantiator`` or any other ``_``-name) into the run's HParams session, written
+  at fit start in place of Lightning's placeholder (``hp_metric = -1``); at fit end (or on an
+  exception) the experiment summary registers the outcome metrics (:func:`outcome_metrics`: what
+  the module logged under ``val/`` or ``val_``, their ``test`` twins, the callbacks' headline
+  metrics), whose last logged values are the HParams tab's metric columns.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar.metadata import create_summary_metadata
+from typing_extensions import override
 
 _WRITTEN: WeakKeyDictionary[pl.Trainer, str] = WeakKeyDictionary()
 _PENDING_DESCRIPTIONS: WeakKeyDictionary[Logger, dict[str, str]] = WeakKeyDictionary()
+_PENDING_SESSIONS: WeakKeyDictionary[Logger, tuple[dict[str, Any], tuple[DashboardSource, ...]]] = (
+    WeakKeyDictionary()
+)
 _PREFIX_JOIN = TensorBoardLogger.LOGGER_JOIN_CHAR
+
+MODEL_CATEGORY = "model"
+MODEL_CHARTS: dict[str, list[str]] = {
+    "training loss": [r"train[/_]loss(_[a-z])?(_step|_epoch)?$"],
+    "validation loss": [r"val[/_]loss(_epoch)?$"],
+    "validation accuracy": [r"val[/_]\w*(acc|iou)"],
+}
+"""The module's own curves beside the diagnostics, as tag regexes: ``train_loss``, ``train/loss``
+or one loss per network (pix2pix's ``train/loss_d``, ``train/loss_g``, not their weighted parts),
+``val/loss``, ``val/acc``, ``val/acc_top5``, ``val/miou``, ...; a chart matching nothing stays empty."""
+
+SCALE_GROUPS: dict[str, str] = {
+    "fisher/L": "L_K",
+    "fisher/rank": "rank",
+    "fisher/noise_scale": "B_noise",
+    "fisher/trace_sigma": "tr Σ",
+    "fisher/grad_sq_norm": "|G|²",
+    "heatmap/best_batch": "rank",
+    "heatmap/best_batch_metric": "batch metric",
+}
+"""Tags of our callbacks whose scale differs from the other tags of the callback's chart (L_K sums
+every l_k; a rank counts eigenvalues or batches; B_noise, tr Σ and |G|² are a ratio and its two
+parts): a chart is split into one chart per group (unlisted tags form one group), so no series
+reads as zero beside a larger one."""
+
+PER_OPTIMIZER_NAMESPACES = ("grad_flow",)
+"""Callbacks whose tags gain ``opt<i>/`` after the namespace when the module has several
+optimisers (their layouts name the single-optimiser tags); their charts match both."""
+
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "fisher": ("C_bar", "L"),
+    "batch_size": ("size",),
+    "grad_flow": ("vanishing_steps", "exploding_steps", "nonfinite_steps"),
+    "heatmap": ("distance_mean",),
+}
+"""Per callback namespace, the metrics whose final value is an HParams column (with several
+optimisers, ``grad_flow/opt<i>/...`` each)."""
+
+EVALUATION_PREFIXES = ("val/", "val_", "test/", "test_")
 
 
 class DashboardSource(Protocol):
@@ -59,16 +115,50 @@ def write_dashboard(trainer: pl.Trainer, callbacks: Sequence[DashboardSource], r
 
 
 def custom_scalars_layout(callbacks: Iterable[DashboardSource]) -> dict[str, dict[str, list[Any]]]:
-    """``{callback class: {chart title: ["Multiline", [tag regexes]]}}``, the form of
-    ``SummaryWriter.add_custom_scalars``; callbacks of one class share a category."""
+    """``{category: {chart title: ["Multiline", [tag regexes]]}}``, the form of
+    ``SummaryWriter.add_custom_scalars``: :data:`MODEL_CHARTS` as ``"model"``, then one category
+    per callback class (callbacks of one class share it) with the charts of the tags the callback
+    logs (:func:`unlogged_tags`), each split by :data:`SCALE_GROUPS`, matching the per-optimiser
+    tags of :data:`PER_OPTIMIZER_NAMESPACES`. Empty without callback charts."""
     layout: dict[str, dict[str, list[Any]]] = {}
     for callback in callbacks:
-        charts = _checked_layout(callback)
-        if charts:
-            category = layout.setdefault(type(callback).__name__, {})
-            for title, tags in charts.items():
-                category[title] = ["Multiline", list(tags)]
-    return layout
+        skipped = unlogged_tags(callback)
+        for title, tags in _checked_layout(callback).items():
+            logged = [tag for tag in tags if tag not in skipped]
+            for part_title, part in split_by_scale(title, logged).items():
+                patterns = [_per_optimizer_pattern(callback.namespace, tag) for tag in part]
+                layout.setdefault(type(callback).__name__, {})[part_title] = ["Multiline", patterns]
+    if not layout:
+        return {}
+    model = {title: ["Multiline", list(tags)] for title, tags in MODEL_CHARTS.items()}
+    return {MODEL_CATEGORY: model, **layout}
+
+
+def unlogged_tags(callback: DashboardSource) -> frozenset[str]:
+    """Tags of ``callback``'s layout that its configuration never logs: the noise scale of a
+    ``BatchSizeScheduler`` without the adaptive policy."""
+    if callback.namespace == "batch_size" and not getattr(callback, "adaptive", False):
+        return frozenset({"batch_size/noise_scale"})
+    return frozenset()
+
+
+def split_by_scale(title: str, tags: Sequence[str]) -> dict[str, list[str]]:
+    """``{title: tags}``, or, when the tags fall into several :data:`SCALE_GROUPS`, one chart per
+    group titled ``"<title>: <its tags' last names>"``; no tags, no chart."""
+    groups: dict[str, list[str]] = {}
+    for tag in tags:
+        groups.setdefault(SCALE_GROUPS.get(tag, ""), []).append(tag)
+    if len(groups) <= 1:
+        return {title: list(tags)} if tags else {}
+    return {f"{title}: {', '.join(t.rsplit('/', 1)[-1] for t in part)}": part for part in groups.values()}
+
+
+def _per_optimizer_pattern(namespace: str, tag: str) -> str:
+    """``grad_flow/x`` → ``grad_flow/(opt\\d+/)?x`` for :data:`PER_OPTIMIZER_NAMESPACES`, else ``tag``."""
+    prefix = f"{namespace}/"
+    if namespace not in PER_OPTIMIZER_NAMESPACES or not tag.startswith(prefix):
+        return tag
+    return prefix + r"(opt\d+/)?" + tag[len(prefix) :]
 
 
 def metric_descriptions(callbacks: Iterable[DashboardSource]) -> dict[str, str]:
@@ -77,6 +167,23 @@ def metric_descriptions(callbacks: Iterable[DashboardSource]) -> dict[str, str]:
     for callback in callbacks:
         descriptions.update(callback.metric_descriptions())
     return descriptions
+
+
+def outcome_metrics(callback_metrics: Iterable[str], callbacks: Iterable[DashboardSource]) -> list[str]:
+    """The HParams metric columns of a run: the evaluation metrics among ``callback_metrics``
+    (``val/``, ``val_``, ``test/``, ``test_`` names), the ``test`` twin of every ``val`` one (a later
+    ``trainer.test`` fills it), then the :data:`HEADLINE_METRICS` of the attached callbacks that
+    were logged."""
+    logged = list(callback_metrics)
+    evaluation = {name for name in logged if name.startswith(EVALUATION_PREFIXES)}
+    evaluation |= {"test" + name[3:] for name in evaluation if name.startswith("val")}
+    patterns = [
+        re.compile(rf"{re.escape(c.namespace)}/(opt\d+/)?({'|'.join(HEADLINE_METRICS[c.namespace])})")
+        for c in callbacks
+        if c.namespace in HEADLINE_METRICS
+    ]
+    headline = [name for name in logged if any(p.fullmatch(name) for p in patterns)]
+    return sorted(evaluation) + sorted(set(headline))
 
 
 def callback_hyperparameters(callbacks: Iterable[DashboardSource]) -> dict[str, Any]:
@@ -121,10 +228,103 @@ def _write_tensorboard_dashboard(
     descriptions = metric_descriptions(callbacks)
     if descriptions:
         _PENDING_DESCRIPTIONS[logger] = descriptions
+    if hparams and isinstance(logger.hparams, dict):
+        logger.hparams.update(hparams)  # hparams.yaml; Lightning adds the module's right after
     if hparams and _tensorboard_hparams_are_ours(trainer, logger):
-        logger.log_hyperparams({**_module_hyperparameters(trainer), **hparams})
-    elif hparams and isinstance(logger.hparams, dict):
-        logger.hparams.update(hparams)  # hparams.yaml only: the user writes the HParams record
+        record = readable_hyperparameters({**_module_hyperparameters(trainer), **hparams})
+        _write_summary(logger, _session_start(record))
+        logger._default_hp_metric = False  # Lightning's record would be a placeholder hp_metric = -1
+        _PENDING_SESSIONS[logger] = (record, tuple(callbacks))
+        if not any(isinstance(callback, _HParamsOutcome) for callback in trainer.callbacks):
+            trainer.callbacks.append(_HParamsOutcome())
+
+
+def readable_hyperparameters(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``params`` as HParams values: nested mappings flattened to ``a/b``, names starting with ``_``
+    (LightningCLI's ``_class_path``, ``_instantiator``) left out, values other than numbers, strings
+    and booleans as their ``repr``."""
+    flat: dict[str, Any] = {}
+    for name, value in params.items():
+        if str(name).startswith("_"):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(readable_hyperparameters(value, f"{prefix}{name}/"))
+        else:
+            flat[f"{prefix}{name}"] = value if isinstance(value, (int, float, str, bool)) else repr(value)
+    return flat
+
+
+def finish_sessions(trainer: pl.Trainer, status: int) -> None:
+    """Write the experiment summary (hyper-parameters and :func:`outcome_metrics`) and the session
+    end (``status``, an ``api_pb2.Status``) of every TensorBoard session begun at fit start."""
+    for logger in trainer.loggers:
+        pending = _PENDING_SESSIONS.pop(logger, None)
+        if pending is None:
+            continue
+        record, callbacks = pending
+        metrics = outcome_metrics(trainer.callback_metrics, callbacks)
+        experiment = api_pb2.Experiment(
+            hparam_infos=_hparam_infos(record),
+            metric_infos=_metric_infos(metrics, logger),
+            time_created_secs=time.time(),
+        )
+        _write_summary(logger, _hparams_summary(hparams_metadata.EXPERIMENT_TAG, experiment=experiment))
+        end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+        _write_summary(logger, _hparams_summary(hparams_metadata.SESSION_END_INFO_TAG, session_end_info=end))
+        logger.experiment.flush()
+
+
+class _HParamsOutcome(Callback):
+    """Added to the trainer at fit start by the dashboard: closes the HParams sessions at fit end."""
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        finish_sessions(trainer, api_pb2.STATUS_SUCCESS)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        finish_sessions(trainer, api_pb2.STATUS_FAILURE)
+
+
+def _session_start(record: Mapping[str, Any]) -> Summary:
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+    for name, value in record.items():
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+        elif isinstance(value, (int, float)):
+            start.hparams[name].number_value = value
+        else:
+            start.hparams[name].string_value = value
+    return _hparams_summary(hparams_metadata.SESSION_START_INFO_TAG, session_start_info=start)
+
+
+def _hparams_summary(tag: str, **data: Any) -> Summary:
+    """A value-less summary whose metadata holds one ``HParamsPluginData`` field (what TensorBoard's
+    ``hparams.summary`` writes, without its TensorFlow import)."""
+    metadata = hparams_metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(**data))
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
+
+
+def _hparam_infos(record: Mapping[str, Any]) -> list[api_pb2.HParamInfo]:
+    def kind(value: Any) -> int:
+        if isinstance(value, bool):
+            return api_pb2.DATA_TYPE_BOOL
+        return api_pb2.DATA_TYPE_FLOAT64 if isinstance(value, (int, float)) else api_pb2.DATA_TYPE_STRING
+
+    return [api_pb2.HParamInfo(name=name, type=kind(value)) for name, value in record.items()]
+
+
+def _metric_infos(metrics: Sequence[str], logger: TensorBoardLogger) -> list[api_pb2.MetricInfo]:
+    return [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=_prefixed(logger, name)), display_name=name)
+        for name in metrics
+    ]
+
+
+def _write_summary(logger: TensorBoardLogger, summary: Summary) -> None:
+    logger.experiment._get_file_writer().add_summary(summary)
 
 
 def _tensorboard_hparams_are_ours(trainer: pl.Trainer, logger: TensorBoardLogger) -> bool:
@@ -137,12 +337,11 @@ def _tensorboard_hparams_are_ours(trainer: pl.Trainer, logger: TensorBoardLogger
 
 def _module_hyperparameters(trainer: pl.Trainer) -> dict[str, Any]:
     """The hyper-parameters Lightning logs right after ``on_fit_start``: the module's and the
-    datamodule's ``hparams_initial`` (where they save them), without LightningCLI's class path."""
+    datamodule's ``hparams_initial`` (where they save them)."""
     merged: dict[str, Any] = {}
     for owner in (trainer.lightning_module, trainer.datamodule):
         if owner is not None and getattr(owner, "_log_hyperparams", False):
             merged.update(owner.hparams_initial)
-    merged.pop("_class_path", None)
     return merged
 
 
