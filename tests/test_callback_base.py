@@ -153,3 +153,25 @@ def test_ddp_only_rank_zero_writes_and_ranks_agree_on_the_run_folder(
     assert [name for name in written if not name.startswith("events.")] == sorted(
         ["hparams.yaml", "probe.figure.png", HISTORY_FILE, RUN_FILE]
     )
+
+
+# -- loss_fn: resolve_loss_fn's contract checked at construction (issue 19, finding 8) ------------
+
+
+def _two_arguments(module, batch):
+    return module(batch)
+
+
+@pytest.mark.parametrize("bad", ["mse", 3, lambda batch: batch, lambda module, batch, extra: batch])
+@pytest.mark.parametrize("make", ["heatmap", "scheduler"])
+def test_callbacks_taking_a_loss_fn_reject_a_bad_one_at_construction(make, bad):
+    from lightning_tricks import BatchSizeScheduler, MinibatchHeatmap
+
+    constructors = {
+        "heatmap": lambda loss_fn: MinibatchHeatmap(loss_fn=loss_fn),
+        "scheduler": lambda loss_fn: BatchSizeScheduler(max_size=64, adaptive=True, loss_fn=loss_fn),
+    }
+    with pytest.raises(TypeError, match=r"`loss_fn`.*(module, batch)"):
+        constructors[make](bad)
+    for good in (None, _two_arguments, lambda module, batch, scale=1.0: batch):
+        assert constructors[make](good).loss_fn is good

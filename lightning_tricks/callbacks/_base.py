@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import os
@@ -112,12 +113,44 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def check_loss_fn(loss_fn: Any, name: str = "loss_fn") -> Callable[[pl.LightningModule, Any], Tensor] | None:
+    """Validate a ``loss_fn`` argument at construction: ``None`` or a callable that can be called
+    as ``loss_fn(module, batch)`` (:func:`resolve_loss_fn`'s contract); return it.
+
+    Raises:
+        TypeError: not callable (a loss name such as ``'mse'``), or its signature cannot take the two
+            positional arguments.
+    """
+    if loss_fn is None:
+        return None
+    if not callable(loss_fn):
+        raise TypeError(
+            f"`{name}` must be None or a callable `{name}(module, batch) -> scalar mean loss`; got "
+            f"{loss_fn!r} ({type(loss_fn).__name__}). Wrap a loss, e.g. "
+            "`lambda module, batch: F.mse_loss(module(batch[0]), batch[1])`."
+        )
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins without a signature: accepted as they are
+        return loss_fn
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        raise TypeError(
+            f"`{name}` must be callable as `{name}(module, batch)`; {loss_fn!r} has the signature "
+            f"{signature} ({error})."
+        ) from None
+    return loss_fn
+
+
 def resolve_loss_fn(
     pl_module: pl.LightningModule, loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None, user: str
 ) -> Callable[[pl.LightningModule, Any], Tensor]:
     """The loss a callback evaluates by itself (DESIGN rule 1): the module's ``compute_loss(batch)``
     (a scalar, mean-reduced) if it has one, else the ``loss_fn(module, batch)`` the callback was given;
-    one clear error naming what is missing otherwise (``user`` says which callback needs it)."""
+    one clear error naming what is missing otherwise (``user`` says which callback needs it).
+    Callbacks call :func:`check_loss_fn` on ``loss_fn`` at construction; it is checked here again."""
+    check_loss_fn(loss_fn)
     if callable(getattr(pl_module, "compute_loss", None)):
         return lambda module, batch: module.compute_loss(batch)
     if loss_fn is not None:
