@@ -194,6 +194,7 @@ class TrickCallback(Callback):
     def __init__(self) -> None:
         self._run_dir: str | None = None
         self._resumed_from: str | None = None
+        self._continued_tables: set[str] = set()
 
     # -- identity and state -----------------------------------------------------------------
 
@@ -268,6 +269,7 @@ class TrickCallback(Callback):
             return
         self.reset_fit_state()
         self._resumed_from = None
+        self._continued_tables = set()
         self._run_dir = run_directory(trainer)
 
     @override
@@ -331,17 +333,25 @@ class TrickCallback(Callback):
         append: bool = False,
     ) -> str | None:
         """Write ``rows`` to the CSV ``name`` in the run folder, replacing it or, with ``append``,
-        adding to it (the header is written once); rank 0 only. Returns the path, or ``None``."""
+        adding to it (the header is written once); rank 0 only. Returns the path, or ``None``.
+
+        An appended table is ordered by its first column (a step, an epoch). The first append of a
+        fit continues the file: the rows it already has from that first row's key on (a resumed fit
+        redoes them, into the same folder) and a last row cut mid-write are dropped first, so a
+        table never holds a row twice, whatever the resumes."""
         path = self._file_path(name)
         if path is None:
             return None
+        rows = [[row[c] for c in columns] if isinstance(row, Mapping) else list(row) for row in rows]
+        if append and rows and name not in self._continued_tables:
+            self._continued_tables.add(name)
+            _truncate_table(path, rows[0][0])
         header = not (append and os.path.exists(path))
         with open(path, "a" if append else "w", newline="") as handle:
             writer = csv.writer(handle)
             if header:
                 writer.writerow(columns)
-            for row in rows:
-                writer.writerow([row[c] for c in columns] if isinstance(row, Mapping) else row)
+            writer.writerows(rows)
         return path
 
     def write_array(self, name: str, array: np.ndarray) -> str | None:
@@ -369,16 +379,63 @@ class TrickCallback(Callback):
         path = self._file_path(RUN_FILE)
         if path is None:
             return
-        record = {"callbacks": {}}
-        if os.path.exists(path):
-            with open(path) as handle:
-                record = json.load(handle)
+        record = read_run_file(path) if os.path.exists(path) else {"callbacks": {}}
         entry = {"class": type(self).__name__, "hyperparameters": _plain(self.hyperparameters())}
         if self._resumed_from and os.path.abspath(self._resumed_from) != os.path.abspath(self._run_dir):
             entry["resumed_from"] = self._resumed_from
         record["callbacks"][self.namespace] = entry
         with open(path, "w") as handle:
             json.dump(record, handle, indent=2)
+
+
+def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a ``lightning_tricks.json`` (:data:`RUN_FILE`).
+
+    Raises:
+        ValueError: not valid JSON (cut or edited by hand), naming the file and the line, or not an
+            object with a ``"callbacks"`` mapping.
+    """
+    with open(path) as handle:
+        text = handle.read()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}); the file "
+            "was cut or edited. Fix it, or delete it (the run then forgets the folder it resumed)."
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("callbacks"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'callbacks' mapping, got {text[:80]!r}.")
+    return record
+
+
+def _truncate_table(path: str, start: Any) -> None:
+    """Keep the header and the rows of CSV ``path`` whose first cell is below ``start`` (numbers
+    compared as numbers), and no last row cut mid-write (one without its line end)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as handle:
+        text = handle.read()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines.pop()
+    kept = lines[:1] + [line for line in lines[1:] if _below(next(csv.reader([line]), [""])[0], start)]
+    if len(kept) == len(lines) and len(lines) == len(text.splitlines(keepends=True)):
+        return
+    if not kept:  # not even a whole header line
+        os.remove(path)
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", newline="") as handle:
+        handle.writelines(kept)
+    os.replace(temporary, path)
+
+
+def _below(cell: str, start: Any) -> bool:
+    try:
+        return float(cell) < float(start)
+    except (TypeError, ValueError):
+        return str(cell) < str(start)
 
 
 def _is_global_zero() -> bool:
