@@ -206,7 +206,7 @@ def load_random_gradient(run_dir: PathLike, follow_resumes: bool = True, as_fram
 def load_fisher_spectrum(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """FisherSpectrum's per-epoch records ``{"epoch", "step", "C_bar", "L", "lr", "batch_size"}``
     across resumes (``fisher_spectrum.csv``)."""
-    records = concatenate_runs(run_dir, FISHER_FILE, "step", "fisher", follow_resumes, unique=("epoch",))
+    records = concatenate_runs(run_dir, FISHER_FILE, "epoch", "fisher", follow_resumes)
     return _maybe_frame(records, as_frame)
 
 
