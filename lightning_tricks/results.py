@@ -76,22 +76,20 @@ def read_table(path: PathLike) -> list[Record]:
             naming the file and the line.
     """
     with open(path, newline="") as handle:
-        text = handle.read()
-    lines = text.splitlines(keepends=True)
+        lines = handle.readlines()
     if lines and not lines[-1].endswith(("\n", "\r")):
         warnings.warn(
             f"{path}, line {len(lines)}: the last row has no line end (cut mid-write); it is left out.",
             stacklevel=2,
         )
         lines.pop()
-    rows = list(csv.reader(lines))
-    if not rows:
-        return []
-    header, records = rows[0], []
-    for number, cells in enumerate(rows[1:], start=2):
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    records = []
+    for cells in reader:
         if len(cells) != len(header):
             raise ValueError(
-                f"{path}, line {number}: {len(cells)} cells where the header has {len(header)} "
+                f"{path}, line {reader.line_num}: {len(cells)} cells where the header has {len(header)} "
                 f"({header}); the file was edited or corrupted."
             )
         records.append({name: _parse_cell(cell) for name, cell in zip(header, cells)})

@@ -415,12 +415,10 @@ def _truncate_table(path: str, start: Any) -> None:
     if not os.path.exists(path):
         return
     with open(path, newline="") as handle:
-        text = handle.read()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith(("\n", "\r")):
-        lines.pop()
-    kept = lines[:1] + [line for line in lines[1:] if _below(next(csv.reader([line]), [""])[0], start)]
-    if len(kept) == len(lines) and len(lines) == len(text.splitlines(keepends=True)):
+        lines = handle.readlines()
+    whole = lines[:-1] if lines and not lines[-1].endswith(("\n", "\r")) else lines
+    kept = whole[:1] + [line for line in whole[1:] if _below(next(csv.reader([line]), [""])[0], start)]
+    if len(kept) == len(lines):
         return
     if not kept:  # not even a whole header line
         os.remove(path)
