@@ -598,7 +598,9 @@ class Linear(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def fit_digits(tmp_path: Path, max_steps: int, callbacks=(), ckpt_path=None, plain: str = "") -> Linear:
+def fit_digits(
+    tmp_path: Path, max_steps: int, callbacks=(), ckpt_path=None, plain: str = "", **options
+) -> Linear:
     """``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the last of 38);
     ``plain="shuffled"`` or ``"sequential"`` replaces the loader with a user's plain DataLoader."""
     L.seed_everything(7, verbose=False)
@@ -613,7 +615,7 @@ def fit_digits(tmp_path: Path, max_steps: int, callbacks=(), ckpt_path=None, pla
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+        enable_checkpointing=bool(callbacks), callbacks=list(callbacks), **options,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
@@ -671,6 +673,21 @@ def test_the_shuffled_order_depends_on_the_seed_and_the_epoch_only():
         orders.append(next(iter(loader))[1])
     assert torch.equal(orders[0], orders[2]) and not torch.equal(orders[0], orders[1])
     assert sorted(loader.sampler) == list(range(1438))
+
+
+def test_a_ddp_fit_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_one(tmp_path):
+    """Two CPU processes (719 images each: 8 steps an epoch): stopped after 9 steps, resumed from
+    the checkpoint of step 5; every weight equal after 12 steps (Lightning keeps our sampler)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ddp = {"strategy": "ddp_fork", "devices": 2}
+    full = fit_digits(tmp_path / "full", 12, **ddp)
+    fit_digits(tmp_path / "first", 9, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5)], **ddp)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*-step=5.ckpt")
+    resumed = fit_digits(tmp_path / "second", 12, [ModelCheckpoint(tmp_path / "unused")], checkpoint, **ddp)
+    for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    assert not torch.equal(resumed.layer.weight, Linear().layer.weight), "it trained"
 
 
 def test_under_ddp_each_process_resumes_its_own_share():
