@@ -24,7 +24,6 @@ without its line end) is left out with a warning.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import warnings
