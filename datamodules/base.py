@@ -83,8 +83,9 @@ class ResumableSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A training ``DataLoader`` over a :class:`ResumableSampler` with the ``state_dict`` /
     ``load_state_dict`` Lightning saves in checkpoints for such loaders: the epoch and the samples
-    of it already trained on, read from the trainer (``batches_done``) — not counted here, where
-    Lightning's one-batch prefetch would count a batch that was never trained on. A fit resumed from
+    of it already trained on, read from the trainer (``batches_done``; so the datamodule must be
+    the one passed to ``Trainer.fit``) — not counted here, where Lightning's one-batch prefetch
+    would count a batch that was never trained on. A fit resumed from
     a mid-epoch checkpoint goes on with the next batch of the same order; one resumed at an epoch
     boundary shuffles the next epoch as the uninterrupted fit does.
     """
