@@ -410,8 +410,9 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _truncate_table(path: str, start: Any) -> None:
-    """Keep the header and the rows of CSV ``path`` whose first cell is below ``start`` (numbers
-    compared as numbers), and no last row cut mid-write (one without its line end)."""
+    """Keep the header and the rows of CSV ``path`` whose first cell is below ``start``, and no
+    last row cut mid-write (one without its line end); remove the file if not even its header is
+    whole."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as handle:
@@ -430,10 +431,12 @@ def _truncate_table(path: str, start: Any) -> None:
 
 
 def _below(cell: str, start: Any) -> bool:
+    """Whether a row keyed ``cell`` comes before ``start``; a row whose key is no number is kept as
+    it is (the readers report it)."""
     try:
         return float(cell) < float(start)
-    except (TypeError, ValueError):
-        return str(cell) < str(start)
+    except ValueError:
+        return True
 
 
 def _is_global_zero() -> bool:
