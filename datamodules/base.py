@@ -54,30 +54,41 @@ def holdout_split(
 
 class ResumableSampler(DistributedSampler):
     """The training order of epoch e — a permutation seeded by ``seed + e`` (sequential without
-    ``shuffle``), then this process's share — that can start epoch e part-way (:meth:`resume`).
+    ``shuffle``), then this process's share — that can start an epoch part-way (:meth:`resume`).
 
-    A ``DistributedSampler``, so Lightning leaves it in place under DDP and calls ``set_epoch``
-    with its own (checkpointed) epoch count at each epoch start: the order depends on the seed and
-    the epoch only, never on the global RNG.
+    The epoch of an iteration is ``current_epoch()`` when given (the trainer's epoch: after a
+    resume from a checkpoint saved at ``on_train_epoch_end``, Lightning 2.6 passes ``set_epoch``
+    one more than its epoch), else the last ``set_epoch``. A ``DistributedSampler``, so Lightning
+    leaves it in place under DDP. The order depends on the seed and the epoch only, never on the
+    global RNG.
     """
 
     def __init__(
-        self, dataset: Dataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        current_epoch: Callable[[], int | None] | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self._resume_epoch, self._start = -1, 0
+        self._current_epoch = current_epoch
+        self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, start: int) -> None:
-        """Make the next iteration of ``epoch`` skip its first ``start`` indices (once)."""
-        self.set_epoch(epoch)
-        self._resume_epoch, self._start = epoch, start
+        """Make the next iteration the one of ``epoch``, without its first ``start`` indices (once)."""
+        self._resume = (epoch, start)
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        if self.epoch == self._resume_epoch:
-            indices = indices[self._start :]
-            self._resume_epoch, self._start = -1, 0
-        return iter(indices)
+        epoch, start = self._resume or (self._epoch_now(), 0)
+        self._resume = None
+        self.set_epoch(epoch)
+        return iter(list(super().__iter__())[start:])
+
+    def _epoch_now(self) -> int:
+        epoch = self._current_epoch() if self._current_epoch is not None else None
+        return self.epoch if epoch is None else epoch
 
 
 class ResumableLoader(DataLoader):
@@ -85,9 +96,9 @@ class ResumableLoader(DataLoader):
     ``load_state_dict`` Lightning saves in checkpoints for such loaders: the epoch and the samples
     of it already trained on, read from the trainer (``batches_done``; so the datamodule must be
     the one passed to ``Trainer.fit``) — not counted here, where Lightning's one-batch prefetch
-    would count a batch that was never trained on. A fit resumed from
-    a mid-epoch checkpoint goes on with the next batch of the same order; one resumed at an epoch
-    boundary shuffles the next epoch as the uninterrupted fit does.
+    would count a batch that was never trained on. A fit resumed from a mid-epoch checkpoint goes
+    on with the next batch of the same order; one resumed at an epoch boundary shuffles the next
+    epoch as the uninterrupted fit does.
     """
 
     def __init__(
@@ -136,7 +147,7 @@ class LoaderMixin:
         trainer = getattr(self, "trainer", None)
         shares = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, shuffle=True, seed=seed, **shares)
+        sampler = ResumableSampler(dataset, shuffle=True, seed=seed, current_epoch=self._epoch, **shares)
         return ResumableLoader(
             dataset,
             sampler,
@@ -146,6 +157,11 @@ class LoaderMixin:
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _epoch(self) -> int | None:
+        """The trainer's current epoch, ``None`` without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else trainer.current_epoch
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch the trainer has processed (0 without a trainer)."""

@@ -588,30 +588,45 @@ class Linear(L.LightningModule):
             self.layer.weight.copy_(torch.randn(10, 64, generator=generator) * 0.01)
             self.layer.bias.zero_()
         self.batches: list[torch.Tensor] = []
+        self.positions: list[tuple[int, int]] = []
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         self.batches.append(labels.clone())
+        self.positions.append((self.current_epoch, batch_idx))
         return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class ValidatedLinear(Linear):
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels))
+
+
 def fit_digits(
-    tmp_path: Path, max_steps: int, callbacks=(), ckpt_path=None, plain: str = "", **options
+    tmp_path: Path,
+    max_steps: int,
+    callbacks=(),
+    ckpt_path=None,
+    plain: str = "",
+    validate: bool = False,
+    **options,
 ) -> Linear:
-    """``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the last of 38);
-    ``plain="shuffled"`` or ``"sequential"`` replaces the loader with a user's plain DataLoader."""
+    """``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the last of 38;
+    with ``validate``, 1,258 and 13 steps, a validation split and loop); ``plain="shuffled"`` or
+    ``"sequential"`` replaces the loader with a user's plain DataLoader."""
     L.seed_everything(7, verbose=False)
-    dm = DigitsDataModule(image_size=8, batch_size=100, val_size=0)
+    dm = DigitsDataModule(image_size=8, batch_size=100, val_size=180 if validate else 0)
     if plain:
 
         def plain_loader() -> torch.utils.data.DataLoader:
             return torch.utils.data.DataLoader(dm.train_set, batch_size=100, shuffle=plain == "shuffled")
 
         dm.train_dataloader = plain_loader
-    module = Linear()
+    module = ValidatedLinear() if validate else Linear()
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -637,6 +652,44 @@ def test_a_fit_resumed_from_any_step_trains_exactly_as_the_uninterrupted_one(tmp
         assert torch.equal(ours, theirs)
     for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
         assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("on_train_epoch_end", [False, True])
+def test_a_fit_resumed_from_an_epoch_end_checkpoint_trains_exactly_as_the_uninterrupted_one(
+    tmp_path, on_train_epoch_end
+):
+    """``ModelCheckpoint(every_n_epochs=1)`` of a module with a validation loop, saved after the
+    validation or at the training epoch's end: stopped after 20 steps (13 an epoch), resumed from
+    the end of epoch 0; every weight equal after 30 steps."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = fit_digits(tmp_path / "full", 30, validate=True)
+    saver = ModelCheckpoint(
+        tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=on_train_epoch_end
+    )
+    fit_digits(tmp_path / "first", 20, [saver], validate=True)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=13.ckpt"
+    unused = [ModelCheckpoint(tmp_path / "u")]
+    resumed = fit_digits(tmp_path / "second", 30, unused, checkpoint, validate=True)
+    assert [torch.equal(a, b) for a, b in zip(resumed.batches, full.batches[13:])] == [True] * 17
+    for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("plain", ["", "sequential"])
+def test_lightning_trains_one_extra_batch_after_a_train_epoch_end_checkpoint_without_validation(
+    tmp_path, plain
+):
+    """What the README says of Lightning 2.6 (our loader or a plain one): resumed from a checkpoint
+    saved at ``on_train_epoch_end`` of a module without ``validation_step``, the fit trains one
+    more batch in the finished epoch (batch index 15 of 15) before the next epoch starts."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    fit_digits(tmp_path / "first", 15, [saver], plain=plain)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=15.ckpt"
+    resumed = fit_digits(tmp_path / "second", 17, [ModelCheckpoint(tmp_path / "u")], checkpoint, plain=plain)
+    assert resumed.positions == [(0, 15), (1, 0)]
 
 
 @pytest.mark.parametrize(("plain", "at"), [("shuffled", 15), ("sequential", 5)])
