@@ -86,6 +86,8 @@ def read_table(path: PathLike) -> list[Record]:
     header = next(reader, None)
     records = []
     for cells in reader:
+        if not cells:  # a blank line, as csv.DictReader skips it
+            continue
         if len(cells) != len(header):
             raise ValueError(
                 f"{path}, line {reader.line_num}: {len(cells)} cells where the header has {len(header)} "

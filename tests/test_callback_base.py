@@ -188,12 +188,12 @@ def test_the_first_append_of_a_fit_continues_the_table(tmp_path):
     callback = TrickCallback()
     callback._run_dir = str(tmp_path)
     path = tmp_path / "t.csv"
-    path.write_text("step,value\r\n0,a\r\n4,b\r\n8,c\r\n12,d\r\n16,e")  # 16 cut mid-write
+    path.write_text("step,value\r\n0,a\r\n\r\n4,b\r\n8,c\r\n12,d\r\n16,e")  # a blank line; 16 cut mid-write
     callback.write_table("t.csv", ["step", "value"], [{"step": 8, "value": "C"}], append=True)
     callback.write_table("t.csv", ["step", "value"], [(12, "D"), (16, "E")], append=True)
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows == [["step", "value"], ["0", "a"], ["4", "b"], ["8", "C"], ["12", "D"], ["16", "E"]]
+    assert rows == [["step", "value"], ["0", "a"], [], ["4", "b"], ["8", "C"], ["12", "D"], ["16", "E"]]
     path.write_text("ste")  # not even the header survived
     callback._continued_tables.clear()
     callback.write_table("t.csv", ["step", "value"], [(0, "x")], append=True)

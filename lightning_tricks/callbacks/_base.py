@@ -418,7 +418,7 @@ def _truncate_table(path: str, start: Any) -> None:
     with open(path, newline="") as handle:
         lines = handle.readlines()
     whole = lines[:-1] if lines and not lines[-1].endswith(("\n", "\r")) else lines
-    kept = whole[:1] + [line for line in whole[1:] if _below(next(csv.reader([line]), [""])[0], start)]
+    kept = whole[:1] + [line for line in whole[1:] if _below((next(csv.reader([line])) or [""])[0], start)]
     if len(kept) == len(lines):
         return
     if not kept:  # not even a whole header line
