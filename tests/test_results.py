@@ -55,7 +55,7 @@ def write_run_file(run_dir: Path, namespace: str, resumed_from: str | None) -> N
 
 
 def test_read_table_parses_numbers_and_keeps_text(tmp_path):
-    path = write(tmp_path / "t.csv", "step,name,value,empty\n3,conv1,0.25,\n\n4,fc,nan,\n")  # blank line skipped
+    path = write(tmp_path / "t.csv", "step,name,value,empty\n3,conv1,0.25,\n\n4,fc,nan,\n")  # a blank line
     rows = read_table(path)
     assert rows[0] == {"step": 3, "name": "conv1", "value": 0.25, "empty": None}
     assert rows[1]["step"] == 4 and math.isnan(rows[1]["value"])
