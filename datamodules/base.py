@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import lightning as L
 import numpy as np
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -49,12 +53,85 @@ def holdout_split(
     return np.sort(kept), np.sort(held_out)
 
 
+class ResumableSampler(DistributedSampler):
+    """The training order of epoch e — a permutation seeded by ``seed + e`` (sequential without
+    ``shuffle``), then this process's share — that can start an epoch part-way (:meth:`resume`).
+
+    The epoch of an iteration is ``current_epoch()`` when given (the trainer's epoch: after a
+    resume from a checkpoint saved at ``on_train_epoch_end``, Lightning 2.6 passes ``set_epoch``
+    one more than its epoch), else the last ``set_epoch``. A ``DistributedSampler``, so Lightning
+    leaves it in place under DDP. The order depends on the seed and the epoch only, never on the
+    global RNG.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        current_epoch: Callable[[], int | None] | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self._current_epoch = current_epoch
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, start: int) -> None:
+        """Make the next iteration the one of ``epoch``, without its first ``start`` indices (once)."""
+        self._resume = (epoch, start)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self._resume or (self._epoch_now(), 0)
+        self._resume = None
+        self.set_epoch(epoch)
+        return iter(list(super().__iter__())[start:])
+
+    def _epoch_now(self) -> int:
+        epoch = self._current_epoch() if self._current_epoch is not None else None
+        return self.epoch if epoch is None else epoch
+
+
+class ResumableLoader(DataLoader):
+    """A training ``DataLoader`` over a :class:`ResumableSampler` with the ``state_dict`` /
+    ``load_state_dict`` Lightning saves in checkpoints for such loaders: the epoch and the samples
+    of it already trained on, read from the trainer (``batches_done``; so the datamodule must be
+    the one passed to ``Trainer.fit``) — not counted here, where Lightning's one-batch prefetch
+    would count a batch that was never trained on. A fit resumed from a mid-epoch checkpoint goes
+    on with the next batch of the same order; one resumed at an epoch boundary shuffles the next
+    epoch as the uninterrupted fit does.
+    """
+
+    def __init__(
+        self, dataset: Dataset, sampler: ResumableSampler, batches_done: Callable[[], int], **options: Any
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **options)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "start"}``: the epoch the next batch belongs to and its first sample's position."""
+        done = self._batches_done()
+        if done >= len(self):
+            return {"epoch": self.sampler.epoch + 1, "start": 0}
+        return {"epoch": self.sampler.epoch, "start": done * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume(state_dict["epoch"], state_dict["start"])
+
+
 class LoaderMixin:
     """The loaders every datamodule here builds: ``self.batch_size`` and ``self.num_workers`` read
-    when a loader is created, and one clear error when ``setup`` has not run."""
+    when a loader is created, and one clear error when ``setup`` has not run.
+
+    The training loader is a :class:`ResumableLoader`: its order is a function of the seed of
+    ``seed_everything`` (``PL_GLOBAL_SEED``, 0 without one — Lightning's own choice for its
+    distributed samplers) and the epoch, and a resumed fit trains on exactly the batches the
+    uninterrupted one would, from a mid-epoch checkpoint too.
+    """
 
     batch_size: int
     num_workers: int
+    trainer: L.Trainer | None
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
@@ -65,6 +142,32 @@ class LoaderMixin:
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _train_loader(self, dataset: Dataset, drop_last: bool = False) -> ResumableLoader:
+        """Shuffled, resumable loader over ``dataset``, this process's share of it under DDP."""
+        trainer = getattr(self, "trainer", None)
+        shares = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(dataset, shuffle=True, seed=seed, current_epoch=self._epoch, **shares)
+        return ResumableLoader(
+            dataset,
+            sampler,
+            self._batches_done,
+            batch_size=self.batch_size,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _epoch(self) -> int | None:
+        """The trainer's current epoch, ``None`` without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else trainer.current_epoch
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has processed (0 without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _require(self, dataset: Dataset | None, hook: str, stage: str) -> Dataset:
         if dataset is None:
@@ -140,8 +243,9 @@ class ClassificationDataModule(LoaderMixin, L.LightningDataModule):
         self.val_indices: np.ndarray | None = None
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the training split with the current ``self.batch_size``."""
-        return self._loader(self._require(self.train_set, "train_dataloader", "fit"), shuffle=True)
+        """Shuffled, resumable loader (:class:`ResumableLoader`) over the training split with the
+        current ``self.batch_size``."""
+        return self._train_loader(self._require(self.train_set, "train_dataloader", "fit"))
 
     def val_dataloader(self) -> DataLoader | list:
         """Loader over the validation split, or ``[]`` (no validation) when ``val_size`` is 0."""

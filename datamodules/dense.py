@@ -45,7 +45,7 @@ class DenseDataModule(LoaderMixin, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader over the training set with the current ``self.batch_size``."""
         dataset = self._require(self.train_set, "train_dataloader", "fit")
-        return self._loader(dataset, shuffle=True, drop_last=len(dataset) > self.batch_size)
+        return self._train_loader(dataset, drop_last=len(dataset) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the validation set."""

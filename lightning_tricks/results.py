@@ -14,22 +14,26 @@ readers here follow that chain, so a notebook gets one table for the whole train
     accuracy = scalar_series(load_scalars("lightning_logs/version_3"), "val/acc", by="epoch")
 
 Tables are lists of records (``dict`` per row, numbers parsed); with ``as_frame=True`` a pandas
-``DataFrame`` instead (pandas is optional and only imported then).
+``DataFrame`` instead (pandas is optional and only imported then). A row written more than once —
+by a resumed fit into a later folder, or into the same file by versions before the writers
+continued their tables — is read once, as last written (:func:`continue_rows`). A file cut or
+edited by hand gives an error naming the file and the line; a CSV row cut mid-write (the last,
+without its line end) is left out with a warning.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .callbacks._base import RUN_FILE
+from .callbacks._base import RUN_FILE, read_run_file
 from .callbacks.batch_size_scheduler import HISTORY_FILE as BATCH_SIZE_FILE
 from .callbacks.fisher_spectrum import EPOCH_FILE as FISHER_FILE
 from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
@@ -61,23 +65,61 @@ class GradientFlowTable(NamedTuple):
 
 def read_table(path: PathLike) -> list[Record]:
     """A CSV file with a header as records; cells that are integers or floats (``nan``, ``inf``
-    included) become numbers, empty cells ``None``, others stay strings."""
+    included) become numbers, empty cells ``None``, others stay strings.
+
+    A last row without its line end was cut mid-write (a killed run): it is dropped with a warning
+    naming the file and the line, never returned with a truncated value.
+
+    Raises:
+        ValueError: a row (other than a cut last one) whose cell count differs from the header's,
+            naming the file and the line.
+    """
     with open(path, newline="") as handle:
-        return [{name: _parse_cell(cell) for name, cell in row.items()} for row in csv.DictReader(handle)]
+        lines = handle.readlines()
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        warnings.warn(
+            f"{path}, line {len(lines)}: the last row has no line end (cut mid-write); it is left out.",
+            stacklevel=2,
+        )
+        lines.pop()
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    records = []
+    for cells in reader:
+        if not cells:  # a blank line, as csv.DictReader skips it
+            continue
+        if len(cells) != len(header):
+            raise ValueError(
+                f"{path}, line {reader.line_num}: {len(cells)} cells where the header has {len(header)} "
+                f"({header}); the file was edited or corrupted."
+            )
+        records.append({name: _parse_cell(cell) for name, cell in zip(header, cells)})
+    return records
 
 
 def read_array(path: PathLike) -> np.ndarray:
-    """An ``.npy`` file (no pickled objects)."""
-    return np.load(path, allow_pickle=False)
+    """An ``.npy`` file (no pickled objects).
+
+    Raises:
+        ValueError: the file is not a whole ``.npy`` array (cut, or pickled objects), naming it.
+    """
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        raise ValueError(f"{path}: not a readable .npy array without pickled objects ({error}).") from error
 
 
 def run_info(run_dir: PathLike) -> dict[str, Any]:
     """``lightning_tricks.json`` of a run folder: ``{"callbacks": {namespace: {"class",
-    "hyperparameters", "resumed_from"?}}}``; an empty record if the folder has none."""
+    "hyperparameters", "resumed_from"?}}}``; an empty record if the folder has none.
+
+    Raises:
+        ValueError: the file is not valid JSON (cut or hand-edited), naming the file and the line.
+    """
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return {"callbacks": {}}
-    return json.loads(path.read_text())
+    return read_run_file(path)
 
 
 def run_chain(run_dir: PathLike, namespace: str | None = None) -> list[Path]:
@@ -110,21 +152,44 @@ def concatenate_runs(
     key: str,
     namespace: str | None = None,
     follow_resumes: bool = True,
+    unique: Sequence[str] | None = None,
+    group: Sequence[str] = (),
 ) -> list[Record]:
-    """The records of CSV ``file_name`` over the folders of :func:`run_chain`, earliest first.
-
-    A resumed fit restarts at some ``key`` (a step, a draw index): the rows an earlier folder has
-    at or after the first ``key`` of a later folder are the ones the resumed fit redid, and are
-    dropped. Folders without the file are skipped."""
+    """The records of CSV ``file_name`` over the folders of :func:`run_chain`, earliest first, with
+    every rewrite applied (:func:`continue_rows`). Folders without the file are skipped."""
     folders = run_chain(run_dir, namespace) if follow_resumes else [Path(run_dir)]
-    segments = [read_table(folder / file_name) for folder in folders if (folder / file_name).is_file()]
-    records: list[Record] = []
-    for segment in segments:
-        if segment:
-            start = segment[0][key]
-            records = [row for row in records if row[key] < start]
-        records.extend(segment)
-    return records
+    paths = [folder / file_name for folder in folders if (folder / file_name).is_file()]
+    records = [row for path in paths for row in read_table(path)]
+    return continue_rows(records, key, (key,) if unique is None else unique, group)
+
+
+def continue_rows(
+    records: Sequence[Record], key: str, unique: Sequence[str], group: Sequence[str] = ()
+) -> list[Record]:
+    """Records in the order written, as the training that wrote them ends: the last write wins.
+
+    A resumed fit restarts at some ``key`` (a step, an epoch) and writes again what the earlier fit
+    wrote from there on — into a later folder, or (written by older versions) the same file. Within
+    each ``group`` (e.g. a tag), a row whose ``key`` is below the previous row's, or whose ``unique``
+    columns repeat a row kept so far, starts such a rewrite: the kept rows with ``key`` at or after
+    its own are dropped."""
+    kept: dict[tuple, list[Record]] = {}
+    seen: dict[tuple, set[tuple]] = {}
+    order: list[Record] = []
+    for row in records:
+        name = tuple(row[c] for c in group)
+        rows, ids = kept.setdefault(name, []), seen.setdefault(name, set())
+        ident = tuple(row[c] for c in unique)
+        if rows and (row[key] < rows[-1][key] or ident in ids):
+            dropped = {id(r) for r in rows if r[key] >= row[key]}
+            rows[:] = [r for r in rows if id(r) not in dropped]
+            ids.clear()
+            ids.update(tuple(r[c] for c in unique) for r in rows)
+            order = [r for r in order if id(r) not in dropped]
+        rows.append(row)
+        ids.add(ident)
+        order.append(row)
+    return order
 
 
 # -- per-callback readers (one small function per file format) ---------------------------------
@@ -140,7 +205,7 @@ def load_random_gradient(run_dir: PathLike, follow_resumes: bool = True, as_fram
 def load_fisher_spectrum(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """FisherSpectrum's per-epoch records ``{"epoch", "step", "C_bar", "L", "lr", "batch_size"}``
     across resumes (``fisher_spectrum.csv``)."""
-    records = concatenate_runs(run_dir, FISHER_FILE, "step", "fisher", follow_resumes)
+    records = concatenate_runs(run_dir, FISHER_FILE, "epoch", "fisher", follow_resumes)
     return _maybe_frame(records, as_frame)
 
 
@@ -155,7 +220,9 @@ def load_fisher_history(run_dir: PathLike, follow_resumes: bool = True, as_frame
 def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """BatchSizeScheduler's changes ``{"epoch", "step", "size", "physical", "accumulation", "lr"}``
     across resumes (``batch_size.csv``)."""
-    records = concatenate_runs(run_dir, BATCH_SIZE_FILE, "epoch", "batch_size", follow_resumes)
+    records = concatenate_runs(
+        run_dir, BATCH_SIZE_FILE, "epoch", "batch_size", follow_resumes, unique=("epoch", "step")
+    )
     return _maybe_frame(records, as_frame)
 
 
@@ -163,7 +230,9 @@ def load_minibatch_heatmap(run_dir: PathLike, follow_resumes: bool = True, as_fr
     """MinibatchHeatmap's distances ``{"epoch", "lr", "phase", "batch", "metric", "distance"}``, one
     record per measured epoch and batch rank (``heatmap.csv``), across resumes; ``phase`` numbers
     the learning-rate phases (seed 002 §3.1) as the callback's figures do."""
-    records = concatenate_runs(run_dir, HEATMAP_FILE, "epoch", "heatmap", follow_resumes)
+    records = concatenate_runs(
+        run_dir, HEATMAP_FILE, "epoch", "heatmap", follow_resumes, unique=("epoch", "batch")
+    )
     return _maybe_frame(records, as_frame)
 
 
@@ -185,7 +254,9 @@ def load_gradient_flow(
     Raises:
         FileNotFoundError: no folder of the chain has ``grad_flow.csv``, or it has no row of ``optimizer``.
     """
-    records = concatenate_runs(run_dir, GRADIENT_FLOW_FILE, "epoch", "grad_flow", follow_resumes)
+    records = concatenate_runs(
+        run_dir, GRADIENT_FLOW_FILE, "epoch", "grad_flow", follow_resumes, ("epoch", "layer"), ("optimizer",)
+    )
     rows = [row for row in records if row["optimizer"] == optimizer]
     if not rows:
         raise FileNotFoundError(
@@ -207,17 +278,12 @@ def load_scalars(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool 
     TensorFlow), else from CSVLogger's ``metrics.csv``. ``epoch`` is the ``epoch`` scalar Lightning
     logs with every step (``None`` where there is none); the ``epoch`` tag itself is not a record.
     Records keep the order they were written in. A resumed fit restarts each tag at some step:
-    the earlier folders' rows of that tag from that step on are the ones it redid, and are dropped.
+    the rows of that tag it wrote again (from that step on, in a later folder or the same one)
+    replace the earlier ones — the last write per tag and step wins (:func:`continue_rows`).
     """
     folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
-    records: list[Record] = []
-    for segment in (_read_scalars(folder) for folder in folders):
-        starts: dict[str, int] = {}
-        for row in segment:
-            starts[row["tag"]] = min(row["step"], starts.get(row["tag"], row["step"]))
-        records = [row for row in records if row["step"] < starts.get(row["tag"], math.inf)]
-        records.extend(segment)
-    return _maybe_frame(records, as_frame)
+    records = [row for folder in folders for row in _read_scalars(folder)]
+    return _maybe_frame(continue_rows(records, "step", ("step",), ("tag",)), as_frame)
 
 
 def scalar_series(records: Sequence[Record], tag: str, by: str = "step") -> tuple[np.ndarray, np.ndarray]:

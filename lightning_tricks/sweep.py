@@ -154,11 +154,12 @@ def _render(path: Path, template: str, labels: Mapping[str, str]) -> str:
         return labels[match.group(1)]
 
     name = _FIELD.sub(field, template)
-    if not _NAME_OK.match(name):
+    if not _NAME_OK.match(name) or name in (".", ".."):
         raise _fail(
             path,
             "name",
-            f"gives the run name {name!r}; use letters, digits and . _ + = - only (it names a folder).",
+            f"gives the run name {name!r}; use letters, digits and . _ + = - only, not '.' or '..' alone "
+            "(it names a folder).",
         )
     return name
 
@@ -198,12 +199,28 @@ def expand(path: Path, spec: Any, template: str | None = None) -> list[Run]:
     return list(runs.values())
 
 
+def _read_yaml(path: Path) -> Any:
+    """The grid file's YAML; a ``GridError`` naming the file, line and column if it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as error:
+        raise GridError(f"grid file {path}: not UTF-8 text ({error}).") from None
+    except yaml.YAMLError as error:
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+        mark = mark or context
+        where = "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(error, "problem", None) or str(error)
+        if context is not None and context is not mark and getattr(error, "context", None):
+            problem += f"; {error.context} at line {context.line + 1}"
+        raise GridError(f"grid file {path}{where}: not valid YAML ({problem}).") from None
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and expand a grid file; ``base`` is resolved relative to the grid file's folder."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist.")
-    data = yaml.safe_load(path.read_text())
+    data = _read_yaml(path)
     if not isinstance(data, Mapping):
         raise GridError(f"grid file {path}: must be a YAML mapping with keys {GRID_KEYS}, got {data!r}.")
     unknown = sorted(set(map(str, data)) - set(GRID_KEYS))

@@ -153,3 +153,58 @@ def test_ddp_only_rank_zero_writes_and_ranks_agree_on_the_run_folder(
     assert [name for name in written if not name.startswith("events.")] == sorted(
         ["hparams.yaml", "probe.figure.png", HISTORY_FILE, RUN_FILE]
     )
+
+
+# -- loss_fn: resolve_loss_fn's contract checked at construction (issue 19, finding 8) ------------
+
+
+def _two_arguments(module, batch):
+    return module(batch)
+
+
+@pytest.mark.parametrize("bad", ["mse", 3, lambda batch: batch, lambda module, batch, extra: batch])
+@pytest.mark.parametrize("make", ["heatmap", "scheduler"])
+def test_callbacks_taking_a_loss_fn_reject_a_bad_one_at_construction(make, bad):
+    from lightning_tricks import BatchSizeScheduler, MinibatchHeatmap
+
+    constructors = {
+        "heatmap": lambda loss_fn: MinibatchHeatmap(loss_fn=loss_fn),
+        "scheduler": lambda loss_fn: BatchSizeScheduler(max_size=64, adaptive=True, loss_fn=loss_fn),
+    }
+    with pytest.raises(TypeError, match=r"`loss_fn`.*(module, batch)"):
+        constructors[make](bad)
+    for good in (None, _two_arguments, lambda module, batch, scale=1.0: batch):
+        assert constructors[make](good).loss_fn is good
+
+
+# -- appended tables continue across resumes (issue 19, finding 11) -------------------------------
+
+
+def test_the_first_append_of_a_fit_continues_the_table(tmp_path):
+    """A fit's first append drops the rows from its first key on (a resumed fit redoes them) and a
+    last row cut mid-write (a killed run); later appends of the fit only append."""
+    from lightning_tricks.callbacks._base import TrickCallback
+
+    callback = TrickCallback()
+    callback._run_dir = str(tmp_path)
+    path = tmp_path / "t.csv"
+    path.write_text("step,value\r\n0,a\r\n\r\n4,b\r\n8,c\r\n12,d\r\n16,e")  # a blank line; 16 cut mid-write
+    callback.write_table("t.csv", ["step", "value"], [{"step": 8, "value": "C"}], append=True)
+    callback.write_table("t.csv", ["step", "value"], [(12, "D"), (16, "E")], append=True)
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [["step", "value"], ["0", "a"], [], ["4", "b"], ["8", "C"], ["12", "D"], ["16", "E"]]
+    path.write_text("ste")  # not even the header survived
+    callback._continued_tables.clear()
+    callback.write_table("t.csv", ["step", "value"], [(0, "x")], append=True)
+    assert path.read_text().splitlines() == ["step,value", "0,x"]
+
+
+def test_a_cut_run_file_stops_the_fit_naming_the_file_and_the_line(tmp_path, trainer_for, tiny_module):
+    random_gradient = RandomGradient(seed=1)
+    trainer = trainer_for([random_gradient])
+    run_dir = Path(run_directory(trainer))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text('{"callbacks": {')
+    with pytest.raises(ValueError, match=rf"{RUN_FILE}, line 1, column \d+: not valid JSON"):
+        trainer.fit(tiny_module(samples=8))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -571,3 +572,187 @@ def test_digits_split_sizes_that_leave_nothing_to_train_on_are_rejected_in_setup
 def test_loaders_before_setup_say_what_to_do():
     with pytest.raises(RuntimeError, match=r"setup\('fit'\)"):
         DigitsDataModule().train_dataloader()
+
+
+# ----------------------------------------------------------------------------- exact resume (issue 19, finding 13)
+
+
+class Linear(L.LightningModule):
+    """Softmax regression on 8x8 digits, plain SGD with momentum: no randomness after construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.layer = torch.nn.Linear(64, 10)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.randn(10, 64, generator=generator) * 0.01)
+            self.layer.bias.zero_()
+        self.batches: list[torch.Tensor] = []
+        self.positions: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.batches.append(labels.clone())
+        self.positions.append((self.current_epoch, batch_idx))
+        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ValidatedLinear(Linear):
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels))
+
+
+def fit_digits(
+    tmp_path: Path,
+    max_steps: int,
+    callbacks=(),
+    ckpt_path=None,
+    plain: str = "",
+    validate: bool = False,
+    **options,
+) -> Linear:
+    """``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the last of 38;
+    with ``validate``, 1,258 and 13 steps, a validation split and loop); ``plain="shuffled"`` or
+    ``"sequential"`` replaces the loader with a user's plain DataLoader."""
+    L.seed_everything(7, verbose=False)
+    dm = DigitsDataModule(image_size=8, batch_size=100, val_size=180 if validate else 0)
+    if plain:
+
+        def plain_loader() -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(dm.train_set, batch_size=100, shuffle=plain == "shuffled")
+
+        dm.train_dataloader = plain_loader
+    module = ValidatedLinear() if validate else Linear()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=bool(callbacks), callbacks=list(callbacks), **options,
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("at", [5, 15, 20])  # mid-epoch 0, the end of epoch 0, mid-epoch 1
+def test_a_fit_resumed_from_any_step_trains_exactly_as_the_uninterrupted_one(tmp_path, at):
+    """Every weight equal (torch.equal) after 30 steps, and the same batches in the same order, when
+    the fit is stopped after 22 steps and resumed from the checkpoint of step ``at``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = fit_digits(tmp_path / "full", 30)
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1)
+    fit_digits(tmp_path / "first", 22, [saver])
+    (checkpoint,) = (tmp_path / "ckpt").glob(f"*-step={at}.ckpt")
+    resumed = fit_digits(tmp_path / "second", 30, [ModelCheckpoint(tmp_path / "unused")], checkpoint)
+    assert len(resumed.batches) == 30 - at
+    for ours, theirs in zip(resumed.batches, full.batches[at:]):
+        assert torch.equal(ours, theirs)
+    for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("on_train_epoch_end", [False, True])
+def test_a_fit_resumed_from_an_epoch_end_checkpoint_trains_exactly_as_the_uninterrupted_one(
+    tmp_path, on_train_epoch_end
+):
+    """``ModelCheckpoint(every_n_epochs=1)`` of a module with a validation loop, saved after the
+    validation or at the training epoch's end: stopped after 20 steps (13 an epoch), resumed from
+    the end of epoch 0; every weight equal after 30 steps."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = fit_digits(tmp_path / "full", 30, validate=True)
+    saver = ModelCheckpoint(
+        tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=on_train_epoch_end
+    )
+    fit_digits(tmp_path / "first", 20, [saver], validate=True)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=13.ckpt"
+    unused = [ModelCheckpoint(tmp_path / "u")]
+    resumed = fit_digits(tmp_path / "second", 30, unused, checkpoint, validate=True)
+    assert [torch.equal(a, b) for a, b in zip(resumed.batches, full.batches[13:])] == [True] * 17
+    for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("plain", ["", "sequential"])
+def test_lightning_trains_one_extra_batch_after_a_train_epoch_end_checkpoint_without_validation(
+    tmp_path, plain
+):
+    """What the README says of Lightning 2.6 (our loader or a plain one): resumed from a checkpoint
+    saved at ``on_train_epoch_end`` of a module without ``validation_step``, the fit trains one
+    more batch in the finished epoch (batch index 15 of 15) before the next epoch starts."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    fit_digits(tmp_path / "first", 15, [saver], plain=plain)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=15.ckpt"
+    resumed = fit_digits(tmp_path / "second", 17, [ModelCheckpoint(tmp_path / "u")], checkpoint, plain=plain)
+    assert resumed.positions == [(0, 15), (1, 0)]
+
+
+@pytest.mark.parametrize(("plain", "at"), [("shuffled", 15), ("sequential", 5)])
+def test_a_plain_dataloader_does_not_resume_exactly(tmp_path, plain, at):
+    """What the README says of a user's plain ``DataLoader``: shuffled, resumed at an epoch end, its
+    next epoch is shuffled differently; resumed mid-epoch, the epoch starts over from its first
+    batch, and is cut short by the batches done before the checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = fit_digits(tmp_path / "full", 20, plain=plain)
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1)
+    fit_digits(tmp_path / "first", at, [saver], plain=plain)
+    (checkpoint,) = (tmp_path / "ckpt").glob(f"*-step={at}.ckpt")
+    unused = [ModelCheckpoint(tmp_path / "unused")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = fit_digits(tmp_path / "second", 20, unused, checkpoint, plain=plain)
+    assert not torch.equal(resumed.layer.weight, full.layer.weight)
+    if plain == "sequential":
+        assert any("dataloader is not resumable" in str(w.message) for w in caught)
+        restarted = zip(resumed.batches[: 15 - at], full.batches)
+        assert all(torch.equal(ours, first) for ours, first in restarted), "the epoch starts over"
+        assert torch.equal(resumed.batches[15 - at], full.batches[15]), "the next epoch comes early"
+
+
+def test_the_shuffled_order_depends_on_the_seed_and_the_epoch_only():
+    dm = DigitsDataModule(image_size=8, batch_size=1438, val_size=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch + 100)  # the global RNG plays no part
+        orders.append(next(iter(loader))[1])
+    assert torch.equal(orders[0], orders[2]) and not torch.equal(orders[0], orders[1])
+    assert sorted(loader.sampler) == list(range(1438))
+
+
+def test_a_ddp_fit_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_one(tmp_path):
+    """Two CPU processes (719 images each: 8 steps an epoch): stopped after 9 steps, resumed from
+    the checkpoint of step 5; every weight equal after 12 steps (Lightning keeps our sampler)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ddp = {"strategy": "ddp_fork", "devices": 2}
+    full = fit_digits(tmp_path / "full", 12, **ddp)
+    fit_digits(tmp_path / "first", 9, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5)], **ddp)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*-step=5.ckpt")
+    resumed = fit_digits(tmp_path / "second", 12, [ModelCheckpoint(tmp_path / "unused")], checkpoint, **ddp)
+    for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    assert not torch.equal(resumed.layer.weight, Linear().layer.weight), "it trained"
+
+
+def test_under_ddp_each_process_resumes_its_own_share():
+    """Two processes: disjoint shares covering the epoch's permutation (brute force: seed + epoch),
+    and a resume skips the samples each process already trained on, in its share."""
+    from datamodules.base import ResumableSampler
+
+    dataset = list(range(10))
+    shares = [list(ResumableSampler(dataset, shuffle=True, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    permutation = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert shares == [permutation[0::2], permutation[1::2]]
+    sampler = ResumableSampler(dataset, shuffle=True, seed=3, num_replicas=2, rank=1)
+    sampler.resume(epoch=0, start=2)
+    assert list(sampler) == permutation[1::2][2:]
+    assert list(sampler) == permutation[1::2], "the skip applies once"

@@ -55,7 +55,7 @@ def write_run_file(run_dir: Path, namespace: str, resumed_from: str | None) -> N
 
 
 def test_read_table_parses_numbers_and_keeps_text(tmp_path):
-    path = write(tmp_path / "t.csv", "step,name,value,empty\n3,conv1,0.25,\n4,fc,nan,\n")
+    path = write(tmp_path / "t.csv", "step,name,value,empty\n3,conv1,0.25,\n\n4,fc,nan,\n")  # a blank line
     rows = read_table(path)
     assert rows[0] == {"step": 3, "name": "conv1", "value": 0.25, "empty": None}
     assert rows[1]["step"] == 4 and math.isnan(rows[1]["value"])
@@ -281,3 +281,131 @@ def test_scalar_series_names_what_is_there(tmp_path):
         scalar_series(records, "val/loss")
     with pytest.raises(ValueError, match="`by`"):
         scalar_series(records, "val/acc", by="time")
+
+
+# -- resumes write every record once (issue 19, finding 11: the files) ----------------------------
+
+RESUMED_TABLES = ("fisher_history.csv", "fisher_spectrum.csv", "random_gradient.csv", "grad_flow.csv")
+
+
+def table_callbacks() -> list:
+    return [FisherSpectrum(every_n_steps=1), RandomGradient(seed=4), GradientFlow()]
+
+
+def fit_with_logger(save_dir: Path, version: int, callbacks: list, max_steps: int, ckpt_path=None) -> Path:
+    """``max_steps`` steps of a small net on digits (1,438 images in batches of 200: 8 steps an
+    epoch), logged by a CSVLogger into ``save_dir/run/version_<version>``; the project's datamodule
+    resumes exactly, mid-epoch too."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_tricks.datamodules import DigitsDataModule
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            return torch.nn.functional.cross_entropy(self.net(images.flatten(1)), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(7, verbose=False)
+    logger = CSVLogger(save_dir, name="run", version=version)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    datamodule = DigitsDataModule(image_size=8, batch_size=200, val_size=0)
+    trainer.fit(Net(), datamodule=datamodule, ckpt_path=ckpt_path)
+    return Path(run_directory(trainer))
+
+
+@pytest.mark.parametrize("into", ["same version", "new version"])
+def test_a_resumed_fit_continues_its_tables_without_duplicates(tmp_path, into):
+    """Uninterrupted: 18 steps (8 an epoch). Interrupted: stopped after step 12, resumed from the
+    mid-epoch checkpoint of step 10 into the same logger version (the files must be continued:
+    before, steps 10–11 were written twice) or into a new one (``results`` joins the chain). Every
+    table, and what ``results`` reads back, equals the uninterrupted run's, row for row, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    full = fit_with_logger(tmp_path / "full", 0, table_callbacks(), 18)
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    first = fit_with_logger(tmp_path / "parts", 0, [*table_callbacks(), saver], 12)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*-step=10.ckpt")
+    version = 0 if into == "same version" else 1
+    later = fit_with_logger(tmp_path / "parts", version, table_callbacks(), 18, checkpoint)
+    assert (later == first) == (into == "same version")
+    if into == "same version":
+        for name in RESUMED_TABLES:
+            assert (later / name).read_text() == (full / name).read_text(), name
+    loaded, reference = load_run(later), load_run(full)
+    for name in ("fisher_history", "fisher_spectrum", "random_gradient"):
+        assert loaded[name] == reference[name], name
+    assert len(loaded["fisher_history"]) == 18
+    np.testing.assert_array_equal(loaded["grad_flow"].matrix, reference["grad_flow"].matrix)
+
+
+def test_rows_an_older_version_wrote_twice_into_one_file_are_read_once_as_last_written(tmp_path):
+    """Before the writers continued their tables, a resume into the same folder appended steps
+    10–11 again after 0–11 (and the scalars twice): the last write per step wins."""
+    rows = [(s, s, f"0.{s}") for s in range(12)] + [(s, s, f"1.{s}") for s in range(10, 18)]
+    lines = "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    write(tmp_path / "random_gradient.csv", "step,backward,r\n" + lines)
+    records = load_random_gradient(tmp_path)
+    expected = [(s, float(f"0.{s}")) for s in range(10)] + [(s, float(f"1.{s}")) for s in range(10, 18)]
+    assert [(row["step"], row["r"]) for row in records] == expected
+    header = "step,epoch,lr,c_k\n"
+    lines = "0,0,0.1,1\n4,0,0.1,2\n8,1,0.1,3\n8,1,0.1,4\n12,1,0.1,5\n"
+    write(tmp_path / "fisher_history.csv", header + lines)
+    assert [(r["step"], r["c_k"]) for r in load_fisher_history(tmp_path)] == [(0, 1), (4, 2), (8, 4), (12, 5)]
+    write(tmp_path / "metrics.csv", "step,loss,acc\n0,1.0,\n1,0.5,\n1,,0.25\n1,0.4,\n2,0.3,\n")
+    scalars = load_scalars(tmp_path)
+    assert [(r["tag"], r["step"], r["value"]) for r in scalars] == [
+        ("loss", 0, 1.0), ("acc", 1, 0.25), ("loss", 1, 0.4), ("loss", 2, 0.3)
+    ]
+
+
+# -- cut or hand-edited files (issue 19, finding 12) -----------------------------------------------
+
+
+def test_a_csv_row_cut_mid_write_is_left_out_with_a_warning_naming_file_and_line(tmp_path):
+    path = write(tmp_path / "random_gradient.csv", "step,backward,r\n0,0,0.5\n1,1,0.12")  # 0.1234 cut
+    with pytest.warns(UserWarning, match=r"random_gradient\.csv, line 3: .*cut mid-write"):
+        assert read_table(path) == [{"step": 0, "backward": 0, "r": 0.5}]
+    with pytest.warns(UserWarning, match="line 3"):
+        assert load_random_gradient(tmp_path) == [{"step": 0, "backward": 0, "r": 0.5}]
+
+
+def test_a_csv_row_with_missing_or_extra_cells_names_file_and_line(tmp_path):
+    for body in ("0,0,0.5\n1,1\n2,2,0.5\n", "0,0,0.5\n1,1,0.5,9\n"):
+        path = write(tmp_path / "t.csv", "step,backward,r\n" + body)
+        with pytest.raises(ValueError, match=r"t\.csv, line 3: .* cells where the header has 3"):
+            read_table(path)
+
+
+def test_a_cut_run_file_names_the_file_and_the_line(tmp_path):
+    write(tmp_path / "random_gradient.csv", "step,backward,r\n0,0,0.5\n")
+    write(tmp_path / RUN_FILE, '{\n  "callbacks": {\n    "random_gradient": {"class": "RandomGr')
+    for read in (load_run, run_chain, load_random_gradient):
+        with pytest.raises(ValueError, match=rf"{RUN_FILE}, line 3, column \d+: not valid JSON"):
+            read(tmp_path)
+    write(tmp_path / RUN_FILE, "[1, 2]")
+    with pytest.raises(ValueError, match=rf"{RUN_FILE}: expected a JSON object"):
+        load_run(tmp_path)
+
+
+def test_a_cut_array_names_the_file(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(100.0))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"cut\.npy"):
+        read_array(tmp_path / "cut.npy")

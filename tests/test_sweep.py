@@ -177,7 +177,37 @@ BAD_GRIDS = [
         {"base": str(BASE), "command": "train", "grid": {"model.init_args.lr": [0.1]}},
         "`command` must be one of",
     ),
+    (
+        {"base": str(BASE), "name": "{rg}", "grid": {"rg": {".": {"a.b": 1}, "x": {"a.b": 2}}}},
+        "`name` gives the run name '.'",
+    ),
+    (
+        {"base": str(BASE), "name": "..", "grid": {"model.init_args.lr": [0.1]}},
+        "`name` gives the run name '..'",
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("base: a.yaml\ngrid:\n  model.init_args.lr: [0.1, 0.2\n", 4),  # unclosed list
+        ("base: a.yaml\ngrid:\n  x: 1\n   y: 2\n", 4),  # bad indentation
+        ("base: a.yaml\ngrid: {x: [1]}\nname: \"s{x}\n", 4),  # unclosed quote (opened at line 3)
+    ],
+)
+def test_a_grid_file_that_is_not_yaml_names_the_file_and_the_line(tmp_path, text, line, capsys):
+    path = tmp_path / "broken.grid.yaml"
+    path.write_text(text)
+    where = rf"grid file {re.escape(str(path))}, line \d+, column \d+: not valid YAML"
+    with pytest.raises(GridError, match=where) as error:
+        load_grid(path)
+    assert f"line {line}," in str(error.value)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sweep", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_GRIDS, ids=lambda x: x if isinstance(x, str) else None)

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import os
@@ -112,12 +113,44 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def check_loss_fn(loss_fn: Any, name: str = "loss_fn") -> Callable[[pl.LightningModule, Any], Tensor] | None:
+    """Validate a ``loss_fn`` argument at construction: ``None`` or a callable that can be called
+    as ``loss_fn(module, batch)`` (:func:`resolve_loss_fn`'s contract); return it.
+
+    Raises:
+        TypeError: not callable (a loss name such as ``'mse'``), or its signature cannot take the two
+            positional arguments.
+    """
+    if loss_fn is None:
+        return None
+    if not callable(loss_fn):
+        raise TypeError(
+            f"`{name}` must be None or a callable `{name}(module, batch) -> scalar mean loss`; got "
+            f"{loss_fn!r} ({type(loss_fn).__name__}). Wrap a loss, e.g. "
+            "`lambda module, batch: F.mse_loss(module(batch[0]), batch[1])`."
+        )
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins without a signature: accepted as they are
+        return loss_fn
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        raise TypeError(
+            f"`{name}` must be callable as `{name}(module, batch)`; {loss_fn!r} has the signature "
+            f"{signature} ({error})."
+        ) from None
+    return loss_fn
+
+
 def resolve_loss_fn(
     pl_module: pl.LightningModule, loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None, user: str
 ) -> Callable[[pl.LightningModule, Any], Tensor]:
     """The loss a callback evaluates by itself (DESIGN rule 1): the module's ``compute_loss(batch)``
     (a scalar, mean-reduced) if it has one, else the ``loss_fn(module, batch)`` the callback was given;
-    one clear error naming what is missing otherwise (``user`` says which callback needs it)."""
+    one clear error naming what is missing otherwise (``user`` says which callback needs it).
+    Callbacks call :func:`check_loss_fn` on ``loss_fn`` at construction; it is checked here again."""
+    check_loss_fn(loss_fn)
     if callable(getattr(pl_module, "compute_loss", None)):
         return lambda module, batch: module.compute_loss(batch)
     if loss_fn is not None:
@@ -161,6 +194,7 @@ class TrickCallback(Callback):
     def __init__(self) -> None:
         self._run_dir: str | None = None
         self._resumed_from: str | None = None
+        self._continued_tables: set[str] = set()
 
     # -- identity and state -----------------------------------------------------------------
 
@@ -235,6 +269,7 @@ class TrickCallback(Callback):
             return
         self.reset_fit_state()
         self._resumed_from = None
+        self._continued_tables = set()
         self._run_dir = run_directory(trainer)
 
     @override
@@ -298,17 +333,25 @@ class TrickCallback(Callback):
         append: bool = False,
     ) -> str | None:
         """Write ``rows`` to the CSV ``name`` in the run folder, replacing it or, with ``append``,
-        adding to it (the header is written once); rank 0 only. Returns the path, or ``None``."""
+        adding to it (the header is written once); rank 0 only. Returns the path, or ``None``.
+
+        An appended table is ordered by its first column (a step, an epoch). The first append of a
+        fit continues the file: the rows it already has from that first row's key on (a resumed fit
+        redoes them, into the same folder) and a last row cut mid-write are dropped first, so a
+        table never holds a row twice, whatever the resumes."""
         path = self._file_path(name)
         if path is None:
             return None
+        rows = [[row[c] for c in columns] if isinstance(row, Mapping) else list(row) for row in rows]
+        if append and rows and name not in self._continued_tables:
+            self._continued_tables.add(name)
+            _truncate_table(path, rows[0][0])
         header = not (append and os.path.exists(path))
         with open(path, "a" if append else "w", newline="") as handle:
             writer = csv.writer(handle)
             if header:
                 writer.writerow(columns)
-            for row in rows:
-                writer.writerow([row[c] for c in columns] if isinstance(row, Mapping) else row)
+            writer.writerows(rows)
         return path
 
     def write_array(self, name: str, array: np.ndarray) -> str | None:
@@ -336,16 +379,64 @@ class TrickCallback(Callback):
         path = self._file_path(RUN_FILE)
         if path is None:
             return
-        record = {"callbacks": {}}
-        if os.path.exists(path):
-            with open(path) as handle:
-                record = json.load(handle)
+        record = read_run_file(path) if os.path.exists(path) else {"callbacks": {}}
         entry = {"class": type(self).__name__, "hyperparameters": _plain(self.hyperparameters())}
         if self._resumed_from and os.path.abspath(self._resumed_from) != os.path.abspath(self._run_dir):
             entry["resumed_from"] = self._resumed_from
         record["callbacks"][self.namespace] = entry
         with open(path, "w") as handle:
             json.dump(record, handle, indent=2)
+
+
+def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a ``lightning_tricks.json`` (:data:`RUN_FILE`).
+
+    Raises:
+        ValueError: not valid JSON (cut or edited by hand), naming the file and the line, or not an
+            object with a ``"callbacks"`` mapping.
+    """
+    with open(path) as handle:
+        text = handle.read()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}); the file "
+            "was cut or edited. Fix it, or delete it (the run then forgets the folder it resumed)."
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("callbacks"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'callbacks' mapping, got {text[:80]!r}.")
+    return record
+
+
+def _truncate_table(path: str, start: Any) -> None:
+    """Keep the header and the rows of CSV ``path`` whose first cell is below ``start``, and no
+    last row cut mid-write (one without its line end); remove the file if not even its header is
+    whole."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as handle:
+        lines = handle.readlines()
+    whole = lines[:-1] if lines and not lines[-1].endswith(("\n", "\r")) else lines
+    kept = whole[:1] + [line for line in whole[1:] if _below((next(csv.reader([line])) or [""])[0], start)]
+    if len(kept) == len(lines):
+        return
+    if not kept:  # not even a whole header line
+        os.remove(path)
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", newline="") as handle:
+        handle.writelines(kept)
+    os.replace(temporary, path)
+
+
+def _below(cell: str, start: Any) -> bool:
+    """Whether a row keyed ``cell`` comes before ``start``; a row whose key is no number is kept as
+    it is (the readers report it)."""
+    try:
+        return float(cell) < float(start)
+    except ValueError:
+        return True
 
 
 def _is_global_zero() -> bool:

@@ -28,7 +28,7 @@ from ..batch_size_policies import (
 )
 from ..gradients.noise_scale import half_batch_noise_parts
 from ..gradients.spectrum import noise_scale_ratio
-from ._base import TrickCallback, check_every_n, first_learning_rate, is_due, resolve_loss_fn
+from ._base import TrickCallback, check_every_n, check_loss_fn, first_learning_rate, is_due, resolve_loss_fn
 from .fisher_spectrum import FisherSpectrum
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -230,7 +230,7 @@ class BatchSizeScheduler(TrickCallback):
         self.lr_scaling = "linear" if smith else lr_scaling
         self.max_physical_batch_size = max_physical_batch_size
         self.noise_every_n_steps = check_every_n("noise_every_n_steps", noise_every_n_steps)
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
         self._fisher: FisherSpectrum | None = None
         self._loss: Callable[[pl.LightningModule, Any], Tensor] | None = None
         self._milestones: list[int] = []

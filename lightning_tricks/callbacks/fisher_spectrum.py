@@ -16,7 +16,6 @@ from typing_extensions import override
 
 from ..gradients.gram import GramCollector
 from ..gradients.spectrum import (
-    NONZERO_RULES,
     FisherRunningSums,
     fisher_energy,
     fisher_statistics,
@@ -54,13 +53,13 @@ class FisherSpectrum(TrickCallback):
       can average them over a window before dividing; :attr:`epoch_noise_scale` does so over the
       current epoch (the adaptive ``BatchSizeScheduler`` reads it).
 
-    **What counts as non-zero** decides c_k. ``nonzero="rtol"`` (default) keeps the eigenvalues
-    above ``rank_rtol · λmax`` with ``rank_rtol = B · eps`` of the gradient dtype (the rule of
-    ``torch.linalg.matrix_rank``): robust to round-off, but it caps c_k at (B·eps)^-½ — 256 at
-    B = 128 in float32 — a cap that falls as B grows, the very axis seed 004 studies; compare
-    batch sizes well below their caps, or use ``nonzero="exact_zero"``, the seed authors' rule
-    (drop the eigenvalues that are exactly zero after a float32 eigendecomposition), which has no
-    cap but can keep round-off as a tiny non-zero eigenvalue when F̃ is rank-deficient.
+    **What counts as non-zero** decides c_k. The seed takes E_k as "the non-zero eigenvalues" and
+    names no threshold; computed eigenvalues of a rank-deficient F̃ are round-off, so E_k keeps
+    those above ``rank_rtol · λmax``, ``rank_rtol = B · eps`` of the gradient dtype by default
+    (the rule of ``torch.linalg.matrix_rank``): |E_k| never exceeds the rank of J_k, but c_k is
+    capped at (B·eps)^-½ — 256 at B = 128 in float32 — a cap that falls as B grows, the very axis
+    seed 004 studies; compare batch sizes well below their caps (float64 gradients, or a smaller
+    ``rank_rtol`` where F̃ is known to be full-rank, lift it).
 
     With ``every_n_steps = n > 1`` only the training steps with ``step % n == 0`` are measured
     (seed 004 measured every 50 mini-batches); each measured l_k then counts n times in L, so L
@@ -109,9 +108,8 @@ class FisherSpectrum(TrickCallback):
         every_n_steps: measure every n-th optimizer step (``>= 1``).
         loss_reduction: how the module's loss reduces over the batch, ``"mean"`` or ``"sum"``;
             with ``"mean"`` the columns are rescaled to the per-sample gradients ∇ℓ_i.
-        rank_rtol: with ``nonzero="rtol"``, eigenvalues above ``rank_rtol · λmax`` are non-zero;
-            ``None`` uses ``B · eps`` of the gradient dtype, the rule of ``torch.linalg.matrix_rank``.
-        nonzero: ``"rtol"`` or ``"exact_zero"`` (see above).
+        rank_rtol: eigenvalues above ``rank_rtol · λmax`` are non-zero; ``None`` uses ``B · eps`` of
+            the gradient dtype, the rule of ``torch.linalg.matrix_rank``.
         log_eigenvalues: also log the eigenvalues as a TensorBoard histogram.
         unsupported: ``"raise"`` on parameterised layers without a Gram rule, or ``"skip"`` them
             (one warning; F̃ then covers the supported layers only).
@@ -138,7 +136,6 @@ class FisherSpectrum(TrickCallback):
         every_n_steps: int = 1,
         loss_reduction: str = "mean",
         rank_rtol: float | None = None,
-        nonzero: str = "rtol",
         log_eigenvalues: bool = False,
         unsupported: str = "raise",
     ) -> None:
@@ -146,15 +143,12 @@ class FisherSpectrum(TrickCallback):
         self.every_n_steps = check_every_n("every_n_steps", every_n_steps)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}; got {loss_reduction!r}.")
-        if nonzero not in NONZERO_RULES:
-            raise ValueError(f"`nonzero` must be one of {NONZERO_RULES}; got {nonzero!r}.")
-        if rank_rtol is not None and (nonzero != "rtol" or not 0 < rank_rtol < 1):
-            raise ValueError(f"`rank_rtol` must be None or in (0, 1) with nonzero='rtol'; got {rank_rtol!r}.")
+        if rank_rtol is not None and not 0 < rank_rtol < 1:
+            raise ValueError(f"`rank_rtol` must be None or in (0, 1); got {rank_rtol!r}.")
         if unsupported not in UNSUPPORTED:
             raise ValueError(f"`unsupported` must be one of {UNSUPPORTED}; got {unsupported!r}.")
         self.loss_reduction = loss_reduction
         self.rank_rtol = rank_rtol
-        self.nonzero = nonzero
         self.log_eigenvalues = log_eigenvalues
         self.unsupported = unsupported
         self._collector: GramCollector | None = None
@@ -171,7 +165,6 @@ class FisherSpectrum(TrickCallback):
             "every_n_steps": self.every_n_steps,
             "loss_reduction": self.loss_reduction,
             "rank_rtol": self.rank_rtol,
-            "nonzero": self.nonzero,
             "log_eigenvalues": self.log_eigenvalues,
             "unsupported": self.unsupported,
         }
@@ -198,7 +191,7 @@ class FisherSpectrum(TrickCallback):
             "fisher/L": "L_K = Σ l_k, each measured l_k counted every_n_steps times (seed 004 eq. 8).",
             "fisher/trace": "Tr F̃_k = Σ_i ‖∇ℓ_i‖².",
             "fisher/lambda_max": "The largest eigenvalue of F̃_k.",
-            "fisher/rank": "|E_k|, the number of non-zero eigenvalues of F̃_k (see `nonzero`).",
+            "fisher/rank": "|E_k|, the number of non-zero eigenvalues of F̃_k (above rank_rtol·λmax).",
             "fisher/noise_scale": "B_simple = tr Σ / |G|², both unbiased (McCandlish et al. 2018, appendix A).",
             "fisher/trace_sigma": "tr Σ, the unbiased per-sample gradient variance summed over parameters.",
             "fisher/grad_sq_norm": "|G|² = (1ᵀF̃1 − Tr F̃) / (B(B − 1)), unbiased (may be ≤ 0 on one batch).",
@@ -444,7 +437,7 @@ class FisherSpectrum(TrickCallback):
         """Statistics of F̃_k (seed 004 eq. 6–8), combined over ranks, logged and recorded."""
         gram = gram / self._loss_scale(trainer) ** 2
         grad_dtype = next(p.dtype for p in pl_module.parameters() if p.requires_grad)
-        stats = fisher_statistics(gram, self.rank_rtol, grad_dtype, nonzero=self.nonzero)
+        stats = fisher_statistics(gram, self.rank_rtol, grad_dtype)
         summed = torch.stack([stats.trace, stats.batch_size])
         averaged = torch.stack(
             [stats.condition, stats.lambda_max, stats.rank, stats.trace_sigma, stats.grad_sq_norm]

@@ -31,7 +31,7 @@ from ..gradients.minibatch_distance import (
 from ..image_metrics import Metric, color, metric_name, resolve_metric
 from ..plotting import plot_minibatch_heatmap
 from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
-from ._base import TrickCallback, check_every_n, first_learning_rate, resolve_loss_fn
+from ._base import TrickCallback, check_every_n, check_loss_fn, first_learning_rate, resolve_loss_fn
 
 MATRIX_FILE = "heatmap_matrix"
 HISTORY_FILE = "heatmap.csv"
@@ -212,8 +212,7 @@ class MinibatchHeatmap(TrickCallback):
             )
         self.every_n_epochs = check_every_n("every_n_epochs", every_n_epochs)
         self.phases = _checked_phases(phases)
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be a callable (module, batch) -> loss or None; got {loss_fn!r}.")
+        check_loss_fn(loss_fn)
         self.metric, self.mode, self.distance = metric_name(metric), mode, distance
         self.memory_budget, self.sketch_dim, self.seed = memory_budget, sketch_dim, seed
         self.descending, self.loss_fn, self.log_scale = descending, loss_fn, log_scale

@@ -13,9 +13,6 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-NONZERO_RULES = ("rtol", "exact_zero")
-
-
 class FisherStatistics(NamedTuple):
     """Statistics of one F̃_k (float64 tensors on F̃'s device, 0-d but for ``eigenvalues``)."""
 
@@ -26,7 +23,7 @@ class FisherStatistics(NamedTuple):
     lambda_max: Tensor
     """Largest eigenvalue of F̃_k."""
     rank: Tensor
-    """|E_k|, the number of eigenvalues counted as non-zero (see ``nonzero``)."""
+    """|E_k|, the number of eigenvalues above ``rank_rtol · λmax`` (the numerical rank of J_k)."""
     noise_scale: Tensor
     """B_simple = tr Σ / |G|² of this batch alone (:func:`noise_scale_ratio`; +inf when |G|² ≤ 0)."""
     trace_sigma: Tensor
@@ -194,43 +191,34 @@ def fisher_statistics(
     gram: Tensor,
     rank_rtol: float | None = None,
     grad_dtype: torch.dtype = torch.float32,
-    nonzero: str = "rtol",
 ) -> FisherStatistics:
     """Statistics of F̃_k = J_kᵀJ_k (seed 004_e5d92837cb57ce8a.txt §3, eq. 6–8) and the
     gradient-noise scale from the same matrix (McCandlish et al. 2018, appendix A).
 
-    Which eigenvalues count as non-zero decides c_k and |E_k| (eq. 7):
-
-    - ``"rtol"``: λ > ``rank_rtol`` · λmax on F̃'s float64 eigenvalues; ``rank_rtol = None`` →
-      ``B · eps(grad_dtype)``, the rule of ``torch.linalg.matrix_rank``. Robust to round-off, but
-      c_k < rank_rtol^-½ always, (B · eps)^-½ by default: 256 at B = 128 in float32, falling with B.
-    - ``"exact_zero"``: the seed authors' released code, which drops only the eigenvalues that are
-      exactly zero after a float32 eigendecomposition: F̃ cast to float32, ``eigvalsh``, and
-      λ > 0 kept. Negative float32 eigenvalues are round-off of the positive semi-definite F̃ (they
-      would make c_k undefined) and are dropped too; tiny positive round-off is kept, so on a
-      rank-deficient F̃ (B > #parameters, samples with zero or duplicate gradients) c_k measures
-      round-off. No cap. ``eigenvalues`` and ``lambda_max`` stay the float64 ones.
+    Eq. 7 takes c_k over E_k, "the set of non-zero eigenvalues computed from F̃_k", citing
+    Wilkinson's *The Algebraic Eigenvalue Problem*; the seed names no threshold. Computed
+    eigenvalues of a rank-deficient F̃ are round-off, not zeros, so E_k is the *numerically*
+    non-zero set: λ > ``rank_rtol`` · λmax on F̃'s float64 eigenvalues, ``rank_rtol = None`` →
+    ``B · eps(grad_dtype)``, the rule of ``torch.linalg.matrix_rank``. It never counts round-off
+    (|E_k| ≤ min(P, B), the rank of J_k), and it caps c_k below rank_rtol^-½ —
+    (B · eps)^-½ by default, 256 at B = 128 in float32 (:func:`truncated_condition_number`).
 
     Args:
         gram: F̃_k, a symmetric (B, B) matrix; promoted to float64.
-        rank_rtol: the ``"rtol"`` threshold in [0, 1); ``None`` → :func:`default_rank_rtol`.
+        rank_rtol: the threshold in [0, 1); ``None`` → :func:`default_rank_rtol`.
         grad_dtype: dtype in which the gradients behind F̃ were computed (for the default rtol).
-        nonzero: ``"rtol"`` or ``"exact_zero"``.
 
     Raises:
-        ValueError: ``nonzero`` not a rule, ``rank_rtol`` out of range or given with ``"exact_zero"``.
+        ValueError: ``rank_rtol`` out of range.
     """
-    _check_nonzero_rule(nonzero, rank_rtol)
+    _check_rank_rtol(rank_rtol)
     gram = gram.to(torch.float64)
     batch = gram.shape[0]
     finite = torch.isfinite(gram).all()
     safe_gram = torch.where(finite, gram, torch.zeros_like(gram))
     eigenvalues = torch.linalg.eigvalsh(safe_gram)
-    if nonzero == "rtol":
-        rtol = default_rank_rtol(batch, grad_dtype) if rank_rtol is None else rank_rtol
-        condition, rank = truncated_condition_number(eigenvalues, rtol)
-    else:
-        condition, rank = _exact_zero_condition(safe_gram)
+    rtol = default_rank_rtol(batch, grad_dtype) if rank_rtol is None else rank_rtol
+    condition, rank = truncated_condition_number(eigenvalues, rtol)
     trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
     noise_scale = noise_scale_ratio(trace_sigma, grad_sq_norm)
     nan = torch.full_like(condition, torch.nan)
@@ -242,28 +230,11 @@ def fisher_statistics(
     )
 
 
-def _check_nonzero_rule(nonzero: str, rank_rtol: float | None) -> None:
-    if nonzero not in NONZERO_RULES:
-        raise ValueError(f"`nonzero` must be one of {NONZERO_RULES}; got {nonzero!r}.")
+def _check_rank_rtol(rank_rtol: float | None) -> None:
     if rank_rtol is None:
         return
-    if nonzero == "exact_zero":
-        raise ValueError(
-            f"`rank_rtol={rank_rtol!r}` applies to `nonzero='rtol'` only; "
-            "pass `rank_rtol=None` with `nonzero='exact_zero'`."
-        )
     if isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float)) or not 0 <= rank_rtol < 1:
         raise ValueError(f"`rank_rtol` must be None or a number in [0, 1); got {rank_rtol!r}.")
-
-
-def _exact_zero_condition(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """c and |E| with E the positive eigenvalues of F̃ in float32 (the seed code's rule); NaN when
-    F̃ does not fit in float32."""
-    gram32 = gram.to(torch.float32)
-    fits = torch.isfinite(gram32).all()
-    eigenvalues = torch.linalg.eigvalsh(torch.where(fits, gram32, torch.zeros_like(gram32)))
-    condition, rank = truncated_condition_number(eigenvalues.to(torch.float64), 0.0)
-    return torch.where(fits, condition, torch.nan), torch.where(fits, rank, torch.nan)
 
 
 def fisher_energy(trace: Tensor, learning_rate: float, batch_size: int) -> Tensor:
