@@ -226,12 +226,22 @@ def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bo
     return _maybe_frame(records, as_frame)
 
 
-def load_minibatch_heatmap(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
-    """MinibatchHeatmap's distances ``{"epoch", "lr", "phase", "batch", "metric", "distance"}``, one
-    record per measured epoch and batch rank (``heatmap.csv``), across resumes; ``phase`` numbers
-    the learning-rate phases (seed 002 §3.1) as the callback's figures do."""
+def load_minibatch_heatmap(
+    run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False, namespace: str = "heatmap"
+) -> Any:
+    """MinibatchHeatmap's distances ``{"epoch", "lr", "lr_first", "lr_last", "phase", "batch",
+    "metric", "distance"}``, one record per measured epoch and batch rank (``heatmap.csv``), across
+    resumes; ``lr`` is the learning rate most of the epoch's steps used (``lr_first``/``lr_last``
+    its first and last step's) and ``phase`` numbers the learning-rate phases (seed 002 §3.1) as the
+    callback's figures do. A second heatmap on the same Trainer writes under its own namespace
+    (``heatmap_<metric>…``, the callback's ``namespace``): pass it to read that one's records."""
     records = concatenate_runs(
-        run_dir, HEATMAP_FILE, "epoch", "heatmap", follow_resumes, unique=("epoch", "batch")
+        run_dir,
+        HEATMAP_FILE.replace("heatmap", namespace, 1),
+        "epoch",
+        namespace,
+        follow_resumes,
+        unique=("epoch", "batch"),
     )
     return _maybe_frame(records, as_frame)
 

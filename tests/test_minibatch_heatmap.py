@@ -654,6 +654,10 @@ def test_a_second_heatmap_measures_its_own_batches_without_changing_training(tmp
         entries = json.load(handle)["callbacks"]
     assert entries["heatmap"]["hyperparameters"]["metric"] == "intensity"
     assert entries["heatmap_edges_l2"]["hyperparameters"]["metric"] == "edges"
+    for heatmap in (leader, second):  # results reads each heatmap's own records back
+        records = load_minibatch_heatmap(folder, namespace=heatmap.namespace)
+        read = np.array([[r["distance"] for r in records if r["epoch"] == e] for e in heatmap.epochs])
+        np.testing.assert_allclose(read, heatmap.matrix, rtol=1e-6)
 
 
 def test_two_identical_heatmaps_are_refused(tmp_path):
