@@ -340,6 +340,43 @@ def test_resume_continues_running_measures_exactly(tmp_path):
     assert resumed.L == pytest.approx(full.L, rel=1e-9)
 
 
+class EpochNoiseScaleProbe(Callback):
+    """FisherSpectrum's epoch-pooled noise scale at each epoch's end (what BatchSizeScheduler reads)."""
+
+    def __init__(self, fisher: FisherSpectrum) -> None:
+        self.fisher, self.values = fisher, []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.values.append(self.fisher.epoch_noise_scale)
+
+
+@pytest.mark.parametrize("resume_step", [2, 4, 6], ids=["mid-epoch", "epoch-last-batch", "next-epoch"])
+def test_resume_keeps_the_epoch_pooled_noise_scale(tmp_path, resume_step):
+    """Four identical batches an epoch, so a resumed epoch trains on the data it would have (a plain
+    loader restarts it from its first batch); the epoch's pooled parts come from the checkpoint."""
+    x = make_data(8).tensors[0]
+    data = TensorDataset(x.repeat(4, 1, 1, 1), torch.zeros(32, dtype=torch.long))  # one class: |G|² > 0
+
+    def run(callbacks, max_steps, ckpt_path=None):
+        trainer = L.Trainer(
+            max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+            enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(SmallNet(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+
+    full = EpochNoiseScaleProbe(FisherSpectrum())
+    run([full.fisher, full], 8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step, save_top_k=-1)
+    run([FisherSpectrum(), checkpoint], resume_step)
+    resumed = EpochNoiseScaleProbe(FisherSpectrum())
+    ckpt = tmp_path / "ckpt" / f"epoch={(resume_step - 1) // 4}-step={resume_step}.ckpt"
+    run([resumed.fisher, resumed], 8, ckpt_path=str(ckpt))
+
+    assert all(math.isfinite(value) for value in full.values), full.values
+    np.testing.assert_allclose(resumed.values, full.values[len(full.values) - len(resumed.values) :], rtol=1e-9)
+
+
 def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
     """With the Trainer's default log_every_n_steps every measurement reaches TensorBoard at its step."""
     fisher = FisherSpectrum(log_eigenvalues=True)

@@ -34,6 +34,7 @@ HISTORY_FILE = "fisher_history.csv"
 HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
 EPOCH_FILE = "fisher_spectrum.csv"
 EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
+EPOCH_PARTS = ("epoch", "trace_sigma", "grad_sq_norm")  # what epoch_noise_scale pools; checkpointed
 
 
 class FisherSpectrum(TrickCallback):
@@ -334,6 +335,7 @@ class FisherSpectrum(TrickCallback):
             "running": self._running.state_dict(),
             "last_row": self._last_row,
             "rows_through": self._rows_through,
+            "epoch_parts": [{name: r[name] for name in EPOCH_PARTS} for r in self._epoch_records],
         }
 
     @override
@@ -341,6 +343,7 @@ class FisherSpectrum(TrickCallback):
         self._running.load_state_dict(state["running"])
         self._last_row = state["last_row"]
         self._rows_through = state["rows_through"]
+        self._epoch_records = [dict(parts) for parts in state.get("epoch_parts", [])]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -466,6 +469,8 @@ class FisherSpectrum(TrickCallback):
 
     def _record(self, record: dict[str, float]) -> None:
         self._history.append(record)
+        if self._epoch_records and self._epoch_records[-1]["epoch"] != record["epoch"]:
+            self._epoch_records = []  # resumed from an epoch's last batch: no on_train_epoch_start ran
         self._epoch_records.append(record)
         self._last_row = {name: record[name] for name in EPOCH_COLUMNS}
         self.write_table(HISTORY_FILE, HISTORY_COLUMNS, [record], append=True)
