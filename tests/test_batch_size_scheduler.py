@@ -276,6 +276,33 @@ def test_adaptive_policy_without_fisher_spectrum_uses_its_own_two_batch_estimate
     assert 12 < scheduler.noise_scale < 20
 
 
+class RepeatedBatchProblem(NoiseScaleProblem):
+    """32 noisy samples repeated: every batch is the same, so a resumed epoch trains on the data it
+    would have (a plain loader restarts it from its first batch), and SGD moves the weights."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=True, samples=32, batch_size=32)
+        x, y = self.data.tensors
+        self.data = TensorDataset(x.repeat(4, 1), y.repeat(4, 1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_resume_mid_epoch_keeps_the_own_estimates_of_the_epoch(tmp_path):
+    def fit(callbacks, ckpt_path=None):
+        scheduler = BatchSizeScheduler.noise_adaptive(max_size=128, noise_every_n_steps=1)
+        trainer(tmp_path, [scheduler, *callbacks], max_epochs=1, enable_checkpointing=True).fit(
+            RepeatedBatchProblem(), ckpt_path=ckpt_path
+        )
+        return scheduler.noise_scale
+
+    full = fit([])
+    fit([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)])
+    resumed = fit([], ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert math.isfinite(full) and resumed == pytest.approx(full, rel=1e-9)
+
+
 def test_adaptive_policy_without_fisher_spectrum_needs_a_loss(tmp_path):
     class NoLoss(NoiseScaleProblem):
         compute_loss = None

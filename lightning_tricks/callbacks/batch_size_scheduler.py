@@ -342,6 +342,8 @@ class BatchSizeScheduler(TrickCallback):
         if trainer.current_epoch != self._logged_epoch:  # the epoch's first batch (also after a resume)
             self._logged_epoch = trainer.current_epoch
             self._log_size(trainer)
+        if self._noise_epoch != trainer.current_epoch:  # sums of this epoch's estimates only
+            self._noise_epoch, self._noise_sums = trainer.current_epoch, torch.zeros(3, dtype=torch.float64)
         if self._loss is not None and is_due(self.training_step(trainer), self.noise_every_n_steps):
             batch_size = extract_batch_size(batch)
             if batch_size >= 2:
@@ -367,6 +369,7 @@ class BatchSizeScheduler(TrickCallback):
         self._target: int | None = None  # the adaptive policy's next size
         self._history: list[dict[str, Any]] = []
         self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements (own estimate)
+        self._noise_epoch = -1  # the epoch _noise_sums belong to (checkpointed with them)
         self._noise_scale = math.nan
         self._steps_done = 0  # optimiser steps taken (batches that stepped), kept in checkpoints
         self._loss_factor = 1.0  # the current micro-batch's accumulation weight
@@ -397,10 +400,6 @@ class BatchSizeScheduler(TrickCallback):
         self._apply(trainer, pl_module, trainer.current_epoch)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements
-
-    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(self.policy, NormTestPolicy):
             self._noise_scale = self._epoch_noise_scale(trainer)
@@ -417,6 +416,8 @@ class BatchSizeScheduler(TrickCallback):
             "size": self._size,
             "history": list(self._history),
             "steps_done": self._steps_done,
+            "noise_sums": self._noise_sums.tolist(),
+            "noise_epoch": self._noise_epoch,
         }
 
     @override
@@ -425,6 +426,8 @@ class BatchSizeScheduler(TrickCallback):
         self._target = self._size
         self._history = list(state["history"])
         self._steps_done = state.get("steps_done", 0)
+        self._noise_sums = torch.tensor(state.get("noise_sums", [0.0, 0.0, 0.0]), dtype=torch.float64)
+        self._noise_epoch = state.get("noise_epoch", -1)
 
     # -- internals -----------------------------------------------------------------------------
 
