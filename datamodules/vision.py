@@ -144,6 +144,13 @@ class TorchvisionDataModule(ClassificationDataModule):
         if stage in ("test", None) and self.test_set is None:
             self.test_set = TransformedSubset(self._load(train=False), None, self.eval_transform())
 
+    def unaugmented_train_set(self) -> TransformedSubset:
+        """The training split without its random augmentation: ``train_set``'s samples in the same order
+        (index ``i`` is the image of ``train_set[i]``) through ``eval_transform``. ``MinibatchHeatmap``
+        scores this view, so that each image's metric is the stored image's, not one random crop's."""
+        train_set = self._require(self.train_set, "unaugmented_train_set", "fit")
+        return TransformedSubset(train_set.dataset, train_set.indices, self.eval_transform())
+
     def eval_transform(self) -> v2.Compose:
         """PIL image -> float tensor ``(x / 255 - mean) / std`` per channel, shape ``(C, H, W)``."""
         return v2.Compose(

@@ -588,6 +588,62 @@ def test_digits_denormalize_gives_the_stored_pixels():
     np.testing.assert_allclose(datamodule.denormalize(images), raw[:, None].expand(-1, 3, -1, -1), atol=1e-6)
 
 
+class FlatClassifier(pl.LightningModule):
+    """A linear classifier over the flattened images of a torchvision datamodule."""
+
+    def __init__(self, channels: int, size: int, classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, classes))
+
+    def compute_loss(self, batch):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "svhn"])
+def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmented_view(
+    tmp_path, monkeypatch, name
+):
+    from test_datamodules import FORMATS
+
+    spec = FORMATS[name]
+    written = spec.write(tmp_path / "data", np.random.default_rng(7))
+    spec.trust(monkeypatch, tmp_path / "data")
+
+    def fit_order(seed: int) -> tuple[list[int], np.ndarray, ClassificationDataModule]:
+        pl.seed_everything(seed, verbose=False)
+        datamodule = spec.datamodule(tmp_path / "data", batch_size=BATCH, val_size=spec.val_size, augment=True)
+        heatmap = MinibatchHeatmap(metric="intensity", progress=False)
+        module = FlatClassifier(datamodule.in_channels, datamodule.image_size, datamodule.num_classes)
+        trainer = pl.Trainer(
+            callbacks=[heatmap], max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+            limit_train_batches=1, limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=datamodule)
+        return heatmap._sampler.order.tolist(), heatmap.batch_values, datamodule
+
+    order, values, datamodule = fit_order(1)
+    stored = written.train_images[datamodule.train_indices]  # (N, H, W, C) uint8, in train_set order
+    sums = [float(image.astype(np.float64).sum() / 255) for image in stored]
+    reference = sorted(range(len(sums)), key=lambda i: (sums[i], i))
+    assert order == reference
+    expected = [np.mean([sums[i] for i in reference[k : k + BATCH]]) for k in range(0, len(sums), BATCH)]
+    np.testing.assert_allclose(values, expected, rtol=1e-5)
+    assert fit_order(2)[0] == order, "a fit with another seed sorts the same way"
+    torch.manual_seed(0)
+    augmented = torch.stack([datamodule.train_set[i][0] for i in range(len(sums))])
+    assert metric_order(intensity(datamodule.denormalize(augmented))).tolist() != order, "the crops move it"
+
+
 def test_color_on_grey_images_warns(tmp_path):
     with pytest.warns(UserWarning, match="grey"):
         fit(CNNModule(small_cnn()), [MinibatchHeatmap(metric="color", progress=False)], tmp_path, epochs=1)

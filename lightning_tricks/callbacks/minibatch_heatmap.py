@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
 from ..gradients.minibatch_distance import (
@@ -57,7 +57,10 @@ class MinibatchHeatmap(TrickCallback):
     (seed §3.2), not the standardised tensors a loader gives: ``metric_transform="auto"`` passes the
     loader's images through the datamodule's ``denormalize(images)`` (the protocol:
     ``x · std + mean`` per channel, :class:`~lightning_tricks.datamodules.ClassificationDataModule`
-    and its subclasses define it) when ``Trainer.fit(datamodule=...)`` has one; with your own loader
+    and its subclasses define it) when ``Trainer.fit(datamodule=...)`` has one, and, where the
+    datamodule also has ``unaugmented_train_set()`` (the protocol: its ``train_set`` without random
+    augmentation, same samples in the same order, e.g. the torchvision datamodules), scores that
+    view rather than one random augmented view of each image; with your own loader
     pass ``metric_transform=`` (any ``images -> images``), ``None`` scores what the loader gives.
     ``color`` on grey images (one channel, or equal channels) warns: hue and saturation are all 0,
     so it orders by mean value, the order of ``intensity``.
@@ -136,8 +139,8 @@ class MinibatchHeatmap(TrickCallback):
         image_key: where the images are in a collated batch (position or key) for scoring.
         score_batch_size: images scored at once (``>= 1``).
         progress: show a progress bar while scoring.
-        metric_transform: ``"auto"`` (the datamodule's ``denormalize``, if any), ``None`` or a callable
-            ``images -> images`` applied before the metric.
+        metric_transform: ``"auto"`` (the datamodule's ``denormalize`` and ``unaugmented_train_set``,
+            if any), ``None`` or a callable ``images -> images`` applied before the metric.
 
     Raises:
         ValueError / TypeError: bad arguments (naming the argument); at ``setup``, a module with
@@ -519,7 +522,7 @@ class MinibatchHeatmap(TrickCallback):
         scores = None
         if trainer.is_global_zero:
             scores = score_dataset(
-                loader.dataset,
+                self._scored_dataset(trainer, loader),
                 self._metric,
                 batch_size=self.score_batch_size,
                 collate_fn=loader.collate_fn,
@@ -543,6 +546,23 @@ class MinibatchHeatmap(TrickCallback):
             num_replicas=trainer.world_size,
             rank=trainer.global_rank,
         )
+
+    def _scored_dataset(self, trainer: pl.Trainer, loader: DataLoader) -> Dataset:
+        """The images the metric scores, index for index the loader's dataset: with ``"auto"`` and a
+        loader over the datamodule's ``train_set``, its ``unaugmented_train_set()`` (the same samples
+        in the same order without random augmentation), else the loader's dataset."""
+        datamodule = trainer.datamodule
+        view = getattr(datamodule, "unaugmented_train_set", None)
+        own_split = loader.dataset is getattr(datamodule, "train_set", None)
+        if self.metric_transform != "auto" or view is None or not own_split:
+            return loader.dataset
+        dataset = view()
+        if len(dataset) != len(loader.dataset):
+            raise ValueError(
+                f"{type(datamodule).__name__}.unaugmented_train_set() has {len(dataset)} samples, its "
+                f"`train_set` {len(loader.dataset)}; the view must hold the same samples in the same order."
+            )
+        return dataset
 
     def _image_view(self, trainer: pl.Trainer) -> ImageTransform | None:
         """What the metric scores (seed §3.2 scores the images): ``metric_transform``, or with
