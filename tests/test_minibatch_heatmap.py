@@ -644,6 +644,20 @@ def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmente
     assert metric_order(intensity(datamodule.denormalize(augmented))).tolist() != order, "the crops move it"
 
 
+def test_an_unaugmented_view_of_another_length_is_refused(tmp_path):
+    class ShortView(TintedRGB):
+        def unaugmented_train_set(self):
+            return TensorDataset(*(tensor[:-1] for tensor in self.train_set.tensors))
+
+    trainer = pl.Trainer(
+        callbacks=[MinibatchHeatmap(progress=False)], max_epochs=1, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"unaugmented_train_set\(\) has 35 samples.*train_set` 36"):
+        trainer.fit(RGBModule(), datamodule=ShortView())
+
+
 def test_color_on_grey_images_warns(tmp_path):
     with pytest.warns(UserWarning, match="grey"):
         fit(CNNModule(small_cnn()), [MinibatchHeatmap(metric="color", progress=False)], tmp_path, epochs=1)

@@ -147,7 +147,8 @@ class MinibatchHeatmap(TrickCallback):
             neither ``compute_loss`` nor ``loss_fn``; at the first epoch, a training loader that
             cannot have fixed batches (several loaders, an iterable dataset, a custom batch
             sampler) or whose batches change between epochs (e.g. a reloaded loader with another
-            batch size).
+            batch size), or a datamodule's ``unaugmented_train_set()`` of another length than its
+            ``train_set``.
 
     Example::
 
