@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
@@ -468,53 +468,91 @@ def test_figure_schedule_is_logarithmic():
     assert drawn == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
-def stats_sequence(steps: int, layers: int = 4, seed: int = 0):
-    """Random per-step statistics with vanishing, exploding and NaN layers sprinkled in."""
-    from lightning_tricks.gradients.layer_stats import GradientStats
-
+def gradient_sequence(steps: int, layers: int = 4, seed: int = 0) -> list[list[Tensor | None]]:
+    """Per step, one ``(1, 3)`` gradient per layer with mean |g| spread over 1e-12..1e4, NaN in
+    layer 1 now and then, and layer 0 without a gradient at step 9."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(steps):
-        mean_abs = 10.0 ** (torch.rand(layers, generator=generator) * 16 - 12)
+    for step in range(steps):
+        scale = 10.0 ** (torch.rand(layers, 1, 1, generator=generator) * 16 - 12)
+        grads = list(scale * torch.randn(layers, 1, 3, generator=generator, dtype=torch.float64).float())
         if torch.rand(1, generator=generator) < 0.2:
-            mean_abs[1] = float("nan")
-        out.append(
-            GradientStats(
-                mean_abs,
-                mean_abs * 3,
-                mean_abs * 9,
-                torch.ones(layers, dtype=torch.bool),
-                mean_abs.sum(),
-                layers - 1,
-            )
-        )
+            grads[1] = grads[1].clone().fill_(float("nan"))
+        if step == 9:
+            grads[0] = None
+        out.append(grads)
     return out
 
 
-def test_running_flow_state_mid_window_gives_the_uninterrupted_counts_and_averages():
-    rule = AlarmRule(1e-8, 1e-5, 1e3, True)
-    names = ["a", "b", "c", "d"]
-    sequence = stats_sequence(20)
-    whole = RunningFlow(names)
-    for step, stats in enumerate(sequence):
-        whole.update(stats, rule, step)
-    average, window = whole.read_epoch()
+def brute_force_flow(sequence, rule, steps):
+    """Loops over steps and layers, float64: epoch average, per-kind flagged layers, first step
+    flagged and steps counted (vanishing, exploding, nonfinite)."""
+    layers = len(sequence[0])
+    sums, counts = [0.0] * layers, [0] * layers
+    flags, first, totals = [set(), set()], [-1, -1], [0, 0, 0]
+    for step in steps:
+        grads = sequence[step]
+        means = [None if g is None else g.double().abs().mean().item() for g in grads]
+        last = max(i for i, m in enumerate(means) if m is not None)
+        valid = [m is not None and math.isfinite(m) for m in means]
+        nonfinite = [m is not None and not math.isfinite(m) for m in means]
+        vanish = [
+            valid[i] and (means[i] < rule.vanish_threshold or means[i] < rule.vanish_ratio * means[last])
+            for i in range(layers)
+        ]
+        explode = [(valid[i] and means[i] > rule.explode_threshold) or nonfinite[i] for i in range(layers)]
+        for kind, flagged in enumerate((vanish, explode)):
+            flags[kind] |= {i for i in range(layers) if flagged[i]}
+            if any(flagged) and first[kind] < 0:
+                first[kind] = step
+            totals[kind] += any(flagged)
+        totals[2] += any(nonfinite)
+        for i in range(layers):
+            if valid[i]:
+                sums[i] += means[i]
+                counts[i] += 1
+    average = [sums[i] / counts[i] if counts[i] else math.nan for i in range(layers)]
+    return average, flags, first, totals
 
-    first = RunningFlow(names)
-    for step, stats in enumerate(sequence[:7]):
-        first.update(stats, rule, step)
-    _, early = first.read_step()  # a logged step: window emptied
-    for step, stats in enumerate(sequence[7:13], start=7):
-        first.update(stats, rule, step)
-    second = RunningFlow(names)
-    second.load_state_dict(first.state_dict())
-    for step, stats in enumerate(sequence[13:], start=13):
-        second.update(stats, rule, step)
+
+def test_running_flow_equals_a_loop_over_steps_and_survives_a_mid_window_checkpoint():
+    """Windows folded when full (capacity 4), when layer 0 loses its gradient and at reads; a
+    checkpoint between two reads; all against a float64 loop over steps and layers."""
+    rule = AlarmRule(1e-8, 1e-5, 1e3, True)
+    net = nn.ModuleList([nn.Linear(3, 1, bias=False) for _ in range(4)])
+    stats = LayerGradientStats(find_layers(net))
+    sequence = gradient_sequence(20)
+
+    def run(flow, steps):
+        for step in steps:
+            for layer, grad in zip(net, sequence[step]):
+                layer.weight.grad = grad
+            assert flow.update(step)
+
+    whole = RunningFlow(stats, rule, capacity=4)
+    run(whole, range(20))
+    average, window = whole.read_epoch()
+    expected, flags, first, totals = brute_force_flow(sequence, rule, range(20))
+    np.testing.assert_allclose(average, expected, rtol=1e-6)
+    assert [set(np.flatnonzero(row)) for row in window.flags] == flags
+    assert window.first.tolist() == first and window.counts.tolist() == totals
+    assert totals[0] > 0 and totals[2] > 0 and first[0] == 0
+
+    first_part = RunningFlow(stats, rule, capacity=4)
+    run(first_part, range(7))
+    values, early = first_part.read_step()  # a logged step: window emptied
+    last_means = [g.double().abs().mean().item() for g in sequence[6]]
+    np.testing.assert_allclose(values["mean_abs"], last_means, rtol=1e-6)
+    run(first_part, range(7, 13))
+    second = RunningFlow(stats, rule, capacity=4)
+    second.load_state_dict(first_part.state_dict())
+    run(second, range(13, 20))
     resumed_average, late = second.read_epoch()
     np.testing.assert_allclose(resumed_average, average, rtol=1e-6)
     np.testing.assert_array_equal(early.counts + late.counts, window.counts)
     np.testing.assert_array_equal(early.flags | late.flags, window.flags)
-    assert window.counts[2] > 0 and window.counts[0] > 0 and window.first[0] == 0
+    net.zero_grad(set_to_none=True)
+    assert not second.update(20)
 
 
 def test_flow_history_checkpoint_is_bounded_and_keeps_bins_and_recent_epochs():
@@ -1093,3 +1131,58 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert len(single_metrics["grad_flow/global_norm"]) == 8
     for key, values in single_metrics.items():
         np.testing.assert_allclose(ddp_metrics[key], values, rtol=1e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host overhead
+# ---------------------------------------------------------------------------------------------
+
+
+class ProfileSteps(pl.Callback):
+    """Per training step, the number of top-level aten ops (no aten op above them) it ran."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._profiler.__exit__(None, None, None)
+        self.counts.append(sum(1 for event in self._profiler.events() if is_top_level_aten(event)))
+
+
+def is_top_level_aten(event) -> bool:
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def ops_per_step(tmp_path: Path, depth: int, flow: GradientFlow | None) -> list[int]:
+    torch.manual_seed(0)
+    profile = ProfileSteps()
+    callbacks = [profile] if flow is None else [flow, profile]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(Classifier(deep_mlp(depth, nn.Tanh)), loader(n=96))
+    return profile.counts
+
+
+def test_a_step_costs_at_most_15_aten_ops_whatever_the_depth(tmp_path):
+    """GradientFlow's per-step work is a fixed handful of batched ops (three ``_foreach_norm``
+    and a ``stack``), not a few per layer (it was 19 + 7 per parameter: 61 at depth 3, 187 at 12);
+    steps 1-4 are not logged, step 5 is (the window folded into layers and alarms in batch, read
+    back in one transfer, eleven scalars logged)."""
+    extra = {}
+    for depth in (3, 12):
+        plain = ops_per_step(tmp_path, depth, None)
+        with_flow = ops_per_step(tmp_path, depth, GradientFlow(log_every_n_steps=5))
+        extra[depth] = [a - b for a, b in zip(with_flow, plain, strict=True)]
+    assert extra[3][1:] == extra[12][1:], "independent of the number of layers"
+    assert max(extra[3][1:5]) <= 15 and extra[3][1:5] == [extra[3][1]] * 4
+    assert extra[3][5] <= 130, "the fold, one transfer, and the logged scalars"

@@ -75,7 +75,7 @@ class _Tracked:
     stats: LayerGradientStats
     running: RunningFlow
     history: FlowHistory
-    num_params: int
+    group_sizes: list[int]
     epoch: int
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KINDS, 0))
     warned: set[str] = field(default_factory=set)
@@ -117,7 +117,10 @@ class GradientFlow(TrickCallback):
     - and ``global_norm``, the L2 norm over *all* the optimiser's parameters (biases and excluded
       layers included: the norm ``clip_grad_norm_`` would clip).
 
-    One batched pass on the device; one host transfer per logged step. Layers are ordered by
+    Each step costs a constant number of batched device ops whatever the number of layers (the
+    per-parameter norms wait in an on-device window; the per-layer arithmetic and the alarm checks
+    run in batch when the window is read or full), no host synchronisation; one host transfer per
+    logged step and epoch end. Layers are ordered by
     when they first run in the forward pass (recorded on the first training batch); layers that
     did not run follow in registration order.
 
@@ -362,12 +365,10 @@ class GradientFlow(TrickCallback):
         if index is None:
             return
         tracked = self._track(trainer, pl_module, optimizer, index)
-        stats = tracked.stats.compute()
-        if stats is None:
-            return
         step = self.training_step(trainer)
+        if not tracked.running.update(step):
+            return
         tracked.epoch = trainer.current_epoch
-        tracked.running.update(stats, self._alarm_rule(trainer), step)
         every = self.log_every_n_steps or trainer.log_every_n_steps or None
         if step != tracked.last_logged_step and is_due(step, every):
             tracked.last_logged_step = step
@@ -480,9 +481,10 @@ class GradientFlow(TrickCallback):
         """The flow of optimiser ``index``, (re)built when its parameter list changed; a rebuilt or
         resumed flow carries over the totals, the unread alarm window and the partial epoch."""
         tracked = self._tracked.get(index)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if tracked is not None and tracked.num_params == len(params):
+        sizes = [len(group["params"]) for group in optimizer.param_groups]
+        if tracked is not None and tracked.group_sizes == sizes:
             return tracked
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         order = self._forward_order if self._forward_order is not None else self._recorder.order
         layers = [
             layer
@@ -492,9 +494,9 @@ class GradientFlow(TrickCallback):
         stats = LayerGradientStats(sort_by_forward_order(layers, order), other_parameters=params)
         new = _Tracked(
             stats,
-            RunningFlow(stats.names),
+            RunningFlow(stats, self._alarm_rule(trainer)),
             FlowHistory(self.max_figure_columns, self.figure_lines),
-            len(params),
+            sizes,
             trainer.current_epoch,
         )
         saved = tracked.state_dict() if tracked is not None else self._pending.pop(index, None)
