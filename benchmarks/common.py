@@ -1,8 +1,23 @@
-"""Shared pieces of the callback-overhead benchmarks: the workload and a step timer.
+"""Shared pieces of the callback-overhead benchmarks: the workload, a step timer, and exact
+per-step counters of host work.
 
 The workload is the one every overhead figure in the README uses: a CIFAR ResNet-20
-(``lightning_tricks.models.build_net("resnet20", 10)``) on batches of random 3x32x32 images, SGD
-with momentum, CPU, one process.
+(``lightning_tricks.models.build_net("resnet20", 10)``) on batches of random images, SGD with
+momentum, one process.
+
+:class:`StepCounter` counts, for each training step from one ``on_train_batch_start`` to the
+next, one of:
+
+- ``"ops"``: top-level aten ops (no aten op above them: what Python or autograd asked for) and
+  kernel-like ops (aten ops with no aten op below them, less views, allocations and other
+  metadata-only ops), with ``torch.profiler``;
+- ``"python"``: Python function calls, and among them hook calls: Python functions torch calls
+  back, from its C++ core (autograd tensor and node hooks, custom autograd Functions) or from the
+  hook loops of ``Module.__call__`` and ``Optimizer.step``, with ``sys.setprofile``;
+- ``"syncs"``: device-to-host reads asked for from Python (``item``, ``tolist``, ``numpy``,
+  ``cpu``, ``float()``/``int()``/``bool()`` of a tensor, ``to("cpu")``), with a
+  ``TorchFunctionMode``: each one is a host synchronisation on an accelerator, and it counts on
+  the CPU too, where the same code runs without one.
 """
 
 from __future__ import annotations
@@ -10,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
+import sys
 import time
 import warnings
 
@@ -18,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning_tricks.models import build_net
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -51,11 +69,11 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def random_image_loader(steps: int, batch_size: int) -> DataLoader:
-    """``steps`` batches of seeded random 3x32x32 images with 10-class labels."""
+def random_image_loader(steps: int, batch_size: int, size: int = 32) -> DataLoader:
+    """``steps`` batches of seeded random 3x``size``x``size`` images with 10-class labels."""
     generator = torch.Generator().manual_seed(0)
     n = steps * batch_size
-    images = torch.randn(n, 3, 32, 32, generator=generator)
+    images = torch.randn(n, 3, size, size, generator=generator)
     return DataLoader(
         TensorDataset(images, torch.randint(0, 10, (n,), generator=generator)), batch_size=batch_size
     )
@@ -101,3 +119,151 @@ def machine_description() -> str:
         f"CPU: {model} ({os.cpu_count()} logical CPUs{simd}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+
+
+COUNT_KINDS = ("ops", "python", "syncs")
+NO_KERNEL_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "empty empty_strided empty_like view _unsafe_view reshape _reshape_alias as_strided select slice "
+        "unsqueeze squeeze expand t transpose permute detach detach_ alias lift_fresh unbind split chunk "
+        "narrow resize_ set_ resolve_conj resolve_neg flatten contiguous to view_as expand_as numpy_T"
+    ).split()
+)
+SYNC_METHODS = frozenset({"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__"})
+
+
+class StepCounter(Callback):
+    """Exact per-step counts of host work (see the module docstring), for the training steps in
+    ``steps``; put it first in the callback list, so that its window, from one step's
+    ``on_train_batch_start`` to the next one's, holds every other callback's work.
+
+    Attributes:
+        counts: per counted step, ``{"aten_ops", "kernel_ops"}``, ``{"python_calls",
+            "hook_calls"}`` or ``{"syncs"}`` (by ``kind``).
+    """
+
+    def __init__(self, kind: str, steps: range) -> None:
+        if kind not in COUNT_KINDS:
+            raise ValueError(f"`kind` must be one of {COUNT_KINDS}, got {kind!r}.")
+        self.kind, self.steps = kind, steps
+        self.counts: dict[int, dict[str, int]] = {}
+        self._step: int | None = None
+        self._instrument = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._finish()
+        if trainer.global_step in self.steps:
+            self._step = trainer.global_step
+            self._instrument = {"ops": _OpCounter, "python": _CallCounter, "syncs": _SyncCounter}[self.kind]()
+            self._instrument.start()
+
+    def on_train_end(self, trainer, pl_module):
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._instrument is not None:
+            self.counts[self._step] = self._instrument.stop()
+            self._instrument = None
+
+
+class _OpCounter:
+    def start(self) -> None:
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def stop(self) -> dict[str, int]:
+        self._profiler.__exit__(None, None, None)
+        events = [e for e in self._profiler.events() if e.name.startswith("aten::")]
+        with_aten_child = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
+        top = sum(1 for e in events if not _has_aten_ancestor(e))
+        kernels = sum(1 for e in events if id(e) not in with_aten_child and e.name not in NO_KERNEL_OPS)
+        return {"aten_ops": top, "kernel_ops": kernels}
+
+
+def _has_aten_ancestor(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+class _CallCounter:
+    """``sys.setprofile`` hook: Python calls, and those torch makes back into Python (hooks)."""
+
+    HOOK_CALLERS = ("_call_impl", "_wrapped_call_impl", "wrapper", "patch_track_step_called")
+
+    def start(self) -> None:
+        self.calls = self.hooks = 0
+        self._stack: list = []
+        sys.setprofile(self._event)
+
+    def stop(self) -> dict[str, int]:
+        sys.setprofile(None)
+        return {"python_calls": self.calls, "hook_calls": self.hooks}
+
+    def _event(self, frame, event, arg) -> None:
+        if event == "call":
+            self.calls += 1
+            self.hooks += self._is_hook(frame)
+            self._stack.append(None)
+        elif event == "c_call":
+            self._stack.append(arg)
+        elif self._stack:
+            self._stack.pop()
+
+    def _is_hook(self, frame) -> bool:
+        if frame.f_code.co_flags & 0x20:  # a generator resumed
+            return False
+        caller = self._stack[-1] if self._stack else None
+        if caller is not None:
+            owner = getattr(caller, "__self__", None)
+            owner_type = owner if isinstance(owner, type) else type(owner)
+            return owner is not None and owner_type.__module__.startswith("torch")
+        back = frame.f_back
+        if back is None or back.f_code.co_name not in self.HOOK_CALLERS:
+            return False
+        in_torch = back.f_code.co_filename.endswith(("nn/modules/module.py", "optim/optimizer.py"))
+        ours = frame.f_code.co_filename.endswith(("nn/modules/module.py", "optim/optimizer.py", "utils/hooks.py"))
+        return in_torch and not ours and frame.f_code.co_name not in ("forward", "step")
+
+
+class _SyncCounter(TorchFunctionMode):
+    """Counts the device-to-host reads asked for from Python."""
+
+    def start(self) -> None:
+        self.syncs = 0
+        self.__enter__()
+
+    def stop(self) -> dict[str, int]:
+        self.__exit__(None, None, None)
+        return {"syncs": self.syncs}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS or (name == "to" and _to_host(args[1:], kwargs)):
+            self.syncs += 1
+        return func(*args, **kwargs)
+
+
+def _to_host(args: tuple, kwargs: dict) -> bool:
+    targets = [*args, kwargs.get("device")]
+    return any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
+
+
+def count_fit(make_trainer, make_module, kind: str, steps: range) -> dict[int, dict[str, int]]:
+    """Per step in ``steps``, the ``kind`` counts of a fit: ``make_trainer(counter)`` builds the
+    trainer with the counter first among its callbacks."""
+    counter = StepCounter(kind, steps)
+    make_trainer(counter).fit(make_module())
+    return counter.counts
+
+
+def median_counts(counts: dict[int, dict[str, int]], steps) -> dict[str, float]:
+    """Per counted quantity, the median over ``steps`` (all equal when the work is the same)."""
+    rows = [counts[step] for step in steps]
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -22,3 +23,31 @@ def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
             assert_identical(a, e, f"{where}[{i}]")
     else:
         assert actual == expected, where
+
+
+class AtenOpsPerStep(pl.Callback):
+    """Per training step (``on_train_batch_start`` to ``on_train_batch_end``), the number of
+    top-level aten ops (no aten op above them in the profile) it ran, in :attr:`counts`."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._profiler: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._profiler.__exit__(None, None, None)
+        self.counts.append(sum(1 for event in self._profiler.events() if _is_top_level_aten(event)))
+
+
+def _is_top_level_aten(event) -> bool:
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True

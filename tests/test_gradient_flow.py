@@ -23,6 +23,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from helpers import AtenOpsPerStep
+
 import lightning_tricks.callbacks.gradient_flow as flow_module
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
 from lightning_tricks.gradients.gradient_flow import (
@@ -1138,36 +1140,9 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class ProfileSteps(pl.Callback):
-    """Per training step, the number of top-level aten ops (no aten op above them) it ran."""
-
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-        self._profiler = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self._profiler.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._profiler.__exit__(None, None, None)
-        self.counts.append(sum(1 for event in self._profiler.events() if is_top_level_aten(event)))
-
-
-def is_top_level_aten(event) -> bool:
-    if not event.name.startswith("aten::"):
-        return False
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
-
-
 def ops_per_step(tmp_path: Path, depth: int, flow: GradientFlow | None) -> list[int]:
     torch.manual_seed(0)
-    profile = ProfileSteps()
+    profile = AtenOpsPerStep()
     callbacks = [profile] if flow is None else [flow, profile]
     make_trainer(tmp_path, callbacks, max_epochs=1).fit(Classifier(deep_mlp(depth, nn.Tanh)), loader(n=96))
     return profile.counts
