@@ -44,7 +44,9 @@ from lightning_tricks.gradients.layer_stats import (
     LayerFilter,
     LayerGradientStats,
     find_layers,
+    first_uses,
     is_bias,
+    sort_by_first_use,
     sort_by_forward_order,
 )
 from lightning_tricks.plotting import plot_gradient_flow
@@ -654,6 +656,65 @@ def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path, 
         "layer": "net.conv1",
         "mean_abs": matrix[0, 0],
     }
+
+
+class TextClassifier(pl.LightningModule):
+    """A user-written Transformer text classifier: embedding, ``nn.TransformerEncoder`` (whose
+    ``MultiheadAttention`` uses ``out_proj.weight`` functionally: that Linear's forward never
+    runs), mean pooling, a linear head. Records the brute-force mean |g| of the embedding and of
+    the head at every optimiser step."""
+
+    def __init__(self, vocabulary: int = 30, width: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(vocabulary, width)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 3)
+        self.first_over_last: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        return F.cross_entropy(self.head(self.encoder(self.embedding(tokens)).mean(1)), labels)
+
+    def on_before_optimizer_step(self, optimizer):
+        first, last = (p.grad.double().abs().mean().item() for p in (self.embedding.weight, self.head.weight))
+        self.first_over_last.append(first / last)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_transformer_out_proj_sits_inside_its_layer_and_the_ratio_compares_embedding_and_head(tmp_path):
+    """Finding: ordered by forward hooks, both ``self_attn.out_proj`` came after the head, so
+    ``first_to_last_ratio`` divided by an attention projection's gradient."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 30, (24, 7), generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    data = TensorDataset(tokens, labels)
+    module, logger = TextClassifier(), MemoryLogger()
+    flow = GradientFlow(log_every_n_steps=1)
+    make_trainer(tmp_path, [flow], logger=logger, max_epochs=1).fit(module, DataLoader(data, batch_size=8))
+
+    names = flow.flows[0].layer_names
+    expected = ["embedding"]
+    for i in range(2):
+        block = f"encoder.layers.{i}."
+        parts = ("self_attn", "self_attn.out_proj", "norm1", "linear1", "linear2", "norm2")
+        expected += [block + name for name in parts]
+    assert names == expected + ["head"]
+    tag = "grad_flow/first_to_last_ratio"
+    ratios = [metrics[tag] for _, metrics in logger.logged if tag in metrics]
+    assert ratios == pytest.approx(module.first_over_last, rel=1e-5) and len(ratios) == 3
+
+
+def test_a_parametrized_weight_sits_where_its_module_uses_it():
+    """Sibling: ``parametrizations.weight`` (weight norm) owns the trained tensors but never runs."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(net[2])
+    loss = net(torch.randn(5, 4)).square().sum()
+    layers = find_layers(net, include_bias=False)
+    order = [layer.name for layer in sort_by_first_use(layers, first_uses(loss), [])]
+    assert order == ["0", "2.parametrizations.weight", "4"]
 
 
 def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(tmp_path):

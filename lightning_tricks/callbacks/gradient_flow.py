@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -40,7 +41,8 @@ from ..gradients.layer_stats import (
     LayerGradientStats,
     LayerPatterns,
     find_layers,
-    sort_by_forward_order,
+    first_uses,
+    sort_by_first_use,
 )
 from ..plotting import plot_gradient_flow
 from ._base import TrickCallback, check_every_n, is_due
@@ -120,9 +122,11 @@ class GradientFlow(TrickCallback):
     Each step costs a constant number of batched device ops whatever the number of layers (the
     per-parameter norms wait in an on-device window; the per-layer arithmetic and the alarm checks
     run in batch when the window is read or full), no host synchronisation; one host transfer per
-    logged step and epoch end. Layers are ordered by
-    when they first run in the forward pass (recorded on the first training batch); layers that
-    did not run follow in registration order.
+    logged step and epoch end. Layers are in depth order: by when the forward pass first used
+    their parameters, read off the autograd graph of the first training batch's backwards, so a
+    module whose weight its parent uses functionally (``nn.MultiheadAttention``'s ``out_proj``, a
+    parametrization's ``original``) sits where it is used; layers that graph does not reach
+    follow in the order their modules first ran, then in registration order.
 
     **Logged scalars** at the training steps with ``step % n == 0`` (``n = log_every_n_steps``;
     ``step`` the 0-based training step, the axis Lightning logs ``self.log`` values at), to every
@@ -322,6 +326,7 @@ class GradientFlow(TrickCallback):
         self._pending: dict[int, dict[str, Any]] = {}
         self._recorder = ForwardOrderRecorder()
         self._forward_order: list[str] | None = None
+        self._first_uses: dict[int, int] = {}
         self._unknown_optimizer_warned = False
         self._fit_started = time.perf_counter()
         self._figure_seconds = 0.0
@@ -343,6 +348,12 @@ class GradientFlow(TrickCallback):
             self._recorder.start(
                 (layer.name, layer.module) for layer in layers if layer.module is not pl_module
             )
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._forward_order is None:  # the first training step's backwards
+            for leaf, number in first_uses(loss).items():
+                self._first_uses[leaf] = min(self._first_uses.get(leaf, number), number)
 
     @override
     def on_train_batch_end(
@@ -491,7 +502,8 @@ class GradientFlow(TrickCallback):
             for layer in find_layers(pl_module, params, include_bias=self.include_bias)
             if self._filter(layer)
         ]
-        stats = LayerGradientStats(sort_by_forward_order(layers, order), other_parameters=params)
+        ordered = sort_by_first_use(layers, self._first_uses, order)
+        stats = LayerGradientStats(ordered, other_parameters=params)
         new = _Tracked(
             stats,
             RunningFlow(stats, self._alarm_rule(trainer)),

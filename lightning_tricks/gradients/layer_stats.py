@@ -7,8 +7,10 @@ the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.Gr
 - :func:`find_layers` groups parameters into layers (every module that owns parameters directly,
   weights and biases together, or weights only with ``include_bias=False``, seed 001's quantity);
 - :class:`LayerFilter` keeps the layers a user asks for (name regexes or module types);
-- :class:`ForwardOrderRecorder` and :func:`sort_by_forward_order` put layers in the order they
-  first run in the forward pass;
+- :func:`first_uses` and :func:`sort_by_first_use` put layers in the order the forward pass first
+  used their parameters (read off the autograd graph), :class:`ForwardOrderRecorder` and
+  :func:`sort_by_forward_order` in the order their modules first ran (for layers the graph
+  does not reach);
 - :class:`LayerGradientStats` computes, in a constant number of batched passes over all gradients
   (``torch._foreach_norm``) and without a host synchronisation, per layer the mean ``|g|``, the L2
   norm and the max ``|g|``, plus the global gradient norm.
@@ -203,6 +205,46 @@ def sort_by_forward_order(layers: Sequence[Layer], order: Sequence[str]) -> list
     rank = {name: i for i, name in enumerate(order)}
     seen = sorted((layer for layer in layers if layer.name in rank), key=lambda layer: rank[layer.name])
     return seen + [layer for layer in layers if layer.name not in rank]
+
+
+def first_uses(loss: Tensor) -> dict[int, int]:
+    """``{id(leaf): n}`` for every leaf tensor a backward from ``loss`` reaches, ``n`` the autograd
+    sequence number of the first forward op that used it (sequence numbers grow with each op
+    recorded, so they give the order in which the forward used the parameters, also where a
+    module uses a child's weight functionally, as ``nn.MultiheadAttention`` does ``out_proj``'s).
+    Walks the graph once, visiting each node once; reads it only."""
+    if loss.grad_fn is None:
+        return {}
+    uses: dict[int, int] = {}
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                number = node._sequence_nr()
+                uses[id(leaf)] = min(uses.get(id(leaf), number), number)
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return uses
+
+
+def sort_by_first_use(
+    layers: Sequence[Layer], uses: dict[int, int], order: Sequence[str]
+) -> list[Layer]:
+    """Layers in the order the forward first used one of their parameters (``uses`` from
+    :func:`first_uses`); layers none of whose parameters were reached follow, by
+    :func:`sort_by_forward_order` with ``order``."""
+    first = {
+        layer.name: min((uses[id(p)] for p in layer.parameters if id(p) in uses), default=None)
+        for layer in layers
+    }
+    reached = [layer for layer in layers if first[layer.name] is not None]
+    rest = [layer for layer in layers if first[layer.name] is None]
+    return sorted(reached, key=lambda layer: first[layer.name]) + sort_by_forward_order(rest, order)
 
 
 class GradientStats(NamedTuple):
