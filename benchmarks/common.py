@@ -9,8 +9,8 @@ momentum, one process.
 next, one of:
 
 - ``"ops"``: top-level aten ops (no aten op above them: what Python or autograd asked for) and
-  kernel-like ops (aten ops with no aten op below them, less views, allocations and other
-  metadata-only ops), with ``torch.profiler``;
+  kernel-like ops (aten ops that are no view, allocation or other metadata-only op and have none
+  such below them: roughly one kernel each), with ``torch.profiler``;
 - ``"python"``: Python function calls, and among them hook calls: Python functions torch calls
   back, from its C++ core (autograd tensor and node hooks, custom autograd Functions) or from the
   hook loops of ``Module.__call__`` and ``Optimizer.step``, with ``sys.setprofile``;
@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -130,6 +131,7 @@ NO_KERNEL_OPS = frozenset(
         "narrow resize_ set_ resolve_conj resolve_neg flatten contiguous to view_as expand_as numpy_T"
     ).split()
 )
+LIBRARY_PATHS = (os.path.dirname(torch.__file__), os.path.dirname(os.__file__))
 SYNC_METHODS = frozenset({"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__"})
 
 
@@ -175,10 +177,20 @@ class _OpCounter:
     def stop(self) -> dict[str, int]:
         self._profiler.__exit__(None, None, None)
         events = [e for e in self._profiler.events() if e.name.startswith("aten::")]
-        with_aten_child = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
         top = sum(1 for e in events if not _has_aten_ancestor(e))
-        kernels = sum(1 for e in events if id(e) not in with_aten_child and e.name not in NO_KERNEL_OPS)
+        memo: dict[int, bool] = {}
+        kernels = sum(1 for e in events if e.name not in NO_KERNEL_OPS and not _computes_below(e, memo))
         return {"aten_ops": top, "kernel_ops": kernels}
+
+
+def _computes_below(event, memo: dict[int, bool]) -> bool:
+    """Whether an aten op below ``event`` computes (is not a view, allocation or metadata op)."""
+    if id(event) not in memo:
+        memo[id(event)] = any(
+            (child.name.startswith("aten::") and child.name not in NO_KERNEL_OPS) or _computes_below(child, memo)
+            for child in event.cpu_children
+        )
+    return memo[id(event)]
 
 
 def _has_aten_ancestor(event) -> bool:
@@ -225,9 +237,9 @@ class _CallCounter:
         back = frame.f_back
         if back is None or back.f_code.co_name not in self.HOOK_CALLERS:
             return False
-        in_torch = back.f_code.co_filename.endswith(("nn/modules/module.py", "optim/optimizer.py"))
-        ours = frame.f_code.co_filename.endswith(("nn/modules/module.py", "optim/optimizer.py", "utils/hooks.py"))
-        return in_torch and not ours and frame.f_code.co_name not in ("forward", "step")
+        hook_loop = back.f_code.co_filename.endswith(("nn/modules/module.py", "optim/optimizer.py"))
+        library = frame.f_code.co_filename.startswith(LIBRARY_PATHS)
+        return hook_loop and not library and frame.f_code.co_name not in ("forward", "step")
 
 
 class _SyncCounter(TorchFunctionMode):
@@ -254,11 +266,11 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
     return any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
 
 
-def count_fit(make_trainer, make_module, kind: str, steps: range) -> dict[int, dict[str, int]]:
-    """Per step in ``steps``, the ``kind`` counts of a fit: ``make_trainer(counter)`` builds the
-    trainer with the counter first among its callbacks."""
+def count_fit(run: Callable[[StepCounter], None], kind: str, steps: range) -> dict[int, dict[str, int]]:
+    """Per step in ``steps``, the ``kind`` counts of ``run(counter)``, a fit with ``counter``
+    first among its callbacks."""
     counter = StepCounter(kind, steps)
-    make_trainer(counter).fit(make_module())
+    run(counter)
     return counter.counts
 
 

@@ -1,0 +1,174 @@
+"""Host overhead of the callbacks where a GPU's step is host-bound, reproduced on the CPU.
+
+On a GPU, a small model's step costs what the host spends launching it: Python, Lightning's loop,
+and one dispatch per aten op, not the arithmetic. Tiny tensors give the CPU the same profile: a
+CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``) on batches of 8 random
+3x8x8 images, SGD with momentum, one intra-op thread, through a quiet Lightning Trainer.
+
+**Ratios.** Each round runs every configuration once, in an order that rotates between rounds, in
+one process. A step is timed in thread CPU time (robust to other processes on a shared machine)
+from one ``on_train_batch_start`` to the next, so every callback's hooks are inside; a run's cost
+is its median step after ``--warmup`` steps, and a ratio is the median over rounds of (run with
+the callback) / (plain run of the same round), its range over the rounds beside it.
+``FisherSpectrum(every_n_steps=20)`` is split into its measured steps (``step % 20 == 0``) and the
+others.
+
+**Counts** (exact, per step, medians over steps 10 to 29 of separate runs; see
+``common.StepCounter``): top-level aten ops, kernel-like aten ops, Python function calls, hook
+calls (Python that torch calls back), host syncs (device-to-host reads asked for from Python).
+The plain row gives totals, the others what the callback adds.
+
+    python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from common import (
+    ResNet20Classifier,
+    count_fit,
+    machine_description,
+    median_counts,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+)
+from lightning.pytorch.callbacks import Callback
+
+from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
+
+BATCH_SIZE, IMAGE_SIZE = 8, 8
+SPARSE_EVERY = 20
+CONFIGS: dict[str, Callable[[], Callback] | None] = {
+    "plain": None,
+    "FisherSpectrum(every_n_steps=1)": lambda: FisherSpectrum(every_n_steps=1),
+    f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": lambda: FisherSpectrum(every_n_steps=SPARSE_EVERY),
+    "GradientFlow()": GradientFlow,
+    "RandomGradient()": lambda: RandomGradient(seed=0),
+}
+SPARSE = f"FisherSpectrum(every_n_steps={SPARSE_EVERY})"
+COUNT_COLUMNS = ("aten_ops", "kernel_ops", "python_calls", "hook_calls", "syncs")
+
+
+class WindowTimer(Callback):
+    """Thread CPU time from one ``on_train_batch_start`` to the next (first in the callback list)."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+        self._start: tuple[int, float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self._start = (trainer.global_step, time.thread_time())
+
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def _close(self) -> None:
+        if self._start is not None:
+            step, started = self._start
+            self.times[step] = time.thread_time() - started
+
+
+def fit(config: str, steps: int, root: str, first: Callback) -> None:
+    """One fit of ``steps`` steps of ``config`` with ``first`` first among the callbacks."""
+    make = CONFIGS[config]
+    callbacks = [first] if make is None else [first, make()]
+    loader = random_image_loader(steps, BATCH_SIZE, IMAGE_SIZE)
+    torch.manual_seed(0)
+    quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
+
+
+def step_kinds(config: str, steps: list[int]) -> dict[str, list[int]]:
+    """The table rows of ``config``: its steps, split into measured and not for the sparse one."""
+    if config != SPARSE:
+        return {config: steps}
+    return {
+        f"{config}, measured step": [s for s in steps if s % SPARSE_EVERY == 0],
+        f"{config}, unmeasured step": [s for s in steps if s % SPARSE_EVERY],
+    }
+
+
+def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, list[float]]:
+    """Per table row, its ratio to the plain run of each round."""
+    names = list(CONFIGS)
+    ratios: dict[str, list[float]] = {}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        medians: dict[str, float] = {}
+        for config in names[shift:] + names[:shift]:
+            timer = WindowTimer()
+            fit(config, steps, root, timer)
+            timed = sorted(s for s in timer.times if s >= warmup)
+            for row, kind_steps in step_kinds(config, timed).items():
+                medians[row] = statistics.median(timer.times[s] for s in kind_steps)
+        for row, value in medians.items():
+            ratios.setdefault(row, []).append(value / medians["plain"])
+    return ratios
+
+
+def counts(count_steps: range, root: str) -> dict[str, dict[str, float]]:
+    """Per table row, the median per-step counts (plain: totals; others: added to plain)."""
+    table: dict[str, dict[str, float]] = {}
+    for config in CONFIGS:
+        merged: dict[int, dict[str, int]] = {step: {} for step in count_steps}
+        for kind in ("ops", "python", "syncs"):
+            run = partial(fit, config, count_steps.stop + 1, root)
+            for step, values in count_fit(run, kind, count_steps).items():
+                merged[step].update(values)
+        for row, kind_steps in step_kinds(config, list(count_steps)).items():
+            table[row] = median_counts(merged, kind_steps)
+    plain = table["plain"]
+    return {
+        row: values if row == "plain" else {key: value - plain[key] for key, value in values.items()}
+        for row, values in table.items()
+    }
+
+
+def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float]], args) -> None:
+    print(
+        f"\nResNet-20, B={BATCH_SIZE}, 3x{IMAGE_SIZE}x{IMAGE_SIZE}, SGD, 1 thread; {args.rounds} rounds x "
+        f"{args.steps - args.warmup} timed steps (thread CPU time)"
+    )
+    header = f"{'configuration':<48}{'ratio':>7}{'range':>13}" + "".join(f"{c:>14}" for c in COUNT_COLUMNS)
+    print(header)
+    for row, values in ratios.items():
+        spread = f"{min(values):.2f}-{max(values):.2f}"
+        cells = "".join(_cell(row, table[row][c]) for c in COUNT_COLUMNS)
+        print(f"{row:<48}{statistics.median(values):>7.3f}{spread:>13}{cells}")
+
+
+def _cell(row: str, value: float) -> str:
+    text = f"{value:,.0f}" if row == "plain" else f"{value:+,.0f}"
+    return f"{text:>14}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 42 steps: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 42, 10
+    if args.steps <= max(args.warmup, SPARSE_EVERY):
+        parser.error(f"--steps must exceed --warmup and {SPARSE_EVERY}")
+    silence_lightning()
+    torch.set_num_threads(1)
+    print(machine_description())
+    with tempfile.TemporaryDirectory() as root:
+        table = counts(range(10, 30), root)
+        ratios = time_rounds(args.rounds, args.steps, args.warmup, root)
+    print_table(ratios, table, args)
+
+
+if __name__ == "__main__":
+    main()
