@@ -33,12 +33,13 @@ from functools import partial
 import torch
 from common import (
     ResNet20Classifier,
-    count_fit,
+    count_table,
+    format_count_table,
     machine_description,
-    median_counts,
     quiet_trainer,
     random_image_loader,
     silence_lightning,
+    step_kinds,
 )
 from lightning.pytorch.callbacks import Callback
 
@@ -53,8 +54,8 @@ CONFIGS: dict[str, Callable[[], Callback] | None] = {
     "GradientFlow()": GradientFlow,
     "RandomGradient()": lambda: RandomGradient(seed=0),
 }
-SPARSE = f"FisherSpectrum(every_n_steps={SPARSE_EVERY})"
-COUNT_COLUMNS = ("aten_ops", "kernel_ops", "python_calls", "hook_calls", "syncs")
+SPARSE_PERIODS = {f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": SPARSE_EVERY}
+COUNT_STEPS = range(10, 30)
 
 
 class WindowTimer(Callback):
@@ -77,23 +78,13 @@ class WindowTimer(Callback):
             self.times[step] = time.thread_time() - started
 
 
-def fit(config: str, steps: int, root: str, first: Callback) -> None:
+def fit(steps: int, root: str, config: str, first: Callback) -> None:
     """One fit of ``steps`` steps of ``config`` with ``first`` first among the callbacks."""
     make = CONFIGS[config]
     callbacks = [first] if make is None else [first, make()]
     loader = random_image_loader(steps, BATCH_SIZE, IMAGE_SIZE)
     torch.manual_seed(0)
     quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
-
-
-def step_kinds(config: str, steps: list[int]) -> dict[str, list[int]]:
-    """The table rows of ``config``: its steps, split into measured and not for the sparse one."""
-    if config != SPARSE:
-        return {config: steps}
-    return {
-        f"{config}, measured step": [s for s in steps if s % SPARSE_EVERY == 0],
-        f"{config}, unmeasured step": [s for s in steps if s % SPARSE_EVERY],
-    }
 
 
 def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, list[float]]:
@@ -105,31 +96,13 @@ def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, li
         medians: dict[str, float] = {}
         for config in names[shift:] + names[:shift]:
             timer = WindowTimer()
-            fit(config, steps, root, timer)
+            fit(steps, root, config, timer)
             timed = sorted(s for s in timer.times if s >= warmup)
-            for row, kind_steps in step_kinds(config, timed).items():
+            for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():
                 medians[row] = statistics.median(timer.times[s] for s in kind_steps)
         for row, value in medians.items():
             ratios.setdefault(row, []).append(value / medians["plain"])
     return ratios
-
-
-def counts(count_steps: range, root: str) -> dict[str, dict[str, float]]:
-    """Per table row, the median per-step counts (plain: totals; others: added to plain)."""
-    table: dict[str, dict[str, float]] = {}
-    for config in CONFIGS:
-        merged: dict[int, dict[str, int]] = {step: {} for step in count_steps}
-        for kind in ("ops", "python", "syncs"):
-            run = partial(fit, config, count_steps.stop + 1, root)
-            for step, values in count_fit(run, kind, count_steps).items():
-                merged[step].update(values)
-        for row, kind_steps in step_kinds(config, list(count_steps)).items():
-            table[row] = median_counts(merged, kind_steps)
-    plain = table["plain"]
-    return {
-        row: values if row == "plain" else {key: value - plain[key] for key, value in values.items()}
-        for row, values in table.items()
-    }
 
 
 def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float]], args) -> None:
@@ -137,17 +110,11 @@ def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float
         f"\nResNet-20, B={BATCH_SIZE}, 3x{IMAGE_SIZE}x{IMAGE_SIZE}, SGD, 1 thread; {args.rounds} rounds x "
         f"{args.steps - args.warmup} timed steps (thread CPU time)"
     )
-    header = f"{'configuration':<48}{'ratio':>7}{'range':>13}" + "".join(f"{c:>14}" for c in COUNT_COLUMNS)
-    print(header)
-    for row, values in ratios.items():
-        spread = f"{min(values):.2f}-{max(values):.2f}"
-        cells = "".join(_cell(row, table[row][c]) for c in COUNT_COLUMNS)
-        print(f"{row:<48}{statistics.median(values):>7.3f}{spread:>13}{cells}")
-
-
-def _cell(row: str, value: float) -> str:
-    text = f"{value:,.0f}" if row == "plain" else f"{value:+,.0f}"
-    return f"{text:>14}"
+    counts = format_count_table(table)
+    print(f"{counts[0]}{'ratio':>8}{'range':>12}")
+    for line, row in zip(counts[1:], table, strict=True):
+        values = ratios[row]
+        print(f"{line}{statistics.median(values):>8.3f}{f'{min(values):.2f}-{max(values):.2f}':>12}")
 
 
 def main() -> None:
@@ -165,7 +132,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine_description())
     with tempfile.TemporaryDirectory() as root:
-        table = counts(range(10, 30), root)
+        configs = {config: SPARSE_PERIODS.get(config) for config in CONFIGS}
+        table = count_table(partial(fit, COUNT_STEPS.stop + 1, root), configs, COUNT_STEPS)
         ratios = time_rounds(args.rounds, args.steps, args.warmup, root)
     print_table(ratios, table, args)
 

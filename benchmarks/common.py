@@ -17,7 +17,9 @@ next, one of:
 - ``"syncs"``: device-to-host reads asked for from Python (``item``, ``tolist``, ``numpy``,
   ``cpu``, ``float()``/``int()``/``bool()`` of a tensor, ``to("cpu")``), with a
   ``TorchFunctionMode``: each one is a host synchronisation on an accelerator, and it counts on
-  the CPU too, where the same code runs without one.
+  the CPU too, where the same code runs without one;
+- ``"cuda_syncs"``: on a CUDA device, the synchronisations CUDA itself reports
+  (``torch.cuda.set_sync_debug_mode``), those inside torch's C++ included.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
@@ -122,7 +125,7 @@ def machine_description() -> str:
     )
 
 
-COUNT_KINDS = ("ops", "python", "syncs")
+COUNT_KINDS = ("ops", "python", "syncs", "cuda_syncs")
 NO_KERNEL_OPS = frozenset(
     "aten::" + name
     for name in (
@@ -157,7 +160,7 @@ class StepCounter(Callback):
         self._finish()
         if trainer.global_step in self.steps:
             self._step = trainer.global_step
-            self._instrument = {"ops": _OpCounter, "python": _CallCounter, "syncs": _SyncCounter}[self.kind]()
+            self._instrument = INSTRUMENTS[self.kind]()
             self._instrument.start()
 
     def on_train_end(self, trainer, pl_module):
@@ -187,7 +190,8 @@ def _computes_below(event, memo: dict[int, bool]) -> bool:
     """Whether an aten op below ``event`` computes (is not a view, allocation or metadata op)."""
     if id(event) not in memo:
         memo[id(event)] = any(
-            (child.name.startswith("aten::") and child.name not in NO_KERNEL_OPS) or _computes_below(child, memo)
+            (child.name.startswith("aten::") and child.name not in NO_KERNEL_OPS)
+            or _computes_below(child, memo)
             for child in event.cpu_children
         )
     return memo[id(event)]
@@ -261,6 +265,30 @@ class _SyncCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CudaSyncCounter:
+    """Counts the host synchronisations CUDA reports (``torch.cuda.set_sync_debug_mode("warn")``),
+    wherever they come from, C++ included."""
+
+    def start(self) -> None:
+        self._catcher = warnings.catch_warnings(record=True)
+        self._records = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> dict[str, int]:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(None, None, None)
+        return {"cuda_syncs": sum("synchroniz" in str(record.message) for record in self._records)}
+
+
+INSTRUMENTS = {
+    "ops": _OpCounter,
+    "python": _CallCounter,
+    "syncs": _SyncCounter,
+    "cuda_syncs": _CudaSyncCounter,
+}
+
+
 def _to_host(args: tuple, kwargs: dict) -> bool:
     targets = [*args, kwargs.get("device")]
     return any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
@@ -279,3 +307,48 @@ def median_counts(counts: dict[int, dict[str, int]], steps) -> dict[str, float]:
     rows = [counts[step] for step in steps]
     return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
+
+def step_kinds(config: str, steps: list[int], every: int | None) -> dict[str, list[int]]:
+    """The table rows of ``config``: its steps, or, for a callback that measures every
+    ``every`` steps, its measured steps (``step % every == 0``) and the others."""
+    if every is None:
+        return {config: steps}
+    return {
+        f"{config}, measured step": [s for s in steps if s % every == 0],
+        f"{config}, unmeasured step": [s for s in steps if s % every],
+    }
+
+
+def count_table(
+    fit: Callable[[str, Callback], None],
+    configs: dict[str, int | None],
+    steps: range,
+    kinds: Sequence[str] = ("ops", "python", "syncs"),
+) -> dict[str, dict[str, float]]:
+    """Per table row, the median per-step counts over ``steps``: totals for the first
+    configuration (the plain run), what is added to them for the others. ``fit(config, counter)``
+    runs a fit of ``config`` with ``counter`` first among its callbacks; ``configs`` maps each
+    configuration to the period of its sparse measurement (None: every step alike)."""
+    table: dict[str, dict[str, float]] = {}
+    for config, every in configs.items():
+        merged: dict[int, dict[str, int]] = {step: {} for step in steps}
+        for kind in kinds:
+            for step, values in count_fit(partial(fit, config), kind, steps).items():
+                merged[step].update(values)
+        for row, kind_steps in step_kinds(config, list(steps), every).items():
+            table[row] = median_counts(merged, kind_steps)
+    plain = next(iter(table.values()))
+    return {
+        row: values if values is plain else {key: value - plain[key] for key, value in values.items()}
+        for row, values in table.items()
+    }
+
+
+def format_count_table(table: dict[str, dict[str, float]]) -> list[str]:
+    """The table as text lines: totals in the first row, ``+n`` in the others."""
+    columns = list(next(iter(table.values())))
+    lines = [f"{'configuration':<52}" + "".join(f"{c:>14}" for c in columns)]
+    for index, (row, values) in enumerate(table.items()):
+        texts = [f"{values[c]:,.0f}" if index == 0 else f"{values[c]:+,.0f}" for c in columns]
+        lines.append(f"{row:<52}" + "".join(f"{text:>14}" for text in texts))
+    return lines
