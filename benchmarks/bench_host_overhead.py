@@ -8,7 +8,8 @@ CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``) on batch
 **Ratios.** Each round runs every configuration once, in an order that rotates between rounds, in
 one process. A step is timed in thread CPU time (robust to other processes on a shared machine)
 from one ``on_train_batch_start`` to the next, so every callback's hooks are inside; a run's cost
-is its median step after ``--warmup`` steps, and a ratio is the median over rounds of (run with
+is its median step after ``--warmup`` steps (``--statistic min``: its fastest, the least disturbed
+on a busy machine), and a ratio is the median over rounds of (run with
 the callback) / (plain run of the same round), its range over the rounds beside it.
 ``FisherSpectrum(every_n_steps=20)`` is split into its measured steps (``step % 20 == 0``) and the
 others.
@@ -18,7 +19,8 @@ others.
 calls (Python that torch calls back), host syncs (device-to-host reads asked for from Python).
 The plain row gives totals, the others what the callback adds.
 
-    python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--quick]
+    python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--statistic min]
+        [--quick]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ CONFIGS: dict[str, Callable[[], Callback] | None] = {
 }
 SPARSE_PERIODS = {f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": SPARSE_EVERY}
 COUNT_STEPS = range(10, 30)
+STATISTICS: dict[str, Callable] = {"median": statistics.median, "min": min}
 
 
 class WindowTimer(Callback):
@@ -87,8 +90,10 @@ def fit(steps: int, root: str, config: str, first: Callback) -> None:
     quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
 
 
-def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, list[float]]:
-    """Per table row, its ratio to the plain run of each round."""
+def time_rounds(rounds: int, steps: int, warmup: int, root: str, statistic: str) -> dict[str, list[float]]:
+    """Per table row, its ratio to the plain run of each round (a run's step: the ``statistic``,
+    median or min, of its steps after ``warmup``)."""
+    reduce = STATISTICS[statistic]
     names = list(CONFIGS)
     ratios: dict[str, list[float]] = {}
     for round_index in range(rounds):
@@ -99,7 +104,7 @@ def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, li
             fit(steps, root, config, timer)
             timed = sorted(s for s in timer.times if s >= warmup)
             for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():
-                medians[row] = statistics.median(timer.times[s] for s in kind_steps)
+                medians[row] = reduce(timer.times[s] for s in kind_steps)
         for row, value in medians.items():
             ratios.setdefault(row, []).append(value / medians["plain"])
     return ratios
@@ -108,7 +113,7 @@ def time_rounds(rounds: int, steps: int, warmup: int, root: str) -> dict[str, li
 def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float]], args) -> None:
     print(
         f"\nResNet-20, B={BATCH_SIZE}, 3x{IMAGE_SIZE}x{IMAGE_SIZE}, SGD, 1 thread; {args.rounds} rounds x "
-        f"{args.steps - args.warmup} timed steps (thread CPU time)"
+        f"{args.steps - args.warmup} timed steps (thread CPU time, a run's {args.statistic} step)"
     )
     counts = format_count_table(table)
     print(f"{counts[0]}{'ratio':>8}{'range':>12}")
@@ -123,6 +128,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 42 steps: a smoke test")
+    parser.add_argument(
+        "--statistic",
+        choices=list(STATISTICS),
+        default="median",
+        help="a run's step time: the median of its steps, or the min (the least disturbed one)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 42, 10
@@ -134,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         configs = {config: SPARSE_PERIODS.get(config) for config in CONFIGS}
         table = count_table(partial(fit, COUNT_STEPS.stop + 1, root), configs, COUNT_STEPS)
-        ratios = time_rounds(args.rounds, args.steps, args.warmup, root)
+        ratios = time_rounds(args.rounds, args.steps, args.warmup, root, args.statistic)
     print_table(ratios, table, args)
 
 

@@ -15,9 +15,9 @@ next, one of:
   back, from its C++ core (autograd tensor and node hooks, custom autograd Functions) or from the
   hook loops of ``Module.__call__`` and ``Optimizer.step``, with ``sys.setprofile``;
 - ``"syncs"``: device-to-host reads asked for from Python (``item``, ``tolist``, ``numpy``,
-  ``cpu``, ``float()``/``int()``/``bool()`` of a tensor, ``to("cpu")``), with a
-  ``TorchFunctionMode``: each one is a host synchronisation on an accelerator, and it counts on
-  the CPU too, where the same code runs without one;
+  ``cpu``, ``float()``/``int()``/``bool()`` of a tensor, ``to("cpu")`` of an accelerator
+  tensor), with a ``TorchFunctionMode``: each one is a host synchronisation on an accelerator,
+  and it counts on the CPU too (``to`` aside), where the same code runs without one;
 - ``"cuda_syncs"``: on a CUDA device, the synchronisations CUDA itself reports
   (``torch.cuda.set_sync_debug_mode``), those inside torch's C++ included.
 """
@@ -260,7 +260,7 @@ class _SyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in SYNC_METHODS or (name == "to" and _to_host(args[1:], kwargs)):
+        if name in SYNC_METHODS or (name == "to" and _to_host(args, kwargs)):
             self.syncs += 1
         return func(*args, **kwargs)
 
@@ -290,8 +290,11 @@ INSTRUMENTS = {
 
 
 def _to_host(args: tuple, kwargs: dict) -> bool:
-    targets = [*args, kwargs.get("device")]
-    return any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
+    """Whether ``Tensor.to(*args, **kwargs)`` copies an accelerator tensor to the CPU."""
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    targets = [*args[1:], kwargs.get("device")]
+    to_cpu = any(str(target) == "cpu" for target in targets if isinstance(target, (str, torch.device)))
+    return to_cpu and source is not None and source.device.type != "cpu"
 
 
 def count_fit(run: Callable[[StepCounter], None], kind: str, steps: range) -> dict[int, dict[str, int]]:
