@@ -555,6 +555,10 @@ def test_running_flow_equals_a_loop_over_steps_and_survives_a_mid_window_checkpo
     np.testing.assert_allclose(resumed_average, average, rtol=1e-6)
     np.testing.assert_array_equal(early.counts + late.counts, window.counts)
     np.testing.assert_array_equal(early.flags | late.flags, window.flags)
+    assert [e if e >= 0 else l for e, l in zip(early.first, late.first)] == first
+    _, late_flags, late_first, late_totals = brute_force_flow(sequence, rule, range(7, 20))
+    assert late.first.tolist() == late_first and late.counts.tolist() == late_totals
+    assert [set(np.flatnonzero(row)) for row in late.flags] == late_flags
     net.zero_grad(set_to_none=True)
     assert not second.update(20)
 

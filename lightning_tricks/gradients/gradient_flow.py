@@ -167,7 +167,9 @@ class RunningFlow:
         self._segment: tuple | None = None
         self._buffer: Tensor | None = None
         self._rows: list[Tensor] = []
-        self._steps: list[int] = []
+        self._steps: list[int] = []  # the window's steps, not yet folded
+        self._unread_steps: list[int] = []  # the folded steps since the alarm window was last read
+        self._restored_first = [-1, -1]
 
     @property
     def num_layers(self) -> int:
@@ -256,9 +258,9 @@ class RunningFlow:
         if not self._steps:
             return
         present, dtype, device = self._segment
-        rows = len(self._steps)
+        rows, offset = len(self._steps), len(self._unread_steps)
         stats = self._stats.reduce(self._buffer[:rows], present)
-        steps = torch.tensor(self._steps, dtype=dtype, device=device)
+        self._unread_steps += self._steps
         self._steps = []
         if self._sum is None:
             self._allocate(stats.mean_abs)
@@ -271,7 +273,8 @@ class RunningFlow:
         raised = flags.any(dim=2)
         self._flags |= flags.any(dim=0)
         self._counts += torch.cat([raised, nonfinite.any(dim=1, keepdim=True)], dim=1).sum(0)
-        flagged_at = torch.where(raised, steps.unsqueeze(1), math.inf).amin(0)
+        unread_rows = torch.arange(offset, offset + rows, dtype=dtype, device=device).unsqueeze(1)
+        flagged_at = torch.where(raised, unread_rows, math.inf).amin(0)
         self._first.copy_(torch.where((self._first < 0) & raised.any(0), flagged_at, self._first))
 
     def _flagged(self, window: AlarmWindow, row: int) -> list[str]:
@@ -290,7 +293,8 @@ class RunningFlow:
         flags = [[name in layers.get(kind, ()) for name in self.names] for kind in ALARM_KINDS]
         self._flags = torch.tensor(flags, dtype=torch.bool, device=device).reshape(2, self.num_layers)
         self._counts = torch.tensor(window.get("counts", [0.0] * 3), dtype=dtype, device=device)
-        self._first = torch.tensor(window.get("first", [-1.0] * 2), dtype=dtype, device=device)
+        self._first = torch.full((2,), -1.0, dtype=dtype, device=device)
+        self._restored_first = [int(step) for step in window.get("first", [-1, -1])]
         self._restored = {}
 
     def _window_parts(self) -> list[Tensor]:
@@ -303,11 +307,18 @@ class RunningFlow:
         return torch.cat(same).cpu().numpy().astype(np.float64)
 
     def _unpack_window(self, values: np.ndarray) -> AlarmWindow:
+        """The window read back; its first flagged rows (counted since the last read, on the
+        device: a step number would be a host-to-device copy) become steps here."""
         n = self.num_layers
+        rows = np.rint(values[2 * n + 3 : 2 * n + 5]).astype(np.int64)
+        first = [
+            restored if restored >= 0 else (self._unread_steps[row] if row >= 0 else -1)
+            for restored, row in zip(self._restored_first, rows)
+        ]
         return AlarmWindow(
             flags=values[: 2 * n].reshape(2, n) > 0,
             counts=np.rint(values[2 * n : 2 * n + 3]).astype(np.int64),
-            first=np.rint(values[2 * n + 3 : 2 * n + 5]).astype(np.int64),
+            first=np.array(first, dtype=np.int64),
         )
 
     def _take_window(self, values: np.ndarray) -> AlarmWindow:
@@ -315,6 +326,7 @@ class RunningFlow:
         self._flags.zero_()
         self._counts.zero_()
         self._first.fill_(-1.0)
+        self._unread_steps, self._restored_first = [], [-1, -1]
         return window
 
 
