@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,12 +27,17 @@ def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
 
 
 class AtenOpsPerStep(pl.Callback):
-    """Per training step (``on_train_batch_start`` to ``on_train_batch_end``), the number of
-    top-level aten ops (no aten op above them in the profile) it ran, in :attr:`counts`."""
+    """Per training step (``on_train_batch_start`` to ``on_train_batch_end``), the top-level aten
+    ops (no aten op above them in the profile) it ran: :attr:`names` (op name → calls) and
+    :attr:`counts` (their number)."""
 
     def __init__(self) -> None:
-        self.counts: list[int] = []
+        self.names: list[Counter[str]] = []
         self._profiler: torch.profiler.profile | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        return [sum(step.values()) for step in self.names]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -39,7 +45,8 @@ class AtenOpsPerStep(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._profiler.__exit__(None, None, None)
-        self.counts.append(sum(1 for event in self._profiler.events() if _is_top_level_aten(event)))
+        events = self._profiler.events()
+        self.names.append(Counter(event.name for event in events if _is_top_level_aten(event)))
 
 
 def _is_top_level_aten(event) -> bool:
