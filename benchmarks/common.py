@@ -209,7 +209,7 @@ def _has_aten_ancestor(event) -> bool:
 class _CallCounter:
     """``sys.setprofile`` hook: Python calls, and those torch makes back into Python (hooks)."""
 
-    HOOK_CALLERS = ("_call_impl", "_wrapped_call_impl", "wrapper", "patch_track_step_called")
+    HOOK_CALLERS = ("_call_impl", "inner", "wrapper", "patch_track_step_called")
 
     def start(self) -> None:
         self.calls = self.hooks = 0
