@@ -862,6 +862,30 @@ def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
     assert np.isfinite(matrix[:3, 1]).all() and np.isnan(matrix[4]).all()
 
 
+class FrozenBackboneClassifier(GrowingOptimizerClassifier):
+    """The backbone frozen (``requires_grad=False``) in epoch 0, so the first step's autograd graph
+    reaches the head only; unfrozen and added to the optimiser in epoch 1."""
+
+    def on_fit_start(self):
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            for p in self.net.parameters():
+                p.requires_grad_(True)
+        super().on_train_epoch_start()
+
+
+def test_layers_frozen_at_the_first_step_join_the_flow_in_forward_order(tmp_path):
+    """Layers the first step's graph does not reach keep their forward-hook place among those it
+    reaches (not all after them)."""
+    torch.manual_seed(0)
+    flow = GradientFlow()
+    make_trainer(tmp_path, [flow], max_epochs=2).fit(FrozenBackboneClassifier(ScrambledCNN()), loader())
+    assert flow.flows[0].layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loggers and files
 # ---------------------------------------------------------------------------------------------

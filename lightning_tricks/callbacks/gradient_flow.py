@@ -125,8 +125,9 @@ class GradientFlow(TrickCallback):
     logged step and epoch end. Layers are in depth order: by when the forward pass first used
     their parameters, read off the autograd graph of the first training batch's backwards, so a
     module whose weight its parent uses functionally (``nn.MultiheadAttention``'s ``out_proj``, a
-    parametrization's ``original``) sits where it is used; layers that graph does not reach
-    follow in the order their modules first ran, then in registration order.
+    parametrization's ``original``) sits where it is used; a layer that graph does not reach
+    (frozen then) keeps its place by when its module first ran; layers that never ran follow in
+    registration order.
 
     **Logged scalars** at the training steps with ``step % n == 0`` (``n = log_every_n_steps``;
     ``step`` the 0-based training step, the axis Lightning logs ``self.log`` values at), to every

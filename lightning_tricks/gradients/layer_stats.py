@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -236,15 +237,25 @@ def sort_by_first_use(
     layers: Sequence[Layer], uses: dict[int, int], order: Sequence[str]
 ) -> list[Layer]:
     """Layers in the order the forward first used one of their parameters (``uses`` from
-    :func:`first_uses`); layers none of whose parameters were reached follow, by
-    :func:`sort_by_forward_order` with ``order``."""
+    :func:`first_uses`). A layer none of whose parameters was reached (frozen then) but whose
+    module ran (``order``, :class:`ForwardOrderRecorder`'s) goes before the first reached layer
+    that ran after it; the others follow in registration order."""
     first = {
         layer.name: min((uses[id(p)] for p in layer.parameters if id(p) in uses), default=None)
         for layer in layers
     }
+    rank = {name: i for i, name in enumerate(order)}
     reached = [layer for layer in layers if first[layer.name] is not None]
-    rest = [layer for layer in layers if first[layer.name] is None]
-    return sorted(reached, key=lambda layer: first[layer.name]) + sort_by_forward_order(rest, order)
+    reached.sort(key=lambda layer: first[layer.name])
+    ran = [layer for layer in layers if first[layer.name] is None and layer.name in rank]
+    waiting = deque(sorted(ran, key=lambda layer: rank[layer.name]))
+    ordered = []
+    for layer in reached:
+        while waiting and layer.name in rank and rank[waiting[0].name] < rank[layer.name]:
+            ordered.append(waiting.popleft())
+        ordered.append(layer)
+    unseen = [layer for layer in layers if first[layer.name] is None and layer.name not in rank]
+    return ordered + list(waiting) + unseen
 
 
 class GradientStats(NamedTuple):
