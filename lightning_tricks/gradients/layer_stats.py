@@ -378,7 +378,7 @@ class LayerGradientStats:
             return _per_tensor_norms(grads, dtype, device, out)
         l1 = torch._foreach_norm(grads, 1, dtype=dtype)
         l2 = torch._foreach_norm(grads, 2, dtype=dtype)
-        if device.type == "cpu":
+        if device.type == "cpu" and hasattr(torch, "_foreach_max"):  # torch >= 2.4
             linf = torch._foreach_max(torch._foreach_abs(grads))
         else:
             linf = torch._foreach_norm(grads, float("inf"), dtype=dtype)
