@@ -7,6 +7,12 @@ with ``torch.cuda.synchronize()`` at both ends; a run's cost is its mean step ti
 rounds; a ratio is the median over rounds of (run with the callback) / (plain run of the same
 round and precision), its range over the rounds printed beside it.
 
+At the first batch size, each precision also gets the exact per-step counts of
+``bench_host_overhead.py`` (medians over steps 10 to 29; totals for the plain step, what each
+callback adds for the others): top-level and kernel-like aten ops, Python calls, hook calls, host
+syncs asked for from Python, and the synchronisations CUDA itself reports
+(``torch.cuda.set_sync_debug_mode``).
+
     python benchmarks/bench_gpu.py [--rounds 5] [--steps 60] [--warmup 10] [--batch-sizes 128 512]
 """
 
@@ -16,9 +22,18 @@ import argparse
 import statistics
 import tempfile
 from collections.abc import Callable
+from functools import partial
 
 import torch
-from common import ResNet20Classifier, StepTimer, quiet_trainer, random_image_loader, silence_lightning
+from common import (
+    ResNet20Classifier,
+    StepTimer,
+    count_table,
+    format_count_table,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+)
 from lightning.pytorch.callbacks import Callback
 
 from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
@@ -31,6 +46,9 @@ CONFIGS: dict[str, Callable[[], Callback] | None] = {
     "RandomGradient()": lambda: RandomGradient(),
 }
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+SPARSE_PERIODS = {"FisherSpectrum(every_n_steps=20)": 20}
+COUNT_STEPS = range(10, 30)
+COUNT_KINDS = ("ops", "python", "syncs", "cuda_syncs")
 
 
 class CudaStepTimer(StepTimer):
@@ -57,6 +75,23 @@ def mean_step_time(config: str, precision: str, loader, steps: int, warmup: int,
     return statistics.fmean(timer.times[warmup:])
 
 
+def counted_fit(precision: str, loader, root: str, config: str, first: Callback) -> None:
+    """A fit of ``config`` long enough for :data:`COUNT_STEPS`, with the counter ``first``."""
+    make = CONFIGS[config]
+    callbacks = [first] if make is None else [first, make()]
+    torch.manual_seed(0)
+    trainer = quiet_trainer(COUNT_STEPS.stop + 1, callbacks, root, accelerator="gpu", precision=precision)
+    trainer.fit(ResNet20Classifier(), loader)
+
+
+def print_counts(batch_size: int, precision: str, loader, root: str) -> None:
+    configs = {name: SPARSE_PERIODS.get(name) for name in CONFIGS}
+    table = count_table(partial(counted_fit, precision, loader, root), configs, COUNT_STEPS, COUNT_KINDS)
+    steps = f"steps {COUNT_STEPS.start}-{COUNT_STEPS.stop - 1}"
+    print(f"\nResNet-20, B={batch_size}, {precision}: counts per step (medians over {steps})")
+    print("\n".join(format_count_table(table)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -73,7 +108,7 @@ def main() -> None:
     names = list(CONFIGS)
     with tempfile.TemporaryDirectory() as root:
         for batch_size in args.batch_sizes:
-            loader = random_image_loader(args.steps, batch_size)
+            loader = random_image_loader(max(args.steps, COUNT_STEPS.stop + 1), batch_size)
             for precision in args.precisions:
                 times: dict[str, list[float]] = {name: [] for name in names}
                 for round_index in range(args.rounds):
@@ -83,6 +118,8 @@ def main() -> None:
                             mean_step_time(name, precision, loader, args.steps, args.warmup, root)
                         )
                 print_table(batch_size, precision, times, args)
+                if batch_size == args.batch_sizes[0]:
+                    print_counts(batch_size, precision, loader, root)
 
 
 def print_table(batch_size: int, precision: str, times: dict[str, list[float]], args) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -50,3 +52,37 @@ def reference_gram(
     """G = J Jᵀ over the model's trainable parameters (:func:`per_sample_jacobian`)."""
     jacobian = per_sample_jacobian([p for p in model.parameters() if p.requires_grad], sample_loss, batch)
     return jacobian @ jacobian.T
+
+
+class AtenOpsPerStep(pl.Callback):
+    """Per training step (``on_train_batch_start`` to ``on_train_batch_end``), the top-level aten
+    ops (no aten op above them in the profile) it ran: :attr:`names` (op name → calls) and
+    :attr:`counts` (their number)."""
+
+    def __init__(self) -> None:
+        self.names: list[Counter[str]] = []
+        self._profiler: torch.profiler.profile | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        return [sum(step.values()) for step in self.names]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._profiler.__exit__(None, None, None)
+        events = self._profiler.events()
+        self.names.append(Counter(event.name for event in events if _is_top_level_aten(event)))
+
+
+def _is_top_level_aten(event) -> bool:
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True

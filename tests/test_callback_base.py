@@ -208,3 +208,25 @@ def test_a_cut_run_file_stops_the_fit_naming_the_file_and_the_line(tmp_path, tra
     (run_dir / RUN_FILE).write_text('{"callbacks": {')
     with pytest.raises(ValueError, match=rf"{RUN_FILE}, line 1, column \d+: not valid JSON"):
         trainer.fit(tiny_module(samples=8))
+
+
+def test_state_key_is_built_once_not_at_every_hook(trainer_for, tiny_module, probe_callback):
+    """Lightning reads ``state_key`` at every hook call; the identity behind it is computed a fixed
+    number of times per fit, whatever the number of steps (it was once per hook call)."""
+
+    class Counting(probe_callback):
+        calls = 0
+
+        def identity(self):
+            type(self).calls += 1
+            return super().identity()
+
+    calls = []
+    for samples in (8, 32):  # 2 and 8 steps
+        Counting.calls = 0
+        probe = Counting()
+        trainer_for([probe]).fit(tiny_module(samples=samples))
+        assert probe.logged_steps == list(range(samples // 4))
+        calls.append(Counting.calls)
+    assert calls[0] == calls[1] <= 3
+    assert probe.state_key == Counting().state_key != probe_callback(label="b").state_key

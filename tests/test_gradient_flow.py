@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from helpers import AtenOpsPerStep
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
@@ -42,7 +44,9 @@ from lightning_tricks.gradients.layer_stats import (
     LayerFilter,
     LayerGradientStats,
     find_layers,
+    first_uses,
     is_bias,
+    sort_by_first_use,
     sort_by_forward_order,
 )
 from lightning_tricks.plotting import plot_gradient_flow
@@ -468,53 +472,95 @@ def test_figure_schedule_is_logarithmic():
     assert drawn == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
-def stats_sequence(steps: int, layers: int = 4, seed: int = 0):
-    """Random per-step statistics with vanishing, exploding and NaN layers sprinkled in."""
-    from lightning_tricks.gradients.layer_stats import GradientStats
-
+def gradient_sequence(steps: int, layers: int = 4, seed: int = 0) -> list[list[Tensor | None]]:
+    """Per step, one ``(1, 3)`` gradient per layer with mean |g| spread over 1e-12..1e4, NaN in
+    layer 1 now and then, and layer 0 without a gradient at step 9."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(steps):
-        mean_abs = 10.0 ** (torch.rand(layers, generator=generator) * 16 - 12)
+    for step in range(steps):
+        scale = 10.0 ** (torch.rand(layers, 1, 1, generator=generator) * 16 - 12)
+        grads = list(scale * torch.randn(layers, 1, 3, generator=generator, dtype=torch.float64).float())
         if torch.rand(1, generator=generator) < 0.2:
-            mean_abs[1] = float("nan")
-        out.append(
-            GradientStats(
-                mean_abs,
-                mean_abs * 3,
-                mean_abs * 9,
-                torch.ones(layers, dtype=torch.bool),
-                mean_abs.sum(),
-                layers - 1,
-            )
-        )
+            grads[1] = grads[1].clone().fill_(float("nan"))
+        if step == 9:
+            grads[0] = None
+        out.append(grads)
     return out
 
 
-def test_running_flow_state_mid_window_gives_the_uninterrupted_counts_and_averages():
-    rule = AlarmRule(1e-8, 1e-5, 1e3, True)
-    names = ["a", "b", "c", "d"]
-    sequence = stats_sequence(20)
-    whole = RunningFlow(names)
-    for step, stats in enumerate(sequence):
-        whole.update(stats, rule, step)
-    average, window = whole.read_epoch()
+def brute_force_flow(sequence, rule, steps):
+    """Loops over steps and layers, float64: epoch average, per-kind flagged layers, first step
+    flagged and steps counted (vanishing, exploding, nonfinite)."""
+    layers = len(sequence[0])
+    sums, counts = [0.0] * layers, [0] * layers
+    flags, first, totals = [set(), set()], [-1, -1], [0, 0, 0]
+    for step in steps:
+        grads = sequence[step]
+        means = [None if g is None else g.double().abs().mean().item() for g in grads]
+        last = max(i for i, m in enumerate(means) if m is not None)
+        valid = [m is not None and math.isfinite(m) for m in means]
+        nonfinite = [m is not None and not math.isfinite(m) for m in means]
+        vanish = [
+            valid[i] and (means[i] < rule.vanish_threshold or means[i] < rule.vanish_ratio * means[last])
+            for i in range(layers)
+        ]
+        explode = [(valid[i] and means[i] > rule.explode_threshold) or nonfinite[i] for i in range(layers)]
+        for kind, flagged in enumerate((vanish, explode)):
+            flags[kind] |= {i for i in range(layers) if flagged[i]}
+            if any(flagged) and first[kind] < 0:
+                first[kind] = step
+            totals[kind] += any(flagged)
+        totals[2] += any(nonfinite)
+        for i in range(layers):
+            if valid[i]:
+                sums[i] += means[i]
+                counts[i] += 1
+    average = [sums[i] / counts[i] if counts[i] else math.nan for i in range(layers)]
+    return average, flags, first, totals
 
-    first = RunningFlow(names)
-    for step, stats in enumerate(sequence[:7]):
-        first.update(stats, rule, step)
-    _, early = first.read_step()  # a logged step: window emptied
-    for step, stats in enumerate(sequence[7:13], start=7):
-        first.update(stats, rule, step)
-    second = RunningFlow(names)
-    second.load_state_dict(first.state_dict())
-    for step, stats in enumerate(sequence[13:], start=13):
-        second.update(stats, rule, step)
+
+def test_running_flow_equals_a_loop_over_steps_and_survives_a_mid_window_checkpoint():
+    """Windows folded when full (capacity 4), when layer 0 loses its gradient and at reads; a
+    checkpoint between two reads; all against a float64 loop over steps and layers."""
+    rule = AlarmRule(1e-8, 1e-5, 1e3, True)
+    net = nn.ModuleList([nn.Linear(3, 1, bias=False) for _ in range(4)])
+    stats = LayerGradientStats(find_layers(net))
+    sequence = gradient_sequence(20)
+
+    def run(flow, steps):
+        for step in steps:
+            for layer, grad in zip(net, sequence[step]):
+                layer.weight.grad = grad
+            assert flow.update(step)
+
+    whole = RunningFlow(stats, rule, capacity=4)
+    run(whole, range(20))
+    average, window = whole.read_epoch()
+    expected, flags, first, totals = brute_force_flow(sequence, rule, range(20))
+    np.testing.assert_allclose(average, expected, rtol=1e-6)
+    assert [set(np.flatnonzero(row)) for row in window.flags] == flags
+    assert window.first.tolist() == first and window.counts.tolist() == totals
+    assert totals[0] > 0 and totals[2] > 0 and first[0] == 0
+
+    first_part = RunningFlow(stats, rule, capacity=4)
+    run(first_part, range(7))
+    values, early = first_part.read_step()  # a logged step: window emptied
+    last_means = [g.double().abs().mean().item() for g in sequence[6]]
+    np.testing.assert_allclose(values["mean_abs"], last_means, rtol=1e-6)
+    run(first_part, range(7, 13))
+    second = RunningFlow(stats, rule, capacity=4)
+    second.load_state_dict(first_part.state_dict())
+    run(second, range(13, 20))
     resumed_average, late = second.read_epoch()
     np.testing.assert_allclose(resumed_average, average, rtol=1e-6)
     np.testing.assert_array_equal(early.counts + late.counts, window.counts)
     np.testing.assert_array_equal(early.flags | late.flags, window.flags)
-    assert window.counts[2] > 0 and window.counts[0] > 0 and window.first[0] == 0
+    assert [e if e >= 0 else l for e, l in zip(early.first, late.first)] == first
+    _, late_flags, late_first, late_totals = brute_force_flow(sequence, rule, range(7, 20))
+    assert late.first.tolist() == late_first and late.counts.tolist() == late_totals
+    assert [set(np.flatnonzero(row)) for row in late.flags] == late_flags
+    net.zero_grad(set_to_none=True)
+    assert not second.update(20)
 
 
 def test_flow_history_checkpoint_is_bounded_and_keeps_bins_and_recent_epochs():
@@ -614,6 +660,66 @@ def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path, 
         "layer": "net.conv1",
         "mean_abs": matrix[0, 0],
     }
+
+
+class TextClassifier(pl.LightningModule):
+    """A user-written Transformer text classifier: embedding, ``nn.TransformerEncoder`` (whose
+    ``MultiheadAttention`` uses ``out_proj.weight`` functionally: that Linear's forward never
+    runs), mean pooling, a linear head. Records the brute-force mean |g| of the embedding and of
+    the head at every optimiser step."""
+
+    def __init__(self, vocabulary: int = 30, width: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(vocabulary, width)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 3)
+        self.first_over_last: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        return F.cross_entropy(self.head(self.encoder(self.embedding(tokens)).mean(1)), labels)
+
+    def on_before_optimizer_step(self, optimizer):
+        first, last = (p.grad.double().abs().mean().item() for p in (self.embedding.weight, self.head.weight))
+        self.first_over_last.append(first / last)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_transformer_out_proj_sits_inside_its_layer_and_the_ratio_compares_embedding_and_head(tmp_path):
+    """Finding: ordered by forward hooks, both ``self_attn.out_proj`` came after the head, so
+    ``first_to_last_ratio`` divided by an attention projection's gradient."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 30, (24, 7), generator=generator)
+    labels = torch.randint(0, 3, (24,), generator=generator)
+    data = TensorDataset(tokens, labels)
+    module, logger = TextClassifier(), MemoryLogger()
+    flow = GradientFlow(log_every_n_steps=1)
+    make_trainer(tmp_path, [flow], logger=logger, max_epochs=1).fit(module, DataLoader(data, batch_size=8))
+
+    names = flow.flows[0].layer_names
+    expected = ["embedding"]
+    for i in range(2):
+        block = f"encoder.layers.{i}."
+        parts = ("self_attn", "self_attn.out_proj", "norm1", "linear1", "linear2", "norm2")
+        expected += [block + name for name in parts]
+    assert names == expected + ["head"]
+    tag = "grad_flow/first_to_last_ratio"
+    ratios = [metrics[tag] for _, metrics in logger.logged if tag in metrics]
+    assert ratios == pytest.approx(module.first_over_last, rel=1e-5) and len(ratios) == 3
+
+
+def test_a_parametrized_weight_sits_where_its_module_uses_it():
+    """Sibling: ``parametrizations.weight`` (weight norm) owns the trained tensors but never runs."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(net[2])
+    loss = net(torch.randn(5, 4)).square().sum()
+    layers = find_layers(net, include_bias=False)
+    order = [layer.name for layer in sort_by_first_use(layers, first_uses(loss), [])]
+    assert order == ["0", "2.parametrizations.weight", "4"]
 
 
 def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(tmp_path):
@@ -754,6 +860,30 @@ def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
     matrix = history.matrix
     assert np.isnan(matrix[:3, 0]).all() and np.isfinite(matrix[3]).all()
     assert np.isfinite(matrix[:3, 1]).all() and np.isnan(matrix[4]).all()
+
+
+class FrozenBackboneClassifier(GrowingOptimizerClassifier):
+    """The backbone frozen (``requires_grad=False``) in epoch 0, so the first step's autograd graph
+    reaches the head only; unfrozen and added to the optimiser in epoch 1."""
+
+    def on_fit_start(self):
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            for p in self.net.parameters():
+                p.requires_grad_(True)
+        super().on_train_epoch_start()
+
+
+def test_layers_frozen_at_the_first_step_join_the_flow_in_forward_order(tmp_path):
+    """Layers the first step's graph does not reach keep their forward-hook place among those it
+    reaches (not all after them)."""
+    torch.manual_seed(0)
+    flow = GradientFlow()
+    make_trainer(tmp_path, [flow], max_epochs=2).fit(FrozenBackboneClassifier(ScrambledCNN()), loader())
+    assert flow.flows[0].layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1092,3 +1222,34 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert len(single_metrics["grad_flow/global_norm"]) == 8
     for key, values in single_metrics.items():
         np.testing.assert_allclose(ddp_metrics[key], values, rtol=1e-5, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host overhead
+# ---------------------------------------------------------------------------------------------
+
+
+def ops_per_step(tmp_path: Path, depth: int, flow: GradientFlow | None) -> AtenOpsPerStep:
+    torch.manual_seed(0)
+    profile = AtenOpsPerStep()
+    callbacks = [profile] if flow is None else [flow, profile]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(Classifier(deep_mlp(depth, nn.Tanh)), loader(n=96))
+    return profile
+
+
+def test_a_step_costs_at_most_15_aten_ops_whatever_the_depth(tmp_path):
+    """GradientFlow's per-step work is a fixed handful of batched ops (the three norms of every
+    gradient and a ``stack``), not a few per layer (it was 19 + 7 per parameter: 61 at depth 3, 187 at 12);
+    steps 1-4 are not logged, step 5 is (the window folded into layers and alarms in batch, read
+    back in one transfer, eleven scalars logged)."""
+    extra = {}
+    for depth in (3, 12):
+        plain = ops_per_step(tmp_path, depth, None)
+        with_flow = ops_per_step(tmp_path, depth, GradientFlow(log_every_n_steps=5))
+        extra[depth] = [a - b for a, b in zip(with_flow.counts, plain.counts, strict=True)]
+        norms = {"aten::_foreach_norm": 2, "aten::_foreach_abs": 1, "aten::_foreach_max": 1, "aten::stack": 1}
+        for step in range(1, 5):  # nothing but the norms: no host read, no per-layer op
+            assert with_flow.names[step] - plain.names[step] == norms
+    assert extra[3][1:] == extra[12][1:], "independent of the number of layers"
+    assert max(extra[3][1:5]) <= 15 and extra[3][1:5] == [extra[3][1]] * 4
+    assert extra[3][5] <= 130, "the fold, one transfer, and the logged scalars"

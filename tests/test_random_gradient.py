@@ -20,7 +20,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from helpers import AtenOpsPerStep
 from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME, RandomGradient
+from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, RandomWeightStream
 
 IN_FEATURES, OUT_FEATURES = 6, 3
 
@@ -216,6 +218,35 @@ def test_schedules_draw_one_documented_r_per_backward(tmp_path, kwargs, expected
     assert [record["step"] for record in callback.history] == [i // 2 for i in range(10)]
     assert [record["backward"] for record in callback.history] == list(range(10))
     assert rs_of(callback) == pytest.approx(expected, abs=1e-15)
+
+
+def test_stream_drawn_in_blocks_equals_one_draw_at_a_time_and_saves_that_generator_state():
+    """Reference: a generator drawing one float64 at a time, as the seed's ``random()`` per step."""
+    stream = RandomWeightStream(0.0, 1.0, seed=3)
+    reference = torch.Generator().manual_seed(3)
+    saved_at = {0, 7, BLOCK_DRAWS - 1, BLOCK_DRAWS, 2 * BLOCK_DRAWS + 4}
+    for t in range(2 * BLOCK_DRAWS + 5):
+        assert stream.next() == torch.rand((), dtype=torch.float64, generator=reference).item()
+        if t in saved_at:
+            state = stream.state_dict()
+            assert state["draws"] == t + 1 and torch.equal(state["generator"], reference.get_state())
+            resumed = RandomWeightStream(0.0, 1.0, seed=99)
+            resumed.load_state_dict(state)
+            peek = torch.Generator()
+            peek.set_state(reference.get_state())
+            assert resumed.next() == torch.rand((), dtype=torch.float64, generator=peek).item()
+
+
+def test_a_step_costs_one_aten_op_the_scaling_of_the_loss_gradient(tmp_path):
+    """r comes from a block drawn ahead (no ``rand``/``item`` per step; it was three ops) and
+    the loss hook is ``torch.mul`` itself."""
+    counts = []
+    for callbacks in ([], [RandomGradient(seed=0)]):
+        profile = AtenOpsPerStep()
+        trainer = trainer_for(tmp_path, [*callbacks, profile])
+        trainer.fit(AutoModule(make_net("mlp")), DataLoader(make_data("mlp", 24), batch_size=4))
+        counts.append(profile.counts)
+    assert [b - a for a, b in zip(*counts, strict=True)][1:] == [1] * 5
 
 
 def test_seed_none_is_reproducible_under_seed_everything(tmp_path):

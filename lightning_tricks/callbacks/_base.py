@@ -221,7 +221,12 @@ class TrickCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.identity())
+        """Built from :meth:`identity` once, on first use: Lightning reads ``state_key`` at every
+        hook call, and the identity is the constructor's arguments, fixed from then on."""
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(**self.identity())
+        return key
 
     def reset_fit_state(self) -> None:
         """Forget what a previous ``fit`` accumulated; called at ``setup("fit")``, before a checkpoint

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -40,7 +41,8 @@ from ..gradients.layer_stats import (
     LayerGradientStats,
     LayerPatterns,
     find_layers,
-    sort_by_forward_order,
+    first_uses,
+    sort_by_first_use,
 )
 from ..plotting import plot_gradient_flow
 from ._base import TrickCallback, check_every_n, is_due
@@ -75,7 +77,7 @@ class _Tracked:
     stats: LayerGradientStats
     running: RunningFlow
     history: FlowHistory
-    num_params: int
+    group_sizes: list[int]
     epoch: int
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KINDS, 0))
     warned: set[str] = field(default_factory=set)
@@ -117,9 +119,15 @@ class GradientFlow(TrickCallback):
     - and ``global_norm``, the L2 norm over *all* the optimiser's parameters (biases and excluded
       layers included: the norm ``clip_grad_norm_`` would clip).
 
-    One batched pass on the device; one host transfer per logged step. Layers are ordered by
-    when they first run in the forward pass (recorded on the first training batch); layers that
-    did not run follow in registration order.
+    Each step costs a constant number of batched device ops whatever the number of layers (the
+    per-parameter norms wait in an on-device window; the per-layer arithmetic and the alarm checks
+    run in batch when the window is read or full), no host synchronisation; one host transfer per
+    logged step and epoch end. Layers are in depth order: by when the forward pass first used
+    their parameters, read off the autograd graph of the first training batch's backwards, so a
+    module whose weight its parent uses functionally (``nn.MultiheadAttention``'s ``out_proj``, a
+    parametrization's ``original``) sits where it is used; a layer that graph does not reach
+    (frozen then) keeps its place by when its module first ran; layers that never ran follow in
+    registration order.
 
     **Logged scalars** at the training steps with ``step % n == 0`` (``n = log_every_n_steps``;
     ``step`` the 0-based training step, the axis Lightning logs ``self.log`` values at), to every
@@ -319,6 +327,7 @@ class GradientFlow(TrickCallback):
         self._pending: dict[int, dict[str, Any]] = {}
         self._recorder = ForwardOrderRecorder()
         self._forward_order: list[str] | None = None
+        self._first_uses: dict[int, int] = {}
         self._unknown_optimizer_warned = False
         self._fit_started = time.perf_counter()
         self._figure_seconds = 0.0
@@ -342,6 +351,12 @@ class GradientFlow(TrickCallback):
             )
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._forward_order is None:  # the first training step's backwards
+            for leaf, number in first_uses(loss).items():
+                self._first_uses[leaf] = min(self._first_uses.get(leaf, number), number)
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -362,12 +377,10 @@ class GradientFlow(TrickCallback):
         if index is None:
             return
         tracked = self._track(trainer, pl_module, optimizer, index)
-        stats = tracked.stats.compute()
-        if stats is None:
-            return
         step = self.training_step(trainer)
+        if not tracked.running.update(step):
+            return
         tracked.epoch = trainer.current_epoch
-        tracked.running.update(stats, self._alarm_rule(trainer), step)
         every = self.log_every_n_steps or trainer.log_every_n_steps or None
         if step != tracked.last_logged_step and is_due(step, every):
             tracked.last_logged_step = step
@@ -480,21 +493,23 @@ class GradientFlow(TrickCallback):
         """The flow of optimiser ``index``, (re)built when its parameter list changed; a rebuilt or
         resumed flow carries over the totals, the unread alarm window and the partial epoch."""
         tracked = self._tracked.get(index)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if tracked is not None and tracked.num_params == len(params):
+        sizes = [len(group["params"]) for group in optimizer.param_groups]
+        if tracked is not None and tracked.group_sizes == sizes:
             return tracked
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         order = self._forward_order if self._forward_order is not None else self._recorder.order
         layers = [
             layer
             for layer in find_layers(pl_module, params, include_bias=self.include_bias)
             if self._filter(layer)
         ]
-        stats = LayerGradientStats(sort_by_forward_order(layers, order), other_parameters=params)
+        ordered = sort_by_first_use(layers, self._first_uses, order)
+        stats = LayerGradientStats(ordered, other_parameters=params)
         new = _Tracked(
             stats,
-            RunningFlow(stats.names),
+            RunningFlow(stats, self._alarm_rule(trainer)),
             FlowHistory(self.max_figure_columns, self.figure_lines),
-            len(params),
+            sizes,
             trainer.current_epoch,
         )
         saved = tracked.state_dict() if tracked is not None else self._pending.pop(index, None)

@@ -48,7 +48,7 @@ class RandomGradient(TrickCallback):
     (a GradScaler's factor and ``r`` commute), gradient clipping and the optimiser. The logged loss,
     validation and test are untouched. Internally a tensor hook on the loss Lightning is about to
     backpropagate multiplies the incoming gradient by ``r`` in the loss's dtype, which is exactly
-    the backward of ``loss * r``.
+    the backward of ``loss * r`` (the hook is ``torch.mul`` itself: no Python runs in the backward).
 
     **Several optimisers.** ``optimizers=None`` scales everything a backward computes. With a list
     of optimiser indices, ``r`` multiplies only the gradients a backward sends to the parameters of
@@ -218,7 +218,7 @@ class RandomGradient(TrickCallback):
         if self._unselected_ids and reaches_any(loss, self._unselected_ids):
             self._active_r = r
         elif loss.requires_grad:
-            self._loss_hook = loss.register_hook(partial(_scaled, r=r))
+            self._loss_hook = loss.register_hook(partial(torch.mul, other=r))
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step != self._last_logged_step and is_due(step, every):
             self._last_logged_step = step
@@ -329,11 +329,6 @@ class RandomGradient(TrickCallback):
         for handle in self._parameter_hooks:
             handle.remove()
         self._parameter_hooks = []
-
-
-def _scaled(grad: Tensor, r: float) -> Tensor:
-    """Backward of ``loss * r`` at the loss: the incoming gradient times ``r``, in its dtype."""
-    return grad * r
 
 
 def reaches_any(loss: Tensor, leaf_ids: frozenset[int]) -> bool:

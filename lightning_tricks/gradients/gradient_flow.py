@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layer_stats import GradientStats
+from .layer_stats import GradientStats, LayerGradientStats
 
 ALARM_KINDS = ("vanishing", "exploding")
 COUNT_KINDS = ("vanishing", "exploding", "nonfinite")
+WINDOW_STEPS = 64
+"""The most optimiser steps :class:`RunningFlow` keeps as per-parameter norms before folding them."""
 
 
 # -- formulas ------------------------------------------------------------------------------------
@@ -39,7 +41,7 @@ COUNT_KINDS = ("vanishing", "exploding", "nonfinite")
 def vanishing_flags(
     mean_abs: Tensor, valid: Tensor, last: int, threshold: float | None, ratio: float | None
 ) -> Tensor:
-    """``(L,)`` bool: layer ℓ vanishes when ``m_ℓ < threshold`` or ``m_ℓ < ratio · m_last``.
+    """``(..., L)`` bool: layer ℓ vanishes when ``m_ℓ < threshold`` or ``m_ℓ < ratio · m_last``.
 
     ``m_ℓ`` is layer ℓ's mean |g| and ``last`` the deepest layer with a gradient: seed
     001_0184062a2e770d9a.txt §2, eq. 1–2 (the product of Jacobians shrinks the gradient towards the
@@ -47,16 +49,16 @@ def vanishing_flags(
     """
     flags = torch.zeros_like(valid)
     if threshold is not None:
-        flags |= mean_abs < threshold
+        flags = flags | (mean_abs < threshold)
     if ratio is not None and last >= 0:
-        flags |= mean_abs < ratio * mean_abs[last]
+        flags = flags | (mean_abs < ratio * mean_abs[..., last : last + 1])
     return flags & valid
 
 
 def exploding_flags(
     mean_abs: Tensor, valid: Tensor, nonfinite: Tensor, threshold: float | None, nonfinite_alarms: bool
 ) -> Tensor:
-    """``(L,)`` bool: layer ℓ explodes when ``m_ℓ > threshold``, or its gradient is NaN/inf and
+    """``(..., L)`` bool: layer ℓ explodes when ``m_ℓ > threshold``, or its gradient is NaN/inf and
     ``nonfinite_alarms`` (no AMP GradScaler skips such steps); seed 001_0184062a2e770d9a.txt §2."""
     flags = valid & (mean_abs > threshold) if threshold is not None else torch.zeros_like(valid)
     return flags | nonfinite if nonfinite_alarms else flags
@@ -72,14 +74,14 @@ class AlarmRule(NamedTuple):
     nonfinite_alarms: bool
 
     def flags(self, stats: GradientStats, valid: Tensor, nonfinite: Tensor) -> Tensor:
-        """``(2, L)`` bool: row 0 vanishing, row 1 exploding."""
+        """``(..., 2, L)`` bool: row 0 vanishing, row 1 exploding."""
         vanishing = vanishing_flags(
             stats.mean_abs, valid, stats.last_present, self.vanish_threshold, self.vanish_ratio
         )
         exploding = exploding_flags(
             stats.mean_abs, valid, nonfinite, self.explode_threshold, self.nonfinite_alarms
         )
-        return torch.stack([vanishing, exploding])
+        return torch.stack([vanishing, exploding], dim=-2)
 
 
 def epoch_average(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -132,54 +134,70 @@ class AlarmWindow(NamedTuple):
 
 
 class RunningFlow:
-    """One optimiser's gradient flow between host reads: on-device epoch sums and alarm window.
+    """One optimiser's gradient flow between host reads: a window of per-step norms on the device,
+    the epoch sums and the alarm window.
 
-    For each step it folds, on the device and without a host synchronisation, the layers' mean |g|
-    into the epoch's per-layer sum and count of finite values (:func:`epoch_average` reads them),
-    the step's alarm flags (:class:`AlarmRule`) into the window's per-layer flags, the first
-    flagged step, and the numbers of steps with a vanishing, exploding or non-finite gradient.
-    :meth:`read_step` and :meth:`read_epoch` bring everything back in one transfer;
-    :meth:`state_dict` (a transfer too) holds the partial epoch and the unread window, so that a
-    checkpoint taken between two reads loses no step.
+    At each step, :meth:`update` stores every gradient's ``‖g‖₁, ‖g‖₂, ‖g‖_∞`` into a row of an
+    on-device window (:meth:`LayerGradientStats.norms`: four device ops, five on the CPU, whatever
+    the number of layers, no host synchronisation). When the window is read (:meth:`read_step`,
+    :meth:`read_epoch`, :meth:`state_dict`), full (``capacity`` steps) or the present gradients
+    change, it is folded on the device in a constant number of batched ops: per step the layers'
+    statistics (:meth:`LayerGradientStats.reduce`), their mean |g| into the epoch's per-layer sum
+    and count of finite values (:func:`epoch_average` reads them), the alarm flags
+    (:class:`AlarmRule`) into the window's per-layer flags, the first flagged step, and the
+    numbers of steps with a vanishing, exploding or non-finite gradient. Each read brings
+    everything back in one transfer; :meth:`state_dict` holds the partial epoch and the unread
+    window, so that a checkpoint taken between two reads loses no step.
 
     Args:
-        names: the layers, in the order of the statistics' rows.
+        stats: the optimiser's layers and parameters (its ``names`` are the rows).
+        rule: when a layer's gradient alarms.
+        capacity: the most steps the window holds before it is folded.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
+    def __init__(self, stats: LayerGradientStats, rule: AlarmRule, capacity: int = WINDOW_STEPS) -> None:
+        self.names = list(stats.names)
+        self.rule = rule
+        self.capacity = capacity
         self.current: GradientStats | None = None
         self.steps_in_epoch = 0
+        self._stats = stats
         self._restored: dict[str, Any] = {}
         self._sum = self._count = self._flags = self._counts = self._first = None
+        self._segment: tuple | None = None
+        self._buffer: Tensor | None = None
+        self._rows: list[Tensor] = []
+        self._steps: list[int] = []  # the window's steps, not yet folded
+        self._unread_steps: list[int] = []  # the folded steps since the alarm window was last read
+        self._restored_first = [-1, -1]
 
     @property
     def num_layers(self) -> int:
         return len(self.names)
 
-    def update(self, stats: GradientStats, rule: AlarmRule, step: int) -> None:
-        """Fold one optimiser step's statistics (training step ``step``) in (device ops only)."""
-        if self._sum is None:
-            self._allocate(stats.mean_abs)
-        self.current = stats
+    def update(self, step: int) -> bool:
+        """Store the current ``.grad`` norms of training step ``step`` (device ops only); False when
+        no parameter has a gradient."""
+        gradients = self._stats.gradients()
+        if gradients is None:
+            return False
+        segment = (gradients.present, gradients.dtype, gradients.device)
+        if segment != self._segment or len(self._steps) == self.capacity:
+            self._fold()
+            self._start(segment)
+        self._stats.norms(gradients, out=self._rows[len(self._steps)])
+        self._steps.append(step)
         self.steps_in_epoch += 1
-        finite = torch.isfinite(stats.mean_abs) & torch.isfinite(stats.l2)
-        valid, nonfinite = stats.present & finite, stats.present & ~finite
-        self._sum += torch.where(valid, stats.mean_abs, 0.0)
-        self._count += valid
-        flags = rule.flags(stats, valid, nonfinite)
-        raised = flags.any(dim=1)
-        self._flags |= flags
-        self._counts += torch.cat([raised, nonfinite.any().view(1)])
-        self._first.copy_(torch.where((self._first < 0) & raised, float(step), self._first))
+        return True
 
     def read_step(self) -> tuple[dict[str, np.ndarray], AlarmWindow]:
         """The last step's statistics and the alarm window, in one host transfer; the window is
         emptied."""
+        self._fold()
         s = self.current
         assert s is not None
-        parts = [s.mean_abs, s.l2, s.max_abs, s.present.to(s.mean_abs.dtype), s.global_norm.view(1)]
-        values = self._transfer(parts + self._window_parts())
+        last = [s.mean_abs[-1], s.l2[-1], s.max_abs[-1], s.present.to(s.mean_abs.dtype), s.global_norm[-1:]]
+        values = self._transfer(last + self._window_parts())
         sizes = [self.num_layers] * 4 + [1]
         keys = ("mean_abs", "l2", "max_abs", "present", "global_norm")
         step = dict(zip(keys, np.split(values[: sum(sizes)], np.cumsum(sizes)[:-1])))
@@ -189,6 +207,7 @@ class RunningFlow:
     def read_epoch(self) -> tuple[np.ndarray, AlarmWindow]:
         """The epoch's :func:`epoch_average` and the alarm window, in one host transfer; both are
         emptied."""
+        self._fold()
         values = self._transfer([self._sum, self._count, *self._window_parts()])
         n = self.num_layers
         average = epoch_average(values[:n], values[n : 2 * n])
@@ -200,6 +219,7 @@ class RunningFlow:
     def state_dict(self) -> dict[str, Any]:
         """The partial epoch ``{layer: [sum, count]}``, steps so far, and the unread window (one
         host transfer; nothing is emptied)."""
+        self._fold()
         if self._sum is None:
             return dict(self._restored)
         values = self._transfer([self._sum, self._count, *self._window_parts()])
@@ -218,9 +238,44 @@ class RunningFlow:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Seed the accumulators with :meth:`state_dict`'s (applied at the next step's allocation)."""
+        """Seed the accumulators with :meth:`state_dict`'s (applied at the next fold's allocation)."""
         self._restored = dict(state)
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
+
+    def _start(self, segment: tuple) -> None:
+        """An empty window for the norms of ``segment = (present, dtype, device)`` (its buffer
+        reused when the row size, dtype and device are unchanged)."""
+        present, dtype, device = segment
+        shape = (self.capacity, 3 * len(present))
+        buffer = self._buffer
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+            self._buffer = torch.empty(shape, dtype=dtype, device=device)
+            self._rows = list(self._buffer.unbind(0))
+        self._segment = segment
+
+    def _fold(self) -> None:
+        """Fold the window's steps into the epoch sums and the alarm window (device ops only)."""
+        if not self._steps:
+            return
+        present, dtype, device = self._segment
+        rows, offset = len(self._steps), len(self._unread_steps)
+        stats = self._stats.reduce(self._buffer[:rows], present)
+        self._unread_steps += self._steps
+        self._steps = []
+        if self._sum is None:
+            self._allocate(stats.mean_abs)
+        self.current = stats
+        finite = torch.isfinite(stats.mean_abs) & torch.isfinite(stats.l2)
+        valid, nonfinite = stats.present & finite, stats.present & ~finite
+        self._sum += torch.where(valid, stats.mean_abs, 0.0).sum(0)
+        self._count += valid.sum(0)
+        flags = self.rule.flags(stats, valid, nonfinite)
+        raised = flags.any(dim=2)
+        self._flags |= flags.any(dim=0)
+        self._counts += torch.cat([raised, nonfinite.any(dim=1, keepdim=True)], dim=1).sum(0)
+        unread_rows = torch.arange(offset, offset + rows, dtype=dtype, device=device).unsqueeze(1)
+        flagged_at = torch.where(raised, unread_rows, math.inf).amin(0)
+        self._first.copy_(torch.where((self._first < 0) & raised.any(0), flagged_at, self._first))
 
     def _flagged(self, window: AlarmWindow, row: int) -> list[str]:
         return [self.names[i] for i in np.flatnonzero(window.flags[row])]
@@ -238,7 +293,8 @@ class RunningFlow:
         flags = [[name in layers.get(kind, ()) for name in self.names] for kind in ALARM_KINDS]
         self._flags = torch.tensor(flags, dtype=torch.bool, device=device).reshape(2, self.num_layers)
         self._counts = torch.tensor(window.get("counts", [0.0] * 3), dtype=dtype, device=device)
-        self._first = torch.tensor(window.get("first", [-1.0] * 2), dtype=dtype, device=device)
+        self._first = torch.full((2,), -1.0, dtype=dtype, device=device)
+        self._restored_first = [int(step) for step in window.get("first", [-1, -1])]
         self._restored = {}
 
     def _window_parts(self) -> list[Tensor]:
@@ -247,14 +303,22 @@ class RunningFlow:
     @staticmethod
     def _transfer(parts: list[Tensor]) -> np.ndarray:
         dtype = parts[0].dtype
-        return torch.cat([p.to(dtype) for p in parts]).cpu().numpy().astype(np.float64)
+        same = [p if p.dtype == dtype else p.to(dtype) for p in parts]
+        return torch.cat(same).cpu().numpy().astype(np.float64)
 
     def _unpack_window(self, values: np.ndarray) -> AlarmWindow:
+        """The window read back; its first flagged rows (counted since the last read, on the
+        device: a step number would be a host-to-device copy) become steps here."""
         n = self.num_layers
+        rows = np.rint(values[2 * n + 3 : 2 * n + 5]).astype(np.int64)
+        first = [
+            restored if restored >= 0 else (self._unread_steps[row] if row >= 0 else -1)
+            for restored, row in zip(self._restored_first, rows)
+        ]
         return AlarmWindow(
             flags=values[: 2 * n].reshape(2, n) > 0,
             counts=np.rint(values[2 * n : 2 * n + 3]).astype(np.int64),
-            first=np.rint(values[2 * n + 3 : 2 * n + 5]).astype(np.int64),
+            first=np.array(first, dtype=np.int64),
         )
 
     def _take_window(self, values: np.ndarray) -> AlarmWindow:
@@ -262,6 +326,7 @@ class RunningFlow:
         self._flags.zero_()
         self._counts.zero_()
         self._first.fill_(-1.0)
+        self._unread_steps, self._restored_first = [], [-1, -1]
         return window
 
 

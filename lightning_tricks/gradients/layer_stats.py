@@ -7,9 +7,11 @@ the pure-torch engine behind :class:`lightning_tricks.callbacks.gradient_flow.Gr
 - :func:`find_layers` groups parameters into layers (every module that owns parameters directly,
   weights and biases together, or weights only with ``include_bias=False``, seed 001's quantity);
 - :class:`LayerFilter` keeps the layers a user asks for (name regexes or module types);
-- :class:`ForwardOrderRecorder` and :func:`sort_by_forward_order` put layers in the order they
-  first run in the forward pass;
-- :class:`LayerGradientStats` computes, in one batched pass over all gradients
+- :func:`first_uses` and :func:`sort_by_first_use` put layers in the order the forward pass first
+  used their parameters (read off the autograd graph), :class:`ForwardOrderRecorder` and
+  :func:`sort_by_forward_order` in the order their modules first ran (for layers the graph
+  does not reach);
+- :class:`LayerGradientStats` computes, in a constant number of batched passes over all gradients
   (``torch._foreach_norm``) and without a host synchronisation, per layer the mean ``|g|``, the L2
   norm and the max ``|g|``, plus the global gradient norm.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -205,15 +208,66 @@ def sort_by_forward_order(layers: Sequence[Layer], order: Sequence[str]) -> list
     return seen + [layer for layer in layers if layer.name not in rank]
 
 
+def first_uses(loss: Tensor) -> dict[int, int]:
+    """``{id(leaf): n}`` for every leaf tensor a backward from ``loss`` reaches, ``n`` the autograd
+    sequence number of the first forward op that used it (sequence numbers grow with each op
+    recorded, so they give the order in which the forward used the parameters, also where a
+    module uses a child's weight functionally, as ``nn.MultiheadAttention`` does ``out_proj``'s).
+    Walks the graph once, visiting each node once; reads it only."""
+    if loss.grad_fn is None:
+        return {}
+    uses: dict[int, int] = {}
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                number = node._sequence_nr()
+                uses[id(leaf)] = min(uses.get(id(leaf), number), number)
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return uses
+
+
+def sort_by_first_use(
+    layers: Sequence[Layer], uses: dict[int, int], order: Sequence[str]
+) -> list[Layer]:
+    """Layers in the order the forward first used one of their parameters (``uses`` from
+    :func:`first_uses`). A layer none of whose parameters was reached (frozen then) but whose
+    module ran (``order``, :class:`ForwardOrderRecorder`'s) goes before the first reached layer
+    that ran after it; the others follow in registration order."""
+    first = {
+        layer.name: min((uses[id(p)] for p in layer.parameters if id(p) in uses), default=None)
+        for layer in layers
+    }
+    rank = {name: i for i, name in enumerate(order)}
+    reached = [layer for layer in layers if first[layer.name] is not None]
+    reached.sort(key=lambda layer: first[layer.name])
+    ran = [layer for layer in layers if first[layer.name] is None and layer.name in rank]
+    waiting = deque(sorted(ran, key=lambda layer: rank[layer.name]))
+    ordered = []
+    for layer in reached:
+        while waiting and layer.name in rank and rank[waiting[0].name] < rank[layer.name]:
+            ordered.append(waiting.popleft())
+        ordered.append(layer)
+    unseen = [layer for layer in layers if first[layer.name] is None and layer.name not in rank]
+    return ordered + list(waiting) + unseen
+
+
 class GradientStats(NamedTuple):
-    """Per-layer statistics of one gradient, all on the gradients' device.
+    """Per-layer statistics of gradients, all on the gradients' device; ``(L,)`` for one gradient,
+    ``(W, L)`` for a window of W (:meth:`LayerGradientStats.reduce`).
 
     Attributes:
-        mean_abs: ``(L,)`` mean ``|g|`` over each layer's parameters (0 where ``present`` is False).
-        l2: ``(L,)`` L2 norm of each layer's gradient.
-        max_abs: ``(L,)`` max ``|g|`` in each layer.
+        mean_abs: ``(..., L)`` mean ``|g|`` over each layer's parameters (0 where ``present`` is False).
+        l2: ``(..., L)`` L2 norm of each layer's gradient.
+        max_abs: ``(..., L)`` max ``|g|`` in each layer.
         present: ``(L,)`` bool, whether any parameter of the layer has a gradient.
-        global_norm: ``()`` L2 norm of the whole gradient (selected layers and other parameters).
+        global_norm: ``(...)`` L2 norm of the whole gradient (selected layers and other parameters).
         last_present: index of the deepest layer with a gradient (-1 when none has one).
     """
 
@@ -223,6 +277,18 @@ class GradientStats(NamedTuple):
     present: Tensor
     global_norm: Tensor
     last_present: int
+
+
+class Gradients(NamedTuple):
+    """The ``.grad`` fields present at one step: their positions among the parameters, the
+    tensors, the dtype and device the norms are computed in and kept on, and whether one
+    ``torch._foreach_norm`` takes them all (dense, on one device)."""
+
+    present: tuple[int, ...]
+    grads: list[Tensor]
+    dtype: torch.dtype
+    device: torch.device
+    fused: bool
 
 
 class _Plan(NamedTuple):
@@ -246,8 +312,11 @@ class LayerGradientStats:
     - ``global_norm = sqrt(Σ_θ ‖g_θ‖²)`` over the layers' and ``other_parameters``' gradients
       (the norm that ``clip_grad_norm_`` clips).
 
-    One ``torch._foreach_norm`` per order (1, 2, ∞) over all gradients, then one scatter per
-    statistic; nothing leaves the device. Parameters whose ``.grad`` is None count in no sum; a
+    Two stages, so that a training step costs a constant number of device ops whatever the number
+    of layers: :meth:`norms` gives every gradient's ``‖g‖₁, ‖g‖₂, ‖g‖_∞`` (one
+    ``torch._foreach_norm`` per order and one ``stack``, optionally into a caller's buffer row);
+    :meth:`reduce` turns a window of such rows into the per-layer statistics (one scatter per
+    statistic). Nothing leaves the device. Parameters whose ``.grad`` is None count in no sum; a
     layer with no gradient at all has ``present`` False. Norms accumulate in float32 (float64 when
     a gradient is float64), so half-precision gradients are summed accurately.
 
@@ -272,6 +341,7 @@ class LayerGradientStats:
         others = [p for p in dict.fromkeys(other_parameters) if id(p) not in listed]
         self._params = params + others
         self._owners = owners + [len(layers)] * len(others)
+        self._everything = tuple(range(len(self._params)))
         self._plans: dict[tuple, _Plan] = {}
 
     @property
@@ -281,6 +351,70 @@ class LayerGradientStats:
     @property
     def num_parameters(self) -> int:
         return len(self._params)
+
+    def gradients(self) -> Gradients | None:
+        """The current ``.grad`` fields (None when no parameter has one); host work only."""
+        grads = [p.grad for p in self._params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        present = self._everything
+        if missing:
+            present = tuple(sorted(set(present) - set(missing)))
+            grads = [grads[i] for i in present]
+        if not grads:
+            return None
+        kinds = {(g.dtype, g.device, g.is_sparse) for g in grads}
+        dtype = torch.float64 if torch.float64 in {kind[0] for kind in kinds} else torch.float32
+        fused = len({kind[1:] for kind in kinds}) == 1 and not grads[0].is_sparse
+        return Gradients(present, grads, dtype, grads[0].device, fused)
+
+    @staticmethod
+    def norms(gradients: Gradients, out: Tensor | None = None) -> Tensor:
+        """``(3·P,)``: ``‖g‖₁`` of the P present gradients, then their ``‖g‖₂``, then ``‖g‖_∞``
+        (written into ``out`` when given): a ``torch._foreach_norm`` per order and one ``stack``;
+        on the CPU ``‖g‖_∞`` is ``_foreach_max`` of ``_foreach_abs`` (the same values, 5x faster
+        there than the ∞-norm, for a transient copy of the gradients)."""
+        grads, dtype, device = gradients.grads, gradients.dtype, gradients.device
+        if not gradients.fused:
+            return _per_tensor_norms(grads, dtype, device, out)
+        l1 = torch._foreach_norm(grads, 1, dtype=dtype)
+        l2 = torch._foreach_norm(grads, 2, dtype=dtype)
+        if device.type == "cpu" and hasattr(torch, "_foreach_max"):  # torch >= 2.4
+            linf = torch._foreach_max(torch._foreach_abs(grads))
+        else:
+            linf = torch._foreach_norm(grads, float("inf"), dtype=dtype)
+        return torch.stack([*l1, *l2, *linf], out=out)
+
+    def reduce(self, norms: Tensor, present: tuple[int, ...]) -> GradientStats:
+        """The per-layer statistics of a window of W steps from their :meth:`norms` rows ``(W, 3·P)``
+        (the same ``present`` gradients at every step): ``(W, L)`` statistics, ``(W,)`` global norm."""
+        plan = self._plan(present, norms.device)
+        steps, num_bins = norms.shape[0], self.num_layers + 1
+        l1, l2, linf = norms.view(steps, 3, -1).unbind(1)
+        sum_abs = norms.new_zeros(steps, num_bins).index_add_(1, plan.owner, l1)
+        sum_sq = norms.new_zeros(steps, num_bins).index_add_(1, plan.owner, l2 * l2)
+        owner = plan.owner.expand(steps, -1)
+        max_abs = norms.new_zeros(steps, num_bins).scatter_reduce_(1, owner, linf, reduce="amax")
+        return GradientStats(
+            mean_abs=sum_abs[:, :-1] / plan.layer_numel.to(norms.dtype).clamp_min(1.0),
+            l2=sum_sq[:, :-1].sqrt(),
+            max_abs=max_abs[:, :-1],
+            present=plan.present,
+            global_norm=sum_sq.sum(1).sqrt(),
+            last_present=plan.last_present,
+        )
+
+    def compute(self) -> GradientStats | None:
+        """The ``(L,)`` statistics of the current ``.grad`` fields, or None when no parameter has one."""
+        gradients = self.gradients()
+        if gradients is None:
+            return None
+        window = self.reduce(self.norms(gradients).view(1, -1), gradients.present)
+        return window._replace(
+            mean_abs=window.mean_abs[0],
+            l2=window.l2[0],
+            max_abs=window.max_abs[0],
+            global_norm=window.global_norm[0],
+        )
 
     def _plan(self, present: tuple[int, ...], device: torch.device) -> _Plan:
         """Owner index and per-layer element count for the gradients at ``present`` (cached; the
@@ -303,38 +437,16 @@ class LayerGradientStats:
             )
         return self._plans[key]
 
-    def compute(self) -> GradientStats | None:
-        """The statistics of the current ``.grad`` fields, or None when no parameter has one."""
-        present = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
-        if not present:
-            return None
-        grads = [self._params[i].grad for i in present]
-        device = grads[0].device
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        plan = self._plan(present, device)
-        l1, l2, linf = (_per_tensor_norms(grads, order, dtype, device) for order in (1, 2, float("inf")))
-        num_bins = self.num_layers + 1
-        sum_abs = torch.zeros(num_bins, dtype=dtype, device=device).index_add_(0, plan.owner, l1)
-        sum_sq = torch.zeros(num_bins, dtype=dtype, device=device).index_add_(0, plan.owner, l2 * l2)
-        max_abs = torch.zeros(num_bins, dtype=dtype, device=device).scatter_reduce_(
-            0, plan.owner, linf, reduce="amax"
-        )
-        layer_numel = plan.layer_numel.to(dtype).clamp_min(1.0)
-        return GradientStats(
-            mean_abs=sum_abs[:-1] / layer_numel,
-            l2=sum_sq[:-1].sqrt(),
-            max_abs=max_abs[:-1],
-            present=plan.present,
-            global_norm=sum_sq.sum().sqrt(),
-            last_present=plan.last_present,
-        )
 
-
-def _per_tensor_norms(grads: list[Tensor], order: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(P,)`` tensor of ``‖g‖_order`` for every gradient, one ``torch._foreach_norm`` call."""
-    if any(g.is_sparse for g in grads):
-        dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
-        norms = [torch.linalg.vector_norm(g, order, dtype=dtype) for g in dense]
-    else:
-        norms = torch._foreach_norm(grads, order, dtype=dtype)
-    return torch.stack([n.to(device) for n in norms])
+def _per_tensor_norms(
+    grads: list[Tensor], dtype: torch.dtype, device: torch.device, out: Tensor | None
+) -> Tensor:
+    """:meth:`LayerGradientStats.norms` for sparse gradients or gradients on several devices: one
+    norm per tensor and order, each brought to ``device``."""
+    dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    norms = [
+        torch.linalg.vector_norm(g, order, dtype=dtype).to(device)
+        for order in (1, 2, float("inf"))
+        for g in dense
+    ]
+    return torch.stack(norms, out=out)

@@ -15,6 +15,9 @@ import torch
 
 SCHEDULES = ("uniform", "constant", "cyclical")
 SEED_LIMIT = 2**64
+BLOCK_DRAWS = 1024
+"""Uniform draws taken from the generator at once (the same numbers, in the same order, as one at a
+time: the CPU generator fills a tensor element by element)."""
 
 
 def triangular_wave(t: int, low: float, high: float, period: int) -> float:
@@ -31,7 +34,8 @@ class RandomWeightStream:
     """r_0, r_1, …: the loss weight of every backward (seed 000_e58e526c3e6fcb5b.txt §4, §2, §7).
 
     ``"uniform"``: r_t = low + (high − low)·u_t, u_t ~ U[0, 1) drawn in float64 from a CPU
-    generator seeded with ``seed`` (the seed's ``random()`` is U(0, 1)); ``"constant"``: r_t = high
+    generator seeded with ``seed`` (the seed's ``random()`` is U(0, 1)), :data:`BLOCK_DRAWS` at a
+    time so that a draw costs no tensor op; ``"constant"``: r_t = high
     (§2, Fig. 1 right, a fixed loss weight, also > 1); ``"cyclical"``: :func:`triangular_wave` from
     ``low`` to ``high`` and back over ``period`` backwards (§7). Values are Python floats: using
     one costs no host-device synchronisation.
@@ -67,6 +71,9 @@ class RandomWeightStream:
         self.seed = check_int("seed", seed, minimum=0, limit=SEED_LIMIT)
         self.draws = 0
         self._generator = torch.Generator().manual_seed(self.seed)
+        self._block: list[float] = []
+        self._used = 0
+        self._block_start: torch.Tensor | None = None
 
     def next(self) -> float:
         """r_t for t = :attr:`draws`, then advance t."""
@@ -76,20 +83,41 @@ class RandomWeightStream:
 
     def _value(self, t: int) -> float:
         if self.schedule == "uniform":
-            u = torch.rand((), dtype=torch.float64, generator=self._generator).item()
-            return self.low + (self.high - self.low) * u
+            return self.low + (self.high - self.low) * self._uniform()
         if self.schedule == "constant":
             return self.high
         return triangular_wave(t, self.low, self.high, self.period)
 
+    def _uniform(self) -> float:
+        """The next u ~ U[0, 1) of the generator, from the current block of draws."""
+        if self._used == len(self._block):
+            self._block_start = self._generator.get_state()
+            self._block = torch.rand(BLOCK_DRAWS, dtype=torch.float64, generator=self._generator).tolist()
+            self._used = 0
+        u = self._block[self._used]
+        self._used += 1
+        return u
+
     def state_dict(self) -> dict[str, Any]:
-        """Seed, position and generator state: enough to continue the stream exactly."""
-        return {"seed": self.seed, "draws": self.draws, "generator": self._generator.get_state()}
+        """Seed, position and generator state: enough to continue the stream exactly (the state
+        of a generator that drew one number at a time, the unused rest of a block not drawn)."""
+        return {"seed": self.seed, "draws": self.draws, "generator": self._generator_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = state["seed"]
         self.draws = state["draws"]
         self._generator.set_state(state["generator"])
+        self._block, self._used, self._block_start = [], 0, None
+
+    def _generator_state(self) -> torch.Tensor:
+        """The generator's state after the draws used so far: replayed from the block's start."""
+        if self._used == len(self._block):
+            return self._generator.get_state()
+        replay = torch.Generator()
+        replay.set_state(self._block_start)
+        if self._used:
+            torch.rand(self._used, dtype=torch.float64, generator=replay)
+        return replay.get_state()
 
 
 def check_bounds(low: Any, high: Any) -> tuple[float, float]:

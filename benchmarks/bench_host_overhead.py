@@ -1,0 +1,153 @@
+"""Host overhead of the callbacks where a GPU's step is host-bound, reproduced on the CPU.
+
+On a GPU, a small model's step costs what the host spends launching it: Python, Lightning's loop,
+and one dispatch per aten op, not the arithmetic. Tiny tensors give the CPU the same profile: a
+CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``) on batches of 8 random
+3x8x8 images, SGD with momentum, one intra-op thread, through a quiet Lightning Trainer.
+
+**Ratios.** Each round runs every configuration once, in an order that rotates between rounds, in
+one process. A step is timed in thread CPU time (robust to other processes on a shared machine)
+from one ``on_train_batch_start`` to the next, so every callback's hooks are inside; a run's cost
+is its median step after ``--warmup`` steps (``--statistic min``: its fastest, the least disturbed
+on a busy machine), and a ratio is the median over rounds of (run with
+the callback) / (plain run of the same round), its range over the rounds beside it.
+``FisherSpectrum(every_n_steps=20)`` is split into its measured steps (``step % 20 == 0``) and the
+others.
+
+**Counts** (exact, per step, medians over steps 10 to 29 of separate runs; see
+``common.StepCounter``): top-level aten ops, kernel-like aten ops, Python function calls, hook
+calls (Python that torch calls back), host syncs (device-to-host reads asked for from Python).
+The plain row gives totals, the others what the callback adds.
+
+    python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--statistic min]
+        [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from common import (
+    ResNet20Classifier,
+    count_table,
+    format_count_table,
+    machine_description,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+    step_kinds,
+)
+from lightning.pytorch.callbacks import Callback
+
+from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
+
+BATCH_SIZE, IMAGE_SIZE = 8, 8
+SPARSE_EVERY = 20
+CONFIGS: dict[str, Callable[[], Callback] | None] = {
+    "plain": None,
+    "FisherSpectrum(every_n_steps=1)": lambda: FisherSpectrum(every_n_steps=1),
+    f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": lambda: FisherSpectrum(every_n_steps=SPARSE_EVERY),
+    "GradientFlow()": GradientFlow,
+    "RandomGradient()": lambda: RandomGradient(seed=0),
+}
+SPARSE_PERIODS = {f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": SPARSE_EVERY}
+COUNT_STEPS = range(10, 30)
+STATISTICS: dict[str, Callable] = {"median": statistics.median, "min": min}
+
+
+class WindowTimer(Callback):
+    """Thread CPU time from one ``on_train_batch_start`` to the next (first in the callback list)."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+        self._start: tuple[int, float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self._start = (trainer.global_step, time.thread_time())
+
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def _close(self) -> None:
+        if self._start is not None:
+            step, started = self._start
+            self.times[step] = time.thread_time() - started
+
+
+def fit(steps: int, root: str, config: str, first: Callback) -> None:
+    """One fit of ``steps`` steps of ``config`` with ``first`` first among the callbacks."""
+    make = CONFIGS[config]
+    callbacks = [first] if make is None else [first, make()]
+    loader = random_image_loader(steps, BATCH_SIZE, IMAGE_SIZE)
+    torch.manual_seed(0)
+    quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
+
+
+def time_rounds(rounds: int, steps: int, warmup: int, root: str, statistic: str) -> dict[str, list[float]]:
+    """Per table row, its ratio to the plain run of each round (a run's step: the ``statistic``,
+    median or min, of its steps after ``warmup``)."""
+    reduce = STATISTICS[statistic]
+    names = list(CONFIGS)
+    ratios: dict[str, list[float]] = {}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        medians: dict[str, float] = {}
+        for config in names[shift:] + names[:shift]:
+            timer = WindowTimer()
+            fit(steps, root, config, timer)
+            timed = sorted(s for s in timer.times if s >= warmup)
+            for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():
+                medians[row] = reduce(timer.times[s] for s in kind_steps)
+        for row, value in medians.items():
+            ratios.setdefault(row, []).append(value / medians["plain"])
+    return ratios
+
+
+def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float]], args) -> None:
+    print(
+        f"\nResNet-20, B={BATCH_SIZE}, 3x{IMAGE_SIZE}x{IMAGE_SIZE}, SGD, 1 thread; {args.rounds} rounds x "
+        f"{args.steps - args.warmup} timed steps (thread CPU time, a run's {args.statistic} step)"
+    )
+    counts = format_count_table(table)
+    print(f"{counts[0]}{'ratio':>8}{'range':>12}")
+    for line, row in zip(counts[1:], table, strict=True):
+        values = ratios[row]
+        print(f"{line}{statistics.median(values):>8.3f}{f'{min(values):.2f}-{max(values):.2f}':>12}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 42 steps: a smoke test")
+    parser.add_argument(
+        "--statistic",
+        choices=list(STATISTICS),
+        default="median",
+        help="a run's step time: the median of its steps, or the min (the least disturbed one)",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 42, 10
+    if args.steps <= max(args.warmup, SPARSE_EVERY):
+        parser.error(f"--steps must exceed --warmup and {SPARSE_EVERY}")
+    silence_lightning()
+    torch.set_num_threads(1)
+    print(machine_description())
+    with tempfile.TemporaryDirectory() as root:
+        configs = {config: SPARSE_PERIODS.get(config) for config in CONFIGS}
+        table = count_table(partial(fit, COUNT_STEPS.stop + 1, root), configs, COUNT_STEPS)
+        ratios = time_rounds(args.rounds, args.steps, args.warmup, root, args.statistic)
+    print_table(ratios, table, args)
+
+
+if __name__ == "__main__":
+    main()

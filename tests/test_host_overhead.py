@@ -1,0 +1,41 @@
+"""The exact per-step counters behind ``benchmarks/bench_host_overhead.py`` (smoke test)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from lightning_tricks import RandomGradient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import count_table, format_count_table  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class ForwardHook(Callback):
+    """A Python forward hook on the module's first layer: one hook call a step."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.net[0].register_forward_hook(lambda module, args, output: None)
+
+
+def test_counts_per_step_plain_totals_and_what_callbacks_add(trainer_for, tiny_module):
+    extra = {"plain": [], "RandomGradient": [RandomGradient(seed=0)], "hook": [ForwardHook()]}
+
+    def fit(config, counter):
+        trainer_for([counter, *extra[config]]).fit(tiny_module(samples=32))  # 8 steps
+
+    table = count_table(fit, dict.fromkeys(extra), range(2, 6))
+    assert list(table) == list(extra)
+    assert list(table["plain"]) == ["aten_ops", "kernel_ops", "python_calls", "hook_calls", "syncs"]
+    plain, random_gradient, hook = table["plain"], table["RandomGradient"], table["hook"]
+    assert plain["hook_calls"] == 0 and plain["syncs"] == 0 and plain["aten_ops"] > 50
+    assert random_gradient["aten_ops"] == 1 and random_gradient["hook_calls"] == 0
+    assert random_gradient["syncs"] == 0 and random_gradient["python_calls"] > 0
+    assert hook["hook_calls"] == 1 and hook["aten_ops"] == 0
+    lines = format_count_table(table)
+    assert len(lines) == 4 and lines[2].split()[:2] == ["RandomGradient", "+1"]
