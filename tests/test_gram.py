@@ -762,3 +762,50 @@ def test_block_triangular_gram_equals_full_product(batch: int, entries: int, spl
     half = batch // 2
     if batch >= SYMMETRIC_MIN_BATCH:
         assert torch.equal(gram[half:, :half], gram[:half, half:].T)
+
+
+def test_trainable_set_is_read_again_when_a_flag_changes_between_collections() -> None:
+    """The collector derives a layer's measured parameters again only when a requires_grad flag
+    changed since its last collection: freezing and unfreezing between collections must still
+    give the brute-force G of the parameters trainable at each one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    collector = GramCollector(model, loss_reduction="sum")
+
+    def collected() -> torch.Tensor:
+        collector.reset()
+        collector.attach()
+        model(x).square().sum().backward()
+        collector.detach()
+        return collector.matrix()
+
+    def reference() -> torch.Tensor:
+        return helpers.reference_gram(model, lambda i: model(x[i : i + 1]).square().sum(), len(x))
+
+    for flag in (True, False, True, False):
+        model[0].weight.requires_grad_(flag)
+        torch.testing.assert_close(collected(), reference())
+
+
+def test_outside_use_is_caught_when_a_weight_is_unfrozen_after_attach() -> None:
+    """A weight frozen at attach (so not hooked then) and unfrozen before the forward, with the
+    same flags as the previous collection, still gets the hook that spots a use outside its module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # [2]: input needs grad, fused
+    x = torch.randn(3, 4)
+    collector = GramCollector(model)
+
+    collector.reset()
+    collector.attach()
+    model(x).sum().backward()
+    collector.detach()
+    collector.matrix()
+    collector.reset()
+    model[2].weight.requires_grad_(False)
+    collector.attach()
+    model[2].weight.requires_grad_(True)  # unfrozen after attach: the flags equal the first step's
+    F.linear(model(x), model[2].weight).sum().backward()
+    collector.detach()
+    with pytest.raises(RuntimeError, match="outside its module"):
+        collector.matrix()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .factors import GradFactor, cast, concat_factors
+from .factors import GradFactor, PerSampleFactor, cast, concat_factors
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
 
@@ -42,9 +42,9 @@ class _Layer:
     ``flags`` are the ``requires_grad`` of candidates and shared parameters they were derived from
     (derived again only when the flags change); ``fusable`` the active parameters the rule lets the
     collector fuse, ``shared_params`` the active shared ones; ``everything`` candidates then
-    shared parameters (the order of ``flags``), set once tied weights are known. ``default_capture``: the rule keeps
-    the first tensor argument, whose leading size is B. ``backprop_hook``: the collector's
-    (weak) output-gradient hook for this layer."""
+    shared parameters (the order of ``flags``), set once tied weights are known.
+    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
+    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer."""
 
     name: str
     module: nn.Module
@@ -68,7 +68,8 @@ class _Layer:
 
     def __post_init__(self) -> None:
         self.candidates = dict(self.params)
-        self.default_capture = self.rule.capture is capture_input and self.rule.batch_size is leading_batch_size
+        rule = self.rule
+        self.default_capture = rule.capture is capture_input and rule.batch_size is leading_batch_size
 
     def clear(self) -> None:
         self.pending, self.calls, self.hidden = 0, 0, ()
@@ -521,19 +522,32 @@ class GramCollector:
                 f"the input of module {layer.name!r} was modified in place after its forward; "
                 "GramCollector needs it unchanged until the backward (avoid in-place ops on it)"
             )
-        with torch.no_grad():
-            factors = layer.rule.factorize(layer.module, activations, backprops)
-            if layer.active_shared:
-                self._add_shared(layer, factors)
-            layer.pending -= 1
-            if not layer.params:
-                return
-            layer.factors.append(factors)
-            several_calls = layer.pending > 0 or len(layer.factors) > 1
-            if several_calls and fused:
-                self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
-            if layer.pending == 0:
-                self._finish_layer(layer, fused=() if several_calls else fused)
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            with torch.no_grad():
+                self._add_call(layer, activations, fused, backprops)
+        else:
+            self._add_call(layer, activations, fused, backprops)
+
+    def _add_call(
+        self,
+        layer: _Layer,
+        activations: Any,
+        fused: tuple[str, ...],
+        backprops: Tensor | tuple[Tensor | None, ...],
+    ) -> None:
+        """:meth:`_on_backprop` without grad mode."""
+        factors = layer.rule.factorize(layer.module, activations, backprops)
+        if layer.active_shared:
+            self._add_shared(layer, factors)
+        layer.pending -= 1
+        if not layer.params:
+            return
+        layer.factors.append(factors)
+        several_calls = layer.pending > 0 or len(layer.factors) > 1
+        if several_calls and fused:
+            self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
+        if layer.pending == 0:
+            self._finish_layer(layer, fused=() if several_calls else fused)
 
     def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
         """A parameter got a gradient although none of its captured forwards recorded it (it was
@@ -615,7 +629,7 @@ class GramCollector:
     def _finish_shared(self) -> None:
         """G of each tied weight from its summed per-sample gradients (materialised)."""
         for param, grads in self._shared_grads.items():
-            flat = grads.reshape(len(grads), -1)
+            flat = grads.reshape(grads.shape[0], -1)
             self._blocks[_param_name(*self._owners[param][0])] = flat @ flat.T
 
     def _check_unmeasured(self) -> None:
@@ -644,10 +658,15 @@ class GramCollector:
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
+        calls = layer.factors
         for name in layer.params:
-            factor = concat_factors([factors[name] for factors in layer.factors])
+            factor = calls[0][name] if len(calls) == 1 else concat_factors([call[name] for call in calls])
             if name in fused:
                 fused_grads[name] = factor.batch_gradient()
+            if type(factor) is PerSampleFactor:  # materialised only, rows at hand
+                layer.methods[name] = "materialize"
+                per_sample.append(factor.grads.reshape(factor.grads.shape[0], -1))
+                continue
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
             if method == "ghost":
@@ -655,11 +674,16 @@ class GramCollector:
             else:
                 per_sample.append(_rows(factor))
         if len(per_sample) > 1:
-            blocks.append(_gram(torch.cat([_per_sample_order(rows) for rows in per_sample], dim=1)))
+            ordered = [  # (n, B, P_n) column blocks back to per-sample order (B, P)
+                rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
+                for rows in per_sample
+            ]
+            blocks.append(_gram(torch.cat(ordered, dim=1)))
         elif per_sample:
             blocks.append(_gram(per_sample[0]))
-        layer.factors.clear()
-        self._write_fused_grads(layer, fused_grads)
+        calls.clear()
+        if fused_grads:
+            self._write_fused_grads(layer, fused_grads)
         self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         if self._hidden:
             self._restore_layer(layer)
@@ -833,7 +857,7 @@ def _gram(rows: Tensor) -> Tensor:
     (where extra kernel launches cost more than the multiply-adds saved), one product."""
     cpu = rows.device.type == "cpu"
     if rows.dim() == 2 and cpu and rows.shape[1] % GRAM_SPLITS == 0:
-        rows = rows.view(len(rows), GRAM_SPLITS, -1).transpose(0, 1)
+        rows = rows.view(rows.shape[0], GRAM_SPLITS, -1).transpose(0, 1)
     elif rows.dim() == 2:
         rows = rows[None]
     splits, batch, entries = rows.shape
@@ -855,12 +879,7 @@ def _rows(factor: GradFactor) -> Tensor:
     if rows is not None:
         return rows()
     grads = factor.per_sample()
-    return grads.reshape(len(grads), -1)
-
-
-def _per_sample_order(rows: Tensor) -> Tensor:
-    """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
-    return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
+    return grads.reshape(grads.shape[0], -1)
 
 
 def _param_name(layer: _Layer, name: str) -> str:
