@@ -116,6 +116,11 @@ UNFOLD_MAX_POSITIONS = 64
 """Convolutions with at most this many positions (small maps) get per-sample gradients from batched
 matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
 
+SHIFTED_STACK_MAX_ENTRIES = 2**17
+"""Shifted products whose windows, stacked for all kernel offsets, have at most this many entries
+(small maps and batches: a host-bound step) are one batched product on one copy of the stacked
+windows; larger ones read each window in place, one product per kernel offset (no copy)."""
+
 UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
 convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
@@ -207,7 +212,11 @@ class ConvFactor(NamedTuple):
         if last + span > flat.shape[-1]:
             flat = torch.constant_pad_nd(flat, (0, last + span - flat.shape[-1]))
         rows = other.reshape(batch * groups, other.shape[1] // groups, span)
-        grads = rows.new_empty(math.prod(layer.kernel_size), batch * groups, rows.shape[1], flat.shape[1])
+        offsets, (n, q), c = math.prod(layer.kernel_size), rows.shape[:2], flat.shape[1]
+        if n * span * offsets * c <= SHIFTED_STACK_MAX_ENTRIES:  # one product on the stacked windows
+            grads = torch.bmm(rows, _stacked_windows(flat, layer.kernel_size, jumps, span))
+            return grads.view(n, q, offsets, c).permute(2, 0, 1, 3)
+        grads = rows.new_empty(offsets, n, q, c)
         for out, window in zip(grads.unbind(0), _windows(flat, layer.kernel_size, jumps, span)):
             torch.bmm(rows, window, out=out)
         return grads
@@ -309,6 +318,15 @@ class ConvFactor(NamedTuple):
             batch_groups * layer.groups,
             (False, True, False),
         )[1]
+
+
+def _stacked_windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> Tensor:
+    """The windows of :func:`_windows` side by side, (N, span, Πk·C) with columns in (κ, c) order:
+    one strided view of ``flat`` (N, C, L), copied once (Πk times its entries)."""
+    n, c, l = flat.stride()
+    sizes = (flat.shape[0], span, *kernel, flat.shape[1])
+    windows = flat.as_strided(sizes, (n, l, *[jump * l for jump in jumps], c))
+    return windows.reshape(flat.shape[0], span, -1)
 
 
 def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> list[Tensor]:
