@@ -163,8 +163,11 @@ class ConvFactor(NamedTuple):
         if method == "patches":
             return self.as_outer().per_sample()
         if method == "shifted":
-            grads = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
+            grads, stacked = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
             batch, kernel = self.inputs.shape[0], self.layer.kernel_size
+            if stacked:
+                n, q, _ = grads.shape
+                grads = grads.view(n, q, math.prod(kernel), -1).permute(2, 0, 1, 3)
             grads = grads.reshape(*kernel, batch, self.layer.groups, *grads.shape[2:])
             dims = len(kernel)
             grads = grads.permute(dims, dims + 1, dims + 2, dims + 3, *range(dims))
@@ -179,21 +182,27 @@ class ConvFactor(NamedTuple):
 
     def rows(self) -> Tensor:
         """g_i flattened, (B, W.numel()), or split by kernel offset, (Πk, B, W.numel()/Πk) when
-        shifted (G = Σ over the splits of their Grams; no copy into per-sample order)."""
+        shifted one offset at a time (G = Σ over the splits of their Grams; no copy into
+        per-sample order)."""
         if self.per_sample_method() == "shifted":
-            grads = self._shifted_products()
+            grads, stacked = self._shifted_products()
+            if stacked:  # per-sample order already
+                return grads.reshape(self.inputs.shape[0], -1)
             return grads.reshape(grads.shape[0], self.inputs.shape[0], -1)
         grads = self.per_sample()
         return grads.reshape(grads.shape[0], -1)
 
-    def _shifted_products(self) -> Tensor:
-        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk): o is the side
+    def _shifted_products(self) -> tuple[Tensor, bool]:
+        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk), or, with
+        ``True`` (stacked windows, :data:`SHIFTED_STACK_MAX_ENTRIES`), (B·K, q, Πk·p/Πk) with
+        columns in (κ, input) order: o is the side
         indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
         zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
 
         Both are flattened over space, o zero-padded to r's sizes in every spatial dim but the
         first, so that for each κ the window t + κ·d of r is one contiguous slice of r's flat
-        positions: one batched matrix product per kernel offset, the padded zeros of o cancelling
+        positions: one batched matrix product per kernel offset (or one on the windows stacked), the
+        padded zeros of o cancelling
         the wrapped-around entries of r (seed 004 eq. 6 in the layout of the weight's kernel offsets).
         """
         layer, groups = self.layer, self.layer.groups
@@ -213,13 +222,13 @@ class ConvFactor(NamedTuple):
             flat = torch.constant_pad_nd(flat, (0, last + span - flat.shape[-1]))
         rows = other.reshape(batch * groups, other.shape[1] // groups, span)
         offsets, (n, q), c = math.prod(layer.kernel_size), rows.shape[:2], flat.shape[1]
-        if n * span * offsets * c <= SHIFTED_STACK_MAX_ENTRIES:  # one product on the stacked windows
-            grads = torch.bmm(rows, _stacked_windows(flat, layer.kernel_size, jumps, span))
-            return grads.view(n, q, offsets, c).permute(2, 0, 1, 3)
+        if n * span * offsets * c <= SHIFTED_STACK_MAX_ENTRIES:
+            stacked = _stacked_windows(flat, layer.kernel_size, jumps, span)
+            return torch.bmm(rows, stacked.transpose(1, 2)), True
         grads = rows.new_empty(offsets, n, q, c)
         for out, window in zip(grads.unbind(0), _windows(flat, layer.kernel_size, jumps, span)):
             torch.bmm(rows, window, out=out)
-        return grads
+        return grads, False
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
@@ -321,12 +330,13 @@ class ConvFactor(NamedTuple):
 
 
 def _stacked_windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> Tensor:
-    """The windows of :func:`_windows` side by side, (N, span, Πk·C) with columns in (κ, c) order:
-    one strided view of ``flat`` (N, C, L), copied once (Πk times its entries)."""
+    """The windows of :func:`_windows`, transposed and stacked, (N, Πk·C, span) with rows in (κ, c)
+    order: one strided view of ``flat`` (N, C, L), copied once (Πk times its entries, in
+    contiguous runs of ``span``)."""
     n, c, l = flat.stride()
-    sizes = (flat.shape[0], span, *kernel, flat.shape[1])
-    windows = flat.as_strided(sizes, (n, l, *[jump * l for jump in jumps], c))
-    return windows.reshape(flat.shape[0], span, -1)
+    sizes = (flat.shape[0], *kernel, flat.shape[1], span)
+    windows = flat.as_strided(sizes, (n, *[jump * l for jump in jumps], c, l))
+    return windows.reshape(flat.shape[0], -1, span)
 
 
 def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> list[Tensor]:
