@@ -744,20 +744,28 @@ def test_collector_leaves_no_warning_on_supported_model() -> None:
         collect(model, x, y).matrix()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("entries", [1, 4])
 @pytest.mark.parametrize("batch", [1, 63, 64, 65, 128, 129])
-def test_block_triangular_gram_equals_full_product(batch: int, entries: int, split: bool) -> None:
+def test_block_triangular_gram_equals_full_product(batch: int, entries: int, split: bool, threads: int) -> None:
     """The Gram of each materialised layer is built from its upper block triangle from
-    ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks; it must equal R Rᵀ, for odd B
-    and columns that do not split evenly too, its lower-left block the mirror of the upper-right
-    one; rows given split into column blocks (n, B, P / n) give the Gram of their concatenation."""
+    ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks (one plain product for small
+    2-D rows on one thread); it must equal R Rᵀ, for odd B and columns that do not split evenly
+    too, its lower-left block the mirror of the upper-right one; rows given split into column
+    blocks (n, B, P / n) give the Gram of their concatenation."""
     from lightning_tricks.gradients.gram.collector import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
 
     assert SYMMETRIC_MIN_BATCH <= 64
     rows = torch.randn(batch, SYMMETRIC_MIN_ENTRIES * entries + 3 * (entries == 1), dtype=DTYPE)
     blocks = rows.view(batch, 4, -1).transpose(0, 1) if split and entries == 4 else rows
-    gram, expected = _gram(blocks), rows @ rows.T
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gram = _gram(blocks)
+    finally:
+        torch.set_num_threads(before)
+    expected = rows @ rows.T
     torch.testing.assert_close(gram, expected, rtol=1e-13, atol=1e-13 * expected.abs().max().item())
     half = batch // 2
     if batch >= SYMMETRIC_MIN_BATCH:

@@ -665,7 +665,8 @@ class GramCollector:
                 fused_grads[name] = factor.batch_gradient()
             if type(factor) is PerSampleFactor:  # materialised only, rows at hand
                 layer.methods[name] = "materialize"
-                per_sample.append(factor.grads.reshape(factor.grads.shape[0], -1))
+                grads = factor.grads
+                per_sample.append(grads if grads.dim() == 2 else grads.reshape(grads.shape[0], -1))
                 continue
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
@@ -854,14 +855,18 @@ def _gram(rows: Tensor) -> Tensor:
     every thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁,
     the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ, the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
     Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` entries, and off the CPU
-    (where extra kernel launches cost more than the multiply-adds saved), one product."""
+    (where extra kernel launches cost more than the multiply-adds saved), one product; 2-D rows
+    that would not be split for the threads' sake (off the CPU, or one thread) then go through one
+    plain matrix product, without views."""
     cpu = rows.device.type == "cpu"
+    if rows.dim() == 2 and not (cpu and torch.get_num_threads() > 1) and not _symmetric(rows, cpu):
+        return torch.mm(rows, rows.t())
     if rows.dim() == 2 and cpu and rows.shape[1] % GRAM_SPLITS == 0:
         rows = rows.view(rows.shape[0], GRAM_SPLITS, -1).transpose(0, 1)
     elif rows.dim() == 2:
         rows = rows[None]
     splits, batch, entries = rows.shape
-    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or not cpu:
+    if not _symmetric(rows, cpu):
         return torch.bmm(rows, rows.transpose(1, 2)).sum(0) if splits > 1 else rows[0] @ rows[0].T
     half = batch // 2
     gram = rows.new_empty(batch, batch)
@@ -869,6 +874,12 @@ def _gram(rows: Tensor) -> Tensor:
     gram[half:, half:] = torch.bmm(rows[:, half:], rows[:, half:].transpose(1, 2)).sum(0)
     gram[half:, :half] = gram[:half, half:].T
     return gram
+
+
+def _symmetric(rows: Tensor, cpu: bool) -> bool:
+    """Whether :func:`_gram` computes only the upper block triangle of the rows' Gram."""
+    batch = rows.shape[-2]  # rows (B, P) or (n, B, P_n): P entries per sample either way
+    return cpu and batch >= SYMMETRIC_MIN_BATCH and rows.numel() >= SYMMETRIC_MIN_ENTRIES * batch
 
 
 def _rows(factor: GradFactor) -> Tensor:
