@@ -41,7 +41,8 @@ class _Layer:
     at the module's first captured forward of the current collection (the trainable set then);
     ``flags`` are the ``requires_grad`` of candidates and shared parameters they were derived from
     (derived again only when the flags change); ``fusable`` the active parameters the rule lets the
-    collector fuse, ``shared_params`` the active shared ones; ``everything`` candidates then
+    collector fuse (``fused_names``; ``unfused_ids``: ids of the other active and shared ones, which
+    a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
     shared parameters (the order of ``flags``), set once tied weights are known.
     ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
     ``backprop_hook``: the collector's (weak) output-gradient hook for this layer."""
@@ -61,6 +62,8 @@ class _Layer:
     activated: bool = False
     flags: list[bool] = field(default_factory=list)
     fusable: tuple[tuple[str, nn.Parameter], ...] = ()
+    fused_names: tuple[str, ...] = ()
+    unfused_ids: list[int] = field(default_factory=list)
     shared_params: list[nn.Parameter] = field(default_factory=list)
     everything: list[nn.Parameter] = field(default_factory=list)
     default_capture: bool = field(init=False)
@@ -265,6 +268,7 @@ class GramCollector:
             for layer in self._layers
         ]
         self._param_hooks: dict[int, _WeakHook] = {}
+        self._unhooked = False
         for layer in self._layers:
             layer.backprop_hook = _WeakHook(self._on_backprop, layer)
         self._enabled = True
@@ -289,6 +293,7 @@ class GramCollector:
         if self._handles:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
+        self._unhooked = False
         for layer, (before, after) in zip(self._layers, self._module_hooks):
             module = layer.module
             self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
@@ -458,11 +463,13 @@ class GramCollector:
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
         if not (isinstance(inputs, Tensor) and inputs.requires_grad and inputs.shape[:1] != (0,)):
             return
-        hidden = [(name, param) for name, param in layer.fusable if param.requires_grad]
-        for _, param in hidden:
-            self._hidden[id(param)] = param
-            param.requires_grad_(False)
-        layer.hidden = tuple([name for name, _ in hidden]) if hidden else ()
+        hidden = []
+        for name, param in layer.fusable:
+            if param.requires_grad:
+                self._hidden[id(param)] = param
+                param.requires_grad_(False)
+                hidden.append(name)
+        layer.hidden = tuple(hidden)
 
     def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Give hidden weights their flag back (also after a failed forward), keep the layer's input
@@ -470,7 +477,9 @@ class GramCollector:
         return the output to use instead)."""
         hidden, layer.hidden = layer.hidden, ()
         for name in hidden:
-            self._show(layer.params[name])
+            param = layer.params[name]
+            if self._hidden.pop(id(param), None) is not None:  # as _show, inline
+                param.requires_grad_(True)
         if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return None
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
@@ -486,7 +495,13 @@ class GramCollector:
             return None
         if not (layer.params or layer.active_shared):
             return None
-        self._record_consumers(layer, hidden, output, args, kwargs)
+        if hidden == layer.fused_names:
+            self._visible.update(layer.unfused_ids)
+        else:
+            self._visible.update([id(p) for n, p in layer.params.items() if n not in hidden])
+            self._visible.update(map(id, layer.shared_params))
+        if self.track_outside_use:
+            self._record_consumers(layer, hidden, output, args, kwargs)
         if inputs.shape[:1] == (0,):  # an empty batch: nothing to measure
             return None
         if layer.default_capture and inputs.dim() > 0:
@@ -572,15 +587,22 @@ class GramCollector:
             layer.active_shared = tuple(n for n, p in layer.shared.items() if id(p) in active)
             layer.shared_params = [layer.shared[n] for n in layer.active_shared]
             layer.fusable = tuple((n, layer.params[n]) for n in layer.rule.fusable if n in layer.params)
-        unhooked = [p for p, flag in zip(everything, flags) if flag and id(p) not in self._leaf_handles]
-        if unhooked:
-            self._hook_leaves(unhooked)
+            layer.fused_names = tuple(n for n, _ in layer.fusable)
+            layer.unfused_ids = [id(p) for n, p in layer.params.items() if n not in layer.fused_names]
+            layer.unfused_ids += map(id, layer.shared_params)
+        if self._unhooked:  # some parameter was frozen at attach
+            unhooked = [p for p, flag in zip(everything, flags) if flag and id(p) not in self._leaf_handles]
+            if unhooked:
+                self._hook_leaves(unhooked)
 
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
-        """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
+        """A hook (once) on each parameter that requires grad, spotting gradients from outside;
+        :attr:`_unhooked` says whether one was left out (frozen)."""
         for param in params:
             key = id(param)
-            if key not in self._leaf_handles and param.requires_grad:
+            if not param.requires_grad:
+                self._unhooked = True
+            elif key not in self._leaf_handles:
                 hook = self._param_hooks.get(key)
                 if hook is None:
                     hook = self._param_hooks[key] = _WeakHook(self._on_param_grad, param)
@@ -594,14 +616,10 @@ class GramCollector:
     def _record_consumers(
         self, layer: _Layer, hidden: tuple[str, ...], output: Any, args: tuple, kwargs: dict
     ) -> None:
-        """Remember the parameters this call recorded in the graph and, while
-        :attr:`track_outside_use`, the autograd nodes that use them (the nodes between its outputs
-        and its inputs ``args``, ``kwargs``), for :meth:`check_outside_use`."""
-        own = [p for n, p in layer.params.items() if n not in hidden] if hidden else [*layer.params.values()]
+        """Remember the autograd nodes that use the parameters this call recorded in the graph (the
+        nodes between its outputs and its inputs ``args``, ``kwargs``), for :meth:`check_outside_use`."""
+        own = [p for n, p in layer.params.items() if n not in hidden]
         own += layer.shared_params
-        self._visible.update(map(id, own))
-        if not self.track_outside_use:
-            return
         own_ids = set(map(id, own))
         inputs = (*args, *kwargs.values())
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
