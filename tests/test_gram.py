@@ -744,21 +744,76 @@ def test_collector_leaves_no_warning_on_supported_model() -> None:
         collect(model, x, y).matrix()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("entries", [1, 4])
 @pytest.mark.parametrize("batch", [1, 63, 64, 65, 128, 129])
-def test_block_triangular_gram_equals_full_product(batch: int, entries: int, split: bool) -> None:
+def test_block_triangular_gram_equals_full_product(batch: int, entries: int, split: bool, threads: int) -> None:
     """The Gram of each materialised layer is built from its upper block triangle from
-    ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks; it must equal R Rᵀ, for odd B
-    and columns that do not split evenly too, its lower-left block the mirror of the upper-right
-    one; rows given split into column blocks (n, B, P / n) give the Gram of their concatenation."""
+    ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks (one plain product for small
+    2-D rows on one thread); it must equal R Rᵀ, for odd B and columns that do not split evenly
+    too, its lower-left block the mirror of the upper-right one; rows given split into column
+    blocks (n, B, P / n) give the Gram of their concatenation."""
     from lightning_tricks.gradients.gram.collector import SYMMETRIC_MIN_BATCH, SYMMETRIC_MIN_ENTRIES, _gram
 
     assert SYMMETRIC_MIN_BATCH <= 64
     rows = torch.randn(batch, SYMMETRIC_MIN_ENTRIES * entries + 3 * (entries == 1), dtype=DTYPE)
     blocks = rows.view(batch, 4, -1).transpose(0, 1) if split and entries == 4 else rows
-    gram, expected = _gram(blocks), rows @ rows.T
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gram = _gram(blocks)
+    finally:
+        torch.set_num_threads(before)
+    expected = rows @ rows.T
     torch.testing.assert_close(gram, expected, rtol=1e-13, atol=1e-13 * expected.abs().max().item())
     half = batch // 2
     if batch >= SYMMETRIC_MIN_BATCH:
         assert torch.equal(gram[half:, :half], gram[:half, half:].T)
+
+
+def test_trainable_set_is_read_again_when_a_flag_changes_between_collections() -> None:
+    """The collector derives a layer's measured parameters again only when a requires_grad flag
+    changed since its last collection: freezing and unfreezing between collections must still
+    give the brute-force G of the parameters trainable at each one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    collector = GramCollector(model, loss_reduction="sum")
+
+    def collected() -> torch.Tensor:
+        collector.reset()
+        collector.attach()
+        model(x).square().sum().backward()
+        collector.detach()
+        return collector.matrix()
+
+    def reference() -> torch.Tensor:
+        return helpers.reference_gram(model, lambda i: model(x[i : i + 1]).square().sum(), len(x))
+
+    for flag in (True, False, True, False):
+        model[0].weight.requires_grad_(flag)
+        torch.testing.assert_close(collected(), reference())
+
+
+def test_outside_use_is_caught_when_a_weight_is_unfrozen_after_attach() -> None:
+    """A weight frozen at attach (so not hooked then) and unfrozen before the forward, with the
+    same flags as the previous collection, still gets the hook that spots a use outside its module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # [2]: input needs grad, fused
+    x = torch.randn(3, 4)
+    collector = GramCollector(model)
+
+    collector.reset()
+    collector.attach()
+    model(x).sum().backward()
+    collector.detach()
+    collector.matrix()
+    collector.reset()
+    model[2].weight.requires_grad_(False)
+    collector.attach()
+    model[2].weight.requires_grad_(True)  # unfrozen after attach: the flags equal the first step's
+    F.linear(model(x), model[2].weight).sum().backward()
+    collector.detach()
+    with pytest.raises(RuntimeError, match="outside its module"):
+        collector.matrix()

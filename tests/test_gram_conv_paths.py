@@ -96,6 +96,22 @@ def test_each_method_matches_per_sample_loop(
     torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("name", [name for name in GEOMETRIES if applicable(name, "shifted")])
+def test_shifted_products_stacked_or_per_offset_match_per_sample_loop(
+    name: str, stacked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shifted products as one product on the stacked windows (small) or one per kernel offset
+    (large): both give the per-sample loop's g_i and Gram."""
+    monkeypatch.setattr(ConvFactor, "per_sample_method", lambda self: "shifted")
+    monkeypatch.setattr(factors, "SHIFTED_STACK_MAX_ENTRIES", 10**12 if stacked else 0)
+    factor, expected = factor_for(name, 5)
+    torch.testing.assert_close(factor.per_sample(), expected, rtol=1e-12, atol=1e-12)
+    flat, rows = expected.reshape(5, -1), factor.rows()
+    gram = sum(block @ block.T for block in (rows if rows.dim() == 3 else rows[None]))
+    torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_methods_agree_with_each_other_in_float32(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same float32 layer through every applicable method: equal up to float32 round-off."""

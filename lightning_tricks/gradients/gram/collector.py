@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .factors import GradFactor, cast, concat_factors
-from .fallback import FALLBACK_RULE, is_recomputing, output_leaves
-from .registry import GramRule, first_tensor, gram_rule_for
+from .factors import GradFactor, PerSampleFactor, cast, concat_factors
+from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
+from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -33,23 +33,19 @@ UNSUPPORTED_POLICIES = ("raise", "skip")
 
 
 @dataclass
-class _Call:
-    """One captured forward of a layer: what its rule's capture kept, the input and its version
-    then, and the weights hidden from autograd for it (whose batch gradient the collector writes)."""
-
-    activations: Any
-    inputs: Tensor
-    version: int
-    fused: tuple[str, ...]
-
-
-@dataclass
 class _Layer:
     """Capture state of one parameterised module.
 
     ``candidates`` are the module's own parameters that may enter G, ``shared`` those it shares
     with another captured module; ``params`` and ``active_shared`` are the ones that required grad
-    at the module's first captured forward of the current collection (the trainable set then)."""
+    at the module's first captured forward of the current collection (the trainable set then);
+    ``flags`` are the ``requires_grad`` of candidates and shared parameters they were derived from
+    (derived again only when the flags change); ``fusable`` the active parameters the rule lets the
+    collector fuse (``fused_names``; ``unfused_ids``: ids of the other active and shared ones, which
+    a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
+    shared parameters (the order of ``flags``), set once tied weights are known.
+    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
+    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer."""
 
     name: str
     module: nn.Module
@@ -64,9 +60,19 @@ class _Layer:
     shared: dict[str, nn.Parameter] = field(default_factory=dict)
     active_shared: tuple[str, ...] = ()
     activated: bool = False
+    flags: list[bool] = field(default_factory=list)
+    fusable: tuple[tuple[str, nn.Parameter], ...] = ()
+    fused_names: tuple[str, ...] = ()
+    unfused_ids: list[int] = field(default_factory=list)
+    shared_params: list[nn.Parameter] = field(default_factory=list)
+    everything: list[nn.Parameter] = field(default_factory=list)
+    default_capture: bool = field(init=False)
+    backprop_hook: Callable[..., None] | None = None
 
     def __post_init__(self) -> None:
         self.candidates = dict(self.params)
+        rule = self.rule
+        self.default_capture = rule.capture is capture_input and rule.batch_size is leading_batch_size
 
     def clear(self) -> None:
         self.pending, self.calls, self.hidden = 0, 0, ()
@@ -251,22 +257,27 @@ class GramCollector:
             model, candidates, modules, unsupported, fallback, _checked_rules(rules)
         )
         self._owners = _share_tied_params(self._layers)
+        for layer in self._layers:
+            layer.everything = [*layer.candidates.values(), *layer.shared.values()]
         self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
         self._handles: list[RemovableHandle] = []
-        self._leaf_handles: dict[nn.Parameter, RemovableHandle] = {}
+        self._leaf_handles: dict[int, RemovableHandle] = {}  # by id(parameter): no Tensor.__hash__ calls
         weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
         self._module_hooks = [  # made once: attaching at every measured step only registers them
             (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer))
             for layer in self._layers
         ]
-        self._param_hooks: dict[nn.Parameter, _WeakHook] = {}
+        self._param_hooks: dict[int, _WeakHook] = {}
+        self._unhooked = False
+        for layer in self._layers:
+            layer.backprop_hook = _WeakHook(self._on_backprop, layer)
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
         self._missed: set[str] = set()
-        self._hidden: dict[nn.Parameter, bool] = {}
-        self._visible: set[nn.Parameter] = set()
+        self._hidden: dict[int, nn.Parameter] = {}  # weights hidden for a fused call, by id
+        self._visible: set[int] = set()  # ids of parameters recorded by a captured call
         self._consumers: dict[nn.Parameter, set[Any]] = {}
         self._shared_grads: dict[nn.Parameter, Tensor] = {}
         self._warned_unmeasured = False
@@ -282,11 +293,12 @@ class GramCollector:
         if self._handles:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
+        self._unhooked = False
         for layer, (before, after) in zip(self._layers, self._module_hooks):
             module = layer.module
             self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
-            self._hook_leaves([*layer.candidates.values(), *layer.shared.values()])
+            self._hook_leaves(layer.everything)
         return self
 
     def detach(self) -> None:
@@ -439,25 +451,24 @@ class GramCollector:
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _capturing(self) -> bool:
-        return self._enabled and torch.is_grad_enabled() and not is_recomputing()
-
     def _before_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Read the trainable set at the layer's first captured call; fused mode: hide the fusable
         weights from autograd for this call only, if its (non-empty) input needs grad."""
-        if not self._capturing():
+        if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return
         if not layer.activated:
             self._activate(layer)
-        inputs = _first_input(args, kwargs)
-        if not (self._fuse and isinstance(inputs, Tensor) and inputs.requires_grad and len(inputs) > 0):
+        if not (self._fuse and layer.fusable):
             return
-        hidden = [
-            name for name in layer.rule.fusable if name in layer.params and layer.params[name].requires_grad
-        ]
-        for name in hidden:
-            self._hidden[layer.params[name]] = True
-            layer.params[name].requires_grad_(False)
+        inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
+        if not (isinstance(inputs, Tensor) and inputs.requires_grad and inputs.shape[:1] != (0,)):
+            return
+        hidden = []
+        for name, param in layer.fusable:
+            if param.requires_grad:
+                self._hidden[id(param)] = param
+                param.requires_grad_(False)
+                hidden.append(name)
         layer.hidden = tuple(hidden)
 
     def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -466,92 +477,151 @@ class GramCollector:
         return the output to use instead)."""
         hidden, layer.hidden = layer.hidden, ()
         for name in hidden:
-            self._show(layer.params[name])
-        inputs = _first_input(args, kwargs)
-        if not self._capturing() or not isinstance(inputs, Tensor):
+            param = layer.params[name]
+            if self._hidden.pop(id(param), None) is not None:  # as _show, inline
+                param.requires_grad_(True)
+        if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
+            return None
+        inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
+        if not isinstance(inputs, Tensor):
             return None
         if layer.pending == 0 and layer.calls > 0:
             raise RuntimeError(
                 f"module {layer.name!r} ran forward again after its backward was captured; call "
                 "GramCollector.reset() between training steps (e.g. between accumulated micro-batches)"
             )
-        if not _requires_grad(output) or not (layer.params or layer.active_shared):
+        single = isinstance(output, Tensor)
+        if not (output.requires_grad if single else _requires_grad(output)):
             return None
-        self._record_consumers(layer, hidden, output, (*args, *kwargs.values()))
-        if len(inputs) == 0:  # an empty batch: nothing to measure
+        if not (layer.params or layer.active_shared):
             return None
-        self._check_batch_size(layer, layer.rule.batch_size(module, args, kwargs))
+        if hidden == layer.fused_names:
+            self._visible.update(layer.unfused_ids)
+        else:
+            self._visible.update([id(p) for n, p in layer.params.items() if n not in hidden])
+            self._visible.update(map(id, layer.shared_params))
+        if self.track_outside_use:
+            self._record_consumers(layer, hidden, output, args, kwargs)
+        if inputs.shape[:1] == (0,):  # an empty batch: nothing to measure
+            return None
+        if layer.default_capture and inputs.dim() > 0:
+            batch_size, activations = inputs.shape[0], inputs
+        else:
+            batch_size = layer.rule.batch_size(module, args, kwargs)
+            activations = layer.rule.capture(module, args, kwargs, output)
+        if batch_size != self._batch_size:
+            self._check_batch_size(layer, batch_size)
         layer.pending += 1
         layer.calls += 1
-        call = _Call(layer.rule.activations(module, args, kwargs, output), inputs, inputs._version, hidden)
-        return _hook_output_grads(output, _WeakHook(self._on_backprop, layer, call))
+        hook = functools.partial(layer.backprop_hook, activations, inputs, inputs._version, hidden)
+        if single:
+            output.register_hook(hook)
+            return None
+        return _hook_output_grads(output, hook)
 
-    def _on_backprop(self, layer: _Layer, call: _Call, backprops: Tensor | tuple[Tensor | None, ...]) -> None:
-        """Turn one call's input and output gradient into factors; finish the layer on its last call."""
-        if call.inputs._version != call.version:
+    def _on_backprop(
+        self,
+        layer: _Layer,
+        activations: Any,
+        inputs: Tensor,
+        version: int,
+        fused: tuple[str, ...],
+        backprops: Tensor | tuple[Tensor | None, ...],
+    ) -> None:
+        """Turn one call's captured ``activations`` and output gradient into factors; finish the
+        layer on its last call. ``inputs`` must still be at ``version`` (no in-place change since
+        the forward); ``fused`` names the weights hidden from autograd in that call, whose batch
+        gradient the collector writes."""
+        if inputs._version != version:
             raise RuntimeError(
                 f"the input of module {layer.name!r} was modified in place after its forward; "
                 "GramCollector needs it unchanged until the backward (avoid in-place ops on it)"
             )
-        with torch.no_grad():
-            factors = layer.rule.factorize(layer.module, call.activations, backprops)
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            with torch.no_grad():
+                self._add_call(layer, activations, fused, backprops)
+        else:
+            self._add_call(layer, activations, fused, backprops)
+
+    def _add_call(
+        self,
+        layer: _Layer,
+        activations: Any,
+        fused: tuple[str, ...],
+        backprops: Tensor | tuple[Tensor | None, ...],
+    ) -> None:
+        """:meth:`_on_backprop` without grad mode."""
+        factors = layer.rule.factorize(layer.module, activations, backprops)
+        if layer.active_shared:
             self._add_shared(layer, factors)
-            layer.pending -= 1
-            if not layer.params:
-                return
-            factors = {name: factors[name] for name in layer.params}
-            layer.factors.append(factors)
-            several_calls = layer.pending > 0 or len(layer.factors) > 1
-            if several_calls:
-                self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in call.fused})
-            if layer.pending == 0:
-                self._finish_layer(layer, fused=() if several_calls else call.fused)
+        layer.pending -= 1
+        if not layer.params:
+            return
+        layer.factors.append(factors)
+        several_calls = layer.pending > 0 or len(layer.factors) > 1
+        if several_calls and fused:
+            self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
+        if layer.pending == 0:
+            self._finish_layer(layer, fused=() if several_calls else fused)
 
     def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
         """A parameter got a gradient although none of its captured forwards recorded it (it was
         hidden in all of them, or none was captured): it was used outside its module."""
-        if self._enabled and param not in self._visible:
+        if self._enabled and id(param) not in self._visible:
             self._missed.add(_param_name(*self._owners[param][0]))
 
     # -- trainable set, tied weights, outside use ---------------------------------------------
 
     def _activate(self, layer: _Layer) -> None:
-        """The layer's parameters that require grad now (the user's flags) enter this collection;
-        each gets a leaf hook (once) that spots a gradient from outside its module."""
+        """The layer's parameters that require grad now (the user's flags) enter this collection
+        (derived again only if a flag changed since the last collection); each gets a leaf hook
+        (once) that spots a gradient from outside its module."""
         layer.activated = True
-        layer.params = {n: p for n, p in layer.candidates.items() if self._user_flag(p)}
-        layer.active_shared = tuple(n for n, p in layer.shared.items() if self._user_flag(p))
-        self._hook_leaves([*layer.params.values(), *map(layer.shared.get, layer.active_shared)])
+        hidden = self._hidden
+        everything = layer.everything
+        flags = [id(p) in hidden or p.requires_grad for p in everything]
+        if flags != layer.flags:
+            layer.flags = flags
+            active = {id(p) for p, flag in zip(everything, flags) if flag}
+            layer.params = {n: p for n, p in layer.candidates.items() if id(p) in active}
+            layer.active_shared = tuple(n for n, p in layer.shared.items() if id(p) in active)
+            layer.shared_params = [layer.shared[n] for n in layer.active_shared]
+            layer.fusable = tuple((n, layer.params[n]) for n in layer.rule.fusable if n in layer.params)
+            layer.fused_names = tuple(n for n, _ in layer.fusable)
+            layer.unfused_ids = [id(p) for n, p in layer.params.items() if n not in layer.fused_names]
+            layer.unfused_ids += map(id, layer.shared_params)
+        if self._unhooked:  # some parameter was frozen at attach
+            unhooked = [p for p, flag in zip(everything, flags) if flag and id(p) not in self._leaf_handles]
+            if unhooked:
+                self._hook_leaves(unhooked)
 
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
-        """A hook (once) on each parameter that requires grad, spotting gradients from outside."""
+        """A hook (once) on each parameter that requires grad, spotting gradients from outside;
+        :attr:`_unhooked` says whether one was left out (frozen)."""
         for param in params:
-            if param not in self._leaf_handles and param.requires_grad:
-                hook = self._param_hooks.get(param)
+            key = id(param)
+            if not param.requires_grad:
+                self._unhooked = True
+            elif key not in self._leaf_handles:
+                hook = self._param_hooks.get(key)
                 if hook is None:
-                    hook = self._param_hooks[param] = _WeakHook(self._on_param_grad, param)
-                self._leaf_handles[param] = param.register_hook(hook)
-
-    def _user_flag(self, param: nn.Parameter) -> bool:
-        return self._hidden.get(param, param.requires_grad)
+                    hook = self._param_hooks[key] = _WeakHook(self._on_param_grad, param)
+                self._leaf_handles[key] = param.register_hook(hook)
 
     def _show(self, param: nn.Parameter) -> None:
-        """Give a hidden weight back the ``requires_grad`` its user had."""
-        flag = self._hidden.pop(param, None)
-        if flag is not None:
-            param.requires_grad_(flag)
+        """Give a hidden weight back the ``requires_grad`` its user had (``True``)."""
+        if self._hidden.pop(id(param), None) is not None:
+            param.requires_grad_(True)
 
     def _record_consumers(
-        self, layer: _Layer, hidden: tuple[str, ...], output: Any, inputs: tuple[Any, ...]
+        self, layer: _Layer, hidden: tuple[str, ...], output: Any, args: tuple, kwargs: dict
     ) -> None:
-        """Remember the parameters this call recorded in the graph and, while
-        :attr:`track_outside_use`, the autograd nodes that use them (the nodes between its outputs
-        and its inputs), for :meth:`check_outside_use`."""
-        own = {p for n, p in layer.params.items() if n not in hidden}
-        own.update(map(layer.shared.get, layer.active_shared))
-        self._visible.update(own)
-        if not self.track_outside_use:
-            return
+        """Remember the autograd nodes that use the parameters this call recorded in the graph (the
+        nodes between its outputs and its inputs ``args``, ``kwargs``), for :meth:`check_outside_use`."""
+        own = [p for n, p in layer.params.items() if n not in hidden]
+        own += layer.shared_params
+        own_ids = set(map(id, own))
+        inputs = (*args, *kwargs.values())
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
         leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
         stack = [leaf.grad_fn for leaf in leaves if isinstance(leaf, Tensor) and leaf.grad_fn]
@@ -560,7 +630,7 @@ class GramCollector:
             node = stack.pop()
             for child, _ in node.next_functions:
                 param = getattr(child, "variable", None)
-                if param in own:
+                if param is not None and id(param) in own_ids:
                     self._consumers.setdefault(param, set()).add(node)
                 elif child is not None and param is None and child not in seen:
                     seen.add(child)
@@ -577,7 +647,7 @@ class GramCollector:
     def _finish_shared(self) -> None:
         """G of each tied weight from its summed per-sample gradients (materialised)."""
         for param, grads in self._shared_grads.items():
-            flat = grads.reshape(len(grads), -1)
+            flat = grads.reshape(grads.shape[0], -1)
             self._blocks[_param_name(*self._owners[param][0])] = flat @ flat.T
 
     def _check_unmeasured(self) -> None:
@@ -606,10 +676,16 @@ class GramCollector:
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
+        calls = layer.factors
         for name in layer.params:
-            factor = concat_factors([factors[name] for factors in layer.factors])
+            factor = calls[0][name] if len(calls) == 1 else concat_factors([call[name] for call in calls])
             if name in fused:
                 fused_grads[name] = factor.batch_gradient()
+            if type(factor) is PerSampleFactor:  # materialised only, rows at hand
+                layer.methods[name] = "materialize"
+                grads = factor.grads
+                per_sample.append(grads if grads.dim() == 2 else grads.reshape(grads.shape[0], -1))
+                continue
             method = _choose_method(factor, self.method)
             layer.methods[name] = method
             if method == "ghost":
@@ -617,13 +693,19 @@ class GramCollector:
             else:
                 per_sample.append(_rows(factor))
         if len(per_sample) > 1:
-            blocks.append(_gram(torch.cat([_per_sample_order(rows) for rows in per_sample], dim=1)))
+            ordered = [  # (n, B, P_n) column blocks back to per-sample order (B, P)
+                rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
+                for rows in per_sample
+            ]
+            blocks.append(_gram(torch.cat(ordered, dim=1)))
         elif per_sample:
             blocks.append(_gram(per_sample[0]))
-        layer.factors.clear()
-        self._write_fused_grads(layer, fused_grads)
+        calls.clear()
+        if fused_grads:
+            self._write_fused_grads(layer, fused_grads)
         self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
-        self._restore_layer(layer)
+        if self._hidden:
+            self._restore_layer(layer)
 
     def _finish_pending(self) -> None:
         """Layers with a call whose output got no gradient: finish with the calls that did."""
@@ -651,7 +733,7 @@ class GramCollector:
 
     def _restore_requires_grad(self) -> None:
         while self._hidden:
-            self._show(next(iter(self._hidden)))
+            self._show(next(iter(self._hidden.values())))
 
     def _check_batch_size(self, layer: _Layer, batch_size: int) -> None:
         if self._batch_size is None:
@@ -664,20 +746,21 @@ class GramCollector:
 
 
 class _WeakHook:
-    """``method(*args, *hook_args)`` through a weak reference to the collector: a hook held by a
-    module, a parameter or an autograd node (in C++, out of the garbage collector's sight) never
-    keeps the collector, its model or what it captured alive; once the collector is gone it does
-    nothing."""
+    """``method(*args, *hook_args)`` through a weak reference to the collector (``method``'s
+    object): a hook held by a module, a parameter or an autograd node (in C++, out of the garbage
+    collector's sight) never keeps the collector, its model or what it captured alive; once the
+    collector is gone it does nothing. One Python frame per call besides the method's own."""
 
-    __slots__ = ("_method", "_args")
+    __slots__ = ("_owner", "_function", "_args")
 
     def __init__(self, method: Callable[..., Any], *args: Any) -> None:
-        self._method = weakref.WeakMethod(method)
+        self._owner = weakref.ref(method.__self__)
+        self._function = method.__func__
         self._args = args
 
     def __call__(self, *hook_args: Any) -> Any:
-        method = self._method()
-        return None if method is None else method(*self._args, *hook_args)
+        owner = self._owner()
+        return None if owner is None else self._function(owner, *self._args, *hook_args)
 
 
 def _remove_handles(
@@ -695,10 +778,6 @@ def _remove_handles(
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _first_input(args: tuple, kwargs: dict) -> Any:
-    return first_tensor(args, kwargs)
 
 
 def _requires_grad(output: Any) -> bool:
@@ -794,14 +873,18 @@ def _gram(rows: Tensor) -> Tensor:
     every thread busy, then a sum. With 3/4 of the multiply-adds: the rows split into halves R₀, R₁,
     the top half of G is R₀ Rᵀ, the bottom right R₁ R₁ᵀ, the bottom left (R₀ R₁ᵀ)ᵀ (G is symmetric).
     Below ``SYMMETRIC_MIN_BATCH`` rows or ``SYMMETRIC_MIN_ENTRIES`` entries, and off the CPU
-    (where extra kernel launches cost more than the multiply-adds saved), one product."""
+    (where extra kernel launches cost more than the multiply-adds saved), one product; 2-D rows
+    that would not be split for the threads' sake (off the CPU, or one thread) then go through one
+    plain matrix product, without views."""
     cpu = rows.device.type == "cpu"
+    if rows.dim() == 2 and not (cpu and torch.get_num_threads() > 1) and not _symmetric(rows, cpu):
+        return torch.mm(rows, rows.t())
     if rows.dim() == 2 and cpu and rows.shape[1] % GRAM_SPLITS == 0:
-        rows = rows.view(len(rows), GRAM_SPLITS, -1).transpose(0, 1)
+        rows = rows.view(rows.shape[0], GRAM_SPLITS, -1).transpose(0, 1)
     elif rows.dim() == 2:
         rows = rows[None]
     splits, batch, entries = rows.shape
-    if batch < SYMMETRIC_MIN_BATCH or splits * entries < SYMMETRIC_MIN_ENTRIES or not cpu:
+    if not _symmetric(rows, cpu):
         return torch.bmm(rows, rows.transpose(1, 2)).sum(0) if splits > 1 else rows[0] @ rows[0].T
     half = batch // 2
     gram = rows.new_empty(batch, batch)
@@ -809,6 +892,12 @@ def _gram(rows: Tensor) -> Tensor:
     gram[half:, half:] = torch.bmm(rows[:, half:], rows[:, half:].transpose(1, 2)).sum(0)
     gram[half:, :half] = gram[:half, half:].T
     return gram
+
+
+def _symmetric(rows: Tensor, cpu: bool) -> bool:
+    """Whether :func:`_gram` computes only the upper block triangle of the rows' Gram."""
+    batch = rows.shape[-2]  # rows (B, P) or (n, B, P_n): P entries per sample either way
+    return cpu and batch >= SYMMETRIC_MIN_BATCH and rows.numel() >= SYMMETRIC_MIN_ENTRIES * batch
 
 
 def _rows(factor: GradFactor) -> Tensor:
@@ -819,12 +908,7 @@ def _rows(factor: GradFactor) -> Tensor:
     if rows is not None:
         return rows()
     grads = factor.per_sample()
-    return grads.reshape(len(grads), -1)
-
-
-def _per_sample_order(rows: Tensor) -> Tensor:
-    """(B, P) from rows split into column blocks (n, B, P_n) (a copy), or the rows themselves."""
-    return rows.transpose(0, 1).reshape(rows.shape[1], -1) if rows.dim() == 3 else rows
+    return grads.reshape(grads.shape[0], -1)
 
 
 def _param_name(layer: _Layer, name: str) -> str:

@@ -89,7 +89,7 @@ class OuterFactor(NamedTuple):
     def per_sample(self) -> Tensor:
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
         grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
-        return grads.reshape(len(grads), *self.shape)
+        return grads.reshape(grads.shape[0], *self.shape)
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
@@ -115,6 +115,11 @@ class OuterFactor(NamedTuple):
 UNFOLD_MAX_POSITIONS = 64
 """Convolutions with at most this many positions (small maps) get per-sample gradients from batched
 matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
+
+SHIFTED_STACK_MAX_ENTRIES = 2**17
+"""Shifted products whose windows, stacked for all kernel offsets, have at most this many entries
+(small maps and batches: a host-bound step) are one batched product on one copy of the stacked
+windows; larger ones read each window in place, one product per kernel offset (no copy)."""
 
 UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
@@ -150,7 +155,7 @@ class ConvFactor(NamedTuple):
             return "patches"
         if positions > UNFOLD_MAX_POSITIONS:
             return "grouped"
-        return "shifted" if all(s == 1 for s in self.layer.stride) else "patches"
+        return "shifted" if max(self.layer.stride) == 1 else "patches"
 
     def per_sample(self) -> Tensor:
         """g_i for every i at once, shape (B, *W.shape)."""
@@ -158,13 +163,16 @@ class ConvFactor(NamedTuple):
         if method == "patches":
             return self.as_outer().per_sample()
         if method == "shifted":
-            grads = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
-            batch, kernel = len(self.inputs), self.layer.kernel_size
+            grads, stacked = self._shifted_products()  # (Πk, B·K, q, p/Πk) → (B, K·q, p/Πk, *kernel)
+            batch, kernel = self.inputs.shape[0], self.layer.kernel_size
+            if stacked:
+                n, q, _ = grads.shape
+                grads = grads.view(n, q, math.prod(kernel), -1).permute(2, 0, 1, 3)
             grads = grads.reshape(*kernel, batch, self.layer.groups, *grads.shape[2:])
             dims = len(kernel)
             grads = grads.permute(dims, dims + 1, dims + 2, dims + 3, *range(dims))
             return grads.reshape(batch, *self.layer.weight.shape)
-        batch = len(self.inputs)
+        batch = self.inputs.shape[0]
         inputs, padding = self._convolved()
         flat = [
             cast(t, self.dtype).reshape(1, batch * t.shape[1], *t.shape[2:]) for t in (inputs, self.backprops)
@@ -174,41 +182,53 @@ class ConvFactor(NamedTuple):
 
     def rows(self) -> Tensor:
         """g_i flattened, (B, W.numel()), or split by kernel offset, (Πk, B, W.numel()/Πk) when
-        shifted (G = Σ over the splits of their Grams; no copy into per-sample order)."""
+        shifted one offset at a time (G = Σ over the splits of their Grams; no copy into
+        per-sample order)."""
         if self.per_sample_method() == "shifted":
-            grads = self._shifted_products()
-            return grads.reshape(len(grads), len(self.inputs), -1)
+            grads, stacked = self._shifted_products()
+            if stacked:  # per-sample order already
+                return grads.reshape(self.inputs.shape[0], -1)
+            return grads.reshape(grads.shape[0], self.inputs.shape[0], -1)
         grads = self.per_sample()
-        return grads.reshape(len(grads), -1)
+        return grads.reshape(grads.shape[0], -1)
 
-    def _shifted_products(self) -> Tensor:
-        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk): o is the side
+    def _shifted_products(self) -> tuple[Tensor, bool]:
+        """g_i[k][κ] = Σ_t o_{ikt} r_{ik}[t + κ·d]ᵀ for stride 1, (Πk, B·K, q, p/Πk), or, with
+        ``True`` (stacked windows, :data:`SHIFTED_STACK_MAX_ENTRIES`), (B·K, q, Πk·p/Πk) with
+        columns in (κ, input) order: o is the side
         indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
         zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
 
         Both are flattened over space, o zero-padded to r's sizes in every spatial dim but the
         first, so that for each κ the window t + κ·d of r is one contiguous slice of r's flat
-        positions: one batched matrix product per kernel offset, the padded zeros of o cancelling
+        positions: one batched matrix product per kernel offset (or one on the windows stacked), the
+        padded zeros of o cancelling
         the wrapped-around entries of r (seed 004 eq. 6 in the layout of the weight's kernel offsets).
         """
         layer, groups = self.layer, self.layer.groups
         read, other = self._read_and_other()
-        read, other = cast(read, self.dtype), cast(other, self.dtype)
+        dtype = self.dtype
+        read = read if read.dtype == dtype else read.to(dtype)
+        other = other if other.dtype == dtype else other.to(dtype)
         sizes, extent = read.shape[2:], other.shape[2:]
         pad = [side for r, o in zip(reversed(sizes[1:]), reversed(extent[1:])) for side in (0, r - o)]
-        other = F.pad(other, pad) if any(pad) else other
+        other = torch.constant_pad_nd(other, pad) if any(pad) else other
         span = math.prod(other.shape[2:])
         jumps = [dil * math.prod(sizes[d + 1 :]) for d, dil in enumerate(layer.dilation)]
-        last = sum((k - 1) * jump for k, jump in zip(layer.kernel_size, jumps))
-        batch = len(read)
+        last = sum([(k - 1) * jump for k, jump in zip(layer.kernel_size, jumps)])
+        batch = read.shape[0]
         flat = read.reshape(batch * groups, read.shape[1] // groups, -1)
         if last + span > flat.shape[-1]:
-            flat = F.pad(flat, (0, last + span - flat.shape[-1]))
+            flat = torch.constant_pad_nd(flat, (0, last + span - flat.shape[-1]))
         rows = other.reshape(batch * groups, other.shape[1] // groups, span)
-        grads = rows.new_empty(math.prod(layer.kernel_size), batch * groups, rows.shape[1], flat.shape[1])
+        offsets, (n, q), c = math.prod(layer.kernel_size), rows.shape[:2], flat.shape[1]
+        if n * span * offsets * c <= SHIFTED_STACK_MAX_ENTRIES:
+            stacked = _stacked_windows(flat, layer.kernel_size, jumps, span)
+            return torch.bmm(rows, stacked.transpose(1, 2)), True
+        grads = rows.new_empty(offsets, n, q, c)
         for out, window in zip(grads.unbind(0), _windows(flat, layer.kernel_size, jumps, span)):
             torch.bmm(rows, window, out=out)
-        return grads
+        return grads, False
 
     def batch_gradient(self) -> Tensor:
         """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
@@ -222,7 +242,7 @@ class ConvFactor(NamedTuple):
 
     def costs(self) -> MethodCosts:
         """Those of the equivalent :class:`OuterFactor`, from shapes only."""
-        return _outer_costs(len(self.inputs), self.layer.groups, *self._sizes())
+        return _outer_costs(self.inputs.shape[0], self.layer.groups, *self._sizes())
 
     def _sizes(self) -> tuple[int, int, int]:
         """(T, p, q) of the equivalent :class:`OuterFactor`."""
@@ -251,7 +271,7 @@ class ConvFactor(NamedTuple):
         layer = self.layer
         read, other = self._read_and_other()
         patches = unfold_patches(cast(read, self.dtype), layer.kernel_size, layer.stride, layer.dilation)
-        batch, groups = len(patches), layer.groups
+        batch, groups = patches.shape[0], layer.groups
         return OuterFactor(
             _positions_last(patches, batch, groups),
             _positions_last(cast(other, self.dtype), batch, groups),
@@ -280,7 +300,7 @@ class ConvFactor(NamedTuple):
         totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
         left = tuple(total // 2 for total in totals)
         extra = [side for total in reversed(totals) for side in (0, total % 2)]
-        return (F.pad(inputs, extra) if any(extra) else inputs), left
+        return (torch.constant_pad_nd(inputs, extra) if any(extra) else inputs), left
 
     def _weight_backward(
         self, inputs: Tensor, backprops: Tensor, padding: tuple[int, ...], batch_groups: int
@@ -309,13 +329,23 @@ class ConvFactor(NamedTuple):
         )[1]
 
 
+def _stacked_windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> Tensor:
+    """The windows of :func:`_windows`, transposed and stacked, (N, Πk·C, span) with rows in (κ, c)
+    order: one strided view of ``flat`` (N, C, L), copied once (Πk times its entries, in
+    contiguous runs of ``span``)."""
+    n, c, l = flat.stride()
+    sizes = (flat.shape[0], *kernel, flat.shape[1], span)
+    windows = flat.as_strided(sizes, (n, *[jump * l for jump in jumps], c, l))
+    return windows.reshape(flat.shape[0], -1, span)
+
+
 def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: int) -> list[Tensor]:
     """``flat[:, :, o : o + span].transpose(1, 2)`` for every kernel offset κ, o = Σ_d κ_d·jump_d, in
     ``itertools.product`` order: the same views, cut from one strided view of ``flat`` (N, C, L) by
     a few ``unbind`` instead of a slice and a transpose per offset."""
     n, c, l = flat.stride()
     sizes = (*kernel, flat.shape[0], span, flat.shape[1])
-    windows = flat.as_strided(sizes, (*(jump * l for jump in jumps), n, l, c))
+    windows = flat.as_strided(sizes, (*[jump * l for jump in jumps], n, l, c))
     views = [windows]
     for _ in kernel:
         views = [view for stacked in views for view in stacked.unbind(0)]
@@ -323,10 +353,11 @@ def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: in
 
 
 def _zero_pad(x: Tensor, padding: Sequence[int]) -> Tensor:
-    """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d."""
+    """``x`` (B, C, *S) with ``padding[d]`` zeros on both sides of spatial dim d (``F.pad``'s
+    constant padding, without its Python frames)."""
     if not any(padding):
         return x
-    return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    return torch.constant_pad_nd(x, [p for p in reversed(padding) for _ in range(2)])
 
 
 def _output_padding(
@@ -400,7 +431,7 @@ class PerSampleFactor(NamedTuple):
 
     def costs(self) -> MethodCosts:
         """Materialised only: B²·P multiply-adds for the Gram."""
-        return MethodCosts(math.inf, len(self.grads) ** 2 * math.prod(self.grads.shape[1:]))
+        return MethodCosts(math.inf, self.grads.shape[0] ** 2 * math.prod(self.grads.shape[1:]))
 
     @staticmethod
     def concat(factors: Sequence[PerSampleFactor]) -> PerSampleFactor:

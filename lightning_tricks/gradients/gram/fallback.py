@@ -34,23 +34,24 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from .factors import GradFactor, PerSampleFactor, cast, compute_dtype
 from .registry import GramRule
 
-_STATE = threading.local()
+class _RecomputeState(threading.local):
+    depth = 0
+
+
+RECOMPUTING = _RecomputeState()
+"""``RECOMPUTING.depth > 0`` while a fallback recomputation runs in this thread (an attribute
+read: the collector's hooks check it at every call)."""
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
 
 
-def is_recomputing() -> bool:
-    """Whether a fallback recomputation is running (the collector's hooks must then stay idle)."""
-    return getattr(_STATE, "depth", 0) > 0
-
-
 @contextmanager
 def _recomputing() -> Iterator[None]:
-    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    RECOMPUTING.depth += 1
     try:
         yield
     finally:
-        _STATE.depth -= 1
+        RECOMPUTING.depth -= 1
 
 
 def output_leaves(output: Any) -> list[Any]:

@@ -10,6 +10,7 @@ from ..registry import register_gram_rule
 
 
 def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
+    """Raise: per-sample gradients need a batched input (called where its rank is wrong)."""
     if tensor.dim() != spatial_dims + 2:
         raise ValueError(
             f"{type(layer).__name__} got an input of shape {tuple(tensor.shape)}; per-sample gradients "
@@ -21,7 +22,8 @@ def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
 def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):
     g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6)."""
-    _check_batched(layer, activations, len(layer.kernel_size))
+    if activations.dim() != len(layer.kernel_size) + 2:
+        _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
     factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:
@@ -34,7 +36,8 @@ def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Ten
     """A transposed convolution is the adjoint of the convolution with the same stride, padding and
     dilation, so g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, where patch(δ)
     unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
-    _check_batched(layer, activations, len(layer.kernel_size))
+    if activations.dim() != len(layer.kernel_size) + 2:
+        _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
     factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
     if layer.bias is not None:

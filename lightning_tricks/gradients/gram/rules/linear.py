@@ -13,7 +13,7 @@ def linear_factors(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> 
     """y_t = W a_t + b at each position t of an input (B, *, d_in) (seed 004 §4, fully-connected):
     g_i(W) = Σ_t δ_t a_tᵀ, g_i(b) = Σ_t δ_t (eq. 6)."""
     dtype = compute_dtype(activations, backprops)
-    batch = len(activations)
+    batch = activations.shape[0]
     inputs = cast(activations.reshape(batch, 1, -1, layer.in_features).transpose(2, 3), dtype)
     outputs = cast(backprops.reshape(batch, 1, -1, layer.out_features).transpose(2, 3), dtype)
     exact = MatmulGradient(

@@ -26,23 +26,26 @@ def _channel_affine_factors(
     scales the input gradient, which is not asked for; CUDA's kernel needs one all the same.
     """
     batch, channels = inputs.shape[:2]
-    folded_mean, folded_rstd = (t.expand(batch, channels).reshape(-1) for t in (mean, rstd))
+    folded = batch * channels
+    folded_mean = mean.expand(batch, channels).reshape(-1)
+    folded_rstd = rstd.expand(batch, channels).reshape(-1)
+    has_weight, has_bias = layer.weight is not None, layer.bias is not None
     _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
-        backprops.reshape(1, batch * channels, -1),
-        inputs.reshape(1, batch * channels, -1),
-        folded_rstd.new_ones(batch * channels),
+        backprops.reshape(1, folded, -1),
+        inputs.reshape(1, folded, -1),
+        folded_rstd.new_ones(folded),
         None,
         None,
         folded_mean,
         folded_rstd,
         True,
         0.0,
-        [False, layer.weight is not None, layer.bias is not None],
+        [False, has_weight, has_bias],
     )
     factors: dict[str, GradFactor] = {}
-    if layer.weight is not None:
+    if has_weight:
         factors["weight"] = PerSampleFactor(weight_grads.reshape(batch, channels))
-    if layer.bias is not None:
+    if has_bias:
         factors["bias"] = PerSampleFactor(bias_grads.reshape(batch, channels))
     return factors
 
@@ -90,7 +93,10 @@ def _batch_norm_statistics(
 ) -> NormalizedInput:
     """μ and 1/√(σ² + ε) per channel: captured, recomputed from the batch (biased σ²), or running."""
     if isinstance(activations, NormalizedInput):
-        return NormalizedInput(*(cast(t, dtype) for t in activations))
+        inputs, mean, rstd = activations
+        if inputs.dtype == mean.dtype == rstd.dtype == dtype:  # the usual case: nothing to cast
+            return activations
+        return NormalizedInput(cast(inputs, dtype), cast(mean, dtype), cast(rstd, dtype))
     inputs = cast(activations, dtype)
     if not _uses_batch_stats(layer):
         return NormalizedInput(inputs, *_running_stats(layer, dtype))
