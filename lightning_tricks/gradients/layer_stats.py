@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .autograd_graph import leaf_uses
+
 ROOT_NAME = "<root>"
 MAX_CACHED_PLANS = 32
 LayerPattern = str | type
@@ -214,22 +216,10 @@ def first_uses(loss: Tensor) -> dict[int, int]:
     recorded, so they give the order in which the forward used the parameters, also where a
     module uses a child's weight functionally, as ``nn.MultiheadAttention`` does ``out_proj``'s).
     Walks the graph once, visiting each node once; reads it only."""
-    if loss.grad_fn is None:
-        return {}
     uses: dict[int, int] = {}
-    seen, stack = {loss.grad_fn}, [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            leaf = getattr(child, "variable", None)
-            if leaf is not None:
-                number = node._sequence_nr()
-                uses[id(leaf)] = min(uses.get(id(leaf), number), number)
-            elif child not in seen:
-                seen.add(child)
-                stack.append(child)
+    for node, leaf in leaf_uses(loss):
+        number = node._sequence_nr()
+        uses[id(leaf)] = min(uses.get(id(leaf), number), number)
     return uses
 
 

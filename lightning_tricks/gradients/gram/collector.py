@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
+from ..autograd_graph import leaf_uses
 from .factors import GradFactor, PerSampleFactor, cast, concat_factors
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
@@ -401,22 +402,13 @@ class GramCollector:
             )
         tracked = {p for layer in self._layers for p in layer.params.values()}
         tracked.update(p for layer in self._layers for p in map(layer.shared.get, layer.active_shared))
-        if not tracked or not isinstance(loss, Tensor) or loss.grad_fn is None:
+        if not tracked:
             return
-        outside: set[nn.Parameter] = set()
-        stack, seen = [loss.grad_fn], {loss.grad_fn}
-        while stack:
-            node = stack.pop()
-            for child, _ in node.next_functions:
-                if child is None:
-                    continue
-                param = getattr(child, "variable", None)
-                if param is not None:
-                    if param in tracked and node not in self._consumers.get(param, ()):
-                        outside.add(param)
-                elif child not in seen:
-                    seen.add(child)
-                    stack.append(child)
+        outside = {
+            param
+            for node, param in leaf_uses(loss)
+            if param in tracked and node not in self._consumers.get(param, ())
+        }
         if outside:
             names = sorted(_param_name(*self._owners[p][0]) for p in outside)
             raise ValueError(

@@ -18,24 +18,17 @@ def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
         )
 
 
-@register_gram_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, fusable=("weight",))
+@register_gram_rule(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    fusable=("weight",),
+)  # fmt: skip
 def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):
-    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6)."""
-    if activations.dim() != len(layer.kernel_size) + 2:
-        _check_batched(layer, activations, len(layer.kernel_size))
-    dtype = compute_dtype(activations, backprops)
-    factors: dict[str, GradFactor] = {"weight": ConvFactor(activations, backprops, layer, dtype)}
-    if layer.bias is not None:
-        factors["bias"] = PerSampleFactor(cast(backprops, dtype).flatten(2).sum(dim=-1))
-    return factors
+    g_i(W)[k] = Σ_t δ_{kt} patch_{kt}ᵀ over output positions t, g_i(b) = Σ_t δ_t (eq. 6).
 
-
-@register_gram_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fusable=("weight",))
-def conv_transpose_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
-    """A transposed convolution is the adjoint of the convolution with the same stride, padding and
-    dilation, so g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, where patch(δ)
-    unfolds the output gradient like a convolution input; g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
+    A transposed convolution is the adjoint of the convolution with the same stride, padding and
+    dilation, so there g_i(W)[k] = Σ_t x_{kt} patch(δ)_{kt}ᵀ over *input* positions t, patch(δ)
+    unfolding the output gradient like a convolution input (:class:`ConvFactor` reads which)."""
     if activations.dim() != len(layer.kernel_size) + 2:
         _check_batched(layer, activations, len(layer.kernel_size))
     dtype = compute_dtype(activations, backprops)
