@@ -20,10 +20,10 @@ import time
 import lightning.pytorch as pl
 import torch
 from common import machine_description, silence_lightning
-from lightning_tricks.datamodules import DigitsDataModule
-from lightning_tricks.models import ImageClassifier
 
 from lightning_tricks import BatchSizeScheduler
+from lightning_tricks.datamodules import DigitsDataModule
+from lightning_tricks.models import ImageClassifier
 
 POLICIES: dict[str, dict | None] = {
     "s32": None,

@@ -56,10 +56,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from common import machine_description
-from lightning_tricks.models import build_net
 from torch import nn
 
 from lightning_tricks.gradients import GramCollector
+from lightning_tricks.models import build_net
 
 Step = Callable[[], "float | None"]
 """A configuration; one that returns a float reports its own (extrapolated) duration."""

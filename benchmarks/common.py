@@ -38,9 +38,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning_tricks.models import build_net
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks.models import build_net
 
 
 class ResNet20Classifier(pl.LightningModule):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning_tricks.models import ImageClassifier
-from lightning_tricks.models.classifier import lr_factor
 
 from lightning_tricks.cli import main
+from lightning_tricks.models import ImageClassifier
+from lightning_tricks.models.classifier import lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -225,10 +225,9 @@ def test_lr_by_steps_when_training_is_bounded_by_max_steps(tmp_path):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("power", [0.9, 0.0])
 def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(tmp_path, power):
+    from lightning_tricks import BatchSizeScheduler
     from lightning_tricks.datamodules import ShapesSegmentationDataModule
     from lightning_tricks.models import SegmentationModule
-
-    from lightning_tricks import BatchSizeScheduler
 
     model = records_lr(SegmentationModule)(
         "fcn", num_classes=4, backbone="resnet18", base_width=4, aux_loss=False, lr=0.02, power=power

@@ -26,6 +26,9 @@ import pytest
 import scipy.io
 import torch
 from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+from sklearn.datasets import load_digits
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN
+
 from lightning_tricks.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -34,8 +37,6 @@ from lightning_tricks.datamodules import (
     MNISTDataModule,
     SVHNDataModule,
 )
-from sklearn.datasets import load_digits
-from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 
 # ----------------------------------------------------------------------------- writers of the real formats
 

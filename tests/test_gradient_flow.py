@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import AtenOpsPerStep
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-from helpers import AtenOpsPerStep
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
@@ -555,7 +554,7 @@ def test_running_flow_equals_a_loop_over_steps_and_survives_a_mid_window_checkpo
     np.testing.assert_allclose(resumed_average, average, rtol=1e-6)
     np.testing.assert_array_equal(early.counts + late.counts, window.counts)
     np.testing.assert_array_equal(early.flags | late.flags, window.flags)
-    assert [e if e >= 0 else l for e, l in zip(early.first, late.first)] == first
+    assert [e if e >= 0 else later for e, later in zip(early.first, late.first)] == first
     _, late_flags, late_first, late_totals = brute_force_flow(sequence, rule, range(7, 20))
     assert late.first.tolist() == late_first and late.counts.tolist() == late_totals
     assert [set(np.flatnonzero(row)) for row in late.flags] == late_flags

@@ -19,12 +19,12 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 
 from lightning_tricks import MinibatchHeatmap
 from lightning_tricks.callbacks.minibatch_heatmap import phase_indices
+from lightning_tricks.datamodules import ClassificationDataModule
 from lightning_tricks.gradients.minibatch_distance import (
     CountSketch,
     MinibatchDistances,
     sketch_failure_probability,
 )
-from lightning_tricks.datamodules import ClassificationDataModule
 from lightning_tricks.image_metrics import color, edges, intensity, metric_order
 from lightning_tricks.results import load_minibatch_heatmap
 from lightning_tricks.samplers import MetricSortedBatchSampler

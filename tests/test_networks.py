@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
+
 from lightning_tricks.models import NETWORKS, build_net
 from lightning_tricks.models.nets import network_options
 from lightning_tricks.models.nets.densenet_cifar import DenseLayer
 from lightning_tricks.models.nets.resnet_cifar import ResidualUnit, ZeroPadShortcut
-from torch import nn
 
 HOOKED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 

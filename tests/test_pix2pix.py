@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
 from lightning_tricks.datamodules import PairedShapesDataModule
 from lightning_tricks.models import Pix2Pix
 from lightning_tricks.models.nets.pix2pix_nets import PatchDiscriminator, UNetGenerator
 from lightning_tricks.models.pix2pix import DISCRIMINATOR, GENERATOR, gan_loss, sample_grid
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

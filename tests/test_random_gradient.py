@@ -14,13 +14,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import AtenOpsPerStep
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from helpers import AtenOpsPerStep
 from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME, RandomGradient
 from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, RandomWeightStream
 

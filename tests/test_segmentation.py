@@ -10,10 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_tricks.datamodules import ShapesSegmentationDataModule
-from lightning_tricks.models import SegmentationModule, build_segmentation_net
-from lightning_tricks.models.nets.dilated_resnet import DilatedResNet
-from lightning_tricks.models.segmentation import per_image_cross_entropy
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from lightning_tricks import (
@@ -23,6 +19,10 @@ from lightning_tricks import (
     MinibatchHeatmap,
     RandomGradient,
 )
+from lightning_tricks.datamodules import ShapesSegmentationDataModule
+from lightning_tricks.models import SegmentationModule, build_segmentation_net
+from lightning_tricks.models.nets.dilated_resnet import DilatedResNet
+from lightning_tricks.models.segmentation import per_image_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.datasets import Cityscapes
+
 from lightning_tricks.datamodules import (
     CityscapesDataModule,
     DatasetNotFoundError,
@@ -22,8 +25,6 @@ from lightning_tricks.datamodules import (
     VOCSegmentationDataModule,
 )
 from lightning_tricks.datamodules.segmentation import IMAGENET_MEAN, IMAGENET_STD, cityscapes_train_ids
-from PIL import Image
-from torchvision.datasets import Cityscapes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,6 +13,7 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+
 class FisherStatistics(NamedTuple):
     """Statistics of one F̃_k (float64 tensors on F̃'s device, 0-d but for ``eigenvalues``)."""
 

@@ -333,9 +333,9 @@ def _stacked_windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], 
     """The windows of :func:`_windows`, transposed and stacked, (N, Πk·C, span) with rows in (κ, c)
     order: one strided view of ``flat`` (N, C, L), copied once (Πk times its entries, in
     contiguous runs of ``span``)."""
-    n, c, l = flat.stride()
+    sample, channel, position = flat.stride()
     sizes = (flat.shape[0], *kernel, flat.shape[1], span)
-    windows = flat.as_strided(sizes, (n, *[jump * l for jump in jumps], c, l))
+    windows = flat.as_strided(sizes, (sample, *[jump * position for jump in jumps], channel, position))
     return windows.reshape(flat.shape[0], -1, span)
 
 
@@ -343,9 +343,9 @@ def _windows(flat: Tensor, kernel: Sequence[int], jumps: Sequence[int], span: in
     """``flat[:, :, o : o + span].transpose(1, 2)`` for every kernel offset κ, o = Σ_d κ_d·jump_d, in
     ``itertools.product`` order: the same views, cut from one strided view of ``flat`` (N, C, L) by
     a few ``unbind`` instead of a slice and a transpose per offset."""
-    n, c, l = flat.stride()
+    sample, channel, position = flat.stride()
     sizes = (*kernel, flat.shape[0], span, flat.shape[1])
-    windows = flat.as_strided(sizes, (*[jump * l for jump in jumps], n, l, c))
+    windows = flat.as_strided(sizes, (*[jump * position for jump in jumps], sample, position, channel))
     views = [windows]
     for _ in kernel:
         views = [view for stacked in views for view in stacked.unbind(0)]

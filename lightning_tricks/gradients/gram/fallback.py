@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from .factors import GradFactor, PerSampleFactor, cast, compute_dtype
 from .registry import GramRule
 
+
 class _RecomputeState(threading.local):
     depth = 0
 
