@@ -23,7 +23,9 @@ from matplotlib.tri import TriAnalyzer, Triangulation
 
 FLOW_MAX_COLUMNS = 64
 FLOW_MAX_LINES = 5
-FLOW_MAX_LABELS = 48
+FLOW_MAX_LABELS = 16
+"""Most layer names the gradient-flow figure writes (first and last always); more are illegible at
+TensorBoard's card size."""
 
 
 def plot_gradient_flow(
@@ -47,8 +49,10 @@ def plot_gradient_flow(
     every epoch (columns), on a logarithmic colour scale; beyond ``max_columns`` columns, adjacent
     columns are averaged (NaN left out) into at most ``max_columns`` bins. Right, sharing the layer
     axis: the last ``max_lines`` epochs as lines on a logarithmic axis (seed 001's "gradient flow"
-    curves), the thresholds dashed. At most ``FLOW_MAX_LABELS`` layer names are written (every
-    k-th layer beyond that) and the figure's height is capped, so its cost depends on neither the
+    curves), the thresholds dashed. Every layer keeps its row and point, but at most
+    :data:`FLOW_MAX_LABELS` layer names are written, spread evenly over the depth and always the
+    first and last layer (VGG38's 37 names would be illegible at TensorBoard's card size); the
+    figure's height is capped, so its cost depends on neither the
     epoch count nor, beyond a few dozen, the layer count. Non-finite and non-positive entries (no
     gradient) are left blank.
 
@@ -93,8 +97,7 @@ def plot_gradient_flow(
     lines, line_epochs = lines[:, lines.shape[1] - min(max_lines, lines.shape[1]) :], line_epochs[-max_lines:]
 
     num_layers = len(layer_names)
-    step = max(1, math.ceil(num_layers / FLOW_MAX_LABELS))
-    labelled = range(0, num_layers, step)
+    labelled = _spread_ticks(num_layers, FLOW_MAX_LABELS)
     height = min(9.0, 3.0 + 0.12 * len(labelled))
     figure = Figure(figsize=(10.0, height))
     label_width = 0.08 * max((len(layer_names[i]) for i in labelled), default=1)  # inches at 7 pt

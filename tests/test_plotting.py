@@ -8,7 +8,14 @@ import pytest
 from matplotlib.text import Annotation
 from matplotlib.tri import TriContourSet
 
-from lightning_tricks.plotting import BEACON_MAX_LABELS, CONTOUR_MIN_RUNS, beacon_map, error_contour_support
+from lightning_tricks.plotting import (
+    BEACON_MAX_LABELS,
+    CONTOUR_MIN_RUNS,
+    FLOW_MAX_LABELS,
+    beacon_map,
+    error_contour_support,
+    plot_gradient_flow,
+)
 
 BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
 LEARNING_RATES = (0.025, 0.05, 0.1, 0.2, 0.4)
@@ -223,3 +230,25 @@ def test_l_axis_is_logarithmic_only_when_the_final_values_span_more_than_the_lim
     assert linear.axes[0].get_yscale() == "linear" and contours(linear)
     narrow = {name: run_table(32, lr) for name, lr in (("a", 0.1), ("b", 0.2), ("c", 0.4))}
     assert beacon_map(narrow).axes[0].get_yscale() == "linear"  # a fourfold span
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient flow: legible layer labels at any depth
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [6, 16, 17, 40])
+def test_gradient_flow_writes_at_most_16_layer_names_always_the_first_and_last(layers):
+    names = [f"features.{i}.conv" for i in range(layers)]
+    matrix = 10.0 ** -np.arange(1.0, layers + 1.0)[:, None].repeat(3, axis=1)
+    figure = plot_gradient_flow(matrix, names)
+    heat_axes, line_axes = figure.axes[0], figure.axes[1]
+    positions = list(heat_axes.get_yticks())
+    shown = [t.get_text() for t in heat_axes.get_yticklabels()]
+    if layers <= FLOW_MAX_LABELS:
+        assert shown == names and positions == list(range(layers))
+    else:
+        assert len(shown) <= 16 and shown[0] == names[0] and shown[-1] == names[-1]
+        assert shown == [names[int(p)] for p in positions]  # each name at its own layer's row
+    assert heat_axes.get_images()[0].get_array().shape == (layers, 3)  # every layer still drawn
+    assert all(len(line.get_ydata()) == layers for line in line_axes.get_lines() if line.get_label().startswith("epoch"))
