@@ -616,3 +616,47 @@ def _spread_ticks(length: int, most: int) -> list[int]:
     if length <= 0:
         return []
     return sorted({round(x) for x in np.linspace(0, length - 1, num=min(most, length))})
+
+
+def plot_labelled_grid(
+    grid: np.ndarray, column_labels: Sequence[str], *, title: str | None = None, width: float = 4.5
+) -> Figure:
+    """An image grid of equal-width columns (``(H, W, 3)`` or ``(H, W)`` in [0, 1]) with each
+    column's name on top, e.g. pix2pix's input | generated | target (seed ``000_e58e526c3e6fcb5b.txt``
+    Fig. 7 labels its columns the same way).
+
+    Args:
+        grid: the image, its columns side by side.
+        column_labels: one name per column, left to right (>= 1).
+        title: the figure's title, or ``None``.
+        width: the figure's width in inches; its height follows the grid's aspect ratio.
+
+    Raises:
+        ValueError: no column label, or ``grid`` is not an image.
+
+    Example::
+
+        >>> fig = plot_labelled_grid(np.zeros((4, 12, 3)), ["input", "generated", "target"])
+        >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        ['input', 'generated', 'target']
+    """
+    grid = np.asarray(grid, dtype=float)
+    if grid.ndim not in (2, 3) or not column_labels:
+        raise ValueError(
+            f"`grid` must be an (H, W[, 3]) image and `column_labels` non-empty; got {grid.shape}, {column_labels!r}"
+        )
+    height, columns = grid.shape[0], len(column_labels)
+    figure = Figure(
+        figsize=(width, width * height / grid.shape[1] + (0.8 if title else 0.5)), layout="constrained"
+    )
+    axes = figure.add_subplot()
+    axes.imshow(grid.clip(0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes.set_xticks((np.arange(columns) + 0.5) * grid.shape[1] / columns - 0.5, list(column_labels))
+    axes.xaxis.tick_top()
+    axes.tick_params(length=0)
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure

@@ -6,12 +6,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from lightning_tricks.plotting import plot_labelled_grid
 
 from .nets.pix2pix_nets import PatchDiscriminator, UNetGenerator
 
 GAN_MODES = ("vanilla", "lsgan")
+SAMPLE_COLUMNS = ("input", "generated", "target")
 GENERATOR, DISCRIMINATOR = 0, 1
 """Positions of the two optimisers in ``trainer.optimizers`` (e.g. ``RandomGradient(optimizers=[0])``)."""
 
@@ -46,8 +50,9 @@ class Pix2Pix(L.LightningModule):
     Logged: ``train/loss_d``, ``train/loss_g``, ``train/loss_g_gan``, ``train/loss_g_l1`` and
     ``{val,test}/l1`` (mean |G(a) − b| in the [-1, 1] image scale). At each validation epoch end a
     grid of the first ``sample_count`` validation pairs, one row per pair — input | generated |
-    target, like seed 000 Fig. 7 — goes to TensorBoard as ``pix2pix/samples`` (when the logger
-    is a ``TensorBoardLogger``; nothing is logged otherwise).
+    target, like seed 000 Fig. 7, its columns labelled "input", "generated", "target" — goes to
+    TensorBoard as the figure ``pix2pix/samples`` (when the logger is a ``TensorBoardLogger``;
+    nothing is logged otherwise).
 
     Args:
         in_channels: channels of the input images A.
@@ -163,7 +168,7 @@ class Pix2Pix(L.LightningModule):
             return
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("pix2pix/samples", sample_grid(*samples), self.global_step)
+                logger.experiment.add_figure("pix2pix/samples", sample_figure(*samples), self.global_step)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
@@ -171,6 +176,12 @@ class Pix2Pix(L.LightningModule):
             torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas)),
             torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas)),
         ]
+
+
+def sample_figure(inputs: Tensor, generated: Tensor, targets: Tensor) -> Figure:
+    """:func:`sample_grid` as a figure whose columns are labelled input | generated | target."""
+    grid = sample_grid(inputs, generated, targets).permute(1, 2, 0).numpy()
+    return plot_labelled_grid(grid, SAMPLE_COLUMNS, title="pix2pix validation samples")
 
 
 def sample_grid(inputs: Tensor, generated: Tensor, targets: Tensor) -> Tensor:

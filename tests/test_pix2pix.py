@@ -7,6 +7,7 @@ import copy
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from lightning_tricks import FisherSpectrum, GradientFlow, RandomGradient
 from lightning_tricks.datamodules import PairedShapesDataModule
 from lightning_tricks.models import Pix2Pix
 from lightning_tricks.models.nets.pix2pix_nets import PatchDiscriminator, UNetGenerator
-from lightning_tricks.models.pix2pix import DISCRIMINATOR, GENERATOR, gan_loss, sample_grid
+from lightning_tricks.models.pix2pix import DISCRIMINATOR, GENERATOR, gan_loss, sample_figure, sample_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -164,7 +165,9 @@ def test_validation_l1_drops_and_the_grid_goes_to_tensorboard(tmp_path, trainer_
     events.Reload()
     images = events.Images("pix2pix/samples")
     assert [image.step for image in images] == [32, 64, 96, 128, 160]  # two optimiser steps a batch
-    assert (images[-1].height, images[-1].width) == (4 * 32 + 5 * 2, 3 * 32 + 4 * 2)
+    figure = sample_figure(*(torch.zeros(4, 3, 32, 32),) * 3)  # the grid is 4 pairs of 32 × 32 images
+    width, height = figure.get_size_inches() * figure.dpi
+    assert (images[-1].height, images[-1].width) == (round(height), round(width))
 
 
 def test_sample_grid_rows_are_input_generated_target():
@@ -174,6 +177,20 @@ def test_sample_grid_rows_are_input_generated_target():
     row = grid[:, 2:6]
     assert row[:, :, 2:6].eq(0).all() and row[:, :, 8:12].eq(0.5).all() and row[:, :, 14:18].eq(1).all()
     assert sample_grid(a[:, :1], g, b).shape == grid.shape
+
+
+def test_sample_figure_labels_the_columns_input_generated_target_over_the_grid():
+    a, g, b = (torch.full((2, 3, 4, 4), v) for v in (-1.0, 0.0, 1.0))
+    figure = sample_figure(a, g, b)
+    (axes,) = figure.axes
+    np.testing.assert_array_equal(
+        axes.get_images()[0].get_array(), sample_grid(a, g, b).permute(1, 2, 0).numpy()
+    )
+    labels = {t.get_text(): x for t, x in zip(axes.get_xticklabels(), axes.get_xticks())}
+    assert list(labels) == ["input", "generated", "target"]
+    for column, x in enumerate(labels.values()):  # each name over its column: tiles at 2 + 6 j … 5 + 6 j
+        assert 2 + 6 * column <= x <= 5 + 6 * column
+    assert axes.xaxis.get_ticks_position() == "top"
 
 
 # ----------------------------------------------------------------------------- callbacks on this task

@@ -251,4 +251,8 @@ def test_gradient_flow_writes_at_most_16_layer_names_always_the_first_and_last(l
         assert len(shown) <= 16 and shown[0] == names[0] and shown[-1] == names[-1]
         assert shown == [names[int(p)] for p in positions]  # each name at its own layer's row
     assert heat_axes.get_images()[0].get_array().shape == (layers, 3)  # every layer still drawn
-    assert all(len(line.get_ydata()) == layers for line in line_axes.get_lines() if line.get_label().startswith("epoch"))
+    assert all(
+        len(line.get_ydata()) == layers
+        for line in line_axes.get_lines()
+        if line.get_label().startswith("epoch")
+    )
