@@ -660,3 +660,66 @@ def plot_labelled_grid(
     if title:
         figure.suptitle(title, fontsize=10)
     return figure
+
+
+def plot_batch_size_schedule(
+    epochs: Sequence[int], sizes: Sequence[float], lrs: Sequence[float], *, title: str = "Batch-size schedule"
+) -> Figure:
+    """The global batch size of every epoch as a step plot (left axis) and the learning rate at the
+    epoch's start on a second, logarithmic axis (seed ``004_e5d92837cb57ce8a.txt`` §4.3's dynamic
+    sampling: the batch grows while the LR stays or falls). Each value is drawn over its epoch
+    ``[e, e + 1)``; an epoch absent from ``epochs`` is left as a gap. Non-positive or non-finite LRs
+    are left out of the log axis.
+
+    Args:
+        epochs: the epochs (0-based) with a recorded size and LR.
+        sizes: the global batch size of each epoch.
+        lrs: the learning rate at each epoch's start (first param group of the first optimiser).
+        title: the axes' title.
+
+    Raises:
+        ValueError: the three sequences differ in length or are empty.
+
+    Example::
+
+        >>> fig = plot_batch_size_schedule([0, 1, 2], [32, 64, 64], [0.1, 0.1, 0.01])
+        >>> size_axes, lr_axes = fig.axes
+        >>> lr_axes.get_yscale(), size_axes.get_xlabel()
+        ('log', 'epoch')
+    """
+    epochs = np.asarray(epochs, dtype=float)
+    sizes, lrs = np.asarray(sizes, dtype=float), np.asarray(lrs, dtype=float)
+    if not len(epochs) or not (len(epochs) == len(sizes) == len(lrs)):
+        raise ValueError(
+            f"`epochs`, `sizes` and `lrs` must be non-empty and of one length, got {len(epochs)}, "
+            f"{len(sizes)}, {len(lrs)}"
+        )
+    figure = Figure(figsize=(7.0, 3.6), layout="constrained")
+    size_axes = figure.add_subplot()
+    size_axes.plot(*_epoch_steps(epochs, sizes), color="tab:blue", linewidth=1.8, label="batch size")
+    size_axes.set_xlabel("epoch")
+    size_axes.set_ylabel("global batch size", color="tab:blue")
+    size_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    size_axes.set_ylim(0, np.nanmax(sizes) * 1.1 if np.isfinite(sizes).any() else 1)
+    lr_axes = size_axes.twinx()
+    positive = np.where(np.isfinite(lrs) & (lrs > 0), lrs, np.nan)
+    lr_axes.plot(
+        *_epoch_steps(epochs, positive), color="tab:orange", linewidth=1.2, linestyle="--", label="LR"
+    )
+    lr_axes.set_ylabel("learning rate (log scale)", color="tab:orange")
+    if np.isfinite(positive).any():
+        lr_axes.set_yscale("log")
+    size_axes.set_title(title)
+    return figure
+
+
+def _epoch_steps(epochs: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of a step curve holding ``values[i]`` over ``[epochs[i], epochs[i] + 1)``, broken (NaN)
+    where epochs are missing."""
+    xs, ys = [], []
+    for i, (epoch, value) in enumerate(zip(epochs, values)):
+        if i and epoch != epochs[i - 1] + 1:
+            xs.append(np.nan), ys.append(np.nan)
+        xs += [epoch, epoch + 1]
+        ys += [value, value]
+    return np.asarray(xs), np.asarray(ys)

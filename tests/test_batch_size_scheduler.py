@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from lightning_tricks.batch_size_policies import (
     split_physical,
     stage_of,
 )
+from lightning_tricks.plotting import plot_batch_size_schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
 
@@ -544,7 +546,12 @@ def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, mile
 @pytest.mark.parametrize(
     ("sizes", "epochs", "milestones", "fits"),
     [
-        ((32, 64, 128, 256, 512), 10, [0.5, 0.75], "20, 40, 60"),  # LR stages 5, 3, 2 (the old layout skipped sizes)
+        (
+            (32, 64, 128, 256, 512),
+            10,
+            [0.5, 0.75],
+            "20, 40, 60",
+        ),  # LR stages 5, 3, 2 (the old layout skipped sizes)
         ((32, 64, 128, 256, 512), 25, [0.5, 0.75], "20, 40, 60"),  # 12, 7, 6 (round(12.5), round(18.75))
         ((2, 4, 8), 10, None, "3, 6, 9"),  # -∅, 10 epochs for 3 stages
         ((2, 4, 8, 16, 32), 3, None, "5, 10, 15"),  # fewer epochs than sizes
@@ -733,7 +740,12 @@ SMITH, ADAPTIVE = BatchSizeScheduler.increase_instead_of_decay, BatchSizeSchedul
 @pytest.mark.parametrize(
     ("make", "kwargs", "error", "match"),
     [
-        (BatchSizeScheduler, dict(sizes=[2], multistep=True, lr_milestones=5), TypeError, "`lr_milestones`.*got 5"),
+        (
+            BatchSizeScheduler,
+            dict(sizes=[2], multistep=True, lr_milestones=5),
+            TypeError,
+            "`lr_milestones`.*got 5",
+        ),
         (SMITH, dict(max_size=-1), ValueError, "`max_size`.*>= 1; got -1"),
         (SMITH, dict(max_size=0), ValueError, "`max_size`.*>= 1; got 0"),
         (SMITH, dict(max_size="big"), ValueError, "`max_size`.*'big'"),
@@ -851,3 +863,32 @@ def test_shipped_ms_configs_train_each_size_on_the_samples_of_their_plain_partne
         assert per_epoch == seed_004_sizes(sequence, max_epochs, stages)
         epochs[name] = {size: per_epoch.count(size) for size in sequence}
     assert epochs[ms] == epochs[plain]
+
+
+def test_schedule_figure_at_fit_end_shows_every_epochs_size_and_lr(tmp_path):
+    module, data = Recorder(scheduler="multistep"), Data(samples=64)
+    scheduler = BatchSizeScheduler.staged([2, 4, 8, 16])
+    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    seen = {epoch: (length, lr) for epoch, length, lr in module.seen if length > 1}  # independent record
+    expected = [(e, [2, 2, 4, 4, 8, 8, 16, 16][e], seen[e][1]) for e in range(8)]
+    assert scheduler.epochs == expected  # the LR read at the epoch's start, as training_step saw it
+    assert {e: seen[e][0] for e in seen} == {e: size for e, size, _ in expected}
+    png = next(tmp_path.rglob("batch_size.schedule.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    figure = plot_batch_size_schedule(*zip(*scheduler.epochs))
+    size_axes, lr_axes = figure.axes
+    (size_line,), (lr_line,) = size_axes.get_lines(), lr_axes.get_lines()
+    np.testing.assert_array_equal(size_line.get_xdata(), np.repeat(np.arange(8), 2) + np.tile([0, 1], 8))
+    np.testing.assert_array_equal(size_line.get_ydata(), np.repeat([e[1] for e in expected], 2))
+    np.testing.assert_allclose(lr_line.get_ydata(), np.repeat([e[2] for e in expected], 2), rtol=1e-12)
+    assert lr_axes.get_yscale() == "log" and size_axes.get_xlabel() == "epoch"
+
+
+def test_schedule_figure_leaves_missing_epochs_as_gaps_and_refuses_mismatched_data():
+    figure = plot_batch_size_schedule([0, 1, 3], [2, 4, 8], [0.1, 0.1, 0.01])
+    x = figure.axes[0].get_lines()[0].get_xdata()
+    np.testing.assert_array_equal(x[:4], [0, 1, 1, 2])
+    assert np.isnan(x[4]) and list(x[5:]) == [3, 4]
+    with pytest.raises(ValueError, match="one length"):
+        plot_batch_size_schedule([0, 1], [2], [0.1, 0.1])

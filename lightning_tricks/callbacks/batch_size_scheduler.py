@@ -28,6 +28,7 @@ from ..batch_size_policies import (
 )
 from ..gradients.noise_scale import half_batch_noise_parts
 from ..gradients.spectrum import noise_scale_ratio
+from ..plotting import plot_batch_size_schedule
 from ._base import TrickCallback, check_every_n, check_loss_fn, first_learning_rate, is_due, resolve_loss_fn
 from .fisher_spectrum import FisherSpectrum
 
@@ -116,7 +117,10 @@ class BatchSizeScheduler(TrickCallback):
     Logged at the first step of every epoch: ``batch_size/size``, ``batch_size/physical``,
     ``batch_size/accumulation`` and ``batch_size/lr`` (first param group of the first optimiser).
     ``history`` holds one record ``{"epoch", "step", "size", "physical", "accumulation", "lr"}`` per
-    change, also written to ``batch_size.csv`` in the run folder.
+    change, also written to ``batch_size.csv`` in the run folder. At fit end the figure
+    ``batch_size/schedule`` (also ``batch_size.schedule.png``) shows the size of every trained epoch as
+    a step plot and the LR at each epoch's start on a second, logarithmic axis
+    (:func:`lightning_tricks.plotting.plot_batch_size_schedule`; :attr:`epochs` holds its data).
 
     Args:
         sizes: staged policy: the batch size of each of ``len(sizes)`` equal stages.
@@ -312,6 +316,11 @@ class BatchSizeScheduler(TrickCallback):
         return self._history
 
     @property
+    def epochs(self) -> list[tuple[int, int, float]]:
+        """``(epoch, size, lr)`` of every trained epoch, as logged at its first step."""
+        return sorted((epoch, size, lr) for epoch, (size, lr) in self._epochs.items())
+
+    @property
     def noise_scale(self) -> float:
         """The adaptive policy's latest epoch estimate of B_noise = tr Σ / |G|² (NaN before one)."""
         return self._noise_scale
@@ -368,6 +377,7 @@ class BatchSizeScheduler(TrickCallback):
         self._size: int | None = None
         self._target: int | None = None  # the adaptive policy's next size
         self._history: list[dict[str, Any]] = []
+        self._epochs: dict[int, tuple[int, float]] = {}  # epoch -> (size, LR at its start)
         self._noise_sums = torch.zeros(3, dtype=torch.float64)  # Σ tr Σ, Σ |G|², measurements (own estimate)
         self._noise_epoch = -1  # the epoch _noise_sums belong to (checkpointed with them)
         self._noise_scale = math.nan
@@ -410,11 +420,21 @@ class BatchSizeScheduler(TrickCallback):
         self._apply(trainer, pl_module, trainer.current_epoch + 1)
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epochs and trainer.is_global_zero:
+            epochs, sizes, lrs = zip(*self.epochs)
+            figure = plot_batch_size_schedule(epochs, sizes, lrs)
+            self.log_figure(
+                trainer, f"{self.namespace}/schedule", figure, max(self.training_step(trainer) - 1, 0)
+            )
+
+    @override
     def get_state(self) -> dict[str, Any]:
         return {
             "initial_size": self._initial_size,
             "size": self._size,
             "history": list(self._history),
+            "epochs": [list(row) for row in self.epochs],
             "steps_done": self._steps_done,
             "noise_sums": self._noise_sums.tolist(),
             "noise_epoch": self._noise_epoch,
@@ -425,6 +445,7 @@ class BatchSizeScheduler(TrickCallback):
         self._initial_size, self._size = state["initial_size"], state["size"]
         self._target = self._size
         self._history = list(state["history"])
+        self._epochs = {int(e): (int(size), float(lr)) for e, size, lr in state.get("epochs", [])}
         self._steps_done = state.get("steps_done", 0)
         self._noise_sums = torch.tensor(state.get("noise_sums", [0.0, 0.0, 0.0]), dtype=torch.float64)
         self._noise_epoch = state.get("noise_epoch", -1)
@@ -550,6 +571,7 @@ class BatchSizeScheduler(TrickCallback):
         physical, accumulation = self._split(trainer, self._size)
         lr = first_learning_rate(trainer, default=math.nan)
         metrics = {"size": self._size, "physical": physical, "accumulation": accumulation, "lr": lr}
+        self._epochs[trainer.current_epoch] = (self._size, lr)
         scalars = {f"{self.namespace}/{k}": float(v) for k, v in metrics.items()}
         self.log_scalars(trainer, scalars, self._next_step(trainer))
 
