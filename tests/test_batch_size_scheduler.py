@@ -362,9 +362,8 @@ def test_logs_size_and_lr_at_each_epoch_start_with_default_log_every_n_steps(tmp
 def test_resume_continues_the_schedule(tmp_path, save):
     sizes = [2, 4, 8, 16]
     full_module = Recorder(scheduler="lambda")
-    trainer(tmp_path / "full", [BatchSizeScheduler(sizes=sizes, lr_scaling="linear")], max_epochs=8).fit(
-        full_module, datamodule=Data(samples=32)
-    )
+    full_scheduler = BatchSizeScheduler(sizes=sizes, lr_scaling="linear")
+    trainer(tmp_path / "full", [full_scheduler], max_epochs=8).fit(full_module, datamodule=Data(samples=32))
 
     every = {"epoch_end": dict(every_n_epochs=3), "mid_epoch": dict(every_n_train_steps=41)}[save]
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)
@@ -384,6 +383,12 @@ def test_resume_continues_the_schedule(tmp_path, save):
     assert [(epoch, length) for epoch, length, _ in resumed.seen] == [(e, n) for e, n, _ in expected]
     assert [lr for *_, lr in resumed.seen] == pytest.approx([lr for *_, lr in expected], rel=1e-12)
     assert resumed_scheduler.size == 16
+    # the schedule figure's data: every epoch, the checkpointed ones included
+    assert [row[:2] for row in resumed_scheduler.epochs] == [row[:2] for row in full_scheduler.epochs]
+    assert [row[2] for row in resumed_scheduler.epochs] == pytest.approx(
+        [row[2] for row in full_scheduler.epochs]
+    )
+    assert len(full_scheduler.epochs) == 8
     if save == "mid_epoch":
         return  # Lightning restarts a plain DataLoader from the epoch's first batch: only the schedule is exact
     for p, q in zip(resumed.parameters(), full_module.parameters()):
