@@ -451,6 +451,10 @@ def run_local(sweep: Sweep, workers: int = 1, force: bool = False, only: Sequenc
     return failed
 
 
+ENTRY_POINT = (sys.executable, "-m", "lightning_tricks.cli")
+"""``lightning-tricks`` as the interpreter that runs this code calls it, independent of ``PATH``."""
+
+
 def print_commands(sweep: Sweep, only: Sequence[str] = ()) -> str:
     """One shell command a run: ``lightning-tricks fit -c base --key value ...``."""
     return "".join(shlex.join(["lightning-tricks", *sweep.args(run)]) + "\n" for run in sweep.select(only))
@@ -458,6 +462,10 @@ def print_commands(sweep: Sweep, only: Sequence[str] = ()) -> str:
 
 def slurm_script(sweep: Sweep, only: Sequence[str] = (), sbatch: Sequence[str] = ()) -> str:
     """A SLURM array script: task ``i`` runs ``lightning-tricks sweep <grid> --only <run i>``.
+
+    The command is ``ENTRY_POINT``, this Python's own ``-m lightning_tricks.cli``: a batch job does not
+    activate the virtual environment the script was printed from, so a bare ``lightning-tricks``
+    would not be on the node's ``PATH``.
 
     Each task goes through the sweep itself, so it writes the run's log and marker and skips a run
     that is already finished. ``sbatch`` adds ``#SBATCH`` options (``gres=gpu:1``, ``time=4:00:00``);
@@ -469,7 +477,7 @@ def slurm_script(sweep: Sweep, only: Sequence[str] = (), sbatch: Sequence[str] =
     common += [part for path in sweep.configs for part in ("--config", str(path))]
     common += [part for key, value in sweep.extra for part in ("--set", f"{key}={value}")]
     commands = [
-        shlex.join(["lightning-tricks", "sweep", str(sweep.grid.path), "--only", run.name, *common])
+        shlex.join([*ENTRY_POINT, "sweep", str(sweep.grid.path), "--only", run.name, *common])
         for run in sweep.select(only)
     ]
     lines = [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 
-from lightning_tricks.cli import main
+from lightning_tricks.cli import CLI_OPTIONS, TricksCLI, main
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the demo config pins torch threads; restore them
 
@@ -24,7 +25,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(ROOT).with_suffix("")))
 def test_config_runs_one_batch(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the configs write logs/ relative to the working directory
+    monkeypatch.chdir(tmp_path)  # the configs' default_root_dir is logs/, relative to the working directory
     main(
         [
             "fit",
@@ -40,4 +41,49 @@ def test_config_runs_one_batch(config, tmp_path, monkeypatch):
             "8",
         ]
     )
-    assert not (tmp_path / "logs").exists(), "fast_dev_run writes no logs"
+    assert not list(tmp_path.rglob("events.out.tfevents.*")), "fast_dev_run writes no logs"
+    assert [path.name for path in tmp_path.iterdir()] in ([], ["logs"]), "all it writes is under logs/"
+
+
+class _Resolved(Exception):
+    """Carries the config ``TricksCLI`` would instantiate."""
+
+
+class _ResolveOnly(TricksCLI):
+    def instantiate_classes(self) -> None:
+        raise _Resolved(self.config[self.subcommand])
+
+
+def logger_save_dir(args: list[str]) -> str:
+    """The ``save_dir`` the CLI hands the config's logger, without building anything."""
+    with pytest.raises(_Resolved) as resolved:
+        _ResolveOnly(L.LightningModule, L.LightningDataModule, **CLI_OPTIONS, args=args)
+    return resolved.value.args[0].trainer.logger.init_args.save_dir
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(ROOT).with_suffix("")))
+def test_logs_follow_default_root_dir(config, tmp_path, monkeypatch):
+    """The shipped configs log under ``logs/`` by default and under ``--trainer.default_root_dir`` when
+    given (issue 20, finding 9: they hard-coded ``save_dir: logs``); an explicit ``save_dir`` still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert logger_save_dir(["fit", "-c", str(config)]) == "logs"
+    moved = str(tmp_path / "elsewhere")
+    assert logger_save_dir(["fit", "-c", str(config), "--trainer.default_root_dir", moved]) == moved
+    explicit = ["--trainer.default_root_dir", moved, "--trainer.logger.init_args.save_dir", "mine"]
+    assert logger_save_dir(["fit", "-c", str(config), *explicit]) == "mine"
+
+
+def test_a_fit_with_default_root_dir_writes_nothing_under_the_working_directory(tmp_path, monkeypatch):
+    """Two steps of the demo with ``--trainer.default_root_dir``: logs and checkpoints land under it."""
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    main(
+        ["fit", "-c", str(ROOT / "demo.yaml"), "--trainer.default_root_dir", str(root)]
+        + ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "false"]
+        + ["--trainer.enable_progress_bar", "false", "--data.init_args.image_size", "8"]
+    )
+    run = root / "demo" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert list(cwd.iterdir()) == []

@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from lightning_tricks.cli import main as cli_main
 from lightning_tricks.sweep import (
+    ENTRY_POINT,
     GridError,
     Sweep,
     check_runs,
@@ -256,7 +258,9 @@ def test_print_commands_one_parsable_command_per_run(tmp_path, capsys):
 
 
 def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
-    """Run the printed script with bash for one array index, `lightning-tricks` replaced by echo."""
+    """Run the printed script with bash for one array index, its Python replaced by echo. It calls the
+    entry point through the Python it was printed from (issue 20, finding 9: a bare `lightning-tricks`
+    is on no node's PATH outside the virtual environment)."""
     grid_path = EXPERIMENTS / "seed004_dynamic.grid.yaml"
     overlay = EXPERIMENTS / "datasets" / "cifar10.yaml"
     out = tmp_path / "out"
@@ -280,18 +284,22 @@ def test_slurm_script_runs_task_i_through_the_sweep(tmp_path, capsys):
     some = capsys.readouterr().out
     assert "#SBATCH --array=0-1\n" in some and "#SBATCH --gres=gpu:1\n" in some
     assert runs[1].name in some and runs[3].name in some and runs[0].name + "'" not in some
-    fake = tmp_path / "bin" / "lightning-tricks"
+    entry = shlex.join([sys.executable, "-m", "lightning_tricks.cli", "sweep"])
+    assert "lightning-tricks sweep" not in script and script.count(entry) == len(runs)
+    fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "$a"; done\n')
     fake.chmod(0o755)
-    (tmp_path / "job.sh").write_text(script)
+    (tmp_path / "job.sh").write_text(script.replace(shlex.quote(sys.executable), str(fake)))
     for index in (0, len(runs) - 1):
-        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "PATH": "/usr/bin:/bin"}
         done = subprocess.run(
             ["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, check=True
         )
         args = done.stdout.splitlines()
         assert args == [
+            "-m",
+            "lightning_tricks.cli",
             "sweep",
             str(grid_path),
             "--only",
@@ -312,7 +320,7 @@ def test_overlay_config_comes_before_the_run_overrides(tmp_path):
     assert args[:5] == ["fit", "-c", str(sweep.grid.base), "-c", str(overlay)]
     assert args.index("--data.init_args.batch_size") < args.index("--a.b")
     assert print_commands(sweep).count("\n") == len(sweep.grid.runs)
-    assert slurm_script(sweep).count("lightning-tricks sweep") == len(sweep.grid.runs)
+    assert slurm_script(sweep).count(shlex.join([*ENTRY_POINT, "sweep"])) == len(sweep.grid.runs)
 
 
 def test_local_sweep_runs_skips_and_reports_failures(tmp_path, capsys, one_thread_subprocesses):
@@ -413,3 +421,15 @@ def test_ctrl_c_terminates_the_running_run_and_starts_no_other(tmp_path, capsys,
     assert not (out / "s8" / "done.json").exists()
     assert "max_steps=1000000` reached" not in (out / "s8" / "sweep.log").read_text()
     assert "[1/3] stopped s8 (unfinished" in capsys.readouterr().out
+
+
+def test_the_slurm_entry_point_runs_the_sweep():
+    """What the SLURM script calls, ``python -m lightning_tricks.cli sweep``, reaches the sweep's parser."""
+    done = subprocess.run(
+        [*ENTRY_POINT, "sweep", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert "usage: lightning-tricks sweep" in done.stdout and "--slurm" in done.stdout
