@@ -52,18 +52,7 @@ def test_learning_rate_follows_training_progress(tmp_path):
             seen.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
 
     data = DigitsDataModule(image_size=8, batch_size=512)
-    trainer = L.Trainer(
-        max_epochs=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[RecordLR()],
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=data)
+    lr_trainer(tmp_path, [RecordLR()]).fit(model, datamodule=data)
     last_lr_of_epoch = {epoch: lr for epoch, lr in seen}
     assert last_lr_of_epoch[1] == pytest.approx(0.1)
     assert last_lr_of_epoch[2] == pytest.approx(0.01)
