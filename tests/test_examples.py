@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import lightning_tricks
+from lightning_tricks.results import load_scalars
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMISED = {
@@ -71,3 +72,22 @@ def test_example_runs_and_writes_what_it_prints(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, f"{name}.py output", "exec"), namespace)
+    assert_scalars_read_as_tbparse_reads_them(run)
+
+
+def assert_scalars_read_as_tbparse_reads_them(run: Path) -> None:
+    """``results.load_scalars`` (tensorboard's event-file loader, a dozen lines of ours) gives every
+    scalar of the event files as tbparse, an independent reader, does."""
+    from tbparse import SummaryReader
+
+    frame = SummaryReader(str(run), pivot=False).scalars
+    theirs = {
+        (tag, int(step)): value
+        for step, tag, value in frame[["step", "tag", "value"]].itertuples(index=False)
+    }
+    epochs = {step: value for (tag, step), value in theirs.items() if tag == "epoch"}
+    ours = {(row["tag"], row["step"]): row for row in load_scalars(run)}
+    assert ours and ours.keys() == {key for key in theirs if key[0] != "epoch"}
+    for (tag, step), row in ours.items():
+        assert row["value"] == theirs[tag, step], (tag, step)  # the same float32, decoded
+        assert row["epoch"] == (None if step not in epochs else int(epochs[step]))
