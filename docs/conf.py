@@ -1,8 +1,8 @@
 """Sphinx configuration of the API reference: ``python -m sphinx -W --keep-going -b html docs build/docs``.
 
 The docstrings are reStructuredText (``:func:`` roles, ``::`` literal blocks) with Google-style
-``Args:`` / ``Raises:`` sections, which Sphinx reads natively (autodoc + napoleon, both shipped
-with Sphinx); ``-W`` turns every docstring that does not parse into an error.
+``Args:`` / ``Raises:`` sections, which Sphinx reads natively (autodoc, and napoleon's Google
+parser, both shipped with Sphinx); ``-W`` turns every docstring that does not parse into an error.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import inspect
 import re
 
 from lightning.pytorch import Callback
+from sphinx.ext.napoleon import Config as NapoleonConfig
+from sphinx.ext.napoleon.docstring import GoogleDocstring
 
 import lightning_tricks
 from lightning_tricks.callbacks._base import TrickCallback
 
 project = "lightning-tricks"
 release = version = lightning_tricks.__version__
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
+extensions = ["sphinx.ext.autodoc"]
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
 html_static_path: list[str] = []
@@ -25,10 +27,8 @@ html_static_path: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True}
-napoleon_google_docstring = True
-napoleon_numpy_docstring = False
-napoleon_use_rtype = False
-napoleon_use_ivar = True  # ``Attributes:`` as fields: the attributes themselves are documented as members
+# ``Attributes:`` as fields (napoleon_use_ivar): the attributes themselves are documented as members.
+NAPOLEON = NapoleonConfig(napoleon_use_rtype=False, napoleon_use_ivar=True)
 
 # The protocol every callback shares (Lightning's hooks, state_dict, the TrickCallback plumbing) is
 # not the user's API of any one callback: a callback's page shows its arguments, its own properties
@@ -75,6 +75,15 @@ def plain_formulas(app, what, name, obj, options, lines):
         lines[i] = "".join(part if j % 2 else literal_text(part) for j, part in enumerate(parts))
 
 
+def google_sections(app, what, name, obj, options, lines):
+    """``Args:``, ``Returns:``, ``Raises:`` ... sections as Sphinx fields (what napoleon's extension
+    does), except in the docstrings of attributes, properties and data: those are prose (the type
+    is annotated), where napoleon would take the text before a first colon for the type."""
+    if what not in ("attribute", "property", "data"):
+        lines[:] = GoogleDocstring(lines, NAPOLEON, app, what, name, obj, options).lines()
+
+
 def setup(app):
     app.connect("autodoc-skip-member", skip_protocol)
-    app.connect("autodoc-process-docstring", plain_formulas, priority=400)  # before napoleon (500)
+    app.connect("autodoc-process-docstring", plain_formulas, priority=400)
+    app.connect("autodoc-process-docstring", google_sections, priority=500)

@@ -70,6 +70,9 @@ def test_callback_pages_show_arguments_and_example_not_lightning_hooks(site: Pat
     html = (site / "api" / "fisher_spectrum.html").read_text()
     assert "every_n_steps" in html and "&gt;&gt;&gt;" in html  # the arguments, the doctest example
     assert 'id="lightning_tricks.FisherSpectrum.history"' in html
+    assert '>Parameters<span class="colon">' in html  # the Args: section, as fields
+    assert '>Raises<span class="colon">' in html
+    assert '>Type<span class="colon">' not in html  # a property's prose is not read as "type: text"
     for hook in ("on_train_batch_end", "state_dict", "setup", "get_state"):
         assert f'id="lightning_tricks.FisherSpectrum.{hook}"' not in html
 
