@@ -44,9 +44,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HTML site, built as the README says (``-W``: a warning fails the build)."""
     out = tmp_path_factory.mktemp("docs")
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(out)]
+    sources = sorted(DOCS.rglob("*"))
     build = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert build.returncode == 0, f"the docs build failed:\n{build.stderr[-6000:]}"
-    assert not list(DOCS.rglob("_build")), "the build writes nothing into docs/"
+    assert sorted(DOCS.rglob("*")) == sources, "the build writes nothing into docs/"
     return out
 
 
