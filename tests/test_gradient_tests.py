@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.gradients import GramCollector, gradient_tests, needed_batch_size
+from lightning_tricks.gradients import GramCollector, gradient_noise_parts, gradient_tests, needed_batch_size
 
 DTYPE = torch.float64
 RTOL = 1e-9
@@ -220,8 +220,20 @@ def test_needed_batch_size_is_the_papers_sample_size_rule() -> None:
     needed = needed_batch_size(tests.norm_test, tests.batch_size, theta)
     assert needed.item() == pytest.approx((variance / (theta**2 * mean.dot(mean))).item(), rel=1e-12)
     assert math.sqrt(variance / (needed * mean.dot(mean))) == pytest.approx(theta, rel=1e-12)  # passes there
-    assert needed_batch_size(torch.tensor(math.inf), 8).item() == math.inf
-    assert math.isnan(needed_batch_size(torch.tensor(math.nan), 8).item())
+    assert needed_batch_size(torch.tensor(math.inf), 8, theta).item() == math.inf
+    assert math.isnan(needed_batch_size(torch.tensor(math.nan), 8, theta).item())
+
+
+def test_norm_test_is_the_noise_scale_in_disguise() -> None:
+    """θ_norm² = B_simple / (B + B_simple), B_simple = tr Σ / |G|² of the same batch."""
+    torch.manual_seed(4)
+    grads = torch.randn(9, 20, dtype=DTYPE) + 0.3
+    gram = grads @ grads.T
+    trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
+    noise_scale = (trace_sigma / grad_sq_norm).item()
+    assert grad_sq_norm.item() > 0
+    expected = noise_scale / (9 + noise_scale)
+    assert gradient_tests(gram).norm_test.item() ** 2 == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("threshold", [0, -1.0, math.inf, math.nan, True, "0.9"])

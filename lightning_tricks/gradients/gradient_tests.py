@@ -18,7 +18,14 @@ each function returns the smallest threshold for which its test passes on this b
 norm and inner-product tests, ν for the orthogonality test: a test with threshold θ passes iff the
 statistic is ≤ θ. Since every statistic² scales as 1/B for a fixed gradient distribution, the
 batch size at which a test with threshold θ would pass is B · (statistic / θ)²
-(:func:`needed_batch_size`, the sample-size rules of both papers).
+(:func:`needed_batch_size`, the sample-size rules of both papers). Equation numbers below are
+those Cockpit's sources cite.
+
+**The norm test is the noise scale in disguise.** With the unbiased parts of
+:func:`~lightning_tricks.gradients.spectrum.gradient_noise_parts`, ‖ḡ‖² = |G|² + tr Σ / B exactly,
+so θ_norm² = B_simple / (B + B_simple) with B_simple = tr Σ / |G|² of the same batch (McCandlish
+et al. 2018): θ_norm stays below 1 whenever |G|² > 0, and the test with threshold θ passes iff
+B ≥ B_simple · (1 − θ²) / θ².
 
 Every statistic is invariant to scaling all g_i by one factor, so it does not matter whether F̃
 holds the gradients of the per-sample losses or of the mean loss (F̃ / B²), nor whether a loss
@@ -47,7 +54,7 @@ class GradientTests(NamedTuple):
     norm_test: Tensor
     """θ_norm = (tr Σ / (B‖ḡ‖²))^½ — Byrd et al. 2012, eq. (3.9)."""
     inner_test: Tensor
-    """θ_inner = (Var_i(g_iᵀḡ) / (B‖ḡ‖⁴))^½ — Bollapragada et al. 2018, inner-product test."""
+    """θ_inner = (Var_i(g_iᵀḡ) / (B‖ḡ‖⁴))^½ — Bollapragada et al. 2018, eq. (2.6)."""
     ortho_test: Tensor
     """ν = (E_i‖g_i − (g_iᵀḡ/‖ḡ‖²)ḡ‖² / (B‖ḡ‖²))^½ — Bollapragada et al. 2018, eq. (3.3)."""
     batch_size: Tensor
@@ -65,7 +72,7 @@ def gradient_tests(gram: Tensor) -> GradientTests:
       of :func:`~lightning_tricks.gradients.spectrum.gradient_noise_parts`. Statistic:
       θ_norm² = tr Σ / (B m).
     - **inner-product test** (Bollapragada, Byrd & Nocedal 2018, *Adaptive sampling strategies
-      for stochastic optimization*, SIAM J. Optim. 28(4), §2, the practical test): Var_i(g_iᵀḡ) / B
+      for stochastic optimization*, SIAM J. Optim. 28(4), eq. (2.6), its practical form): Var_i(g_iᵀḡ) / B
       ≤ θ² ‖ḡ‖⁴, with Var_i(p_i) = (Σ p_i² − B m²) / (B − 1). Statistic: θ_inner² = Var_i(p_i) / (B m²).
     - **orthogonality test** (the same paper, eq. (3.3)): E_i‖g_i − (p_i/m) ḡ‖² / B ≤ ν² ‖ḡ‖²,
       the sample variance of the components orthogonal to ḡ (their mean is 0):
@@ -113,15 +120,18 @@ def _statistic(squared: Tensor, signal: Tensor, noise: Tensor, finite: Tensor) -
     return torch.where(finite, value, torch.nan)
 
 
-def needed_batch_size(statistic: Tensor, batch_size: Tensor | int, threshold: float = 1.0) -> Tensor:
+def needed_batch_size(statistic: Tensor, batch_size: Tensor | int, threshold: float) -> Tensor:
     """B · (statistic / threshold)²: the batch size at which a test with ``threshold`` would pass,
     with this batch's variance and gradient estimates.
 
-    The sample-size rules of Byrd et al. 2012 (§3, after eq. (3.9): |S| = ‖Var_i(g_i)‖₁ /
-    (θ²‖ḡ‖²)) and Bollapragada et al. 2018 (§4: |S| = Var_i(g_iᵀḡ) / (θ²‖ḡ‖⁴) for the inner-product
-    test, E_i‖g_i − (p_i/m)ḡ‖² / (ν²‖ḡ‖²) for the orthogonality test; the augmented test takes the
-    larger), written with the statistics of :func:`gradient_tests`. The papers grow the batch to
-    this size when the test fails. NaN and +inf statistics stay NaN and +inf.
+    The sample-size rule of both papers, written with the statistics of :func:`gradient_tests`:
+    when a test fails, grow the batch to the size at which it would hold with the current
+    estimates — |S| = ‖Var_i(g_i)‖₁ / (θ²‖ḡ‖²) for the norm test (Byrd et al. 2012),
+    Var_i(g_iᵀḡ) / (θ²‖ḡ‖⁴) for the inner-product test and E_i‖g_i − (p_i/m)ḡ‖² / (ν²‖ḡ‖²) for
+    the orthogonality test (Bollapragada et al. 2018, whose augmented test takes the larger of the
+    last two). There is no threshold-free choice: the norm test's θ_norm is below 1 whenever
+    |G|² > 0 (module docstring), so at θ = 1 it asks for less than B. NaN and +inf statistics stay
+    NaN and +inf.
 
     Raises:
         ValueError: ``threshold`` not a finite number > 0.
