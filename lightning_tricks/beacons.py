@@ -344,10 +344,25 @@ def next_batch_size(
     sizes: Sequence[int],
     current_size: int,
     max_change: float = 2.0,
-    **options: Any,
+    *,
+    max_epochs: int,
+    stage_epochs: int = 1,
+    lr: float | None = None,
+    top_k: int = DEFAULT_TOP_K,
 ) -> int:
-    """:func:`decide_batch_size`'s size (same arguments)."""
-    return decide_batch_size(landscape, point, epoch, sizes, current_size, max_change, **options).size
+    """The size :func:`decide_batch_size` chooses (same arguments, rule and errors)."""
+    return decide_batch_size(
+        landscape,
+        point,
+        epoch,
+        sizes,
+        current_size,
+        max_change,
+        max_epochs=max_epochs,
+        stage_epochs=stage_epochs,
+        lr=lr,
+        top_k=top_k,
+    ).size
 
 
 def _check_arguments(

@@ -225,7 +225,8 @@ def test_needed_batch_size_is_the_papers_sample_size_rule() -> None:
 
 
 def test_norm_test_is_the_noise_scale_in_disguise() -> None:
-    """θ_norm² = B_simple / (B + B_simple), B_simple = tr Σ / |G|² of the same batch."""
+    """θ_norm² = tr Σ / (B|G|² + tr Σ) = B_simple / (B + B_simple), B_simple = tr Σ / |G|²; above 1
+    exactly when the unbiased |G|² is negative."""
     torch.manual_seed(4)
     grads = torch.randn(9, 20, dtype=DTYPE) + 0.3
     gram = grads @ grads.T
@@ -234,6 +235,14 @@ def test_norm_test_is_the_noise_scale_in_disguise() -> None:
     assert grad_sq_norm.item() > 0
     expected = noise_scale / (9 + noise_scale)
     assert gradient_tests(gram).norm_test.item() ** 2 == pytest.approx(expected, rel=1e-12)
+
+    hidden = grads - grads.mean(0) + 1e-3  # the mean gradient drowns in the noise: |G|² < 0
+    gram = hidden @ hidden.T
+    trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
+    assert grad_sq_norm.item() < 0
+    theta_sq = gradient_tests(gram).norm_test.item() ** 2
+    assert theta_sq > 1
+    assert theta_sq == pytest.approx((trace_sigma / (9 * grad_sq_norm + trace_sigma)).item(), rel=1e-9)
 
 
 @pytest.mark.parametrize("threshold", [0, -1.0, math.inf, math.nan, True, "0.9"])

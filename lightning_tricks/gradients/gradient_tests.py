@@ -23,9 +23,9 @@ those Cockpit's sources cite.
 
 **The norm test is the noise scale in disguise.** With the unbiased parts of
 :func:`~lightning_tricks.gradients.spectrum.gradient_noise_parts`, ‖ḡ‖² = |G|² + tr Σ / B exactly,
-so θ_norm² = B_simple / (B + B_simple) with B_simple = tr Σ / |G|² of the same batch (McCandlish
-et al. 2018): θ_norm stays below 1 whenever |G|² > 0, and the test with threshold θ passes iff
-B ≥ B_simple · (1 − θ²) / θ².
+so θ_norm² = tr Σ / (B|G|² + tr Σ) = B_simple / (B + B_simple) with B_simple = tr Σ / |G|² of the
+same batch (McCandlish et al. 2018): θ_norm < 1 exactly when |G|² > 0 (θ_norm > 1 where FisherSpectrum
+logs ``noise_scale = inf``), and the test with threshold θ < 1 passes iff B ≥ B_simple · (1 − θ²) / θ².
 
 Every statistic is invariant to scaling all g_i by one factor, so it does not matter whether F̃
 holds the gradients of the per-sample losses or of the mean loss (F̃ / B²), nor whether a loss
