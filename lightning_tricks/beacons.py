@@ -230,11 +230,11 @@ class Region:
 def target_region(landscape: Landscape, progress: float, top_k: int = DEFAULT_TOP_K) -> Region:
     """Where the ``top_k`` lowest-error beacons were at ``progress`` (fraction of training).
 
-    Seed 004 §1 defines the optimum region by the lowest errors of the final (C̄_K, L_K) map
-    (Fig. 1b: the five best configurations cluster there; Fig. 3's "level set with minimum error");
-    a run being steered needs it at every point of training, so the region at progress p is the
-    best beacons' points at p (progress 1: the seed's region). Beacons are ranked by final error,
-    ties by name; beacons with a non-finite error are left out.
+    Seed 004 §1 defines the optimum region on the final (C̄_K, L_K) map, "formed by the level set
+    with minimum error value in the contour plot", where the five lowest-error configurations
+    cluster (Fig. 1a–b). A run being steered needs the region at every point of training, so the
+    region at progress p is the best beacons' points at p (at p = 1, the seed's region). Beacons
+    are ranked by final error, ties by name; beacons with a non-finite error are left out.
 
     Raises:
         ValueError: ``top_k`` < 1, fewer than ``top_k`` beacons with a finite error (the region
