@@ -22,21 +22,20 @@ CALLBACK_PAGES = {
     "BatchSizeScheduler": "batch_size_scheduler",
     "MinibatchHeatmap": "minibatch_heatmap",
 }
-MODULE_PAGES = [
-    "results",
-    "plotting",
-    "batch_size_policies",
-    "image_metrics",
-    "samplers",
-    "gradients",
-    "gradients.spectrum",
-    "gradients.layer_stats",
-    "gradients.gradient_flow",
-    "gradients.minibatch_distance",
-    "gradients.noise_scale",
-    "gradients.random_weights",
-    "gradients.gram",
-]
+PACKAGE = Path(lightning_tricks.__file__).parent
+WITHOUT_PAGE = {"cli", "trainer_cli", "checks"}
+"""The command-line entry points (``lightning-tricks --help`` and the README document them) and the
+internal argument checks."""
+MODULE_PAGES = sorted(
+    {path.stem for path in PACKAGE.glob("*.py") if not path.stem.startswith("_")} - WITHOUT_PAGE
+    | {
+        f"gradients.{path.stem}"
+        for path in (PACKAGE / "gradients").glob("*.py")
+        if not path.stem.startswith("_")
+    }
+    | {"gradients", "gradients.gram"}
+)
+"""Every module of the library and of its engines has its page, ``api/<module>.html``."""
 
 
 @pytest.fixture(scope="module")
