@@ -47,7 +47,7 @@ def skip_protocol(app, what, name, obj, skip, options):
 # for shapes. In reStructuredText |...| is a substitution and *...* emphasis, so outside code
 # (``literal``, `roles`, ``::`` blocks, doctests) a bar, and a star that opens no emphasis, are
 # taken literally.
-CODE = re.compile(r"(``.+?``|:?[\w:+-]*`[^`]+`_{0,2})")
+CODE = re.compile(r"(``.+?``|:?[\w:+-]*`[^`]+`_{0,2})", re.S)
 EMPHASIS = re.compile(r"(\*\*[^*\s][^*]*?\*\*|(?<![\w*])\*[^*\s][^*]*?\*(?![\w*]))")
 
 
@@ -57,22 +57,40 @@ def literal_text(text: str) -> str:
     return "".join(part if i % 2 else part.replace("*", r"\*") for i, part in enumerate(parts))
 
 
-def plain_formulas(app, what, name, obj, options, lines):
-    """Escape ``|`` and stray ``*`` in a docstring's prose, in place; code stays as written."""
-    block_indent = None  # indentation of the paragraph that opened a literal block
-    doctest = False
-    for i, line in enumerate(lines):
+def prose_text(text: str) -> str:
+    """``text`` with its prose escaped (:func:`literal_text`) and its code (an inline literal may
+    span lines) as written."""
+    parts = CODE.split(text)
+    return "".join(part if i % 2 else literal_text(part) for i, part in enumerate(parts))
+
+
+def in_code_blocks(lines: list[str]) -> list[bool]:
+    """Per line: inside a literal block (after a paragraph ending in ``::``) or a doctest."""
+    flags, block_indent, doctest = [], None, False
+    for line in lines:
         stripped, indent = line.strip(), len(line) - len(line.lstrip())
         if block_indent is not None and (not stripped or indent > block_indent):
+            flags.append(True)
             continue
         block_indent = None
         doctest = stripped.startswith(">>>") or (doctest and bool(stripped))
-        if doctest:
-            continue
-        if stripped.endswith("::"):
+        flags.append(doctest)
+        if not doctest and stripped.endswith("::"):
             block_indent = indent
-        parts = CODE.split(line)
-        lines[i] = "".join(part if j % 2 else literal_text(part) for j, part in enumerate(parts))
+    return flags
+
+
+def plain_formulas(app, what, name, obj, options, lines):
+    """Escape ``|`` and stray ``*`` in a docstring's prose, in place; code stays as written."""
+    flags = in_code_blocks(lines)
+    start = 0
+    while start < len(lines):
+        end = start + 1
+        while end < len(lines) and flags[end] == flags[start] and (flags[start] or lines[end].strip()):
+            end += 1
+        if not flags[start]:  # one paragraph (or blank line) of prose
+            lines[start:end] = prose_text("\n".join(lines[start:end])).split("\n")
+        start = end
 
 
 def google_sections(app, what, name, obj, options, lines):

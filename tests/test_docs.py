@@ -87,7 +87,8 @@ def load_conf():
 def test_plain_formulas_escape_bars_and_stray_stars_in_prose_only():
     lines = [
         "l_k = (α_k / |B_k|) · √Tr(F̃_k), shape (B, *shape), the *average* and **C̄_K**",
-        "``|g|`` and :func:`a|b` stay code",
+        "``|g|`` and :func:`a|b` stay code, ``loss * r;",
+        "loss * r`` too",
         "Example::",
         "",
         "    x = |y|",
@@ -99,7 +100,8 @@ def test_plain_formulas_escape_bars_and_stray_stars_in_prose_only():
     load_conf().plain_formulas(None, "function", "f", None, {}, lines)
     assert lines == [
         r"l_k = (α_k / \|B_k\|) · √Tr(F̃_k), shape (B, \*shape), the *average* and **C̄_K**",
-        "``|g|`` and :func:`a|b` stay code",
+        "``|g|`` and :func:`a|b` stay code, ``loss * r;",
+        "loss * r`` too",
         "Example::",
         "",
         "    x = |y|",
