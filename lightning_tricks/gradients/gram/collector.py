@@ -25,6 +25,7 @@ from ..autograd_graph import leaf_uses
 from .factors import GradFactor, PerSampleFactor, cast, concat_factors
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
+from .units import UNIT_RULE, compiled_modules, excluded_parameters, is_unit, training_refusal
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -236,6 +237,7 @@ class GramCollector:
         unsupported: str = "raise",
         fallback: bool = True,
         rules: Mapping[type[nn.Module], GramRule | None] | None = None,
+        exclude: Iterable[str | nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -253,7 +255,8 @@ class GramCollector:
         self.method = method
         self.fuse_weight_grad = fuse_weight_grad
         self.unsupported = unsupported
-        candidates = _selected_params(model, params)
+        candidates = _selected_params(model, params) - excluded_parameters(model, exclude)
+        _check_not_compiled(model, candidates)
         self._layers = _select_layers(
             model, candidates, modules, unsupported, fallback, _checked_rules(rules)
         )
@@ -374,8 +377,8 @@ class GramCollector:
             raise RuntimeError(
                 f"parameters {sorted(self._missed)} received gradients, but their modules' forward was "
                 "not captured (parameter used outside its module's forward, or capture enabled after "
-                "the forward); G would miss their contribution. Call the weight through its module, or "
-                "exclude it with params=/modules="
+                "the forward, or a compiled forward that bypasses module hooks); G would miss their "
+                "contribution. Call the weight through its module, or leave its module out with exclude=[...]"
             )
         self._check_unmeasured()
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
@@ -410,13 +413,30 @@ class GramCollector:
             if param in tracked and node not in self._consumers.get(param, ())
         }
         if outside:
-            names = sorted(_param_name(*self._owners[p][0]) for p in outside)
-            raise ValueError(
+            raise ValueError(self._outside_use_message(outside))
+
+    def _outside_use_message(self, outside: set[nn.Parameter]) -> str:
+        """Parameters of modules whose captured forward ran are used functionally elsewhere; those
+        of modules without a captured forward were used by an enclosing module, or their module
+        ran without hooks (a compiled graph)."""
+        owners = {p: self._owners[p][0][0] for p in outside}
+        names = sorted(_param_name(*self._owners[p][0]) for p in outside)
+        silent = sorted({layer.name or "<root>" for layer in owners.values() if layer.calls == 0})
+        if not silent:
+            return (
                 f"parameters {names} are used outside their module's forward (functionally, e.g. "
                 "F.linear(x, module.weight)), so their per-sample gradients cannot be measured. Call "
                 "them through a module (tied weights shared by two modules are measured exactly), or "
-                "leave them out of the measurement (GramCollector params=/modules=)"
+                "leave their modules out of the measurement: exclude=[...] (GramCollector, FisherSpectrum)"
             )
+        return (
+            f"parameters {names} received gradients, but the forward of their modules {silent} ran "
+            "without GramCollector's hooks: either the module runs compiled (torch.compile, or a "
+            "compiled graph cached by an earlier run, bypasses module hooks; measure the uncompiled "
+            "model), or an enclosing module uses their weights functionally (F.linear(x, "
+            "self.child.weight)) in a way its source does not show. Leave them out of the measurement: "
+            f"exclude={silent} (GramCollector, FisherSpectrum)"
+        )
 
     @staticmethod
     def check_loss(loss: Any) -> None:
@@ -653,7 +673,7 @@ class GramCollector:
         )
         if self.unsupported == "raise":
             raise RuntimeError(
-                message + "; register a rule, exclude them with params=/modules=, or pass unsupported='skip'"
+                message + "; register a rule, leave their modules out with exclude=[...], or pass unsupported='skip'"
             )
         if not self._warned_unmeasured:
             self._warned_unmeasured = True
@@ -926,8 +946,9 @@ def _select_layers(
     rules: Mapping[type[nn.Module], GramRule | None] | None = None,
 ) -> list[_Layer]:
     """One capture state per module owning selected parameters (with those of its subtree for a
-    composite rule, whose descendants are then not captured on their own); modules without a
-    rule get the fallback, or raise or warn."""
+    composite rule or a unit measured whole, whose descendants are then not captured on their
+    own); modules without a rule get the fallback, or raise or warn; modules refused in training
+    mode (:func:`.units.training_refusal`) are left out with ``unsupported="skip"``."""
     layers: list[_Layer] = []
     missing: list[str] = []
     claimed: set[nn.Module] = set()
@@ -935,6 +956,8 @@ def _select_layers(
         if module in claimed:
             continue
         rule = _rule_for(module, rules, fallback)
+        if fallback and (rule is None or rule is FALLBACK_RULE) and is_unit(module):
+            rule = UNIT_RULE
         composite = rule is not None and rule.composite
         if composite:
             claimed.update(module.modules())
@@ -944,23 +967,64 @@ def _select_layers(
         uncovered = [p for p in own if rule is None or not rule.covers(p)]
         if uncovered and fallback and not composite:
             rule, uncovered = FALLBACK_RULE, []
+        refusal = training_refusal(module) if rule is not None else None
+        if refusal is not None and unsupported == "skip":
+            claimed.update(module.modules())
+            missing.append(f"{name or '<root>'} ({type(module).__name__}: {refusal} in training mode)")
+            continue
         if uncovered:
             if any(own[p].requires_grad for p in uncovered):  # frozen ones: checked if unfrozen
                 missing.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(uncovered)})")
             continue
+        if refusal is not None:
+            rule = rule._replace(capture=_refusing_capture(rule.capture, name or "<root>", refusal))
         layers.append(_Layer(name, module, rule, own))
     if missing and unsupported == "raise":
         raise ValueError(
             "GramCollector has no rule for these parameterised modules: "
             + "; ".join(missing)
             + ". Register one with lightning_tricks.gradients.register_gram_rule, "
-            "exclude them with params=/modules=, pass fallback=True or unsupported='skip'"
+            "leave them out with exclude=[...] (module names), pass fallback=True or unsupported='skip'"
         )
     if missing:
         warnings.warn("GramCollector leaves out of G the parameters of: " + "; ".join(missing), stacklevel=3)
     if not layers:
         raise ValueError("GramCollector found no trainable parameter in a supported module")
     return layers
+
+
+def _refusing_capture(capture: Callable[..., Any], name: str, refusal: str) -> Callable[..., Any]:
+    """``capture`` that first refuses a call in training mode, naming the module and the ways out."""
+
+    def refusing(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if layer.training:
+            raise ValueError(
+                f"{type(layer).__name__} {name!r} has {refusal} in training mode; GramCollector cannot "
+                "reproduce its dropout masks per sample. Set that dropout to 0, or leave the module out of "
+                f"the measurement: exclude=[{name!r}] (GramCollector, FisherSpectrum), or "
+                "unsupported='skip' to leave out every module refused so"
+            )
+        return capture(layer, args, kwargs, output)
+
+    return refusing
+
+
+def _check_not_compiled(model: nn.Module, candidates: set[nn.Parameter]) -> None:
+    """Refuse compiled modules owning measured parameters (:func:`.units.compiled_modules`)."""
+    names = dict(model.named_modules())
+    compiled = [
+        name
+        for name in compiled_modules(model)
+        if any(p in candidates for p in names["" if name == "<root>" else name].parameters())
+    ]
+    if compiled:
+        raise ValueError(
+            f"GramCollector cannot measure modules compiled with torch.compile: {compiled}. A compiled "
+            "forward runs a cached graph without the collector's module hooks, so per-sample gradients "
+            "cannot be captured (and measuring through the uncompiled module would change the numerics "
+            "that train). Measure the uncompiled model (compile it after the diagnostic run), or leave the "
+            f"compiled modules out: exclude={compiled} (GramCollector, FisherSpectrum)"
+        )
 
 
 def _rule_for(

@@ -21,6 +21,7 @@ wrong matrix.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .factors import GradFactor, PerSampleFactor, cast, compute_dtype
@@ -136,7 +138,7 @@ def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> di
         out_dims=(0, out_dims),
         randomness="error",
     )
-    with _fork_rng(call.inputs), _recomputing():
+    with _fork_rng(call.inputs), _recomputing(), _batched_kernels():
         try:
             sample_grads, outputs = per_sample(primals, call.inputs, tuple(grads[k] for k in used))
         except RuntimeError as error:
@@ -146,7 +148,7 @@ def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> di
                 f"GramCollector's fallback cannot recompute {type(layer).__name__}: its forward draws random "
                 "numbers (dropout in training mode?), so the per-sample recomputation would not see the "
                 "same masks. Set the dropout to 0, run it in eval mode, register a rule for it, or leave "
-                "its parameters out with params=/modules="
+                "its module out of the measurement with exclude=[...] (GramCollector, FisherSpectrum)"
             ) from error
     _check_outputs(layer, call, used, outputs)
     return {name: _factor(sample_grads, name, param, call, grads, used) for name, param in named.items()}
@@ -166,6 +168,18 @@ def _factor(
     k = used[0]
     batch = grads[k].shape[call.out_dims[k]]
     return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))
+
+
+@contextmanager
+def _batched_kernels() -> Iterator[None]:
+    """Inside the per-sample map: ``scaled_dot_product_attention`` on its math backend, whose ops
+    all have vmap batching rules (the fused CPU kernels have none, so vmap would loop over the
+    samples and warn). Any other op without a batching rule still runs exactly, as such a loop;
+    torch's warning about it ("There is a performance drop … Please file us an issue") addresses
+    torch's developers and is not shown."""
+    with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        yield
 
 
 def _fork_rng(tensors: Sequence[Tensor]) -> Any:
@@ -203,16 +217,19 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
                 f"output {k} (relative error {error.item():.1e}): its samples are coupled (batch statistics, "
                 "a reduction over the batch) or an input does not carry the batch in the dimension assumed "
                 "(the leading one). Register a rule for it (register_gram_rule or rules=) or leave its "
-                "parameters out with params=/modules="
+                "module out of the measurement with exclude=[...] (GramCollector, FisherSpectrum)"
             )
     checked.add(layer.training)
 
 # -- any module ----------------------------------------------------------------------------------
 
 
-def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> SampledCall:
+def generic_capture(
+    layer: nn.Module, args: tuple, kwargs: dict, output: Any, recurse: bool = False
+) -> SampledCall:
     """Any module: tensor arguments whose leading size is B (that of the first tensor argument) are
-    per-sample along dim 0, the others shared; outputs with leading size B are per-sample."""
+    per-sample along dim 0, the others shared; outputs with leading size B are per-sample. The
+    module's own parameters are measured, or those of its whole subtree with ``recurse``."""
     leaves, spec = tree_flatten((args, kwargs))
     leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
     batch = len(next(leaf for leaf in leaves if isinstance(leaf, Tensor)))
@@ -233,7 +250,12 @@ def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) ->
         return 0 if o.dim() > 0 and len(o) == batch else None
 
     inputs = [leaves[k] for k in positions]
-    return _sampled_call(layer, forward, inputs, [0] * len(inputs), output, out_dim, recurse=False)
+    return _sampled_call(layer, forward, inputs, [0] * len(inputs), output, out_dim, recurse=recurse)
+
+
+def generic_unit_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> SampledCall:
+    """:func:`generic_capture` of a module measured whole (the parameters of its subtree)."""
+    return generic_capture(layer, args, kwargs, output, recurse=True)
 
 
 FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_capture, method="fallback")

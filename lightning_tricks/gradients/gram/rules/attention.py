@@ -40,7 +40,7 @@ def mha_capture(layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output:
         raise ValueError(
             f"MultiheadAttention has dropout={layer.dropout} in training mode; GramCollector cannot "
             "reproduce its dropout masks per sample. Use dropout=0, eval mode, or leave it out with "
-            "params=/modules="
+            "exclude=[...] (GramCollector, FisherSpectrum)"
         )
     arguments = {
         k: v.detach() if isinstance(v, Tensor) else v for k, v in _mha_arguments(layer, args, kwargs).items()
@@ -123,7 +123,7 @@ def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Ten
         raise ValueError(
             f"{type(layer).__name__} has dropout={dropouts[0]} in training mode; GramCollector cannot "
             "reproduce its dropout masks per sample. Use dropout=0, eval mode, or leave it out with "
-            "params=/modules="
+            "exclude=[...] (GramCollector, FisherSpectrum)"
         )
     arguments = {
         k: v.detach() if isinstance(v, Tensor) else v
