@@ -434,8 +434,8 @@ class GramCollector:
             "without GramCollector's hooks: either the module runs compiled (torch.compile, or a "
             "compiled graph cached by an earlier run, bypasses module hooks; measure the uncompiled "
             "model), or an enclosing module uses their weights functionally (F.linear(x, "
-            "self.child.weight)) in a way its source does not show. Leave them out of the measurement: "
-            f"exclude={silent} (GramCollector, FisherSpectrum)"
+            "self.child.weight)) in a way its source does not show."
+            + _exclude_hint(silent)
         )
 
     @staticmethod
@@ -1022,9 +1022,17 @@ def _check_not_compiled(model: nn.Module, candidates: set[nn.Parameter]) -> None
             f"GramCollector cannot measure modules compiled with torch.compile: {compiled}. A compiled "
             "forward runs a cached graph without the collector's module hooks, so per-sample gradients "
             "cannot be captured (and measuring through the uncompiled module would change the numerics "
-            "that train). Measure the uncompiled model (compile it after the diagnostic run), or leave the "
-            f"compiled modules out: exclude={compiled} (GramCollector, FisherSpectrum)"
+            "that train). Measure the uncompiled model (compile it after the diagnostic run)."
+            + _exclude_hint(compiled)
         )
+
+
+def _exclude_hint(names: list[str]) -> str:
+    """`` Or leave them out of the measurement: exclude=[...]`` for the named submodules (not the root)."""
+    names = [name for name in names if name != "<root>"]
+    if not names:
+        return ""
+    return f" Or leave them out of the measurement: exclude={names} (GramCollector, FisherSpectrum)"
 
 
 def _rule_for(

@@ -1,0 +1,342 @@
+"""GramCollector's units (modules measured whole), ``exclude=``, training refusals and compiled modules.
+
+Exactness is checked against brute-force per-sample loops (``helpers.per_sample_jacobian``: one
+``torch.autograd.grad`` per sample) in float64, the collector seeing the whole batch once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import per_sample_jacobian, reference_gram
+from torch import nn
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+from lightning_tricks.gradients import GramCollector
+from lightning_tricks.gradients.gram.units import is_unit
+
+DTYPE = torch.float64
+RTOL = 1e-10
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
+
+
+def collect(model: nn.Module, batch_loss, **options) -> GramCollector:
+    """One measured step as FisherSpectrum runs it: forward, outside-use check, backward."""
+    with GramCollector(model, loss_reduction="sum", **options) as gram:
+        loss = batch_loss()
+        gram.check_outside_use(loss)
+        loss.backward()
+    return gram
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    error = ((actual - expected).norm() / expected.norm()).item()
+    assert error < RTOL, f"relative error {error:.2e}"
+
+
+# -- units: Swin v1 and v2 ----------------------------------------------------------------------
+
+
+def tiny_swin(v2: bool) -> SwinTransformer:
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    model = SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[1, 1],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=3,
+        **extra,
+    )
+    return model.to(DTYPE).train()
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("v2", [False, True], ids=["swin_v1", "swin_v2"])
+def test_swin_attention_is_measured_whole_and_exactly(v2: bool, batch: int) -> None:
+    """v1's ShiftedWindowAttention calls F.linear(x, self.qkv.weight); v2's also runs cpb_mlp on a
+    position table without a sample dimension: each attention is one unit, exact."""
+    torch.manual_seed(batch)
+    model = tiny_swin(v2)
+    x = torch.randn(batch, 3, 8, 8, dtype=DTYPE)
+    y = torch.randint(0, 3, (batch,))
+    expected = reference_gram(model, lambda i: F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), batch)
+    gram = collect(model, lambda: F.cross_entropy(model(x), y, reduction="sum"))
+    assert_close(gram.matrix(), expected)
+    units = ["features.1.0.attn", "features.3.0.attn"]
+    assert all(name in gram.layer_names for name in units)
+    assert not any(name.startswith(f"{unit}.") for name in gram.layer_names for unit in units)
+    assert gram.methods["features.1.0.attn.qkv.weight"] == "fallback"
+    assert gram.methods["features.0.0.weight"] != "fallback"
+    if v2:
+        assert "features.1.0.attn.cpb_mlp.0.weight" in gram.methods
+
+
+class FunctionalChild(nn.Module):
+    """Uses a child's weight functionally, and reads another child's weight for its shape only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.other = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(F.linear(x, self.fc.weight, self.fc.bias))
+        assert h.shape[-1] == self.other.weight.shape[1]
+        return self.other(h)
+
+
+class TableChild(nn.Module):
+    """Runs a parameterised child on its own buffer (no sample dimension), adds it to each sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 6).reshape(3, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.bias().reshape(-1)
+
+    def bias(self) -> torch.Tensor:
+        return self.mlp(self.table)
+
+
+class ShapeOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc.bias is not None:
+            x = x.reshape(-1, self.fc.weight.shape[1])
+        return self.fc(x)
+
+
+def test_units_are_found_from_the_source() -> None:
+    assert is_unit(FunctionalChild())
+    assert is_unit(TableChild())  # through the method it calls on self
+    assert not is_unit(ShapeOnly())  # metadata and `is None` tests use no value
+    assert not is_unit(nn.Sequential(nn.Linear(2, 2)))  # stock modules: their rules know them
+    assert not is_unit(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_user_units_are_exact(batch: int) -> None:
+    torch.manual_seed(batch)
+    model = nn.ModuleDict({"a": FunctionalChild(), "b": TableChild(), "c": ShapeOnly()}).to(DTYPE)
+    x = torch.randn(batch, 4, dtype=DTYPE)
+
+    def sample_losses(inputs: torch.Tensor) -> torch.Tensor:
+        h = model["a"](inputs)
+        return (model["c"](model["b"](torch.cat([h, h[:, :1]], dim=1)))).square().sum(1)
+
+    expected = reference_gram(model, lambda i: sample_losses(x[i : i + 1]).sum(), batch)
+    gram = collect(model, lambda: sample_losses(x).sum())
+    assert_close(gram.matrix(), expected)
+    assert gram.layer_names == ["a", "b", "c.fc"]
+
+
+# -- exclude=, training refusals: a TransformerEncoder text classifier ---------------------------
+
+
+class TextClassifier(nn.Module):
+    """Embedding, a stock TransformerEncoder (dropout 0.1), mean pooling, a linear head."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embedding = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(tokens)
+        if not self.batch_first:
+            return self.head(self.encoder(h.transpose(0, 1)).mean(0))
+        return self.head(self.encoder(h).mean(1))
+
+
+ATTENTIONS = ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+
+
+def text_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 20, (batch, 5)), torch.randint(0, 3, (batch,))
+
+
+def masked_reference(model: nn.Module, params: list[nn.Parameter], tokens, labels, seed: int) -> torch.Tensor:
+    """J Jᵀ over ``params``: ∇ℓ_i from a forward of the whole batch under ``seed`` (the dropout masks
+    of the measured run), one forward and ``torch.autograd.grad`` per sample."""
+
+    def sample_loss(i: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return F.cross_entropy(model(tokens), labels, reduction="none")[i]
+
+    jacobian = per_sample_jacobian(params, sample_loss, len(tokens))
+    return jacobian @ jacobian.T
+
+
+def test_attention_dropout_in_training_is_refused_with_the_argument_that_leaves_it_out() -> None:
+    torch.manual_seed(0)
+    model = TextClassifier().to(DTYPE).train()
+    tokens, labels = text_batch(3)
+    with pytest.raises(ValueError) as error:
+        collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum"))
+    assert str(error.value) == (
+        "MultiheadAttention 'encoder.layers.0.self_attn' has dropout=0.1 on its attention weights in training "
+        "mode; GramCollector cannot reproduce its dropout masks per sample. Set that dropout to 0, or leave the "
+        "module out of the measurement: exclude=['encoder.layers.0.self_attn'] (GramCollector, FisherSpectrum), "
+        "or unsupported='skip' to leave out every module refused so"
+    )
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+@pytest.mark.parametrize("how", ["exclude_names", "exclude_modules", "skip"])
+def test_transformer_in_training_measures_the_rest_exactly(batch: int, how: str) -> None:
+    """Dropout 0.1 everywhere, training mode: attention left out, the embedding, feed-forward,
+    LayerNorm and head parameters measured exactly, with the dropout masks the step drew; no
+    torch warning besides the one naming what ``unsupported="skip"`` left out."""
+    torch.manual_seed(batch)
+    model = TextClassifier().to(DTYPE).train()
+    tokens, labels = text_batch(batch)
+    attentions = [model.get_submodule(name) for name in ATTENTIONS]
+    options = {
+        "exclude_names": {"exclude": ATTENTIONS},
+        "exclude_modules": {"exclude": attentions},
+        "skip": {"unsupported": "skip"},
+    }[how]
+    left_out = {p for attention in attentions for p in attention.parameters()}
+    measured = [p for p in model.parameters() if p not in left_out]
+    expected = masked_reference(model, measured, tokens, labels, seed=batch + 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(batch + 100)
+        gram = collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum"), **options)
+    assert_close(gram.matrix(), expected)
+    assert not any(name.startswith(ATTENTIONS[0]) for name in gram.layer_names)
+    messages = [str(w.message) for w in caught]
+    if how == "skip":
+        assert messages == [
+            "GramCollector leaves out of G the parameters of: encoder.layers.0.self_attn (MultiheadAttention: "
+            "dropout=0.1 on its attention weights in training mode); encoder.layers.1.self_attn "
+            "(MultiheadAttention: dropout=0.1 on its attention weights in training mode)"
+        ]
+    else:
+        assert messages == []
+
+
+def test_sequence_first_transformer_layers_are_left_out_whole() -> None:
+    torch.manual_seed(1)
+    model = TextClassifier(batch_first=False).to(DTYPE).train()
+    tokens, labels = text_batch(3)
+    with pytest.raises(ValueError, match=r"exclude=\['encoder.layers.0'\]"):
+        collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum"))
+    measured = [*model.embedding.parameters(), *model.head.parameters()]
+    expected = masked_reference(model, measured, tokens, labels, seed=7)
+    torch.manual_seed(7)
+    gram = collect(
+        model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum"), exclude=["encoder"]
+    )
+    assert_close(gram.matrix(), expected)
+    assert gram.layer_names == ["embedding", "head"]
+
+
+def test_attention_without_dropout_is_measured_without_torch_warnings() -> None:
+    """The per-sample recomputation of MultiheadAttention gives no vmap "performance drop" warning."""
+    torch.manual_seed(2)
+    model = TextClassifier().to(DTYPE).eval()
+    tokens, labels = text_batch(3)
+    expected = reference_gram(
+        model, lambda i: F.cross_entropy(model(tokens[i : i + 1]), labels[i : i + 1]), len(tokens)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.enable_grad():
+            gram = collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum"))
+    assert_close(gram.matrix(), expected)
+
+
+def test_exclude_is_checked() -> None:
+    model = TextClassifier()
+    with pytest.raises(ValueError, match=r"no module named 'encoder.layer.0' \(did you mean 'encoder.layers.0'\?\)"):
+        GramCollector(model, exclude=["encoder.layer.0"])
+    with pytest.raises(TypeError, match="exclude must be a list of module names or modules"):
+        GramCollector(model, exclude="head")
+    with pytest.raises(ValueError, match="Linear module is not part of the model"):
+        GramCollector(model, exclude=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="found no trainable parameter"):
+        GramCollector(model, exclude=[model])
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+
+
+class CompiledNet(nn.Module):
+    def __init__(self, compile_net: bool = True) -> None:
+        super().__init__()
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.net = torch.compile(net, backend="eager") if compile_net else net
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x))
+
+
+def test_compiled_submodule_is_refused_naming_compilation_and_the_way_out() -> None:
+    with pytest.raises(ValueError) as error:
+        GramCollector(CompiledNet())
+    assert str(error.value) == (
+        "GramCollector cannot measure modules compiled with torch.compile: ['net']. A compiled forward runs "
+        "a cached graph without the collector's module hooks, so per-sample gradients cannot be captured (and "
+        "measuring through the uncompiled module would change the numerics that train). Measure the "
+        "uncompiled model (compile it after the diagnostic run). Or leave them out of the measurement: "
+        "exclude=['net'] (GramCollector, FisherSpectrum)"
+    )
+    inplace = nn.Sequential(nn.Linear(2, 2))
+    inplace.compile(backend="eager")
+    with pytest.raises(ValueError, match=r"compiled with torch.compile: \['<root>'\]"):
+        GramCollector(inplace)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_excluding_the_compiled_module_measures_the_rest(batch: int) -> None:
+    torch.manual_seed(batch)
+    model = CompiledNet().to(DTYPE)
+    x = torch.randn(batch, 4, dtype=DTYPE)
+    params = list(model.head.parameters())
+    expected = per_sample_jacobian(params, lambda i: model(x[i : i + 1]).square().sum(), batch)
+    gram = collect(model, lambda: model(x).square().sum(), exclude=["net"])
+    assert_close(gram.matrix(), expected @ expected.T)
+
+
+class HiddenCompiled(nn.Module):
+    """Calls a compiled copy of its child that is not registered as a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.__dict__["fast"] = torch.compile(self.net, backend="eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fast(x)
+
+
+def test_cached_compiled_graph_without_hooks_is_named_at_the_first_measured_step() -> None:
+    """Two compiled runs without the collector cache a graph; a measured step with it then runs
+    that graph without the collector's hooks, which the outside-use check names as such."""
+    torch.manual_seed(0)
+    model = HiddenCompiled()
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        model(x).square().sum().backward()
+    with pytest.raises(ValueError) as error:
+        collect(model, lambda: model(x).square().sum())
+    assert "ran without GramCollector's hooks: either the module runs compiled (torch.compile" in str(error.value)
+    assert "exclude=['net.0', 'net.2']" in str(error.value)
