@@ -7,7 +7,6 @@ Exactness is checked against brute-force per-sample loops (``helpers.per_sample_
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import pytest
 import torch
@@ -265,7 +264,9 @@ def test_attention_without_dropout_is_measured_without_torch_warnings() -> None:
 
 def test_exclude_is_checked() -> None:
     model = TextClassifier()
-    with pytest.raises(ValueError, match=r"no module named 'encoder.layer.0' \(did you mean 'encoder.layers.0'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"no module named 'encoder.layer.0' \(did you mean 'encoder.layers.0'\?\)"
+    ):
         GramCollector(model, exclude=["encoder.layer.0"])
     with pytest.raises(TypeError, match="exclude must be a list of module names or modules"):
         GramCollector(model, exclude="head")
@@ -338,5 +339,7 @@ def test_cached_compiled_graph_without_hooks_is_named_at_the_first_measured_step
         model(x).square().sum().backward()
     with pytest.raises(ValueError) as error:
         collect(model, lambda: model(x).square().sum())
-    assert "ran without GramCollector's hooks: either the module runs compiled (torch.compile" in str(error.value)
+    assert "ran without GramCollector's hooks: either the module runs compiled (torch.compile" in str(
+        error.value
+    )
     assert "exclude=['net.0', 'net.2']" in str(error.value)

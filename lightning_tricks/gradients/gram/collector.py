@@ -434,8 +434,7 @@ class GramCollector:
             "without GramCollector's hooks: either the module runs compiled (torch.compile, or a "
             "compiled graph cached by an earlier run, bypasses module hooks; measure the uncompiled "
             "model), or an enclosing module uses their weights functionally (F.linear(x, "
-            "self.child.weight)) in a way its source does not show."
-            + _exclude_hint(silent)
+            "self.child.weight)) in a way its source does not show." + _exclude_hint(silent)
         )
 
     @staticmethod
@@ -673,7 +672,8 @@ class GramCollector:
         )
         if self.unsupported == "raise":
             raise RuntimeError(
-                message + "; register a rule, leave their modules out with exclude=[...], or pass unsupported='skip'"
+                message
+                + "; register a rule, leave their modules out with exclude=[...], or pass unsupported='skip'"
             )
         if not self._warned_unmeasured:
             self._warned_unmeasured = True

@@ -104,6 +104,7 @@ def _sampled_call(
         recurse,
     )
 
+
 # -- the per-sample vector-Jacobian products -------------------------------------------------------
 
 
@@ -220,6 +221,7 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
                 "module out of the measurement with exclude=[...] (GramCollector, FisherSpectrum)"
             )
     checked.add(layer.training)
+
 
 # -- any module ----------------------------------------------------------------------------------
 

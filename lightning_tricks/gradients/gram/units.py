@@ -28,6 +28,7 @@ import inspect
 import sys
 import textwrap
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from torch import nn
 
@@ -55,14 +56,18 @@ METADATA = frozenset(
 
 def is_unit(module: nn.Module) -> bool:
     """Whether ``module``'s forward (or a method it calls on ``self``) reads a parameter of a
-    strict descendant, or calls a parameterised child with nothing but its own attributes and
-    constants as arguments; stock ``torch.nn`` modules never count (their rules know them)."""
+    child it never calls (the child only holds weights for the parent's functional code), or
+    calls a parameterised child with nothing but its own attributes and constants as arguments.
+    A child that is also called (a tied output projection ``F.linear(h, self.embed.weight)``)
+    does not make a unit: measuring the whole parent would hold per-sample gradients of all its
+    parameters at once; that use is refused by the outside-use check instead. Stock ``torch.nn``
+    modules never count (their rules know them)."""
     if not any(True for child in module.children() for _ in child.parameters()):
         return False
-    reads, calls = _self_uses(type(module))
-    return any(_is_descendant_parameter(module, chain) for chain in reads) or any(
-        _is_static_call(module, child, arguments) for child, arguments in calls
-    )
+    uses = _source_uses(type(module))
+    return any(
+        chain[0] not in uses.called and _is_descendant_parameter(module, chain) for chain in uses.reads
+    ) or any(_is_static_call(module, child, arguments) for child, arguments in uses.static_calls)
 
 
 def _is_descendant_parameter(module: nn.Module, chain: tuple[str, ...]) -> bool:
@@ -97,13 +102,22 @@ def _is_own_value(module: nn.Module, chain: tuple[str, ...]) -> bool:
     return name in module._buffers or name in module._parameters or name in module.__dict__
 
 
+class _SourceUses(NamedTuple):
+    """What ``cls.forward`` and the methods it calls on ``self`` do with ``self``: ``reads``, the
+    attribute chains ``self.a.b…`` read (outside ``is``/``is not`` tests); ``static_calls``, the
+    calls ``self.child(args)`` whose every argument is a constant (``None``) or such a chain;
+    ``called``, the names ``x`` of every call ``self.x(...)``."""
+
+    reads: tuple[tuple[str, ...], ...]
+    static_calls: tuple[tuple[str, list], ...]
+    called: frozenset[str]
+
+
 @functools.cache
-def _self_uses(cls: type) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, list], ...]]:
-    """The attribute chains ``self.a.b…`` read by ``cls.forward`` and the methods it calls on
-    ``self`` (outside ``is``/``is not`` tests), and its calls ``self.child(args)`` with each
-    argument's chain (``None`` for a constant; calls with any other argument are not listed)."""
+def _source_uses(cls: type) -> _SourceUses:
     reads: list[tuple[str, ...]] = []
     calls: list[tuple[str, list]] = []
+    called: set[str] = set()
     pending, seen = ["forward"], set()
     while pending:
         name = pending.pop()
@@ -115,8 +129,9 @@ def _self_uses(cls: type) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str,
         visitor.visit(tree)
         reads += visitor.reads
         calls += visitor.calls
+        called.update(visitor.methods)
         pending += [m for m in visitor.methods if m not in seen and _is_method(cls, m)]
-    return tuple(reads), tuple(calls)
+    return _SourceUses(tuple(reads), tuple(calls), frozenset(called))
 
 
 def _is_method(cls: type, name: str) -> bool:
@@ -226,9 +241,7 @@ def excluded_parameters(model: nn.Module, exclude: Iterable[str | nn.Module] | N
     if exclude is None:
         return set()
     if isinstance(exclude, (str, nn.Module)) or not isinstance(exclude, Iterable):
-        raise TypeError(
-            f"exclude must be a list of module names or modules, got {type(exclude).__name__}"
-        )
+        raise TypeError(f"exclude must be a list of module names or modules, got {type(exclude).__name__}")
     names = dict(model.named_modules(remove_duplicate=False))
     members = {id(m) for m in names.values()}
     params: set[nn.Parameter] = set()
