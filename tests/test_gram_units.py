@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import per_sample_jacobian, reference_gram
+from helpers import assert_identical, per_sample_jacobian, reference_gram
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
+from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
 from lightning_tricks.gradients import GramCollector
 from lightning_tricks.gradients.gram.units import is_unit
 
@@ -343,3 +346,55 @@ def test_cached_compiled_graph_without_hooks_is_named_at_the_first_measured_step
         error.value
     )
     assert "exclude=['net.0', 'net.2']" in str(error.value)
+
+
+class CompiledClassifier(L.LightningModule):
+    """A user's classifier whose network is compiled (``backend="eager"``: no C compiler needed)."""
+
+    def __init__(self, hidden_compile: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        if hidden_compile:  # a compiled copy the module tree does not show
+            self.__dict__["run"] = torch.compile(self.net, backend="eager")
+        else:
+            self.net = torch.compile(self.net, backend="eager")
+            self.__dict__["run"] = self.net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.run(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def compiled_fit(module: L.LightningModule, tmp_path, callbacks=()) -> L.Trainer:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    return trainer
+
+
+@pytest.mark.parametrize("hidden_compile", [False, True], ids=["compiled_submodule", "hidden_compiled_copy"])
+def test_cached_compile_two_fits_then_one_measured_is_refused_before_any_update(tmp_path, hidden_compile):
+    """In one process: two fits of a compiled module without FisherSpectrum (torch caches the
+    compiled graph), then a fit with it: refused, naming compilation, before any update."""
+    for _ in range(2):
+        compiled_fit(CompiledClassifier(hidden_compile), tmp_path)
+    module = CompiledClassifier(hidden_compile)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    match = (
+        "ran without GramCollector's hooks" if hidden_compile else r"compiled with torch.compile: \['net'\]"
+    )
+    with pytest.raises(ValueError, match=match):
+        compiled_fit(module, tmp_path, [FisherSpectrum()])
+    assert_identical({name: p.detach() for name, p in module.named_parameters()}, before)
