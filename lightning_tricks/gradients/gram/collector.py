@@ -121,9 +121,19 @@ class GramCollector:
     base if they inherit its ``forward``. Any other module owning parameters gets the generic
     fallback ("fallback": per-sample VJPs of the module recomputed on its captured inputs, batch
     in dim 0 of the inputs and outputs whose leading size is B); it refuses, with an error, modules
-    that draw random numbers or couple samples. Dropout in training mode is refused in
-    MultiheadAttention, between RNN layers and in sequence-first Transformer layers; unbatched
-    inputs and ``PackedSequence`` too. Register rules with
+    that draw random numbers or couple samples. Units (:mod:`~lightning_tricks.gradients.gram.units`):
+    a module whose forward uses a child's weights functionally instead of calling the child
+    (torchvision's Swin attention: ``F.linear(x, self.qkv.weight)``), or runs a parameterised
+    child on its own attributes (tensors without a sample dimension, Swin v2's ``cpb_mlp`` on a
+    position table), is measured whole, by the fallback's per-sample VJPs over its subtree.
+    Dropout in training mode is refused in MultiheadAttention (on its attention weights), between
+    RNN layers and in sequence-first Transformer layers (the error names the module, and
+    ``unsupported="skip"`` leaves such modules out); unbatched inputs and ``PackedSequence`` too.
+    Modules compiled with ``torch.compile`` (wrappers, ``module.compile()``, a compiled
+    ``forward``) are refused at construction: a compiled graph runs without module hooks, and
+    one cached by an earlier run even without a visible wrapper (:meth:`check_outside_use` then
+    names the modules whose hooks did not fire). ``exclude=`` leaves any of these out and measures
+    the rest. Register rules with
     :func:`~lightning_tricks.gradients.gram.registry.register_gram_rule` or override them per
     collector with ``rules=``. A module with several tensor outputs (LSTM, attention) must not
     have them modified in place (they pass through one identity node that collects their gradients).
@@ -144,8 +154,8 @@ class GramCollector:
     loss other than through its module's captured forwards (used functionally, e.g.
     ``F.linear(h, emb.weight)``) cannot be measured: :meth:`check_outside_use` finds every such use
     in the loss's autograd graph, and :meth:`matrix` raises where it sees one (a gradient reaching a
-    parameter whose captured forwards did not record it); exclude the parameter (``params=`` or
-    ``modules=``) or call it through a module. A frozen parameter of a module without a rule that
+    parameter whose captured forwards did not record it); leave its module out (``exclude=``) or
+    call it through a module. A frozen parameter of a module without a rule that
     is unfrozen later makes :meth:`matrix` raise (``unsupported="raise"``) or warn once.
 
     Fused weight gradients (``fuse_weight_grad``): for the duration of a captured forward call of a
@@ -186,12 +196,17 @@ class GramCollector:
             them unsupported.
         rules: ``{module type: GramRule or None}`` overriding the registry for this collector
             (``None``: no rule for that type, so the fallback or ``unsupported`` applies).
+        exclude: modules to leave out, by name (as in ``model.named_modules()``) or as module
+            objects; the parameters of their subtrees are not measured (their gradients are still
+            computed and trained as usual). Unknown names raise ``ValueError``.
 
     Raises:
         ValueError: bad argument values, unsupported trainable layers with ``unsupported="raise"``,
-            or no parameter selected; from :meth:`check_outside_use`, a parameter used outside its
-            module.
-        TypeError: ``model`` not a module, ``params`` not parameters, ``modules`` not callable.
+            a compiled module owning measured parameters, or no parameter selected; from
+            :meth:`check_outside_use`, a parameter used outside its module; from a captured
+            forward, a module refused in training mode.
+        TypeError: ``model`` not a module, ``params`` not parameters, ``modules`` not callable,
+            ``exclude`` not a list of names or modules.
         RuntimeError: from :meth:`matrix` if no backward was captured, a parameter received a
             gradient outside its module's forward, or an unsupported layer was unfrozen; in the
             backward if a layer's input was modified in place, the batch size differs between

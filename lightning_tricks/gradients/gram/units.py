@@ -144,10 +144,9 @@ def _method_tree(cls: type, name: str) -> ast.FunctionDef | None:
     if not inspect.isfunction(function) or function.__module__.startswith("torch.nn"):
         return None
     try:
-        source = textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError):
+        node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    except (OSError, TypeError, SyntaxError):
         return None
-    node = ast.parse(source).body[0]
     return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
 
 
