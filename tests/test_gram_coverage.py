@@ -401,18 +401,6 @@ def test_transformer_encoder_layer_end_to_end(batch: int, batch_first: bool, nor
         assert "layer" in gram.layer_names and gram.methods["layer.linear1.weight"] == "vjp"
 
 
-def test_attention_dropout_in_training_is_refused() -> None:
-    for batch_first in (False, True):
-        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=batch_first)
-        with GramCollector(layer):
-            with pytest.raises(ValueError, match="dropout=0.1"):
-                layer(torch.randn(5, 2, 8))
-        layer.eval()
-        with GramCollector(layer, loss_reduction="sum") as gram:
-            layer(torch.randn(5, 2, 8)).square().sum().backward()
-        assert gram.matrix().shape == ((5, 5) if batch_first else (2, 2))
-
-
 # -- RNN, LSTM, GRU ------------------------------------------------------------------------------------
 
 RNNS = [

@@ -557,7 +557,10 @@ class GramCollector:
         """Turn one call's captured ``activations`` and output gradient into factors; finish the
         layer on its last call. ``inputs`` must still be at ``version`` (no in-place change since
         the forward); ``fused`` names the weights hidden from autograd in that call, whose batch
-        gradient the collector writes."""
+        gradient the collector writes. Off during a per-sample backward of the rules' own
+        (:func:`.fallback.graph_factors`), which passes through this hook again."""
+        if RECOMPUTING.depth:
+            return
         if inputs._version != version:
             raise RuntimeError(
                 f"the input of module {layer.name!r} was modified in place after its forward; "

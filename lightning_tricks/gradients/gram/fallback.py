@@ -23,12 +23,13 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
@@ -175,10 +176,17 @@ def _factor(
 def _batched_kernels() -> Iterator[None]:
     """Inside the per-sample map: ``scaled_dot_product_attention`` on its math backend, whose ops
     all have vmap batching rules (the fused CPU kernels have none, so vmap would loop over the
-    samples and warn). Any other op without a batching rule still runs exactly, as such a loop;
+    samples and warn), and :func:`_quiet_batching`."""
+    with _quiet_batching(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
+def _quiet_batching() -> Iterator[None]:
+    """An op without a vmap batching rule runs exactly, as a loop over the batched dimension;
     torch's warning about it ("There is a performance drop … Please file us an issue") addresses
     torch's developers and is not shown."""
-    with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         yield
 
@@ -262,3 +270,83 @@ def generic_unit_capture(layer: nn.Module, args: tuple, kwargs: dict, output: An
 
 FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_capture, method="fallback")
 """Used by :class:`~lightning_tricks.gradients.GramCollector` for any module without a rule."""
+
+
+# -- from the step's own graph --------------------------------------------------------------------
+
+
+class GraphCall(NamedTuple):
+    """One captured call kept as the autograd graph it built: ``edges`` of its tensor outputs
+    (``None`` for other leaves) with their batch dims ``out_dims``, in a list emptied when read
+    (a hook on the call's output holds it, the graph holds that hook), and whether it measures
+    the parameters of the module's subtree (``recurse``)."""
+
+    edges: list[tuple[GradientEdge | None, ...]]
+    out_dims: tuple[int | None, ...]
+    recurse: bool
+
+
+def graph_capture(
+    layer: nn.Module, output: Any, out_dim: Callable[[int, Tensor], int | None], recurse: bool
+) -> GraphCall:
+    """Keep the call's own graph (for modules that draw random numbers, e.g. dropout, which a
+    recomputation would draw anew)."""
+    leaves = output_leaves(output)
+    edges = tuple(get_gradient_edge(o) if isinstance(o, Tensor) and o.requires_grad else None for o in leaves)
+    out_dims = tuple(None if e is None else out_dim(k, o) for k, (e, o) in enumerate(zip(edges, leaves)))
+    return GraphCall([edges], out_dims, recurse)
+
+
+def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str, GradFactor]:
+    """g_i(θ) = ∂/∂θ ⟨δ_i, f(x; θ)⟩ through the graph the step ran (its dropout masks included),
+    δ_i the output gradient with every sample but i zeroed (seed 004 eq. 6): one backward of the
+    module's graph per sample, batched (``is_grads_batched``), so it costs B times the module's
+    backward. The module's samples must not interact (true of attention and Transformer layers:
+    each sample attends within itself). Hooks on the parameters (the user's, other callbacks')
+    do not see these gradients, and nothing is written to ``.grad``."""
+    edges = call.edges.pop()
+    grads = backprops if isinstance(backprops, tuple) else (backprops,)
+    used = [k for k, g in enumerate(grads) if g is not None and edges[k] is not None]
+    named = dict(layer.named_parameters(recurse=call.recurse))
+    wanted = {n: p for n, p in named.items() if p.requires_grad}
+    batch = grads[used[0]].shape[call.out_dims[used[0]]]
+    per_sample = [_one_sample_each(grads[k], call.out_dims[k], batch) for k in used]
+    with _without_tensor_hooks(wanted.values()), _quiet_batching(), _recomputing():
+        sample_grads = torch.autograd.grad(
+            [edges[k] for k in used],
+            list(wanted.values()),
+            per_sample,
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    found = {n: g for n, g in zip(wanted, sample_grads) if g is not None}
+    return {name: _graph_factor(found.get(name), param, batch) for name, param in named.items()}
+
+
+def _one_sample_each(grad: Tensor, dim: int, batch: int) -> Tensor:
+    """(B, *grad.shape): entry i is ``grad`` with every sample but i (along ``dim``) zeroed."""
+    shape = [1] * grad.dim()
+    shape[dim] = batch
+    eye = torch.eye(batch, dtype=grad.dtype, device=grad.device)
+    return grad.unsqueeze(0) * eye.reshape(batch, *shape)
+
+
+def _graph_factor(grads: Tensor | None, param: Tensor, batch: int) -> PerSampleFactor:
+    if grads is None:
+        return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))
+    return PerSampleFactor(cast(grads, compute_dtype(grads)))
+
+
+@contextmanager
+def _without_tensor_hooks(params: Iterable[Tensor]) -> Iterator[None]:
+    """The parameters' Python gradient hooks set aside (and put back, in order) while the
+    per-sample backward runs: they are meant for the step's gradient, not for these."""
+    saved = [(p, dict(p._backward_hooks)) for p in params if p._backward_hooks]
+    for param, _ in saved:
+        param._backward_hooks.clear()
+    try:
+        yield
+    finally:
+        for param, hooks in saved:
+            param._backward_hooks.update(hooks)

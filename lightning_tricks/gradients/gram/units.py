@@ -14,7 +14,7 @@ the batch. Three situations break this, and this module names them before any fo
   methods it calls on ``self``); a use the source does not show is still caught at the first
   measured step by :meth:`~lightning_tricks.gradients.GramCollector.check_outside_use`.
 - *Refusals in training mode*: modules whose per-sample gradients the engine cannot reproduce
-  while they draw dropout masks inside a functional forward (:func:`training_refusal`).
+  while they draw dropout masks inside a forward it recomputes (:func:`training_refusal`).
 - *Compiled modules*: ``torch.compile`` wrappers and compiled forwards run cached graphs without
   module hooks (:func:`compiled_modules`).
 """
@@ -195,18 +195,8 @@ class _SelfUses(ast.NodeVisitor):
 
 def training_refusal(module: nn.Module) -> str | None:
     """Why the engine cannot measure ``module`` in training mode, or ``None``: dropout drawn
-    inside a forward it recomputes per sample (MultiheadAttention's attention dropout; a
-    sequence-first Transformer layer's dropouts; dropout between RNN layers), whose masks a
-    per-sample recomputation cannot replay."""
-    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-        return f"dropout={module.dropout} on its attention weights"
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        if not module.self_attn.batch_first:
-            rates = [m.p for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-            rates += [m.dropout for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
-            rate = max(rates, default=0.0)
-            if rate > 0:
-                return f"dropout={rate} (sequence-first, measured whole)"
+    between the layers of a multi-layer RNN, inside a forward the recurrent rule recomputes per
+    sample, whose masks that recomputation cannot replay."""
     if isinstance(module, nn.RNNBase) and module.num_layers > 1 and module.dropout > 0:
         return f"dropout={module.dropout} between layers"
     return None
