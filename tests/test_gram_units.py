@@ -6,7 +6,9 @@ Exactness is checked against brute-force per-sample loops (``helpers.per_sample_
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import lightning as L
 import pytest
@@ -461,3 +463,43 @@ def test_cached_compile_two_fits_then_one_measured_is_refused_before_any_update(
     with pytest.raises(ValueError, match=match):
         compiled_fit(module, tmp_path, [FisherSpectrum()])
     assert_identical({name: p.detach() for name, p in module.named_parameters()}, before)
+
+
+# -- memory: the graph kept for dropout layers ---------------------------------------------------
+
+
+def transformer_step(ending: str) -> list[weakref.ref]:
+    """One collection on a training-mode TransformerEncoder with dropout, ending with a backward,
+    without one, or with an exception after the forward; weak references to model and collector."""
+    model = TextClassifier(batch_first=False).train()
+    tokens, labels = text_batch(3)
+    gram = GramCollector(model)
+    try:
+        with gram:
+            loss = F.cross_entropy(model(tokens), labels)
+            if ending == "exception":
+                raise KeyError(ending)
+            if ending == "backward":
+                loss.backward()
+    except KeyError:
+        pass
+    if ending == "backward":
+        gram.matrix()
+    return [weakref.ref(model), weakref.ref(gram)]
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("ending", ["backward", "no_backward", "exception"])
+def test_kept_graph_keeps_nothing_alive(ending: str) -> None:
+    torch.manual_seed(0)
+    refs = transformer_step(ending)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+    before = live_tensors()
+    for _ in range(3):
+        transformer_step(ending)
+    assert live_tensors() == before

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
@@ -276,12 +276,14 @@ FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_ca
 
 
 class GraphCall(NamedTuple):
-    """One captured call kept as the autograd graph it built: ``edges`` of its tensor outputs
-    (``None`` for other leaves) with their batch dims ``out_dims``, in a list emptied when read
-    (a hook on the call's output holds it, the graph holds that hook), and whether it measures
-    the parameters of the module's subtree (``recurse``)."""
+    """One captured call, to be read from the autograd graph it built: for each output leaf that
+    requires grad, the name of its graph node and its index there (``None`` for other leaves),
+    their batch dims ``out_dims``, and whether the parameters of the module's subtree are measured
+    (``recurse``). No reference to the graph: the hook holding this hangs on the graph, and a
+    step without a backward must leave nothing alive; the nodes are found when the output
+    gradient arrives (:func:`_output_edges`)."""
 
-    edges: list[tuple[GradientEdge | None, ...]]
+    nodes: tuple[tuple[str, int] | None, ...]
     out_dims: tuple[int | None, ...]
     recurse: bool
 
@@ -289,12 +291,15 @@ class GraphCall(NamedTuple):
 def graph_capture(
     layer: nn.Module, output: Any, out_dim: Callable[[int, Tensor], int | None], recurse: bool
 ) -> GraphCall:
-    """Keep the call's own graph (for modules that draw random numbers, e.g. dropout, which a
-    recomputation would draw anew)."""
+    """What :func:`graph_factors` needs of a call whose random draws (dropout) a recomputation
+    would not reproduce: where its outputs sit in the graph."""
     leaves = output_leaves(output)
-    edges = tuple(get_gradient_edge(o) if isinstance(o, Tensor) and o.requires_grad else None for o in leaves)
-    out_dims = tuple(None if e is None else out_dim(k, o) for k, (e, o) in enumerate(zip(edges, leaves)))
-    return GraphCall([edges], out_dims, recurse)
+    nodes = tuple(
+        (o.grad_fn.name(), o.output_nr) if isinstance(o, Tensor) and o.grad_fn is not None else None
+        for o in leaves
+    )
+    out_dims = tuple(None if n is None else out_dim(k, o) for k, (n, o) in enumerate(zip(nodes, leaves)))
+    return GraphCall(nodes, out_dims, recurse)
 
 
 def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str, GradFactor]:
@@ -303,9 +308,10 @@ def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str
     module's graph per sample, batched (``is_grads_batched``), so it costs B times the module's
     backward. The module's samples must not interact (true of attention and Transformer layers:
     each sample attends within itself). Hooks on the parameters (the user's, other callbacks')
-    do not see these gradients, and nothing is written to ``.grad``."""
-    edges = call.edges.pop()
+    do not see these gradients, and nothing is written to ``.grad``. Runs inside the step's
+    backward, from the collector's hook on the call's outputs."""
     grads = backprops if isinstance(backprops, tuple) else (backprops,)
+    edges = _output_edges(layer, call)
     used = [k for k, g in enumerate(grads) if g is not None and edges[k] is not None]
     named = dict(layer.named_parameters(recurse=call.recurse))
     wanted = {n: p for n, p in named.items() if p.requires_grad}
@@ -322,6 +328,30 @@ def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str
         )
     found = {n: g for n, g in zip(wanted, sample_grads) if g is not None}
     return {name: _graph_factor(found.get(name), param, batch) for name, param in named.items()}
+
+
+def _output_edges(layer: nn.Module, call: GraphCall) -> list[GradientEdge | None]:
+    """The graph edges of the call's outputs, from the node the backward is running: the
+    collector's hook on a single output runs as that output's node is reached; for several
+    outputs, as the identity node joining them is (its inputs are the outputs' edges)."""
+    current = torch._C._current_autograd_node()
+    hooked = [k for k, node in enumerate(call.nodes) if node is not None]
+    edges: list[GradientEdge | None] = [None] * len(call.nodes)
+    if len(hooked) == 1 and current is not None and current.name() == call.nodes[hooked[0]][0]:
+        edges[hooked[0]] = GradientEdge(current, call.nodes[hooked[0]][1])
+        return edges
+    joined = [] if current is None else [edge for edge in current.next_functions if edge[0] is not None]
+    if len(joined) == len(hooked) and all(
+        edge[0].name() == call.nodes[k][0] for edge, k in zip(joined, hooked)
+    ):
+        for (node, index), k in zip(joined, hooked):
+            edges[k] = GradientEdge(node, index)
+        return edges
+    raise RuntimeError(
+        f"GramCollector could not find the graph of {type(layer).__name__}'s outputs in the backward "
+        f"(running {current.name() if current is not None else 'no node'}); was its output modified "
+        "in place, or its gradient hooked by another hook that runs this rule?"
+    )
 
 
 def _one_sample_each(grad: Tensor, dim: int, batch: int) -> Tensor:
