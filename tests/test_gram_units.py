@@ -7,6 +7,7 @@ Exactness is checked against brute-force per-sample loops (``helpers.per_sample_
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 import weakref
 
@@ -504,3 +505,46 @@ def test_kept_graph_keeps_nothing_alive() -> None:
     refs = [ref for ending in endings for ref in transformer_step(ending)]
     assert live_tensors() == before
     assert [ref() for ref in refs] == [None] * 6
+
+
+class TransformerTextClassifier(L.LightningModule):
+    """A user's text classifier on a stock ``nn.TransformerEncoderLayer`` (defaults: dropout 0.1,
+    sequence first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embedding(tokens).transpose(0, 1)).mean(0))
+
+    def training_step(self, batch, batch_idx):
+        tokens, labels = batch
+        return F.cross_entropy(self(tokens), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_fisher_spectrum_measures_a_stock_transformer_in_training(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randint(0, 20, (12, 6)), torch.randint(0, 3, (12,)))
+    fisher = FisherSpectrum()
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[fisher],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="There is a performance drop")
+        trainer.fit(TransformerTextClassifier(), DataLoader(data, batch_size=4))
+    assert [record["step"] for record in fisher.history] == [0, 1, 2]
+    assert all(record["trace"] > 0 and math.isfinite(record["c_k"]) for record in fisher.history)
