@@ -548,3 +548,44 @@ def test_fisher_spectrum_measures_a_stock_transformer_in_training(tmp_path) -> N
         trainer.fit(TransformerTextClassifier(), DataLoader(data, batch_size=4))
     assert [record["step"] for record in fisher.history] == [0, 1, 2]
     assert all(record["trace"] > 0 and math.isfinite(record["c_k"]) for record in fisher.history)
+
+
+# -- modules drawing random numbers, measured from the step's graph --------------------------------
+
+
+class NoisyBlock(nn.Module):
+    """A user block with its own parameter and functional dropout (no rule: the generic fallback)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(torch.tanh(x * self.scale), 0.4, self.training))
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("v2", [False, True], ids=["swin_v1", "swin_v2"])
+def test_units_and_fallback_with_dropout_in_training_are_exact(v2: bool, batch: int) -> None:
+    """Swin with attention and projection dropout inside its attention units, stochastic depth
+    around them, and a user block with functional dropout: exact with the masks the step drew."""
+    torch.manual_seed(batch)
+    swin = tiny_swin(v2)
+    for block in (swin.features[1][0], swin.features[3][0]):
+        block.attn.attention_dropout, block.attn.dropout = 0.2, 0.1
+        block.stochastic_depth.p = 0.3
+    head = [NoisyBlock(), nn.Unflatten(1, (1, 2, 2)), nn.Upsample(scale_factor=4), nn.Conv2d(1, 3, 1)]
+    model = nn.Sequential(*head, swin).to(DTYPE).train()
+    x = torch.randn(batch, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (batch,))
+
+    def sample_loss(i: int) -> torch.Tensor:
+        torch.manual_seed(5)
+        return F.cross_entropy(model(x), y, reduction="none")[i]
+
+    jacobian = per_sample_jacobian(list(model.parameters()), sample_loss, batch)
+    torch.manual_seed(5)
+    gram = collect(model, lambda: F.cross_entropy(model(x), y, reduction="sum"))
+    assert_close(gram.matrix(), jacobian @ jacobian.T)
+    assert gram.methods["0.scale"] == "fallback" and "4.features.1.0.attn" in gram.layer_names

@@ -9,6 +9,12 @@ user trains: parameters enter detached, buffers as copies taken at the forward, 
 own hooks are off, random operations are refused (``randomness="error"``, inside
 ``torch.random.fork_rng``) and no ``.grad`` is written.
 
+A module that draws random numbers (dropout in training mode) cannot be recomputed: new draws
+would give other masks. Its g_i are read from the graph the step itself built, masks included
+(:func:`graph_factors`): inside the backward, as the module's output gradient δ arrives, one
+backward of the module's part of the graph per sample i with δ_i (δ with the other samples
+zeroed), batched with ``is_grads_batched``; B times the module's backward, exact.
+
 The batch dimension of every input and output comes from the rule's capture: here the leading
 one for any module (inputs whose leading size differs from B are shared by all samples); the
 attention and recurrent rules (:mod:`.rules.attention`, :mod:`.rules.recurrent`) describe their
@@ -48,6 +54,9 @@ read: the collector's hooks check it at every call)."""
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
 
+_DRAWING: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
+"""Modules found to draw random numbers in a mode (train/eval): measured from the step's graph."""
+
 
 @contextmanager
 def _recomputing() -> Iterator[None]:
@@ -70,7 +79,8 @@ class SampledCall(NamedTuple):
     one at ``in_dims`` and returns its output leaves; ``state`` maps parameter and buffer names of
     the module's subtree to tensors. ``buffers`` are copies taken at the forward; ``outputs`` the
     output leaves (detached, ``None`` for non-tensors) with their batch dims ``out_dims`` (``None``
-    where an output has none) and version counters.
+    where an output has none) and version counters; ``nodes`` where the outputs sit in the
+    graph (:class:`GraphCall`), for a module found to draw random numbers.
     """
 
     forward: Callable[..., list[Any]]
@@ -81,6 +91,7 @@ class SampledCall(NamedTuple):
     out_dims: tuple[int | None, ...]
     versions: tuple[int, ...]
     recurse: bool
+    nodes: tuple[tuple[str, int] | None, ...] = ()
 
 
 def _sampled_call(
@@ -93,7 +104,8 @@ def _sampled_call(
     recurse: bool,
 ) -> SampledCall:
     inputs = tuple(x.detach() for x in inputs)
-    outputs = tuple(o.detach() if isinstance(o, Tensor) else None for o in output_leaves(output))
+    leaves = output_leaves(output)
+    outputs = tuple(o.detach() if isinstance(o, Tensor) else None for o in leaves)
     return SampledCall(
         forward,
         inputs,
@@ -103,6 +115,7 @@ def _sampled_call(
         tuple(None if o is None else out_dim(k, o) for k, o in enumerate(outputs)),
         tuple(t._version for t in (*inputs, *(o for o in outputs if o is not None))),
         recurse,
+        _graph_nodes(leaves),
     )
 
 
@@ -111,7 +124,9 @@ def _sampled_call(
 
 def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> dict[str, GradFactor]:
     """g_i(θ) = ∂/∂θ ⟨δ_i, f(x_i; θ)⟩ for every parameter θ of the module (of its subtree for a
-    composite rule), one ``vmap``-ed ``grad`` over the samples (seed 004 eq. 6)."""
+    composite rule), one ``vmap``-ed ``grad`` over the samples (seed 004 eq. 6); for a module that
+    draws random numbers (dropout in training mode), from the step's own graph instead
+    (:func:`graph_factors`, which keeps the masks drawn)."""
     grads = backprops if isinstance(backprops, tuple) else (backprops,)
     _check_versions(layer, call)
     used = [k for k, g in enumerate(grads) if g is not None]
@@ -140,18 +155,17 @@ def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> di
         out_dims=(0, out_dims),
         randomness="error",
     )
-    with _fork_rng(call.inputs), _recomputing(), _batched_kernels():
+    drawing = _DRAWING.setdefault(layer, set())
+    if layer.training not in drawing:
         try:
-            sample_grads, outputs = per_sample(primals, call.inputs, tuple(grads[k] for k in used))
+            with _fork_rng(call.inputs), _recomputing(), _batched_kernels():
+                sample_grads, outputs = per_sample(primals, call.inputs, tuple(grads[k] for k in used))
         except RuntimeError as error:
             if "random" not in str(error):
                 raise
-            raise RuntimeError(
-                f"GramCollector's fallback cannot recompute {type(layer).__name__}: its forward draws random "
-                "numbers (dropout in training mode?), so the per-sample recomputation would not see the "
-                "same masks. Set the dropout to 0, run it in eval mode, register a rule for it, or leave "
-                "its module out of the measurement with exclude=[...] (GramCollector, FisherSpectrum)"
-            ) from error
+            drawing.add(layer.training)
+    if layer.training in drawing:  # dropout in training mode: a recomputation would draw other masks
+        return graph_factors(layer, GraphCall(call.nodes, call.out_dims, call.recurse), backprops)
     _check_outputs(layer, call, used, outputs)
     return {name: _factor(sample_grads, name, param, call, grads, used) for name, param in named.items()}
 
@@ -294,12 +308,17 @@ def graph_capture(
     """What :func:`graph_factors` needs of a call whose random draws (dropout) a recomputation
     would not reproduce: where its outputs sit in the graph."""
     leaves = output_leaves(output)
-    nodes = tuple(
+    nodes = _graph_nodes(leaves)
+    out_dims = tuple(None if n is None else out_dim(k, o) for k, (n, o) in enumerate(zip(nodes, leaves)))
+    return GraphCall(nodes, out_dims, recurse)
+
+
+def _graph_nodes(leaves: Sequence[Any]) -> tuple[tuple[str, int] | None, ...]:
+    """(name of its graph node, its index there) of each output leaf with a graph, else ``None``."""
+    return tuple(
         (o.grad_fn.name(), o.output_nr) if isinstance(o, Tensor) and o.grad_fn is not None else None
         for o in leaves
     )
-    out_dims = tuple(None if n is None else out_dim(k, o) for k, (n, o) in enumerate(zip(nodes, leaves)))
-    return GraphCall(nodes, out_dims, recurse)
 
 
 def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str, GradFactor]:
