@@ -22,6 +22,7 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 
 from lightning_tricks.callbacks.fisher_spectrum import FisherSpectrum
 from lightning_tricks.gradients import GramCollector
+from lightning_tricks.gradients.gram import fallback
 from lightning_tricks.gradients.gram.units import is_unit
 
 DTYPE = torch.float64
@@ -589,3 +590,16 @@ def test_units_and_fallback_with_dropout_in_training_are_exact(v2: bool, batch: 
     gram = collect(model, lambda: F.cross_entropy(model(x), y, reduction="sum"))
     assert_close(gram.matrix(), jacobian @ jacobian.T)
     assert gram.methods["0.scale"] == "fallback" and "4.features.1.0.attn" in gram.layer_names
+
+
+def test_graph_backwards_in_chunks_give_the_same_matrix(monkeypatch) -> None:
+    """Per-sample backwards one sample at a time (chunks of 1) give what one batched call gives."""
+    torch.manual_seed(4)
+    model = TextClassifier(batch_first=False).to(DTYPE).train()
+    tokens, labels = text_batch(4)
+    torch.manual_seed(9)
+    whole = collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum")).matrix()
+    monkeypatch.setattr(fallback, "GRAPH_CHUNK_ENTRIES", 1)
+    torch.manual_seed(9)
+    chunked = collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum")).matrix()
+    assert_close(chunked, whole)

@@ -289,6 +289,12 @@ FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_ca
 # -- from the step's own graph --------------------------------------------------------------------
 
 
+GRAPH_CHUNK_ENTRIES = 2**24
+""":func:`graph_factors` runs its per-sample backwards in chunks of samples whose batched output
+gradients hold about this many entries (each is the whole batch's output gradient, one sample's
+part non-zero), bounding its extra memory."""
+
+
 class GraphCall(NamedTuple):
     """One captured call, to be read from the autograd graph it built: for each output leaf that
     requires grad, the name of its graph node and its index there (``None`` for other leaves),
@@ -324,8 +330,8 @@ def _graph_nodes(leaves: Sequence[Any]) -> tuple[tuple[str, int] | None, ...]:
 def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str, GradFactor]:
     """g_i(θ) = ∂/∂θ ⟨δ_i, f(x; θ)⟩ through the graph the step ran (its dropout masks included),
     δ_i the output gradient with every sample but i zeroed (seed 004 eq. 6): one backward of the
-    module's graph per sample, batched (``is_grads_batched``), so it costs B times the module's
-    backward. The module's samples must not interact (true of attention and Transformer layers:
+    module's graph per sample, batched (``is_grads_batched``, in chunks of samples:
+    :data:`GRAPH_CHUNK_ENTRIES`), so it costs B times the module's backward. The module's samples must not interact (true of attention and Transformer layers:
     each sample attends within itself). Hooks on the parameters (the user's, other callbacks')
     do not see these gradients, and nothing is written to ``.grad``. Runs inside the step's
     backward, from the collector's hook on the call's outputs."""
@@ -335,17 +341,22 @@ def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str
     named = dict(layer.named_parameters(recurse=call.recurse))
     wanted = {n: p for n, p in named.items() if p.requires_grad}
     batch = grads[used[0]].shape[call.out_dims[used[0]]]
-    per_sample = [_one_sample_each(grads[k], call.out_dims[k], batch) for k in used]
+    chunk = max(1, GRAPH_CHUNK_ENTRIES // sum(grads[k].numel() for k in used))
+    chunks = []
     with _without_tensor_hooks(wanted.values()), _quiet_batching(), _recomputing():
-        sample_grads = torch.autograd.grad(
-            [edges[k] for k in used],
-            list(wanted.values()),
-            per_sample,
-            retain_graph=True,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
-    found = {n: g for n, g in zip(wanted, sample_grads) if g is not None}
+        for start in range(0, batch, chunk):
+            samples = range(start, min(start + chunk, batch))
+            chunks.append(
+                torch.autograd.grad(
+                    [edges[k] for k in used],
+                    list(wanted.values()),
+                    [_one_sample_each(grads[k], call.out_dims[k], samples) for k in used],
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            )
+    found = {n: torch.cat([c[j] for c in chunks]) for j, n in enumerate(wanted) if chunks[0][j] is not None}
     return {name: _graph_factor(found.get(name), param, batch) for name, param in named.items()}
 
 
@@ -373,12 +384,13 @@ def _output_edges(layer: nn.Module, call: GraphCall) -> list[GradientEdge | None
     )
 
 
-def _one_sample_each(grad: Tensor, dim: int, batch: int) -> Tensor:
-    """(B, *grad.shape): entry i is ``grad`` with every sample but i (along ``dim``) zeroed."""
+def _one_sample_each(grad: Tensor, dim: int, samples: range) -> Tensor:
+    """(len(samples), *grad.shape): entry j is ``grad`` with every sample but ``samples[j]``
+    (along ``dim``) zeroed."""
     shape = [1] * grad.dim()
-    shape[dim] = batch
-    eye = torch.eye(batch, dtype=grad.dtype, device=grad.device)
-    return grad.unsqueeze(0) * eye.reshape(batch, *shape)
+    shape[dim] = grad.shape[dim]
+    rows = torch.eye(grad.shape[dim], dtype=grad.dtype, device=grad.device)[samples.start : samples.stop]
+    return grad.unsqueeze(0) * rows.reshape(len(samples), *shape)
 
 
 def _graph_factor(grads: Tensor | None, param: Tensor, batch: int) -> PerSampleFactor:
