@@ -121,13 +121,16 @@ class GramCollector:
     base if they inherit its ``forward``. Any other module owning parameters gets the generic
     fallback ("fallback": per-sample VJPs of the module recomputed on its captured inputs, batch
     in dim 0 of the inputs and outputs whose leading size is B); it refuses, with an error, modules
-    that draw random numbers or couple samples. Units (:mod:`~lightning_tricks.gradients.gram.units`):
+    that couple samples. Modules that draw random numbers (dropout in training mode: in
+    MultiheadAttention, in Transformer layers, in any module the fallback serves) are measured
+    from the step's own graph, dropout masks included: one backward of the module's part of the
+    graph per sample, batched inside the step's backward (:func:`.fallback.graph_factors`; B
+    times that module's backward). Units (:mod:`~lightning_tricks.gradients.gram.units`):
     a module whose forward uses a child's weights functionally instead of calling the child
     (torchvision's Swin attention: ``F.linear(x, self.qkv.weight)``), or runs a parameterised
     child on its own attributes (tensors without a sample dimension, Swin v2's ``cpb_mlp`` on a
     position table), is measured whole, by the fallback's per-sample VJPs over its subtree.
-    Dropout in training mode is refused in MultiheadAttention (on its attention weights), between
-    RNN layers and in sequence-first Transformer layers (the error names the module, and
+    Dropout between RNN layers in training mode is refused (the error names the module, and
     ``unsupported="skip"`` leaves such modules out); unbatched inputs and ``PackedSequence`` too.
     Modules compiled with ``torch.compile`` (wrappers, ``module.compile()``, a compiled
     ``forward``) are refused at construction: a compiled graph runs without module hooks, and
