@@ -994,7 +994,7 @@ def test_a_user_policy_resumes_mid_stage_with_its_state_and_the_same_sizes(train
     trainer_for(
         [first, checkpoint], max_epochs=6, enable_checkpointing=True, default_root_dir=tmp_path / "a"
     ).fit(Recorder(), datamodule=Data(samples=32, batch_size=2))
-    path = next((tmp_path / "ckpt").glob(f"*step={ {'mid_epoch': 36, 'epoch_end': 40}[save]}.ckpt"))
+    path = next((tmp_path / "ckpt").glob(f"*step={ {'mid_epoch': 36, 'epoch_end': 40}[save] }.ckpt"))
 
     resumed_module, resumed_policy = Recorder(), CountingDoubleEvery(every=2, cap=8)
     resumed = BatchSizeScheduler(resumed_policy)
@@ -1038,3 +1038,49 @@ def test_ddp_a_user_policy_takes_rank_zeros_decision_on_every_rank(trainer_for, 
     assert records[0] == records[1]
     assert records[0]["seen"] == {(0, 4), (1, 8)}
     assert [r["size"] for r in records[0]["history"]] == [8, 16]
+
+
+class NoiseReader:
+    """A user's policy that reads the epoch's noise scale (and keeps the size)."""
+
+    reads_noise_scale = True
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:
+        self.seen.append(context.noise_scale)
+        return context.size or context.initial_size
+
+
+class CountedLoss(NoiseScaleProblem):
+    """compute_loss counts its calls (the scheduler's own estimate); training_step does not use it."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=True, samples=64, batch_size=8)
+        self.loss_calls = 0
+
+    def compute_loss(self, batch):
+        self.loss_calls += 1
+        return super().compute_loss(batch)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self.net(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("with_fisher", [True, False], ids=["fed-by-FisherSpectrum", "own-estimate"])
+def test_a_policy_reads_the_shared_noise_scale_without_an_extra_pass_when_fisher_feeds_it(
+    trainer_for, with_fisher
+):
+    """The scheduler imports no callback: FisherSpectrum feeds the run's estimate and the policy reads
+    the epoch's pooled value (no half-batch pass); without it the scheduler measures by itself."""
+    module, policy, fisher = CountedLoss(), NoiseReader(), FisherSpectrum()
+    scheduler = BatchSizeScheduler(policy, noise_every_n_steps=2)
+    trainer_for([fisher, scheduler] if with_fisher else [scheduler], max_epochs=2).fit(module)
+    assert math.isnan(policy.seen[0]) and all(math.isfinite(value) for value in policy.seen[1:])
+    assert len(policy.seen) == 3 and policy.seen[-1] == scheduler.noise_scale
+    if with_fisher:
+        assert module.loss_calls == 0 and scheduler.noise_scale == fisher.epoch_noise_scale
+    else:
+        assert module.loss_calls == 2 * 2 * 4, "2 epochs × 4 measured steps × 2 halves"
+    assert 8 < scheduler.noise_scale < 30, "B_noise = 16 (NoiseScaleProblem)"
