@@ -345,7 +345,7 @@ def policy_from_arguments(
         raise ValueError("`adaptive=True` grows the batch up to `max_size`; it needs `max_size`.")
     if gamma is not None and (max_size is None or adaptive):
         raise ValueError("`gamma` is the LR decay that the `max_size` policy replaces; it needs `max_size`.")
-    if policy is not None and not isinstance(policy, BatchSizePolicy):
+    if policy is not None and (isinstance(policy, type) or not isinstance(policy, BatchSizePolicy)):
         raise TypeError(
             f"`policy` must be None or have size_for(epoch, step, context) -> int; got {policy!r}."
         )

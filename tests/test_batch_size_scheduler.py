@@ -976,6 +976,8 @@ def test_a_ten_line_user_policy_drives_the_scheduler_once_per_epoch(trainer_for)
         BatchSizeScheduler(policy, sizes=[2])
     with pytest.raises(TypeError, match="`policy`.*size_for"):
         BatchSizeScheduler(policy=lambda epoch: 4)
+    with pytest.raises(TypeError, match="`policy`.*size_for"):
+        BatchSizeScheduler(DoubleEvery)  # the class, not a policy
 
 
 @pytest.mark.parametrize("save", ["mid_epoch", "epoch_end"])
