@@ -268,7 +268,7 @@ def predict(point: FisherPoint, beacon: Beacon, start: float, end: float) -> Fis
 
 
 @dataclass(frozen=True)
-class Decision:
+class BeaconDecision:
     """A batch-size decision and what it was based on (for logging)."""
 
     size: int
@@ -292,7 +292,7 @@ def decide_batch_size(
     stage_epochs: int = 1,
     lr: float | None = None,
     top_k: int = DEFAULT_TOP_K,
-) -> Decision:
+) -> BeaconDecision:
     """The batch size for epochs [epoch, epoch + stage_epochs): the candidate whose beacon would
     bring the run closest to the target region at the end of the stage.
 
@@ -334,7 +334,7 @@ def decide_batch_size(
         return size != current_size, abs(math.log(size / current_size)), size
 
     tied = [s for s, d in distances.items() if d <= best + 1e-9 * max(1.0, best)]
-    return Decision(min(tied, key=preference), region.center, predicted, distances)
+    return BeaconDecision(min(tied, key=preference), region.center, predicted, distances)
 
 
 def next_batch_size(

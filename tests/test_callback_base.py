@@ -276,3 +276,13 @@ def test_the_dashboard_leaves_the_trainers_callbacks_as_the_user_gave_them(
     before = list(trainer.callbacks)
     trainer.fit(tiny_module(samples=8))
     assert trainer.callbacks == before
+
+
+def test_a_knob_without_a_repr_of_its_own_is_stored_by_its_class_not_its_address():
+    """A user's policy object as a knob: the same setting reads the same after a resume."""
+    from lightning_tricks.callbacks._base import _plain
+
+    class Policy:
+        pass
+
+    assert _plain(Policy()) == _plain(Policy()) == f"{__name__}.{Policy.__qualname__}"
