@@ -174,9 +174,16 @@ def beacon_from_records(
 
 @dataclass(frozen=True)
 class Landscape:
-    """The beacons of a sweep (seed 004 Fig. 1d, Fig. 5), distinct names."""
+    """The beacons of a sweep (seed 004 Fig. 1d, Fig. 5), distinct names.
+
+    ``max_epochs`` and ``every_n_steps``, when known, are the beacons' common training length and
+    FisherSpectrum cadence (what :func:`beacon_from_records` was given): a run steered through the
+    landscape must share both (:class:`lightning_tricks.beacon_policy.BeaconGuidedPolicy` checks).
+    """
 
     beacons: tuple[Beacon, ...]
+    max_epochs: int | None = None
+    every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beacons", tuple(self.beacons))
@@ -185,6 +192,10 @@ class Landscape:
         names = [beacon.name for beacon in self.beacons]
         if len(set(names)) != len(names):
             raise ValueError(f"beacon names must be distinct; got {sorted(names)}.")
+        for name in ("max_epochs", "every_n_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be None or an int >= 1; got {value!r}.")
 
     def guide(self, batch_size: int, lr: float | None = None) -> Beacon | None:
         """The beacon run at ``batch_size`` (and ``lr``, when given), or ``None``.
