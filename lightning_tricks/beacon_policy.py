@@ -378,6 +378,6 @@ def _final_error(folder: Path, metric: str, higher_is_better: bool) -> float:
         _, values = scalar_series(load_scalars(folder), metric)
     except KeyError as missing:
         raise ValueError(
-            f"beacon run {str(folder)!r}: {missing.args[0]} (`metric` names the error's metric)."
+            f"beacon run {str(folder)!r}: {missing.args[0]} `metric` names the run's final score."
         ) from None
     return 1.0 - float(values[-1]) if higher_is_better else float(values[-1])
