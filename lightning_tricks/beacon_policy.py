@@ -66,6 +66,13 @@ class BeaconGuidedPolicy:
        beacon, trained over the stage, would bring the point nearest the centre of the ``top_k``
        lowest-error beacons at the stage's end in (ln C̄_K, ln L_K); ties keep the size.
 
+    C̄_K and L_K are running measures of the whole run, so the rule steers the run's cumulative
+    point, not its current size: a run that started below the best beacons' size has gathered too
+    much L_K and too little C̄_K, and may pass beyond that size to catch up (and one that started
+    above may dip below it); the distance to the region falls at every decision all the same.
+    Only the batch size is steered; the learning rate follows the run's own schedule, which should
+    be the beacons' (``lr_scaling="none"``: a scaled LR changes the L_K increments the beacons predict).
+
     The run must share the beacons' ``max_epochs``, learning-rate schedule and FisherSpectrum
     ``every_n_steps`` (L_K and K depend on them; ``max_epochs`` is checked at fit start), and must
     not accumulate gradients (FisherSpectrum refuses it): keep the sizes within one batch. Decisions
