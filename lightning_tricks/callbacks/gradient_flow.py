@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from .. import checks
 from ..gradients import gradient_flow as engine
-from ..gradients.gradient_flow import AlarmWindow, HistoryRow, OptimizerFlow
+from ..gradients.gradient_flow import AlarmWindow, FlowTracker, HistoryRow, OptimizerFlow
 from ..gradients.layer_stats import LayerFilter, LayerPatterns
 from ..outputs import GRADIENT_FLOW
 from ..plotting import plot_gradient_flow
@@ -32,15 +32,14 @@ class GradientFlowAlarm(RuntimeError):
 class GradientFlow(TrickCallback):
     r"""Per-layer mean |∂L/∂W| in depth order ("gradient flow"), with vanishing/exploding alarms.
 
-    Seed ``001_0184062a2e770d9a.txt`` (§2, Fig. 1–2) plots, per layer in depth order, the average
-    over training of the mean |∂L/∂W| over the layer's weights; values falling by orders of
-    magnitude towards the input are vanishing gradients.
+    Seed ``001_0184062a2e770d9a.txt`` (§2, Fig. 1–2) plots per layer, in depth order, the average
+    mean |∂L/∂W| over the layer's weights; falling by decades towards the input, it vanishes.
 
     **Measured** at every optimiser step on the final gradient (after accumulation, DDP all-reduce,
     AMP unscaling), **before clipping** (``after_clipping``: after the optimiser step). Per layer (a
     module owning parameters) ``mean_abs = Σ|g| / numel``, ``l2``, ``max_abs``, and ``global_norm``
-    over all the optimiser's parameters: a constant number of batched device ops per step whatever
-    the depth, one host transfer per logged step and epoch. Layers are in depth order
+    over all the optimiser's parameters, in a constant number of batched device ops per step, one
+    host transfer per logged step and epoch; layers in depth order
     (:class:`~lightning_tricks.gradients.gradient_flow.DepthOrder`).
 
     **Logged** at the training steps with ``step % n == 0`` (``n = log_every_n_steps``) to every
@@ -50,11 +49,10 @@ class GradientFlow(TrickCallback):
     ``log_per_layer``, ``grad_flow_mean_abs/<layer>``, ``grad_flow_l2/…``, ``grad_flow_max_abs/…``
     (several optimisers: :class:`~lightning_tricks.gradients.gradient_flow.FlowNames`).
 
-    **Per epoch** each layer's mean |g| averaged over the epoch (finite values) is a column of the
-    layer × epoch matrix (seed 001 Fig. 1a), appended to ``grad_flow.csv`` and :attr:`history`. The
-    figure ``grad_flow/figure`` (a log-scale heatmap of ≤ ``max_figure_columns`` epoch bins and
-    the last ``figure_lines`` epochs) goes to TensorBoard, W&B, MLflow and the run folder with
-    ``grad_flow.npy``, after 1, 2, 3, 4, 8, 16, … epochs and the last, within ``figure_time_share``.
+    **Per epoch** each layer's mean |g| over the epoch (finite values) is a column of the layer ×
+    epoch matrix (seed 001 Fig. 1a) in ``grad_flow.csv`` and :attr:`history`. The figure (a
+    log-scale heatmap of ≤ ``max_figure_columns`` epoch bins, the last ``figure_lines`` epochs) goes
+    to the loggers and run folder after 1, 2, 3, 4, 8, … epochs and the last, within ``figure_time_share``.
 
     **Alarms.** A layer *vanishes* when ``mean_abs < vanish_threshold`` or ``< vanish_ratio ·
     mean_abs[last layer]``, *explodes* when ``mean_abs > explode_threshold`` or is NaN/inf (not
@@ -81,9 +79,8 @@ class GradientFlow(TrickCallback):
         after_clipping: read the gradients after the optimiser step (after clipping).
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: an argument is out of range, ``vanish_threshold >= explode_threshold``, or (at
-            ``setup``) ``include``/``exclude`` select no layer of the module.
+        TypeError, ValueError: an argument of the wrong type or out of range (named in the message),
+            or (at ``setup``) ``include``/``exclude`` select no layer of the module.
         GradientFlowAlarm: with ``on_alarm="raise"``, when an alarm fires.
 
     Example::
@@ -133,7 +130,7 @@ class GradientFlow(TrickCallback):
 
     @property
     def flows(self) -> dict[int, engine.FlowHistory]:
-        """Per optimiser index, this fit's layer × epoch history (``.matrix``, ``.layer_names``, ``.epochs``)."""
+        """Per optimiser index, its layer × epoch history (``.matrix``, ``.layer_names``, ``.epochs``)."""
         return {flow.index: flow.history for flow in self._tracker}
 
     @property
@@ -157,9 +154,7 @@ class GradientFlow(TrickCallback):
     def reset_fit_state(self) -> None:
         thresholds = (self.vanish_threshold, self.vanish_ratio, self.explode_threshold)
         bounds = (self.max_figure_columns, self.figure_lines)
-        self._tracker = engine.FlowTracker(
-            self.namespace, self._filter, self.include_bias, thresholds, bounds
-        )
+        self._tracker = FlowTracker(self.namespace, self._filter, self.include_bias, thresholds, bounds)
         self._budget = engine.FigureBudget(self.figure_time_share)
         self._unknown_optimizer_warned = False
         self._remove_hooks()
@@ -251,8 +246,7 @@ class GradientFlow(TrickCallback):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, *_: Any
     ) -> None:
-        """Fold the optimiser's current ``.grad`` fields into its flow; log when the step is due
-        (also an optimiser step post-hook, whose other arguments it ignores)."""
+        """Fold the optimiser's ``.grad`` into its flow, log when due (also a step post-hook)."""
         index = self._optimizer_index(trainer, optimizer)
         if index is None:
             return
@@ -292,8 +286,7 @@ class GradientFlow(TrickCallback):
             self.write_table(HISTORY_FILE, engine.HISTORY_COLUMNS, rows, append=True)
 
     def _draw(self, trainer: pl.Trainer, flow: OptimizerFlow) -> None:
-        """The bounded figure (binned heatmap + last epochs) to every logger and the run folder at
-        the last step, and this fit's matrix to ``grad_flow.npy``; timed for the figure budget."""
+        """The bounded figure to every logger and the run folder, the matrix to ``grad_flow.npy``."""
         with self._budget.timing():
             flow.mark_drawn()
             if trainer.is_global_zero:
