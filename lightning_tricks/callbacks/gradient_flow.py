@@ -147,8 +147,7 @@ class GradientFlow(TrickCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            who = f"GradientFlow(include={self.include!r}, exclude={self.exclude!r}, include_bias={self.include_bias})"
-            self._tracker.check_selection(pl_module, who)
+            self._tracker.check_selection(pl_module, self.include, self.exclude)
 
     @override
     def reset_fit_state(self) -> None:
@@ -213,6 +212,7 @@ class GradientFlow(TrickCallback):
         self._remove_hooks()
         for flow in self._tracker:
             self._save_matrix(flow)
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -815,13 +815,15 @@ class FlowTracker:
         self._bounds = bounds
         self._pending: dict[int, dict[str, Any]] = {}
 
-    def check_selection(self, model: nn.Module, who: str) -> None:
-        """``ValueError`` naming ``who`` (the callback and its filter) when it keeps no layer of ``model``."""
+    def check_selection(self, model: nn.Module, include: Any, exclude: Any) -> None:
+        """``ValueError`` when the layer filter (made of ``include`` and ``exclude``) keeps no layer
+        of ``model``, listing its layers."""
         layers = find_layers(model, include_bias=self._include_bias)
         if not any(self._filter(layer) for layer in layers):
             names = ", ".join(layer.name for layer in layers[:20]) or "none"
             raise ValueError(
-                f"{who} selects no layer of {type(model).__name__}; its {len(layers)} layers are: {names}."
+                f"GradientFlow(include={include!r}, exclude={exclude!r}, include_bias={self._include_bias})"
+                f" selects no layer of {type(model).__name__}; its {len(layers)} layers are: {names}."
             )
 
     def flow(
