@@ -25,10 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
+import lightning_tricks.gradients.gradient_flow as flow_engine
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
 from lightning_tricks.gradients.gradient_flow import (
     AlarmRule,
     EpochBins,
+    FigureBudget,
     FlowHistory,
     RunningFlow,
     epoch_average,
@@ -415,6 +417,23 @@ def test_epoch_bins_equal_a_brute_force_binning(epochs, max_columns):
 def test_figure_schedule_is_logarithmic():
     drawn = [epoch + 1 for epoch in range(1000) if figure_due(epoch)]
     assert drawn == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def test_figure_budget_allows_a_figure_while_figures_took_at_most_their_share(monkeypatch):
+    """A fake clock: the budget compares the figures' seconds with ``share`` x the seconds since
+    the start (figures included)."""
+    clock = [100.0]
+    monkeypatch.setattr(flow_engine.time, "perf_counter", lambda: clock[0])
+    budget = FigureBudget(share=0.25)
+    clock[0] += 4.0  # 4 s of training, no figure yet
+    assert budget.allows()
+    with budget.timing():
+        clock[0] += 2.0  # a 2 s figure: 2 of 6 s is 33 %
+    assert budget.spent == 2.0 and not budget.allows()
+    clock[0] += 2.0  # 2 of 8 s is 25 %
+    assert budget.allows()
+    budget.restart()
+    assert budget.spent == 0.0 and budget.allows()
 
 
 def gradient_sequence(steps: int, layers: int = 4, seed: int = 0) -> list[list[Tensor | None]]:

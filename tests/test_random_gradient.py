@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME, RandomGradient
-from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, RandomWeightStream
+from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, BackwardScaling, RandomWeightStream
 
 IN_FEATURES, OUT_FEATURES = 6, 3
 
@@ -216,6 +216,53 @@ def test_stream_drawn_in_blocks_equals_one_draw_at_a_time_and_saves_that_generat
             peek = torch.Generator()
             peek.set_state(reference.get_state())
             assert resumed.next() == torch.rand((), dtype=torch.float64, generator=peek).item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(low=2.0, high=1.0), ValueError, "low <= high"),
+        (dict(schedule="cyclical", period=1), ValueError, "period"),
+        (dict(seed=None), TypeError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+    ],
+)
+def test_stream_rejects_bad_arguments_naming_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RandomWeightStream(**kwargs)
+
+
+def test_backward_scaling_equals_loss_times_r_or_scales_only_the_selected_parameters():
+    """Without Lightning: a backward between ``begin`` and ``end`` gives the gradients of
+    ``(loss * r).backward()`` bit for bit; with optimiser 0 selected and a backward reaching both
+    optimisers' parameters, only optimiser 0's gradients are multiplied by r (up to rounding)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+    parameters = [*first.parameters(), *second.parameters()]
+    optimizers = [torch.optim.SGD(first.parameters(), lr=0.1), torch.optim.SGD(second.parameters(), lr=0.1)]
+    x, r = torch.randn(5, 3, dtype=torch.float64), 0.37
+
+    def gradients(scaling: BackwardScaling | None = None, times: float = 1.0) -> list[torch.Tensor]:
+        for p in parameters:
+            p.grad = None
+        loss = second(torch.tanh(first(x))).square().mean()
+        if scaling is not None:
+            scaling.begin(loss, r)
+        (loss * times).backward()
+        if scaling is not None:
+            scaling.end()
+        return [p.grad.clone() for p in parameters]
+
+    scaling = BackwardScaling()
+    assert all(map(torch.equal, gradients(scaling), gradients(times=r)))
+    plain = gradients()
+    assert scaling.select(optimizers, [0]) == 0
+    selected = gradients(scaling)
+    for got, want, scaled in zip(selected, plain, [True, True, False, False], strict=True):
+        torch.testing.assert_close(got, want * r if scaled else want, rtol=1e-15, atol=0.0)
+    assert all(map(torch.equal, gradients(), plain)), "no scaling outside begin/end"
+    scaling.remove()
+    assert all(map(torch.equal, gradients(scaling), gradients(times=r))), "hooks removed: at the loss again"
 
 
 def test_a_step_costs_one_aten_op_the_scaling_of_the_loss_gradient(trainer_for, tiny_module):

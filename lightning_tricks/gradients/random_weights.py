@@ -245,11 +245,11 @@ class BackwardScaling:
             self._loss_hook = None
 
     def remove(self) -> None:
-        """Remove every hook."""
+        """Remove every hook and the selection (every parameter is scaled again)."""
         self.end()
         for handle in self._parameter_hooks:
             handle.remove()
-        self._parameter_hooks = []
+        self._parameter_hooks, self._unselected_ids = [], frozenset()
 
     def _scale_selected(self, grad: Tensor) -> Tensor | None:
         """Per-parameter hook: ``grad * r`` inside a training backward, unchanged elsewhere."""
