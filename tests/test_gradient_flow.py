@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
-import lightning_tricks.gradients.gradient_flow as flow_engine
+import lightning_tricks.gradients.flow_tracking as flow_tracking
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
+from lightning_tricks.gradients.flow_tracking import FigureBudget
 from lightning_tricks.gradients.gradient_flow import (
     AlarmRule,
     EpochBins,
-    FigureBudget,
     FlowHistory,
     RunningFlow,
     epoch_average,
@@ -423,7 +423,7 @@ def test_figure_budget_allows_a_figure_while_figures_took_at_most_their_share(mo
     """A fake clock: the budget compares the figures' seconds with ``share`` x the seconds since
     the start (figures included)."""
     clock = [100.0]
-    monkeypatch.setattr(flow_engine.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(flow_tracking.time, "perf_counter", lambda: clock[0])
     budget = FigureBudget(share=0.25)
     clock[0] += 4.0  # 4 s of training, no figure yet
     assert budget.allows()

@@ -1,5 +1,5 @@
-"""GradientFlow (seed ``001_0184062a2e770d9a.txt`` §2): the Lightning adapter over the engines
-:mod:`~lightning_tricks.gradients.layer_stats` and :mod:`~lightning_tricks.gradients.gradient_flow`."""
+"""GradientFlow (seed ``001_0184062a2e770d9a.txt`` §2): the Lightning adapter over the pure-torch engines
+``lightning_tricks.gradients.layer_stats``, ``.gradient_flow`` (formulas) and ``.flow_tracking`` (state)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from .. import checks
 from ..gradients import gradient_flow as engine
-from ..gradients.gradient_flow import AlarmWindow, FlowTracker, HistoryRow, OptimizerFlow
+from ..gradients.flow_tracking import HISTORY_COLUMNS, FigureBudget, FlowTracker, HistoryRow, OptimizerFlow
 from ..gradients.layer_stats import LayerFilter, LayerPatterns
 from ..outputs import GRADIENT_FLOW
 from ..plotting import plot_gradient_flow
@@ -154,7 +154,7 @@ class GradientFlow(TrickCallback):
         thresholds = (self.vanish_threshold, self.vanish_ratio, self.explode_threshold)
         bounds = (self.max_figure_columns, self.figure_lines)
         self._tracker = FlowTracker(self.namespace, self._filter, self.include_bias, thresholds, bounds)
-        self._budget = engine.FigureBudget(self.figure_time_share)
+        self._budget = FigureBudget(self.figure_time_share)
         self._unknown_optimizer_warned = False
         self._remove_hooks()
 
@@ -270,7 +270,7 @@ class GradientFlow(TrickCallback):
             rank_zero_warn("GradientFlow: an optimiser not in `trainer.optimizers` stepped; not tracked.")
         return index
 
-    def _handle_alarms(self, trainer: pl.Trainer, flow: OptimizerFlow, window: AlarmWindow) -> None:
+    def _handle_alarms(self, trainer: pl.Trainer, flow: OptimizerFlow, window: engine.AlarmWindow) -> None:
         """Warn once per kind, raise or stop, for the layers flagged in ``window``."""
         stop = self.on_alarm == "stop"
         for _, message, first in flow.alarms(window):
@@ -283,7 +283,7 @@ class GradientFlow(TrickCallback):
 
     def _write_rows(self, rows: list[HistoryRow]) -> None:
         if rows:
-            self.write_table(HISTORY_FILE, engine.HISTORY_COLUMNS, rows, append=True)
+            self.write_table(HISTORY_FILE, HISTORY_COLUMNS, rows, append=True)
 
     def _draw(self, trainer: pl.Trainer, flow: OptimizerFlow) -> None:
         """The bounded figure to every logger and the run folder, the matrix to ``grad_flow.npy``."""
