@@ -89,10 +89,11 @@ def alarm_messages(window: AlarmWindow, names: Sequence[str], where: str = "") -
     for row, kind in enumerate(ALARM_KINDS):
         layers = [names[i] for i in np.flatnonzero(window.flags[row])]
         if layers:
-            shown = ", ".join(layers[:12]) + (f" and {len(layers) - 12} more" if len(layers) > 12 else "")
+            more = f" and {len(layers) - 12} more" if len(layers) > 12 else ""
+            where_when = f"{where} at step {window.first[row]}"
             yield (
                 kind,
-                f"GradientFlow: {kind} gradients{where} at step {window.first[row]} in layers: {shown}.",
+                f"GradientFlow: {kind} gradients{where_when} in layers: {', '.join(layers[:12])}{more}.",
             )
 
 
@@ -126,7 +127,7 @@ class OptimizerFlow:
     def update(self, step: int, epoch: int, due: bool) -> tuple[dict[str, np.ndarray], AlarmWindow] | None:
         """Fold the current gradients of training step ``step`` of ``epoch`` in
         (:meth:`RunningFlow.update`) and, when the step is ``due`` to be logged and was not read
-        yet (a second step of the optimiser within it), read it back (:meth:`read_step`)."""
+        yet (the optimiser may step twice in one training step), read it back (:meth:`read_step`)."""
         if not self.running.update(step):
             return None
         self.epoch = epoch
