@@ -40,14 +40,14 @@ class GradientFlow(TrickCallback):
     module owning parameters) ``mean_abs = Σ|g| / numel``, ``l2``, ``max_abs``, and ``global_norm``
     over all the optimiser's parameters, in a constant number of batched device ops per step, one
     host transfer per logged step and epoch; layers in depth order
-    (:class:`~lightning_tricks.gradients.gradient_flow.DepthOrder`).
+    (:class:`~lightning_tricks.gradients.flow_tracking.DepthOrder`).
 
     **Logged** at the training steps with ``step % n == 0`` (``n = log_every_n_steps``) to every
     logger and ``trainer.callback_metrics``: ``grad_flow/global_norm``, ``min_layer_mean``,
     ``max_layer_mean``, ``first_to_last_ratio`` and their ``log10_`` copies, the steps so far with
     an alarm (``vanishing_steps``, ``exploding_steps``, ``nonfinite_steps``) and, with
     ``log_per_layer``, ``grad_flow_mean_abs/<layer>``, ``grad_flow_l2/…``, ``grad_flow_max_abs/…``
-    (several optimisers: :class:`~lightning_tricks.gradients.gradient_flow.FlowNames`).
+    (several optimisers: :class:`~lightning_tricks.gradients.flow_tracking.FlowNames`).
 
     **Per epoch** each layer's mean |g| over the epoch (finite values) is a column of the layer ×
     epoch matrix (seed 001 Fig. 1a) in ``grad_flow.csv`` and :attr:`history`. The figure (a

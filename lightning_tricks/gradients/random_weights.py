@@ -280,11 +280,10 @@ def check_seed(seed: Any, allow_none: bool = False) -> int | None:
 
 
 def check_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
-    """None, or a non-empty sequence of distinct optimiser indices >= 0, as a tuple."""
-    indices = checks.sequence("optimizers", optimizers, allow_none=True, what="a list of optimiser indices")
-    if indices is None:
+    """None, or a non-empty list of distinct optimiser indices >= 0, as a tuple."""
+    if optimizers is None:
         return None
-    indices = tuple(checks.integer(f"optimizers[{i}]", index, minimum=0) for i, index in enumerate(indices))
-    if not indices or len(set(indices)) != len(indices):
-        raise ValueError(f"`optimizers` must be non-empty and without duplicates, got {optimizers!r}.")
+    indices = checks.integers("optimizers", optimizers, minimum=0)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"`optimizers` must be without duplicates, got {optimizers!r}.")
     return indices
