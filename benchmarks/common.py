@@ -356,3 +356,21 @@ def format_count_table(table: dict[str, dict[str, float]]) -> list[str]:
         texts = [f"{values[c]:,.0f}" if index == 0 else f"{values[c]:+,.0f}" for c in columns]
         lines.append(f"{row:<52}" + "".join(f"{text:>14}" for text in texts))
     return lines
+
+
+# -- flow --
+
+
+def quiet_fit_trainer(callbacks: list[Callback], root: str | None = None, **overrides) -> pl.Trainer:
+    """:func:`quiet_trainer`'s settings (one CPU device, no logger, checkpoint, progress bar or
+    summary) with any of them overridden, e.g. ``max_epochs=1000, logger=TensorBoardLogger(...)``
+    for a fit bounded by epochs that logs."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(default_root_dir=root, callbacks=callbacks, **{**settings, **overrides})

@@ -194,3 +194,44 @@ class ProbeCallback(TrickCallback):
 def probe_callback() -> type[ProbeCallback]:
     """The :class:`ProbeCallback` class (``probe_callback(label="a")`` makes one)."""
     return ProbeCallback
+
+
+# -- flow --
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` in :attr:`logged`; shows no figures
+    and has no folder unless given ``save_dir`` (then its run folder is ``save_dir/memory/version_0``)."""
+
+    def __init__(self, save_dir: Path | None = None) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self._save_dir = save_dir
+
+    @property
+    def save_dir(self) -> str | None:
+        return None if self._save_dir is None else str(self._save_dir)
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.fixture
+def memory_logger() -> type[MemoryLogger]:
+    """The :class:`MemoryLogger` class (``memory_logger(save_dir=None)`` makes one)."""
+    return MemoryLogger
