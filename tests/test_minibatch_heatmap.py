@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from lightning_tricks import MinibatchHeatmap
-from lightning_tricks.callbacks.minibatch_heatmap import phase_indices
+from lightning_tricks.heatmap import phase_indices
 from lightning_tricks.datamodules import ClassificationDataModule
 from lightning_tricks.gradients.minibatch_distance import (
     CountSketch,
@@ -243,8 +243,8 @@ def test_exact_mode_spills_beyond_the_budget_gives_the_same_matrix_and_removes_t
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if spilled._engine is not None:
-                seen.append(spilled._engine.spilled)
+            if spilled._epoch is not None:
+                seen.append(spilled._epoch.engine.spilled)
 
     fit(CNNModule(copy.deepcopy(net)), [in_memory], tmp_path / "a")
     fit(CNNModule(copy.deepcopy(net)), [spilled, Spy()], tmp_path / "b")
@@ -562,7 +562,7 @@ def test_metrics_score_the_images_before_normalisation(tmp_path, metric):
     )
     trainer.fit(RGBModule(), datamodule=datamodule)
     order = reference_order(datamodule.raw, metric)
-    assert heatmap._sampler.order.tolist() == order
+    assert heatmap._batches.sampler.order.tolist() == order
     primary = {
         "intensity": datamodule.raw.double().sum(dim=(1, 2, 3)),
         "color": torch.tensor([colorsys.rgb_to_hsv(*im.mean(dim=(1, 2)).tolist())[0] for im in datamodule.raw.double()]),
@@ -629,7 +629,7 @@ def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmente
             limit_train_batches=1, limit_val_batches=0,
         )
         trainer.fit(module, datamodule=datamodule)
-        return heatmap._sampler.order.tolist(), heatmap.batch_values, datamodule
+        return heatmap._batches.sampler.order.tolist(), heatmap.batch_values, datamodule
 
     order, values, datamodule = fit_order(1)
     stored = written.train_images[datamodule.train_indices]  # (N, H, W, C) uint8, in train_set order
