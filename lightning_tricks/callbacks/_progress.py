@@ -1,12 +1,12 @@
 """Progress of a callback's own long passes (scoring a dataset, a pass over every batch) in the
 Trainer's progress bar, by Lightning's conventions.
 
-With ``Trainer(enable_progress_bar=False)``, on processes other than rank 0 and under a disabled bar,
-nothing is shown. Under Lightning's :class:`~lightning.pytorch.callbacks.TQDMProgressBar` (the
+With ``Trainer(enable_progress_bar=False)``, on processes other than rank 0 and under a disabled
+bar, nothing is shown. Under Lightning's :class:`~lightning.pytorch.callbacks.TQDMProgressBar` (the
 default) a pass gets a bar made as the Trainer's validation bar is: one line below the main bar,
-stdout, the bar's format, removed when done (``leave=False``). Under
-:class:`~lightning.pytorch.callbacks.RichProgressBar` it is a task of its live display while one is
-shown. Another progress bar callback shows nothing of it.
+stdout, the bar's format, redrawn every ``refresh_rate`` units and at the end, removed when done
+(``leave=False``). Under :class:`~lightning.pytorch.callbacks.RichProgressBar` it is a task of its
+live display while one is shown. Another progress bar callback shows nothing of it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,34 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 class _Silent:
     def update(self, n: int = 1) -> None:
         pass
+
+
+class _TqdmPass:
+    """A bar made as :class:`TQDMProgressBar` makes its validation bar, redrawn at every
+    ``refresh_rate``-th unit and at the last, as its own bars are."""
+
+    def __init__(self, bar: TQDMProgressBar, description: str, total: int) -> None:
+        self.refresh_rate = bar.refresh_rate
+        self.display = Tqdm(
+            desc=description,
+            total=total,
+            position=2 * bar.process_position + 1,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            bar_format=bar.BAR_FORMAT,
+        )
+
+    def update(self, n: int = 1) -> None:
+        before, self.display.n = self.display.n, self.display.n + n
+        if (
+            self.display.n // self.refresh_rate > before // self.refresh_rate
+            or self.display.n == self.display.total
+        ):
+            self.display.refresh()
+
+    def close(self) -> None:
+        self.display.close()
 
 
 class _RichTask:
@@ -44,15 +72,7 @@ def pass_progress(trainer: pl.Trainer, total: int, description: str, enabled: bo
     bar = trainer.progress_bar_callback
     shown = enabled and trainer.is_global_zero and bar is not None and bar.is_enabled
     if shown and isinstance(bar, TQDMProgressBar):
-        display = Tqdm(
-            desc=description,
-            total=total,
-            position=2 * bar.process_position + 1,
-            leave=False,
-            dynamic_ncols=True,
-            file=sys.stdout,
-            bar_format=bar.BAR_FORMAT,
-        )
+        display = _TqdmPass(bar, description, total)
     elif shown and isinstance(bar, RichProgressBar) and bar.progress is not None:
         display = _RichTask(bar.progress, description, total)
     else:
