@@ -34,9 +34,7 @@ from lightning_tricks.samplers import MetricSortedBatchSampler
 SAMPLES, BATCH = 36, 8  # 5 batches a epoch, the last one of 4 samples
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_data(samples: int = SAMPLES) -> TensorDataset:

@@ -5,8 +5,7 @@ With ``Trainer(enable_progress_bar=False)``, on processes other than rank 0 and 
 bar, nothing is shown. Under Lightning's :class:`~lightning.pytorch.callbacks.TQDMProgressBar` (the
 default) a pass gets a bar made as the Trainer's validation bar is: one line below the main bar,
 stdout, the bar's format, redrawn every ``refresh_rate`` units and at the end, removed when done
-(``leave=False``). Under :class:`~lightning.pytorch.callbacks.RichProgressBar` it is a task of its
-live display while one is shown. Another progress bar callback shows nothing of it.
+(``leave=False``). Other progress bar callbacks (e.g. ``RichProgressBar``) show nothing of it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
@@ -54,30 +53,16 @@ class _TqdmPass:
         self.display.close()
 
 
-class _RichTask:
-    def __init__(self, progress: Any, description: str, total: int) -> None:
-        self.progress, self.task = progress, progress.add_task(description, total=total)
-
-    def update(self, n: int = 1) -> None:
-        self.progress.update(self.task, advance=n)
-
-    def close(self) -> None:
-        self.progress.remove_task(self.task)
-
-
 @contextmanager
 def pass_progress(trainer: pl.Trainer, total: int, description: str, enabled: bool = True) -> Iterator[Any]:
     """A bar of ``total`` units (``bar.update(n)`` after each ``n``) titled ``description``, shown
     as the module docstring says; ``enabled=False`` shows nothing."""
     bar = trainer.progress_bar_callback
     shown = enabled and trainer.is_global_zero and bar is not None and bar.is_enabled
-    if shown and isinstance(bar, TQDMProgressBar):
-        display = _TqdmPass(bar, description, total)
-    elif shown and isinstance(bar, RichProgressBar) and bar.progress is not None:
-        display = _RichTask(bar.progress, description, total)
-    else:
+    if not (shown and isinstance(bar, TQDMProgressBar)):
         yield _Silent()
         return
+    display = _TqdmPass(bar, description, total)
     try:
         yield display
     finally:
