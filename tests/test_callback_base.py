@@ -254,3 +254,25 @@ def test_knobs_are_declared_once_by_the_signature(callback_class):
         assert overridden not in vars(callback_class), (
             f"{callback_class.__name__} writes {overridden}() by hand"
         )
+
+
+@pytest.mark.parametrize(
+    "callback_class", [FisherSpectrum, GradientFlow, MinibatchHeatmap, RandomGradient, BatchSizeScheduler]
+)
+def test_overridden_fit_end_and_exception_hooks_reach_the_base(callback_class):
+    """The base closes TensorBoard's HParams session in ``on_fit_end``/``on_exception``: a callback
+    that overrides either calls ``super()``, or the session would stay open when it is the last."""
+    for hook in ("on_fit_end", "on_exception"):
+        if hook in vars(callback_class):
+            assert f"super().{hook}(" in inspect.getsource(vars(callback_class)[hook]), (callback_class, hook)
+
+
+def test_the_dashboard_leaves_the_trainers_callbacks_as_the_user_gave_them(
+    trainer_for, tiny_module, tmp_path
+):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    trainer = trainer_for([RandomGradient(seed=0)], logger=TensorBoardLogger(tmp_path))
+    before = list(trainer.callbacks)
+    trainer.fit(tiny_module(samples=8))
+    assert trainer.callbacks == before

@@ -52,7 +52,7 @@ from typing_extensions import override
 
 from .. import checks
 from ..outputs import RUN_FILE, read_run_file
-from ._dashboard import send_metrics, write_dashboard
+from ._dashboard import finish_sessions, send_metrics, write_dashboard
 
 NO_LOGGER_FOLDER = "lightning_tricks_logs"
 
@@ -259,6 +259,21 @@ class TrickCallback(Callback):
         tricks = [callback for callback in trainer.callbacks if isinstance(callback, TrickCallback)]
         write_dashboard(trainer, tricks, self._run_dir)
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The last of the run's ``TrickCallback`` instances closes TensorBoard's HParams session,
+        after every one of them logged its final values (subclasses call ``super().on_fit_end``)."""
+        if self is _last_trick(trainer):
+            finish_sessions(trainer, succeeded=True)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Mark the HParams session failed (subclasses call ``super().on_exception``)."""
+        if self is _last_trick(trainer):
+            finish_sessions(trainer, succeeded=False)
+
     @property
     def run_dir(self) -> str | None:
         """The run folder files go to (set at ``setup("fit")``)."""
@@ -367,6 +382,11 @@ class TrickCallback(Callback):
         record["callbacks"][self.namespace] = entry
         with open(path, "w") as handle:
             json.dump(record, handle, indent=2)
+
+
+def _last_trick(trainer: pl.Trainer) -> TrickCallback | None:
+    """The run's last ``TrickCallback`` in hook order (Lightning calls callbacks in list order)."""
+    return next((c for c in reversed(trainer.callbacks) if isinstance(c, TrickCallback)), None)
 
 
 def _truncate_table(path: str, start: Any) -> None:

@@ -406,6 +406,7 @@ class BatchSizeScheduler(TrickCallback):
             self.log_figure(
                 trainer, f"{self.namespace}/schedule", figure, max(self.training_step(trainer) - 1, 0)
             )
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def get_state(self) -> dict[str, Any]:

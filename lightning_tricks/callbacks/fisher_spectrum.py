@@ -262,6 +262,7 @@ class FisherSpectrum(TrickCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

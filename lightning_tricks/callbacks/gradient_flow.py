@@ -404,6 +404,7 @@ class GradientFlow(TrickCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def on_exception(
@@ -412,6 +413,7 @@ class GradientFlow(TrickCallback):
         self._remove_hooks()
         for index, tracked in self._tracked.items():
             self._save_matrix(trainer, index, tracked)
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -230,6 +230,7 @@ class RandomGradient(TrickCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._append_history()
         self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def on_exception(
@@ -237,6 +238,7 @@ class RandomGradient(TrickCallback):
     ) -> None:
         self._append_history()
         self._remove_hooks()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
