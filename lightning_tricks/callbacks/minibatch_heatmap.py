@@ -29,15 +29,13 @@ class MinibatchHeatmap(TrickCallback):
     ``002_696f8026b30a9c31.txt`` §3, Algorithm 1; in full, batches to DDP: :mod:`lightning_tricks.heatmap`).
 
     The training set is scored once by an image ``metric`` (the images as stored), sorted and cut
-    into the same mini-batches every epoch, installed in the training loader. At the start of every
-    ``every_n_epochs``-th epoch e the weights θ_e are copied; after each batch k, ∇_k at θ_e is taken
-    with one extra forward/backward (training stays bit for bit as it was). At the epoch end
-    D_{e,k} = ‖∇_k − ∇_e‖ (or 1 − cos), ∇_e = Σ_k m_k ∇_k / Σ_k m_k (eq. 3): a row of :attr:`matrix`
-    (``heatmap_matrix.npy``/``.csv``, ``heatmap.csv``), a figure per learning-rate phase, scalars
-    ``heatmap/distance_mean`` … ``full_gradient_norm``. Further heatmaps on one Trainer measure their
-    own batches after the epoch (``heatmap_<metric>[_descending]_<distance>``); that pass and the
-    scoring show in the Trainer's progress bar (none if ``enable_progress_bar=False``). Resume and DDP
-    are exact.
+    into the same mini-batches every epoch. At the start of every ``every_n_epochs``-th epoch e the
+    weights θ_e are copied; after each batch k, ∇_k at θ_e is taken with one extra forward/backward
+    (training stays bit for bit as it was). At the epoch end D_{e,k} = ‖∇_k − ∇_e‖ (or 1 − cos),
+    ∇_e = Σ_k m_k ∇_k / Σ_k m_k (eq. 3): a row of :attr:`matrix` (``heatmap_matrix.npy``), a figure
+    per learning-rate phase, scalars ``heatmap/distance_mean`` … Further heatmaps on one Trainer
+    measure their own batches after the epoch; that pass and the scoring show in the Trainer's
+    progress bar (none if ``enable_progress_bar=False``). Resume and DDP are exact.
 
     Args:
         metric: ``"intensity"``, ``"color"``, ``"edges"``, ``"perceptual"`` or a callable ``images
