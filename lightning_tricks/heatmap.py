@@ -91,7 +91,8 @@ def same_lr(a: float, b: float) -> bool:
 
 def epoch_learning_rates(step_lrs: Sequence[float]) -> tuple[float, float, float]:
     """``(lr, first, last)`` of an epoch from the LRs its optimiser steps used, in order: the value
-    most steps used (ties: the one used last), the first step's and the last step's."""
+    most steps used (ties: the one used last; the LR by which seed ``002_696f8026b30a9c31.txt`` §3.1
+    groups epochs into phases), the first step's and the last step's."""
     values = [float(lr) for lr in step_lrs]
     counts = {value: values.count(value) for value in values}
     last_use = {value: index for index, value in enumerate(values)}

@@ -26,7 +26,7 @@ from lightning_tricks.gradients.minibatch_distance import (
     MinibatchDistances,
     sketch_failure_probability,
 )
-from lightning_tricks.heatmap import epoch_learning_rates, phase_indices
+from lightning_tricks.heatmap import epoch_learning_rates, heatmap_file, heatmap_namespace, phase_indices
 from lightning_tricks.image_metrics import color, edges, intensity, metric_order
 from lightning_tricks.results import load_minibatch_heatmap
 from lightning_tricks.samplers import MetricSortedBatchSampler
@@ -827,3 +827,11 @@ def test_checkpoint_states_of_earlier_releases_load():
 )
 def test_an_epochs_learning_rate_is_the_one_most_steps_used_ties_to_the_later(step_lrs, expected):
     assert epoch_learning_rates(step_lrs) == expected
+
+
+def test_further_heatmaps_are_named_by_metric_order_and_distance():
+    assert heatmap_namespace("edges", False, "l2") == "heatmap_edges_l2"
+    assert heatmap_namespace("my metric/v2", True, "cosine") == "heatmap_my_metric_v2_descending_cosine"
+    assert heatmap_file("matrix", "heatmap_edges_l2") == "heatmap_edges_l2_matrix"
+    assert heatmap_file("history", "heatmap") == "heatmap.csv"
+    assert heatmap_file("spill", "heatmap_color_l2") == "heatmap_color_l2_gradients.tmp.npy"

@@ -61,11 +61,8 @@ class FixedBatches:
         metric_transform: Any,
     ) -> None:
         self.metric, self.descending, self.image_key = metric, descending, image_key
-        self.score_batch_size, self.progress, self.metric_transform = (
-            score_batch_size,
-            progress,
-            metric_transform,
-        )
+        self.score_batch_size, self.progress = score_batch_size, progress
+        self.metric_transform = metric_transform
         self.sampler: MetricSortedBatchSampler | None = None
         self.loader: DataLoader | None = None  # the training loader the batches are cut from
         self._source: tuple[Any, int, bool] | None = None  # (dataset, batch size, drop_last) scored
@@ -82,23 +79,42 @@ class FixedBatches:
     def _fix(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool
     ) -> MetricSortedBatchSampler:
-        fit_loop = trainer.fit_loop
-        combined = fit_loop._combined_loader
+        combined = trainer.fit_loop._combined_loader
         if len(combined.flattened) != 1:
             raise ValueError(
                 f"MinibatchHeatmap needs a single training loader to fix its batches; got {len(combined.flattened)}."
             )
         self.loader = loader = combined.flattened[0]
         if not leader:
-            batch_sampler = getattr(loader, "batch_sampler", None)
-            source = (getattr(loader, "dataset", None), *_batching(batch_sampler))
-            if self._source is None or source[0] is not self._source[0] or source[1:] != self._source[1:]:
-                self.sampler, self._source = self._sorted_sampler(trainer, pl_module, loader, leader), source
-            return self.sampler
+            return self._own_batches(trainer, pl_module, loader)
         if isinstance(getattr(loader, "batch_sampler", None), MetricSortedBatchSampler):
             self.sampler = loader.batch_sampler
             return self.sampler
         self.sampler = sampler = self._sorted_sampler(trainer, pl_module, loader, leader)
+        self._install(trainer, pl_module, loader, sampler)
+        return sampler
+
+    def _own_batches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
+    ) -> MetricSortedBatchSampler:
+        """A further heatmap's batches: the loader's data in this metric's order (scored again only
+        for another dataset, batch size or ``drop_last``)."""
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        source = (getattr(loader, "dataset", None), *_batching(batch_sampler))
+        if self._source is None or source[0] is not self._source[0] or source[1:] != self._source[1:]:
+            self.sampler, self._source = self._sorted_sampler(trainer, pl_module, loader, False), source
+        return self.sampler
+
+    def _install(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: Any,
+        sampler: MetricSortedBatchSampler,
+    ) -> None:
+        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts."""
+        fit_loop = trainer.fit_loop
+        combined = fit_loop._combined_loader
         combined.flattened = [sorted_loader(loader, sampler)]
         num_batches = limited_batches(len(sampler), trainer.limit_train_batches)
         combined.limits = [num_batches]
@@ -108,7 +124,6 @@ class FixedBatches:
         fit_loop._data_fetcher.setup(combined)
         with torch.random.fork_rng(devices=rng_devices(pl_module)):  # as the replaced loader's iterator drew
             iter(fit_loop._data_fetcher)
-        return sampler
 
     def measured(self, trainer: pl.Trainer, leader: bool) -> tuple[int, list[int]]:
         """How many batches an epoch measures (the fit loop's for the leader, whose batches are
