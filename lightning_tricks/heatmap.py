@@ -77,6 +77,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from . import checks
 from .outputs import MINIBATCH_HEATMAP
 from .plotting import plot_minibatch_heatmap
 
@@ -125,11 +126,8 @@ def checked_phases(phases: Any) -> str | tuple[int, ...] | None:
     """The ``phases`` argument: ``"lr"``, ``None`` or the sorted epochs where phases start."""
     if phases is None or phases == "lr":
         return phases
-    if isinstance(phases, str) or not isinstance(phases, Sequence):
-        raise TypeError(f"`phases` must be {PHASES_EXPECTED}; got {phases!r} ({type(phases).__name__}).")
-    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in phases):
-        raise ValueError(f"`phases` must be {PHASES_EXPECTED}; got {phases!r}.")
-    return tuple(sorted(phases))
+    epochs = checks.sequence("phases", phases, what=PHASES_EXPECTED)
+    return tuple(sorted(checks.integer(f"phases[{i}]", epoch, minimum=0) for i, epoch in enumerate(epochs)))
 
 
 def heatmap_namespace(metric: str, descending: bool, distance: str) -> str:
