@@ -897,3 +897,28 @@ def test_schedule_figure_leaves_missing_epochs_as_gaps_and_refuses_mismatched_da
     assert np.isnan(x[4]) and list(x[5:]) == [3, 4]
     with pytest.raises(ValueError, match="one length"):
         plot_batch_size_schedule([0, 1], [2], [0.1, 0.1])
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_the_own_estimate(trainer_for, tmp_path):
+    """Checkpoints written before the policy protocol kept the own estimate's sums as ``noise_sums``
+    (Σ tr Σ, Σ |G|², count) and no ``decided_epoch``: they resume to the same epoch noise scale."""
+
+    def fit(callbacks, ckpt_path=None):
+        scheduler = BatchSizeScheduler.noise_adaptive(max_size=128, noise_every_n_steps=1)
+        trainer_for([scheduler, *callbacks], enable_checkpointing=True).fit(
+            RepeatedBatchProblem(), ckpt_path=ckpt_path
+        )
+        return scheduler.noise_scale
+
+    full = fit([])
+    fit([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)])
+    path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("BatchSizeScheduler")]
+    state = checkpoint["callbacks"][key]
+    (parts,) = state.pop("noise_parts")
+    del state["decided_epoch"]
+    state.update(noise_sums=[parts["trace_sigma"], parts["grad_sq_norm"], 2.0], noise_epoch=parts["epoch"])
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    resumed = fit([], ckpt_path=str(tmp_path / "earlier.ckpt"))
+    assert math.isfinite(full) and resumed == pytest.approx(full, rel=1e-9)
