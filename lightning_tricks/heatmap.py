@@ -82,6 +82,7 @@ from .outputs import MINIBATCH_HEATMAP
 from .plotting import plot_minibatch_heatmap
 
 HISTORY_COLUMNS = ("epoch", "lr", "lr_first", "lr_last", "phase", "batch", "metric", "distance")
+"""The fields of a history record and the columns of ``heatmap.csv``."""
 PHASES_EXPECTED = "'lr', None or a list of epochs (ints >= 0) where phases start"
 
 
@@ -285,6 +286,8 @@ class HeatmapTable:
         return figure
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint state: ``rows``, ``epochs``, ``lrs``, ``batch_values``, ``fingerprint``
+        (MinibatchHeatmap's state, in the format its earlier releases wrote)."""
         return {
             "rows": [list(row) for row in self.rows],
             "epochs": list(self.epochs),
