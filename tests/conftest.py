@@ -1,7 +1,7 @@
 """Shared fixtures: one thread for torch, quiet CPU trainers, tiny modules and every logger we support.
 
 Fixtures rather than importable helpers: with ``--import-mode=importlib`` test files cannot import
-``conftest``.
+``conftest``; what they import (references, ``assert_identical``, ``LOGGER_KINDS``) is in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LOGGER_KINDS
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 from torch import nn
@@ -21,9 +22,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_tricks.callbacks._base import TrickCallback
-
-LOGGER_KINDS = ("tensorboard", "csv", "wandb", "mlflow", "none")
-"""Every logger the callbacks support; ``"none"`` is ``logger=False``."""
 
 
 @pytest.fixture
