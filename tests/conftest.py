@@ -192,3 +192,46 @@ class ProbeCallback(TrickCallback):
 def probe_callback() -> type[ProbeCallback]:
     """The :class:`ProbeCallback` class (``probe_callback(label="a")`` makes one)."""
     return ProbeCallback
+
+
+# -- fixtures --
+
+
+class DigitsSoftmax(pl.LightningModule):
+    """Softmax regression on 8×8 digits (``DigitsDataModule(image_size=8)``), SGD with momentum:
+    seeded weights, no randomness after construction. Records each training batch's labels
+    (:attr:`batches`) and ``(epoch, batch_idx)`` (:attr:`positions`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.layer = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.randn(10, 64, generator=generator) * 0.01)
+            self.layer.bias.zero_()
+        self.batches: list[torch.Tensor] = []
+        self.positions: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.batches.append(labels.clone())
+        self.positions.append((self.current_epoch, batch_idx))
+        return F.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ValidatedDigitsSoftmax(DigitsSoftmax):
+    """:class:`DigitsSoftmax` with a validation loop that logs ``val_loss``."""
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self.layer(images.flatten(1)), labels))
+
+
+@pytest.fixture
+def digits_module() -> Callable[..., DigitsSoftmax]:
+    """``digits_module(validate=False)``: a fresh :class:`DigitsSoftmax`, with a validation step
+    logging ``val_loss`` when ``validate``."""
+    return lambda validate=False: ValidatedDigitsSoftmax() if validate else DigitsSoftmax()

@@ -122,3 +122,16 @@ def cli_fit(config: Path | str, settings: dict[str, Any] | None = None) -> list[
     for key, value in {"trainer.enable_progress_bar": False, **(settings or {})}.items():
         arguments += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return arguments
+
+
+class LearningRates(pl.Callback):
+    """The first optimiser's learning rate at the start of every training batch (:attr:`lrs`), with
+    the epoch it fell in (:attr:`epochs`)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.append(trainer.current_epoch)
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])

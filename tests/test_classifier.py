@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import cli_fit
+from helpers import LearningRates, cli_fit
 
 from lightning_tricks.cli import main
 from lightning_tricks.models import ImageClassifier
@@ -46,15 +46,10 @@ def test_learning_rate_follows_training_progress(trainer_for):
     from lightning_tricks.datamodules import DigitsDataModule
 
     model = ImageClassifier("mlp", 10, 1, net_kwargs={"image_size": 8}, lr=0.1, schedule="multistep")
-    seen: list[tuple[int, float]] = []
-
-    class RecordLR(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
-
+    recorder = LearningRates()
     data = DigitsDataModule(image_size=8, batch_size=512)
-    trainer_for([RecordLR()], max_epochs=4, limit_val_batches=0).fit(model, datamodule=data)
-    last_lr_of_epoch = {epoch: lr for epoch, lr in seen}
+    trainer_for([recorder], max_epochs=4, limit_val_batches=0).fit(model, datamodule=data)
+    last_lr_of_epoch = dict(zip(recorder.epochs, recorder.lrs))
     assert last_lr_of_epoch[1] == pytest.approx(0.1)
     assert last_lr_of_epoch[2] == pytest.approx(0.01)
     assert last_lr_of_epoch[3] == pytest.approx(0.001)
