@@ -84,23 +84,26 @@ def random_image_loader(steps: int, batch_size: int, size: int = 32) -> DataLoad
     )
 
 
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+"""Trainer arguments of a quiet one-device CPU run: no logger, checkpoint, progress bar, summary or
+sanity check (the tests' ``trainer_for`` starts from them too)."""
+
+
 def quiet_trainer(
     steps: int, callbacks: list[Callback], root: str | None = None, accelerator: str = "cpu", **options
 ) -> pl.Trainer:
-    """A one-device trainer for ``steps`` steps with no logger, checkpoint, progress bar or summary
-    (``options``: more Trainer arguments, e.g. ``precision``)."""
-    return pl.Trainer(
-        default_root_dir=root,
-        accelerator=accelerator,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **options,
-    )
+    """A :data:`QUIET_TRAINER` for ``steps`` steps on ``accelerator`` (``options``: more Trainer
+    arguments, or other values of its own, e.g. ``precision``)."""
+    settings = {**QUIET_TRAINER, "accelerator": accelerator, "max_steps": steps, **options}
+    return pl.Trainer(default_root_dir=root, callbacks=callbacks, **settings)
 
 
 def silence_lightning() -> None:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from common import QUIET_TRAINER
 from helpers import LOGGER_KINDS
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
@@ -33,25 +34,14 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-QUIET_TRAINER = dict(
-    accelerator="cpu",
-    devices=1,
-    max_epochs=1,
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-    num_sanity_val_steps=0,
-)
-
-
 @pytest.fixture
 def trainer_for(tmp_path: Path) -> Callable[..., pl.Trainer]:
     """``trainer_for(callbacks, **overrides)``: a quiet one-epoch CPU trainer rooted in ``tmp_path``
-    (no logger, progress bar, summary, checkpointing or sanity check unless overridden)."""
+    (``benchmarks/common.py``'s ``QUIET_TRAINER``: no logger, progress bar, summary, checkpointing or
+    sanity check unless overridden)."""
 
     def make(callbacks: list | None = None, **overrides: Any) -> pl.Trainer:
-        options = {**QUIET_TRAINER, "default_root_dir": tmp_path, **overrides}
+        options = {**QUIET_TRAINER, "max_epochs": 1, "default_root_dir": tmp_path, **overrides}
         return pl.Trainer(callbacks=list(callbacks or []), **options)
 
     return make

@@ -294,10 +294,26 @@ def table_callbacks() -> list:
     return [FisherSpectrum(every_n_steps=1), RandomGradient(seed=4), GradientFlow()]
 
 
+class DigitsMLP(L.LightningModule):
+    """64 → 16 → tanh → 10 on 8×8 digits, plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.net(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 @pytest.fixture
-def fit_with_logger(trainer_for, digits_module) -> Callable[..., Path]:
+def fit_with_logger(trainer_for) -> Callable[..., Path]:
     """``fit_with_logger(save_dir, version, callbacks, max_steps, ckpt_path=None)``: ``max_steps``
-    steps of ``digits_module`` on digits (1,438 images in batches of 200: 8 steps an epoch), logged
+    steps of :class:`DigitsMLP` on digits (1,438 images in batches of 200: 8 steps an epoch), logged
     by a CSVLogger into ``save_dir/run/version_<version>``, checkpointing as Lightning does by
     default; the project's datamodule resumes exactly, mid-epoch too. Returns the run folder."""
     from lightning.pytorch.loggers import CSVLogger
@@ -310,7 +326,7 @@ def fit_with_logger(trainer_for, digits_module) -> Callable[..., Path]:
         steps = dict(max_steps=max_steps, max_epochs=-1)
         trainer = trainer_for(callbacks, logger=logger, enable_checkpointing=True, **steps)
         datamodule = DigitsDataModule(image_size=8, batch_size=200, val_size=0)
-        trainer.fit(digits_module(), datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(DigitsMLP(), datamodule=datamodule, ckpt_path=ckpt_path)
         return Path(run_directory(trainer))
 
     return fit
