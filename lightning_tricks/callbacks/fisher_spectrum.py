@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from .. import checks
 from ..gradients.gram import GramCollector
+from ..gradients.noise_scale import EpochNoiseScale, shared_noise_scale
 from ..gradients.spectrum import (
     FisherRunningSums,
     fisher_energy,
@@ -36,7 +37,6 @@ HISTORY_FILE = FISHER_SPECTRUM.files["history"]
 HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
 EPOCH_FILE = FISHER_SPECTRUM.files["epochs"]
 EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
-EPOCH_PARTS = ("epoch", "trace_sigma", "grad_sq_norm")  # what epoch_noise_scale pools; checkpointed
 
 
 class FisherSpectrum(TrickCallback):
@@ -219,12 +219,7 @@ class FisherSpectrum(TrickCallback):
     def epoch_noise_scale(self) -> float:
         """tr Σ / |G|² with both parts averaged over this epoch's measurements before dividing
         (McCandlish et al. 2018, appendix A); NaN before the first measurement."""
-        finite = [r for r in self._epoch_records if math.isfinite(r["trace_sigma"] + r["grad_sq_norm"])]
-        if not finite:
-            return math.nan
-        trace_sigma = math.fsum(r["trace_sigma"] for r in finite) / len(finite)
-        grad_sq_norm = math.fsum(r["grad_sq_norm"] for r in finite) / len(finite)
-        return noise_scale_ratio(torch.tensor(trace_sigma), torch.tensor(grad_sq_norm)).item()
+        return self._noise.value()
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -234,6 +229,7 @@ class FisherSpectrum(TrickCallback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
+        self._noise = shared_noise_scale(trainer, feeder=type(self).__name__)  # the run's, read by policies
         self._collector = GramCollector(
             pl_module,
             loss_reduction=self.loss_reduction,
@@ -248,7 +244,7 @@ class FisherSpectrum(TrickCallback):
         """Fresh running measures and history for a new fit (a resumed one loads them afterwards)."""
         self._running = FisherRunningSums()
         self._history: list[dict[str, float]] = []
-        self._epoch_records: list[dict[str, float]] = []
+        self._noise = EpochNoiseScale()  # this epoch's pooled noise-scale parts
         self._last_row: dict[str, float] | None = None
         self._rows_through = -1
         self._measuring = False
@@ -276,7 +272,7 @@ class FisherSpectrum(TrickCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_accumulation(trainer)
-        self._epoch_records = []
+        self._noise.start(trainer.current_epoch)
 
     @override
     def on_train_batch_start(
@@ -328,7 +324,7 @@ class FisherSpectrum(TrickCallback):
             "running": self._running.state_dict(),
             "last_row": self._last_row,
             "rows_through": self._rows_through,
-            "epoch_parts": [{name: r[name] for name in EPOCH_PARTS} for r in self._epoch_records],
+            "epoch_parts": self._noise.state_dict(),
         }
 
     @override
@@ -336,7 +332,7 @@ class FisherSpectrum(TrickCallback):
         self._running.load_state_dict(state["running"])
         self._last_row = state["last_row"]
         self._rows_through = state["rows_through"]
-        self._epoch_records = [dict(parts) for parts in state.get("epoch_parts", [])]
+        self._noise.load_state_dict(state.get("epoch_parts", []))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -462,9 +458,7 @@ class FisherSpectrum(TrickCallback):
 
     def _record(self, record: dict[str, float]) -> None:
         self._history.append(record)
-        if self._epoch_records and self._epoch_records[-1]["epoch"] != record["epoch"]:
-            self._epoch_records = []  # resumed from an epoch's last batch: no on_train_epoch_start ran
-        self._epoch_records.append(record)
+        self._noise.add(record["epoch"], record["trace_sigma"], record["grad_sq_norm"])
         self._last_row = {name: record[name] for name in EPOCH_COLUMNS}
         self.write_table(HISTORY_FILE, HISTORY_COLUMNS, [record], append=True)
         if not self._warned_non_finite and not (
