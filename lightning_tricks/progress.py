@@ -40,18 +40,22 @@ class RunProgressBar(ProgressBar):
 
     @override
     def disable(self) -> None:
+        """Draw nothing (Lightning calls it off rank 0 and under ``enable_progress_bar=False``)."""
         self._enabled = False
 
     @override
     def enable(self) -> None:
+        """Draw again after :meth:`disable`."""
         self._enabled = True
 
     @property
     def is_enabled(self) -> bool:
+        """Whether the bar draws."""
         return self._enabled
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open the bar at the steps already done (a resumed fit starts where it stopped)."""
         if not self._enabled or not trainer.is_global_zero:
             return
         total = trainer.estimated_stepping_batches
@@ -74,6 +78,7 @@ class RunProgressBar(ProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Redraw once every ``total / updates`` steps."""
         done = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._epoch = trainer.current_epoch
         if self._bar is not None and done >= self._next_draw:
@@ -82,6 +87,7 @@ class RunProgressBar(ProgressBar):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The last draw, at the run's final step, and close."""
         if self._bar is not None:
             self._draw(trainer, pl_module, trainer.fit_loop.epoch_loop._batches_that_stepped)
             self._close()
@@ -90,6 +96,7 @@ class RunProgressBar(ProgressBar):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        """Close the bar where it stopped."""
         self._close()
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: int) -> None:

@@ -1,7 +1,7 @@
 """Gradient tests from the Gram (norm, inner-product, orthogonality) against brute force.
 
-The reference takes every sample's loss gradient with its own ``torch.autograd.grad`` (float64),
-then computes each statistic the way its paper writes it, from the vectors: the batch gradient,
+The reference takes every sample's loss gradient with its own ``torch.autograd.grad`` (float64,
+``helpers.cross_entropy_jacobian``), then computes each statistic the way its paper writes it, from the vectors: the batch gradient,
 the deviations g_i − ḡ, the projections g_iᵀḡ, the components orthogonal to ḡ. The code under
 test sees only F̃, collected by ``GramCollector`` from one backward of the mean loss, as
 FisherSpectrum holds it at a measured step.
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cross_entropy_jacobian
 from torch import nn
 
 from lightning_tricks.gradients import GramCollector, gradient_noise_parts, gradient_tests, needed_batch_size
@@ -50,16 +51,6 @@ def batch_of(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(size, 1, 4, 4, generator=generator, dtype=DTYPE)
     y = torch.randint(0, 5, (size,), generator=generator)
     return x, y
-
-
-def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, P): row i = ∇ℓ_i, one forward and one ``torch.autograd.grad`` per sample."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(x)):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
 
 
 def reference_tests(grads: torch.Tensor) -> dict[str, float]:
@@ -110,7 +101,7 @@ def test_statistics_match_per_sample_loop(architecture: str, batch: int) -> None
     torch.manual_seed(batch)
     model = ARCHITECTURES[architecture]().to(DTYPE)
     x, y = batch_of(batch, seed=batch)
-    grads = per_sample_gradients(model, x, y)
+    grads = cross_entropy_jacobian(model, x, y)  # row i = ∇ℓ_i, one autograd.grad per sample
     gram, batch_gradient = collected_gram(model, x, y)
     # ḡ, the mean of the per-sample gradients, is the gradient of the mean loss
     torch.testing.assert_close(grads.mean(0), batch_gradient, rtol=1e-12, atol=1e-14)
