@@ -50,6 +50,8 @@ class PolicyContext:
         lr_gamma: that ``MultiStepLR``'s decay factor.
         decisions: the size changes of the run so far, oldest first.
         metrics: ``trainer.callback_metrics`` as floats (e.g. ``fisher/C_bar``, ``fisher/L``, ``val/acc``).
+        callbacks: the knobs of the run's lightning-tricks callbacks, ``{namespace: hyperparameters}``
+            (e.g. ``{"fisher": {"every_n_steps": 20, ...}}``): what a policy may require beside it.
     """
 
     max_epochs: int | None
@@ -61,6 +63,7 @@ class PolicyContext:
     lr_gamma: float | None = None
     decisions: tuple[Decision, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
+    callbacks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @runtime_checkable

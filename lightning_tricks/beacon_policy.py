@@ -74,7 +74,7 @@ class BeaconGuidedPolicy:
     be the beacons' (``lr_scaling="none"``: a scaled LR changes the L_K increments the beacons predict).
 
     The run must share the beacons' ``max_epochs``, learning-rate schedule and FisherSpectrum
-    ``every_n_steps`` (L_K and K depend on them; ``max_epochs`` is checked at fit start), and must
+    ``every_n_steps`` (L_K and K depend on them; both are checked at fit start), and must
     not accumulate gradients (FisherSpectrum refuses it): keep the sizes within one batch. Decisions
     (with the point each read) are in :attr:`decisions` and ``state_dict()`` with the beacons'
     names, so a resumed fit replays them; a resume whose checkpoint preceded a decision has no live
@@ -186,6 +186,7 @@ class BeaconGuidedPolicy:
                 f"the same schedule. Set Trainer(max_epochs={expected}) or run the beacons for "
                 f"{context.max_epochs} epochs."
             )
+        self._check_fisher_spectrum(context)
         target_region(self.landscape, 1.0, self.top_k)  # empty region, unfinished best beacons
         for size in self.sizes:
             beacon = self.landscape.guide(size, self.lr)
@@ -201,6 +202,23 @@ class BeaconGuidedPolicy:
             raise ValueError(
                 f"BeaconGuidedPolicy: no candidate size {list(self.sizes)} is within ×{self.max_change} of "
                 f"the initial batch size {initial}."
+            )
+
+    def _check_fisher_spectrum(self, context: PolicyContext) -> None:
+        """The run has a FisherSpectrum (it logs C̄_K and L_K), measuring every ``every_n_steps`` as
+        the beacons did (K counts its measured steps)."""
+        fisher = context.callbacks.get(FISHER_SPECTRUM.namespace)
+        expected = self.landscape.every_n_steps
+        if fisher is None:
+            raise ValueError(
+                "BeaconGuidedPolicy reads the run's C̄_K and L_K from FisherSpectrum: attach "
+                f"FisherSpectrum(every_n_steps={expected or 1}) (the beacons' setting) to the Trainer's callbacks."
+            )
+        if expected is not None and fisher.get("every_n_steps") != expected:
+            raise ValueError(
+                f"BeaconGuidedPolicy: the beacons measured every {expected} steps but this run's FisherSpectrum "
+                f"measures every {fisher.get('every_n_steps')}; K and L_K are only comparable at the same "
+                f"setting. Use FisherSpectrum(every_n_steps={expected})."
             )
 
     def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:

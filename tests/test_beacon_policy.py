@@ -75,8 +75,18 @@ def followed(history: list[tuple[int, int]]) -> tuple[int, dict[str, float]]:
     return step, {"fisher/C_bar": c_sum / step, "fisher/L": total}
 
 
+FISHER_EVERY_STEP = {"fisher": {"every_n_steps": 1}}
+"""``PolicyContext.callbacks`` of a run with ``FisherSpectrum(every_n_steps=1)``, the synthetic beacons' setting."""
+
+
 def context(size: int | None, metrics=None, max_epochs: int = EPOCHS, initial: int = 16) -> PolicyContext:
-    return PolicyContext(max_epochs=max_epochs, initial_size=initial, size=size, metrics=metrics or {})
+    return PolicyContext(
+        max_epochs=max_epochs,
+        initial_size=initial,
+        size=size,
+        metrics=metrics or {},
+        callbacks=FISHER_EVERY_STEP,
+    )
 
 
 def drive(policy: BeaconGuidedPolicy, initial: int, epochs: int = EPOCHS) -> list[int]:
@@ -180,7 +190,15 @@ def test_validate_refuses_what_the_beacons_cannot_guide():
     with pytest.raises(ValueError, match=r"beacons trained 10 epochs but this run trains max_epochs=20"):
         policy.validate(context(None, max_epochs=20))
     with pytest.raises(ValueError, match=r"set Trainer\(max_epochs"):
-        policy.validate(PolicyContext(max_epochs=None, initial_size=16))
+        policy.validate(PolicyContext(max_epochs=None, initial_size=16, callbacks=FISHER_EVERY_STEP))
+    with pytest.raises(ValueError, match=r"attach FisherSpectrum\(every_n_steps=1\)"):
+        policy.validate(PolicyContext(max_epochs=EPOCHS, initial_size=16))
+    with pytest.raises(
+        ValueError, match=r"measured every 1 steps but this run's FisherSpectrum measures every 5"
+    ):
+        policy.validate(
+            PolicyContext(max_epochs=EPOCHS, initial_size=16, callbacks={"fisher": {"every_n_steps": 5}})
+        )
     with pytest.raises(ValueError, match=r"needs the 6 lowest-error beacons but only 5"):
         BeaconGuidedPolicy(synthetic(), top_k=6).validate(context(None))
     with pytest.raises(ValueError, match=r"candidate size 48 has no beacon"):
@@ -370,9 +388,9 @@ def test_a_guided_fit_decides_from_fisher_spectrums_live_point(
     assert {(r["epoch"], r["batch_size"]) for r in fisher.history} == set(enumerate(sizes))
 
 
-def test_a_fit_without_fisher_spectrum_is_refused_at_its_first_decision(trainer_for, tiny_module):
+def test_a_fit_without_fisher_spectrum_is_refused_at_fit_start(trainer_for, tiny_module):
     scheduler = BatchSizeScheduler(BeaconGuidedPolicy(synthetic_tiny(), top_k=1))
-    with pytest.raises(ValueError, match=r"`fisher/C_bar` and `fisher/L`.*attach FisherSpectrum"):
+    with pytest.raises(ValueError, match=r"attach FisherSpectrum\(every_n_steps=1\)"):
         trainer_for([scheduler], max_epochs=TINY_EPOCHS).fit(tiny_module(samples=TINY_SAMPLES, batch_size=4))
 
 

@@ -22,7 +22,7 @@ from ..batch_size_policies import Decision, PolicyContext, split_physical
 from ..gradients.noise_scale import EpochNoiseScale, half_batch_noise_parts
 from ..lr_scaling import scale_learning_rates as scale_all
 from ..outputs import BATCH_SIZE_SCHEDULER
-from ._base import host_values
+from ._base import TrickCallback, host_values
 
 
 def loader_layout(trainer: pl.Trainer) -> tuple[int, int, bool] | None:
@@ -149,8 +149,18 @@ def policy_context(
     max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
     milestones, gamma = multistep_lr(trainer)
     metrics = host_values({k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    callbacks = {c.namespace: c.hyperparameters() for c in trainer.callbacks if isinstance(c, TrickCallback)}
     return PolicyContext(
-        max_epochs, initial_size, size, trainer.world_size, noise_scale, milestones, gamma, decisions, metrics
+        max_epochs,
+        initial_size,
+        size,
+        trainer.world_size,
+        noise_scale,
+        milestones,
+        gamma,
+        decisions,
+        metrics,
+        callbacks,
     )
 
 
