@@ -238,12 +238,12 @@ def test_unmeasured_steps_run_nothing_of_the_engine(tmp_path):
 @pytest.mark.parametrize(("every", "attaches"), [(1, 1), (3, 2)])
 def test_hooks_stay_between_consecutive_measured_steps_only(tmp_path, monkeypatch, every, attaches):
     """Every step measured: the hooks are registered once (idle between steps); every 3rd step:
-    registered at steps 0 and 3, removed for the steps between."""
+    attached at steps 0 and 3, taken off for the steps between."""
     registered = []
     attach = GramCollector.attach
 
     def counting_attach(collector):
-        registered.append(not collector._handles)
+        registered.append(not collector.attached)
         return attach(collector)
 
     monkeypatch.setattr(GramCollector, "attach", counting_attach)

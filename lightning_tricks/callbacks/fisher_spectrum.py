@@ -154,7 +154,8 @@ class FisherSpectrum(TrickCallback):
         self.unsupported = unsupported
         self._collector: GramCollector | None = None
         self._measuring = False
-        self._checked_trainable: tuple[bool, ...] | None = None
+        self._checked_trainable: list[bool] | None = None
+        self._params: list[torch.nn.Parameter] = []
         self._attached = False
         self._batch_size: int | None = None
         self._warned_non_finite = False
@@ -248,6 +249,7 @@ class FisherSpectrum(TrickCallback):
             fuse_weight_grad="auto",  # bit-for-bit autograd's kernels; off under DDP
             unsupported=self.unsupported,
         )  # attached for measured steps only: an unmeasured step runs none of its code
+        self._params = list(pl_module.parameters())
         self._checked_trainable = None
         self._attached = False
 
@@ -377,6 +379,7 @@ class FisherSpectrum(TrickCallback):
         """Remove every hook and drop what was captured (teardown, or the fit failed)."""
         self._measuring = self._attached = False
         collector, self._collector = self._collector, None
+        self._params = []
         if collector is not None:
             try:
                 collector.detach()
@@ -387,7 +390,7 @@ class FisherSpectrum(TrickCallback):
         """Hook the model for this step; the outside-use check (a walk over the whole autograd
         graph) runs at the first measured step and whenever the trainable set has changed, on a
         single process (the walk upsets DDP's reducer)."""
-        trainable = tuple(p.requires_grad for p in pl_module.parameters())
+        trainable = [p.requires_grad for p in self._params]
         collector = self._collector
         collector.track_outside_use = trainer.world_size == 1 and trainable != self._checked_trainable
         if collector.track_outside_use:
@@ -439,7 +442,7 @@ class FisherSpectrum(TrickCallback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gram: Tensor) -> None:
         """Statistics of F̃_k (seed 004 eq. 6–8), combined over ranks, logged and recorded."""
         gram = gram / self._loss_scale(trainer) ** 2
-        grad_dtype = next(p.dtype for p in pl_module.parameters() if p.requires_grad)
+        grad_dtype = next(p.dtype for p in self._params if p.requires_grad)
         stats = fisher_statistics(gram, self.rank_rtol, grad_dtype)
         summed = torch.stack([stats.trace, stats.batch_size])
         averaged = torch.stack(

@@ -10,6 +10,7 @@ matrix exactly from the activations and output gradients of one ordinary batched
 from __future__ import annotations
 
 import functools
+from functools import partial
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -261,17 +262,12 @@ class GramCollector:
         for layer in self._layers:
             layer.everything = [*layer.candidates.values(), *layer.shared.values()]
         self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
-        self._handles: list[RemovableHandle] = []
-        self._leaf_handles: dict[int, RemovableHandle] = {}  # by id(parameter): no Tensor.__hash__ calls
-        weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
-        self._module_hooks = [  # made once: attaching at every measured step only registers them
-            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer))
-            for layer in self._layers
-        ]
-        self._param_hooks: dict[int, _WeakHook] = {}
+        self._plugs = _Plugs()
+        weakref.finalize(self, self._plugs.remove)  # a collector collected while attached
         self._unhooked = False
         for layer in self._layers:
             layer.backprop_hook = _WeakHook(self._on_backprop, layer)
+        self._params = list({id(p): p for layer in self._layers for p in layer.everything}.values())
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
@@ -290,16 +286,18 @@ class GramCollector:
     # -- public API ------------------------------------------------------------------------
 
     def attach(self) -> GramCollector:
-        """Register the hooks (idempotent). Capture happens while :attr:`enabled`."""
-        if self._handles:
+        """Register the hooks (idempotent). Capture happens while :attr:`enabled`.
+
+        The hooks are registered through torch's API at the first attach; :meth:`detach` takes them
+        out of torch's hook dicts and a later attach puts them back (dict operations, no Python
+        call per hook), so attaching for one measured step costs what one function call costs."""
+        if self._plugs.attached:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
         self._unhooked = False
-        for layer, (before, after) in zip(self._layers, self._module_hooks):
-            module = layer.module
-            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
-            self._hook_leaves(layer.everything)
+        if not self._plugs.plug_modules():
+            self._register_module_hooks()
+        self._hook_leaves(self._params)
         return self
 
     def detach(self) -> None:
@@ -310,7 +308,12 @@ class GramCollector:
             self._restore_requires_grad()
         finally:
             self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
-            _remove_handles(self._handles, self._leaf_handles)
+            self._plugs.unplug()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model (between :meth:`attach` and :meth:`detach`)."""
+        return self._plugs.attached
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
@@ -583,22 +586,35 @@ class GramCollector:
             layer.unfused_ids = [id(p) for n, p in layer.params.items() if n not in layer.fused_names]
             layer.unfused_ids += map(id, layer.shared_params)
         if self._unhooked:  # some parameter was frozen at attach
-            unhooked = [p for p, flag in zip(everything, flags) if flag and id(p) not in self._leaf_handles]
+            unhooked = [p for p, flag in zip(everything, flags) if flag and not self._plugs.plugged(id(p))]
             if unhooked:
                 self._hook_leaves(unhooked)
 
+    def _register_module_hooks(self) -> None:
+        """Each layer's forward pre-hook and forward hook, through torch's API; they reach the
+        collector through a weak proxy (one Python frame per call), so the model never keeps it
+        alive, and they are removed when it is collected."""
+        owner = weakref.proxy(self)
+        before, after = type(self)._before_forward, type(self)._after_forward
+        handles = []
+        for layer in self._layers:
+            module = layer.module
+            handles.append(module.register_forward_pre_hook(partial(before, owner, layer), with_kwargs=True))
+            handles.append(
+                module.register_forward_hook(partial(after, owner, layer), with_kwargs=True, always_call=True)
+            )
+        self._plugs.add_modules(handles)
+
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
-        """A hook (once) on each parameter that requires grad, spotting gradients from outside;
-        :attr:`_unhooked` says whether one was left out (frozen)."""
+        """A hook (registered once, then plugged back) on each parameter that requires grad,
+        spotting gradients from outside; :attr:`_unhooked` says whether one was left out (frozen)."""
+        plugs = self._plugs
         for param in params:
-            key = id(param)
             if not param.requires_grad:
                 self._unhooked = True
-            elif key not in self._leaf_handles:
-                hook = self._param_hooks.get(key)
-                if hook is None:
-                    hook = self._param_hooks[key] = _WeakHook(self._on_param_grad, param)
-                self._leaf_handles[key] = param.register_hook(hook)
+            elif not plugs.plug_leaf(id(param)):
+                hook = partial(type(self)._on_param_grad, weakref.proxy(self), param)
+                plugs.add_leaf(id(param), param.register_hook(hook))
 
     def _show(self, param: nn.Parameter) -> None:
         """Give a hidden weight back the ``requires_grad`` its user had (``True``)."""
@@ -755,16 +771,107 @@ class _WeakHook:
         return None if owner is None else self._function(owner, *self._args, *hook_args)
 
 
-def _remove_handles(
-    handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]
-) -> None:
-    """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
-    collected while attached)."""
-    removed = [*handles, *leaf_handles.values()]
-    handles.clear()
-    leaf_handles.clear()
-    for handle in removed:
-        handle.remove()
+class _Plugs:
+    """The collector's hooks, registered once through torch's API and then taken out of torch's
+    hook dicts (``detach``) and put back (``attach``) by dict operations on the dicts their
+    handles refer to: no Python call per hook. A hook whose dict is gone (replaced by someone) is
+    registered again. :meth:`remove` removes every hook through its handle (the collector is
+    collected)."""
+
+    def __init__(self) -> None:
+        self.attached = False
+        self._modules: list[tuple[RemovableHandle, Any, tuple]] = []
+        self._leaves: dict[int, tuple[RemovableHandle, Any, tuple]] = {}  # by id(parameter)
+        self._plugged_leaves: list[tuple[RemovableHandle, Any, tuple]] = []
+        self._plugged_ids: set[int] = set()
+
+    def add_modules(self, handles: list[RemovableHandle]) -> None:
+        """Plugs for freshly registered (plugged) module hooks."""
+        self._remove(self._modules)
+        self._modules = [_plug_of(handle) for handle in handles]
+        self.attached = True
+
+    def plug_modules(self) -> bool:
+        """Put the module hooks back; ``False`` if there are none yet or a dict is gone."""
+        if not self._modules or not _plug_all(self._modules):
+            return False
+        self.attached = True
+        return True
+
+    def add_leaf(self, key: int, handle: RemovableHandle) -> None:
+        self._leaves[key] = plug = _plug_of(handle)
+        self._plugged_leaves.append(plug)
+        self._plugged_ids.add(key)
+        self.attached = True
+
+    def plug_leaf(self, key: int) -> bool:
+        """Put the parameter's hook back (``True`` if it is plugged now)."""
+        if key in self._plugged_ids:
+            return True
+        plug = self._leaves.get(key)
+        if plug is None or not _plug_all((plug,)):
+            return False
+        self._plugged_leaves.append(plug)
+        self._plugged_ids.add(key)
+        return True
+
+    def plugged(self, key: int) -> bool:
+        return key in self._plugged_ids
+
+    def unplug(self) -> None:
+        """Take every hook out of torch's dicts (they stay registered here)."""
+        self.attached = False
+        _unplug_all(self._modules)
+        _unplug_all(self._plugged_leaves)
+        self._plugged_leaves = []
+        self._plugged_ids.clear()
+
+    def remove(self) -> None:
+        """Remove every hook through its handle, for good."""
+        self.unplug()
+        self._remove(self._modules)
+        self._remove(self._leaves.values())
+        self._modules, self._leaves = [], {}
+
+    @staticmethod
+    def _remove(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
+        for handle, _, _ in plugs:
+            handle.remove()
+
+
+def _plug_of(handle: RemovableHandle) -> tuple[RemovableHandle, Any, tuple]:
+    """(handle, hook, the flag dicts holding its id: with_kwargs, always_call) of a registered hook."""
+    key = handle.id
+    hooks = handle.hooks_dict_ref()
+    flags = tuple(ref for ref in handle.extra_dict_ref if key in (ref() or ()))
+    return handle, hooks[key], flags
+
+
+def _plug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> bool:
+    """Put the hooks back into their dicts (with their flags); ``False`` if a dict is gone."""
+    for handle, hook, flags in plugs:
+        hooks = handle.hooks_dict_ref()
+        if hooks is None:
+            return False
+        key = handle.id
+        hooks[key] = hook
+        for ref in flags:
+            flag_dict = ref()
+            if flag_dict is not None:
+                flag_dict[key] = True
+    return True
+
+
+def _unplug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
+    for handle, _, flags in plugs:
+        key = handle.id
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None:
+            hooks.pop(key, None)
+        for ref in flags:
+            flag_dict = ref()
+            if flag_dict is not None:
+                flag_dict.pop(key, None)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
