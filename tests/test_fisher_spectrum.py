@@ -213,7 +213,9 @@ class StepProbe(Callback):
         step = trainer.global_step - 1
         self.engine_calls[step] = self._calls
         events = self._profiler.events()
-        self.ops[step] = Counter(e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent)))
+        self.ops[step] = Counter(
+            e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent))
+        )
 
 
 def _aten(event) -> bool:
@@ -374,7 +376,9 @@ def test_resume_keeps_the_epoch_pooled_noise_scale(tmp_path, resume_step):
     run([resumed.fisher, resumed], 8, ckpt_path=str(ckpt))
 
     assert all(math.isfinite(value) for value in full.values), full.values
-    np.testing.assert_allclose(resumed.values, full.values[len(full.values) - len(resumed.values) :], rtol=1e-9)
+    np.testing.assert_allclose(
+        resumed.values, full.values[len(full.values) - len(resumed.values) :], rtol=1e-9
+    )
 
 
 def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):

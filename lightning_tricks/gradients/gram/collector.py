@@ -10,11 +10,11 @@ matrix exactly from the activations and output gradients of one ordinary batched
 from __future__ import annotations
 
 import functools
-from functools import partial
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch

@@ -102,6 +102,7 @@ def _sampled_call(
         recurse,
     )
 
+
 # -- the per-sample vector-Jacobian products -------------------------------------------------------
 
 
@@ -206,6 +207,7 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
                 "parameters out with params=/modules="
             )
     checked.add(layer.training)
+
 
 # -- any module ----------------------------------------------------------------------------------
 
