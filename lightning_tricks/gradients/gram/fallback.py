@@ -102,7 +102,6 @@ def _sampled_call(
         recurse,
     )
 
-
 # -- the per-sample vector-Jacobian products -------------------------------------------------------
 
 
@@ -207,7 +206,6 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
                 "parameters out with params=/modules="
             )
     checked.add(layer.training)
-
 
 # -- any module ----------------------------------------------------------------------------------
 

@@ -84,7 +84,6 @@ def attention_factors(
     VJP of its recomputed forward (seed 004 eq. 6)."""
     return recompute_factors(layer, activations, backprops)
 
-
 # -- Transformer layers, sequence first ------------------------------------------------------------
 
 
