@@ -23,7 +23,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..autograd_graph import leaf_uses
-from .factors import GradFactor, PerSampleFactor, cast, concat_factors
+from .factors import (
+    ConvFactor,
+    EmbeddingFactor,
+    GradFactor,
+    OuterFactor,
+    PerSampleFactor,
+    cast,
+    concat_factors,
+)
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
 
@@ -47,7 +55,8 @@ class _Layer:
     a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
     shared parameters (the order of ``flags``), set once tied weights are known.
     ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
-    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer."""
+    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer. ``plan``: per
+    parameter, the method chosen at its first collection with the shapes it was chosen for."""
 
     name: str
     module: nn.Module
@@ -70,17 +79,12 @@ class _Layer:
     everything: list[nn.Parameter] = field(default_factory=list)
     default_capture: bool = field(init=False)
     backprop_hook: Callable[..., None] | None = None
+    plan: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.candidates = dict(self.params)
         rule = self.rule
         self.default_capture = rule.capture is capture_input and rule.batch_size is leading_batch_size
-
-    def clear(self) -> None:
-        self.pending, self.calls, self.hidden = 0, 0, ()
-        self.activated = False
-        self.factors.clear()
-        self.methods.clear()
 
 
 class GramCollector:
@@ -318,8 +322,12 @@ class GramCollector:
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
         self._restore_requires_grad()
-        for layer in self._layers:
-            layer.clear()
+        for layer in self._layers:  # layer.clear(), inline (one Python call per reset, not per layer)
+            layer.pending = layer.calls = 0
+            layer.hidden = ()
+            layer.activated = False
+            layer.factors.clear()
+            layer.methods.clear()
         self._batch_size = None
         self._blocks = {}
         self._missed.clear()
@@ -387,7 +395,7 @@ class GramCollector:
         if per_layer:
             return {name: block.to(torch.float64) * scale for name, block in blocks.items()}
         dtype = functools.reduce(torch.promote_types, {block.dtype for block in blocks.values()})
-        stacked = torch.stack([cast(block, dtype) for block in blocks.values()])
+        stacked = torch.stack([b if b.dtype == dtype else b.to(dtype) for b in blocks.values()])
         return cast(stacked, torch.float64).sum(0) * scale
 
     def check_outside_use(self, loss: Tensor) -> None:
@@ -532,32 +540,22 @@ class GramCollector:
                 f"the input of module {layer.name!r} was modified in place after its forward; "
                 "GramCollector needs it unchanged until the backward (avoid in-place ops on it)"
             )
-        if torch.is_grad_enabled():  # a backward with create_graph=True
+        if torch.is_grad_enabled():  # a backward with create_graph=True: again, without grad mode
             with torch.no_grad():
-                self._add_call(layer, activations, fused, backprops)
-        else:
-            self._add_call(layer, activations, fused, backprops)
-
-    def _add_call(
-        self,
-        layer: _Layer,
-        activations: Any,
-        fused: tuple[str, ...],
-        backprops: Tensor | tuple[Tensor | None, ...],
-    ) -> None:
-        """:meth:`_on_backprop` without grad mode."""
+                return self._on_backprop(layer, activations, inputs, version, fused, backprops)
         factors = layer.rule.factorize(layer.module, activations, backprops)
         if layer.active_shared:
             self._add_shared(layer, factors)
         layer.pending -= 1
         if not layer.params:
-            return
+            return None
         layer.factors.append(factors)
         several_calls = layer.pending > 0 or len(layer.factors) > 1
         if several_calls and fused:
             self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
         if layer.pending == 0:
             self._finish_layer(layer, fused=() if several_calls else fused)
+        return None
 
     def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
         """A parameter got a gradient although none of its captured forwards recorded it (it was
@@ -608,13 +606,11 @@ class GramCollector:
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
         """A hook (registered once, then plugged back) on each parameter that requires grad,
         spotting gradients from outside; :attr:`_unhooked` says whether one was left out (frozen)."""
-        plugs = self._plugs
-        for param in params:
-            if not param.requires_grad:
-                self._unhooked = True
-            elif not plugs.plug_leaf(id(param)):
-                hook = partial(type(self)._on_param_grad, weakref.proxy(self), param)
-                plugs.add_leaf(id(param), param.register_hook(hook))
+        missing, frozen = self._plugs.plug_leaves(params)
+        self._unhooked = self._unhooked or frozen
+        for param in missing:
+            hook = partial(type(self)._on_param_grad, weakref.proxy(self), param)
+            self._plugs.add_leaf(id(param), param.register_hook(hook))
 
     def _show(self, param: nn.Parameter) -> None:
         """Give a hidden weight back the ``requires_grad`` its user had (``True``)."""
@@ -694,7 +690,7 @@ class GramCollector:
                 grads = factor.grads
                 per_sample.append(grads if grads.dim() == 2 else grads.reshape(grads.shape[0], -1))
                 continue
-            method = _choose_method(factor, self.method)
+            method = self._planned_method(layer, name, factor)
             layer.methods[name] = method
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
@@ -714,6 +710,17 @@ class GramCollector:
         self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         if self._hidden:
             self._restore_layer(layer)
+
+    def _planned_method(self, layer: _Layer, name: str, factor: GradFactor) -> str:
+        """:func:`_choose_method`, decided at the parameter's first collection and reused while
+        its factor's type and operand shapes (which the costs depend on) stay the same."""
+        key = (type(factor), factor[0].shape, factor[1].shape) if _shaped(factor) else None
+        planned = layer.plan.get(name)
+        if key is not None and planned is not None and planned[0] == key:
+            return planned[1]
+        method = _choose_method(factor, self.method)
+        layer.plan[name] = (key, method)
+        return method
 
     def _finish_pending(self) -> None:
         """Layers with a call whose output got no gradient: finish with the calls that did."""
@@ -804,16 +811,30 @@ class _Plugs:
         self._plugged_ids.add(key)
         self.attached = True
 
-    def plug_leaf(self, key: int) -> bool:
-        """Put the parameter's hook back (``True`` if it is plugged now)."""
-        if key in self._plugged_ids:
-            return True
-        plug = self._leaves.get(key)
-        if plug is None or not _plug_all((plug,)):
-            return False
-        self._plugged_leaves.append(plug)
-        self._plugged_ids.add(key)
-        return True
+    def plug_leaves(self, params: list[nn.Parameter]) -> tuple[list[nn.Parameter], bool]:
+        """Put back the hooks of the parameters that require grad (one loop of dict operations);
+        return those that have none yet (or whose dict is gone), and whether one was frozen."""
+        missing: list[nn.Parameter] = []
+        frozen = False
+        plugged, plugged_ids, leaves = self._plugged_leaves, self._plugged_ids, self._leaves
+        for param in params:
+            key = id(param)
+            if not param.requires_grad:
+                frozen = True
+                continue
+            if key in plugged_ids:
+                continue
+            plug = leaves.get(key)
+            hooks = None if plug is None else plug[0].hooks_dict_ref()
+            if hooks is None:
+                missing.append(param)
+                continue
+            hooks[plug[0].id] = plug[1]
+            plugged.append(plug)
+            plugged_ids.add(key)
+        if params:
+            self.attached = True
+        return missing, frozen
 
     def plugged(self, key: int) -> bool:
         return key in self._plugged_ids
@@ -944,6 +965,15 @@ def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
 def _distributed() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _shaped(factor: GradFactor) -> bool:
+    """Whether the factor's costs depend on nothing but its type, its layer and the shapes of its
+    first two fields (tensors)."""
+    return type(factor) in _SHAPED_FACTORS and isinstance(factor[0], Tensor) and isinstance(factor[1], Tensor)
+
+
+_SHAPED_FACTORS = (OuterFactor, ConvFactor, EmbeddingFactor)
 
 
 def _choose_method(factor: GradFactor, method: str) -> str:

@@ -83,7 +83,8 @@ def batch_norm_capture(
     node = output.grad_fn
     mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
     channels = (inputs.shape[1],)
-    if _uses_batch_stats(layer) and all(isinstance(t, Tensor) and t.shape == channels for t in (mean, rstd)):
+    saved = isinstance(mean, Tensor) and isinstance(rstd, Tensor) and mean.shape == channels == rstd.shape
+    if saved and _uses_batch_stats(layer):
         return NormalizedInput(inputs, mean, rstd)
     return inputs
 
