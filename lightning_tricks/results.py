@@ -33,13 +33,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .callbacks._base import RUN_FILE, read_run_file
-from .callbacks.batch_size_scheduler import HISTORY_FILE as BATCH_SIZE_FILE
-from .callbacks.fisher_spectrum import EPOCH_FILE as FISHER_FILE
-from .callbacks.fisher_spectrum import HISTORY_FILE as FISHER_HISTORY_FILE
-from .callbacks.gradient_flow import HISTORY_FILE as GRADIENT_FLOW_FILE
-from .callbacks.minibatch_heatmap import HISTORY_FILE as HEATMAP_FILE
-from .callbacks.random_gradient import HISTORY_FILE as RANDOM_GRADIENT_FILE
+from .outputs import (
+    BATCH_SIZE_SCHEDULER,
+    FISHER_SPECTRUM,
+    GRADIENT_FLOW,
+    MINIBATCH_HEATMAP,
+    RANDOM_GRADIENT,
+    RUN_FILE,
+    read_run_file,
+)
 
 EVENTS_PREFIX = "events.out.tfevents."
 """TensorBoard event files start with this."""
@@ -198,14 +200,18 @@ def continue_rows(
 def load_random_gradient(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """RandomGradient's draws, ``{"step", "backward", "r"}`` per backward, across resumes
     (``random_gradient.csv``; ``backward`` is the index t of the r stream)."""
-    records = concatenate_runs(run_dir, RANDOM_GRADIENT_FILE, "backward", "random_gradient", follow_resumes)
+    records = concatenate_runs(
+        run_dir, RANDOM_GRADIENT.files["history"], "backward", RANDOM_GRADIENT.namespace, follow_resumes
+    )
     return _maybe_frame(records, as_frame)
 
 
 def load_fisher_spectrum(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """FisherSpectrum's per-epoch records ``{"epoch", "step", "C_bar", "L", "lr", "batch_size"}``
     across resumes (``fisher_spectrum.csv``)."""
-    records = concatenate_runs(run_dir, FISHER_FILE, "epoch", "fisher", follow_resumes)
+    records = concatenate_runs(
+        run_dir, FISHER_SPECTRUM.files["epochs"], "epoch", FISHER_SPECTRUM.namespace, follow_resumes
+    )
     return _maybe_frame(records, as_frame)
 
 
@@ -213,7 +219,9 @@ def load_fisher_history(run_dir: PathLike, follow_resumes: bool = True, as_frame
     """FisherSpectrum's measurements, one record per measured step (``step``, ``epoch``, ``lr``,
     ``c_k``, ``l_k``, ``C_bar``, ``L``, ``trace``, ``lambda_max``, ``rank``, ``noise_scale``,
     ``trace_sigma``, ``grad_sq_norm``, ``batch_size``) across resumes (``fisher_history.csv``)."""
-    records = concatenate_runs(run_dir, FISHER_HISTORY_FILE, "step", "fisher", follow_resumes)
+    records = concatenate_runs(
+        run_dir, FISHER_SPECTRUM.files["history"], "step", FISHER_SPECTRUM.namespace, follow_resumes
+    )
     return _maybe_frame(records, as_frame)
 
 
@@ -221,13 +229,21 @@ def load_batch_size(run_dir: PathLike, follow_resumes: bool = True, as_frame: bo
     """BatchSizeScheduler's changes ``{"epoch", "step", "size", "physical", "accumulation", "lr"}``
     across resumes (``batch_size.csv``)."""
     records = concatenate_runs(
-        run_dir, BATCH_SIZE_FILE, "epoch", "batch_size", follow_resumes, unique=("epoch", "step")
+        run_dir,
+        BATCH_SIZE_SCHEDULER.files["history"],
+        "epoch",
+        BATCH_SIZE_SCHEDULER.namespace,
+        follow_resumes,
+        unique=("epoch", "step"),
     )
     return _maybe_frame(records, as_frame)
 
 
 def load_minibatch_heatmap(
-    run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False, namespace: str = "heatmap"
+    run_dir: PathLike,
+    follow_resumes: bool = True,
+    as_frame: bool = False,
+    namespace: str = MINIBATCH_HEATMAP.namespace,
 ) -> Any:
     """MinibatchHeatmap's distances ``{"epoch", "lr", "lr_first", "lr_last", "phase", "batch",
     "metric", "distance"}``, one record per measured epoch and batch rank (``heatmap.csv``), across
@@ -237,7 +253,7 @@ def load_minibatch_heatmap(
     (``heatmap_<metric>…``, the callback's ``namespace``): pass it to read that one's records."""
     records = concatenate_runs(
         run_dir,
-        HEATMAP_FILE.replace("heatmap", namespace, 1),
+        MINIBATCH_HEATMAP.files["history"].replace(MINIBATCH_HEATMAP.namespace, namespace, 1),
         "epoch",
         namespace,
         follow_resumes,
@@ -265,12 +281,18 @@ def load_gradient_flow(
         FileNotFoundError: no folder of the chain has ``grad_flow.csv``, or it has no row of ``optimizer``.
     """
     records = concatenate_runs(
-        run_dir, GRADIENT_FLOW_FILE, "epoch", "grad_flow", follow_resumes, ("epoch", "layer"), ("optimizer",)
+        run_dir,
+        GRADIENT_FLOW.files["history"],
+        "epoch",
+        GRADIENT_FLOW.namespace,
+        follow_resumes,
+        ("epoch", "layer"),
+        ("optimizer",),
     )
     rows = [row for row in records if row["optimizer"] == optimizer]
     if not rows:
         raise FileNotFoundError(
-            f"No {GRADIENT_FLOW_FILE} rows of optimizer {optimizer} under {str(run_dir)!r}; is GradientFlow attached?"
+            f"No {GRADIENT_FLOW.files['history']} rows of optimizer {optimizer} under {str(run_dir)!r}; is GradientFlow attached?"
         )
     epochs = sorted({row["epoch"] for row in rows})
     names = list(dict.fromkeys(row["layer"] for row in rows))
@@ -323,17 +345,29 @@ def load_run(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = Fa
     present = {path.name for folder in folders for path in folder.iterdir()}
     loaders: dict[str, tuple[str, Callable[[], Any]]] = {
         "random_gradient": (
-            RANDOM_GRADIENT_FILE,
+            RANDOM_GRADIENT.files["history"],
             lambda: load_random_gradient(run_dir, follow_resumes, as_frame),
         ),
-        "fisher_spectrum": (FISHER_FILE, lambda: load_fisher_spectrum(run_dir, follow_resumes, as_frame)),
+        "fisher_spectrum": (
+            FISHER_SPECTRUM.files["epochs"],
+            lambda: load_fisher_spectrum(run_dir, follow_resumes, as_frame),
+        ),
         "fisher_history": (
-            FISHER_HISTORY_FILE,
+            FISHER_SPECTRUM.files["history"],
             lambda: load_fisher_history(run_dir, follow_resumes, as_frame),
         ),
-        "batch_size": (BATCH_SIZE_FILE, lambda: load_batch_size(run_dir, follow_resumes, as_frame)),
-        "heatmap": (HEATMAP_FILE, lambda: load_minibatch_heatmap(run_dir, follow_resumes, as_frame)),
-        "grad_flow": (GRADIENT_FLOW_FILE, lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes)),
+        "batch_size": (
+            BATCH_SIZE_SCHEDULER.files["history"],
+            lambda: load_batch_size(run_dir, follow_resumes, as_frame),
+        ),
+        "heatmap": (
+            MINIBATCH_HEATMAP.files["history"],
+            lambda: load_minibatch_heatmap(run_dir, follow_resumes, as_frame),
+        ),
+        "grad_flow": (
+            GRADIENT_FLOW.files["history"],
+            lambda: load_gradient_flow(run_dir, follow_resumes=follow_resumes),
+        ),
     }
     results: dict[str, Any] = {"folders": folders, "callbacks": run_info(run_dir)["callbacks"]}
     results.update({name: load() for name, (file_name, load) in loaders.items() if file_name in present})

@@ -54,7 +54,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
+
+from lightning_tricks.trainer_cli import CLI_OPTIONS, TricksCLI
 
 GRID_KEYS = ("base", "grid", "name", "command")
 COMMANDS = ("fit", "validate", "test")
@@ -308,9 +311,6 @@ def _parse_error(args: list[str]) -> str | None:
 
     Parses only: nothing is instantiated, seeded or run.
     """
-    import lightning as L
-
-    from lightning_tricks.cli import CLI_OPTIONS, TricksCLI
 
     class ParseOnly(TricksCLI):
         def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI's signature

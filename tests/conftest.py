@@ -155,6 +155,7 @@ class ProbeCallback(TrickCallback):
     description and hyper-parameters."""
 
     namespace = "probe"
+    identity_arguments = ("label",)
     TAG = "probe/value"
     FIGURE = "probe/figure"
     DESCRIPTION = "Probe: one plus half the training step."
@@ -163,10 +164,6 @@ class ProbeCallback(TrickCallback):
         super().__init__()
         self.label = label
         self.logged_steps: list[int] = []
-
-    @override
-    def identity(self) -> dict[str, Any]:
-        return {"label": self.label}
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:

@@ -4,6 +4,7 @@ monitoring by EarlyStopping, and DDP (only rank 0 writes, every rank agrees on t
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_tricks import RandomGradient
+from lightning_tricks import (
+    BatchSizeScheduler,
+    FisherSpectrum,
+    GradientFlow,
+    MinibatchHeatmap,
+    RandomGradient,
+)
 from lightning_tricks.callbacks._base import RUN_FILE, run_directory
 from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME
 
@@ -230,3 +237,42 @@ def test_state_key_is_built_once_not_at_every_hook(trainer_for, tiny_module, pro
         calls.append(Counting.calls)
     assert calls[0] == calls[1] <= 3
     assert probe.state_key == Counting().state_key != probe_callback(label="b").state_key
+
+
+@pytest.mark.parametrize(
+    "callback_class", [FisherSpectrum, GradientFlow, MinibatchHeatmap, RandomGradient, BatchSizeScheduler]
+)
+def test_knobs_are_declared_once_by_the_signature(callback_class):
+    """``hyperparameters()`` is every constructor argument by name, read from the attribute the
+    constructor stored it under; the identity is a subset of them; neither is written by hand."""
+    arguments = [p for p in inspect.signature(callback_class.__init__).parameters if p != "self"]
+    callback = callback_class(**({"sizes": [4, 8]} if callback_class is BatchSizeScheduler else {}))
+    assert list(callback.hyperparameters()) == arguments
+    assert set(callback_class.identity_arguments) <= set(arguments)
+    assert list(callback.identity()) == list(callback_class.identity_arguments)
+    for overridden in ("hyperparameters", "identity"):
+        assert overridden not in vars(callback_class), (
+            f"{callback_class.__name__} writes {overridden}() by hand"
+        )
+
+
+@pytest.mark.parametrize(
+    "callback_class", [FisherSpectrum, GradientFlow, MinibatchHeatmap, RandomGradient, BatchSizeScheduler]
+)
+def test_overridden_fit_end_and_exception_hooks_reach_the_base(callback_class):
+    """The base closes TensorBoard's HParams session in ``on_fit_end``/``on_exception``: a callback
+    that overrides either calls ``super()``, or the session would stay open when it is the last."""
+    for hook in ("on_fit_end", "on_exception"):
+        if hook in vars(callback_class):
+            assert f"super().{hook}(" in inspect.getsource(vars(callback_class)[hook]), (callback_class, hook)
+
+
+def test_the_dashboard_leaves_the_trainers_callbacks_as_the_user_gave_them(
+    trainer_for, tiny_module, tmp_path
+):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    trainer = trainer_for([RandomGradient(seed=0)], logger=TensorBoardLogger(tmp_path))
+    before = list(trainer.callbacks)
+    trainer.fit(tiny_module(samples=8))
+    assert trainer.callbacks == before

@@ -440,17 +440,17 @@ def test_unsupported_training_setups_raise_at_setup(tmp_path, module, trainer_kw
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "argument"),
+    ("kwargs", "error", "argument"),
     [
-        ({"every_n_steps": 0}, "every_n_steps"),
-        ({"every_n_steps": 1.5}, "every_n_steps"),
-        ({"loss_reduction": "none"}, "loss_reduction"),
-        ({"rank_rtol": 0.0}, "rank_rtol"),
-        ({"unsupported": "ignore"}, "unsupported"),
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"every_n_steps": 1.5}, TypeError, "every_n_steps"),
+        ({"loss_reduction": "none"}, ValueError, "loss_reduction"),
+        ({"rank_rtol": 0.0}, ValueError, "rank_rtol"),
+        ({"unsupported": "ignore"}, ValueError, "unsupported"),
     ],
 )
-def test_bad_arguments_name_the_argument(kwargs, argument):
-    with pytest.raises(ValueError, match=argument):
+def test_bad_arguments_name_the_argument(kwargs, error, argument):
+    with pytest.raises(error, match=argument):
         FisherSpectrum(**kwargs)
 
 

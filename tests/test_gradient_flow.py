@@ -584,7 +584,7 @@ def test_flow_history_checkpoint_is_bounded_and_keeps_bins_and_recent_epochs():
     "kwargs, error, word",
     [
         (dict(log_every_n_steps=0), ValueError, "every_n_steps"),
-        (dict(log_every_n_steps=2.0), ValueError, "log_every_n_steps"),
+        (dict(log_every_n_steps=2.0), TypeError, "log_every_n_steps"),
         (dict(include_bias=1), TypeError, "include_bias"),
         (dict(max_figure_columns=1), ValueError, "max_figure_columns"),
         (dict(figure_lines=-1), ValueError, "figure_lines"),

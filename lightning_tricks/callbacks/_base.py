@@ -17,10 +17,14 @@
 - **figures for every logger** (:meth:`TrickCallback.log_figure`): TensorBoard ``add_figure``, W&B
   ``log_image``, MLflow ``log_figure``, and always a PNG in the run folder; loggers that cannot
   show images get one notice;
-- **state**: ``state_key`` from the arguments that tell two instances apart (like
-  ``EarlyStopping``), the tuning knobs stored inside the state and a warning when a checkpoint's
-  knobs differ from the callback's; per-fit state reset at ``setup("fit")``, before Lightning
-  restores a checkpoint.
+- **knobs declared once**: the constructor's signature is the declaration. Every argument is
+  stored under its own name (``self.every_n_steps = checks.integer("every_n_steps", ...)``, the
+  checks of :mod:`lightning_tricks.checks`); :meth:`TrickCallback.hyperparameters` reads them back
+  by the signature, and :attr:`TrickCallback.identity_arguments` names those that tell two
+  instances apart;
+- **state**: ``state_key`` from the identity arguments (like ``EarlyStopping``), the knobs stored
+  inside the state and a warning when a checkpoint's knobs differ from the callback's; per-fit
+  state reset at ``setup("fit")``, before Lightning restores a checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
@@ -45,10 +50,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
-from ._dashboard import send_metrics, write_dashboard
-
-RUN_FILE = "lightning_tricks.json"
-"""Run-folder metadata: which callbacks wrote here and the run folder a resumed fit continued."""
+from .. import checks
+from ..outputs import RUN_FILE, read_run_file
+from ._dashboard import finish_sessions, send_metrics, write_dashboard
 
 NO_LOGGER_FOLDER = "lightning_tricks_logs"
 
@@ -63,14 +67,12 @@ def is_due(step: int, every_n_steps: int | None) -> bool:
     return every_n_steps is not None and step % every_n_steps == 0
 
 
-def check_every_n(name: str, value: Any, allow_none: bool = False) -> int | None:
-    """Validate an "every n" argument: an int >= 1 (or ``None`` where allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
-        raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
-    return value
+@cache
+def constructor_arguments(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.__init__``'s arguments (not ``self``, ``*args`` or ``**kwargs``)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind not in variadic)
 
 
 def run_directory(trainer: pl.Trainer) -> str:
@@ -113,44 +115,15 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
-def check_loss_fn(loss_fn: Any, name: str = "loss_fn") -> Callable[[pl.LightningModule, Any], Tensor] | None:
-    """Validate a ``loss_fn`` argument at construction: ``None`` or a callable that can be called
-    as ``loss_fn(module, batch)`` (:func:`resolve_loss_fn`'s contract); return it.
-
-    Raises:
-        TypeError: not callable (a loss name such as ``'mse'``), or its signature cannot take the two
-            positional arguments.
-    """
-    if loss_fn is None:
-        return None
-    if not callable(loss_fn):
-        raise TypeError(
-            f"`{name}` must be None or a callable `{name}(module, batch) -> scalar mean loss`; got "
-            f"{loss_fn!r} ({type(loss_fn).__name__}). Wrap a loss, e.g. "
-            "`lambda module, batch: F.mse_loss(module(batch[0]), batch[1])`."
-        )
-    try:
-        signature = inspect.signature(loss_fn)
-    except (TypeError, ValueError):  # builtins without a signature: accepted as they are
-        return loss_fn
-    try:
-        signature.bind(None, None)
-    except TypeError as error:
-        raise TypeError(
-            f"`{name}` must be callable as `{name}(module, batch)`; {loss_fn!r} has the signature "
-            f"{signature} ({error})."
-        ) from None
-    return loss_fn
-
-
 def resolve_loss_fn(
     pl_module: pl.LightningModule, loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None, user: str
 ) -> Callable[[pl.LightningModule, Any], Tensor]:
     """The loss a callback evaluates by itself (DESIGN rule 1): the module's ``compute_loss(batch)``
     (a scalar, mean-reduced) if it has one, else the ``loss_fn(module, batch)`` the callback was given;
     one clear error naming what is missing otherwise (``user`` says which callback needs it).
-    Callbacks call :func:`check_loss_fn` on ``loss_fn`` at construction; it is checked here again."""
-    check_loss_fn(loss_fn)
+    Callbacks check ``loss_fn`` with :func:`lightning_tricks.checks.loss_fn` at construction; it is
+    checked here again."""
+    checks.loss_fn(loss_fn)
     if callable(getattr(pl_module, "compute_loss", None)):
         return lambda module, batch: module.compute_loss(batch)
     if loss_fn is not None:
@@ -182,14 +155,15 @@ def host_values(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
 class TrickCallback(Callback):
     """Base of the lightning-tricks callbacks: step axis, logging, run folder, figures, state.
 
-    Subclasses set :attr:`namespace` (the metric prefix, e.g. ``"fisher"``), override
-    :meth:`identity` (the arguments that tell two instances apart; ``state_key`` is built from
-    them), :meth:`hyperparameters` (the tuning knobs, stored in checkpoints and compared on load),
+    Subclasses set :attr:`namespace` (the metric prefix, e.g. ``"fisher"``) and
+    :attr:`identity_arguments`, store each constructor argument under its own name, override
     :meth:`reset_fit_state`, :meth:`get_state` and :meth:`set_state`, and call :meth:`log_scalars`,
     :meth:`log_figure`, :meth:`write_table` and :meth:`write_array` from their hooks.
     """
 
     namespace: ClassVar[str] = "tricks"
+    identity_arguments: ClassVar[tuple[str, ...]] = ()
+    """The constructor arguments that tell two instances apart (``state_key`` is built from them)."""
 
     def __init__(self) -> None:
         self._run_dir: str | None = None
@@ -199,12 +173,14 @@ class TrickCallback(Callback):
     # -- identity and state -----------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """The arguments that tell two instances of the callback apart (the ``state_key``)."""
-        return {}
+        """The values of :attr:`identity_arguments`, by name (the ``state_key`` is built from them)."""
+        return {name: getattr(self, name) for name in self.identity_arguments}
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Every constructor argument, saved with the state and shown in TensorBoard's HParams."""
-        return dict(self.identity())
+        """Every constructor argument by its name in the signature, read from the attribute of the
+        same name (as checked and stored): saved with the state, compared on load, written to
+        ``lightning_tricks.json`` and shown in TensorBoard's HParams."""
+        return {name: getattr(self, name) for name in constructor_arguments(type(self))}
 
     def dashboard_layout(self) -> dict[str, list[str]]:
         """Charts of TensorBoard's Custom Scalars tab: ``{"chart title": [tag, ...]}``, each chart
@@ -282,6 +258,21 @@ class TrickCallback(Callback):
         self._write_run_file(trainer)
         tricks = [callback for callback in trainer.callbacks if isinstance(callback, TrickCallback)]
         write_dashboard(trainer, tricks, self._run_dir)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The last of the run's ``TrickCallback`` instances closes TensorBoard's HParams session,
+        after every one of them logged its final values (subclasses call ``super().on_fit_end``)."""
+        if self is _last_trick(trainer):
+            finish_sessions(trainer, succeeded=True)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Mark the HParams session failed (subclasses call ``super().on_exception``)."""
+        if self is _last_trick(trainer):
+            finish_sessions(trainer, succeeded=False)
 
     @property
     def run_dir(self) -> str | None:
@@ -393,25 +384,9 @@ class TrickCallback(Callback):
             json.dump(record, handle, indent=2)
 
 
-def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a ``lightning_tricks.json`` (:data:`RUN_FILE`).
-
-    Raises:
-        ValueError: not valid JSON (cut or edited by hand), naming the file and the line, or not an
-            object with a ``"callbacks"`` mapping.
-    """
-    with open(path) as handle:
-        text = handle.read()
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}); the file "
-            "was cut or edited. Fix it, or delete it (the run then forgets the folder it resumed)."
-        ) from None
-    if not isinstance(record, dict) or not isinstance(record.get("callbacks"), dict):
-        raise ValueError(f"{path}: expected a JSON object with a 'callbacks' mapping, got {text[:80]!r}.")
-    return record
+def _last_trick(trainer: pl.Trainer) -> TrickCallback | None:
+    """The run's last ``TrickCallback`` in hook order (Lightning calls callbacks in list order)."""
+    return next((c for c in reversed(trainer.callbacks) if isinstance(c, TrickCallback)), None)
 
 
 def _truncate_table(path: str, start: Any) -> None:

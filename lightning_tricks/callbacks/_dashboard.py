@@ -31,13 +31,11 @@ from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.scalar.metadata import create_summary_metadata
-from typing_extensions import override
 
 _WRITTEN: WeakKeyDictionary[pl.Trainer, str] = WeakKeyDictionary()
 _PENDING_DESCRIPTIONS: WeakKeyDictionary[Logger, dict[str, str]] = WeakKeyDictionary()
@@ -235,8 +233,6 @@ def _write_tensorboard_dashboard(
         _write_summary(logger, _session_start(record))
         logger._default_hp_metric = False  # Lightning's record would be a placeholder hp_metric = -1
         _PENDING_SESSIONS[logger] = (record, tuple(callbacks))
-        if not any(isinstance(callback, _HParamsOutcome) for callback in trainer.callbacks):
-            trainer.callbacks.append(_HParamsOutcome())
 
 
 def readable_hyperparameters(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -254,9 +250,10 @@ def readable_hyperparameters(params: Mapping[str, Any], prefix: str = "") -> dic
     return flat
 
 
-def finish_sessions(trainer: pl.Trainer, status: int) -> None:
+def finish_sessions(trainer: pl.Trainer, succeeded: bool) -> None:
     """Write the experiment summary (hyper-parameters and :func:`outcome_metrics`) and the session
-    end (``status``, an ``api_pb2.Status``) of every TensorBoard session begun at fit start."""
+    end (success or failure) of every TensorBoard session begun at fit start; once per session."""
+    status = api_pb2.STATUS_SUCCESS if succeeded else api_pb2.STATUS_FAILURE
     for logger in trainer.loggers:
         pending = _PENDING_SESSIONS.pop(logger, None)
         if pending is None:
@@ -272,20 +269,6 @@ def finish_sessions(trainer: pl.Trainer, status: int) -> None:
         end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
         _write_summary(logger, _hparams_summary(hparams_metadata.SESSION_END_INFO_TAG, session_end_info=end))
         logger.experiment.flush()
-
-
-class _HParamsOutcome(Callback):
-    """Added to the trainer at fit start by the dashboard: closes the HParams sessions at fit end."""
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        finish_sessions(trainer, api_pb2.STATUS_SUCCESS)
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        finish_sessions(trainer, api_pb2.STATUS_FAILURE)
 
 
 def _session_start(record: Mapping[str, Any]) -> Summary:

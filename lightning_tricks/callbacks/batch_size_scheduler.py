@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from .. import checks
 from ..batch_size_policies import (
     DecayToBatchPolicy,
     ExplicitPolicy,
@@ -28,12 +29,13 @@ from ..batch_size_policies import (
 )
 from ..gradients.noise_scale import half_batch_noise_parts
 from ..gradients.spectrum import noise_scale_ratio
+from ..outputs import BATCH_SIZE_SCHEDULER
 from ..plotting import plot_batch_size_schedule
-from ._base import TrickCallback, check_every_n, check_loss_fn, first_learning_rate, is_due, resolve_loss_fn
+from ._base import TrickCallback, first_learning_rate, is_due, resolve_loss_fn
 from .fisher_spectrum import FisherSpectrum
 
 LR_SCALINGS = ("none", "linear", "sqrt")
-HISTORY_FILE = "batch_size.csv"
+HISTORY_FILE = BATCH_SIZE_SCHEDULER.files["history"]
 HISTORY_COLUMNS = ("epoch", "step", "size", "physical", "accumulation", "lr")
 LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 """Param-group entries that hold learning rates (``max_lr``/``min_lr``: OneCycleLR's)."""
@@ -170,7 +172,8 @@ class BatchSizeScheduler(TrickCallback):
         [4, 8, 16]
     """
 
-    namespace = "batch_size"
+    namespace = BATCH_SIZE_SCHEDULER.namespace
+    identity_arguments = ("sizes", "schedule", "max_size", "adaptive", "multistep", "batch_arg_name")
 
     def __init__(
         self,
@@ -233,8 +236,8 @@ class BatchSizeScheduler(TrickCallback):
         self.batch_arg_name = batch_arg_name
         self.lr_scaling = "linear" if smith else lr_scaling
         self.max_physical_batch_size = max_physical_batch_size
-        self.noise_every_n_steps = check_every_n("noise_every_n_steps", noise_every_n_steps)
-        self.loss_fn = check_loss_fn(loss_fn)
+        self.noise_every_n_steps = checks.integer("noise_every_n_steps", noise_every_n_steps, minimum=1)
+        self.loss_fn = checks.loss_fn(loss_fn)
         self._fisher: FisherSpectrum | None = None
         self._loss: Callable[[pl.LightningModule, Any], Tensor] | None = None
         self._milestones: list[int] = []
@@ -267,30 +270,6 @@ class BatchSizeScheduler(TrickCallback):
         if self.schedule is not None:
             return ExplicitPolicy(self.schedule)
         return DecayToBatchPolicy(gamma, self.max_size)
-
-    @override
-    def identity(self) -> dict[str, Any]:
-        return {
-            "sizes": self.sizes,
-            "schedule": self.schedule,
-            "max_size": self.max_size,
-            "adaptive": self.adaptive,
-            "multistep": self.multistep,
-            "batch_arg_name": self.batch_arg_name,
-        }
-
-    @override
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **self.identity(),
-            "gamma": self.gamma,
-            "theta": self.theta,
-            "growth": self.growth,
-            "lr_milestones": self.lr_milestones,
-            "lr_scaling": self.lr_scaling,
-            "max_physical_batch_size": self.max_physical_batch_size,
-            "noise_every_n_steps": self.noise_every_n_steps,
-        }
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
@@ -427,6 +406,7 @@ class BatchSizeScheduler(TrickCallback):
             self.log_figure(
                 trainer, f"{self.namespace}/schedule", figure, max(self.training_step(trainer) - 1, 0)
             )
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def get_state(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
+from .. import checks
 from ..gradients.gram import GramCollector
 from ..gradients.spectrum import (
     FisherRunningSums,
@@ -21,7 +22,8 @@ from ..gradients.spectrum import (
     fisher_statistics,
     noise_scale_ratio,
 )
-from ._base import TrickCallback, check_every_n, first_learning_rate, is_due
+from ..outputs import FISHER_SPECTRUM
+from ._base import TrickCallback, first_learning_rate, is_due
 
 LOSS_REDUCTIONS = ("mean", "sum")
 UNSUPPORTED = ("raise", "skip")
@@ -30,9 +32,9 @@ MEASURES = (
     "noise_scale", "trace_sigma", "grad_sq_norm", "batch_size",
 )  # fmt: skip
 LOG10_MEASURES = ("trace", "lambda_max")
-HISTORY_FILE = "fisher_history.csv"
+HISTORY_FILE = FISHER_SPECTRUM.files["history"]
 HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
-EPOCH_FILE = "fisher_spectrum.csv"
+EPOCH_FILE = FISHER_SPECTRUM.files["epochs"]
 EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
 EPOCH_PARTS = ("epoch", "trace_sigma", "grad_sq_norm")  # what epoch_noise_scale pools; checkpointed
 
@@ -130,7 +132,7 @@ class FisherSpectrum(TrickCallback):
         ([0, 4], True)
     """
 
-    namespace = "fisher"
+    namespace = FISHER_SPECTRUM.namespace
 
     def __init__(
         self,
@@ -141,7 +143,7 @@ class FisherSpectrum(TrickCallback):
         unsupported: str = "raise",
     ) -> None:
         super().__init__()
-        self.every_n_steps = check_every_n("every_n_steps", every_n_steps)
+        self.every_n_steps = checks.integer("every_n_steps", every_n_steps, minimum=1)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}; got {loss_reduction!r}.")
         if rank_rtol is not None and not 0 < rank_rtol < 1:
@@ -160,16 +162,6 @@ class FisherSpectrum(TrickCallback):
         self._batch_size: int | None = None
         self._warned_non_finite = False
         self.reset_fit_state()
-
-    @override
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "every_n_steps": self.every_n_steps,
-            "loss_reduction": self.loss_reduction,
-            "rank_rtol": self.rank_rtol,
-            "log_eigenvalues": self.log_eigenvalues,
-            "unsupported": self.unsupported,
-        }
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
@@ -272,6 +264,7 @@ class FisherSpectrum(TrickCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

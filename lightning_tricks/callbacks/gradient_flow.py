@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from .. import checks
 from ..gradients.gradient_flow import (
     ALARM_KINDS,
     COUNT_KINDS,
@@ -44,13 +45,14 @@ from ..gradients.layer_stats import (
     first_uses,
     sort_by_first_use,
 )
+from ..outputs import GRADIENT_FLOW
 from ..plotting import plot_gradient_flow
-from ._base import TrickCallback, check_every_n, is_due
+from ._base import TrickCallback, is_due
 
 ALARM_ACTIONS = ("warn", "raise", "stop")
-METRIC_PREFIX = "grad_flow"
+METRIC_PREFIX = GRADIENT_FLOW.namespace
 LAYER_STATS = ("mean_abs", "l2", "max_abs")
-HISTORY_FILE = "grad_flow.csv"
+HISTORY_FILE = GRADIENT_FLOW.files["history"]
 HISTORY_COLUMNS = ("epoch", "optimizer", "layer", "mean_abs")
 SUMMARY_DESCRIPTIONS = {
     "global_norm": "L2 norm of the optimiser's whole gradient (all its parameters), before clipping",
@@ -231,6 +233,7 @@ class GradientFlow(TrickCallback):
     """
 
     namespace = METRIC_PREFIX
+    identity_arguments = ("include", "exclude", "include_bias")
 
     def __init__(
         self,
@@ -249,7 +252,9 @@ class GradientFlow(TrickCallback):
         after_clipping: bool = False,
     ) -> None:
         super().__init__()
-        self.log_every_n_steps = check_every_n("log_every_n_steps", log_every_n_steps, allow_none=True)
+        self.log_every_n_steps = checks.integer(
+            "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True
+        )
         self.log_per_layer = _check_bool("log_per_layer", log_per_layer)
         self.include_bias = _check_bool("include_bias", include_bias)
         self.after_clipping = _check_bool("after_clipping", after_clipping)
@@ -268,26 +273,6 @@ class GradientFlow(TrickCallback):
         self._filter = LayerFilter(include, exclude)
         self.include, self.exclude = include, exclude
         self.reset_fit_state()
-
-    @override
-    def identity(self) -> dict[str, Any]:
-        return {"include": self.include, "exclude": self.exclude, "include_bias": self.include_bias}
-
-    @override
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **self.identity(),
-            "log_every_n_steps": self.log_every_n_steps,
-            "log_per_layer": self.log_per_layer,
-            "vanish_threshold": self.vanish_threshold,
-            "vanish_ratio": self.vanish_ratio,
-            "explode_threshold": self.explode_threshold,
-            "on_alarm": self.on_alarm,
-            "max_figure_columns": self.max_figure_columns,
-            "figure_lines": self.figure_lines,
-            "figure_time_share": self.figure_time_share,
-            "after_clipping": self.after_clipping,
-        }
 
     @property
     def flows(self) -> dict[int, FlowHistory]:
@@ -419,6 +404,7 @@ class GradientFlow(TrickCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def on_exception(
@@ -427,6 +413,7 @@ class GradientFlow(TrickCallback):
         self._remove_hooks()
         for index, tracked in self._tracked.items():
             self._save_matrix(trainer, index, tracked)
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
+from .. import checks
 from ..gradients.minibatch_distance import (
     DISTANCES,
     MODES,
@@ -29,14 +30,15 @@ from ..gradients.minibatch_distance import (
     rng_devices,
 )
 from ..image_metrics import Metric, color, metric_name, resolve_metric
+from ..outputs import MINIBATCH_HEATMAP
 from ..plotting import plot_minibatch_heatmap
 from ..samplers import MetricSortedBatchSampler, score_dataset, sorted_loader
-from ._base import TrickCallback, check_every_n, check_loss_fn, first_learning_rate, resolve_loss_fn
+from ._base import TrickCallback, first_learning_rate, resolve_loss_fn
 
-MATRIX_FILE = "heatmap_matrix"
-HISTORY_FILE = "heatmap.csv"
+MATRIX_FILE = MINIBATCH_HEATMAP.files["matrix"]
+HISTORY_FILE = MINIBATCH_HEATMAP.files["history"]
 HISTORY_COLUMNS = ("epoch", "lr", "lr_first", "lr_last", "phase", "batch", "metric", "distance")
-SPILL_FILE = "heatmap_gradients.tmp.npy"
+SPILL_FILE = MINIBATCH_HEATMAP.files["spill"]
 ImageTransform = Callable[[Tensor], Tensor]
 """``images (N, C, H, W) -> images``: what the metric sees of a training batch (e.g. a datamodule's
 ``denormalize``)."""
@@ -176,7 +178,8 @@ class MinibatchHeatmap(TrickCallback):
         (2, 3)
     """
 
-    namespace = "heatmap"
+    namespace = MINIBATCH_HEATMAP.namespace
+    identity_arguments = ("metric", "descending", "distance")
 
     def __init__(
         self,
@@ -214,9 +217,9 @@ class MinibatchHeatmap(TrickCallback):
                 "`metric_transform` must be 'auto' (the datamodule's `denormalize`), None (images as the "
                 f"loader gives them) or a callable images -> images; got {metric_transform!r}."
             )
-        self.every_n_epochs = check_every_n("every_n_epochs", every_n_epochs)
+        self.every_n_epochs = checks.integer("every_n_epochs", every_n_epochs, minimum=1)
         self.phases = _checked_phases(phases)
-        check_loss_fn(loss_fn)
+        checks.loss_fn(loss_fn)
         self.metric, self.mode, self.distance = metric_name(metric), mode, distance
         self.memory_budget, self.sketch_dim, self.seed = memory_budget, sketch_dim, seed
         self.descending, self.loss_fn, self.log_scale = descending, loss_fn, log_scale
@@ -226,25 +229,6 @@ class MinibatchHeatmap(TrickCallback):
         self.reset_fit_state()
 
     # -- identity, state, dashboard ------------------------------------------------------------
-
-    @override
-    def identity(self) -> dict[str, Any]:
-        return {"metric": self.metric, "descending": self.descending, "distance": self.distance}
-
-    @override
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **self.identity(),
-            "mode": self.mode,
-            "memory_budget": self.memory_budget,
-            "sketch_dim": self.sketch_dim,
-            "every_n_epochs": self.every_n_epochs,
-            "phases": self.phases if isinstance(self.phases, (str, type(None))) else list(self.phases),
-            "seed": self.seed,
-            "metric_transform": self.metric_transform
-            if isinstance(self.metric_transform, (str, type(None)))
-            else metric_name(self.metric_transform),
-        }
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
@@ -422,6 +406,7 @@ class MinibatchHeatmap(TrickCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -779,9 +764,7 @@ def _checked_phases(phases: Any) -> str | tuple[int, ...] | None:
             f"`phases` must be 'lr', None or a list of epochs (ints >= 0) where phases start; got {phases!r} "
             f"({type(phases).__name__})."
         )
-    if not all(
-        isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in phases
-    ):
+    if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in phases):
         raise ValueError(
             f"`phases` must be 'lr', None or a list of epochs (ints >= 0) where phases start; got {phases!r}."
         )

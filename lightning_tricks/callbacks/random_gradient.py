@@ -22,10 +22,11 @@ from ..gradients.random_weights import (
     check_period,
     check_schedule,
 )
+from ..outputs import RANDOM_GRADIENT
 from ._base import TrickCallback, is_due
 
 METRIC_NAME = "random_gradient/r"
-HISTORY_FILE = "random_gradient.csv"
+HISTORY_FILE = RANDOM_GRADIENT.files["history"]
 HISTORY_COLUMNS = ("step", "backward", "r")
 # Offset added to ``torch.initial_seed()`` when ``seed=None``, so that the r stream is not the
 # same Mersenne-Twister sequence that initialised the model's weights.
@@ -119,7 +120,8 @@ class RandomGradient(TrickCallback):
 
     """
 
-    namespace = "random_gradient"
+    namespace = RANDOM_GRADIENT.namespace
+    identity_arguments = ("low", "high", "schedule", "period", "optimizers")
 
     def __init__(
         self,
@@ -147,20 +149,6 @@ class RandomGradient(TrickCallback):
         self._unselected_ids: frozenset[int] = frozenset()
         self._active_r: float | None = None
         self._last_logged_step = -1
-
-    @override
-    def identity(self) -> dict[str, Any]:
-        return {
-            "low": self.low,
-            "high": self.high,
-            "schedule": self.schedule,
-            "period": self.period,
-            "optimizers": self.optimizers,
-        }
-
-    @override
-    def hyperparameters(self) -> dict[str, Any]:
-        return {**self.identity(), "seed": self.seed, "log_every_n_steps": self.log_every_n_steps}
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
@@ -242,6 +230,7 @@ class RandomGradient(TrickCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._append_history()
         self._remove_hooks()
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def on_exception(
@@ -249,6 +238,7 @@ class RandomGradient(TrickCallback):
     ) -> None:
         self._append_history()
         self._remove_hooks()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
