@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..autograd_graph import leaf_uses
 from .factors import (
+    ChannelAffineFactor,
     ConvFactor,
     EmbeddingFactor,
     GradFactor,
@@ -276,6 +277,7 @@ class GramCollector:
         self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
+        self._grouped: dict[tuple, list[tuple[str, ChannelAffineFactor]]] = {}  # blocks computed when read
         self._missed: set[str] = set()
         self._hidden: dict[int, nn.Parameter] = {}  # weights hidden for a fused call, by id
         self._visible: set[int] = set()  # ids of parameters recorded by a captured call
@@ -334,6 +336,7 @@ class GramCollector:
         self._visible.clear()
         self._consumers.clear()
         self._shared_grads.clear()
+        self._grouped.clear()
 
     @property
     def enabled(self) -> bool:
@@ -354,7 +357,9 @@ class GramCollector:
     @property
     def captured(self) -> bool:
         """Whether a backward delivered at least one layer's output gradient since :meth:`reset`."""
-        return bool(self._blocks or self._shared_grads) or any(layer.factors for layer in self._layers)
+        if self._blocks or self._shared_grads or self._grouped:
+            return True
+        return any(layer.factors for layer in self._layers)
 
     @property
     def methods(self) -> dict[str, str]:
@@ -677,10 +682,12 @@ class GramCollector:
         """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
         ``fused`` weights with autograd's own kernels (bit-identical to a plain backward). The
         materialised parameters of a layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+        calls = layer.factors
+        if len(calls) == 1 and not fused and self._grouped_layer(layer, calls[0]):
+            return
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
-        calls = layer.factors
         for name in layer.params:
             factor = calls[0][name] if len(calls) == 1 else concat_factors([call[name] for call in calls])
             if name in fused:
@@ -722,12 +729,45 @@ class GramCollector:
         layer.plan[name] = (key, method)
         return method
 
+    def _grouped_layer(self, layer: _Layer, factors: dict[str, GradFactor]) -> bool:
+        """A normalisation layer whose factor covers all its active parameters: its block waits,
+        with those of the layers of the same shape, for one batched computation when G is read
+        (:meth:`_flush_groups`); a layer above ``GROUP_MAX_ENTRIES`` gets its block now. ``False``
+        for any other layer."""
+        factor = next(iter(factors.values()))
+        if type(factor) is not ChannelAffineFactor or factor.names != tuple(layer.params):
+            return False
+        layer.factors.clear()
+        for name in factor.names:
+            layer.methods[name] = "materialize"
+        inputs = factor.inputs
+        if inputs.numel() > GROUP_MAX_ENTRIES:
+            self._blocks[layer.name] = _gram(factor.rows())
+        else:
+            key = (inputs.shape, inputs.dtype, inputs.device, factor.mean.shape, factor.names)
+            self._grouped.setdefault(key, []).append((layer.name, factor))
+        if self._hidden:
+            self._restore_layer(layer)
+        return True
+
+    def _flush_groups(self) -> None:
+        """The blocks that wait in groups of one shape: one batched computation per group."""
+        for group in self._grouped.values():
+            if len(group) == 1:
+                name, factor = group[0]
+                self._blocks[name] = _gram(factor.rows())
+                continue
+            blocks = ChannelAffineFactor.grams([factor for _, factor in group]).unbind(0)
+            self._blocks.update(zip([name for name, _ in group], blocks))
+        self._grouped.clear()
+
     def _finish_pending(self) -> None:
         """Layers with a call whose output got no gradient: finish with the calls that did."""
         for layer in self._layers:
             if layer.factors:
                 layer.pending = 0
                 self._finish_layer(layer, fused=())
+        self._flush_groups()
         self._finish_shared()
         self._restore_requires_grad()
 
@@ -985,6 +1025,11 @@ def _choose_method(factor: GradFactor, method: str) -> str:
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
 
+
+GROUP_MAX_ENTRIES = 2**16
+"""Normalisation layers whose input has at most this many entries (small maps and batches: a
+host-bound step) have their blocks computed when G is read, together with the layers of the same
+shape (one batched computation); larger ones at their backward, so no activation is held longer."""
 
 SYMMETRIC_MIN_BATCH = 64
 
