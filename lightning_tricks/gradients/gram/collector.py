@@ -277,7 +277,7 @@ class GramCollector:
         self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
-        self._grouped: dict[tuple, list[tuple[str, ChannelAffineFactor]]] = {}  # blocks computed when read
+        self._grouped: dict[tuple, list[tuple[str, GradFactor]]] = {}  # block parts computed when read
         self._missed: set[str] = set()
         self._hidden: dict[int, nn.Parameter] = {}  # weights hidden for a fused call, by id
         self._visible: set[int] = set()  # ids of parameters recorded by a captured call
@@ -701,6 +701,8 @@ class GramCollector:
             layer.methods[name] = method
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
+            elif type(factor) is ConvFactor and _groupable_conv(factor):
+                self._group(_conv_group_key(factor), layer.name, factor)
             else:
                 per_sample.append(_rows(factor))
         if len(per_sample) > 1:
@@ -714,7 +716,8 @@ class GramCollector:
         calls.clear()
         if fused_grads:
             self._write_fused_grads(layer, fused_grads)
-        self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
+        if blocks:  # else every part of the block waits in a group
+            self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         if self._hidden:
             self._restore_layer(layer)
 
@@ -744,21 +747,39 @@ class GramCollector:
         if inputs.numel() > GROUP_MAX_ENTRIES:
             self._blocks[layer.name] = _gram(factor.rows())
         else:
-            key = (inputs.shape, inputs.dtype, inputs.device, factor.mean.shape, factor.names)
-            self._grouped.setdefault(key, []).append((layer.name, factor))
+            key = (
+                ChannelAffineFactor,
+                inputs.shape,
+                inputs.dtype,
+                inputs.device,
+                factor.mean.shape,
+                factor.names,
+            )
+            self._group(key, layer.name, factor)
         if self._hidden:
             self._restore_layer(layer)
         return True
 
+    def _group(self, key: tuple, name: str, factor: GradFactor) -> None:
+        """Leave the Gram of ``factor`` (part of layer ``name``'s block) to :meth:`_flush_groups`."""
+        self._grouped.setdefault(key, []).append((name, factor))
+
     def _flush_groups(self) -> None:
-        """The blocks that wait in groups of one shape: one batched computation per group."""
+        """The block parts that wait in groups of one shape (the factor's ``grams``: one batched
+        computation per group), added to their layers' blocks."""
+        if self._grouped:
+            with torch.no_grad():
+                self._flush_grouped()
+
+    def _flush_grouped(self) -> None:
+        blocks = self._blocks
         for group in self._grouped.values():
             if len(group) == 1:
-                name, factor = group[0]
-                self._blocks[name] = _gram(factor.rows())
-                continue
-            blocks = ChannelAffineFactor.grams([factor for _, factor in group]).unbind(0)
-            self._blocks.update(zip([name for name, _ in group], blocks))
+                parts = [_gram(_rows(group[0][1]))]
+            else:
+                parts = type(group[0][1]).grams([factor for _, factor in group]).unbind(0)
+            for (name, _), part in zip(group, parts):
+                blocks[name] = part if name not in blocks else blocks[name] + part
         self._grouped.clear()
 
     def _finish_pending(self) -> None:
@@ -1007,6 +1028,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _groupable_conv(factor: ConvFactor) -> bool:
+    """A convolution whose per-sample gradients may wait for those of the same-shaped ones: small
+    operands (at most ``GROUP_MAX_ENTRIES`` entries each)."""
+    return factor.inputs.numel() <= GROUP_MAX_ENTRIES and factor.backprops.numel() <= GROUP_MAX_ENTRIES
+
+
+def _conv_group_key(factor: ConvFactor) -> tuple:
+    """What convolutions computed together must share: operand shapes, dtypes, device, geometry."""
+    layer, inputs = factor.layer, factor.inputs
+    return (
+        ConvFactor, type(layer), inputs.shape, factor.backprops.shape, inputs.dtype, factor.backprops.dtype,
+        factor.dtype, inputs.device, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+        layer.groups, layer.padding_mode, layer.transposed,
+    )  # fmt: skip
+
+
 def _shaped(factor: GradFactor) -> bool:
     """Whether the factor's costs depend on nothing but its type, its layer and the shapes of its
     first two fields (tensors)."""
@@ -1027,9 +1064,10 @@ def _choose_method(factor: GradFactor, method: str) -> str:
 
 
 GROUP_MAX_ENTRIES = 2**16
-"""Normalisation layers whose input has at most this many entries (small maps and batches: a
-host-bound step) have their blocks computed when G is read, together with the layers of the same
-shape (one batched computation); larger ones at their backward, so no activation is held longer."""
+"""Normalisation layers and materialised convolutions whose operands have at most this many
+entries (small maps and batches: a host-bound step) have their blocks computed when G is read,
+together with the layers of the same shape (one batched computation); larger ones at their
+backward, so no large activation is held longer."""
 
 SYMMETRIC_MIN_BATCH = 64
 

@@ -279,6 +279,26 @@ class ConvFactor(NamedTuple):
         )
 
     @staticmethod
+    def grams(factors: Sequence[ConvFactor]) -> Tensor:
+        """The blocks G_l = R_l R_lᵀ, (n, B, B), of n convolutions with the same geometry, operand
+        shapes and dtypes: their per-sample gradients from one computation on the n·B samples
+        stacked (each sample's g_i depends on its own operands only, seed 004 eq. 6), then one
+        batched product."""
+        first = factors[0]
+        count, batch = len(factors), first.inputs.shape[0]
+        joined = ConvFactor(
+            torch.cat([f.inputs for f in factors]),
+            torch.cat([f.backprops for f in factors]),
+            first.layer,
+            first.dtype,
+        )
+        rows = joined.rows()
+        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: back to per-sample order
+            rows = rows.transpose(0, 1)
+        rows = rows.reshape(count, batch, -1)
+        return torch.bmm(rows, rows.transpose(1, 2))
+
+    @staticmethod
     def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
         """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
         return OuterFactor.concat([f.as_outer() for f in factors])
