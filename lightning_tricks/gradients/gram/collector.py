@@ -797,7 +797,7 @@ class GramCollector:
         """param.grad += Σ_i g_i (a new tensor where ``.grad`` is None), in the parameter's dtype."""
         for name, grad in grads.items():
             param = layer.params[name]
-            grad = cast(grad, param.dtype)
+            grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:

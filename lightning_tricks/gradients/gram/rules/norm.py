@@ -21,7 +21,10 @@ def _channel_affine_factors(
     """y = γ_c·(x − μ)·r + β_c per channel c, inputs and backprops (B, C, *S), μ and r = 1/√(σ² + ε)
     of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004
     eq. 6), computed when read (:class:`~..factors.ChannelAffineFactor`: same-shaped layers together)."""
-    names = tuple(name for name in ("weight", "bias") if getattr(layer, name) is not None)
+    has_weight, has_bias = layer.weight is not None, layer.bias is not None
+    names = (
+        ("weight", "bias") if has_weight and has_bias else ("weight",) if has_weight else ("bias",)[:has_bias]
+    )
     return {name: ChannelAffineFactor(inputs, backprops, mean, rstd, names, name) for name in names}
 
 
@@ -90,7 +93,8 @@ def batch_norm_factors(
     raw = activations.inputs if isinstance(activations, NormalizedInput) else activations
     dtype = compute_dtype(raw, backprops)
     inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
-    return _channel_affine_factors(layer, inputs, cast(backprops, dtype), mean, rstd)
+    backprops = backprops if backprops.dtype == dtype else backprops.to(dtype)
+    return _channel_affine_factors(layer, inputs, backprops, mean, rstd)
 
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
