@@ -140,8 +140,8 @@ class GramCollector:
     accumulated micro-batches; activation checkpointing, which re-runs forwards inside the
     backward, is not supported).
 
-    Trainable set: the parameters that enter G are re-read at each module's first captured forward
-    after :meth:`reset`: one with ``requires_grad=False`` then (frozen by the user) is left out and
+    Trainable set: the parameters that enter G are re-read at the first captured forward after
+    :meth:`reset`: one with ``requires_grad=False`` then (frozen by the user) is left out and
     never touched; one unfrozen later enters G. A parameter registered in several captured modules
     (tied weights, e.g. an embedding and an output Linear) is measured exactly: its per-sample
     gradients are materialised per module and added (cross terms included), and its block appears
@@ -273,6 +273,7 @@ class GramCollector:
         for layer in self._layers:
             layer.backprop_hook = _WeakHook(self._on_backprop, layer)
         self._params = list({id(p): p for layer in self._layers for p in layer.everything}.values())
+        self._flags: list[bool] = []  # requires_grad of _params at the last collection's first forward
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
@@ -465,7 +466,7 @@ class GramCollector:
         if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return
         if not layer.activated:
-            self._activate(layer)
+            self._activate_all(layer)
         if not (self._fuse and layer.fusable):
             return
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
@@ -569,6 +570,21 @@ class GramCollector:
             self._missed.add(_param_name(*self._owners[param][0]))
 
     # -- trainable set, tied weights, outside use ---------------------------------------------
+
+    def _activate_all(self, layer: _Layer) -> None:
+        """At a collection's first captured forward (``layer``'s), the flags of all candidates in
+        one pass: the same as at the last collection (the usual case), every layer keeps its
+        trainable set without a call per layer; else every layer derives its own
+        (:meth:`_activate`)."""
+        hidden = self._hidden
+        flags = [id(p) in hidden or p.requires_grad for p in self._params]
+        unchanged = flags == self._flags and not self._unhooked
+        self._flags = flags
+        for other in self._layers:
+            if unchanged:
+                other.activated = True
+            else:
+                self._activate(other)
 
     def _activate(self, layer: _Layer) -> None:
         """The layer's parameters that require grad now (the user's flags) enter this collection
