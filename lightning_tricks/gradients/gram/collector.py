@@ -175,6 +175,13 @@ class GramCollector:
     <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
+    Host cost (where a GPU's step waits for Python): hooks are registered once and put in and out
+    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); the method
+    of each parameter is planned at its first collection; normalisation layers and materialised
+    convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
+    operands until G is read, when the layers of one shape get their blocks from one batched
+    computation (larger layers are computed in the backward, so no large activation is held).
+
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
         loss_reduction: ``"mean"`` if the backpropagated loss is (1/B)·Σ_i ℓ_i, ``"sum"`` if Σ_i ℓ_i.
