@@ -96,7 +96,7 @@ class GramCollector:
     layer's input in the forward and its output gradient in the ordinary backward; a per-layer
     rule (:mod:`~lightning_tricks.gradients.gram.rules`) turns the two into that layer's (B, B)
     contribution, inside the backward, so per-sample gradients of more than one layer are never
-    held. There is no second backward and no loop over samples. Per layer and parameter the
+    held (but those of small same-shaped layers, computed together; see *Host cost* below). There is no second backward and no loop over samples. Per layer and parameter the
     cheaper of two exact methods is used: *ghost* (inner products of activations and of output
     gradients, cost ∝ B²·T²·(d_in + d_out) for T positions) or *materialised* (that layer's
     per-sample gradients, then their Gram, cost ∝ B·T·d_in·d_out + B²·d_in·d_out).
