@@ -55,7 +55,8 @@ class _Layer:
     collector fuse (``fused_names``; ``unfused_ids``: ids of the other active and shared ones, which
     a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
     shared parameters (the order of ``flags``), set once tied weights are known.
-    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
+    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B;
+    ``leading_batch``: B is that leading size (the rule's ``batch_size`` is the default).
     ``backprop_hook``: the collector's (weak) output-gradient hook for this layer. ``plan``: per
     parameter, the method chosen at its first collection with the shapes it was chosen for."""
 
@@ -79,13 +80,15 @@ class _Layer:
     shared_params: list[nn.Parameter] = field(default_factory=list)
     everything: list[nn.Parameter] = field(default_factory=list)
     default_capture: bool = field(init=False)
+    leading_batch: bool = field(init=False)
     backprop_hook: Callable[..., None] | None = None
     plan: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.candidates = dict(self.params)
         rule = self.rule
-        self.default_capture = rule.capture is capture_input and rule.batch_size is leading_batch_size
+        self.leading_batch = rule.batch_size is leading_batch_size
+        self.default_capture = rule.capture is capture_input and self.leading_batch
 
 
 class GramCollector:
@@ -520,8 +523,11 @@ class GramCollector:
             self._record_consumers(layer, hidden, output, args, kwargs)
         if inputs.shape[:1] == (0,):  # an empty batch: nothing to measure
             return None
-        if layer.default_capture and inputs.dim() > 0:
-            batch_size, activations = inputs.shape[0], inputs
+        if layer.leading_batch and inputs.dim() > 0:
+            batch_size = inputs.shape[0]
+            activations = (
+                inputs if layer.default_capture else layer.rule.capture(module, args, kwargs, output)
+            )
         else:
             batch_size = layer.rule.batch_size(module, args, kwargs)
             activations = layer.rule.capture(module, args, kwargs, output)

@@ -57,12 +57,12 @@ def batch_norm_capture(
 ) -> Tensor | NormalizedInput:
     """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
     so the rule needs no second pass over the input; the bare input where they are not exposed."""
-    inputs = first_tensor(args, kwargs)
+    inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
     node = output.grad_fn
     mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
     channels = (inputs.shape[1],)
     saved = isinstance(mean, Tensor) and isinstance(rstd, Tensor) and mean.shape == channels == rstd.shape
-    if saved and _uses_batch_stats(layer):
+    if saved and (layer.training or layer.running_mean is None):  # batch statistics (_uses_batch_stats)
         return NormalizedInput(inputs, mean, rstd)
     return inputs
 
