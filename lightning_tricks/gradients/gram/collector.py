@@ -731,7 +731,7 @@ class GramCollector:
             if method == "ghost":
                 blocks.append(factor.ghost_gram())
             elif type(factor) is ConvFactor and _groupable_conv(factor):
-                self._group(_conv_group_key(factor), layer.name, factor)
+                self._grouped.setdefault(_conv_group_key(factor), []).append((layer.name, factor))
             else:
                 per_sample.append(_rows(factor))
         if len(per_sample) > 1:
@@ -753,7 +753,12 @@ class GramCollector:
     def _planned_method(self, layer: _Layer, name: str, factor: GradFactor) -> str:
         """:func:`_choose_method`, decided at the parameter's first collection and reused while
         its factor's type and operand shapes (which the costs depend on) stay the same."""
-        key = (type(factor), factor[0].shape, factor[1].shape) if _shaped(factor) else None
+        shaped = (
+            type(factor) in _SHAPED_FACTORS
+            and isinstance(factor[0], Tensor)
+            and isinstance(factor[1], Tensor)
+        )
+        key = (type(factor), factor[0].shape, factor[1].shape) if shaped else None  # what the costs depend on
         planned = layer.plan.get(name)
         if key is not None and planned is not None and planned[0] == key:
             return planned[1]
@@ -784,14 +789,10 @@ class GramCollector:
                 factor.mean.shape,
                 factor.names,
             )
-            self._group(key, layer.name, factor)
+            self._grouped.setdefault(key, []).append((layer.name, factor))
         if self._hidden:
             self._restore_layer(layer)
         return True
-
-    def _group(self, key: tuple, name: str, factor: GradFactor) -> None:
-        """Leave the Gram of ``factor`` (part of layer ``name``'s block) to :meth:`_flush_groups`."""
-        self._grouped.setdefault(key, []).append((name, factor))
 
     def _flush_groups(self) -> None:
         """The block parts that wait in groups of one shape (the factor's ``grams``: one batched
@@ -1073,13 +1074,9 @@ def _conv_group_key(factor: ConvFactor) -> tuple:
     )  # fmt: skip
 
 
-def _shaped(factor: GradFactor) -> bool:
-    """Whether the factor's costs depend on nothing but its type, its layer and the shapes of its
-    first two fields (tensors)."""
-    return type(factor) in _SHAPED_FACTORS and isinstance(factor[0], Tensor) and isinstance(factor[1], Tensor)
-
-
 _SHAPED_FACTORS = (OuterFactor, ConvFactor, EmbeddingFactor)
+"""Factors whose method costs depend on nothing but their type, their layer and the shapes of their
+first two fields (tensors)."""
 
 
 def _choose_method(factor: GradFactor, method: str) -> str:
