@@ -357,13 +357,15 @@ def test_per_layer_blocks_match_reference_and_sum_to_total(arch: str) -> None:
 @pytest.mark.parametrize(
     "arch", ["cnn", "resnet_bn_eval", "densenet_block", "conv1d_sequence", "conv_transpose", "conv3d"]
 )
+@pytest.mark.parametrize("method", ["materialize", "ghost"])
 @pytest.mark.parametrize("grouped", ["grouped", "grouped, shifted by offset", "one by one"])
 def test_blocks_grouped_by_shape_or_one_by_one(
-    arch: str, grouped: str, monkeypatch: pytest.MonkeyPatch
+    arch: str, grouped: str, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Normalisation layers and materialised convolutions of one shape get their blocks from one
-    batched computation when G is read (small operands), larger ones each at its backward: the
-    same blocks either way, and ``.grad`` untouched (fused weights written at the backward)."""
+    """Normalisation layers and convolutions (materialised or ghost) of one shape get their blocks
+    from one batched computation when G is read (small operands), larger ones each at its
+    backward: the same blocks either way, and ``.grad`` untouched (fused weights written at the
+    backward)."""
     if grouped == "one by one":
         monkeypatch.setattr(collector_module, "GROUP_MAX_ENTRIES", 0)
     if grouped == "grouped, shifted by offset":  # per-sample rows split by kernel offset
@@ -372,7 +374,7 @@ def test_blocks_grouped_by_shape_or_one_by_one(
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    gram = collect(model, x, y, method="materialize", fuse_weight_grad=True)
+    gram = collect(model, x, y, method=method, fuse_weight_grad=True)
     assert bool(gram._grouped) == (grouped != "one by one")
     for p, expected in zip(model.parameters(), plain):
         torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())

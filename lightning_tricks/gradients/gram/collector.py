@@ -728,10 +728,10 @@ class GramCollector:
                 continue
             method = self._planned_method(layer, name, factor)
             layer.methods[name] = method
-            if method == "ghost":
+            if type(factor) is ConvFactor and _groupable_conv(factor):
+                self._grouped.setdefault((method, *_conv_group_key(factor)), []).append((layer.name, factor))
+            elif method == "ghost":
                 blocks.append(factor.ghost_gram())
-            elif type(factor) is ConvFactor and _groupable_conv(factor):
-                self._grouped.setdefault(_conv_group_key(factor), []).append((layer.name, factor))
             else:
                 per_sample.append(_rows(factor))
         if len(per_sample) > 1:
@@ -803,11 +803,15 @@ class GramCollector:
 
     def _flush_grouped(self) -> None:
         blocks = self._blocks
-        for group in self._grouped.values():
+        for key, group in self._grouped.items():
+            first = group[0][1]
+            ghost = key[0] == "ghost"  # a convolution's method (a normalisation layer's key: its type)
             if len(group) == 1:
-                parts = [_gram(_rows(group[0][1]))]
+                parts = [first.ghost_gram() if ghost else _gram(_rows(first))]
+            elif ghost:
+                parts = ConvFactor.grams([factor for _, factor in group], ghost=True).unbind(0)
             else:
-                parts = type(group[0][1]).grams([factor for _, factor in group]).unbind(0)
+                parts = type(first).grams([factor for _, factor in group]).unbind(0)
             for (name, _), part in zip(group, parts):
                 blocks[name] = part if name not in blocks else blocks[name] + part
         self._grouped.clear()

@@ -86,6 +86,15 @@ class OuterFactor(NamedTuple):
         output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
         return (input_products * output_products).sum(dim=(2, 3, 4))
 
+    def ghost_grams(self, count: int) -> Tensor:
+        """:meth:`ghost_gram` of each of ``count`` layers whose samples are stacked in the batch
+        dimension (n·B, K, p, T): the diagonal (B, B) blocks only, (n, B, B)."""
+        activations = self.activations.reshape(count, -1, *self.activations.shape[1:])
+        backprops = self.backprops.reshape(count, -1, *self.backprops.shape[1:])
+        input_products = torch.einsum("nbkpt,nckps->nbckts", activations, activations)
+        output_products = torch.einsum("nbkqt,nckqs->nbckts", backprops, backprops)
+        return (input_products * output_products).sum(dim=(3, 4, 5))
+
     def per_sample(self) -> Tensor:
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
         grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
@@ -279,11 +288,11 @@ class ConvFactor(NamedTuple):
         )
 
     @staticmethod
-    def grams(factors: Sequence[ConvFactor]) -> Tensor:
-        """The blocks G_l = R_l R_lᵀ, (n, B, B), of n convolutions with the same geometry, operand
-        shapes and dtypes: their per-sample gradients from one computation on the n·B samples
-        stacked (each sample's g_i depends on its own operands only, seed 004 eq. 6), then one
-        batched product."""
+    def grams(factors: Sequence[ConvFactor], ghost: bool = False) -> Tensor:
+        """The blocks G_l, (n, B, B), of n convolutions with the same geometry, operand shapes and
+        dtypes, from one computation on the n·B samples stacked (each sample's g_i depends on its
+        own operands only, seed 004 eq. 6): materialised, R_l R_lᵀ by one batched product of their
+        per-sample gradients R_l; ``ghost``, :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
         first = factors[0]
         count, batch = len(factors), first.inputs.shape[0]
         joined = ConvFactor(
@@ -292,6 +301,8 @@ class ConvFactor(NamedTuple):
             first.layer,
             first.dtype,
         )
+        if ghost:
+            return joined.as_outer().ghost_grams(count)
         rows = joined.rows()
         if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: back to per-sample order
             rows = rows.transpose(0, 1)
