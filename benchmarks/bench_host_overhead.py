@@ -20,7 +20,7 @@ calls (Python that torch calls back), host syncs (device-to-host reads asked for
 The plain row gives totals, the others what the callback adds.
 
     python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--statistic min]
-        [--quick]
+        [--quick] [--counts-only] [--only FisherSpectrum]
 """
 
 from __future__ import annotations
