@@ -17,7 +17,7 @@ import tempfile
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import silence_lightning
+from common import quiet_trainer, silence_lightning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,17 +53,7 @@ def state_sizes(steps: int, root: str) -> dict[str, int]:
         FisherSpectrum(every_n_steps=100),
         BatchSizeScheduler(schedule={0: 4, 1: 8}),
     ]
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
-    trainer.fit(TinyRegression())
+    quiet_trainer(steps, callbacks, root).fit(TinyRegression())
     sizes = {}
     for callback in callbacks:
         buffer = io.BytesIO()

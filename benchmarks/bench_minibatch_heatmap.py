@@ -17,16 +17,21 @@ sketch: K×d), the running sum and the sketch's hash tables, plus the frozen cop
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 
 import lightning.pytorch as pl
 import torch
-from common import ResNet20Classifier, silence_lightning
+from common import (
+    ResNet20Classifier,
+    machine_description,
+    quiet_trainer,
+    random_image_loader,
+    silence_lightning,
+)
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_tricks import MinibatchHeatmap
 from lightning_tricks.image_metrics import intensity
@@ -72,54 +77,31 @@ class EpochClock:
 def _held_bytes(trainer: pl.Trainer) -> int:
     """Bytes of the tensors the heatmap holds during the epoch (store, sums, sketch, frozen copy)."""
     for callback in trainer.callbacks:
-        if isinstance(callback, MinibatchHeatmap) and callback._engine is not None:
-            engine = callback._engine
+        if isinstance(callback, MinibatchHeatmap) and callback._epoch is not None:
+            engine = callback._epoch.engine
             tensors = [engine._store._memory, engine._sum, engine._weights]
             if engine.sketch is not None:
                 tensors += [engine.sketch.buckets, engine.sketch.signs]
-            params, buffers = callback._frozen
+            params, buffers = callback._epoch.frozen
             tensors += list(params.values()) + list(buffers.values())
             return sum(t.numel() * t.element_size() for t in tensors)
     return 0
 
 
 def sorted_loader(steps: int, batch_size: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    n = steps * batch_size
-    images = torch.randn(n, 3, 32, 32, generator=generator)
-    data = TensorDataset(images, torch.randint(0, 10, (n,), generator=generator))
-    return DataLoader(data, batch_sampler=MetricSortedBatchSampler(intensity(images), batch_size))
+    """The benchmarks' random images (:func:`common.random_image_loader`), in fixed batches sorted by intensity."""
+    data = random_image_loader(steps, batch_size).dataset
+    return DataLoader(data, batch_sampler=MetricSortedBatchSampler(intensity(data.tensors[0]), batch_size))
 
 
 def run(config: dict | None, epochs: int, loader: DataLoader, root: str) -> tuple[float, int]:
     """Mean epoch time after the first epoch, and the bytes the callback held."""
     clock = EpochClock()
-    middle = [] if config is None else [MinibatchHeatmap(progress=False, **config)]
+    middle = [] if config is None else [MinibatchHeatmap(**config)]
     torch.manual_seed(0)
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock.start, *middle, clock.stop],
-    )
+    trainer = quiet_trainer(epochs * len(loader), [clock.start, *middle, clock.stop], root, max_epochs=epochs)
     trainer.fit(ResNet20WithLoss(), loader)
     return statistics.fmean(clock.times[1:]), clock.held_bytes
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -145,8 +127,7 @@ def main() -> None:
     plain = times["plain epoch"]
     print(
         f"MinibatchHeatmap overhead: CIFAR ResNet-20, B={args.batch_size}, K={args.steps} batches/epoch, "
-        f"3x32x32, CPU {cpu_model()} ({torch.get_num_threads()} threads), {args.rounds} rounds x "
-        f"{args.epochs - 1} timed epochs"
+        f"3x32x32, {args.rounds} rounds x {args.epochs - 1} timed epochs; {machine_description()}"
     )
     print(f"{'configuration':<42}{'epoch [s]':>11}{'ratio':>8}{'held [MiB]':>12}")
     for name in names:

@@ -84,23 +84,26 @@ def random_image_loader(steps: int, batch_size: int, size: int = 32) -> DataLoad
     )
 
 
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+"""Trainer arguments of a quiet one-device CPU run: no logger, checkpoint, progress bar, summary or
+sanity check (the tests' ``trainer_for`` starts from them too)."""
+
+
 def quiet_trainer(
     steps: int, callbacks: list[Callback], root: str | None = None, accelerator: str = "cpu", **options
 ) -> pl.Trainer:
-    """A one-device trainer for ``steps`` steps with no logger, checkpoint, progress bar or summary
-    (``options``: more Trainer arguments, e.g. ``precision``)."""
-    return pl.Trainer(
-        default_root_dir=root,
-        accelerator=accelerator,
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **options,
-    )
+    """A :data:`QUIET_TRAINER` for ``steps`` steps on ``accelerator`` (``options``: more Trainer
+    arguments, or other values of its own, e.g. ``precision``)."""
+    settings = {**QUIET_TRAINER, "accelerator": accelerator, "max_steps": steps, **options}
+    return pl.Trainer(default_root_dir=root, callbacks=callbacks, **settings)
 
 
 def silence_lightning() -> None:
@@ -181,7 +184,7 @@ class _OpCounter:
     def stop(self) -> dict[str, int]:
         self._profiler.__exit__(None, None, None)
         events = [e for e in self._profiler.events() if e.name.startswith("aten::")]
-        top = sum(1 for e in events if not _has_aten_ancestor(e))
+        top = sum(1 for e in events if is_top_level_aten(e))
         memo: dict[int, bool] = {}
         kernels = sum(1 for e in events if e.name not in NO_KERNEL_OPS and not _computes_below(e, memo))
         return {"aten_ops": top, "kernel_ops": kernels}
@@ -198,13 +201,17 @@ def _computes_below(event, memo: dict[int, bool]) -> bool:
     return memo[id(event)]
 
 
-def _has_aten_ancestor(event) -> bool:
+def is_top_level_aten(event) -> bool:
+    """Whether a profiler ``event`` is an aten op with no aten op above it (what Python or autograd
+    asked for, not an op another op runs inside it); the tests' op counts use it too."""
+    if not event.name.startswith("aten::"):
+        return False
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("aten::"):
-            return True
+            return False
         parent = parent.cpu_parent
-    return False
+    return True
 
 
 class _CallCounter:
@@ -356,3 +363,10 @@ def format_count_table(table: dict[str, dict[str, float]]) -> list[str]:
         texts = [f"{values[c]:,.0f}" if index == 0 else f"{values[c]:+,.0f}" for c in columns]
         lines.append(f"{row:<52}" + "".join(f"{text:>14}" for text in texts))
     return lines
+
+
+
+def quiet_fit_trainer(callbacks: list[Callback], root: str | None = None, **overrides) -> pl.Trainer:
+    """:data:`QUIET_TRAINER` with any of its settings overridden, e.g. ``max_epochs=1000, logger=TensorBoardLogger(...)``
+    for a fit bounded by epochs that logs."""
+    return pl.Trainer(default_root_dir=root, callbacks=callbacks, **{**QUIET_TRAINER, **overrides})

@@ -12,13 +12,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
+from lightning_tricks import checks
 
 
 def check_split_size(name: str, value: object) -> None:
@@ -224,12 +218,11 @@ class ClassificationDataModule(LoaderMixin, L.LightningDataModule):
         self, batch_size: int, num_workers: int, val_size: int | float, seed: int, stratify: bool
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
+        checks.integer("batch_size", batch_size, minimum=1)
+        checks.integer("num_workers", num_workers, minimum=0)
         check_split_size("val_size", val_size)
-        check_int("seed", seed, 0)
-        if not isinstance(stratify, bool):
-            raise TypeError(f"`stratify` must be True or False, got {stratify!r}.")
+        checks.integer("seed", seed, minimum=0)
+        checks.boolean("stratify", stratify)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers

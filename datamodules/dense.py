@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .base import LoaderMixin, check_int
+from lightning_tricks import checks
+
+from .base import LoaderMixin
 
 
 class DenseDataModule(LoaderMixin, L.LightningDataModule):
@@ -32,9 +34,9 @@ class DenseDataModule(LoaderMixin, L.LightningDataModule):
 
     def __init__(self, image_size: int, batch_size: int, num_workers: int) -> None:
         super().__init__()
-        check_int("image_size", image_size, 8)
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
+        checks.integer("image_size", image_size, minimum=8)
+        checks.integer("batch_size", batch_size, minimum=1)
+        checks.integer("num_workers", num_workers, minimum=0)
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from .base import ClassificationDataModule, check_int, check_split_size, holdout_split, split_count
+from lightning_tricks import checks
+
+from .base import ClassificationDataModule, check_split_size, holdout_split, split_count
 
 DIGITS_PIXEL_MAX = 16.0
 DIGITS_NATIVE_SIZE = 8
@@ -67,7 +69,7 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         stratify: bool = True,
     ) -> None:
-        check_int("image_size", image_size, DIGITS_NATIVE_SIZE)
+        checks.integer("image_size", image_size, minimum=DIGITS_NATIVE_SIZE)
         if isinstance(channels, bool) or channels not in (1, 3):
             raise ValueError(f"`channels` must be 1 or 3, got {channels!r}.")
         check_split_size("test_size", test_size)

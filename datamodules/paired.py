@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .base import check_int
+from lightning_tricks import checks
+
 from .dense import DenseDataModule
 from .vision import DatasetNotFoundError
 
@@ -90,7 +91,7 @@ class PairedImageDataModule(DenseDataModule):
             raise TypeError(f"`augment` must be True or False, got {augment!r}.")
         super().__init__(image_size, batch_size, num_workers)
         load_size = image_size if load_size is None else load_size
-        check_int("load_size", load_size, image_size)
+        checks.integer("load_size", load_size, minimum=image_size)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.direction, self.load_size, self.augment = direction, load_size, augment

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from .base import check_int
+from lightning_tricks import checks
+
 from .dense import DenseDataModule
 
 SHAPE_CLASSES = ("background", "disk", "square", "triangle")
@@ -133,9 +134,9 @@ class _ShapesDataModule(DenseDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, num_workers)
         for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            check_int(name, value, 1)
-        check_int("max_shapes", max_shapes, 1)
-        check_int("seed", seed, 0)
+            checks.integer(name, value, minimum=1)
+        checks.integer("max_shapes", max_shapes, minimum=1)
+        checks.integer("seed", seed, minimum=0)
         if not isinstance(augment, bool):
             raise TypeError(f"`augment` must be True or False, got {augment!r}.")
         self.save_hyperparameters()

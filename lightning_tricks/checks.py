@@ -95,6 +95,17 @@ def sequence(name: str, value: Any, allow_none: bool = False, what: str = "a lis
     return tuple(value)
 
 
+def integers(
+    name: str, values: Any, minimum: int | None = None, length: int | None = None
+) -> tuple[int, ...]:
+    """A non-empty list or tuple of integers ``>= minimum`` (``length`` of them if given), as a tuple."""
+    values = sequence(name, values, what="a list of integers")
+    if not values or (length is not None and len(values) != length):
+        count = f"{length} integers" if length is not None else "at least one integer"
+        raise _fail(ValueError, name, f"a list of {count}", values)
+    return tuple(integer(f"{name}[{i}]", value, minimum=minimum) for i, value in enumerate(values))
+
+
 def callable_with(name: str, value: Any, arguments: int, signature_text: str, allow_none: bool = True) -> Any:
     """A callable that can be called with ``arguments`` positional arguments (``signature_text``
     shows how, e.g. ``"loss_fn(module, batch) -> scalar mean loss"``); ``None`` where allowed.

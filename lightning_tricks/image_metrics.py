@@ -28,6 +28,10 @@ from torch import Tensor, nn
 Metric = Callable[[Tensor], Tensor]
 """A metric: ``images (N, C, H, W) -> scores (N,)`` or ``(N, m)`` (a lexicographic key)."""
 
+ImageTransform = Callable[[Tensor], Tensor]
+"""``images (N, C, H, W) -> images``: what a metric sees of a training batch (e.g. a datamodule's
+``denormalize``)."""
+
 ALEXNET_RELU_LAYERS = (1, 4, 7, 9, 11)
 """Indices in ``torchvision.models.alexnet().features`` of the ReLUs after conv1..conv5 (LPIPS's taps)."""
 

@@ -9,6 +9,7 @@ progress bar); :class:`MetricSortedBatchSampler` forms the batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .image_metrics import Metric, metric_order, primary_score
+
+ProgressBar = Callable[[int, str], AbstractContextManager[Any]]
+"""``progress(total, description)``: a context manager giving a bar with ``update(n)``."""
 
 
 def images_of(batch: Any, image_key: int | str = 0) -> Tensor:
@@ -61,7 +65,7 @@ def score_dataset(
     collate_fn: Callable | None = None,
     image_key: int | str = 0,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | ProgressBar = True,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``metric`` of every image of ``dataset``, in dataset order, on the CPU: ``(N,)`` or ``(N, m)``.
@@ -71,7 +75,9 @@ def score_dataset(
     than standardised; ``None``: as the dataset gives them). A metric with ``needs_reference``
     (:class:`~lightning_tricks.image_metrics.PerceptualDistance`) first gets the dataset's average
     image through ``metric.with_reference`` (a second pass). The torch RNG is forked, so random
-    augmentations in the dataset draw without moving the training's random stream.
+    augmentations in the dataset draw without moving the training's random stream. ``progress``: a
+    tqdm bar (``True``), none (``False``), or the bar ``progress(total, description)`` makes (e.g. the
+    Trainer's, as ``MinibatchHeatmap`` passes it).
     """
     from tqdm.auto import tqdm
 
@@ -86,7 +92,12 @@ def score_dataset(
             metric = metric.with_reference(total / count)
         scores = []
         name = getattr(metric, "name", None) or getattr(metric, "__name__", "metric")
-        with tqdm(total=len(dataset), desc=f"scoring images by {name}", disable=not progress) as bar:
+        description = f"scoring images by {name}"
+        if callable(progress):
+            bar_context = progress(len(dataset), description)
+        else:
+            bar_context = tqdm(total=len(dataset), desc=description, disable=not progress)
+        with bar_context as bar:
             for images in _batches(dataset, batch_size, collate_fn, image_key, device, transform):
                 scores.append(metric(images).detach().to("cpu", torch.float64))
                 bar.update(images.shape[0])

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_tricks import checks
+
 from .nets import NETWORKS, build_net
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -130,9 +132,9 @@ class ImageClassifier(L.LightningModule):
         warmup: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_choice("arch", arch, tuple(NETWORKS))
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("schedule", schedule, SCHEDULES)
+        checks.choice("arch", arch, tuple(NETWORKS))
+        checks.choice("optimizer", optimizer, OPTIMIZERS)
+        checks.choice("schedule", schedule, SCHEDULES)
         _check_hyperparameters(lr, momentum, weight_decay, milestones, gamma, eta_min, power, warmup)
         self.save_hyperparameters()
         self.net = build_net(arch, num_classes, in_channels=in_channels, **(net_kwargs or {}))
@@ -207,11 +209,6 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
 
 
 def _check_hyperparameters(

@@ -12,7 +12,9 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from .classifier import _check_choice, lr_factor, next_step_progress
+from lightning_tricks import checks
+
+from .classifier import lr_factor, next_step_progress
 from .nets.segmentation import BACKBONES, SEGMENTATION_NETWORKS, build_segmentation_net
 
 SEGMENTATION_OPTIMIZERS = ("sgd", "adam")
@@ -94,9 +96,9 @@ class SegmentationModule(L.LightningModule):
         power: float = 0.9,
     ) -> None:
         super().__init__()
-        _check_choice("arch", arch, SEGMENTATION_NETWORKS)
-        _check_choice("backbone", backbone, BACKBONES)
-        _check_choice("optimizer", optimizer, SEGMENTATION_OPTIMIZERS)
+        checks.choice("arch", arch, SEGMENTATION_NETWORKS)
+        checks.choice("backbone", backbone, BACKBONES)
+        checks.choice("optimizer", optimizer, SEGMENTATION_OPTIMIZERS)
         _check_ranges(lr=lr, momentum=momentum, weight_decay=weight_decay, power=power, aux_weight=aux_weight)
         if (
             isinstance(ignore_index, bool)

@@ -1,7 +1,7 @@
 """Shared fixtures: one thread for torch, quiet CPU trainers, tiny modules and every logger we support.
 
 Fixtures rather than importable helpers: with ``--import-mode=importlib`` test files cannot import
-``conftest``.
+``conftest``; what they import (references, ``assert_identical``, ``LOGGER_KINDS``) is in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from common import QUIET_TRAINER
+from helpers import LOGGER_KINDS
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 from torch import nn
@@ -21,9 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_tricks.callbacks._base import TrickCallback
-
-LOGGER_KINDS = ("tensorboard", "csv", "wandb", "mlflow", "none")
-"""Every logger the callbacks support; ``"none"`` is ``logger=False``."""
 
 
 @pytest.fixture
@@ -35,25 +34,14 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-QUIET_TRAINER = dict(
-    accelerator="cpu",
-    devices=1,
-    max_epochs=1,
-    logger=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-    num_sanity_val_steps=0,
-)
-
-
 @pytest.fixture
 def trainer_for(tmp_path: Path) -> Callable[..., pl.Trainer]:
     """``trainer_for(callbacks, **overrides)``: a quiet one-epoch CPU trainer rooted in ``tmp_path``
-    (no logger, progress bar, summary, checkpointing or sanity check unless overridden)."""
+    (``benchmarks/common.py``'s ``QUIET_TRAINER``: no logger, progress bar, summary, checkpointing or
+    sanity check unless overridden)."""
 
     def make(callbacks: list | None = None, **overrides: Any) -> pl.Trainer:
-        options = {**QUIET_TRAINER, "default_root_dir": tmp_path, **overrides}
+        options = {**QUIET_TRAINER, "max_epochs": 1, "default_root_dir": tmp_path, **overrides}
         return pl.Trainer(callbacks=list(callbacks or []), **options)
 
     return make
@@ -194,3 +182,87 @@ class ProbeCallback(TrickCallback):
 def probe_callback() -> type[ProbeCallback]:
     """The :class:`ProbeCallback` class (``probe_callback(label="a")`` makes one)."""
     return ProbeCallback
+
+
+# -- flow --
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` in :attr:`logged`; shows no figures
+    and has no folder unless given ``save_dir`` (then its run folder is ``save_dir/memory/version_0``)."""
+
+    def __init__(self, save_dir: Path | None = None) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self._save_dir = save_dir
+
+    @property
+    def save_dir(self) -> str | None:
+        return None if self._save_dir is None else str(self._save_dir)
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.fixture
+def memory_logger() -> type[MemoryLogger]:
+    """The :class:`MemoryLogger` class (``memory_logger(save_dir=None)`` makes one)."""
+    return MemoryLogger
+
+
+# -- fixtures --
+
+
+class DigitsSoftmax(pl.LightningModule):
+    """Softmax regression on 8×8 digits (``DigitsDataModule(image_size=8)``), SGD with momentum:
+    seeded weights, no randomness after construction. Records each training batch's labels
+    (:attr:`batches`) and ``(epoch, batch_idx)`` (:attr:`positions`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.layer = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.randn(10, 64, generator=generator) * 0.01)
+            self.layer.bias.zero_()
+        self.batches: list[torch.Tensor] = []
+        self.positions: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.batches.append(labels.clone())
+        self.positions.append((self.current_epoch, batch_idx))
+        return F.cross_entropy(self.layer(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ValidatedDigitsSoftmax(DigitsSoftmax):
+    """:class:`DigitsSoftmax` with a validation loop that logs ``val_loss``."""
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self.layer(images.flatten(1)), labels))
+
+
+@pytest.fixture
+def digits_module() -> Callable[..., DigitsSoftmax]:
+    """``digits_module(validate=False)``: a fresh :class:`DigitsSoftmax`, with a validation step
+    logging ``val_loss`` when ``validate``."""
+    return lambda validate=False: ValidatedDigitsSoftmax() if validate else DigitsSoftmax()

@@ -21,9 +21,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import BatchSizeScheduler, FisherSpectrum
 from lightning_tricks.batch_size_policies import (
+    BatchSizePolicy,
     DecayToBatchPolicy,
+    Decision,
     ExplicitPolicy,
     NormTestPolicy,
+    PolicyContext,
     StagedPolicy,
     split_physical,
     stage_of,
@@ -71,19 +74,6 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self):
         return DataLoader(self.dataset, batch_size=self.batch_size)
-
-
-def trainer(tmp_path: Path, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 def sizes_per_epoch(module: Recorder) -> dict[int, set[int]]:
@@ -154,17 +144,17 @@ def test_norm_test_grows_to_the_first_size_that_passes():
 # -- on a Trainer ------------------------------------------------------------------------------
 
 
-def test_training_step_receives_the_staged_sizes(tmp_path):
+def test_training_step_receives_the_staged_sizes(trainer_for, tmp_path):
     module, data = Recorder(), Data(samples=64)
     scheduler = BatchSizeScheduler.staged([2, 4, 8, 16, 32])
-    trainer(tmp_path, [scheduler], max_epochs=10).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=10).fit(module, datamodule=data)
     expected = [2, 2, 4, 4, 8, 8, 16, 16, 32, 32]
     assert sizes_per_epoch(module) == {e: {size} for e, size in enumerate(expected)}
     assert [r["size"] for r in scheduler.history] == [2, 4, 8, 16, 32]
     assert [r["epoch"] for r in scheduler.history] == [0, 2, 4, 6, 8]
 
 
-def test_explicit_schedule_on_the_module_attribute(tmp_path):
+def test_explicit_schedule_on_the_module_attribute(trainer_for, tmp_path):
     class ModuleWithLoader(Recorder):
         def __init__(self) -> None:
             super().__init__()
@@ -175,32 +165,32 @@ def test_explicit_schedule_on_the_module_attribute(tmp_path):
             return DataLoader(self.data.dataset, batch_size=self.batch_size)
 
     module = ModuleWithLoader()
-    trainer(tmp_path, [BatchSizeScheduler(schedule={1: 8, 3: 2})], max_epochs=4).fit(module)
+    trainer_for([BatchSizeScheduler(schedule={1: 8, 3: 2})], max_epochs=4).fit(module)
     assert sizes_per_epoch(module) == {0: {4}, 1: {8}, 2: {8}, 3: {2}}
 
 
-def test_multistep_reads_multisteplr_milestones(tmp_path):
+def test_multistep_reads_multisteplr_milestones(trainer_for, tmp_path):
     module, data = Recorder(scheduler="multistep"), Data(samples=32)
     scheduler = BatchSizeScheduler.staged([2, 4], multistep=True)
-    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=8).fit(module, datamodule=data)
     # LR stages [0, 4), [4, 6), [6, 8): the sequence 2, 4 inside each
     assert sizes_per_epoch(module) == {0: {2}, 1: {2}, 2: {4}, 3: {4}, 4: {2}, 5: {4}, 6: {2}, 7: {4}}
 
 
-def test_multistep_with_fractional_milestones(tmp_path):
+def test_multistep_with_fractional_milestones(trainer_for, tmp_path):
     module, data = Recorder(), Data(samples=32)
     scheduler = BatchSizeScheduler.staged([2, 4], multistep=True, lr_milestones=[0.5])
-    trainer(tmp_path, [scheduler], max_epochs=4).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=4).fit(module, datamodule=data)
     assert sizes_per_epoch(module) == {0: {2}, 1: {4}, 2: {2}, 3: {4}}
 
 
 @pytest.mark.parametrize(("scaling", "power"), [("linear", 1.0), ("sqrt", 0.5), ("none", 0.0)])
 @pytest.mark.parametrize("kind", ["multistep", "lambda"])
-def test_lr_scaling_composes_with_lr_schedulers(tmp_path, scaling, power, kind):
+def test_lr_scaling_composes_with_lr_schedulers(trainer_for, tmp_path, scaling, power, kind):
     sizes = [2, 4, 8, 16]
     module, data = Recorder(scheduler=kind), Data(samples=32)
     scheduler = BatchSizeScheduler(sizes=sizes, lr_scaling=scaling)
-    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=8).fit(module, datamodule=data)
     lr_per_epoch = {epoch: lr for epoch, _, lr in module.seen}
     for epoch in range(8):
         base = 0.1 * (0.1 ** sum(epoch >= m for m in (4, 6)) if kind == "multistep" else 0.5**epoch)
@@ -208,12 +198,12 @@ def test_lr_scaling_composes_with_lr_schedulers(tmp_path, scaling, power, kind):
         assert lr_per_epoch[epoch] == pytest.approx(base * (size / 2) ** power, rel=1e-12), epoch
 
 
-def test_increase_instead_of_decay_keeps_the_lr_until_the_batch_is_at_its_maximum(tmp_path):
+def test_increase_instead_of_decay_keeps_the_lr_until_the_batch_is_at_its_maximum(trainer_for, tmp_path):
     """MultiStepLR(milestones=[4, 6], gamma=0.1): at epoch 4 the batch grows 2 → 20 and the LR stays
     0.1; at epoch 6 the batch is at max_size = 20, so the LR decays to 0.01 (Smith et al. 2018)."""
     module, data = Recorder(scheduler="multistep"), Data(samples=64, batch_size=2)
     scheduler = BatchSizeScheduler.increase_instead_of_decay(max_size=20)
-    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=8).fit(module, datamodule=data)
     assert sizes_per_epoch(module) == {e: {2 if e < 4 else 20} for e in range(8)}
     lr_per_epoch = {epoch: lr for epoch, _, lr in module.seen}
     assert [lr_per_epoch[e] for e in range(8)] == pytest.approx([0.1] * 6 + [0.01] * 2, rel=1e-12)
@@ -254,11 +244,11 @@ class NoiseScaleProblem(pl.LightningModule):
 
 
 @pytest.mark.parametrize("noise", [True, False], ids=["noisy", "noiseless"])
-def test_adaptive_policy_settles_at_the_known_noise_scale(tmp_path, noise):
+def test_adaptive_policy_settles_at_the_known_noise_scale(trainer_for, tmp_path, noise):
     module = NoiseScaleProblem(noise)
     fisher = FisherSpectrum()
     scheduler = BatchSizeScheduler.noise_adaptive(max_size=256)
-    trainer(tmp_path, [fisher, scheduler], max_epochs=4).fit(module)
+    trainer_for([fisher, scheduler], max_epochs=4).fit(module)
     sizes = [record["size"] for record in scheduler.history]
     if noise:  # B_noise = 16: the first power of two that passes the norm test is 16 (32 if over-estimated)
         assert sizes[0] == 2 and sizes[-1] in (16, 32) and sizes == sorted(sizes)
@@ -267,12 +257,12 @@ def test_adaptive_policy_settles_at_the_known_noise_scale(tmp_path, noise):
         assert sizes == [2] and set(module.sizes) == {2}
 
 
-def test_adaptive_policy_without_fisher_spectrum_uses_its_own_two_batch_estimate(tmp_path):
+def test_adaptive_policy_without_fisher_spectrum_uses_its_own_two_batch_estimate(trainer_for, tmp_path):
     """No FisherSpectrum: the halves of every noise_every_n_steps-th batch give tr Σ and |G|²
     (McCandlish et al. appendix A.1); B_noise = 16 is found again."""
     module = NoiseScaleProblem(noise=True)
     scheduler = BatchSizeScheduler.noise_adaptive(max_size=256, noise_every_n_steps=2)
-    trainer(tmp_path, [scheduler], max_epochs=3).fit(module)
+    trainer_for([scheduler], max_epochs=3).fit(module)
     sizes = [record["size"] for record in scheduler.history]
     assert sizes[0] == 2 and sizes[-1] in (16, 32)
     assert 12 < scheduler.noise_scale < 20
@@ -291,10 +281,10 @@ class RepeatedBatchProblem(NoiseScaleProblem):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_resume_mid_epoch_keeps_the_own_estimates_of_the_epoch(tmp_path):
+def test_resume_mid_epoch_keeps_the_own_estimates_of_the_epoch(trainer_for, tmp_path):
     def fit(callbacks, ckpt_path=None):
         scheduler = BatchSizeScheduler.noise_adaptive(max_size=128, noise_every_n_steps=1)
-        trainer(tmp_path, [scheduler, *callbacks], max_epochs=1, enable_checkpointing=True).fit(
+        trainer_for([scheduler, *callbacks], max_epochs=1, enable_checkpointing=True).fit(
             RepeatedBatchProblem(), ckpt_path=ckpt_path
         )
         return scheduler.noise_scale
@@ -305,7 +295,7 @@ def test_resume_mid_epoch_keeps_the_own_estimates_of_the_epoch(tmp_path):
     assert math.isfinite(full) and resumed == pytest.approx(full, rel=1e-9)
 
 
-def test_adaptive_policy_without_fisher_spectrum_needs_a_loss(tmp_path):
+def test_adaptive_policy_without_fisher_spectrum_needs_a_loss(trainer_for, tmp_path):
     class NoLoss(NoiseScaleProblem):
         compute_loss = None
 
@@ -313,16 +303,18 @@ def test_adaptive_policy_without_fisher_spectrum_needs_a_loss(tmp_path):
             return F.mse_loss(self.net(batch[0]), batch[1])
 
     with pytest.raises(ValueError, match="compute_loss"):
-        trainer(tmp_path, [BatchSizeScheduler.noise_adaptive(max_size=64)], max_epochs=1).fit(NoLoss(True))
+        trainer_for([BatchSizeScheduler.noise_adaptive(max_size=64)], max_epochs=1).fit(NoLoss(True))
 
 
-def test_accumulation_fallback_gives_the_large_batch_gradient(tmp_path):
+def test_accumulation_fallback_gives_the_large_batch_gradient(trainer_for, tmp_path):
     """max_physical_batch_size: 16 samples as 4 micro-batches of 4 = one batch of 16 (float64)."""
     runs = {}
     for name, cap in {"large": None, "capped": 4}.items():
         module, data = Recorder(), Data(samples=64)
         scheduler = BatchSizeScheduler(schedule={0: 16}, max_physical_batch_size=cap)
-        trainer(tmp_path / name, [scheduler], max_epochs=2).fit(module, datamodule=data)
+        trainer_for(default_root_dir=tmp_path / name, callbacks=[scheduler], max_epochs=2).fit(
+            module, datamodule=data
+        )
         runs[name] = (module, scheduler)
     large, capped = runs["large"][0], runs["capped"][0]
     assert {length for _, length, _ in capped.seen} == {4}
@@ -339,10 +331,10 @@ def test_accumulation_fallback_gives_the_large_batch_gradient(tmp_path):
     assert not torch.equal(next(large.parameters()), next(Recorder().parameters()))
 
 
-def test_logs_size_and_lr_at_each_epoch_start_with_default_log_every_n_steps(tmp_path):
+def test_logs_size_and_lr_at_each_epoch_start_with_default_log_every_n_steps(trainer_for, tmp_path):
     module, data = Recorder(), Data(samples=32)
     scheduler = BatchSizeScheduler(sizes=[4, 8], lr_scaling="linear")
-    fit = trainer(tmp_path, [scheduler], max_epochs=4, logger=CSVLogger(tmp_path, name="csv"))
+    fit = trainer_for([scheduler], max_epochs=4, logger=CSVLogger(tmp_path, name="csv"))
     fit.fit(module, datamodule=data)
     with open(Path(fit.logger.log_dir) / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("batch_size/size")]
@@ -359,23 +351,27 @@ def test_logs_size_and_lr_at_each_epoch_start_with_default_log_every_n_steps(tmp
 
 
 @pytest.mark.parametrize("save", ["epoch_end", "mid_epoch"])
-def test_resume_continues_the_schedule(tmp_path, save):
+def test_resume_continues_the_schedule(trainer_for, tmp_path, save):
     sizes = [2, 4, 8, 16]
     full_module = Recorder(scheduler="lambda")
     full_scheduler = BatchSizeScheduler(sizes=sizes, lr_scaling="linear")
-    trainer(tmp_path / "full", [full_scheduler], max_epochs=8).fit(full_module, datamodule=Data(samples=32))
+    trainer_for(default_root_dir=tmp_path / "full", callbacks=[full_scheduler], max_epochs=8).fit(
+        full_module, datamodule=Data(samples=32)
+    )
 
     every = {"epoch_end": dict(every_n_epochs=3), "mid_epoch": dict(every_n_train_steps=41)}[save]
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)
     first = Recorder(scheduler="lambda")
     callbacks = [BatchSizeScheduler(sizes=sizes, lr_scaling="linear"), checkpoint]
-    run = trainer(tmp_path / "first", callbacks, max_epochs=8, enable_checkpointing=True)
+    run = trainer_for(
+        default_root_dir=tmp_path / "first", callbacks=callbacks, max_epochs=8, enable_checkpointing=True
+    )
     run.fit(first, datamodule=Data(samples=32))
     path = sorted((tmp_path / "ckpt").glob("*.ckpt"))[0]
 
     resumed = Recorder(scheduler="lambda")
     resumed_scheduler = BatchSizeScheduler(sizes=sizes, lr_scaling="linear")
-    trainer(tmp_path / "resumed", [resumed_scheduler], max_epochs=8).fit(
+    trainer_for(default_root_dir=tmp_path / "resumed", callbacks=[resumed_scheduler], max_epochs=8).fit(
         resumed, datamodule=Data(samples=32), ckpt_path=path
     )
     done = len(full_module.seen) - len(resumed.seen)
@@ -403,10 +399,10 @@ class GlobalBatchProbe(pl.Callback):
         torch.save(pl_module.seen, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def test_ddp_scheduled_size_is_the_global_batch(tmp_path):
+def test_ddp_scheduled_size_is_the_global_batch(trainer_for, tmp_path):
     module, data = Recorder(), Data(samples=32)
     callbacks = [BatchSizeScheduler(sizes=[4, 8]), GlobalBatchProbe(tmp_path)]
-    trainer(tmp_path, callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(module, datamodule=data)
+    trainer_for(callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(module, datamodule=data)
     for rank in (0, 1):
         seen = torch.load(tmp_path / f"rank{rank}.pt")
         assert {(epoch, length) for epoch, length, _ in seen} == {(0, 2), (1, 4)}
@@ -440,45 +436,47 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
         BatchSizeScheduler(**kwargs)
 
 
-def test_setup_refusals(tmp_path):
+def test_setup_refusals(trainer_for, tmp_path):
     with pytest.raises(ValueError, match="batch_size.*Expose"):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[2])], max_epochs=1).fit(
+        trainer_for([BatchSizeScheduler(sizes=[2])], max_epochs=1).fit(
             Recorder(), DataLoader(Data().dataset, batch_size=4)
         )
     with pytest.raises(ValueError, match="accumulation"):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[2])], max_epochs=1, accumulate_grad_batches=2).fit(
+        trainer_for([BatchSizeScheduler(sizes=[2])], max_epochs=1, accumulate_grad_batches=2).fit(
             Recorder(), datamodule=Data()
         )
     with pytest.raises(ValueError, match="accumulation"):
         callbacks = [BatchSizeScheduler(sizes=[2]), GradientAccumulationScheduler({1: 2})]
-        trainer(tmp_path, callbacks, max_epochs=2).fit(Recorder(), datamodule=Data())
+        trainer_for(callbacks, max_epochs=2).fit(Recorder(), datamodule=Data())
     with pytest.raises(ValueError, match="max_epochs"):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[2])], max_epochs=-1, max_steps=3).fit(
+        trainer_for([BatchSizeScheduler(sizes=[2])], max_epochs=-1, max_steps=3).fit(
             Recorder(), datamodule=Data()
         )
     with pytest.raises(ValueError, match="lr_milestones"):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[2], multistep=True)], max_epochs=2).fit(
+        trainer_for([BatchSizeScheduler(sizes=[2], multistep=True)], max_epochs=2).fit(
             Recorder(), datamodule=Data()
         )
 
 
-def test_reuse_for_a_second_fit_starts_the_schedule_again(tmp_path):
+def test_reuse_for_a_second_fit_starts_the_schedule_again(trainer_for, tmp_path):
     scheduler = BatchSizeScheduler(sizes=[2, 4])
     for run in ("a", "b"):
         module = Recorder()
-        trainer(tmp_path / run, [scheduler], max_epochs=2).fit(module, datamodule=Data(samples=16))
+        trainer_for(default_root_dir=tmp_path / run, callbacks=[scheduler], max_epochs=2).fit(
+            module, datamodule=Data(samples=16)
+        )
         assert sizes_per_epoch(module) == {0: {2}, 1: {4}}
     assert [r["size"] for r in scheduler.history] == [2, 4]
     assert math.isclose(copy.deepcopy(scheduler).history[0]["lr"], 0.1)
 
 
-def test_runs_beside_the_other_callbacks_and_fisher_follows_the_batch_size(tmp_path):
+def test_runs_beside_the_other_callbacks_and_fisher_follows_the_batch_size(trainer_for, tmp_path):
     from lightning_tricks import GradientFlow, RandomGradient
 
     module, data = Recorder(), Data(samples=32)
     fisher = FisherSpectrum(every_n_steps=2)
     callbacks = [BatchSizeScheduler(sizes=[2, 8]), fisher, GradientFlow(), RandomGradient(seed=0)]
-    trainer(tmp_path, callbacks, max_epochs=2).fit(module, datamodule=data)
+    trainer_for(callbacks, max_epochs=2).fit(module, datamodule=data)
     assert sizes_per_epoch(module) == {0: {2}, 1: {8}}
     measured = {(record["epoch"], record["batch_size"]) for record in fisher.history}
     assert measured == {(0, 2.0), (1, 8.0)}, "F̃ is B×B for the batch size of its step"
@@ -495,7 +493,7 @@ class AdaptiveProbe(pl.Callback):
         torch.save(record, self.directory / f"adaptive{trainer.global_rank}.pt")
 
 
-def test_ddp_adaptive_policy_agrees_across_ranks(tmp_path):
+def test_ddp_adaptive_policy_agrees_across_ranks(trainer_for, tmp_path):
     """Each rank estimates from its own half of the global batch; the epoch sums are all-reduced,
     so both ranks take the same decision, near the known noise scale of 16."""
     module = NoiseScaleProblem(noise=True, batch_size=2)  # 2 per process: a global batch of 4
@@ -503,7 +501,7 @@ def test_ddp_adaptive_policy_agrees_across_ranks(tmp_path):
         BatchSizeScheduler.noise_adaptive(max_size=256, noise_every_n_steps=1),
         AdaptiveProbe(tmp_path),
     ]
-    trainer(tmp_path, callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(module)
+    trainer_for(callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(module)
     records = [torch.load(tmp_path / f"adaptive{rank}.pt") for rank in (0, 1)]
     assert records[0] == records[1]
     assert records[0]["sizes"][0] == 4 and records[0]["sizes"][-1] in (16, 32)
@@ -530,7 +528,9 @@ def seed_004_sizes(sizes, max_epochs, lr_stages=None):
         ((2, 4, 8), 12, [0.5, 0.75], [6, 3, 3]),
     ],
 )
-def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, milestones, lr_stages):
+def test_ms_and_plain_share_the_units_of_each_size(
+    trainer_for, tmp_path, sizes, epochs, milestones, lr_stages
+):
     """-MS re-runs the sequence in each LR stage; -∅ and -MS train every size on the same number of
     samples (seed 004 §4.3), checked on the batches training_step receives."""
     samples = max(sizes)
@@ -538,7 +538,9 @@ def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, mile
     for multistep in (False, True):
         module, data = Recorder(), Data(samples=samples, batch_size=2)
         scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=multistep, lr_milestones=milestones)
-        trainer(tmp_path / str(multistep), [scheduler], max_epochs=epochs).fit(module, datamodule=data)
+        trainer_for(default_root_dir=tmp_path / str(multistep), callbacks=[scheduler], max_epochs=epochs).fit(
+            module, datamodule=data
+        )
         expected = seed_004_sizes(sizes, epochs, lr_stages if multistep else None)
         assert sizes_per_epoch(module) == {epoch: {size} for epoch, size in enumerate(expected)}
         units[multistep] = {size: 0 for size in sizes}
@@ -563,18 +565,18 @@ def test_ms_and_plain_share_the_units_of_each_size(tmp_path, sizes, epochs, mile
     ],
 )
 def test_stages_that_are_not_equal_whole_epochs_are_refused_naming_the_epochs_that_fit(
-    tmp_path, sizes, epochs, milestones, fits
+    trainer_for, tmp_path, sizes, epochs, milestones, fits
 ):
     multistep = milestones is not None
     scheduler = BatchSizeScheduler(sizes=list(sizes), multistep=multistep, lr_milestones=milestones)
     with pytest.raises(ValueError, match=f"multiple of {len(sizes)}.*max_epochs = {fits}"):
-        trainer(tmp_path, [scheduler], max_epochs=epochs).fit(Recorder(), datamodule=Data())
+        trainer_for([scheduler], max_epochs=epochs).fit(Recorder(), datamodule=Data())
 
 
-def test_multistep_refusal_with_milestones_read_from_multisteplr(tmp_path):
+def test_multistep_refusal_with_milestones_read_from_multisteplr(trainer_for, tmp_path):
     scheduler = BatchSizeScheduler(sizes=[2, 4, 8], multistep=True)  # MultiStepLR [4, 6]: stages 4, 2, 2
     with pytest.raises(ValueError, match="4, 2, 2 epochs"):
-        trainer(tmp_path, [scheduler], max_epochs=8).fit(Recorder(scheduler="multistep"), datamodule=Data())
+        trainer_for([scheduler], max_epochs=8).fit(Recorder(scheduler="multistep"), datamodule=Data())
 
 
 # -- accumulation: the gradient of one batch of the window's samples --------------------------
@@ -612,18 +614,20 @@ def window_gradients(module: Recorder, data: Data, sizes_per_epoch: list[int]) -
         (1000, [32, 128], 32),  # the finding: 1000 = 7 × 128 + 104
     ],
 )
-def test_capped_batches_give_the_one_batch_gradient_of_every_window(tmp_path, samples, sizes, physical):
+def test_capped_batches_give_the_one_batch_gradient_of_every_window(
+    trainer_for, tmp_path, samples, sizes, physical
+):
     module, data = Recorder(lr=0.0), Data(samples=samples, batch_size=physical)
     probe = GradientProbe()
     scheduler = BatchSizeScheduler(sizes=sizes, max_physical_batch_size=physical)
-    trainer(tmp_path, [scheduler, probe], max_epochs=len(sizes)).fit(module, datamodule=data)
+    trainer_for([scheduler, probe], max_epochs=len(sizes)).fit(module, datamodule=data)
     expected = window_gradients(module, data, sizes)
     assert len(probe.grads) == len(expected)
     for step, (got, want) in enumerate(zip(probe.grads, expected)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=f"step {step}")
 
 
-def test_manual_optimisation_refuses_sizes_that_need_accumulation(tmp_path):
+def test_manual_optimisation_refuses_sizes_that_need_accumulation(trainer_for, tmp_path):
     class Manual(Recorder):
         def __init__(self) -> None:
             super().__init__()
@@ -637,11 +641,11 @@ def test_manual_optimisation_refuses_sizes_that_need_accumulation(tmp_path):
 
     match = "manual optimisation.*sizes\\[1\\] = 8 cannot run as 2 micro-batches of 4"
     with pytest.raises(ValueError, match=match):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[4, 8], max_physical_batch_size=4)], max_epochs=2).fit(
+        trainer_for([BatchSizeScheduler(sizes=[4, 8], max_physical_batch_size=4)], max_epochs=2).fit(
             Manual(), datamodule=Data()
         )
     module = Manual()  # within the cap: trained as scheduled
-    trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=4)], max_epochs=2).fit(
+    trainer_for([BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=4)], max_epochs=2).fit(
         module, datamodule=Data(samples=16)
     )
     assert sizes_per_epoch(module) == {0: {2}, 1: {4}}
@@ -704,14 +708,16 @@ class ScheduledRecorder(Recorder):
 
 @pytest.mark.parametrize("scaling", ["linear", "sqrt"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_lr_scaling_multiplies_every_schedulers_lr_at_every_step(tmp_path, name, scaling):
+def test_lr_scaling_multiplies_every_schedulers_lr_at_every_step(trainer_for, tmp_path, name, scaling):
     """Sizes 2 then 8 on 16 samples (8 steps, then 2 per epoch): against the same schedule unscaled,
     the LR of every step is ×1 before the change and exactly ×4 (sqrt: ×2) after it."""
     lrs = {}
     for run in ("none", scaling):
         module = ScheduledRecorder(name)
         scheduler = BatchSizeScheduler(sizes=[2, 8], lr_scaling=run)
-        trainer(tmp_path / run, [scheduler], max_epochs=4).fit(module, datamodule=Data(samples=16))
+        trainer_for(default_root_dir=tmp_path / run, callbacks=[scheduler], max_epochs=4).fit(
+            module, datamodule=Data(samples=16)
+        )
         lrs[run] = [lr for *_, lr in module.seen]
     factor = 4.0 if scaling == "linear" else 2.0
     ratios = [scaled / plain for scaled, plain in zip(lrs[scaling], lrs["none"])]
@@ -719,7 +725,7 @@ def test_lr_scaling_multiplies_every_schedulers_lr_at_every_step(tmp_path, name,
     assert ratios == pytest.approx([1.0] * 16 + [factor] * 4, rel=1e-12)
 
 
-def test_lr_scaling_refuses_a_scheduler_it_cannot_scale_by_name(tmp_path):
+def test_lr_scaling_refuses_a_scheduler_it_cannot_scale_by_name(trainer_for, tmp_path):
     class Halving(torch.optim.lr_scheduler.LRScheduler):
         def get_lr(self):
             return [0.1 * 0.5**self.last_epoch for _ in self.optimizer.param_groups]
@@ -730,10 +736,10 @@ def test_lr_scaling_refuses_a_scheduler_it_cannot_scale_by_name(tmp_path):
             return [optimizer], [Halving(optimizer)]
 
     with pytest.raises(ValueError, match="not for Halving.*lr_scaling='none'"):
-        trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4], lr_scaling="linear")], max_epochs=2).fit(
+        trainer_for([BatchSizeScheduler(sizes=[2, 4], lr_scaling="linear")], max_epochs=2).fit(
             Custom(), datamodule=Data()
         )
-    trainer(tmp_path, [BatchSizeScheduler(sizes=[2, 4])], max_epochs=2).fit(Custom(), datamodule=Data())
+    trainer_for([BatchSizeScheduler(sizes=[2, 4])], max_epochs=2).fit(Custom(), datamodule=Data())
 
 
 # -- arguments --------------------------------------------------------------------------------
@@ -753,13 +759,13 @@ SMITH, ADAPTIVE = BatchSizeScheduler.increase_instead_of_decay, BatchSizeSchedul
         ),
         (SMITH, dict(max_size=-1), ValueError, "`max_size`.*>= 1; got -1"),
         (SMITH, dict(max_size=0), ValueError, "`max_size`.*>= 1; got 0"),
-        (SMITH, dict(max_size="big"), ValueError, "`max_size`.*'big'"),
+        (SMITH, dict(max_size="big"), TypeError, "`max_size`.*'big'"),
         (ADAPTIVE, dict(max_size=64, growth=math.inf), ValueError, "`growth`.*finite.*inf"),
         (ADAPTIVE, dict(max_size=64, theta=math.nan), ValueError, "`theta`.*nan"),
         (BatchSizeScheduler, dict(sizes=[2], batch_arg_name=3), TypeError, "`batch_arg_name`.*got 3"),
         (BatchSizeScheduler, dict(sizes=32), TypeError, "`sizes`.*got 32"),
         (BatchSizeScheduler, dict(schedule=[(0, 4)]), TypeError, "`schedule`.*epoch: size"),
-        (BatchSizeScheduler, dict(sizes=[2], multistep="yes"), TypeError, "`multistep`.*bool"),
+        (BatchSizeScheduler, dict(sizes=[2], multistep="yes"), TypeError, "`multistep`.*True or False"),
         (BatchSizeScheduler, dict(sizes=[2], loss_fn="mse"), TypeError, "`loss_fn`.*'mse'"),
     ],
 )
@@ -776,10 +782,10 @@ def test_bad_arguments_are_refused_at_construction_naming_the_argument(make, kwa
         (dict(max_size=128, lr_milestones=[1], gamma=0.5), "`max_size` = 128"),
     ],
 )
-def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, kwargs, match):
+def test_sizes_larger_than_the_dataset_are_refused_before_training(trainer_for, tmp_path, kwargs, match):
     module = Recorder()
     with pytest.raises(ValueError, match=match):
-        fit = trainer(tmp_path, [BatchSizeScheduler(**kwargs)], max_epochs=2)
+        fit = trainer_for([BatchSizeScheduler(**kwargs)], max_epochs=2)
         fit.fit(module, datamodule=Data(samples=40))
     assert module.seen == []
 
@@ -788,25 +794,31 @@ def test_sizes_larger_than_the_dataset_are_refused_before_training(tmp_path, kwa
 
 
 @pytest.mark.parametrize("save", ["last_batch", "epoch_end"])
-def test_resumed_history_and_logged_steps_match_the_uninterrupted_run(tmp_path, save):
+def test_resumed_history_and_logged_steps_match_the_uninterrupted_run(trainer_for, tmp_path, save):
     """A checkpoint on an epoch's last batch (every_n_train_steps) restores Lightning's step counter
     one short until the first batch; the history and the epoch-start logs keep the right step."""
     sizes, data = [2, 4, 8, 16], dict(samples=32)
     full = BatchSizeScheduler(sizes=sizes)
     logger = CSVLogger(tmp_path, name="full")
-    trainer(tmp_path / "full", [full], max_epochs=8, logger=logger).fit(Recorder(), datamodule=Data(**data))
+    trainer_for(default_root_dir=tmp_path / "full", callbacks=[full], max_epochs=8, logger=logger).fit(
+        Recorder(), datamodule=Data(**data)
+    )
 
     every = {"last_batch": dict(every_n_train_steps=32), "epoch_end": dict(every_n_epochs=2)}[save]
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)
     logger = CSVLogger(tmp_path, name="resumed", version=0)
     callbacks = [BatchSizeScheduler(sizes=sizes), checkpoint]
-    trainer(tmp_path / "a", callbacks, max_epochs=8, enable_checkpointing=True, logger=logger).fit(
-        Recorder(), datamodule=Data(**data)
-    )
+    trainer_for(
+        default_root_dir=tmp_path / "a",
+        callbacks=callbacks,
+        max_epochs=8,
+        enable_checkpointing=True,
+        logger=logger,
+    ).fit(Recorder(), datamodule=Data(**data))
     path = next((tmp_path / "ckpt").glob("*step=32.ckpt"))
     resumed = BatchSizeScheduler(sizes=sizes)
     logger = CSVLogger(tmp_path, name="resumed", version=0)
-    trainer(tmp_path / "b", [resumed], max_epochs=8, logger=logger).fit(
+    trainer_for(default_root_dir=tmp_path / "b", callbacks=[resumed], max_epochs=8, logger=logger).fit(
         Recorder(), datamodule=Data(**data), ckpt_path=path
     )
     assert resumed.history == full.history
@@ -860,20 +872,20 @@ def test_shipped_ms_configs_train_each_size_on_the_samples_of_their_plain_partne
     epochs = {}
     for name, lr_stages in ((plain, None), (ms, "seed")):
         args, max_epochs = runs[name]
-        scheduler = BatchSizeScheduler(**args)
-        milestones = scheduler._milestones_for(max_epochs)
+        policy = BatchSizeScheduler(**args).policy
+        context = PolicyContext(max_epochs=max_epochs, initial_size=32)
         stages = [max_epochs // 2, max_epochs // 4, max_epochs // 4] if lr_stages else None
-        scheduler.policy.check(max_epochs, milestones)
-        per_epoch = [scheduler.policy.size_at(e, max_epochs, milestones) for e in range(max_epochs)]
+        policy.validate(context)
+        per_epoch = [policy.size_for(e, 0, context) for e in range(max_epochs)]
         assert per_epoch == seed_004_sizes(sequence, max_epochs, stages)
         epochs[name] = {size: per_epoch.count(size) for size in sequence}
     assert epochs[ms] == epochs[plain]
 
 
-def test_schedule_figure_at_fit_end_shows_every_epochs_size_and_lr(tmp_path):
+def test_schedule_figure_at_fit_end_shows_every_epochs_size_and_lr(trainer_for, tmp_path):
     module, data = Recorder(scheduler="multistep"), Data(samples=64)
     scheduler = BatchSizeScheduler.staged([2, 4, 8, 16])
-    trainer(tmp_path, [scheduler], max_epochs=8).fit(module, datamodule=data)
+    trainer_for([scheduler], max_epochs=8).fit(module, datamodule=data)
     seen = {epoch: (length, lr) for epoch, length, lr in module.seen if length > 1}  # independent record
     expected = [(e, [2, 2, 4, 4, 8, 8, 16, 16][e], seen[e][1]) for e in range(8)]
     assert scheduler.epochs == expected  # the LR read at the epoch's start, as training_step saw it
@@ -897,3 +909,205 @@ def test_schedule_figure_leaves_missing_epochs_as_gaps_and_refuses_mismatched_da
     assert np.isnan(x[4]) and list(x[5:]) == [3, 4]
     with pytest.raises(ValueError, match="one length"):
         plot_batch_size_schedule([0, 1], [2], [0.1, 0.1])
+
+
+# -- the policy protocol: a user's policy, its state in checkpoints, DDP -----------------------
+
+
+class DoubleEvery:
+    """A user's policy in ten lines (BatchSizeScheduler's docstring example)."""
+
+    def __init__(self, every: int, cap: int) -> None:
+        self.every, self.cap = every, cap
+
+    def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:
+        return min(self.cap, context.initial_size * 2 ** (epoch // self.every))
+
+
+class CountingDoubleEvery(DoubleEvery):
+    """DoubleEvery with state (its number of decisions, kept in checkpoints) that records each call."""
+
+    def __init__(self, every: int, cap: int) -> None:
+        super().__init__(every, cap)
+        self.decisions = 0
+        self.calls: list[tuple[int, int, PolicyContext]] = []
+
+    def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:
+        self.decisions += 1
+        self.calls.append((epoch, step, context))
+        return super().size_for(epoch, step, context)
+
+    def state_dict(self) -> dict:
+        return {"decisions": self.decisions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decisions = state["decisions"]
+
+
+def test_a_ten_line_user_policy_drives_the_scheduler_once_per_epoch(trainer_for):
+    """32 samples: 16 steps an epoch at size 2, 8 at 4, 4 at 8; one decision per epoch (the last for
+    the epoch after training), each with the context of that moment."""
+    module, data, policy = Recorder(), Data(samples=32, batch_size=2), CountingDoubleEvery(every=2, cap=8)
+    assert isinstance(policy, BatchSizePolicy) and isinstance(DoubleEvery(1, 2), BatchSizePolicy)
+    scheduler = BatchSizeScheduler(policy, lr_scaling="linear")
+    trainer_for([scheduler], max_epochs=6).fit(module, datamodule=data)
+    assert sizes_per_epoch(module) == {e: {[2, 2, 4, 4, 8, 8][e]} for e in range(6)}
+    assert [(r["epoch"], r["step"], r["size"]) for r in scheduler.history] == [
+        (0, 0, 2),
+        (2, 32, 4),
+        (4, 48, 8),
+    ]
+    assert [(epoch, step) for epoch, step, _ in policy.calls] == [
+        (e, s) for e, s in enumerate([0, 16, 32, 40, 48, 52, 56])
+    ]
+    first, third = policy.calls[0][2], policy.calls[3][2]
+    assert (first.size, first.initial_size, first.max_epochs, first.world_size, first.decisions) == (
+        None,
+        2,
+        6,
+        1,
+        (),
+    )
+    assert third.size == 4 and third.decisions == (Decision(0, 0, 2), Decision(2, 32, 4))
+    assert third.metrics["batch_size/size"] == 4.0 and math.isnan(third.noise_scale)
+    assert [lr for epoch, _, lr in module.seen if epoch >= 4] == pytest.approx([0.4] * 8), "linear LR scaling"
+    assert scheduler.hyperparameters()["policy"] is policy and scheduler.sizes is None
+    with pytest.raises(ValueError, match="exactly one of `policy`"):
+        BatchSizeScheduler(policy, sizes=[2])
+    with pytest.raises(TypeError, match="`policy`.*size_for"):
+        BatchSizeScheduler(policy=lambda epoch: 4)
+    with pytest.raises(TypeError, match="`policy`.*size_for"):
+        BatchSizeScheduler(DoubleEvery)  # the class, not a policy
+
+
+@pytest.mark.parametrize("save", ["mid_epoch", "epoch_end"])
+def test_a_user_policy_resumes_mid_stage_with_its_state_and_the_same_sizes(trainer_for, tmp_path, save):
+    """Stage [2, 4) trains size 4 (8 steps an epoch from step 32): a checkpoint inside epoch 2 or after
+    it resumes the schedule, and the policy's own state comes back from the checkpoint."""
+    full_module, full_policy = Recorder(), CountingDoubleEvery(every=2, cap=8)
+    full = BatchSizeScheduler(full_policy)
+    trainer_for([full], max_epochs=6, default_root_dir=tmp_path / "full").fit(
+        full_module, datamodule=Data(samples=32, batch_size=2)
+    )
+
+    every = {"mid_epoch": dict(every_n_train_steps=36), "epoch_end": dict(every_n_epochs=3)}[save]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, **every)
+    first = BatchSizeScheduler(CountingDoubleEvery(every=2, cap=8))
+    trainer_for(
+        [first, checkpoint], max_epochs=6, enable_checkpointing=True, default_root_dir=tmp_path / "a"
+    ).fit(Recorder(), datamodule=Data(samples=32, batch_size=2))
+    path = next((tmp_path / "ckpt").glob(f"*step={ {'mid_epoch': 36, 'epoch_end': 40}[save] }.ckpt"))
+
+    resumed_module, resumed_policy = Recorder(), CountingDoubleEvery(every=2, cap=8)
+    resumed = BatchSizeScheduler(resumed_policy)
+    trainer_for([resumed], max_epochs=6, default_root_dir=tmp_path / "b").fit(
+        resumed_module, datamodule=Data(samples=32, batch_size=2), ckpt_path=path
+    )
+    resumed_epochs = sizes_per_epoch(resumed_module)
+    assert min(resumed_epochs) == {"mid_epoch": 2, "epoch_end": 3}[save]
+    assert resumed_epochs == {
+        e: sizes for e, sizes in sizes_per_epoch(full_module).items() if e in resumed_epochs
+    }
+    assert resumed.history == full.history and resumed.epochs == full.epochs
+    assert resumed_policy.decisions == full_policy.decisions == 7, (
+        "7 = 4 or 3 from the checkpoint + this fit's"
+    )
+
+
+class FirstRankWins:
+    """A policy whose processes disagree (rank r asks for (r + 1)× the size): rank 0's answer is applied."""
+
+    def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:
+        assert context.world_size == 2
+        rank = torch.distributed.get_rank()
+        return context.initial_size * (1 + rank) * (2 if epoch else 1)
+
+
+class HistoryProbe(GlobalBatchProbe):
+    def on_train_end(self, trainer, pl_module):
+        scheduler = next(c for c in trainer.callbacks if isinstance(c, BatchSizeScheduler))
+        record = {"seen": {(e, n) for e, n, _ in pl_module.seen}, "history": scheduler.history}
+        torch.save(record, self.directory / f"history{trainer.global_rank}.pt")
+
+
+def test_ddp_a_user_policy_takes_rank_zeros_decision_on_every_rank(trainer_for, tmp_path):
+    """2 processes (gloo), 4 samples each per batch: a global 8, then 16; both ranks train rank 0's sizes."""
+    callbacks = [BatchSizeScheduler(FirstRankWins()), HistoryProbe(tmp_path)]
+    trainer_for(callbacks, max_epochs=2, strategy="ddp_fork", devices=2).fit(
+        Recorder(), datamodule=Data(samples=32)
+    )
+    records = [torch.load(tmp_path / f"history{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert records[0] == records[1]
+    assert records[0]["seen"] == {(0, 4), (1, 8)}
+    assert [r["size"] for r in records[0]["history"]] == [8, 16]
+
+
+class NoiseReader:
+    """A user's policy that reads the epoch's noise scale (and keeps the size)."""
+
+    reads_noise_scale = True
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def size_for(self, epoch: int, step: int, context: PolicyContext) -> int:
+        self.seen.append(context.noise_scale)
+        return context.size or context.initial_size
+
+
+class CountedLoss(NoiseScaleProblem):
+    """compute_loss counts its calls (the scheduler's own estimate); training_step does not use it."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=True, samples=64, batch_size=8)
+        self.loss_calls = 0
+
+    def compute_loss(self, batch):
+        self.loss_calls += 1
+        return super().compute_loss(batch)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self.net(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("with_fisher", [True, False], ids=["fed-by-FisherSpectrum", "own-estimate"])
+def test_a_policy_reads_the_shared_noise_scale_without_an_extra_pass_when_fisher_feeds_it(
+    trainer_for, with_fisher
+):
+    """The scheduler imports no callback: FisherSpectrum feeds the run's estimate and the policy reads
+    the epoch's pooled value (no half-batch pass); without it the scheduler measures by itself."""
+    module, policy, fisher = CountedLoss(), NoiseReader(), FisherSpectrum()
+    scheduler = BatchSizeScheduler(policy, noise_every_n_steps=2)
+    trainer_for([fisher, scheduler] if with_fisher else [scheduler], max_epochs=2).fit(module)
+    assert math.isnan(policy.seen[0]) and all(math.isfinite(value) for value in policy.seen[1:])
+    assert len(policy.seen) == 3 and policy.seen[-1] == scheduler.noise_scale
+    if with_fisher:
+        assert module.loss_calls == 0 and scheduler.noise_scale == fisher.epoch_noise_scale
+    else:
+        assert module.loss_calls == 2 * 2 * 4, "2 epochs × 4 measured steps × 2 halves"
+    assert 8 < scheduler.noise_scale < 30, "B_noise = 16 (NoiseScaleProblem)"
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_the_own_estimate(trainer_for, tmp_path):
+    """Checkpoints written before the policy protocol kept the own estimate's sums as ``noise_sums``
+    (Σ tr Σ, Σ |G|², count) and no ``decided_epoch``: they resume to the same epoch noise scale."""
+
+    def fit(callbacks, ckpt_path=None):
+        scheduler = BatchSizeScheduler.noise_adaptive(max_size=128, noise_every_n_steps=1)
+        trainer_for([scheduler, *callbacks], enable_checkpointing=True).fit(
+            RepeatedBatchProblem(), ckpt_path=ckpt_path
+        )
+        return scheduler.noise_scale
+
+    full = fit([])
+    fit([ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)])
+    path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("BatchSizeScheduler")]
+    state = checkpoint["callbacks"][key]
+    (parts,) = state.pop("noise_parts")
+    del state["decided_epoch"]
+    state.update(noise_sums=[parts["trace_sigma"], parts["grad_sq_norm"], 2.0], noise_epoch=parts["epoch"])
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    resumed = fit([], ckpt_path=str(tmp_path / "earlier.ckpt"))
+    assert math.isfinite(full) and resumed == pytest.approx(full, rel=1e-9)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import LOGGER_KINDS
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,9 +25,7 @@ from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-LOGGER_KINDS = ("tensorboard", "csv", "wandb", "mlflow", "none")
 STEPS_PER_EPOCH, EPOCHS = 4, 2
-PROBE_TAG, PROBE_FIGURE = "probe/value", "probe/figure"
 
 
 def read_tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -88,10 +87,10 @@ def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(logged_
 
 
 @pytest.mark.parametrize("logged_run", LOGGER_KINDS, indirect=True)
-def test_every_value_reaches_the_logger_at_its_own_step(logged_run):
+def test_every_value_reaches_the_logger_at_its_own_step(logged_run, probe_callback):
     kind, trainer, random_gradient = logged_run
     run_dir = Path(run_directory(trainer))
-    probe = logged(kind, run_dir, PROBE_TAG)
+    probe = logged(kind, run_dir, probe_callback.TAG)
     if probe is None:
         return
     steps = range(STEPS_PER_EPOCH * EPOCHS)
@@ -101,13 +100,13 @@ def test_every_value_reaches_the_logger_at_its_own_step(logged_run):
 
 
 @pytest.mark.parametrize("logged_run", ["tensorboard", "wandb", "mlflow"], indirect=True)
-def test_figures_reach_loggers_that_show_images(logged_run, tmp_path):
+def test_figures_reach_loggers_that_show_images(logged_run, tmp_path, probe_callback):
     kind, trainer, _ = logged_run
     run_dir = Path(run_directory(trainer))
     if kind == "tensorboard":
         events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
         events.Reload()
-        assert [e.step for e in events.Images(PROBE_FIGURE)] == [4, 8]
+        assert [e.step for e in events.Images(probe_callback.FIGURE)] == [4, 8]
     elif kind == "mlflow":
         figures = sorted(p.name for p in (run_dir / "artifacts" / "probe").iterdir())
         assert figures == ["figure_step4.png", "figure_step8.png"]
@@ -115,16 +114,16 @@ def test_figures_reach_loggers_that_show_images(logged_run, tmp_path):
         offline = wandb_offline_run(tmp_path / "logs")
         assert len(list(offline.rglob("media/images/probe/figure_*.png"))) == 2
         (records,) = offline.glob("run-*.wandb")
-        assert PROBE_TAG.encode() in records.read_bytes(), "the metrics are in the offline run"
+        assert probe_callback.TAG.encode() in records.read_bytes(), "the metrics are in the offline run"
 
 
 def test_early_stopping_monitors_a_callback_metric(trainer_for, tiny_module, probe_callback):
     """The probe's value grows every step, so with ``mode="min"`` the second epoch is no improvement."""
-    stopper = EarlyStopping(monitor=PROBE_TAG, mode="min", patience=0, check_on_train_epoch_end=True)
+    stopper = EarlyStopping(monitor=probe_callback.TAG, mode="min", patience=0, check_on_train_epoch_end=True)
     trainer = trainer_for([probe_callback(), stopper], max_epochs=5)
     trainer.fit(tiny_module(samples=16))
     assert stopper.stopped_epoch == 1 and trainer.current_epoch == 2
-    assert float(trainer.callback_metrics[PROBE_TAG]) == 1.0 + 7 / 2
+    assert float(trainer.callback_metrics[probe_callback.TAG]) == 1.0 + 7 / 2
 
 
 class SaveRunDir(Callback):
@@ -153,7 +152,7 @@ def test_ddp_only_rank_zero_writes_and_ranks_agree_on_the_run_folder(
     assert rank0 == rank1
     run_dir = Path(rank0)
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
-    assert read_tensorboard(run_dir, PROBE_TAG) == [(0, 1.0), (1, 1.5)], "one event a step, not two"
+    assert read_tensorboard(run_dir, probe_callback.TAG) == [(0, 1.0), (1, 1.5)], "one event a step, not two"
     with open(run_dir / HISTORY_FILE) as handle:
         assert [row["step"] for row in csv.DictReader(handle)] == ["0", "1"], "one row a draw, not two"
     written = sorted(p.name for p in (tmp_path / "logs").rglob("*") if p.is_file())
@@ -276,3 +275,13 @@ def test_the_dashboard_leaves_the_trainers_callbacks_as_the_user_gave_them(
     before = list(trainer.callbacks)
     trainer.fit(tiny_module(samples=8))
     assert trainer.callbacks == before
+
+
+def test_a_knob_without_a_repr_of_its_own_is_stored_by_its_class_not_its_address():
+    """A user's policy object as a knob: the same setting reads the same after a resume."""
+    from lightning_tricks.callbacks._base import _plain
+
+    class Policy:
+        pass
+
+    assert _plain(Policy()) == _plain(Policy()) == f"{__name__}.{Policy.__qualname__}"

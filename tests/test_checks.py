@@ -67,3 +67,15 @@ def test_loss_fn_needs_two_positional_arguments():
     with pytest.raises(TypeError, match=r"`loss_fn` must be callable as `loss_fn\(module, batch\)`"):
         checks.loss_fn(one)
     assert checks.loss_fn(print) is print  # no inspectable signature: accepted
+
+
+def test_integers_checks_every_item_and_the_length():
+    assert checks.integers("sizes", [1, 2], minimum=1) == (1, 2)
+    with pytest.raises(ValueError, match=r"`sizes\[1\]` must be an integer >= 1; got 0"):
+        checks.integers("sizes", (4, 0), minimum=1)
+    with pytest.raises(ValueError, match="`sizes` must be a list of 3 integers"):
+        checks.integers("sizes", [1, 2], length=3)
+    with pytest.raises(ValueError, match="at least one integer"):
+        checks.integers("sizes", [])
+    with pytest.raises(TypeError, match="`sizes` must be a list of integers; got 5"):
+        checks.integers("sizes", 5)

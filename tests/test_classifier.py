@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import LearningRates, cli_fit
 
 from lightning_tricks.cli import main
 from lightning_tricks.models import ImageClassifier
@@ -40,20 +41,15 @@ def test_compute_loss_is_the_mean_cross_entropy_of_the_forward():
     assert model.compute_loss((x, y)).item() == pytest.approx(F.cross_entropy(model(x), y).item())
 
 
-def test_learning_rate_follows_training_progress(tmp_path):
+def test_learning_rate_follows_training_progress(trainer_for):
     """Multistep at 50 % / 75 % of 4 epochs: the LR in force during epoch e is known exactly."""
     from lightning_tricks.datamodules import DigitsDataModule
 
     model = ImageClassifier("mlp", 10, 1, net_kwargs={"image_size": 8}, lr=0.1, schedule="multistep")
-    seen: list[tuple[int, float]] = []
-
-    class RecordLR(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
-
+    recorder = LearningRates()
     data = DigitsDataModule(image_size=8, batch_size=512)
-    lr_trainer(tmp_path, [RecordLR()]).fit(model, datamodule=data)
-    last_lr_of_epoch = {epoch: lr for epoch, lr in seen}
+    trainer_for([recorder], max_epochs=4, limit_val_batches=0).fit(model, datamodule=data)
+    last_lr_of_epoch = dict(zip(recorder.epochs, recorder.lrs))
     assert last_lr_of_epoch[1] == pytest.approx(0.1)
     assert last_lr_of_epoch[2] == pytest.approx(0.01)
     assert last_lr_of_epoch[3] == pytest.approx(0.001)
@@ -78,22 +74,12 @@ def test_bad_arguments_name_the_argument_and_allowed_values(kwargs, argument):
 @pytest.mark.usefixtures("single_thread")  # the demo config pins torch threads; restore them
 def test_cli_trains_and_tests_digits_above_90_percent(tmp_path):
     """The demo config, shrunk (8×8 digits, ResNet-8): fit, then test the best checkpoint."""
+    shrunk = {"model.init_args.arch": "resnet8", "data.init_args.image_size": 8}
     main(
-        [
-            "fit",
-            "-c",
-            str(CONFIGS / "demo.yaml"),
-            "--trainer.max_epochs",
-            "6",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--model.init_args.arch",
-            "resnet8",
-            "--data.init_args.image_size",
-            "8",
-        ]
+        cli_fit(
+            CONFIGS / "demo.yaml",
+            {"trainer.max_epochs": 6, "trainer.logger.init_args.save_dir": tmp_path, **shrunk},
+        )
     )
     version = tmp_path / "demo" / "version_0"
     assert (version / "config.yaml").exists()
@@ -140,20 +126,6 @@ def window_start_progress(seen, max_epochs: int, accumulation: dict[int, int]) -
     ]
 
 
-def lr_trainer(tmp_path, callbacks=(), **kwargs) -> L.Trainer:
-    options = dict(
-        max_epochs=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
-
-
 def digits_like(samples: int = 16) -> torch.utils.data.TensorDataset:
     generator = torch.Generator().manual_seed(0)
     return torch.utils.data.TensorDataset(
@@ -165,7 +137,7 @@ def digits_like(samples: int = 16) -> torch.utils.data.TensorDataset:
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("warmup", [0.0, 0.3])
 @pytest.mark.parametrize("schedule", ["multistep", "cosine", "poly", "constant"])
-def test_every_step_runs_at_the_lr_its_schedule_defines_for_it(tmp_path, schedule, warmup):
+def test_every_step_runs_at_the_lr_its_schedule_defines_for_it(trainer_for, schedule, warmup):
     """4 epochs of 4 batches: step k runs at lr · f(k/16) (the step after a milestone at the new LR;
     the old code ran every step at the previous step's value)."""
     model = records_lr(ImageClassifier)(
@@ -173,14 +145,14 @@ def test_every_step_runs_at_the_lr_its_schedule_defines_for_it(tmp_path, schedul
     )
     model.seen = []
     loader = torch.utils.data.DataLoader(digits_like(), batch_size=4)
-    lr_trainer(tmp_path).fit(model, loader)
+    trainer_for(max_epochs=4, limit_val_batches=0).fit(model, loader)
     assert len(model.seen) == 16
     expected = [0.1 * closed_form_factor(k / 16, schedule, warmup) for k in range(16)]
     assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_lr_follows_the_step_when_the_batch_size_and_accumulation_change(tmp_path):
+def test_lr_follows_the_step_when_the_batch_size_and_accumulation_change(trainer_for):
     """BatchSizeScheduler: 13 samples in batches of 2 (7 steps/epoch) then 4 as 2 × 2 micro-batches
     (4 steps: 3 full windows and one of a single 1-sample batch); each step at f(its start)."""
     from lightning_tricks import BatchSizeScheduler
@@ -194,7 +166,7 @@ def test_lr_follows_the_step_when_the_batch_size_and_accumulation_change(tmp_pat
     model = Module("mlp", 10, 1, net_kwargs={"image_size": 4}, lr=0.1, schedule="multistep", warmup=0.2)
     model.seen = []
     scheduler = BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=2)
-    lr_trainer(tmp_path, [scheduler]).fit(model)
+    trainer_for([scheduler], max_epochs=4, limit_val_batches=0).fit(model)
     progress = window_start_progress(model.seen, 4, {2: 2, 3: 2})
     expected = [0.1 * closed_form_factor(p, "multistep", 0.2) for p in progress]
     assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12, abs=1e-15)
@@ -202,18 +174,18 @@ def test_lr_follows_the_step_when_the_batch_size_and_accumulation_change(tmp_pat
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_lr_by_steps_when_training_is_bounded_by_max_steps(tmp_path):
+def test_lr_by_steps_when_training_is_bounded_by_max_steps(trainer_for):
     model = records_lr(ImageClassifier)("mlp", 10, 1, net_kwargs={"image_size": 4}, lr=0.1, schedule="poly")
     model.seen = []
     loader = torch.utils.data.DataLoader(digits_like(), batch_size=4)
-    lr_trainer(tmp_path, max_epochs=-1, max_steps=10).fit(model, loader)
+    trainer_for(max_epochs=-1, max_steps=10, limit_val_batches=0).fit(model, loader)
     expected = [0.1 * (1 - k / 10) ** 0.9 for k in range(10)]
     assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("power", [0.9, 0.0])
-def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(tmp_path, power):
+def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(trainer_for, power):
     from lightning_tricks import BatchSizeScheduler
     from lightning_tricks.datamodules import ShapesSegmentationDataModule
     from lightning_tricks.models import SegmentationModule
@@ -224,7 +196,7 @@ def test_segmentation_poly_lr_follows_the_step_when_the_batch_size_changes(tmp_p
     model.seen = []
     data = ShapesSegmentationDataModule(image_size=16, batch_size=2, train_size=10, val_size=4, test_size=4)
     scheduler = BatchSizeScheduler(sizes=[2, 4], max_physical_batch_size=2)
-    lr_trainer(tmp_path, [scheduler], max_epochs=2).fit(model, datamodule=data)
+    trainer_for([scheduler], max_epochs=2, limit_val_batches=0).fit(model, datamodule=data)
     progress = window_start_progress(model.seen, 2, {1: 2})
     expected = [0.02 * (1 - p) ** power for p in progress]
     assert [lr for *_, lr in model.seen] == pytest.approx(expected, rel=1e-12)

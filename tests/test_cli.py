@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_fit
 
 from lightning_tricks.cli import main
 
@@ -18,17 +19,9 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 def train_demo_briefly(save_dir: Path, omp_threads: int) -> dict[str, torch.Tensor]:
     """The demo's config, full model and images, 8 steps, in a fresh process with ``OMP_NUM_THREADS`` set."""
-    command = [sys.executable, "-m", "lightning_tricks.cli", "fit", "-c", str(DEMO)]
-    command += [
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "8",
-        "--trainer.limit_val_batches",
-        "2",
-    ]
-    command += ["--test_after_fit", "false", "--trainer.enable_progress_bar", "false"]
-    command += ["--trainer.logger.init_args.save_dir", str(save_dir)]
+    short = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 8, "trainer.limit_val_batches": 2}
+    settings = {**short, "test_after_fit": False, "trainer.logger.init_args.save_dir": save_dir}
+    command = [sys.executable, "-m", "lightning_tricks.cli", *cli_fit(DEMO, settings)]
     env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads), "MKL_NUM_THREADS": str(omp_threads)}
     subprocess.run(command, check=True, env=env, capture_output=True)
     checkpoint = save_dir / "demo" / "version_0" / "checkpoints" / "last.ckpt"

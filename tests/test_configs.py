@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers import cli_fit
 
 from lightning_tricks.cli import CLI_OPTIONS, TricksCLI, main
 
@@ -27,19 +28,10 @@ def test_there_are_configs():
 def test_config_runs_one_batch(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs' default_root_dir is logs/, relative to the working directory
     main(
-        [
-            "fit",
-            "-c",
-            str(config),
-            "--trainer.fast_dev_run",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.init_args.image_size",
-            "8",
-            "--data.init_args.batch_size",
-            "8",
-        ]
+        cli_fit(
+            config,
+            {"trainer.fast_dev_run": 1, "data.init_args.image_size": 8, "data.init_args.batch_size": 8},
+        )
     )
     assert not list(tmp_path.rglob("events.out.tfevents.*")), "fast_dev_run writes no logs"
     assert [path.name for path in tmp_path.iterdir()] in ([], ["logs"]), "all it writes is under logs/"
@@ -78,10 +70,11 @@ def test_a_fit_with_default_root_dir_writes_nothing_under_the_working_directory(
     cwd, root = tmp_path / "cwd", tmp_path / "root"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
+    short = {"trainer.max_steps": 2, "trainer.limit_val_batches": 1, "test_after_fit": False}
     main(
-        ["fit", "-c", str(ROOT / "demo.yaml"), "--trainer.default_root_dir", str(root)]
-        + ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "false"]
-        + ["--trainer.enable_progress_bar", "false", "--data.init_args.image_size", "8"]
+        cli_fit(
+            ROOT / "demo.yaml", {"trainer.default_root_dir": root, **short, "data.init_args.image_size": 8}
+        )
     )
     run = root / "demo" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()

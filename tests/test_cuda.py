@@ -21,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_identical
+from helpers import assert_identical, reference_gram, sample_cross_entropy, training_state
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -95,18 +95,13 @@ NETS = {
 }
 
 
-def reference_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """G_ij = <∇ℓ_i, ∇ℓ_j> from one ``autograd.grad`` per sample, float64 on the CPU."""
+def cpu_float64_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """G_ij = <∇ℓ_i, ∇ℓ_j> from one ``autograd.grad`` per sample (``helpers.reference_gram``),
+    float64 on the CPU."""
     model = copy.deepcopy(model).cpu().double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(x)):
-        sample = x[i : i + 1].cpu()
-        sample = sample.double() if sample.is_floating_point() else sample
-        loss = F.cross_entropy(model(sample), y[i : i + 1].cpu())
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    jacobian = torch.stack(rows)
-    return jacobian @ jacobian.T
+    x, y = x.cpu(), y.cpu()
+    x = x.double() if x.is_floating_point() else x
+    return reference_gram(model, sample_cross_entropy(model, x, y), len(x))
 
 
 def cuda_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ def test_gram_on_the_gpu_matches_the_cpu_float64_loop(net, batch, dtype, rtol, e
     x, y = make_input(batch, generator), torch.randint(0, 5, (batch,), generator=generator)
     if x.is_floating_point():
         x = x.to(dtype)
-    expected = reference_gram(model, x, y)
+    expected = cpu_float64_gram(model, x, y)
     actual = cuda_gram(model.cuda(), x.cuda(), y.cuda())
     assert actual.device.type == "cuda" and actual.dtype == torch.float64
     error = (actual.cpu() - expected).norm() / expected.norm()
@@ -214,59 +209,47 @@ def make_loader(sorted_batches: bool, shuffle: bool) -> DataLoader:
 
 
 def fit_on_gpu(
-    module: L.LightningModule, callbacks: list, root, precision: str, loader: DataLoader
+    trainer_for, module: L.LightningModule, callbacks: list, root, precision: str, loader: DataLoader
 ) -> L.Trainer:
-    """The Trainer's defaults (log_every_n_steps=50, TensorBoard) on one GPU."""
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        max_epochs=2,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(root, name="tb"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
+    """Two epochs on one GPU, logged to TensorBoard at the Trainer's default log_every_n_steps=50."""
+    logger = TensorBoardLogger(root, name="tb")
+    trainer = trainer_for(
+        callbacks, accelerator="gpu", precision=precision, max_epochs=2, logger=logger, default_root_dir=root
     )
     trainer.fit(module, loader)
     return trainer
 
 
-def snapshot(module: nn.Module, trainer: L.Trainer) -> dict[str, Any]:
-    state = {f"state:{n}": t.detach().cpu().clone() for n, t in module.state_dict().items()}
-    state["optim"] = copy.deepcopy(trainer.optimizers[0].state_dict())
-    return state
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("diagnostic", list(DIAGNOSTICS))
-def test_diagnostic_leaves_gpu_training_unchanged(diagnostic, precision, tmp_path, exact_cuda):
+def test_diagnostic_leaves_gpu_training_unchanged(diagnostic, precision, tmp_path, exact_cuda, trainer_for):
     states = []
     for attached in (False, True):
         L.seed_everything(123)
         module = UserModule()
         callbacks = [DIAGNOSTICS[diagnostic]()] if attached else []
         loader = make_loader(sorted_batches=diagnostic in SORTED_BATCHES, shuffle=True)
-        trainer = fit_on_gpu(module, callbacks, tmp_path / str(attached), precision, loader)
-        states.append(snapshot(module, trainer))
+        trainer = fit_on_gpu(trainer_for, module, callbacks, tmp_path / str(attached), precision, loader)
+        states.append(training_state(module, trainer))
     assert_identical(states[1], states[0])
 
 
-def first_step_trace(precision: str, root) -> tuple[float, dict[str, torch.Tensor], Any]:
+def first_step_trace(trainer_for, precision: str, root) -> tuple[float, dict[str, torch.Tensor], Any]:
     """FisherSpectrum's Tr F̃ at step 0 on the GPU, and the weights and batch it was measured on."""
     L.seed_everything(0)
     module = UserModule(dropout=0.0, batchnorm=False)
     weights = copy.deepcopy(module.net.state_dict())
-    trainer = fit_on_gpu(module, [FisherSpectrum()], root, precision, make_loader(False, shuffle=False))
+    loader = make_loader(False, shuffle=False)
+    trainer = fit_on_gpu(trainer_for, module, [FisherSpectrum()], root, precision, loader)
     run = load_fisher_history(trainer.loggers[0].log_dir)
     return run[0]["trace"], weights, make_data()[:8]
 
 
 @pytest.mark.parametrize("precision, rtol", [("32-true", 1e-5), ("16-mixed", 2e-2), ("bf16-mixed", 5e-2)])
-def test_first_step_trace_matches_the_float64_reference(precision, rtol, tmp_path, exact_cuda):
+def test_first_step_trace_matches_the_float64_reference(precision, rtol, tmp_path, exact_cuda, trainer_for):
     """Tr F̃ = Σ_i ‖∇ℓ_i‖² (seed 004 §3, eq. 6), the loss scale of 16-mixed divided out."""
-    trace, weights, (x, y) = first_step_trace(precision, tmp_path)
+    trace, weights, (x, y) = first_step_trace(trainer_for, precision, tmp_path)
     net = UserModule(dropout=0.0, batchnorm=False).net
     net.load_state_dict(weights)
-    expected = torch.trace(reference_gram(net, x, y)).item()
+    expected = torch.trace(cpu_float64_gram(net, x, y)).item()
     assert trace == pytest.approx(expected, rel=rtol)

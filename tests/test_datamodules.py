@@ -488,49 +488,20 @@ def test_digits_loaders_and_batch_size_read_at_each_call():
     assert len(dm.val_dataloader()) == -(-180 // 17) and next(iter(dm.test_dataloader()))[0].shape[0] == 17
 
 
-class RecordsBatchSizes(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(8 * 8, 10)
-        self.sizes: list[tuple[int, int]] = []
-
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        self.sizes.append((self.current_epoch, len(images)))
-        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
-
-    def validation_step(self, batch, batch_idx):
-        images, labels = batch
-        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 class DoublesBatchSize(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         lightning_setattr(pl_module, "batch_size", 2 * trainer.datamodule.batch_size)
 
 
-def test_trainer_picks_up_a_batch_size_changed_like_batch_size_finder_does(tmp_path):
+def test_trainer_picks_up_a_batch_size_changed_like_batch_size_finder_does(trainer_for, digits_module):
     dm = DigitsDataModule(image_size=8, batch_size=16)
-    module = RecordsBatchSizes()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_epochs=3,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=[DoublesBatchSize()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    module = digits_module(validate=True)
+    limits = dict(limit_train_batches=2, limit_val_batches=1)
+    trainer = trainer_for([DoublesBatchSize()], max_epochs=3, reload_dataloaders_every_n_epochs=1, **limits)
     trainer.fit(module, datamodule=dm)
     assert lightning_hasattr(module, "batch_size")
-    assert module.sizes == [(0, 16), (0, 16), (1, 32), (1, 32), (2, 64), (2, 64)]
+    sizes = [(epoch, len(labels)) for (epoch, _), labels in zip(module.positions, module.batches)]
+    assert sizes == [(0, 16), (0, 16), (1, 32), (1, 32), (2, 64), (2, 64)]
     assert dm.hparams.batch_size == dm.batch_size == 128
 
 
@@ -578,67 +549,38 @@ def test_loaders_before_setup_say_what_to_do():
 # ----------------------------------------------------------------------------- exact resume (issue 19, finding 13)
 
 
-class Linear(L.LightningModule):
-    """Softmax regression on 8x8 digits, plain SGD with momentum: no randomness after construction."""
+@pytest.fixture
+def fit_digits(trainer_for, digits_module) -> Callable[..., L.LightningModule]:
+    """``fit_digits(root, max_steps, callbacks=(), ckpt_path=None, plain="", validate=False,
+    **options)``: ``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the
+    last of 38; with ``validate``, 1,258 and 13 steps, a validation split and loop), rooted in
+    ``root``; ``plain="shuffled"`` or ``"sequential"`` replaces the loader with a user's plain
+    DataLoader. Returns the trained ``digits_module``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.layer = torch.nn.Linear(64, 10)
-        with torch.no_grad():
-            self.layer.weight.copy_(torch.randn(10, 64, generator=generator) * 0.01)
-            self.layer.bias.zero_()
-        self.batches: list[torch.Tensor] = []
-        self.positions: list[tuple[int, int]] = []
+    def fit(
+        root: Path, max_steps: int, callbacks=(), ckpt_path=None, plain: str = "", validate=False, **options
+    ) -> L.LightningModule:
+        L.seed_everything(7, verbose=False)
+        dm = DigitsDataModule(image_size=8, batch_size=100, val_size=180 if validate else 0)
+        if plain:
 
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        self.batches.append(labels.clone())
-        self.positions.append((self.current_epoch, batch_idx))
-        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+            def plain_loader() -> torch.utils.data.DataLoader:
+                return torch.utils.data.DataLoader(dm.train_set, batch_size=100, shuffle=plain == "shuffled")
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            dm.train_dataloader = plain_loader
+        module = digits_module(validate)
+        steps = dict(max_steps=max_steps, max_epochs=-1)
+        trainer = trainer_for(
+            callbacks, default_root_dir=root, enable_checkpointing=bool(callbacks), **steps, **options
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module
 
-
-class ValidatedLinear(Linear):
-    def validation_step(self, batch, batch_idx):
-        images, labels = batch
-        self.log("val_loss", torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels))
-
-
-def fit_digits(
-    tmp_path: Path,
-    max_steps: int,
-    callbacks=(),
-    ckpt_path=None,
-    plain: str = "",
-    validate: bool = False,
-    **options,
-) -> Linear:
-    """``max_steps`` steps on digits (batch 100 of 1,438 images: 15 steps an epoch, the last of 38;
-    with ``validate``, 1,258 and 13 steps, a validation split and loop); ``plain="shuffled"`` or
-    ``"sequential"`` replaces the loader with a user's plain DataLoader."""
-    L.seed_everything(7, verbose=False)
-    dm = DigitsDataModule(image_size=8, batch_size=100, val_size=180 if validate else 0)
-    if plain:
-
-        def plain_loader() -> torch.utils.data.DataLoader:
-            return torch.utils.data.DataLoader(dm.train_set, batch_size=100, shuffle=plain == "shuffled")
-
-        dm.train_dataloader = plain_loader
-    module = ValidatedLinear() if validate else Linear()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_checkpointing=bool(callbacks), callbacks=list(callbacks), **options,
-    )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return module
+    return fit
 
 
 @pytest.mark.parametrize("at", [5, 15, 20])  # mid-epoch 0, the end of epoch 0, mid-epoch 1
-def test_a_fit_resumed_from_any_step_trains_exactly_as_the_uninterrupted_one(tmp_path, at):
+def test_a_fit_resumed_from_any_step_trains_exactly_as_the_uninterrupted_one(tmp_path, at, fit_digits):
     """Every weight equal (torch.equal) after 30 steps, and the same batches in the same order, when
     the fit is stopped after 22 steps and resumed from the checkpoint of step ``at``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -657,7 +599,7 @@ def test_a_fit_resumed_from_any_step_trains_exactly_as_the_uninterrupted_one(tmp
 
 @pytest.mark.parametrize("on_train_epoch_end", [False, True])
 def test_a_fit_resumed_from_an_epoch_end_checkpoint_trains_exactly_as_the_uninterrupted_one(
-    tmp_path, on_train_epoch_end
+    tmp_path, on_train_epoch_end, fit_digits
 ):
     """``ModelCheckpoint(every_n_epochs=1)`` of a module with a validation loop, saved after the
     validation or at the training epoch's end: stopped after 20 steps (13 an epoch), resumed from
@@ -679,7 +621,7 @@ def test_a_fit_resumed_from_an_epoch_end_checkpoint_trains_exactly_as_the_uninte
 
 @pytest.mark.parametrize("plain", ["", "sequential"])
 def test_lightning_trains_one_extra_batch_after_a_train_epoch_end_checkpoint_without_validation(
-    tmp_path, plain
+    tmp_path, plain, fit_digits
 ):
     """What the README says of Lightning 2.6 (our loader or a plain one): resumed from a checkpoint
     saved at ``on_train_epoch_end`` of a module without ``validation_step``, the fit trains one
@@ -694,7 +636,7 @@ def test_lightning_trains_one_extra_batch_after_a_train_epoch_end_checkpoint_wit
 
 
 @pytest.mark.parametrize(("plain", "at"), [("shuffled", 15), ("sequential", 5)])
-def test_a_plain_dataloader_does_not_resume_exactly(tmp_path, plain, at):
+def test_a_plain_dataloader_does_not_resume_exactly(tmp_path, plain, at, fit_digits):
     """What the README says of a user's plain ``DataLoader``: shuffled, resumed at an epoch end, its
     next epoch is shuffled differently; resumed mid-epoch, the epoch starts over from its first
     batch, and is cut short by the batches done before the checkpoint."""
@@ -729,7 +671,9 @@ def test_the_shuffled_order_depends_on_the_seed_and_the_epoch_only():
     assert sorted(loader.sampler) == list(range(1438))
 
 
-def test_a_ddp_fit_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_one(tmp_path):
+def test_a_ddp_fit_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_one(
+    tmp_path, fit_digits, digits_module
+):
     """Two CPU processes (719 images each: 8 steps an epoch): stopped after 9 steps, resumed from
     the checkpoint of step 5; every weight equal after 12 steps (Lightning keeps our sampler)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -741,7 +685,7 @@ def test_a_ddp_fit_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_one(tmp
     resumed = fit_digits(tmp_path / "second", 12, [ModelCheckpoint(tmp_path / "unused")], checkpoint, **ddp)
     for (name, ours), theirs in zip(resumed.state_dict().items(), full.state_dict().values()):
         assert torch.equal(ours, theirs), name
-    assert not torch.equal(resumed.layer.weight, Linear().layer.weight), "it trained"
+    assert not torch.equal(resumed.layer.weight, digits_module().layer.weight), "it trained"
 
 
 def test_under_ddp_each_process_resumes_its_own_share():

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from helpers import AtenOpsPerStep
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_tricks.callbacks.gradient_flow as flow_module
+import lightning_tricks.gradients.flow_tracking as flow_tracking
 from lightning_tricks.callbacks.gradient_flow import GradientFlow, GradientFlowAlarm
+from lightning_tricks.gradients.flow_tracking import FigureBudget
 from lightning_tricks.gradients.gradient_flow import (
     AlarmRule,
     EpochBins,
@@ -50,14 +52,7 @@ from lightning_tricks.gradients.layer_stats import (
 )
 from lightning_tricks.plotting import plot_gradient_flow
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 threads on a busy 2-core machine make these tests 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # 2 threads on a busy 2-core machine: 10-100x slower
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,53 +193,6 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call; has no ``add_figure`` (and no directory unless given)."""
-
-    def __init__(self, save_dir: Path | None = None) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-        self._save_dir = save_dir
-
-    @property
-    def save_dir(self) -> str | None:
-        return None if self._save_dir is None else str(self._save_dir)
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @property
-    def experiment(self) -> None:
-        return None
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-
-def make_trainer(tmp_path: Path, callbacks, logger=False, max_epochs: int = 2, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=logger,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def flow_warnings(records, kind: str) -> list[str]:
@@ -471,6 +419,23 @@ def test_figure_schedule_is_logarithmic():
     assert drawn == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
+def test_figure_budget_allows_a_figure_while_figures_took_at_most_their_share(monkeypatch):
+    """A fake clock: the budget compares the figures' seconds with ``share`` x the seconds since
+    the start (figures included)."""
+    clock = [100.0]
+    monkeypatch.setattr(flow_tracking.time, "perf_counter", lambda: clock[0])
+    budget = FigureBudget(share=0.25)
+    clock[0] += 4.0  # 4 s of training, no figure yet
+    assert budget.allows()
+    with budget.timing():
+        clock[0] += 2.0  # a 2 s figure: 2 of 6 s is 33 %
+    assert budget.spent == 2.0 and not budget.allows()
+    clock[0] += 2.0  # 2 of 8 s is 25 %
+    assert budget.allows()
+    budget.restart()
+    assert budget.spent == 0.0 and budget.allows()
+
+
 def gradient_sequence(steps: int, layers: int = 4, seed: int = 0) -> list[list[Tensor | None]]:
     """Per step, one ``(1, 3)`` gradient per layer with mean |g| spread over 1e-12..1e4, NaN in
     layer 1 now and then, and layer 0 without a gradient at step 9."""
@@ -605,10 +570,12 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, word):
         GradientFlow(**kwargs)
 
 
-def test_filters_selecting_no_layer_fail_at_setup(tmp_path):
-    trainer = make_trainer(tmp_path, [GradientFlow(include=nn.LSTM)], max_epochs=1)
-    with pytest.raises(ValueError, match="selects no layer"):
-        trainer.fit(Classifier(ScrambledCNN()), loader())
+def test_filters_selecting_no_layer_fail_at_setup(trainer_for, tiny_module):
+    trainer = trainer_for([GradientFlow(include=nn.LSTM)])
+    with pytest.raises(
+        ValueError, match=r"selects no layer of TinyRegression; its 2 layers are: net\.0, net\.2"
+    ):
+        trainer.fit(tiny_module())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,12 +584,12 @@ def test_filters_selecting_no_layer_fail_at_setup(tmp_path):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_logged_values_and_history_equal_brute_force_in_forward_order(tmp_path, bias):
+def test_logged_values_and_history_equal_brute_force_in_forward_order(bias, trainer_for, memory_logger):
     torch.manual_seed(0)
     module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net.", bias))
-    logger = MemoryLogger()
+    logger = memory_logger()
     flow = GradientFlow(log_every_n_steps=1, log_per_layer=True, include_bias=bias)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, accumulate_grad_batches=2)
+    trainer = trainer_for([flow], logger=logger, max_epochs=2, accumulate_grad_batches=2)
     trainer.fit(module, loader(n=64, batch_size=8))
 
     names = [name for name, _ in scrambled_layers(module.net, "net.")]
@@ -688,16 +655,18 @@ class TextClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_transformer_out_proj_sits_inside_its_layer_and_the_ratio_compares_embedding_and_head(tmp_path):
+def test_transformer_out_proj_sits_inside_its_layer_and_the_ratio_compares_embedding_and_head(
+    trainer_for, memory_logger
+):
     """Finding: ordered by forward hooks, both ``self_attn.out_proj`` came after the head, so
     ``first_to_last_ratio`` divided by an attention projection's gradient."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 30, (24, 7), generator=generator)
     labels = torch.randint(0, 3, (24,), generator=generator)
     data = TensorDataset(tokens, labels)
-    module, logger = TextClassifier(), MemoryLogger()
+    module, logger = TextClassifier(), memory_logger()
     flow = GradientFlow(log_every_n_steps=1)
-    make_trainer(tmp_path, [flow], logger=logger, max_epochs=1).fit(module, DataLoader(data, batch_size=8))
+    trainer_for([flow], logger=logger, max_epochs=1).fit(module, DataLoader(data, batch_size=8))
 
     names = flow.flows[0].layer_names
     expected = ["embedding"]
@@ -721,26 +690,26 @@ def test_a_parametrized_weight_sits_where_its_module_uses_it():
     assert order == ["0", "2.parametrizations.weight", "4"]
 
 
-def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(tmp_path):
-    logger = MemoryLogger()
-    trainer = make_trainer(tmp_path, [GradientFlow()], logger=logger, max_epochs=1, log_every_n_steps=3)
+def test_logging_follows_the_trainers_log_every_n_steps_with_phase_step_mod_n(trainer_for, memory_logger):
+    logger = memory_logger()
+    trainer = trainer_for([GradientFlow()], logger=logger, max_epochs=1, log_every_n_steps=3)
     trainer.fit(Classifier(ScrambledCNN()), loader(n=128, batch_size=16))
     assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [0, 3, 6]
-    logger = MemoryLogger()
-    trainer = make_trainer(tmp_path, [GradientFlow(log_every_n_steps=5)], logger=logger, max_epochs=1)
+    logger = memory_logger()
+    trainer = trainer_for([GradientFlow(log_every_n_steps=5)], logger=logger, max_epochs=1)
     trainer.fit(Classifier(ScrambledCNN()), loader(n=128, batch_size=16))
     assert [step for step, m in logger.logged if "grad_flow/global_norm" in m] == [0, 5]
 
 
 @pytest.mark.parametrize("after_clipping", [False, True])
-def test_gradients_are_read_before_clipping_unless_after_clipping(tmp_path, after_clipping):
+def test_gradients_are_read_before_clipping_unless_after_clipping(after_clipping, trainer_for, memory_logger):
     torch.manual_seed(0)
     module = Classifier(
         ScrambledCNN(), loss_scale=100.0, reference_layers=lambda m: scrambled_layers(m.net, "net.")
     )
-    logger = MemoryLogger()
+    logger = memory_logger()
     flow = GradientFlow(log_every_n_steps=1, after_clipping=after_clipping)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=1, gradient_clip_val=0.5)
+    trainer = trainer_for([flow], logger=logger, max_epochs=1, gradient_clip_val=0.5)
     trainer.fit(module, loader())
     norms = [metrics["grad_flow/global_norm"] for _, metrics in logger.logged]
     unclipped = [global_norm for _, global_norm in module.reference]  # the module's hook runs before clipping
@@ -752,19 +721,19 @@ def test_gradients_are_read_before_clipping_unless_after_clipping(tmp_path, afte
         np.testing.assert_allclose(norms, unclipped, rtol=1e-5)
 
 
-def test_deep_sigmoid_net_raises_vanishing_alarm_naming_its_early_layers(tmp_path):
+def test_deep_sigmoid_net_raises_vanishing_alarm_naming_its_early_layers(trainer_for):
     torch.manual_seed(0)
     flow = GradientFlow(log_every_n_steps=2, on_alarm="raise")
-    trainer = make_trainer(tmp_path, [flow], max_epochs=1)
+    trainer = trainer_for([flow], max_epochs=1)
     with pytest.raises(GradientFlowAlarm, match=r"vanishing gradients at step 0 in layers: net\.1, net\.3"):
         trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader())
 
 
-def test_vanishing_warning_is_given_once_and_counted(tmp_path):
+def test_vanishing_warning_is_given_once_and_counted(trainer_for, memory_logger):
     torch.manual_seed(0)
-    logger = MemoryLogger()
+    logger = memory_logger()
     flow = GradientFlow(log_every_n_steps=2)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=2)
+    trainer = trainer_for([flow], logger=logger, max_epochs=2)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader())
@@ -775,7 +744,7 @@ def test_vanishing_warning_is_given_once_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("net_name", ["small_resnet", "resnet20"])
-def test_healthy_resnet_raises_no_alarm(tmp_path, net_name):
+def test_healthy_resnet_raises_no_alarm(net_name, trainer_for, memory_logger):
     torch.manual_seed(0)
     if net_name == "resnet20":
         from lightning_tricks.models import build_net
@@ -783,20 +752,18 @@ def test_healthy_resnet_raises_no_alarm(tmp_path, net_name):
         net = build_net("resnet20", 3, in_channels=2)
     else:
         net = small_resnet()
-    logger = MemoryLogger()
-    trainer = make_trainer(
-        tmp_path, [GradientFlow(log_every_n_steps=2, on_alarm="raise")], logger=logger, max_epochs=1
-    )
+    logger = memory_logger()
+    trainer = trainer_for([GradientFlow(log_every_n_steps=2, on_alarm="raise")], logger=logger, max_epochs=1)
     trainer.fit(Classifier(net, lr=0.02), loader())
     last = logger.logged[-1][1]
     assert last["grad_flow/vanishing_steps"] == 0 and last["grad_flow/exploding_steps"] == 0
     assert last["grad_flow/first_to_last_ratio"] > 1e-3
 
 
-def test_scaled_loss_triggers_exploding_alarm_and_stop(tmp_path):
+def test_scaled_loss_triggers_exploding_alarm_and_stop(trainer_for):
     torch.manual_seed(0)
     flow = GradientFlow(log_every_n_steps=1, on_alarm="stop")
-    trainer = make_trainer(tmp_path, [flow], max_epochs=3)
+    trainer = trainer_for([flow], max_epochs=3)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         trainer.fit(Classifier(deep_mlp(4, nn.ReLU), lr=0.0, loss_scale=1e7), loader())
@@ -806,16 +773,16 @@ def test_scaled_loss_triggers_exploding_alarm_and_stop(tmp_path):
     assert trainer.global_step < 12
 
 
-def test_huge_learning_rate_diverges_to_nonfinite_and_raises(tmp_path):
+def test_huge_learning_rate_diverges_to_nonfinite_and_raises(trainer_for):
     torch.manual_seed(0)
     flow = GradientFlow(log_every_n_steps=1, explode_threshold=None, on_alarm="raise")
-    trainer = make_trainer(tmp_path, [flow], max_epochs=5)
+    trainer = trainer_for([flow], max_epochs=5)
     with pytest.raises(GradientFlowAlarm, match="exploding"):
         trainer.fit(Classifier(deep_mlp(6, nn.ReLU, scale=3.0), lr=1e6), loader())
     assert flow.alarm_counts[0]["nonfinite"] + flow.alarm_counts[0]["exploding"] >= 1
 
 
-def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
+def test_nan_gradients_never_crash_and_are_left_out_of_the_history(trainer_for, memory_logger):
     torch.manual_seed(0)
     module = Classifier(
         ScrambledCNN(),
@@ -823,9 +790,9 @@ def test_nan_gradients_never_crash_and_are_left_out_of_the_history(tmp_path):
         zero_nonfinite=True,
         reference_layers=lambda m: scrambled_layers(m.net, "net."),
     )
-    logger = MemoryLogger()
+    logger = memory_logger()
     flow = GradientFlow(log_every_n_steps=3)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=2, limit_train_batches=4)
+    trainer = trainer_for([flow], logger=logger, max_epochs=2, limit_train_batches=4)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         trainer.fit(module, loader())
@@ -850,10 +817,10 @@ class GrowingOptimizerClassifier(Classifier):
             self.optimizers().optimizer.add_param_group({"params": backbone})
 
 
-def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(tmp_path):
+def test_layers_added_to_the_optimizer_join_the_flow_in_forward_order(trainer_for):
     torch.manual_seed(0)
     flow = GradientFlow()
-    make_trainer(tmp_path, [flow], max_epochs=2).fit(GrowingOptimizerClassifier(ScrambledCNN()), loader())
+    trainer_for([flow], max_epochs=2).fit(GrowingOptimizerClassifier(ScrambledCNN()), loader())
     history = flow.flows[0]
     assert history.layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
     matrix = history.matrix
@@ -876,12 +843,12 @@ class FrozenBackboneClassifier(GrowingOptimizerClassifier):
         super().on_train_epoch_start()
 
 
-def test_layers_frozen_at_the_first_step_join_the_flow_in_forward_order(tmp_path):
+def test_layers_frozen_at_the_first_step_join_the_flow_in_forward_order(trainer_for):
     """Layers the first step's graph does not reach keep their forward-hook place among those it
     reaches (not all after them)."""
     torch.manual_seed(0)
     flow = GradientFlow()
-    make_trainer(tmp_path, [flow], max_epochs=2).fit(FrozenBackboneClassifier(ScrambledCNN()), loader())
+    trainer_for([flow], max_epochs=2).fit(FrozenBackboneClassifier(ScrambledCNN()), loader())
     assert flow.flows[0].layer_names == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
 
 
@@ -895,15 +862,15 @@ def read_history_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path):
+def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path, trainer_for, memory_logger):
     """Trainer's default log_every_n_steps (50): values at steps 0, 50, 100 in every logger."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     torch.manual_seed(0)
     tensorboard = TensorBoardLogger(tmp_path, name="tb")
-    csv_logger, memory = CSVLogger(tmp_path, name="csv"), MemoryLogger()
+    csv_logger, memory = CSVLogger(tmp_path, name="csv"), memory_logger()
     flow = GradientFlow(log_per_layer=True)
-    trainer = make_trainer(tmp_path, [flow], logger=[tensorboard, csv_logger, memory], max_epochs=2)
+    trainer = trainer_for([flow], logger=[tensorboard, csv_logger, memory], max_epochs=2)
     trainer.fit(Classifier(ScrambledCNN()), loader(n=64, batch_size=1))
 
     assert [step for step, _ in memory.logged] == [0, 50, 100]
@@ -934,23 +901,27 @@ def test_every_logged_value_reaches_tensorboard_and_csv_at_its_own_step(tmp_path
     assert [r["layer"] for r in rows[:5]] == [name for name, _ in scrambled_layers(ScrambledCNN(), "net.")]
 
 
-def test_early_stopping_can_monitor_the_global_norm(tmp_path):
+def test_early_stopping_can_monitor_the_global_norm(trainer_for):
     torch.manual_seed(0)
     stopper = EarlyStopping(monitor="grad_flow/global_norm", mode="min", stopping_threshold=1e9)
-    trainer = make_trainer(tmp_path, [GradientFlow(), stopper], max_epochs=5)
+    trainer = trainer_for([GradientFlow(), stopper], max_epochs=5)
     trainer.fit(Classifier(ScrambledCNN()), loader())
     assert trainer.current_epoch == 1 and trainer.global_step == 4
     assert float(trainer.callback_metrics["grad_flow/global_norm"]) > 0
 
 
 @pytest.mark.parametrize("use_logger", [False, True])
-def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(tmp_path, monkeypatch, use_logger):
+def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(
+    tmp_path, monkeypatch, use_logger, trainer_for
+):
     cwd, root = tmp_path / "cwd", tmp_path / "root"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     logger = CSVLogger(root, name="csv") if use_logger else False
     flow = GradientFlow()
-    make_trainer(root, [flow], logger=logger, max_epochs=2).fit(Classifier(ScrambledCNN()), loader())
+    trainer_for([flow], default_root_dir=root, logger=logger, max_epochs=2).fit(
+        Classifier(ScrambledCNN()), loader()
+    )
     run_dir = Path(flow.run_dir)
     expected = Path(logger.log_dir) if use_logger else root / "lightning_tricks_logs" / "version_0"
     assert run_dir == expected and list(cwd.iterdir()) == []
@@ -961,7 +932,7 @@ def test_files_go_to_the_run_folder_and_nothing_to_the_working_directory(tmp_pat
     assert len(read_history_csv(run_dir / "grad_flow.csv")) == 2 * 5  # net.unused: rows of NaN
 
 
-def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monkeypatch):
+def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(monkeypatch, trainer_for):
     figures = []
 
     def spy(*args, **kwargs):
@@ -971,7 +942,7 @@ def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monke
     monkeypatch.setattr(flow_module, "plot_gradient_flow", spy)
     torch.manual_seed(0)
     flow = GradientFlow(max_figure_columns=16, figure_lines=3, figure_time_share=1.0)
-    trainer = make_trainer(tmp_path, [flow], max_epochs=300)
+    trainer = trainer_for([flow], max_epochs=300)
     trainer.fit(Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4))
     assert len(figures) == 10 + 1  # after 1, 2, 3, 4, 8, ..., 256 epochs, and after the last
     data, extent, lines = figure_parts(figures[-1])
@@ -985,9 +956,7 @@ def test_figure_and_checkpoint_stay_bounded_over_300_tiny_epochs(tmp_path, monke
 
     figures.clear()
     budget = GradientFlow(figure_time_share=1e-9)
-    make_trainer(tmp_path, [budget], max_epochs=20).fit(
-        Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4)
-    )
+    trainer_for([budget], max_epochs=20).fit(Classifier(deep_mlp(3, nn.Tanh)), loader(n=4, batch_size=4))
     assert len(figures) == 2  # the first figure exhausts the budget; the last epoch's is always drawn
     assert figure_parts(figures[-1])[2][-1] == "epoch 19"
 
@@ -1031,12 +1000,12 @@ class TwoOptimizerModule(pl.LightningModule):
         return torch.optim.Adam(self.gen.parameters(), 1e-3), torch.optim.Adam(self.critic.parameters(), 1e-3)
 
 
-def test_multiple_optimizers_keep_separate_flows(tmp_path):
+def test_multiple_optimizers_keep_separate_flows(tmp_path, trainer_for, memory_logger):
     torch.manual_seed(0)
     module = TwoOptimizerModule()
-    logger = MemoryLogger(save_dir=tmp_path)
+    logger = memory_logger(save_dir=tmp_path)
     flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
-    trainer = make_trainer(tmp_path, [flow], logger=logger, max_epochs=1, limit_train_batches=2)
+    trainer = trainer_for([flow], logger=logger, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, loader())
     assert flow.flows[0].layer_names == ["gen.0", "gen.2"]
     assert flow.flows[1].layer_names == ["critic.1", "critic.3"]
@@ -1055,14 +1024,16 @@ def test_multiple_optimizers_keep_separate_flows(tmp_path):
     assert {row["optimizer"] for row in read_history_csv(run_dir / "grad_flow.csv")} == {"0", "1"}
 
 
-def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_raise_no_alarm(tmp_path):
+def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_raise_no_alarm(
+    trainer_for, memory_logger, fit_vanishing
+):
     torch.manual_seed(0)
     module = Classifier(ScrambledCNN(), reference_layers=lambda m: scrambled_layers(m.net, "net."))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
-    logger = MemoryLogger()
+    logger = memory_logger()
     flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
-    trainer = make_trainer(
-        tmp_path, [flow], logger=logger, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
+    trainer = trainer_for(
+        [flow], logger=logger, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]
     )
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -1081,18 +1052,24 @@ def test_amp_grad_scaler_gradients_are_read_unscaled_and_its_overflow_steps_rais
     assert flow.flows[0].matrix[3, 0] == pytest.approx(np.mean(finite), rel=1e-5)
 
 
-def fit_vanishing(
-    root: Path, flow: GradientFlow, max_epochs: int, ckpt_path=None, **checkpoint
-) -> MemoryLogger:
-    """A 12-layer sigmoid MLP (every step vanishes), 4 steps an epoch, checkpoints as asked."""
-    torch.manual_seed(0)
-    logger = MemoryLogger(save_dir=root)
-    callbacks = [flow, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, **checkpoint)]
-    trainer = make_trainer(root, callbacks, logger=logger, max_epochs=max_epochs, enable_checkpointing=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(deep_mlp(12, nn.Sigmoid)), loader(), ckpt_path=ckpt_path)
-    return logger
+@pytest.fixture
+def fit_vanishing(trainer_for, memory_logger):
+    """``fit_vanishing(root, flow, max_epochs, ckpt_path=None, **checkpoint)``: a 12-layer sigmoid
+    MLP (every step vanishes), 4 steps an epoch, in ``root``, checkpoints as asked; the logger."""
+
+    def fit(root: Path, flow: GradientFlow, max_epochs: int, ckpt_path=None, **checkpoint):
+        torch.manual_seed(0)
+        logger = memory_logger(save_dir=root)
+        callbacks = [flow, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, **checkpoint)]
+        options = dict(default_root_dir=root, logger=logger, max_epochs=max_epochs, enable_checkpointing=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer_for(callbacks, **options).fit(
+                Classifier(deep_mlp(12, nn.Sigmoid)), loader(), ckpt_path=ckpt_path
+            )
+        return logger
+
+    return fit
 
 
 def assert_same_run_history(resumed: GradientFlow, full: GradientFlow) -> None:
@@ -1105,7 +1082,7 @@ def assert_same_run_history(resumed: GradientFlow, full: GradientFlow) -> None:
     assert resumed.alarm_counts == full.alarm_counts
 
 
-def test_resume_from_an_epoch_end_checkpoint_continues_history_files_and_counts(tmp_path):
+def test_resume_from_an_epoch_end_checkpoint_continues_history_files_and_counts(tmp_path, fit_vanishing):
     full = GradientFlow(log_every_n_steps=2)
     fit_vanishing(tmp_path / "full", full, 3)
     part = GradientFlow(log_every_n_steps=2)
@@ -1122,7 +1099,7 @@ def test_resume_from_an_epoch_end_checkpoint_continues_history_files_and_counts(
     assert rows == read_history_csv(Path(full.run_dir) / "grad_flow.csv")
 
 
-def test_alarm_counts_are_exact_across_a_checkpoint_taken_between_two_logged_steps(tmp_path):
+def test_alarm_counts_are_exact_across_a_checkpoint_taken_between_two_logged_steps(tmp_path, fit_vanishing):
     full = GradientFlow(log_every_n_steps=4)
     full_log = fit_vanishing(tmp_path / "full", full, 3)
     part = GradientFlow(log_every_n_steps=4)
@@ -1140,7 +1117,7 @@ def test_alarm_counts_are_exact_across_a_checkpoint_taken_between_two_logged_ste
     assert resumed.alarm_counts == full.alarm_counts == {0: {"vanishing": 12, "exploding": 0, "nonfinite": 0}}
 
 
-def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_column(tmp_path):
+def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_column(tmp_path, fit_vanishing):
     full = GradientFlow()
     fit_vanishing(tmp_path / "full", full, 3)
     part = GradientFlow()
@@ -1157,7 +1134,7 @@ def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_column(tmp_path):
     }
 
 
-def test_resume_with_a_changed_knob_warns_and_keeps_the_state(tmp_path):
+def test_resume_with_a_changed_knob_warns_and_keeps_the_state(tmp_path, fit_vanishing):
     assert GradientFlow(vanish_threshold=1e-3, log_every_n_steps=3).state_key == GradientFlow().state_key
     assert GradientFlow(exclude="head").state_key != GradientFlow().state_key
     part = GradientFlow()
@@ -1193,12 +1170,18 @@ class ShardedClassifier(Classifier):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, trainer_for):
     def run(root: Path, devices: int, batch_size: int, strategy: str = "auto") -> CSVLogger:
         logger = CSVLogger(root, name="csv", version=0)
         flow = GradientFlow(log_every_n_steps=1, log_per_layer=True)
-        trainer = make_trainer(
-            root, [flow], logger=logger, devices=devices, strategy=strategy, use_distributed_sampler=False
+        trainer = trainer_for(
+            [flow],
+            default_root_dir=root,
+            logger=logger,
+            max_epochs=2,
+            devices=devices,
+            strategy=strategy,
+            use_distributed_sampler=False,
         )
         trainer.fit(ShardedClassifier(batch_size))
         return logger
@@ -1228,23 +1211,23 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def ops_per_step(tmp_path: Path, depth: int, flow: GradientFlow | None) -> AtenOpsPerStep:
+def ops_per_step(trainer_for, depth: int, flow: GradientFlow | None) -> AtenOpsPerStep:
     torch.manual_seed(0)
     profile = AtenOpsPerStep()
     callbacks = [profile] if flow is None else [flow, profile]
-    make_trainer(tmp_path, callbacks, max_epochs=1).fit(Classifier(deep_mlp(depth, nn.Tanh)), loader(n=96))
+    trainer_for(callbacks).fit(Classifier(deep_mlp(depth, nn.Tanh)), loader(n=96))
     return profile
 
 
-def test_a_step_costs_at_most_15_aten_ops_whatever_the_depth(tmp_path):
+def test_a_step_costs_at_most_15_aten_ops_whatever_the_depth(trainer_for):
     """GradientFlow's per-step work is a fixed handful of batched ops (the three norms of every
     gradient and a ``stack``), not a few per layer (it was 19 + 7 per parameter: 61 at depth 3, 187 at 12);
     steps 1-4 are not logged, step 5 is (the window folded into layers and alarms in batch, read
     back in one transfer, eleven scalars logged)."""
     extra = {}
     for depth in (3, 12):
-        plain = ops_per_step(tmp_path, depth, None)
-        with_flow = ops_per_step(tmp_path, depth, GradientFlow(log_every_n_steps=5))
+        plain = ops_per_step(trainer_for, depth, None)
+        with_flow = ops_per_step(trainer_for, depth, GradientFlow(log_every_n_steps=5))
         extra[depth] = [a - b for a, b in zip(with_flow.counts, plain.counts, strict=True)]
         norms = {"aten::_foreach_norm": 2, "aten::_foreach_abs": 1, "aten::_foreach_max": 1, "aten::stack": 1}
         for step in range(1, 5):  # nothing but the norms: no host read, no per-layer op

@@ -618,7 +618,14 @@ def test_parameter_shared_between_modules_is_measured_exactly(fuse: bool) -> Non
     assert torch.equal(model.embed.weight.grad, plain[0]), "the tied weight is never fused"
 
 
+def _linear_of(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def test_parameter_used_outside_its_module_is_refused() -> None:
+    """A use the forward's source does not show (through a helper: ``self.a.weight`` in the
+    forward itself would make the module a unit measured whole, tests/test_gram_units.py)."""
+
     class Functional(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -626,7 +633,7 @@ def test_parameter_used_outside_its_module_is_refused() -> None:
             self.b = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.b(F.linear(x, self.a.weight, self.a.bias))
+            return self.b(_linear_of(x, self.a))
 
     model = Functional()
     with GramCollector(model) as gram:

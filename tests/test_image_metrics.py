@@ -24,9 +24,7 @@ from lightning_tricks.samplers import MetricSortedBatchSampler, score_dataset, s
 SIDE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hand_made(channels: int = 3) -> torch.Tensor:
@@ -149,6 +147,31 @@ def test_score_dataset_batches_match_one_pass_and_leave_the_rng_alone():
     scores = score_dataset(dataset, intensity, batch_size=5, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.allclose(scores, intensity(images).double())
+
+
+def test_score_dataset_reports_progress_to_the_bar_it_is_given():
+    """``progress=`` a bar factory (e.g. the Trainer's): one bar of the dataset's length, titled by
+    the metric, advanced by each scored batch to the end, closed after."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, description):
+            self.total, self.description, self.updates, self.closed = total, description, [], False
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+        def update(self, n):
+            self.updates.append(n)
+
+    score_dataset(TensorDataset(torch.rand(37, 3, 8, 8)), intensity, batch_size=5, progress=Bar)
+    assert [(bar.total, bar.description, bar.updates, bar.closed) for bar in bars] == [
+        (37, "scoring images by intensity", [5] * 7 + [2], True)
+    ]
 
 
 def test_score_dataset_gives_the_perceptual_metric_the_dataset_average_image():

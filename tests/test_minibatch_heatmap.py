@@ -7,24 +7,26 @@ import copy
 import json
 import math
 import os
+import re
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_identical
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from lightning_tricks import MinibatchHeatmap
-from lightning_tricks.callbacks.minibatch_heatmap import phase_indices
 from lightning_tricks.datamodules import ClassificationDataModule
 from lightning_tricks.gradients.minibatch_distance import (
     CountSketch,
     MinibatchDistances,
     sketch_failure_probability,
 )
+from lightning_tricks.heatmap import epoch_learning_rates, heatmap_file, heatmap_namespace, phase_indices
 from lightning_tricks.image_metrics import color, edges, intensity, metric_order
 from lightning_tricks.results import load_minibatch_heatmap
 from lightning_tricks.samplers import MetricSortedBatchSampler
@@ -32,9 +34,7 @@ from lightning_tricks.samplers import MetricSortedBatchSampler
 SAMPLES, BATCH = 36, 8  # 5 batches a epoch, the last one of 4 samples
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_data(samples: int = SAMPLES) -> TensorDataset:
@@ -98,22 +98,6 @@ class CNNModule(pl.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.MultiStepLR(optimizer, list(self.milestones), 0.1)]
 
 
-def fit(module, callbacks, root, epochs=3, **overrides):
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-    )
-    trainer = pl.Trainer(callbacks=callbacks, **{**options, **overrides})
-    trainer.fit(module)
-    return trainer
-
-
 def algorithm_1(net: nn.Module, data: TensorDataset, lr: float, epochs: int, distance: str = "l2"):
     """Seed 002 Algorithm 1 as written: net_normal trains (SGD, momentum 0.9), net_compare is copied at
     each epoch start and only runs forward/backward; batches are the data sorted by intensity."""
@@ -146,11 +130,11 @@ def algorithm_1(net: nn.Module, data: TensorDataset, lr: float, epochs: int, dis
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, distance):
+def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, distance, trainer_for):
     net = small_cnn(batch_norm=True)
     reference, batch_means = algorithm_1(net, make_data(), lr=0.1, epochs=3, distance=distance)
     heatmap = MinibatchHeatmap(mode="exact", distance=distance, progress=False)
-    fit(CNNModule(copy.deepcopy(net)), [heatmap], tmp_path)
+    trainer_for([heatmap], max_epochs=3).fit(CNNModule(copy.deepcopy(net)))
     assert heatmap.matrix.shape == (3, 5)
     np.testing.assert_allclose(heatmap.matrix, reference, rtol=0, atol=1e-6)
     np.testing.assert_allclose(heatmap.batch_values, batch_means, rtol=1e-6)
@@ -167,14 +151,16 @@ def test_exact_mode_equals_a_direct_implementation_of_algorithm_1(tmp_path, dist
     }
 
 
-def test_sketch_mode_is_within_its_stated_error_of_exact(tmp_path):
+def test_sketch_mode_is_within_its_stated_error_of_exact(tmp_path, trainer_for):
     net = small_cnn()
     exact, sketch = (
         MinibatchHeatmap(mode="exact", progress=False),
         MinibatchHeatmap(mode="sketch", sketch_dim=8192, seed=1, progress=False),
     )
-    fit(CNNModule(copy.deepcopy(net)), [exact], tmp_path / "exact")
-    fit(CNNModule(copy.deepcopy(net)), [sketch], tmp_path / "sketch")
+    trainer_for([exact], max_epochs=3, default_root_dir=tmp_path / "exact").fit(CNNModule(copy.deepcopy(net)))
+    trainer_for([sketch], max_epochs=3, default_root_dir=tmp_path / "sketch").fit(
+        CNNModule(copy.deepcopy(net))
+    )
     eps = 0.25
     assert sketch_failure_probability(8192, eps) < 0.005  # 15 entries: all within ε with prob. > 0.92
     relative = np.abs(sketch.matrix - exact.matrix) / exact.matrix
@@ -196,44 +182,35 @@ def test_count_sketch_error_frequency_is_within_the_chebyshev_bound():
     assert float(ratios.mean()) == pytest.approx(1.0, abs=0.03)
 
 
-def parameters_buffers_state(module, trainer):
-    return (
-        {k: v.clone() for k, v in module.state_dict().items()},
-        copy.deepcopy(trainer.optimizers[0].state_dict()),
-        torch.get_rng_state(),
-    )
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, optimizer, mode):
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, optimizer, mode, trainer_for):
     """BatchNorm (running statistics) and dropout (RNG) in the model; on the same fixed batches."""
     results = []
     for callbacks in ([], [MinibatchHeatmap(mode=mode, sketch_dim=64, progress=False)]):
         torch.manual_seed(5)
         module = CNNModule(small_cnn(batch_norm=True, dropout=0.3), sorted_by_hand=True, optimizer=optimizer)
-        trainer = fit(module, callbacks, tmp_path / str(len(callbacks)), epochs=2)
-        results.append(parameters_buffers_state(module, trainer))
-    (state_a, optim_a, rng_a), (state_b, optim_b, rng_b) = results
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
-    for index, values in optim_a["state"].items():
-        for name, value in values.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][name])), name
-    assert torch.equal(rng_a, rng_b)
+        trainer = trainer_for(callbacks, max_epochs=2, default_root_dir=tmp_path / str(len(callbacks)))
+        trainer.fit(module)
+        optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+        results.append((module.state_dict(), optimizer_state, torch.get_rng_state()))
+    assert_identical(results[1], results[0], "parameters, buffers, optimiser state, RNG")
     assert all(p.grad is None or p.requires_grad for p in module.parameters())
 
 
-def test_installed_sorted_batches_equal_a_hand_built_sorted_loader(tmp_path):
+def test_installed_sorted_batches_equal_a_hand_built_sorted_loader(tmp_path, trainer_for):
     installed, by_hand = MinibatchHeatmap(progress=False), MinibatchHeatmap(progress=False)
     net = small_cnn()
-    fit(CNNModule(copy.deepcopy(net)), [installed], tmp_path / "a")
-    fit(CNNModule(copy.deepcopy(net), sorted_by_hand=True), [by_hand], tmp_path / "b")
+    trainer_for([installed], max_epochs=3, default_root_dir=tmp_path / "a").fit(CNNModule(copy.deepcopy(net)))
+    trainer_for([by_hand], max_epochs=3, default_root_dir=tmp_path / "b").fit(
+        CNNModule(copy.deepcopy(net), sorted_by_hand=True)
+    )
     np.testing.assert_array_equal(installed.matrix, by_hand.matrix)
 
 
-def test_exact_mode_spills_beyond_the_budget_gives_the_same_matrix_and_removes_the_file(tmp_path):
+def test_exact_mode_spills_beyond_the_budget_gives_the_same_matrix_and_removes_the_file(
+    tmp_path, trainer_for
+):
     net = small_cnn()
     in_memory = MinibatchHeatmap(mode="exact", progress=False)
     spilled = MinibatchHeatmap(
@@ -243,11 +220,13 @@ def test_exact_mode_spills_beyond_the_budget_gives_the_same_matrix_and_removes_t
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if spilled._engine is not None:
-                seen.append(spilled._engine.spilled)
+            if spilled._epoch is not None:
+                seen.append(spilled._epoch.engine.spilled)
 
-    fit(CNNModule(copy.deepcopy(net)), [in_memory], tmp_path / "a")
-    fit(CNNModule(copy.deepcopy(net)), [spilled, Spy()], tmp_path / "b")
+    trainer_for([in_memory], max_epochs=3, default_root_dir=tmp_path / "a").fit(CNNModule(copy.deepcopy(net)))
+    trainer_for([spilled, Spy()], max_epochs=3, default_root_dir=tmp_path / "b").fit(
+        CNNModule(copy.deepcopy(net))
+    )
     assert any(seen), "rows went to the memory-mapped file"
     np.testing.assert_allclose(spilled.matrix, in_memory.matrix, rtol=0, atol=1e-12)
     assert not any(name.endswith(".tmp.npy") for _, _, files in os.walk(tmp_path) for name in files)
@@ -258,9 +237,10 @@ def test_auto_mode_picks_exact_when_the_gradients_fit():
     assert MinibatchDistances(5, 100, mode="auto", memory_budget=1999).mode == "sketch"
 
 
-def test_files_figures_and_scalars(tmp_path):
+def test_files_figures_and_scalars(tmp_path, trainer_for):
     heatmap = MinibatchHeatmap(every_n_epochs=2, progress=False)
-    trainer = fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=3)
+    trainer = trainer_for([heatmap], max_epochs=3)
+    trainer.fit(CNNModule(small_cnn()))
     assert heatmap.epochs == [0, 2]
     folder = heatmap.run_dir
     np.testing.assert_array_equal(np.load(os.path.join(folder, "heatmap_matrix.npy")), heatmap.matrix)
@@ -274,16 +254,16 @@ def test_files_figures_and_scalars(tmp_path):
     assert int(metrics["heatmap/best_batch"]) == int(np.argmin(heatmap.matrix[-1]))
 
 
-def test_batches_past_limit_train_batches_are_nan(tmp_path):
+def test_batches_past_limit_train_batches_are_nan(tmp_path, trainer_for):
     heatmap = MinibatchHeatmap(progress=False)
-    fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1, limit_train_batches=3)
+    trainer_for([heatmap], max_epochs=1, limit_train_batches=3).fit(CNNModule(small_cnn()))
     assert heatmap.matrix.shape == (1, 5)
     assert np.isfinite(heatmap.matrix[0, :3]).all() and np.isnan(heatmap.matrix[0, 3:]).all()
 
 
-def test_phases_follow_the_learning_rate(tmp_path):
+def test_phases_follow_the_learning_rate(tmp_path, trainer_for):
     heatmap = MinibatchHeatmap(progress=False)
-    fit(CNNModule(small_cnn(), milestones=(2,)), [heatmap], tmp_path, epochs=4)
+    trainer_for([heatmap], max_epochs=4).fit(CNNModule(small_cnn(), milestones=(2,)))
     assert heatmap.phase_of_epoch == [0, 0, 1, 1]
     files = os.listdir(heatmap.run_dir)
     assert "heatmap.phase_0.png" in files and "heatmap.phase_1.png" in files
@@ -298,46 +278,42 @@ def test_phase_indices():
     assert phase_indices([0, 1], [0.1, 0.2], None) == [0, 0]
 
 
-def test_resume_keeps_the_matrix(tmp_path):
+def test_resume_keeps_the_matrix(tmp_path, trainer_for):
     net = small_cnn()
     uninterrupted = MinibatchHeatmap(progress=False)
-    fit(CNNModule(copy.deepcopy(net)), [uninterrupted], tmp_path / "full", epochs=4)
+    trainer_for([uninterrupted], max_epochs=4, default_root_dir=tmp_path / "full").fit(
+        CNNModule(copy.deepcopy(net))
+    )
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = MinibatchHeatmap(progress=False)
-    fit(
-        CNNModule(copy.deepcopy(net)),
-        [first, checkpoint],
-        tmp_path / "part",
-        epochs=2,
-        enable_checkpointing=True,
-    )
+    trainer_for(
+        [first, checkpoint], max_epochs=2, default_root_dir=tmp_path / "part", enable_checkpointing=True
+    ).fit(CNNModule(copy.deepcopy(net)))
     resumed = MinibatchHeatmap(progress=False)
-    trainer = pl.Trainer(
-        callbacks=[resumed],
-        accelerator="cpu",
-        max_epochs=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path / "part",
+    trainer_for([resumed], max_epochs=4, default_root_dir=tmp_path / "part").fit(
+        CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    trainer.fit(CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.epochs == [0, 1, 2, 3]
     np.testing.assert_allclose(resumed.matrix, uninterrupted.matrix, rtol=0, atol=1e-6)
 
 
-def test_a_module_without_compute_loss_needs_loss_fn(tmp_path):
+def test_a_module_without_compute_loss_needs_loss_fn(tmp_path, trainer_for):
     with pytest.raises(ValueError, match="compute_loss.*loss_fn"):
-        fit(CNNModule(small_cnn(), define_loss=False), [MinibatchHeatmap(progress=False)], tmp_path)
+        trainer_for([MinibatchHeatmap(progress=False)], max_epochs=3).fit(
+            CNNModule(small_cnn(), define_loss=False)
+        )
     with_fn = MinibatchHeatmap(
         loss_fn=lambda module, batch: module._loss(batch), mode="exact", progress=False
     )
     with_method = MinibatchHeatmap(mode="exact", progress=False)
     net = small_cnn()
-    fit(CNNModule(copy.deepcopy(net), define_loss=False), [with_fn], tmp_path / "a", epochs=1)
-    fit(CNNModule(copy.deepcopy(net)), [with_method], tmp_path / "b", epochs=1)
+    trainer_for([with_fn], max_epochs=1, default_root_dir=tmp_path / "a").fit(
+        CNNModule(copy.deepcopy(net), define_loss=False)
+    )
+    trainer_for([with_method], max_epochs=1, default_root_dir=tmp_path / "b").fit(
+        CNNModule(copy.deepcopy(net))
+    )
     np.testing.assert_array_equal(with_fn.matrix, with_method.matrix)
 
 
@@ -357,16 +333,18 @@ class GrowingBatches(CNNModule):
         return DataLoader(self.data, batch_size=size, shuffle=True)
 
 
-def test_loaders_whose_batches_may_change_are_refused(tmp_path):
+def test_loaders_whose_batches_may_change_are_refused(tmp_path, trainer_for):
     with pytest.raises(ValueError, match="Shuffled"):
-        fit(CustomBatches(small_cnn()), [MinibatchHeatmap(progress=False)], tmp_path / "a")
-    with pytest.raises(ValueError, match="batches changed"):
-        fit(
-            GrowingBatches(small_cnn()),
-            [MinibatchHeatmap(progress=False)],
-            tmp_path / "b",
-            reload_dataloaders_every_n_epochs=1,
+        trainer_for([MinibatchHeatmap(progress=False)], max_epochs=3, default_root_dir=tmp_path / "a").fit(
+            CustomBatches(small_cnn())
         )
+    with pytest.raises(ValueError, match="batches changed"):
+        trainer_for(
+            [MinibatchHeatmap(progress=False)],
+            max_epochs=3,
+            default_root_dir=tmp_path / "b",
+            reload_dataloaders_every_n_epochs=1,
+        ).fit(GrowingBatches(small_cnn()))
 
 
 @pytest.mark.parametrize(
@@ -395,34 +373,31 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
         MinibatchHeatmap(**kwargs)
 
 
-def test_non_finite_gradients_warn_and_give_nan_without_touching_training(tmp_path):
+def test_non_finite_gradients_warn_and_give_nan_without_touching_training(tmp_path, trainer_for):
     heatmap = MinibatchHeatmap(loss_fn=lambda module, batch: module._loss(batch) * math.inf, progress=False)
     module = CNNModule(small_cnn(), define_loss=False)
     with pytest.warns(UserWarning, match="non-finite"):
-        fit(module, [heatmap], tmp_path, epochs=1)
+        trainer_for([heatmap], max_epochs=1).fit(module)
     assert np.isnan(heatmap.matrix).all()
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
-def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(tmp_path, mode):
+def test_ddp_two_processes_give_the_single_process_matrix_with_the_global_batch(tmp_path, mode, trainer_for):
     """Each of 2 processes takes half of every global batch of 8; the per-process gradients are summed
     with their sizes before storage, so the matrix equals one process with batches of 8."""
     net = small_cnn(batch_norm=False)  # BatchNorm's statistics would be per process
     single = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
     single_edges = MinibatchHeatmap(metric="edges", mode=mode, sketch_dim=512, progress=False)
-    fit(CNNModule(copy.deepcopy(net), samples=32), [single, single_edges], tmp_path / "single", epochs=2)
+    trainer_for([single, single_edges], max_epochs=2, default_root_dir=tmp_path / "single").fit(
+        CNNModule(copy.deepcopy(net), samples=32)
+    )
 
     ddp = MinibatchHeatmap(mode=mode, sketch_dim=512, progress=False)
     ddp_edges = MinibatchHeatmap(metric="edges", mode=mode, sketch_dim=512, progress=False)
-    fit(
-        CNNModule(copy.deepcopy(net), batch_size=4, samples=32),
-        [ddp, ddp_edges],
-        tmp_path / "ddp",
-        epochs=2,
-        devices=2,
-        strategy="ddp_fork",
-    )
+    trainer_for(
+        [ddp, ddp_edges], max_epochs=2, default_root_dir=tmp_path / "ddp", devices=2, strategy="ddp_fork"
+    ).fit(CNNModule(copy.deepcopy(net), batch_size=4, samples=32))
     folder = tmp_path / "ddp" / "lightning_tricks_logs" / "version_0"
     for name, reference in (("heatmap", single), ("heatmap_edges_l2", single_edges)):  # a second heatmap too
         matrix = np.load(folder / f"{name}_matrix.npy")
@@ -471,7 +446,9 @@ def reference_phases(step_lrs_per_epoch):
     """Epoch LR = the LR most of its steps used (ties: the later one); a phase = a maximal run of equal LRs."""
     lrs = []
     for values in step_lrs_per_epoch:
-        lrs.append(max(values, key=lambda v: (values.count(v), max(i for i, w in enumerate(values) if w == v))))
+        lrs.append(
+            max(values, key=lambda v: (values.count(v), max(i for i, w in enumerate(values) if w == v)))
+        )
     phases = [0]
     for previous, lr in zip(lrs, lrs[1:]):
         phases.append(phases[-1] + (not math.isclose(lr, previous, rel_tol=1e-9)))
@@ -481,15 +458,18 @@ def reference_phases(step_lrs_per_epoch):
 @pytest.mark.parametrize(
     ("interval", "milestones"),
     [
-        ("epoch", (2, 4)),  # torch MultiStepLR: epochs 0-1, 2-3, 4-5
-        ("step", (10, 17)),  # per step: the second decay inside epoch 3 (steps 15-19: 2 steps at 0.001·10, 3 at 0.001)
-        ("step", (11, 21)),  # one step late (the lag of a scheduler stepped before the epoch's first step ran)
+        # torch MultiStepLR: epochs 0-1, 2-3, 4-5
+        ("epoch", (2, 4)),
+        # per step: the second decay inside epoch 3 (steps 15-19: 2 steps at 0.001·10, 3 at 0.001)
+        ("step", (10, 17)),
+        # one step late (the lag of a scheduler stepped before the epoch's first step ran)
+        ("step", (11, 21)),
     ],
 )
-def test_phases_follow_the_learning_rate_the_steps_used(tmp_path, interval, milestones):
+def test_phases_follow_the_learning_rate_the_steps_used(tmp_path, interval, milestones, trainer_for):
     epochs, batches = 6, 5
     heatmap = MinibatchHeatmap(progress=False)
-    fit(ScheduledModule(small_cnn(), interval, milestones), [heatmap], tmp_path, epochs=epochs)
+    trainer_for([heatmap], max_epochs=epochs).fit(ScheduledModule(small_cnn(), interval, milestones))
     if interval == "epoch":
         step_lrs = [[0.1 * 0.1 ** sum(e >= m for m in milestones)] * batches for e in range(epochs)]
     else:
@@ -553,19 +533,17 @@ def reference_order(raw: torch.Tensor, metric: str) -> list[int]:
 
 
 @pytest.mark.parametrize("metric", ["intensity", "color", "edges"])
-def test_metrics_score_the_images_before_normalisation(tmp_path, metric):
+def test_metrics_score_the_images_before_normalisation(tmp_path, metric, trainer_for):
     datamodule = TintedRGB()
     heatmap = MinibatchHeatmap(metric=metric, progress=False)
-    trainer = pl.Trainer(
-        callbacks=[heatmap], max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-    )
-    trainer.fit(RGBModule(), datamodule=datamodule)
+    trainer_for([heatmap]).fit(RGBModule(), datamodule=datamodule)
     order = reference_order(datamodule.raw, metric)
-    assert heatmap._sampler.order.tolist() == order
+    assert heatmap._batches.sampler.order.tolist() == order
     primary = {
         "intensity": datamodule.raw.double().sum(dim=(1, 2, 3)),
-        "color": torch.tensor([colorsys.rgb_to_hsv(*im.mean(dim=(1, 2)).tolist())[0] for im in datamodule.raw.double()]),
+        "color": torch.tensor(
+            [colorsys.rgb_to_hsv(*im.mean(dim=(1, 2)).tolist())[0] for im in datamodule.raw.double()]
+        ),
         "edges": edges(datamodule.raw).double(),
     }[metric]
     expected = [float(primary[order[k : k + BATCH]].mean()) for k in range(0, SAMPLES, BATCH)]
@@ -610,7 +588,7 @@ class FlatClassifier(pl.LightningModule):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "svhn"])
 def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmented_view(
-    tmp_path, monkeypatch, name
+    tmp_path, monkeypatch, name, trainer_for
 ):
     from test_datamodules import FORMATS
 
@@ -620,16 +598,13 @@ def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmente
 
     def fit_order(seed: int) -> tuple[list[int], np.ndarray, ClassificationDataModule]:
         pl.seed_everything(seed, verbose=False)
-        datamodule = spec.datamodule(tmp_path / "data", batch_size=BATCH, val_size=spec.val_size, augment=True)
+        datamodule = spec.datamodule(
+            tmp_path / "data", batch_size=BATCH, val_size=spec.val_size, augment=True
+        )
         heatmap = MinibatchHeatmap(metric="intensity", progress=False)
         module = FlatClassifier(datamodule.in_channels, datamodule.image_size, datamodule.num_classes)
-        trainer = pl.Trainer(
-            callbacks=[heatmap], max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-            limit_train_batches=1, limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=datamodule)
-        return heatmap._sampler.order.tolist(), heatmap.batch_values, datamodule
+        trainer_for([heatmap], limit_train_batches=1, limit_val_batches=0).fit(module, datamodule=datamodule)
+        return heatmap._batches.sampler.order.tolist(), heatmap.batch_values, datamodule
 
     order, values, datamodule = fit_order(1)
     stored = written.train_images[datamodule.train_indices]  # (N, H, W, C) uint8, in train_set order
@@ -644,23 +619,21 @@ def test_torchvision_datamodules_are_scored_on_the_stored_images_not_an_augmente
     assert metric_order(intensity(datamodule.denormalize(augmented))).tolist() != order, "the crops move it"
 
 
-def test_an_unaugmented_view_of_another_length_is_refused(tmp_path):
+def test_an_unaugmented_view_of_another_length_is_refused(tmp_path, trainer_for):
     class ShortView(TintedRGB):
         def unaugmented_train_set(self):
             return TensorDataset(*(tensor[:-1] for tensor in self.train_set.tensors))
 
-    trainer = pl.Trainer(
-        callbacks=[MinibatchHeatmap(progress=False)], max_epochs=1, accelerator="cpu", logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = trainer_for([MinibatchHeatmap(progress=False)])
     with pytest.raises(ValueError, match=r"unaugmented_train_set\(\) has 35 samples.*train_set` 36"):
         trainer.fit(RGBModule(), datamodule=ShortView())
 
 
-def test_color_on_grey_images_warns(tmp_path):
+def test_color_on_grey_images_warns(tmp_path, trainer_for):
     with pytest.warns(UserWarning, match="grey"):
-        fit(CNNModule(small_cnn()), [MinibatchHeatmap(metric="color", progress=False)], tmp_path, epochs=1)
+        trainer_for([MinibatchHeatmap(metric="color", progress=False)], max_epochs=1).fit(
+            CNNModule(small_cnn())
+        )
 
 
 # -- issue 19: several heatmaps on one Trainer (finding 3) -----------------------------------------
@@ -692,23 +665,25 @@ def distances_of_batches(nets, data, batches):
     return np.array(rows)
 
 
-def test_a_second_heatmap_measures_its_own_batches_without_changing_training(tmp_path):
+def test_a_second_heatmap_measures_its_own_batches_without_changing_training(tmp_path, trainer_for):
     net = small_cnn(batch_norm=False)
     alone = MinibatchHeatmap(mode="exact", progress=False)
     module_alone = CNNModule(copy.deepcopy(net))
-    fit(module_alone, [alone], tmp_path / "alone", epochs=2)
+    trainer_for([alone], max_epochs=2, default_root_dir=tmp_path / "alone").fit(module_alone)
 
     leader = MinibatchHeatmap(mode="exact", progress=False)
     second = MinibatchHeatmap(metric="edges", mode="exact", memory_budget=4 * 367, progress=False)
     weights = EpochStartWeights()
     module = CNNModule(copy.deepcopy(net))
-    fit(module, [leader, second, weights], tmp_path / "both", epochs=2)
+    trainer_for([leader, second, weights], max_epochs=2, default_root_dir=tmp_path / "both").fit(module)
 
     for a, b in zip(module_alone.parameters(), module.parameters()):
         assert torch.equal(a, b), "the second heatmap does not change training"
     np.testing.assert_array_equal(leader.matrix, alone.matrix)
     data = module.data
-    order = torch.tensor(sorted(range(SAMPLES), key=lambda i: (float(edges(data.tensors[0][i : i + 1])[0]), i)))
+    order = torch.tensor(
+        sorted(range(SAMPLES), key=lambda i: (float(edges(data.tensors[0][i : i + 1])[0]), i))
+    )
     reference = distances_of_batches(weights.nets, data, list(order.split(BATCH)))
     np.testing.assert_allclose(second.matrix, reference, rtol=1e-5, atol=1e-6)
     assert not np.allclose(second.matrix, leader.matrix)
@@ -730,31 +705,37 @@ def test_a_second_heatmap_measures_its_own_batches_without_changing_training(tmp
         np.testing.assert_allclose(read, heatmap.matrix, rtol=1e-6)
 
 
-def test_two_identical_heatmaps_are_refused(tmp_path):
+def test_two_identical_heatmaps_are_refused(tmp_path, trainer_for):
     """Lightning refuses two callbacks with one ``state_key`` (metric, descending, distance): they would
     measure the same matrix, and their files could not be told apart."""
     with pytest.raises(RuntimeError, match="state_key"):
-        fit(CNNModule(small_cnn()), [MinibatchHeatmap(progress=False), MinibatchHeatmap(progress=False)], tmp_path)
+        trainer_for([MinibatchHeatmap(progress=False), MinibatchHeatmap(progress=False)], max_epochs=3).fit(
+            CNNModule(small_cnn())
+        )
 
 
 # -- issue 19: resume from a checkpoint of an epoch's last batch (finding 11) ----------------------
 
 
 @pytest.mark.parametrize("resume_step", [5, 10])
-def test_resume_from_a_step_checkpoint_on_an_epochs_last_batch(tmp_path, resume_step):
+def test_resume_from_a_step_checkpoint_on_an_epochs_last_batch(tmp_path, resume_step, trainer_for):
     net = small_cnn()
     uninterrupted = MinibatchHeatmap(progress=False)
-    fit(CNNModule(copy.deepcopy(net)), [uninterrupted], tmp_path / "full", epochs=4)
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
-    first = MinibatchHeatmap(progress=False)
-    fit(CNNModule(copy.deepcopy(net)), [first, checkpoint], tmp_path / "part", epochs=3, enable_checkpointing=True)
-    resumed = MinibatchHeatmap(progress=False)
-    trainer = pl.Trainer(
-        callbacks=[resumed], accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "part",
+    trainer_for([uninterrupted], max_epochs=4, default_root_dir=tmp_path / "full").fit(
+        CNNModule(copy.deepcopy(net))
     )
-    trainer.fit(CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / f"step={resume_step}.ckpt"))
+
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    first = MinibatchHeatmap(progress=False)
+    trainer_for(
+        [first, checkpoint], max_epochs=3, default_root_dir=tmp_path / "part", enable_checkpointing=True
+    ).fit(CNNModule(copy.deepcopy(net)))
+    resumed = MinibatchHeatmap(progress=False)
+    trainer_for([resumed], max_epochs=4, default_root_dir=tmp_path / "part").fit(
+        CNNModule(copy.deepcopy(net)), ckpt_path=str(tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    )
     assert resumed.epochs == uninterrupted.epochs == [0, 1, 2, 3]
     np.testing.assert_allclose(resumed.matrix, uninterrupted.matrix, rtol=0, atol=1e-6)
 
@@ -762,13 +743,95 @@ def test_resume_from_a_step_checkpoint_on_an_epochs_last_batch(tmp_path, resume_
 # -- issue 20 finding 7: the remainder batch is marked -------------------------------------------
 
 
-def test_the_short_remainder_batch_is_marked_in_the_figure(tmp_path):
+def test_the_short_remainder_batch_is_marked_in_the_figure(tmp_path, trainer_for):
     heatmap = MinibatchHeatmap(progress=False)
-    fit(CNNModule(small_cnn()), [heatmap], tmp_path, epochs=1)
+    trainer_for([heatmap], max_epochs=1).fit(CNNModule(small_cnn()))
     axes = heatmap.phase_figure(0).axes[0]
-    assert axes.get_xlabel().endswith(f"hatched: batch 4, the remainder ({SAMPLES % BATCH} of {BATCH} samples)")
+    assert axes.get_xlabel().endswith(
+        f"hatched: batch 4, the remainder ({SAMPLES % BATCH} of {BATCH} samples)"
+    )
     assert [patch.get_hatch() for patch in axes.patches] == ["//"]
     even = MinibatchHeatmap(progress=False)
-    fit(CNNModule(small_cnn(), samples=32), [even], tmp_path / "even", epochs=1)
+    trainer_for([even], max_epochs=1, default_root_dir=tmp_path / "even").fit(
+        CNNModule(small_cnn(), samples=32)
+    )
     axes = even.phase_figure(0).axes[0]
     assert "remainder" not in axes.get_xlabel() and len(axes.patches) == 0
+
+
+# -- issue 20 finding 8: progress in the Trainer's bar, and none without it --------------------------
+
+OUR_BARS = ("scoring images by", "gradients at the epoch-start weights")
+
+
+def test_no_bar_of_ours_without_the_trainers_progress_bar(tmp_path, trainer_for, capfd):
+    """``progress=True`` (the default) with ``Trainer(enable_progress_bar=False)``: nothing of ours on
+    stdout or stderr, for the scoring and for a second heatmap's pass."""
+    heatmaps = [MinibatchHeatmap(), MinibatchHeatmap(metric="edges")]
+    trainer_for(heatmaps, max_epochs=1).fit(CNNModule(small_cnn()))
+    out, err = capfd.readouterr()
+    for text in (out, err):
+        assert not any(bar in text for bar in OUR_BARS), text
+        assert "it/s]" not in text and "s/it]" not in text, text
+
+
+def test_the_scoring_and_a_second_heatmaps_pass_show_in_the_trainers_progress_bar(
+    tmp_path, trainer_for, capfd
+):
+    """Lightning's bar conventions: on stdout, counted to the end (36 images, 5 batches), a bar
+    redrawn as the Trainer's; ``progress=False`` hides ours and leaves the Trainer's."""
+    heatmaps = [MinibatchHeatmap(), MinibatchHeatmap(metric="edges")]
+    trainer_for(heatmaps, max_epochs=2, enable_progress_bar=True).fit(CNNModule(small_cnn()))
+    out, err = capfd.readouterr()
+    for metric in ("intensity", "edges"):
+        assert re.search(rf"scoring images by {metric}: 100%.*36/36", out), out
+    passes = re.findall(
+        r"heatmap_edges_l2: gradients at the epoch-start weights: +(\d+)%[^\r\n]*?(\d+)/5", out
+    )
+    assert ("100", "5") in passes and ("0", "0") in passes, passes
+    assert not any(bar in err for bar in OUR_BARS), err
+
+    quiet = [MinibatchHeatmap(progress=False), MinibatchHeatmap(metric="edges", progress=False)]
+    trainer_for(quiet, max_epochs=1, enable_progress_bar=True, default_root_dir=tmp_path / "b").fit(
+        CNNModule(small_cnn())
+    )
+    out, err = capfd.readouterr()
+    assert "Epoch 0" in out and not any(bar in out + err for bar in OUR_BARS), out
+
+
+def test_checkpoint_states_of_earlier_releases_load():
+    """A state written before the table moved out of the callback (one LR per epoch, as the first
+    release wrote it, and the ``(lr, first, last)`` triples since) loads as it was written."""
+    state = {
+        "rows": [[1.0, 2.0], [3.0, 4.0]],
+        "epochs": [0, 1],
+        "lrs": [0.1, [0.01, 0.1, 0.01]],
+        "batch_values": [0.5, 1.5],
+        "fingerprint": [36, 2, 123],
+    }
+    heatmap = MinibatchHeatmap(phases="lr")
+    heatmap.set_state(state)
+    assert heatmap.learning_rates == [(0.1, 0.1, 0.1), (0.01, 0.1, 0.01)]
+    assert heatmap.phase_of_epoch == [0, 1]
+    np.testing.assert_array_equal(heatmap.matrix, [[1.0, 2.0], [3.0, 4.0]])
+    assert heatmap.get_state() == {
+        **state,
+        "lrs": [[0.1, 0.1, 0.1], [0.01, 0.1, 0.01]],
+        "fingerprint": (36, 2, 123),
+    }
+
+
+@pytest.mark.parametrize(
+    ("step_lrs", "expected"),
+    [([0.1, 0.1, 0.01], (0.1, 0.1, 0.01)), ([0.1, 0.01], (0.01, 0.1, 0.01)), ([0.2], (0.2, 0.2, 0.2))],
+)
+def test_an_epochs_learning_rate_is_the_one_most_steps_used_ties_to_the_later(step_lrs, expected):
+    assert epoch_learning_rates(step_lrs) == expected
+
+
+def test_further_heatmaps_are_named_by_metric_order_and_distance():
+    assert heatmap_namespace("edges", False, "l2") == "heatmap_edges_l2"
+    assert heatmap_namespace("my metric/v2", True, "cosine") == "heatmap_my_metric_v2_descending_cosine"
+    assert heatmap_file("matrix", "heatmap_edges_l2") == "heatmap_edges_l2_matrix"
+    assert heatmap_file("history", "heatmap") == "heatmap.csv"
+    assert heatmap_file("spill", "heatmap_color_l2") == "heatmap_color_l2_gradients.tmp.npy"

@@ -12,16 +12,9 @@ from lightning_tricks.models.nets import network_options
 from lightning_tricks.models.nets.densenet_cifar import DenseLayer
 from lightning_tricks.models.nets.resnet_cifar import ResidualUnit, ZeroPadShortcut
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: one torch thread
+
 HOOKED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: small batches gain little from more, and lose much on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -1,16 +1,27 @@
 """The two-batch-size gradient-noise estimate (McCandlish et al. 2018, appendix A.1) against the
-per-sample definition, and its promise to leave the model untouched."""
+per-sample definition, and its promise to leave the model untouched; the pooled estimate a run
+shares (appendix A) against its definition."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tricks.gradients.noise_scale import half_batch_noise_parts, split_batch, two_batch_noise_parts
+from lightning_tricks.gradients import spectrum
+from lightning_tricks.gradients.noise_scale import (
+    EpochNoiseScale,
+    half_batch_noise_parts,
+    noise_scale_ratio,
+    pooled_noise_scale,
+    shared_noise_scale,
+    split_batch,
+    two_batch_noise_parts,
+)
 from lightning_tricks.gradients.spectrum import gradient_noise_parts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -86,3 +97,59 @@ def test_split_batch_slices_batched_leaves_only():
     first, second = split_batch(batch, 5)
     assert first["y"].tolist() == [0, 1] and second["y"].tolist() == [2, 3]
     assert first["scale"] is batch["scale"] and second["name"] == "a"
+
+
+# -- the pooled estimate a run shares (one formula, fed by measurers, read by policies) -------------
+
+
+def brute_force_pooled(pairs: list[tuple[float, float]]) -> float:
+    """McCandlish et al. 2018, appendix A: the mean tr Σ over the mean |G|² of the finite pairs."""
+    finite = [(t, g) for t, g in pairs if math.isfinite(t) and math.isfinite(g)]
+    return sum(t for t, _ in finite) / len(finite) / (sum(g for _, g in finite) / len(finite))
+
+
+def test_the_epoch_estimate_pools_like_the_definition_and_survives_a_checkpoint():
+    generator = torch.Generator().manual_seed(0)
+    parts = (
+        torch.randn(40, 2, generator=generator, dtype=torch.float64) + torch.tensor([30.0, 2.0])
+    ).tolist()
+    parts[3][0], parts[7][1] = math.nan, math.inf
+    estimate = EpochNoiseScale()
+    for t, g in parts[:10]:
+        estimate.add(0, t, g)
+    for t, g in parts[10:]:
+        estimate.add(1, torch.tensor(t, dtype=torch.float64), torch.tensor(g, dtype=torch.float64))
+    assert estimate.value() == pytest.approx(brute_force_pooled(parts[10:]), rel=1e-12)
+    assert math.isnan(estimate.value(epoch=0)), "a new epoch starts a new pool"
+    columns = torch.tensor(parts[10:], dtype=torch.float64).T
+    by_hand = pooled_noise_scale(columns[0], columns[1])
+
+    assert estimate.value() == pytest.approx(by_hand.item(), rel=1e-12)
+    restored = EpochNoiseScale()
+    restored.load_state_dict(estimate.state_dict())
+    assert restored.value(epoch=1) == estimate.value(epoch=1) and restored.epoch == 1
+    records = [{"epoch": 1, "trace_sigma": t, "grad_sq_norm": g} for t, g in parts[10:]]  # the older format
+    restored.load_state_dict(records)
+    assert restored.value() == pytest.approx(estimate.value(), rel=1e-12)
+    restored.start(1)
+    assert restored.value() == pytest.approx(estimate.value(), rel=1e-12), "a resumed epoch keeps its pool"
+    restored.start(2)
+    assert math.isnan(restored.value()) and restored.state_dict() == []
+
+
+def test_the_pooling_formula_exists_once_and_each_run_shares_one_estimate():
+    assert spectrum.pooled_noise_scale is pooled_noise_scale
+    assert spectrum.noise_scale_ratio is noise_scale_ratio
+
+    class Run:  # any owner: a Trainer in practice
+        pass
+
+    run, other = Run(), Run()
+    estimate = shared_noise_scale(run)
+    estimate.add(3, 8.0, 1.0)
+    assert shared_noise_scale(run) is estimate and shared_noise_scale(other) is not estimate
+    assert shared_noise_scale(run).value() == 8.0 and not estimate.feeders
+    assert shared_noise_scale(run, feeder="FisherSpectrum") is estimate
+    assert estimate.feeders == {"FisherSpectrum"} and math.isnan(estimate.value()), (
+        "a feeder starts a fit afresh"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import nbformat
@@ -46,3 +47,12 @@ def test_notebook_runs_small(path, tmp_path, monkeypatch):
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("ok" in output.get("text", "") for output in outputs), "the notebook's own checks ran"
     assert any("image/png" in output.get("data", {}) for output in outputs), "the notebook drew a figure"
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            text = "".join(output.get("text", "") for output in cell.outputs)
+            states = re.findall(r"[^\r\n]*\d+/\d+ \[", text)
+            runs = sum(1 for state in states if re.match(r"fit:\s+0%", state))
+            assert all(state.startswith("fit:") for state in states), (
+                f"a bar other than RunProgressBar:\n{cell.source}"
+            )
+            assert len(states) <= 25 * max(runs, 1), f"progress bars flood this cell:\n{cell.source}"

@@ -151,8 +151,8 @@ def test_validation_l1_drops_and_the_grid_goes_to_tensorboard(tmp_path, trainer_
     model = Pix2Pix(
         depth=3, generator_channels=16, discriminator_channels=16, discriminator_layers=1, dropout_layers=0
     )
-    before = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
-    l1_before = before.validate(model, datamodule=data, verbose=False)[0]["val/l1"]
+    before = trainer_for(inference_mode=False).validate(model, datamodule=data, verbose=False)
+    l1_before = before[0]["val/l1"]
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = trainer_for(max_epochs=5, logger=[logger, CSVLogger(tmp_path, name="csv")])
     trainer.fit(model, datamodule=data)

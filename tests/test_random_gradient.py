@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from helpers import AtenOpsPerStep
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tricks.callbacks.random_gradient import HISTORY_FILE, METRIC_NAME, RandomGradient
-from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, RandomWeightStream
+from lightning_tricks.gradients.random_weights import BLOCK_DRAWS, BackwardScaling, RandomWeightStream
 
 IN_FEATURES, OUT_FEATURES = 6, 3
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,28 +107,6 @@ def seed_loop(net, optimizer, batches, rs, accumulate=1, clip=None, autocast=Non
     return losses
 
 
-def trainer_for(tmp_path: Path, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
-def fit(tmp_path, module, dataset, batch_size, callback, **kwargs) -> pl.Trainer:
-    trainer = trainer_for(tmp_path, [callback], **kwargs)
-    trainer.fit(module, DataLoader(dataset, batch_size=batch_size))
-    return trainer
-
-
 def rs_of(callback: RandomGradient) -> list[float]:
     return [record["r"] for record in callback.history]
 
@@ -186,10 +165,10 @@ def test_rejects_bad_arguments(kwargs, error, match):
         RandomGradient(**kwargs)
 
 
-def test_optimizer_index_without_optimizer_is_reported_at_fit_start(tmp_path):
+def test_optimizer_index_without_optimizer_is_reported_at_fit_start(trainer_for, tiny_module):
     callback = RandomGradient(optimizers=[1], seed=0)
     with pytest.raises(ValueError, match=r"optimizers=\[1\].*1 optimiser"):
-        fit(tmp_path, AutoModule(make_net("mlp")), make_data("mlp", 8), 4, callback)
+        trainer_for([callback]).fit(tiny_module(samples=8))
 
 
 def uniform_reference(seed: int, n: int, low: float, high: float) -> list[float]:
@@ -211,10 +190,12 @@ def uniform_reference(seed: int, n: int, low: float, high: float) -> list[float]
         ),
     ],
 )
-def test_schedules_draw_one_documented_r_per_backward(tmp_path, kwargs, expected):
+def test_schedules_draw_one_documented_r_per_backward(kwargs, expected, trainer_for):
     callback = RandomGradient(**kwargs)
     module = AutoModule(make_net("mlp"))
-    fit(tmp_path, module, make_data("mlp", 20), 2, callback, accumulate_grad_batches=2)
+    trainer_for([callback], accumulate_grad_batches=2).fit(
+        module, DataLoader(make_data("mlp", 20), batch_size=2)
+    )
     assert [record["step"] for record in callback.history] == [i // 2 for i in range(10)]
     assert [record["backward"] for record in callback.history] == list(range(10))
     assert rs_of(callback) == pytest.approx(expected, abs=1e-15)
@@ -237,25 +218,71 @@ def test_stream_drawn_in_blocks_equals_one_draw_at_a_time_and_saves_that_generat
             assert resumed.next() == torch.rand((), dtype=torch.float64, generator=peek).item()
 
 
-def test_a_step_costs_one_aten_op_the_scaling_of_the_loss_gradient(tmp_path):
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(low=2.0, high=1.0), ValueError, "low <= high"),
+        (dict(schedule="cyclical", period=1), ValueError, "period"),
+        (dict(seed=None), TypeError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+    ],
+)
+def test_stream_rejects_bad_arguments_naming_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RandomWeightStream(**kwargs)
+
+
+def test_backward_scaling_equals_loss_times_r_or_scales_only_the_selected_parameters():
+    """Without Lightning: a backward between ``begin`` and ``end`` gives the gradients of
+    ``(loss * r).backward()`` bit for bit; with optimiser 0 selected and a backward reaching both
+    optimisers' parameters, only optimiser 0's gradients are multiplied by r (up to rounding)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+    parameters = [*first.parameters(), *second.parameters()]
+    optimizers = [torch.optim.SGD(first.parameters(), lr=0.1), torch.optim.SGD(second.parameters(), lr=0.1)]
+    x, r = torch.randn(5, 3, dtype=torch.float64), 0.37
+
+    def gradients(scaling: BackwardScaling | None = None, times: float = 1.0) -> list[torch.Tensor]:
+        for p in parameters:
+            p.grad = None
+        loss = second(torch.tanh(first(x))).square().mean()
+        if scaling is not None:
+            scaling.begin(loss, r)
+        (loss * times).backward()
+        if scaling is not None:
+            scaling.end()
+        return [p.grad.clone() for p in parameters]
+
+    scaling = BackwardScaling()
+    assert all(map(torch.equal, gradients(scaling), gradients(times=r)))
+    plain = gradients()
+    assert scaling.select(optimizers, [0]) == 0
+    selected = gradients(scaling)
+    for got, want, scaled in zip(selected, plain, [True, True, False, False], strict=True):
+        torch.testing.assert_close(got, want * r if scaled else want, rtol=1e-15, atol=0.0)
+    assert all(map(torch.equal, gradients(), plain)), "no scaling outside begin/end"
+    scaling.remove()
+    assert all(map(torch.equal, gradients(scaling), gradients(times=r))), "hooks removed: at the loss again"
+
+
+def test_a_step_costs_one_aten_op_the_scaling_of_the_loss_gradient(trainer_for, tiny_module):
     """r comes from a block drawn ahead (no ``rand``/``item`` per step; it was three ops) and
     the loss hook is ``torch.mul`` itself."""
     counts = []
     for callbacks in ([], [RandomGradient(seed=0)]):
         profile = AtenOpsPerStep()
-        trainer = trainer_for(tmp_path, [*callbacks, profile])
-        trainer.fit(AutoModule(make_net("mlp")), DataLoader(make_data("mlp", 24), batch_size=4))
+        trainer_for([*callbacks, profile]).fit(tiny_module(samples=24, batch_size=4))  # 6 steps
         counts.append(profile.counts)
     assert [b - a for a, b in zip(*counts, strict=True)][1:] == [1] * 5
 
 
-def test_seed_none_is_reproducible_under_seed_everything(tmp_path):
+def test_seed_none_is_reproducible_under_seed_everything(trainer_for, tiny_module):
     streams = []
     for seed in (5, 5, 6):
-        module = AutoModule(make_net("mlp"))
+        module = tiny_module(samples=8, batch_size=2)
         pl.seed_everything(seed)
         callback = RandomGradient()
-        fit(tmp_path, module, make_data("mlp", 8), 2, callback)
+        trainer_for([callback]).fit(module)
         streams.append(rs_of(callback))
     assert streams[0] == streams[1]
     assert streams[0] != streams[2]
@@ -271,12 +298,12 @@ def test_seed_none_is_reproducible_under_seed_everything(tmp_path):
     ("arch", "optimizer", "accumulate", "batch_size"),
     [("mlp", "sgd", 1, 4), ("conv", "adam", 1, 5), ("mlp", "adam", 2, 3), ("conv", "sgd", 2, 4)],
 )
-def test_automatic_optimisation_matches_seed_loop(tmp_path, arch, optimizer, accumulate, batch_size):
+def test_automatic_optimisation_matches_seed_loop(arch, optimizer, accumulate, batch_size, trainer_for):
     dataset = make_data(arch, 8 * batch_size)
     module = AutoModule(make_net(arch), optimizer)
     initial = copy.deepcopy(module.net)
     callback = RandomGradient(seed=3)
-    fit(tmp_path, module, dataset, batch_size, callback, accumulate_grad_batches=accumulate)
+    trainer_for([callback], accumulate_grad_batches=accumulate).fit(module, DataLoader(dataset, batch_size))
 
     assert len(callback.history) == 8
     reference = copy.deepcopy(initial)
@@ -377,11 +404,11 @@ def seed_gan_loop(generator, discriminator, batches, rs, scaled: set[int]) -> No
 
 
 @pytest.mark.parametrize("optimizers", [None, [0], [1], [0, 1]])
-def test_manual_gan_matches_seed_loop(tmp_path, optimizers):
+def test_manual_gan_matches_seed_loop(optimizers, trainer_for):
     dataset = gan_data()
     module = Pix2PixShapedGAN()
     callback = RandomGradient(optimizers=optimizers, seed=8)
-    fit(tmp_path, module, dataset, 4, callback)
+    trainer_for([callback]).fit(module, DataLoader(dataset, batch_size=4))
 
     assert rs_of(callback) == uniform_reference(8, 12, 0.0, 1.0), (
         "one draw per backward, whatever is selected"
@@ -424,11 +451,11 @@ class SharedBackwardGAN(pl.LightningModule):
 
 
 @pytest.mark.parametrize("selected", [0, 1])
-def test_backward_feeding_both_optimisers_scales_only_the_selected_parameters(tmp_path, selected):
+def test_backward_feeding_both_optimisers_scales_only_the_selected_parameters(selected, trainer_for):
     dataset = gan_data(12)
     module = SharedBackwardGAN()
     callback = RandomGradient(optimizers=[selected], seed=5)
-    fit(tmp_path, module, dataset, 4, callback)
+    trainer_for([callback]).fit(module, DataLoader(dataset, batch_size=4))
 
     rs = iter(rs_of(callback))
     generator, discriminator = make_gan()
@@ -452,7 +479,7 @@ def test_backward_feeding_both_optimisers_scales_only_the_selected_parameters(tm
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed-scaler"])
-def test_mixed_precision_scales_like_seed_loop(tmp_path, precision):
+def test_mixed_precision_scales_like_seed_loop(precision, trainer_for):
     dataset = make_data("conv", 24, torch.float32)
     module = AutoModule(make_net("conv", torch.float32), "sgd")
     initial = copy.deepcopy(module.net)
@@ -462,7 +489,7 @@ def test_mixed_precision_scales_like_seed_loop(tmp_path, precision):
     else:
         autocast, scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**12)
         options = dict(plugins=[MixedPrecision("16-mixed", "cpu", copy.deepcopy(scaler))])
-    fit(tmp_path, module, dataset, 4, callback, **options)
+    trainer_for([callback], **options).fit(module, DataLoader(dataset, batch_size=4))
 
     reference = copy.deepcopy(initial)
     seed_loop(
@@ -486,7 +513,7 @@ def test_mixed_precision_scales_like_seed_loop(tmp_path, precision):
 
 
 @pytest.mark.parametrize(("algorithm", "value"), [("norm", 0.05), ("value", 0.02)])
-def test_gradient_clipping_sees_scaled_gradient(tmp_path, algorithm, value):
+def test_gradient_clipping_sees_scaled_gradient(algorithm, value, trainer_for):
     def clip(parameters):
         if algorithm == "norm":
             torch.nn.utils.clip_grad_norm_(parameters, value)
@@ -497,7 +524,8 @@ def test_gradient_clipping_sees_scaled_gradient(tmp_path, algorithm, value):
     module = AutoModule(make_net("mlp"), "sgd")
     initial = copy.deepcopy(module.net)
     callback = RandomGradient(seed=12)
-    fit(tmp_path, module, dataset, 4, callback, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+    clipping = dict(gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+    trainer_for([callback], **clipping).fit(module, DataLoader(dataset, batch_size=4))
 
     reference = copy.deepcopy(initial)
     seed_loop(
@@ -525,33 +553,15 @@ def test_gradient_clipping_sees_scaled_gradient(tmp_path, algorithm, value):
 # ---------------------------------------------------------------------------------------------
 
 
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-
 @pytest.mark.parametrize(("callback_every", "trainer_every"), [(2, 50), (None, 2)])
-def test_logs_first_r_of_logged_steps_and_leaves_evaluation_alone(tmp_path, callback_every, trainer_every):
+def test_logs_first_r_of_logged_steps_and_leaves_evaluation_alone(
+    callback_every, trainer_every, trainer_for, memory_logger
+):
     dataset = make_data("mlp", 16)
-    logger = RecordingLogger()
+    logger = memory_logger()
     callback = RandomGradient(seed=1, log_every_n_steps=callback_every)
     options = dict(logger=logger, log_every_n_steps=trainer_every, accumulate_grad_batches=2)
-    trainer = trainer_for(tmp_path, [callback], **options)
+    trainer = trainer_for([callback], **options)
     module = AutoModule(make_net("mlp"))
     loader = DataLoader(dataset, batch_size=2)
     trainer.fit(module, loader, val_dataloaders=loader)
@@ -560,7 +570,7 @@ def test_logs_first_r_of_logged_steps_and_leaves_evaluation_alone(tmp_path, call
     trainer.test(module, loader)
 
     assert len(callback.history) == 8, "validation and test draw nothing"
-    logged = [(step, m[METRIC_NAME]) for step, m in logger.records if METRIC_NAME in m]
+    logged = [(step, m[METRIC_NAME]) for step, m in logger.logged if METRIC_NAME in m]
     first_r_of_step = {}
     for record in callback.history:
         first_r_of_step.setdefault(record["step"], record["r"])
@@ -568,21 +578,23 @@ def test_logs_first_r_of_logged_steps_and_leaves_evaluation_alone(tmp_path, call
     assert monitored == first_r_of_step[2], "the latest logged r is in callback_metrics"
 
 
-def test_resume_continues_the_r_stream(tmp_path):
+def test_resume_continues_the_r_stream(tmp_path, trainer_for):
     dataset = make_data("mlp", 16)
     uninterrupted = AutoModule(make_net("mlp"), "adam")
     full = RandomGradient(seed=21)
-    fit(tmp_path / "full", uninterrupted, dataset, 4, full, max_epochs=2)
+    loader = DataLoader(dataset, batch_size=4)
+    trainer_for([full], default_root_dir=tmp_path / "full", max_epochs=2).fit(uninterrupted, loader)
 
     first = RandomGradient(seed=21)
-    trainer = fit(tmp_path / "first", AutoModule(make_net("mlp"), "adam"), dataset, 4, first, max_epochs=1)
+    trainer = trainer_for([first], default_root_dir=tmp_path / "first")
+    trainer.fit(AutoModule(make_net("mlp"), "adam"), loader)
     checkpoint = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(checkpoint)
 
     resumed_callback = RandomGradient(seed=999)
     resumed = AutoModule(make_net("mlp"), "adam")
-    trainer = trainer_for(tmp_path / "resumed", [resumed_callback], max_epochs=2)
-    trainer.fit(resumed, DataLoader(dataset, batch_size=4), ckpt_path=checkpoint)
+    trainer = trainer_for([resumed_callback], default_root_dir=tmp_path / "resumed", max_epochs=2)
+    trainer.fit(resumed, loader, ckpt_path=checkpoint)
 
     assert first.history + resumed_callback.history == full.history, "the stream continues exactly"
     assert resumed_callback.state_dict()["draws"] == 8
@@ -626,13 +638,13 @@ class ShardedModule(AutoModule):
         return DataLoader(self.dataset, batch_size=self.per_rank_batch, sampler=sampler)
 
 
-def test_ddp_two_ranks_agree_and_match_single_process_global_batch(tmp_path):
+def test_ddp_two_ranks_agree_and_match_single_process_global_batch(tmp_path, trainer_for):
     per_rank_batch, steps = 3, 4
     dataset = make_data("mlp", 2 * per_rank_batch * steps)
     module = ShardedModule(make_net("mlp"), dataset, per_rank_batch)
     initial = copy.deepcopy(module.net)
     callbacks = [ReseedPerRank(), RandomGradient(), SaveRankResults(tmp_path)]
-    trainer = trainer_for(tmp_path, callbacks, strategy="ddp_fork", devices=2, use_distributed_sampler=False)
+    trainer = trainer_for(callbacks, strategy="ddp_fork", devices=2, use_distributed_sampler=False)
     trainer.fit(module)
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+from helpers import cli_fit
 
 from lightning_tricks import plotting, results
 from lightning_tricks.cli import main
@@ -53,26 +54,9 @@ def config_logging_as(name: str) -> Path:
 def test_results_example_reads_a_run_of_the_config_it_names(expression, name, tmp_path, monkeypatch):
     """Fit the named config for one short epoch from an empty folder, then evaluate the example there."""
     monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "fit",
-            "-c",
-            str(config_logging_as(name)),
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "2",
-        ]
-        + [
-            "--trainer.limit_val_batches",
-            "1",
-            "--test_after_fit",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-        + ["--data.init_args.image_size", "8", "--data.init_args.batch_size", "8"]
-    )
+    short = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1}
+    tiny = {"data.init_args.image_size": 8, "data.init_args.batch_size": 8}
+    main(cli_fit(config_logging_as(name), {**short, "test_after_fit": False, **tiny}))
     figure = eval(expression, {**vars(results), **vars(plotting)})
     assert figure.axes
     matplotlib.pyplot.close(figure)

@@ -6,8 +6,10 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -292,46 +294,46 @@ def table_callbacks() -> list:
     return [FisherSpectrum(every_n_steps=1), RandomGradient(seed=4), GradientFlow()]
 
 
-def fit_with_logger(save_dir: Path, version: int, callbacks: list, max_steps: int, ckpt_path=None) -> Path:
-    """``max_steps`` steps of a small net on digits (1,438 images in batches of 200: 8 steps an
-    epoch), logged by a CSVLogger into ``save_dir/run/version_<version>``; the project's datamodule
-    resumes exactly, mid-epoch too."""
-    import lightning as L
+class DigitsMLP(L.LightningModule):
+    """64 → 16 → tanh → 10 on 8×8 digits, plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.net(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture
+def fit_with_logger(trainer_for) -> Callable[..., Path]:
+    """``fit_with_logger(save_dir, version, callbacks, max_steps, ckpt_path=None)``: ``max_steps``
+    steps of :class:`DigitsMLP` on digits (1,438 images in batches of 200: 8 steps an epoch), logged
+    by a CSVLogger into ``save_dir/run/version_<version>``, checkpointing as Lightning does by
+    default; the project's datamodule resumes exactly, mid-epoch too. Returns the run folder."""
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_tricks.datamodules import DigitsDataModule
 
-    class Net(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    def fit(save_dir: Path, version: int, callbacks: list, max_steps: int, ckpt_path=None) -> Path:
+        L.seed_everything(7, verbose=False)
+        logger = CSVLogger(save_dir, name="run", version=version)
+        steps = dict(max_steps=max_steps, max_epochs=-1)
+        trainer = trainer_for(callbacks, logger=logger, enable_checkpointing=True, **steps)
+        datamodule = DigitsDataModule(image_size=8, batch_size=200, val_size=0)
+        trainer.fit(DigitsMLP(), datamodule=datamodule, ckpt_path=ckpt_path)
+        return Path(run_directory(trainer))
 
-        def training_step(self, batch, batch_idx):
-            images, labels = batch
-            return torch.nn.functional.cross_entropy(self.net(images.flatten(1)), labels)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    L.seed_everything(7, verbose=False)
-    logger = CSVLogger(save_dir, name="run", version=version)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        max_epochs=-1,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    datamodule = DigitsDataModule(image_size=8, batch_size=200, val_size=0)
-    trainer.fit(Net(), datamodule=datamodule, ckpt_path=ckpt_path)
-    return Path(run_directory(trainer))
+    return fit
 
 
 @pytest.mark.parametrize("into", ["same version", "new version"])
-def test_a_resumed_fit_continues_its_tables_without_duplicates(tmp_path, into):
+def test_a_resumed_fit_continues_its_tables_without_duplicates(tmp_path, into, fit_with_logger):
     """Uninterrupted: 18 steps (8 an epoch). Interrupted: stopped after step 12, resumed from the
     mid-epoch checkpoint of step 10 into the same logger version (the files must be continued:
     before, steps 10–11 were written twice) or into a new one (``results`` joins the chain). Every
@@ -371,7 +373,10 @@ def test_rows_an_older_version_wrote_twice_into_one_file_are_read_once_as_last_w
     write(tmp_path / "metrics.csv", "step,loss,acc\n0,1.0,\n1,0.5,\n1,,0.25\n1,0.4,\n2,0.3,\n")
     scalars = load_scalars(tmp_path)
     assert [(r["tag"], r["step"], r["value"]) for r in scalars] == [
-        ("loss", 0, 1.0), ("acc", 1, 0.25), ("loss", 1, 0.4), ("loss", 2, 0.3)
+        ("loss", 0, 1.0),
+        ("acc", 1, 0.25),
+        ("loss", 1, 0.4),
+        ("loss", 2, 0.3),
     ]
 
 

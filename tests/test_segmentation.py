@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LearningRates
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from lightning_tricks import (
@@ -107,17 +108,9 @@ def test_compute_loss_adds_the_weighted_auxiliary_loss():
     torch.testing.assert_close(model.compute_loss((images, masks)), expected)
 
 
-class RecordsLearningRate(L.Callback):
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_poly_schedule_by_iteration(optimizer, trainer_for):
-    recorder = RecordsLearningRate()
+    recorder = LearningRates()
     model = SegmentationModule("fcn", optimizer=optimizer, lr=0.02, power=0.9, aux_loss=False, **TINY)
     trainer_for([recorder], max_epochs=2, limit_val_batches=0).fit(model, datamodule=tiny_data())
     total = 2 * 4

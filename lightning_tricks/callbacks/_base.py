@@ -462,7 +462,8 @@ def _notice_no_images(logger: Logger) -> None:
 
 def _plain(value: Any) -> Any:
     """``value`` in plain, picklable, JSON-able form (checkpoints, ``lightning_tricks.json``): numbers,
-    strings, lists and dicts as they are, a callable by its qualified name, anything else by ``repr``."""
+    strings, lists and dicts as they are, a callable or an object without a repr of its own by its
+    qualified name, anything else by ``repr``."""
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):
@@ -471,4 +472,6 @@ def _plain(value: Any) -> Any:
         return {str(key): _plain(item) for key, item in value.items()}
     if callable(value):
         return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    if type(value).__repr__ is object.__repr__:  # "<… object at 0x…>" would differ at every resume
+        return f"{type(value).__module__}.{type(value).__qualname__}"
     return repr(value)

@@ -15,11 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from ..gradients.fisher_capture import MEASURES
-from ..gradients.spectrum import FisherRunningSums, pooled_noise_scale
+from ..gradients.noise_scale import EpochNoiseScale
+from ..gradients.spectrum import FisherRunningSums
 
 HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
 EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
-EPOCH_PARTS = ("epoch", "trace_sigma", "grad_sq_norm")  # what epoch_noise_scale pools; checkpointed
 
 DASHBOARD_LAYOUT = {
     "c_k and its running mean C_bar (seed 004 eq. 7)": ["fisher/c_k", "fisher/C_bar"],
@@ -108,10 +108,12 @@ def loss_scale(trainer: pl.Trainer) -> float:
 
 
 class FisherReadouts:
-    """FisherSpectrum's read-outs, from its running sums (``_running``) and records (``_records``)."""
+    """FisherSpectrum's read-outs, from its running sums (``_running``), records (``_records``) and
+    the epoch's pooled noise-scale parts (``_noise``)."""
 
     _running: FisherRunningSums
     _records: FisherRecords
+    _noise: EpochNoiseScale
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -139,26 +141,21 @@ class FisherReadouts:
     def epoch_noise_scale(self) -> float:
         """tr Σ / |G|² with both parts averaged over this epoch's measurements before dividing
         (McCandlish et al. 2018, appendix A); NaN before the first measurement."""
-        return self._records.epoch_noise_scale()
+        return self._noise.value()
 
 
 class FisherRecords:
-    """One fit's measurements: :attr:`history` (one record per measured step), the current epoch's
-    records (what :meth:`epoch_noise_scale` pools) and the epoch's row of ``fisher_spectrum.csv``,
-    due at the epoch's end, or at the next train start when a checkpoint saved on an epoch's last
-    batch resumes in the next epoch."""
+    """One fit's measurements: :attr:`history` (one record per measured step) and the epoch's row
+    of ``fisher_spectrum.csv``, due at the epoch's end, or at the next train start when a
+    checkpoint saved on an epoch's last batch resumes in the next epoch."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
-        self.epoch_records: list[dict[str, float]] = []
         self.last_row: dict[str, float] | None = None
         self.rows_through = -1
 
     def add(self, record: dict[str, float]) -> None:
         self.history.append(record)
-        if self.epoch_records and self.epoch_records[-1]["epoch"] != record["epoch"]:
-            self.epoch_records = []  # resumed from an epoch's last batch: no on_train_epoch_start ran
-        self.epoch_records.append(record)
         self.last_row = {name: record[name] for name in EPOCH_COLUMNS}
 
     def row_due_at_start(self, epoch: int) -> dict[str, float] | None:
@@ -170,24 +167,12 @@ class FisherRecords:
         row = self.last_row
         return row if row is not None and row["epoch"] == epoch else None
 
-    def epoch_noise_scale(self) -> float:
-        """tr Σ / |G|² over this epoch's measurements (:func:`pooled_noise_scale`); NaN before one."""
-        if not self.epoch_records:
-            return math.nan
-        parts = torch.tensor(
-            [[r["trace_sigma"] for r in self.epoch_records], [r["grad_sq_norm"] for r in self.epoch_records]],
-            dtype=torch.float64,
-        )
-        return pooled_noise_scale(parts[0], parts[1]).item()
-
     def state(self) -> dict[str, Any]:
         return {
             "last_row": self.last_row,
             "rows_through": self.rows_through,
-            "epoch_parts": [{name: r[name] for name in EPOCH_PARTS} for r in self.epoch_records],
         }
 
     def load(self, state: dict[str, Any]) -> None:
         self.last_row = state["last_row"]
         self.rows_through = state["rows_through"]
-        self.epoch_records = [dict(parts) for parts in state.get("epoch_parts", [])]

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from .. import checks
 from ..gradients.fisher_capture import MEASURES, StepCapture, step_measures
+from ..gradients.noise_scale import EpochNoiseScale, shared_noise_scale
 from ..gradients.spectrum import FisherRunningSums
 from ..outputs import FISHER_SPECTRUM
 from . import _fisher
@@ -50,17 +51,16 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     (seed 004 measured every 50 mini-batches); each measured l_k then counts n times in L, so L
     estimates the every-step sum whatever n is. C̄ is the mean of the measured c_k.
 
-    Logged at each measured step, to every logger and ``trainer.callback_metrics`` (one host
-    transfer per measured step, never gated by ``log_every_n_steps``): ``fisher/c_k``,
-    ``fisher/C_bar``, ``fisher/l_k``, ``fisher/L``, ``fisher/trace``, ``fisher/lambda_max`` (and
-    their ``log10_``), ``fisher/rank``, ``fisher/noise_scale``, ``fisher/trace_sigma``,
-    ``fisher/grad_sq_norm``, ``fisher/batch_size``; with ``log_eigenvalues=True`` a histogram
-    ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per
-    measured step of this fit (``step``, ``epoch``, ``lr`` and the names above without the
-    prefix), also appended to ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and
-    ``.noise_scale`` are the latest values. Each epoch one row (epoch, step, C_bar, L, lr,
-    batch_size) goes to ``fisher_spectrum.csv``, the input of
-    :func:`lightning_tricks.plotting.beacon_map`. Checkpoints hold the running sums only.
+    Logged at each measured step, to every logger and ``trainer.callback_metrics`` (never gated by
+    ``log_every_n_steps``): ``fisher/<name>`` for ``c_k``, ``C_bar``, ``l_k``, ``L``, ``trace``,
+    ``lambda_max`` (and their ``log10_``), ``rank``, ``noise_scale``, ``trace_sigma``,
+    ``grad_sq_norm``, ``batch_size``; with ``log_eigenvalues=True`` a histogram
+    ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per measured
+    step of this fit (``step``, ``epoch``, ``lr`` and the names above), also appended to
+    ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
+    latest values. Each epoch one row (epoch, step, C_bar, L, lr, batch_size) goes to
+    ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
+    Checkpoints hold the running sums only. One device-to-host transfer per measured step (F̃).
 
     **Distributed.** Each rank measures F̃ of its local batch (the diagonal blocks of the global
     F̃); one all-reduce per measured step sums Tr F̃ (``trace``, ``l_k`` and ``L`` are the global
@@ -147,6 +147,9 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             _fisher.check_trainer(trainer, pl_module)
+            self._noise = shared_noise_scale(
+                trainer, feeder=type(self).__name__
+            )  # the run's, read by policies
             self._capture = StepCapture(  # attached for measured steps only
                 pl_module,
                 self.every_n_steps == 1,
@@ -159,6 +162,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         """Fresh running measures and records for a new fit (a resumed one loads them afterwards)."""
         self._running = FisherRunningSums()
         self._records = _fisher.FisherRecords()
+        self._noise = EpochNoiseScale()  # this epoch's pooled noise-scale parts
         self._measuring = False
 
     @override
@@ -179,7 +183,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _fisher.check_accumulation(trainer)
-        self._records.epoch_records = []
+        self._noise.start(trainer.current_epoch)
 
     @override
     def on_train_batch_start(
@@ -226,12 +230,17 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
 
     @override
     def get_state(self) -> dict[str, Any]:
-        return {"running": self._running.state_dict(), **self._records.state()}
+        return {
+            "running": self._running.state_dict(),
+            "epoch_parts": self._noise.state_dict(),
+            **self._records.state(),
+        }
 
     @override
     def set_state(self, state: dict[str, Any]) -> None:
         self._running.load_state_dict(state["running"])
         self._records.load(state)
+        self._noise.load_state_dict(state.get("epoch_parts", []))
 
     # -- internals -------------------------------------------------------------------------
 
@@ -245,10 +254,8 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     def _should_measure(self, trainer: pl.Trainer, batch: Any) -> bool:
         """Measured steps: ``step % every_n_steps == 0``, with a non-empty batch and an optimiser
         with a learning rate."""
-        if (
-            not is_due(self.training_step(trainer), self.every_n_steps)
-            or first_learning_rate(trainer) is None
-        ):
+        due = is_due(self.training_step(trainer), self.every_n_steps)
+        if not due or first_learning_rate(trainer) is None:
             return False
         _fisher.check_accumulation(trainer)
         try:
@@ -274,10 +281,10 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         self.log_scalars(trainer, {f"{self.namespace}/{name}": value for name, value in values.items()}, step)
         record = {"step": step, "epoch": trainer.current_epoch, "lr": lr, **{n: values[n] for n in MEASURES}}
         self._records.add(record)
+        self._noise.add(record["epoch"], record["trace_sigma"], record["grad_sq_norm"])
         self.write_table(HISTORY_FILE, _fisher.HISTORY_COLUMNS, [record], append=True)
-        if not self._warned_non_finite and not (
-            math.isfinite(record["c_k"]) and math.isfinite(record["l_k"])
-        ):
+        finite = math.isfinite(record["c_k"]) and math.isfinite(record["l_k"])
+        if not (finite or self._warned_non_finite):
             self._warned_non_finite = True
             rank_zero_warn(
                 "FisherSpectrum: a measured F̃ had a non-finite entry or no non-zero eigenvalue; its c_k/l_k "

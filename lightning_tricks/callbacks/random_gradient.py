@@ -1,26 +1,26 @@
-"""RandomGradient: every training backward propagates ``loss * r`` (seed 000_e58e526c3e6fcb5b.txt §4)."""
+"""RandomGradient: every training backward propagates ``loss * r`` (seed 000_e58e526c3e6fcb5b.txt §4);
+the Lightning adapter over :mod:`lightning_tricks.gradients.random_weights`."""
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from .. import checks
 from ..gradients.random_weights import (
-    SEED_LIMIT,
+    BackwardScaling,
+    DrawLog,
     RandomWeightStream,
-    check_bounds,
-    check_int,
-    check_period,
-    check_schedule,
+    check_optimizer_indices,
+    check_seed,
+    check_stream_arguments,
+    derived_seed,
 )
 from ..outputs import RANDOM_GRADIENT
 from ._base import TrickCallback, is_due
@@ -28,9 +28,6 @@ from ._base import TrickCallback, is_due
 METRIC_NAME = "random_gradient/r"
 HISTORY_FILE = RANDOM_GRADIENT.files["history"]
 HISTORY_COLUMNS = ("step", "backward", "r")
-# Offset added to ``torch.initial_seed()`` when ``seed=None``, so that the r stream is not the
-# same Mersenne-Twister sequence that initialised the model's weights.
-_DERIVED_SEED_OFFSET = 0x5EED_0000
 
 
 class RandomGradient(TrickCallback):
@@ -134,21 +131,12 @@ class RandomGradient(TrickCallback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.low, self.high = check_bounds(low, high)
-        self.schedule = check_schedule(schedule)
-        self.period = check_period(period, self.schedule)
-        self.optimizers = _checked_optimizer_indices(optimizers)
-        self.seed = check_int("seed", seed, minimum=0, limit=SEED_LIMIT)
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        self._stream: RandomWeightStream | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._steps, self._draw_index, self._values = array("q"), array("q"), array("d")
-        self._written = 0
-        self._loss_hook: RemovableHandle | None = None
-        self._parameter_hooks: list[RemovableHandle] = []
-        self._unselected_ids: frozenset[int] = frozenset()
-        self._active_r: float | None = None
-        self._last_logged_step = -1
+        self.low, self.high, self.schedule, self.period = check_stream_arguments(low, high, schedule, period)
+        self.optimizers = check_optimizer_indices(optimizers)
+        self.seed = check_seed(seed, allow_none=True)
+        self.log_every_n_steps = checks.integer("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self._scaling = BackwardScaling()
+        self.reset_fit_state()
 
     @override
     def dashboard_layout(self) -> dict[str, list[str]]:
@@ -168,12 +156,7 @@ class RandomGradient(TrickCallback):
     @property
     def history(self) -> list[dict[str, float]]:
         """This fit's draws: ``{"step", "backward", "r"}`` per backward, in order."""
-        return [
-            {"step": step, "backward": t, "r": r}
-            for step, t, r in zip(self._steps, self._draw_index, self._values)
-        ]
-
-    # -- Lightning hooks -----------------------------------------------------------------------
+        return self._draws.records()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,25 +171,37 @@ class RandomGradient(TrickCallback):
 
     @override
     def reset_fit_state(self) -> None:
-        self._stream, self._pending_state = None, None
-        self._steps, self._draw_index, self._values = array("q"), array("q"), array("d")
-        self._written = 0
+        self._stream: RandomWeightStream | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._draws = DrawLog()
         self._last_logged_step = -1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.optimizers is not None:
-            self._hook_selected_parameters(trainer)
+        if self.optimizers is None:
+            return
+        if max(self.optimizers) >= len(trainer.optimizers):
+            count = len(trainer.optimizers)
+            raise ValueError(
+                f"RandomGradient(optimizers={list(self.optimizers)}): the module configures {count} optimiser(s);"
+                f" allowed indices are 0..{count - 1}."
+            )
+        frozen = self._scaling.select(trainer.optimizers, self.optimizers)
+        if frozen:
+            rank_zero_warn(
+                f"RandomGradient(optimizers={list(self.optimizers)}): {frozen} of their parameters do not require"
+                " grad at fit start; a backward that also reaches another optimiser's parameters will leave their"
+                " gradients unscaled."
+            )
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        step = self.training_step(trainer)
-        r = self._next_r(step)
-        if self._unselected_ids and reaches_any(loss, self._unselected_ids):
-            self._active_r = r
-        elif loss.requires_grad:
-            self._loss_hook = loss.register_hook(partial(torch.mul, other=r))
+        assert self._stream is not None
+        step, t = self.training_step(trainer), self._stream.draws
+        r = self._stream.next()
+        self._draws.add(step, t, r)
+        self._scaling.begin(loss, r)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step != self._last_logged_step and is_due(step, every):
             self._last_logged_step = step
@@ -214,7 +209,7 @@ class RandomGradient(TrickCallback):
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_backward()
+        self._scaling.end()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -229,7 +224,7 @@ class RandomGradient(TrickCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._append_history()
-        self._remove_hooks()
+        self._scaling.remove()
         super().on_fit_end(trainer, pl_module)
 
     @override
@@ -237,14 +232,12 @@ class RandomGradient(TrickCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._append_history()
-        self._remove_hooks()
+        self._scaling.remove()
         super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
-    # -- state ---------------------------------------------------------------------------------
+        self._scaling.remove()
 
     @override
     def get_state(self) -> dict[str, Any]:
@@ -262,115 +255,18 @@ class RandomGradient(TrickCallback):
             self._stream.load_state_dict(state)
             self._pending_state = None
 
-    # -- internals -----------------------------------------------------------------------------
-
     def _agreed_seed(self, trainer: pl.Trainer) -> int:
-        """The user's seed, or rank 0's ``torch.initial_seed() + offset`` broadcast to every rank."""
+        """The user's seed, or rank 0's :func:`derived_seed` broadcast to every rank."""
         if self.seed is not None:
             return self.seed
-        seed = trainer.strategy.broadcast((torch.initial_seed() + _DERIVED_SEED_OFFSET) % SEED_LIMIT, src=0)
+        seed = trainer.strategy.broadcast(derived_seed(torch.initial_seed()), src=0)
         rank_zero_info(
             f"RandomGradient: seed=None, drawing r with seed={seed} (pass seed={seed} to repeat it)."
         )
         return seed
 
-    def _next_r(self, step: int) -> float:
-        """Draw the ``r`` of the next backward and record it."""
-        assert self._stream is not None
-        self._draw_index.append(self._stream.draws)
-        r = self._stream.next()
-        self._steps.append(step)
-        self._values.append(r)
-        return r
-
     def _append_history(self) -> None:
         """Append the draws not yet written to ``random_gradient.csv`` in the run folder (rank 0)."""
-        rows = list(zip(self._steps, self._draw_index, self._values))[self._written :]
+        rows = self._draws.unwritten()
         if rows and self.write_table(HISTORY_FILE, HISTORY_COLUMNS, rows, append=True) is not None:
-            self._written += len(rows)
-
-    def _hook_selected_parameters(self, trainer: pl.Trainer) -> None:
-        _check_optimizer_indices_exist(self.optimizers, len(trainer.optimizers))
-        selected = _parameters_of(trainer.optimizers, self.optimizers)
-        others = [i for i in range(len(trainer.optimizers)) if i not in self.optimizers]
-        self._unselected_ids = frozenset(map(id, _parameters_of(trainer.optimizers, others))) - set(
-            map(id, selected)
-        )
-        self._parameter_hooks = [p.register_hook(self._scale_selected) for p in selected if p.requires_grad]
-        if len(self._parameter_hooks) < len(selected):
-            rank_zero_warn(
-                f"RandomGradient(optimizers={list(self.optimizers)}): {len(selected) - len(self._parameter_hooks)}"
-                " of their parameters do not require grad at fit start; a backward that also reaches another"
-                " optimiser's parameters will leave their gradients unscaled."
-            )
-
-    def _scale_selected(self, grad: Tensor) -> Tensor | None:
-        """Per-parameter hook: ``grad * r`` inside a training backward, unchanged elsewhere."""
-        return None if self._active_r is None else grad * self._active_r
-
-    def _end_backward(self) -> None:
-        self._active_r = None
-        if self._loss_hook is not None:
-            self._loss_hook.remove()
-            self._loss_hook = None
-
-    def _remove_hooks(self) -> None:
-        self._end_backward()
-        for handle in self._parameter_hooks:
-            handle.remove()
-        self._parameter_hooks = []
-
-
-def reaches_any(loss: Tensor, leaf_ids: frozenset[int]) -> bool:
-    """Whether a backward from ``loss`` accumulates into any leaf tensor whose ``id`` is in ``leaf_ids``.
-
-    Walks the autograd graph from ``loss.grad_fn`` to its ``AccumulateGrad`` nodes, visiting each
-    node once; stops at the first hit.
-    """
-    if loss.grad_fn is None:
-        return False
-    seen, stack = {loss.grad_fn}, [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if type(node).__name__ == "AccumulateGrad":
-            if id(node.variable) in leaf_ids:
-                return True
-            continue
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return False
-
-
-def _check_optimizer_indices_exist(indices: Sequence[int], count: int) -> None:
-    if max(indices) >= count:
-        raise ValueError(
-            f"RandomGradient(optimizers={list(indices)}): the module configures {count} optimiser(s);"
-            f" allowed indices are 0..{count - 1}."
-        )
-
-
-def _parameters_of(optimizers: Sequence[torch.optim.Optimizer], indices: Sequence[int]) -> list[Tensor]:
-    """Distinct parameters in the param groups of the given optimisers, in order of appearance."""
-    unique: dict[int, Tensor] = {}
-    for index in indices:
-        for group in optimizers[index].param_groups:
-            for parameter in group["params"]:
-                unique.setdefault(id(parameter), parameter)
-    return list(unique.values())
-
-
-def _checked_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
-    if optimizers is None:
-        return None
-    if isinstance(optimizers, (str, bytes)) or not isinstance(optimizers, Sequence):
-        raise TypeError(
-            f"RandomGradient: `optimizers` must be None or a list of indices, got {optimizers!r}."
-        )
-    indices = tuple(check_int(f"optimizers[{i}]", index, minimum=0) for i, index in enumerate(optimizers))
-    if not indices or len(set(indices)) != len(indices):
-        raise ValueError(
-            f"RandomGradient: `optimizers` must be non-empty and without duplicates, got {optimizers!r}."
-        )
-    return indices
+            self._draws.mark_written(len(rows))

@@ -13,24 +13,48 @@ this module holds what is built on them, each formula in one named function:
   alarm window), exact across checkpoints;
 - :class:`EpochBins` and :class:`FlowHistory`: the layer × epoch matrix, in full for the current
   fit and in a bounded form (at most ``max_columns`` epoch bins, the last ``max_recent`` epochs)
-  for figures and checkpoints.
+  for figures and checkpoints; :func:`figure_due`, when a figure of it is drawn.
+
+:mod:`lightning_tricks.gradients.flow_tracking` keeps these per optimiser through a fit.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import checks
 from .layer_stats import GradientStats, LayerGradientStats
 
 ALARM_KINDS = ("vanishing", "exploding")
 COUNT_KINDS = ("vanishing", "exploding", "nonfinite")
+LAYER_STATS = ("mean_abs", "l2", "max_abs")
+SCALAR_DESCRIPTIONS = {
+    "global_norm": "L2 norm of the optimiser's whole gradient (all its parameters), before clipping",
+    "min_layer_mean": "smallest mean |dL/dW| over the layers",
+    "max_layer_mean": "largest mean |dL/dW| over the layers",
+    "first_to_last_ratio": "mean |dL/dW| of the first layer over the last (forward order)",
+    "log10_min_layer_mean": "log10 of min_layer_mean (readable where it vanishes)",
+    "log10_max_layer_mean": "log10 of max_layer_mean",
+    "log10_first_to_last_ratio": "log10 of first_to_last_ratio (decades lost from output to input)",
+    "vanishing_steps": "optimiser steps so far with a vanishing layer",
+    "exploding_steps": "optimiser steps so far with an exploding layer",
+    "nonfinite_steps": "optimiser steps so far with a NaN/inf gradient",
+}
+"""What each scalar of :func:`step_scalars` measures (by its name after the prefix)."""
+DASHBOARD_CHARTS = {
+    "Gradient flow: norms": ["global_norm"],
+    "Gradient flow: layer extremes (log10)": ["log10_min_layer_mean", "log10_max_layer_mean"],
+    "Gradient flow: first / last layer (log10)": ["log10_first_to_last_ratio"],
+    "Gradient flow: alarm steps": [f"{kind}_steps" for kind in COUNT_KINDS],
+}
+"""Charts of the scalars (names after the prefix), ``{chart title: [scalar, ...]}``."""
 WINDOW_STEPS = 64
 """The most optimiser steps :class:`RunningFlow` keeps as per-parameter norms before folding them."""
 
@@ -62,6 +86,24 @@ def exploding_flags(
     ``nonfinite_alarms`` (no AMP GradScaler skips such steps); seed 001_0184062a2e770d9a.txt §2."""
     flags = valid & (mean_abs > threshold) if threshold is not None else torch.zeros_like(valid)
     return flags | nonfinite if nonfinite_alarms else flags
+
+
+def check_alarm_thresholds(
+    vanish_threshold: Any, vanish_ratio: Any, explode_threshold: Any
+) -> tuple[float | None, float | None, float | None]:
+    """The three thresholds of :class:`AlarmRule`, checked: each None or a finite number > 0,
+    ``vanish_ratio < 1`` and ``vanish_threshold < explode_threshold``."""
+    vanish = checks.real("vanish_threshold", vanish_threshold, above=0.0, allow_none=True)
+    ratio = checks.real("vanish_ratio", vanish_ratio, above=0.0, allow_none=True)
+    explode = checks.real("explode_threshold", explode_threshold, above=0.0, allow_none=True)
+    if ratio is not None and ratio >= 1.0:
+        raise ValueError(f"`vanish_ratio` must be None or in (0, 1), got {ratio}.")
+    if vanish is not None and explode is not None and vanish >= explode:
+        raise ValueError(
+            f"`vanish_threshold` ({vanish}) must be below `explode_threshold` ({explode}); lower the"
+            " first or raise the second."
+        )
+    return vanish, ratio, explode
 
 
 class AlarmRule(NamedTuple):
@@ -119,6 +161,27 @@ def layer_summary(mean_abs: np.ndarray, present: np.ndarray) -> dict[str, float]
     }
     summary.update({f"log10_{name}": log10_magnitude(v) for name, v in list(summary.items())})
     return summary
+
+
+def step_scalars(
+    values: Mapping[str, np.ndarray],
+    counts: Mapping[str, int],
+    names: Sequence[str],
+    prefix: str,
+    layer_sections: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """The scalars of a logged step from :meth:`RunningFlow.read_step`'s ``values``:
+    ``<prefix>/global_norm``, the :func:`layer_summary`, the alarm totals ``<prefix>/<kind>_steps``
+    (``counts``) and, with ``layer_sections = {statistic: section}``, each layer's statistic as
+    ``<section>/<layer>`` (``names``: the layers, rows of ``values``)."""
+    metrics = {f"{prefix}/global_norm": float(values["global_norm"][0])}
+    summary = layer_summary(values["mean_abs"], values["present"])
+    metrics.update({f"{prefix}/{name}": value for name, value in summary.items()})
+    metrics.update({f"{prefix}/{kind}_steps": float(n) for kind, n in counts.items()})
+    for stat, section in (layer_sections or {}).items():
+        for i in np.flatnonzero(values["present"]):
+            metrics[f"{section}/{names[i]}"] = float(values[stat][i])
+    return metrics
 
 
 # -- running statistics of one optimiser ----------------------------------------------------------

@@ -1,21 +1,129 @@
-"""The gradient-noise scale from gradients at two batch sizes (McCandlish et al. 2018, appendix A.1).
+"""The gradient-noise scale B_noise = tr Σ / |G|² (McCandlish et al. 2018): its ratio, its pooling
+over measurements, the one estimate per run that measurers feed and policies read, and a measurement
+from gradients at two batch sizes.
 
-Without per-sample gradients, tr Σ and |G|² still follow from the squared norms of two batch
-gradients, since E‖g_B‖² = |G|² + tr Σ / B. :func:`half_batch_noise_parts` measures them on one
-training batch by splitting it in halves: one extra forward/backward of the batch, at the current
-parameters, that leaves the module, its gradients, its buffers and the random stream untouched.
-The BatchSizeScheduler's adaptive policy uses it where no FisherSpectrum measures F̃.
+- :func:`noise_scale_ratio` and :func:`pooled_noise_scale`: the formula, once.
+- :class:`EpochNoiseScale` and :func:`shared_noise_scale`: the current epoch's pooled estimate of a
+  run (one per Trainer), fed at measured steps by whoever measures (FisherSpectrum from F̃, or the
+  BatchSizeScheduler's own half-batch estimate) and read by batch-size policies, so that no callback
+  imports another.
+- Without per-sample gradients, tr Σ and |G|² still follow from the squared norms of two batch
+  gradients, since E‖g_B‖² = |G|² + tr Σ / B. :func:`half_batch_noise_parts` measures them on one
+  training batch by splitting it in halves: one extra forward/backward of the batch, at the current
+  parameters, that leaves the module, its gradients, its buffers and the random stream untouched.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .minibatch_distance import LossFunction, flatten, gradient_at, rng_devices
+
+
+def noise_scale_ratio(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
+    """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
+
+    Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
+    beyond what the samples behind the estimate can resolve and the result is +inf (the value a
+    shrinking positive |G|² tends to, so medians and quantiles over batches stay right). NaN where
+    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise, no host sync.
+    """
+    ratio = trace_sigma / grad_sq_norm
+    hidden = torch.where((trace_sigma > 0) & (grad_sq_norm <= 0), torch.inf, torch.nan)
+    return torch.where(grad_sq_norm > 0, ratio, hidden.to(ratio.dtype))
+
+
+def pooled_noise_scale(trace_sigma: Tensor, grad_sq_norm: Tensor, dim: int = -1) -> Tensor:
+    """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
+
+    McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of
+    measurements instead of an average of one-batch ratios (a ratio of unbiased estimates is biased
+    and has heavy tails). Pairs with a non-finite part are left out of both means.
+    """
+    finite = torch.isfinite(trace_sigma) & torch.isfinite(grad_sq_norm)
+    zero = torch.zeros((), dtype=trace_sigma.dtype, device=trace_sigma.device)
+    numerator = torch.where(finite, trace_sigma, zero).sum(dim)
+    denominator = torch.where(finite, grad_sq_norm, zero).sum(dim)
+    return noise_scale_ratio(numerator, denominator)  # equal counts cancel
+
+
+class EpochNoiseScale:
+    """B_noise of one epoch, pooled over its measurements (:func:`pooled_noise_scale`): the sums of
+    the finite (tr Σ, |G|²) pairs :meth:`add` receives, and their count, as one float64 tensor on the
+    measurements' device (no host sync until a reader asks for a value).
+
+    A measurement of another epoch starts the pool afresh, so the pool is always the latest measured
+    epoch's. Under DDP a feeder adds either values already combined over the processes (the same on
+    every rank) or each process's own; in the second case the reader sums :meth:`parts` over the
+    processes before pooling (the ratio of sums is the pooled value of all measurements).
+
+    Example:
+        >>> estimate = EpochNoiseScale()
+        >>> for trace_sigma, grad_sq_norm in [(100.0, 2.0), (100.0, -0.5), (100.0, float("nan"))]:
+        ...     estimate.add(0, trace_sigma, grad_sq_norm)
+        >>> estimate.value(), estimate.value(epoch=1)
+        (133.33333333333334, nan)
+    """
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.feeders: set[str] = set()
+        """The names of those that measure into this estimate (a reader measures itself if none)."""
+        self._sums = torch.zeros(3, dtype=torch.float64)
+
+    def start(self, epoch: int) -> None:
+        """Begin ``epoch``: the pool empties unless it already holds that epoch (a resumed epoch)."""
+        if epoch != self.epoch:
+            self.epoch, self._sums = epoch, torch.zeros(3, dtype=torch.float64)
+
+    def add(self, epoch: int, trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> None:
+        """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out)."""
+        self.start(epoch)
+        parts = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (trace_sigma, grad_sq_norm)])
+        step = torch.cat([parts, parts.new_ones(1)])
+        self._sums = self._sums.to(step.device) + torch.where(torch.isfinite(parts).all(), step, 0.0)
+
+    def parts(self, epoch: int | None = None) -> Tensor:
+        """``(Σ tr Σ, Σ |G|², count)`` of ``epoch`` (default: the latest measured), zeros for another."""
+        return self._sums if epoch is None or epoch == self.epoch else torch.zeros_like(self._sums)
+
+    def value(self, epoch: int | None = None, parts: Tensor | None = None) -> float:
+        """The pooled B_noise of ``epoch`` (or of ``parts`` summed over processes); NaN if unmeasured."""
+        trace_sigma, grad_sq_norm, _ = self.parts(epoch) if parts is None else parts
+        return pooled_noise_scale(trace_sigma, grad_sq_norm).item()
+
+    def state_dict(self) -> list[dict[str, float]]:
+        """The pool as one record ``{"epoch", "trace_sigma", "grad_sq_norm"}`` of sums (none if empty);
+        a list of such records, one per measurement, loads too."""
+        trace_sigma, grad_sq_norm, count = self._sums.tolist()
+        return (
+            [{"epoch": self.epoch, "trace_sigma": trace_sigma, "grad_sq_norm": grad_sq_norm}] if count else []
+        )
+
+    def load_state_dict(self, records: list[dict[str, float]]) -> None:
+        self.epoch, self._sums = -1, torch.zeros(3, dtype=torch.float64)
+        for record in records:
+            self.add(int(record["epoch"]), record["trace_sigma"], record["grad_sq_norm"])
+
+
+_SHARED: WeakKeyDictionary[object, EpochNoiseScale] = WeakKeyDictionary()
+
+
+def shared_noise_scale(owner: object, feeder: str | None = None) -> EpochNoiseScale:
+    """The one :class:`EpochNoiseScale` of ``owner`` (a Trainer), made on first use and dropped with it.
+
+    A ``feeder`` (a callback that measures B_noise, at ``setup``) names itself: the estimate starts
+    empty for the new fit and readers see in :attr:`EpochNoiseScale.feeders` that it is fed."""
+    estimate = _SHARED.setdefault(owner, EpochNoiseScale())
+    if feeder is not None:
+        estimate.load_state_dict([])
+        estimate.feeders.add(feeder)
+    return estimate
 
 
 def two_batch_noise_parts(

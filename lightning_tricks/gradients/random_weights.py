@@ -1,20 +1,38 @@
-"""The stream of random loss weights r_t of seed 000 (``000_e58e526c3e6fcb5b.txt`` §4): pure torch.
+"""The random loss weights r_t of seed 000 (``000_e58e526c3e6fcb5b.txt`` §4) and how a backward
+applies them: pure torch.
 
 The seed trains with ``loss_random = loss * random(); loss_random.backward()``: backward number t
-propagates the loss gradient times r_t. :class:`RandomWeightStream` produces r_0, r_1, … for the
-three schedules of the seed, from its own CPU generator, and saves/restores its position exactly.
+propagates the loss gradient times r_t.
+
+- :class:`RandomWeightStream` produces r_0, r_1, … for the three schedules of the seed, from its
+  own CPU generator, and saves/restores its position exactly; :func:`derived_seed` seeds it from
+  torch's; :class:`DrawLog` records the draws;
+- :class:`BackwardScaling` multiplies what one backward sends to the selected parameters by r:
+  at the loss (``torch.mul`` as the loss's gradient hook, bit for bit ``(loss * r).backward()``)
+  or, when the backward also reaches parameters left unscaled (:func:`reaches_any`), at the
+  selected parameters;
+- the argument checks shared by the stream and the callback (:func:`check_stream_arguments`,
+  :func:`check_optimizer_indices`), built on :mod:`lightning_tricks.checks`.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Real
+from array import array
+from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .. import checks
 
 SCHEDULES = ("uniform", "constant", "cyclical")
 SEED_LIMIT = 2**64
+DERIVED_SEED_OFFSET = 0x5EED_0000
+"""Added to ``torch.initial_seed()`` by :func:`derived_seed`, so that the r stream is not the same
+Mersenne-Twister sequence that initialised the model's weights."""
 BLOCK_DRAWS = 1024
 """Uniform draws taken from the generator at once (the same numbers, in the same order, as one at a
 time: the CPU generator fills a tensor element by element)."""
@@ -65,10 +83,8 @@ class RandomWeightStream:
         period: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.low, self.high = check_bounds(low, high)
-        self.schedule = check_schedule(schedule)
-        self.period = check_period(period, self.schedule)
-        self.seed = check_int("seed", seed, minimum=0, limit=SEED_LIMIT)
+        self.low, self.high, self.schedule, self.period = check_stream_arguments(low, high, schedule, period)
+        self.seed = check_seed(seed)
         self.draws = 0
         self._generator = torch.Generator().manual_seed(self.seed)
         self._block: list[float] = []
@@ -120,45 +136,154 @@ class RandomWeightStream:
         return replay.get_state()
 
 
-def check_bounds(low: Any, high: Any) -> tuple[float, float]:
-    for name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"RandomGradient: `{name}` must be a real number, got {value!r}.")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"RandomGradient: `{name}` must be finite and >= 0, got {value!r}.")
+def derived_seed(initial_seed: int) -> int:
+    """The stream's seed when none is given: ``(initial_seed + DERIVED_SEED_OFFSET) mod 2**64``
+    (``initial_seed``: ``torch.initial_seed()``, so ``seed_everything`` makes it reproducible)."""
+    return (initial_seed + DERIVED_SEED_OFFSET) % SEED_LIMIT
+
+
+class DrawLog:
+    """The draws of a fit, ``(step, backward, r)`` each (``backward``: the stream index t), in
+    compact arrays; :meth:`unwritten` hands out each draw once, for appending to a file."""
+
+    def __init__(self) -> None:
+        self.steps, self.backwards, self.values = array("q"), array("q"), array("d")
+        self._written = 0
+
+    def add(self, step: int, backward: int, r: float) -> None:
+        self.steps.append(step)
+        self.backwards.append(backward)
+        self.values.append(r)
+
+    def records(self) -> list[dict[str, float]]:
+        """``{"step", "backward", "r"}`` per draw, in order."""
+        return [
+            {"step": step, "backward": t, "r": r}
+            for step, t, r in zip(self.steps, self.backwards, self.values)
+        ]
+
+    def unwritten(self) -> list[tuple[int, int, float]]:
+        """The draws not handed out yet (:meth:`mark_written` takes them)."""
+        return list(zip(self.steps, self.backwards, self.values))[self._written :]
+
+    def mark_written(self, count: int) -> None:
+        self._written += count
+
+
+def reaches_any(loss: Tensor, leaf_ids: frozenset[int]) -> bool:
+    """Whether a backward from ``loss`` accumulates into any leaf tensor whose ``id`` is in ``leaf_ids``.
+
+    Walks the autograd graph from ``loss.grad_fn`` to its ``AccumulateGrad`` nodes, visiting each
+    node once; stops at the first hit.
+    """
+    if loss.grad_fn is None:
+        return False
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "AccumulateGrad":
+            if id(node.variable) in leaf_ids:
+                return True
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
+def parameters_of(optimizers: Sequence[torch.optim.Optimizer], indices: Iterable[int]) -> list[Tensor]:
+    """Distinct parameters in the param groups of the given optimisers, in order of appearance."""
+    unique: dict[int, Tensor] = {}
+    for index in indices:
+        for group in optimizers[index].param_groups:
+            for parameter in group["params"]:
+                unique.setdefault(id(parameter), parameter)
+    return list(unique.values())
+
+
+class BackwardScaling:
+    """Makes one backward's parameter gradients those of ``(loss * r).backward()`` (seed 000 §4),
+    for every parameter or only those of selected optimisers.
+
+    :meth:`begin` before the backward, :meth:`end` after it. Without a selection (or when the
+    backward reaches no parameter of an unselected optimiser) ``r`` multiplies the loss's incoming
+    gradient: a gradient hook that is ``torch.mul`` itself (one op, no Python in the backward),
+    bit for bit ``(loss * r).backward()``. When the backward also reaches unselected parameters
+    (:func:`reaches_any`), per-parameter hooks (:meth:`select`) multiply the selected parameters'
+    gradients by ``r`` before they accumulate into ``.grad``: the same gradients up to rounding.
+    """
+
+    def __init__(self) -> None:
+        self._loss_hook: RemovableHandle | None = None
+        self._parameter_hooks: list[RemovableHandle] = []
+        self._unselected_ids: frozenset[int] = frozenset()
+        self._active_r: float | None = None
+
+    def select(self, optimizers: Sequence[torch.optim.Optimizer], indices: Sequence[int]) -> int:
+        """Scale only the parameters of ``optimizers[i]``, ``i`` in ``indices`` (a parameter shared
+        with another optimiser counts as selected); returns how many of them do not require grad
+        (those get no hook)."""
+        selected = parameters_of(optimizers, indices)
+        others = parameters_of(optimizers, [i for i in range(len(optimizers)) if i not in indices])
+        self._unselected_ids = frozenset(map(id, others)) - set(map(id, selected))
+        self._parameter_hooks = [p.register_hook(self._scale_selected) for p in selected if p.requires_grad]
+        return len(selected) - len(self._parameter_hooks)
+
+    def begin(self, loss: Tensor, r: float) -> None:
+        """The backward from ``loss`` about to run multiplies by ``r``."""
+        if self._unselected_ids and reaches_any(loss, self._unselected_ids):
+            self._active_r = r
+        elif loss.requires_grad:
+            self._loss_hook = loss.register_hook(partial(torch.mul, other=r))
+
+    def end(self) -> None:
+        """The backward ran: nothing is scaled until the next :meth:`begin`."""
+        self._active_r = None
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
+
+    def remove(self) -> None:
+        """Remove every hook and the selection (every parameter is scaled again)."""
+        self.end()
+        for handle in self._parameter_hooks:
+            handle.remove()
+        self._parameter_hooks, self._unselected_ids = [], frozenset()
+
+    def _scale_selected(self, grad: Tensor) -> Tensor | None:
+        """Per-parameter hook: ``grad * r`` inside a training backward, unchanged elsewhere."""
+        return None if self._active_r is None else grad * self._active_r
+
+
+def check_stream_arguments(
+    low: Any, high: Any, schedule: Any, period: Any
+) -> tuple[float, float, str, int | None]:
+    """``low``, ``high``, ``schedule`` and ``period`` of a :class:`RandomWeightStream`, checked:
+    ``0 <= low <= high``, ``high > 0`` (r = 0 would zero every gradient), ``schedule`` one of
+    :data:`SCHEDULES`, ``period`` an integer >= 2 for ``"cyclical"`` and None otherwise."""
+    low = checks.real("low", low, minimum=0.0)
+    high = checks.real("high", high, above=0.0)
     if low > high:
-        raise ValueError(f"RandomGradient: need `low <= high`, got low={low!r} > high={high!r}.")
-    if high == 0:
-        raise ValueError("RandomGradient: `high` must be > 0 (r = 0 would zero every gradient).")
-    return float(low), float(high)
+        raise ValueError(f"need `low <= high`, got low={low!r} > high={high!r}.")
+    schedule = checks.choice("schedule", schedule, SCHEDULES)
+    if schedule != "cyclical" and period is not None:
+        raise ValueError(f"`period` is only used by schedule='cyclical', got period={period!r}.")
+    if schedule == "cyclical" and period is None:
+        raise ValueError("schedule='cyclical' needs `period`, an integer >= 2 (backwards per cycle).")
+    return low, high, schedule, checks.integer("period", period, minimum=2, allow_none=True)
 
 
-def check_schedule(schedule: Any) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"RandomGradient: `schedule` must be one of {SCHEDULES}, got {schedule!r}.")
-    return schedule
+def check_seed(seed: Any, allow_none: bool = False) -> int | None:
+    """A generator seed, ``0 <= seed < 2**64`` (None where allowed)."""
+    return checks.integer("seed", seed, minimum=0, maximum=SEED_LIMIT - 1, allow_none=allow_none)
 
 
-def check_period(period: Any, schedule: str) -> int | None:
-    if schedule != "cyclical":
-        if period is not None:
-            raise ValueError(
-                f"RandomGradient: `period` is only used by schedule='cyclical', got period={period!r}."
-            )
+def check_optimizer_indices(optimizers: Any) -> tuple[int, ...] | None:
+    """None, or a non-empty list of distinct optimiser indices >= 0, as a tuple."""
+    if optimizers is None:
         return None
-    if period is None:
-        raise ValueError(
-            "RandomGradient: schedule='cyclical' needs `period`, an integer >= 2 (backwards per cycle)."
-        )
-    return check_int("period", period, minimum=2)
-
-
-def check_int(name: str, value: Any, minimum: int, limit: int | None = None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"RandomGradient: `{name}` must be an integer, got {value!r}.")
-    if value < minimum or (limit is not None and value >= limit):
-        upper = "" if limit is None else f" and < {limit}"
-        raise ValueError(f"RandomGradient: `{name}` must be >= {minimum}{upper}, got {value!r}.")
-    return value
+    indices = checks.integers("optimizers", optimizers, minimum=0)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"`optimizers` must be without duplicates, got {optimizers!r}.")
+    return indices

@@ -13,6 +13,8 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .noise_scale import noise_scale_ratio, pooled_noise_scale  # noqa: F401 (the formula lives there)
+
 
 class FisherStatistics(NamedTuple):
     """Statistics of one F̃_k (float64 tensors on F̃'s device, 0-d but for ``eigenvalues``)."""
@@ -90,33 +92,6 @@ def gradient_noise_parts(gram: Tensor) -> tuple[Tensor, Tensor]:
     trace_sigma = ((trace - total / batch) / (batch - 1)).clamp(min=0.0)
     grad_sq_norm = (total - trace) / (batch * (batch - 1))
     return trace_sigma, grad_sq_norm
-
-
-def noise_scale_ratio(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
-    """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
-
-    Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
-    beyond what the samples behind the estimate can resolve and the result is +inf (the value a
-    shrinking positive |G|² tends to, so medians and quantiles over batches stay right). NaN where
-    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise, no host sync.
-    """
-    ratio = trace_sigma / grad_sq_norm
-    hidden = torch.where((trace_sigma > 0) & (grad_sq_norm <= 0), torch.inf, torch.nan)
-    return torch.where(grad_sq_norm > 0, ratio, hidden.to(ratio.dtype))
-
-
-def pooled_noise_scale(trace_sigma: Tensor, grad_sq_norm: Tensor, dim: int = -1) -> Tensor:
-    """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
-
-    McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of
-    measurements instead of an average of one-batch ratios (a ratio of unbiased estimates is biased
-    and has heavy tails). Pairs with a non-finite part are left out of both means.
-    """
-    finite = torch.isfinite(trace_sigma) & torch.isfinite(grad_sq_norm)
-    zero = torch.zeros((), dtype=trace_sigma.dtype, device=trace_sigma.device)
-    numerator = torch.where(finite, trace_sigma, zero).sum(dim)
-    denominator = torch.where(finite, grad_sq_norm, zero).sum(dim)
-    return noise_scale_ratio(numerator, denominator)  # equal counts cancel
 
 
 class NoiseScaleEstimate:

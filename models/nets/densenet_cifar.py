@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._checks import boolean, positive_int, positive_int_tuple
+from lightning_tricks import checks
+
 from ._init import init_like_seed004
 
 
@@ -103,12 +104,12 @@ class CifarDenseNet(nn.Module):
         compression: float = 1.0,
     ) -> None:
         super().__init__()
-        num_classes = positive_int("num_classes", num_classes)
-        in_channels = positive_int("in_channels", in_channels)
-        growth_rates = positive_int_tuple("growth_rates", growth_rates)
-        layers_per_block = positive_int("layers_per_block", layers_per_block)
-        channels = positive_int("init_channels", init_channels)
-        bottleneck = boolean("bottleneck", bottleneck)
+        num_classes = checks.integer("num_classes", num_classes, minimum=1)
+        in_channels = checks.integer("in_channels", in_channels, minimum=1)
+        growth_rates = checks.integers("growth_rates", growth_rates, minimum=1)
+        layers_per_block = checks.integer("layers_per_block", layers_per_block, minimum=1)
+        channels = checks.integer("init_channels", init_channels, minimum=1)
+        bottleneck = checks.boolean("bottleneck", bottleneck)
         compression = _compression(compression)
 
         body: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)]

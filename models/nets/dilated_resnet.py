@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import get_model_weights
 
-from ._checks import positive_int
+from lightning_tricks import checks
 
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -109,8 +109,8 @@ class DilatedResNet(nn.Module):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"`depth` must be one of {sorted(DEPTHS)}; got {depth!r}.")
-        positive_int("in_channels", in_channels)
-        positive_int("base_width", base_width)
+        checks.integer("in_channels", in_channels, minimum=1)
+        checks.integer("base_width", base_width, minimum=1)
         kind, blocks = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.base_width = depth, base_width

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import positive_int
+from lightning_tricks import checks
 
 GROUPS = 32
 STEM_CHANNELS = 64
@@ -133,8 +133,8 @@ class DPN(nn.Module):
 
     def __init__(self, stages: tuple[StageConfig, ...], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        num_classes = positive_int("num_classes", num_classes)
-        in_channels = positive_int("in_channels", in_channels)
+        num_classes = checks.integer("num_classes", num_classes, minimum=1)
+        in_channels = checks.integer("in_channels", in_channels, minimum=1)
         if not stages:
             raise ValueError("`stages` must hold at least one StageConfig")
         self.stem = nn.Sequential(*_conv_bn(in_channels, STEM_CHANNELS, 3), nn.ReLU())

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._checks import positive_int, positive_int_tuple
+from lightning_tricks import checks
 
 
 class MLP(nn.Module):
@@ -53,10 +53,10 @@ class MLP(nn.Module):
         hidden_sizes: Sequence[int] = (500, 500),
     ) -> None:
         super().__init__()
-        num_classes = positive_int("num_classes", num_classes)
-        in_channels = positive_int("in_channels", in_channels)
-        image_size = positive_int("image_size", image_size)
-        hidden_sizes = positive_int_tuple("hidden_sizes", hidden_sizes)
+        num_classes = checks.integer("num_classes", num_classes, minimum=1)
+        in_channels = checks.integer("in_channels", in_channels, minimum=1)
+        image_size = checks.integer("image_size", image_size, minimum=1)
+        hidden_sizes = checks.integers("hidden_sizes", hidden_sizes, minimum=1)
 
         layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(image_size), nn.Flatten()]
         width = in_channels * image_size * image_size

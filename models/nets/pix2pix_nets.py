@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import positive_int
+from lightning_tricks import checks
 
 
 class UNetBlock(nn.Module):
@@ -66,9 +66,9 @@ class UNetGenerator(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            positive_int(name, value)
-        positive_int("base_channels", base_channels)
-        if positive_int("depth", depth) < 2:
+            checks.integer(name, value, minimum=1)
+        checks.integer("base_channels", base_channels, minimum=1)
+        if checks.integer("depth", depth, minimum=1) < 2:
             raise ValueError(f"`depth` must be an int >= 2; got {depth}.")
         if isinstance(dropout_layers, bool) or not isinstance(dropout_layers, int) or dropout_layers < 0:
             raise ValueError(f"`dropout_layers` must be an int >= 0; got {dropout_layers!r}.")
@@ -119,9 +119,9 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int, base_channels: int = 64, n_layers: int = 3) -> None:
         super().__init__()
-        positive_int("in_channels", in_channels)
-        positive_int("base_channels", base_channels)
-        positive_int("n_layers", n_layers)
+        checks.integer("in_channels", in_channels, minimum=1)
+        checks.integer("base_channels", base_channels, minimum=1)
+        checks.integer("n_layers", n_layers, minimum=1)
         self.n_layers = n_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         width = base_channels

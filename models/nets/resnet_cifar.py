@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import positive_int
+from lightning_tricks import checks
+
 from ._init import init_like_seed004
 
 WIDTHS = (16, 32, 64)
@@ -104,8 +105,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         units_per_stage = _units_per_stage(depth)
-        num_classes = positive_int("num_classes", num_classes)
-        in_channels = positive_int("in_channels", in_channels)
+        num_classes = checks.integer("num_classes", num_classes, minimum=1)
+        in_channels = checks.integer("in_channels", in_channels, minimum=1)
         self.stem = nn.Sequential(_conv3x3(in_channels, WIDTHS[0]), nn.BatchNorm2d(WIDTHS[0]))
         self.stages = nn.Sequential(*_stages(units_per_stage))
         self.head = nn.Sequential(
@@ -123,7 +124,7 @@ class CifarResNet(nn.Module):
 
 def _units_per_stage(depth: int) -> int:
     """n = (depth − 2) / 6; raise if depth is not 6n + 2 with n >= 1."""
-    depth = positive_int("depth", depth)
+    depth = checks.integer("depth", depth, minimum=1)
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"`depth` must be 6n + 2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}")
     return (depth - 2) // 6

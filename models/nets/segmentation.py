@@ -31,7 +31,8 @@ from torchvision.models.segmentation import FCN, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
-from ._checks import boolean, positive_int, positive_int_tuple
+from lightning_tricks import checks
+
 from .dilated_resnet import DEPTHS, DilatedResNet
 
 SEGMENTATION_NETWORKS = ("pspnet", "fcn", "deeplabv3")
@@ -148,9 +149,9 @@ def build_segmentation_net(
         raise ValueError(f"`arch` must be one of {', '.join(SEGMENTATION_NETWORKS)}; got {name!r}.")
     if backbone not in BACKBONES:
         raise ValueError(f"`backbone` must be one of {', '.join(BACKBONES)}; got {backbone!r}.")
-    positive_int("num_classes", num_classes)
-    boolean("aux_loss", aux_loss)
-    bins = positive_int_tuple("bins", bins)
+    checks.integer("num_classes", num_classes, minimum=1)
+    checks.boolean("aux_loss", aux_loss)
+    bins = checks.integers("bins", bins, minimum=1)
     trunk = DilatedResNet(int(backbone.removeprefix("resnet")), in_channels, base_width)
     if backbone_weights is not None:
         trunk.load_pretrained(backbone_weights)

@@ -35,7 +35,7 @@ from torchvision.models import DenseNet, mobilenet_v2
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from ._checks import positive_int
+from lightning_tricks import checks
 
 
 class OutOfPlaceBasicBlock(BasicBlock):
@@ -75,8 +75,8 @@ def resnet34(num_classes: int, in_channels: int = 3) -> ResNet:
         ValueError: ``num_classes`` or ``in_channels`` < 1.
         TypeError: either is not an int.
     """
-    num_classes = positive_int("num_classes", num_classes)
-    in_channels = positive_int("in_channels", in_channels)
+    num_classes = checks.integer("num_classes", num_classes, minimum=1)
+    in_channels = checks.integer("in_channels", in_channels, minimum=1)
     net = ResNet(OutOfPlaceBasicBlock, [3, 4, 6, 3], num_classes=num_classes)
     net.conv1 = _stem_conv(in_channels, 64, fan_mode="fan_out")
     net.maxpool = nn.Identity()
@@ -91,8 +91,8 @@ def densenet121(num_classes: int, in_channels: int = 3) -> DenseNet:
         ValueError: ``num_classes`` or ``in_channels`` < 1.
         TypeError: either is not an int.
     """
-    num_classes = positive_int("num_classes", num_classes)
-    in_channels = positive_int("in_channels", in_channels)
+    num_classes = checks.integer("num_classes", num_classes, minimum=1)
+    in_channels = checks.integer("in_channels", in_channels, minimum=1)
     net = OutOfPlaceDenseNet(32, (6, 12, 24, 16), 64, num_classes=num_classes)
     net.features.conv0 = _stem_conv(in_channels, 64, fan_mode="fan_in")
     net.features.pool0 = nn.Identity()
@@ -107,8 +107,8 @@ def mobilenetv2(num_classes: int, in_channels: int = 3) -> MobileNetV2:
         ValueError: ``num_classes`` or ``in_channels`` < 1.
         TypeError: either is not an int.
     """
-    num_classes = positive_int("num_classes", num_classes)
-    in_channels = positive_int("in_channels", in_channels)
+    num_classes = checks.integer("num_classes", num_classes, minimum=1)
+    in_channels = checks.integer("in_channels", in_channels, minimum=1)
     net = mobilenet_v2(weights=None, num_classes=num_classes)
     net.features[0][0] = _stem_conv(in_channels, 32, fan_mode="fan_out")
     _disable_inplace_activations(net)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import boolean, positive_int
+from lightning_tricks import checks
 
 WIDTH = 32
 NEGATIVE_SLOPE = 0.01
@@ -62,9 +62,9 @@ class VGG(nn.Module):
             raise TypeError(f"`blocks_per_stage` must be an int >= 0, got {blocks_per_stage!r}")
         if blocks_per_stage < 0:
             raise ValueError(f"`blocks_per_stage` must be an int >= 0, got {blocks_per_stage}")
-        num_classes = positive_int("num_classes", num_classes)
-        in_channels = positive_int("in_channels", in_channels)
-        self.batch_norm = boolean("batch_norm", batch_norm)
+        num_classes = checks.integer("num_classes", num_classes, minimum=1)
+        in_channels = checks.integer("in_channels", in_channels, minimum=1)
+        self.batch_norm = checks.boolean("batch_norm", batch_norm)
 
         layers = self._conv_act(in_channels)
         for _ in range(NUM_STAGES):

@@ -35,6 +35,7 @@ from .factors import (
 )
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
+from .units import UNIT_RULE, compiled_modules, excluded_parameters, is_unit, training_refusal
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -129,9 +130,22 @@ class GramCollector:
     base if they inherit its ``forward``. Any other module owning parameters gets the generic
     fallback ("fallback": per-sample VJPs of the module recomputed on its captured inputs, batch
     in dim 0 of the inputs and outputs whose leading size is B); it refuses, with an error, modules
-    that draw random numbers or couple samples. Dropout in training mode is refused in
-    MultiheadAttention, between RNN layers and in sequence-first Transformer layers; unbatched
-    inputs and ``PackedSequence`` too. Register rules with
+    that couple samples. Modules that draw random numbers (dropout in training mode: in
+    MultiheadAttention, in Transformer layers, in any module the fallback serves) are measured
+    from the step's own graph, dropout masks included: one backward of the module's part of the
+    graph per sample, batched inside the step's backward (:func:`.fallback.graph_factors`; B
+    times that module's backward). Units (:mod:`~lightning_tricks.gradients.gram.units`):
+    a module whose forward uses a child's weights functionally instead of calling the child
+    (torchvision's Swin attention: ``F.linear(x, self.qkv.weight)``), or runs a parameterised
+    child on its own attributes (tensors without a sample dimension, Swin v2's ``cpb_mlp`` on a
+    position table), is measured whole, by the fallback's per-sample VJPs over its subtree.
+    Dropout between RNN layers in training mode is refused (the error names the module, and
+    ``unsupported="skip"`` leaves such modules out); unbatched inputs and ``PackedSequence`` too.
+    Modules compiled with ``torch.compile`` (wrappers, ``module.compile()``, a compiled
+    ``forward``) are refused at construction: a compiled graph runs without module hooks, and
+    one cached by an earlier run even without a visible wrapper (:meth:`check_outside_use` then
+    names the modules whose hooks did not fire). ``exclude=`` leaves any of these out and measures
+    the rest. Register rules with
     :func:`~lightning_tricks.gradients.gram.registry.register_gram_rule` or override them per
     collector with ``rules=``. A module with several tensor outputs (LSTM, attention) must not
     have them modified in place (they pass through one identity node that collects their gradients).
@@ -152,8 +166,8 @@ class GramCollector:
     loss other than through its module's captured forwards (used functionally, e.g.
     ``F.linear(h, emb.weight)``) cannot be measured: :meth:`check_outside_use` finds every such use
     in the loss's autograd graph, and :meth:`matrix` raises where it sees one (a gradient reaching a
-    parameter whose captured forwards did not record it); exclude the parameter (``params=`` or
-    ``modules=``) or call it through a module. A frozen parameter of a module without a rule that
+    parameter whose captured forwards did not record it); leave its module out (``exclude=``) or
+    call it through a module. A frozen parameter of a module without a rule that
     is unfrozen later makes :meth:`matrix` raise (``unsupported="raise"``) or warn once.
 
     Fused weight gradients (``fuse_weight_grad``): for the duration of a captured forward call of a
@@ -201,12 +215,17 @@ class GramCollector:
             them unsupported.
         rules: ``{module type: GramRule or None}`` overriding the registry for this collector
             (``None``: no rule for that type, so the fallback or ``unsupported`` applies).
+        exclude: modules to leave out, by name (as in ``model.named_modules()``) or as module
+            objects; the parameters of their subtrees are not measured (their gradients are still
+            computed and trained as usual). Unknown names raise ``ValueError``.
 
     Raises:
         ValueError: bad argument values, unsupported trainable layers with ``unsupported="raise"``,
-            or no parameter selected; from :meth:`check_outside_use`, a parameter used outside its
-            module.
-        TypeError: ``model`` not a module, ``params`` not parameters, ``modules`` not callable.
+            a compiled module owning measured parameters, or no parameter selected; from
+            :meth:`check_outside_use`, a parameter used outside its module; from a captured
+            forward, a module refused in training mode.
+        TypeError: ``model`` not a module, ``params`` not parameters, ``modules`` not callable,
+            ``exclude`` not a list of names or modules.
         RuntimeError: from :meth:`matrix` if no backward was captured, a parameter received a
             gradient outside its module's forward, or an unsupported layer was unfrozen; in the
             backward if a layer's input was modified in place, the batch size differs between
@@ -252,6 +271,7 @@ class GramCollector:
         unsupported: str = "raise",
         fallback: bool = True,
         rules: Mapping[type[nn.Module], GramRule | None] | None = None,
+        exclude: Iterable[str | nn.Module] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -269,7 +289,8 @@ class GramCollector:
         self.method = method
         self.fuse_weight_grad = fuse_weight_grad
         self.unsupported = unsupported
-        candidates = _selected_params(model, params)
+        candidates = _selected_params(model, params) - excluded_parameters(model, exclude)
+        _check_not_compiled(model, candidates)
         self._layers = _select_layers(
             model, candidates, modules, unsupported, fallback, _checked_rules(rules)
         )
@@ -401,8 +422,8 @@ class GramCollector:
             raise RuntimeError(
                 f"parameters {sorted(self._missed)} received gradients, but their modules' forward was "
                 "not captured (parameter used outside its module's forward, or capture enabled after "
-                "the forward); G would miss their contribution. Call the weight through its module, or "
-                "exclude it with params=/modules="
+                "the forward, or a compiled forward that bypasses module hooks); G would miss their "
+                "contribution. Call the weight through its module, or leave its module out with exclude=[...]"
             )
         self._check_unmeasured()
         scale = float(self._batch_size) ** 2 if self.loss_reduction == "mean" else 1.0
@@ -437,13 +458,29 @@ class GramCollector:
             if param in tracked and node not in self._consumers.get(param, ())
         }
         if outside:
-            names = sorted(_param_name(*self._owners[p][0]) for p in outside)
-            raise ValueError(
+            raise ValueError(self._outside_use_message(outside))
+
+    def _outside_use_message(self, outside: set[nn.Parameter]) -> str:
+        """Parameters of modules whose captured forward ran are used functionally elsewhere; those
+        of modules without a captured forward were used by an enclosing module, or their module
+        ran without hooks (a compiled graph)."""
+        owners = {p: self._owners[p][0][0] for p in outside}
+        names = sorted(_param_name(*self._owners[p][0]) for p in outside)
+        silent = sorted({layer.name or "<root>" for layer in owners.values() if layer.calls == 0})
+        if not silent:
+            return (
                 f"parameters {names} are used outside their module's forward (functionally, e.g. "
                 "F.linear(x, module.weight)), so their per-sample gradients cannot be measured. Call "
                 "them through a module (tied weights shared by two modules are measured exactly), or "
-                "leave them out of the measurement (GramCollector params=/modules=)"
+                "leave their modules out of the measurement: exclude=[...] (GramCollector, FisherSpectrum)"
             )
+        return (
+            f"parameters {names} received gradients, but the forward of their modules {silent} ran "
+            "without GramCollector's hooks: either the module runs compiled (torch.compile, or a "
+            "compiled graph cached by an earlier run, bypasses module hooks; measure the uncompiled "
+            "model), or an enclosing module uses their weights functionally (F.linear(x, "
+            "self.child.weight)) in a way its source does not show." + _exclude_hint(silent)
+        )
 
     @staticmethod
     def check_loss(loss: Any) -> None:
@@ -553,7 +590,10 @@ class GramCollector:
         """Turn one call's captured ``activations`` and output gradient into factors; finish the
         layer on its last call. ``inputs`` must still be at ``version`` (no in-place change since
         the forward); ``fused`` names the weights hidden from autograd in that call, whose batch
-        gradient the collector writes."""
+        gradient the collector writes. Off during a per-sample backward of the rules' own
+        (:func:`.fallback.graph_factors`), which passes through this hook again."""
+        if RECOMPUTING.depth:
+            return
         if inputs._version != version:
             raise RuntimeError(
                 f"the input of module {layer.name!r} was modified in place after its forward; "
@@ -699,7 +739,8 @@ class GramCollector:
         )
         if self.unsupported == "raise":
             raise RuntimeError(
-                message + "; register a rule, exclude them with params=/modules=, or pass unsupported='skip'"
+                message
+                + "; register a rule, leave their modules out with exclude=[...], or pass unsupported='skip'"
             )
         if not self._warned_unmeasured:
             self._warned_unmeasured = True
@@ -1176,8 +1217,9 @@ def _select_layers(
     rules: Mapping[type[nn.Module], GramRule | None] | None = None,
 ) -> list[_Layer]:
     """One capture state per module owning selected parameters (with those of its subtree for a
-    composite rule, whose descendants are then not captured on their own); modules without a
-    rule get the fallback, or raise or warn."""
+    composite rule or a unit measured whole, whose descendants are then not captured on their
+    own); modules without a rule get the fallback, or raise or warn; modules refused in training
+    mode (:func:`.units.training_refusal`) are left out with ``unsupported="skip"``."""
     layers: list[_Layer] = []
     missing: list[str] = []
     claimed: set[nn.Module] = set()
@@ -1185,6 +1227,8 @@ def _select_layers(
         if module in claimed:
             continue
         rule = _rule_for(module, rules, fallback)
+        if fallback and (rule is None or rule is FALLBACK_RULE) and is_unit(module):
+            rule = UNIT_RULE
         composite = rule is not None and rule.composite
         if composite:
             claimed.update(module.modules())
@@ -1194,23 +1238,72 @@ def _select_layers(
         uncovered = [p for p in own if rule is None or not rule.covers(p)]
         if uncovered and fallback and not composite:
             rule, uncovered = FALLBACK_RULE, []
+        refusal = training_refusal(module) if rule is not None else None
+        if refusal is not None and unsupported == "skip":
+            claimed.update(module.modules())
+            missing.append(f"{name or '<root>'} ({type(module).__name__}: {refusal} in training mode)")
+            continue
         if uncovered:
             if any(own[p].requires_grad for p in uncovered):  # frozen ones: checked if unfrozen
                 missing.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(uncovered)})")
             continue
+        if refusal is not None:
+            rule = rule._replace(capture=_refusing_capture(rule.capture, name or "<root>", refusal))
         layers.append(_Layer(name, module, rule, own))
     if missing and unsupported == "raise":
         raise ValueError(
             "GramCollector has no rule for these parameterised modules: "
             + "; ".join(missing)
             + ". Register one with lightning_tricks.gradients.register_gram_rule, "
-            "exclude them with params=/modules=, pass fallback=True or unsupported='skip'"
+            "leave them out with exclude=[...] (module names), pass fallback=True or unsupported='skip'"
         )
     if missing:
         warnings.warn("GramCollector leaves out of G the parameters of: " + "; ".join(missing), stacklevel=3)
     if not layers:
         raise ValueError("GramCollector found no trainable parameter in a supported module")
     return layers
+
+
+def _refusing_capture(capture: Callable[..., Any], name: str, refusal: str) -> Callable[..., Any]:
+    """``capture`` that first refuses a call in training mode, naming the module and the ways out."""
+
+    def refusing(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if layer.training:
+            raise ValueError(
+                f"{type(layer).__name__} {name!r} has {refusal} in training mode; GramCollector cannot "
+                "reproduce its dropout masks per sample. Set that dropout to 0, or leave the module out of "
+                f"the measurement: exclude=[{name!r}] (GramCollector, FisherSpectrum), or "
+                "unsupported='skip' to leave out every module refused so"
+            )
+        return capture(layer, args, kwargs, output)
+
+    return refusing
+
+
+def _check_not_compiled(model: nn.Module, candidates: set[nn.Parameter]) -> None:
+    """Refuse compiled modules owning measured parameters (:func:`.units.compiled_modules`)."""
+    names = dict(model.named_modules())
+    compiled = [
+        name
+        for name in compiled_modules(model)
+        if any(p in candidates for p in names["" if name == "<root>" else name].parameters())
+    ]
+    if compiled:
+        raise ValueError(
+            f"GramCollector cannot measure modules compiled with torch.compile: {compiled}. A compiled "
+            "forward runs a cached graph without the collector's module hooks, so per-sample gradients "
+            "cannot be captured (and measuring through the uncompiled module would change the numerics "
+            "that train). Measure the uncompiled model (compile it after the diagnostic run)."
+            + _exclude_hint(compiled)
+        )
+
+
+def _exclude_hint(names: list[str]) -> str:
+    """`` Or leave them out of the measurement: exclude=[...]`` for the named submodules (not the root)."""
+    names = [name for name in names if name != "<root>"]
+    if not names:
+        return ""
+    return f" Or leave them out of the measurement: exclude={names} (GramCollector, FisherSpectrum)"
 
 
 def _rule_for(

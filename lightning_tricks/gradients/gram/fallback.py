@@ -9,6 +9,12 @@ user trains: parameters enter detached, buffers as copies taken at the forward, 
 own hooks are off, random operations are refused (``randomness="error"``, inside
 ``torch.random.fork_rng``) and no ``.grad`` is written.
 
+A module that draws random numbers (dropout in training mode) cannot be recomputed: new draws
+would give other masks. Its g_i are read from the graph the step itself built, masks included
+(:func:`graph_factors`): inside the backward, as the module's output gradient δ arrives, one
+backward of the module's part of the graph per sample i with δ_i (δ with the other samples
+zeroed), batched with ``is_grads_batched``; B times the module's backward, exact.
+
 The batch dimension of every input and output comes from the rule's capture: here the leading
 one for any module (inputs whose leading size differs from B are shared by all samples); the
 attention and recurrent rules (:mod:`.rules.attention`, :mod:`.rules.recurrent`) describe their
@@ -21,14 +27,17 @@ wrong matrix.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .factors import GradFactor, PerSampleFactor, cast, compute_dtype
@@ -44,6 +53,9 @@ RECOMPUTING = _RecomputeState()
 read: the collector's hooks check it at every call)."""
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
+
+_DRAWING: weakref.WeakKeyDictionary[nn.Module, set[bool]] = weakref.WeakKeyDictionary()
+"""Modules found to draw random numbers in a mode (train/eval): measured from the step's graph."""
 
 
 @contextmanager
@@ -67,7 +79,8 @@ class SampledCall(NamedTuple):
     one at ``in_dims`` and returns its output leaves; ``state`` maps parameter and buffer names of
     the module's subtree to tensors. ``buffers`` are copies taken at the forward; ``outputs`` the
     output leaves (detached, ``None`` for non-tensors) with their batch dims ``out_dims`` (``None``
-    where an output has none) and version counters.
+    where an output has none) and version counters; ``nodes`` where the outputs sit in the
+    graph (:class:`GraphCall`), for a module found to draw random numbers.
     """
 
     forward: Callable[..., list[Any]]
@@ -78,6 +91,7 @@ class SampledCall(NamedTuple):
     out_dims: tuple[int | None, ...]
     versions: tuple[int, ...]
     recurse: bool
+    nodes: tuple[tuple[str, int] | None, ...] = ()
 
 
 def _sampled_call(
@@ -90,7 +104,8 @@ def _sampled_call(
     recurse: bool,
 ) -> SampledCall:
     inputs = tuple(x.detach() for x in inputs)
-    outputs = tuple(o.detach() if isinstance(o, Tensor) else None for o in output_leaves(output))
+    leaves = output_leaves(output)
+    outputs = tuple(o.detach() if isinstance(o, Tensor) else None for o in leaves)
     return SampledCall(
         forward,
         inputs,
@@ -100,14 +115,18 @@ def _sampled_call(
         tuple(None if o is None else out_dim(k, o) for k, o in enumerate(outputs)),
         tuple(t._version for t in (*inputs, *(o for o in outputs if o is not None))),
         recurse,
+        _graph_nodes(leaves),
     )
+
 
 # -- the per-sample vector-Jacobian products -------------------------------------------------------
 
 
 def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> dict[str, GradFactor]:
     """g_i(θ) = ∂/∂θ ⟨δ_i, f(x_i; θ)⟩ for every parameter θ of the module (of its subtree for a
-    composite rule), one ``vmap``-ed ``grad`` over the samples (seed 004 eq. 6)."""
+    composite rule), one ``vmap``-ed ``grad`` over the samples (seed 004 eq. 6); for a module that
+    draws random numbers (dropout in training mode), from the step's own graph instead
+    (:func:`graph_factors`, which keeps the masks drawn)."""
     grads = backprops if isinstance(backprops, tuple) else (backprops,)
     _check_versions(layer, call)
     used = [k for k, g in enumerate(grads) if g is not None]
@@ -136,18 +155,17 @@ def recompute_factors(layer: nn.Module, call: SampledCall, backprops: Any) -> di
         out_dims=(0, out_dims),
         randomness="error",
     )
-    with _fork_rng(call.inputs), _recomputing():
+    drawing = _DRAWING.setdefault(layer, set())
+    if layer.training not in drawing:
         try:
-            sample_grads, outputs = per_sample(primals, call.inputs, tuple(grads[k] for k in used))
+            with _fork_rng(call.inputs), _recomputing(), _batched_kernels():
+                sample_grads, outputs = per_sample(primals, call.inputs, tuple(grads[k] for k in used))
         except RuntimeError as error:
             if "random" not in str(error):
                 raise
-            raise RuntimeError(
-                f"GramCollector's fallback cannot recompute {type(layer).__name__}: its forward draws random "
-                "numbers (dropout in training mode?), so the per-sample recomputation would not see the "
-                "same masks. Set the dropout to 0, run it in eval mode, register a rule for it, or leave "
-                "its parameters out with params=/modules="
-            ) from error
+            drawing.add(layer.training)
+    if layer.training in drawing:  # dropout in training mode: a recomputation would draw other masks
+        return graph_factors(layer, GraphCall(call.nodes, call.out_dims, call.recurse), backprops)
     _check_outputs(layer, call, used, outputs)
     return {name: _factor(sample_grads, name, param, call, grads, used) for name, param in named.items()}
 
@@ -166,6 +184,25 @@ def _factor(
     k = used[0]
     batch = grads[k].shape[call.out_dims[k]]
     return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))
+
+
+@contextmanager
+def _batched_kernels() -> Iterator[None]:
+    """Inside the per-sample map: ``scaled_dot_product_attention`` on its math backend, whose ops
+    all have vmap batching rules (the fused CPU kernels have none, so vmap would loop over the
+    samples and warn), and :func:`_quiet_batching`."""
+    with _quiet_batching(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
+def _quiet_batching() -> Iterator[None]:
+    """An op without a vmap batching rule runs exactly, as a loop over the batched dimension;
+    torch's warning about it ("There is a performance drop … Please file us an issue") addresses
+    torch's developers and is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        yield
 
 
 def _fork_rng(tensors: Sequence[Tensor]) -> Any:
@@ -203,16 +240,20 @@ def _check_outputs(layer: nn.Module, call: SampledCall, used: list[int], outputs
                 f"output {k} (relative error {error.item():.1e}): its samples are coupled (batch statistics, "
                 "a reduction over the batch) or an input does not carry the batch in the dimension assumed "
                 "(the leading one). Register a rule for it (register_gram_rule or rules=) or leave its "
-                "parameters out with params=/modules="
+                "module out of the measurement with exclude=[...] (GramCollector, FisherSpectrum)"
             )
     checked.add(layer.training)
+
 
 # -- any module ----------------------------------------------------------------------------------
 
 
-def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> SampledCall:
+def generic_capture(
+    layer: nn.Module, args: tuple, kwargs: dict, output: Any, recurse: bool = False
+) -> SampledCall:
     """Any module: tensor arguments whose leading size is B (that of the first tensor argument) are
-    per-sample along dim 0, the others shared; outputs with leading size B are per-sample."""
+    per-sample along dim 0, the others shared; outputs with leading size B are per-sample. The
+    module's own parameters are measured, or those of its whole subtree with ``recurse``."""
     leaves, spec = tree_flatten((args, kwargs))
     leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
     batch = len(next(leaf for leaf in leaves if isinstance(leaf, Tensor)))
@@ -233,8 +274,140 @@ def generic_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) ->
         return 0 if o.dim() > 0 and len(o) == batch else None
 
     inputs = [leaves[k] for k in positions]
-    return _sampled_call(layer, forward, inputs, [0] * len(inputs), output, out_dim, recurse=False)
+    return _sampled_call(layer, forward, inputs, [0] * len(inputs), output, out_dim, recurse=recurse)
+
+
+def generic_unit_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> SampledCall:
+    """:func:`generic_capture` of a module measured whole (the parameters of its subtree)."""
+    return generic_capture(layer, args, kwargs, output, recurse=True)
 
 
 FALLBACK_RULE = GramRule(recompute_factors, param_names=None, capture=generic_capture, method="fallback")
 """Used by :class:`~lightning_tricks.gradients.GramCollector` for any module without a rule."""
+
+
+# -- from the step's own graph --------------------------------------------------------------------
+
+
+GRAPH_CHUNK_ENTRIES = 2**24
+""":func:`graph_factors` runs its per-sample backwards in chunks of samples whose batched output
+gradients hold about this many entries (each is the whole batch's output gradient, one sample's
+part non-zero), bounding its extra memory."""
+
+
+class GraphCall(NamedTuple):
+    """One captured call, to be read from the autograd graph it built: for each output leaf that
+    requires grad, the name of its graph node and its index there (``None`` for other leaves),
+    their batch dims ``out_dims``, and whether the parameters of the module's subtree are measured
+    (``recurse``). No reference to the graph: the hook holding this hangs on the graph, and a
+    step without a backward must leave nothing alive; the nodes are found when the output
+    gradient arrives (:func:`_output_edges`)."""
+
+    nodes: tuple[tuple[str, int] | None, ...]
+    out_dims: tuple[int | None, ...]
+    recurse: bool
+
+
+def graph_capture(
+    layer: nn.Module, output: Any, out_dim: Callable[[int, Tensor], int | None], recurse: bool
+) -> GraphCall:
+    """What :func:`graph_factors` needs of a call whose random draws (dropout) a recomputation
+    would not reproduce: where its outputs sit in the graph."""
+    leaves = output_leaves(output)
+    nodes = _graph_nodes(leaves)
+    out_dims = tuple(None if n is None else out_dim(k, o) for k, (n, o) in enumerate(zip(nodes, leaves)))
+    return GraphCall(nodes, out_dims, recurse)
+
+
+def _graph_nodes(leaves: Sequence[Any]) -> tuple[tuple[str, int] | None, ...]:
+    """(name of its graph node, its index there) of each output leaf with a graph, else ``None``."""
+    return tuple(
+        (o.grad_fn.name(), o.output_nr) if isinstance(o, Tensor) and o.grad_fn is not None else None
+        for o in leaves
+    )
+
+
+def graph_factors(layer: nn.Module, call: GraphCall, backprops: Any) -> dict[str, GradFactor]:
+    """g_i(θ) = ∂/∂θ ⟨δ_i, f(x; θ)⟩ through the graph the step ran (its dropout masks included),
+    δ_i the output gradient with every sample but i zeroed (seed 004 eq. 6): one backward of the
+    module's graph per sample, batched (``is_grads_batched``, in chunks of samples:
+    :data:`GRAPH_CHUNK_ENTRIES`), so it costs B times the module's backward. The module's samples must not interact (true of attention and Transformer layers:
+    each sample attends within itself). Hooks on the parameters (the user's, other callbacks')
+    do not see these gradients, and nothing is written to ``.grad``. Runs inside the step's
+    backward, from the collector's hook on the call's outputs."""
+    grads = backprops if isinstance(backprops, tuple) else (backprops,)
+    edges = _output_edges(layer, call)
+    used = [k for k, g in enumerate(grads) if g is not None and edges[k] is not None]
+    named = dict(layer.named_parameters(recurse=call.recurse))
+    wanted = {n: p for n, p in named.items() if p.requires_grad}
+    batch = grads[used[0]].shape[call.out_dims[used[0]]]
+    chunk = max(1, GRAPH_CHUNK_ENTRIES // sum(grads[k].numel() for k in used))
+    chunks = []
+    with _without_tensor_hooks(wanted.values()), _quiet_batching(), _recomputing():
+        for start in range(0, batch, chunk):
+            samples = range(start, min(start + chunk, batch))
+            chunks.append(
+                torch.autograd.grad(
+                    [edges[k] for k in used],
+                    list(wanted.values()),
+                    [_one_sample_each(grads[k], call.out_dims[k], samples) for k in used],
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            )
+    found = {n: torch.cat([c[j] for c in chunks]) for j, n in enumerate(wanted) if chunks[0][j] is not None}
+    return {name: _graph_factor(found.get(name), param, batch) for name, param in named.items()}
+
+
+def _output_edges(layer: nn.Module, call: GraphCall) -> list[GradientEdge | None]:
+    """The graph edges of the call's outputs, from the node the backward is running: the
+    collector's hook on a single output runs as that output's node is reached; for several
+    outputs, as the identity node joining them is (its inputs are the outputs' edges)."""
+    current = torch._C._current_autograd_node()
+    hooked = [k for k, node in enumerate(call.nodes) if node is not None]
+    edges: list[GradientEdge | None] = [None] * len(call.nodes)
+    if len(hooked) == 1 and current is not None and current.name() == call.nodes[hooked[0]][0]:
+        edges[hooked[0]] = GradientEdge(current, call.nodes[hooked[0]][1])
+        return edges
+    joined = [] if current is None else [edge for edge in current.next_functions if edge[0] is not None]
+    if len(joined) == len(hooked) and all(
+        edge[0].name() == call.nodes[k][0] for edge, k in zip(joined, hooked)
+    ):
+        for (node, index), k in zip(joined, hooked):
+            edges[k] = GradientEdge(node, index)
+        return edges
+    raise RuntimeError(
+        f"GramCollector could not find the graph of {type(layer).__name__}'s outputs in the backward "
+        f"(running {current.name() if current is not None else 'no node'}); was its output modified "
+        "in place, or its gradient hooked by another hook that runs this rule?"
+    )
+
+
+def _one_sample_each(grad: Tensor, dim: int, samples: range) -> Tensor:
+    """(len(samples), *grad.shape): entry j is ``grad`` with every sample but ``samples[j]``
+    (along ``dim``) zeroed."""
+    shape = [1] * grad.dim()
+    shape[dim] = grad.shape[dim]
+    rows = torch.eye(grad.shape[dim], dtype=grad.dtype, device=grad.device)[samples.start : samples.stop]
+    return grad.unsqueeze(0) * rows.reshape(len(samples), *shape)
+
+
+def _graph_factor(grads: Tensor | None, param: Tensor, batch: int) -> PerSampleFactor:
+    if grads is None:
+        return PerSampleFactor(param.new_zeros((), dtype=compute_dtype(param)).expand(batch, *param.shape))
+    return PerSampleFactor(cast(grads, compute_dtype(grads)))
+
+
+@contextmanager
+def _without_tensor_hooks(params: Iterable[Tensor]) -> Iterator[None]:
+    """The parameters' Python gradient hooks set aside (and put back, in order) while the
+    per-sample backward runs: they are meant for the step's gradient, not for these."""
+    saved = [(p, dict(p._backward_hooks)) for p in params if p._backward_hooks]
+    for param, _ in saved:
+        param._backward_hooks.clear()
+    try:
+        yield
+    finally:
+        for param, hooks in saved:
+            param._backward_hooks.update(hooks)

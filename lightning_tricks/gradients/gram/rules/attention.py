@@ -1,5 +1,7 @@
 """MultiheadAttention and sequence-first Transformer layers: per-sample vector-Jacobian products
-(seed 004_e5d92837cb57ce8a.txt §3, eq. 6; recomputed by :func:`..fallback.recompute_factors`)."""
+(seed 004_e5d92837cb57ce8a.txt §3, eq. 6): of the recomputed forward
+(:func:`..fallback.recompute_factors`), or, with dropout in training mode, of the graph the step
+ran, its dropout masks included (:func:`..fallback.graph_factors`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..factors import GradFactor
-from ..fallback import SampledCall, _sampled_call, output_leaves, recompute_factors
+from ..fallback import (
+    GraphCall,
+    SampledCall,
+    _sampled_call,
+    graph_capture,
+    graph_factors,
+    output_leaves,
+    recompute_factors,
+)
 from ..registry import register_gram_rule
 
 # -- MultiheadAttention --------------------------------------------------------------------------
@@ -32,20 +42,19 @@ def mha_batch_size(layer: nn.MultiheadAttention, args: tuple, kwargs: dict) -> i
     return _mha_arguments(layer, args, kwargs)["query"].shape[0 if layer.batch_first else 1]
 
 
-def mha_capture(layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> SampledCall:
+def mha_capture(
+    layer: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any
+) -> SampledCall | GraphCall:
     """Query, key and value per sample along their batch dim, ``key_padding_mask`` (B, S) along
     dim 0, a 3-D ``attn_mask`` (B·heads, L, S) per sample as (B, heads, L, S); a 2-D mask shared.
-    The attention output has the query's layout, the attention weights are batch first."""
+    The attention output has the query's layout, the attention weights are batch first. With
+    dropout in training mode: the call's own graph (:func:`..fallback.graph_capture`)."""
+    dim = 0 if layer.batch_first else 1
     if layer.training and layer.dropout > 0:
-        raise ValueError(
-            f"MultiheadAttention has dropout={layer.dropout} in training mode; GramCollector cannot "
-            "reproduce its dropout masks per sample. Use dropout=0, eval mode, or leave it out with "
-            "params=/modules="
-        )
+        return graph_capture(layer, output, lambda k, o: dim if k == 0 else 0, recurse=True)
     arguments = {
         k: v.detach() if isinstance(v, Tensor) else v for k, v in _mha_arguments(layer, args, kwargs).items()
     }
-    dim = 0 if layer.batch_first else 1
     batched = {"query": dim, "key": dim, "value": dim}
     if arguments["key_padding_mask"] is not None:
         batched["key_padding_mask"] = 0
@@ -81,8 +90,11 @@ def attention_factors(
     layer: nn.MultiheadAttention, activations: SampledCall, backprops: Any
 ) -> dict[str, GradFactor]:
     """g_i of every parameter of the attention (``in_proj``, ``out_proj``, biases): the per-sample
-    VJP of its recomputed forward (seed 004 eq. 6)."""
+    VJP of its recomputed forward, or of its own graph with dropout in training (seed 004 eq. 6)."""
+    if isinstance(activations, GraphCall):
+        return graph_factors(layer, activations, backprops)
     return recompute_factors(layer, activations, backprops)
+
 
 # -- Transformer layers, sequence first ------------------------------------------------------------
 
@@ -114,17 +126,15 @@ def transformer_batch_size(layer: nn.Module, args: tuple, kwargs: dict) -> int:
     return arguments.get("src", arguments.get("tgt")).shape[1]
 
 
-def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> SampledCall:
+def transformer_capture(
+    layer: nn.Module, args: tuple, kwargs: dict, output: Tensor
+) -> SampledCall | GraphCall:
     """A sequence-first ``nn.TransformerEncoderLayer``/``DecoderLayer`` as a whole: its Linear and
     LayerNorm children see (T, B, E), which their rules (batch first) cannot split. ``src``,
-    ``tgt``, ``memory`` per sample along dim 1, key padding masks along dim 0, (T, S) masks shared."""
-    dropouts = [m.p for m in layer.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-    if layer.training and dropouts:
-        raise ValueError(
-            f"{type(layer).__name__} has dropout={dropouts[0]} in training mode; GramCollector cannot "
-            "reproduce its dropout masks per sample. Use dropout=0, eval mode, or leave it out with "
-            "params=/modules="
-        )
+    ``tgt``, ``memory`` per sample along dim 1, key padding masks along dim 0, (T, S) masks shared.
+    With dropout in training mode: the call's own graph (:func:`..fallback.graph_capture`)."""
+    if layer.training and any(_dropout(m) > 0 for m in layer.modules()):
+        return graph_capture(layer, output, lambda k, o: 1, recurse=True)
     arguments = {
         k: v.detach() if isinstance(v, Tensor) else v
         for k, v in _transformer_arguments(layer, args, kwargs).items()
@@ -146,6 +156,12 @@ def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Ten
     )
 
 
+def _dropout(module: nn.Module) -> float:
+    if isinstance(module, nn.Dropout):
+        return module.p
+    return module.dropout if isinstance(module, nn.MultiheadAttention) else 0.0
+
+
 @register_gram_rule(
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
@@ -158,5 +174,8 @@ def transformer_capture(layer: nn.Module, args: tuple, kwargs: dict, output: Ten
 )
 def transformer_factors(layer: nn.Module, activations: SampledCall, backprops: Any) -> dict[str, GradFactor]:
     """g_i of every parameter of a sequence-first Transformer layer: the per-sample VJP of its
-    recomputed forward (seed 004 eq. 6); batch-first layers are served by their children's rules."""
+    recomputed forward, or of its own graph with dropout in training (seed 004 eq. 6); batch-first
+    layers are served by their children's rules."""
+    if isinstance(activations, GraphCall):
+        return graph_factors(layer, activations, backprops)
     return recompute_factors(layer, activations, backprops)
