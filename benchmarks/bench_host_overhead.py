@@ -20,7 +20,7 @@ calls (Python that torch calls back), host syncs (device-to-host reads asked for
 The plain row gives totals, the others what the callback adds.
 
     python benchmarks/bench_host_overhead.py [--rounds 7] [--steps 60] [--warmup 10] [--statistic min]
-        [--quick]
+        [--quick] [--counts-only] [--only FisherSpectrum]
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ def fit(steps: int, root: str, config: str, first: Callback) -> None:
     quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
 
 
-def time_rounds(rounds: int, steps: int, warmup: int, root: str, statistic: str) -> dict[str, list[float]]:
-    """Per table row, its ratio to the plain run of each round (a run's step: the ``statistic``,
-    median or min, of its steps after ``warmup``)."""
+def time_rounds(
+    names: list[str], rounds: int, steps: int, warmup: int, root: str, statistic: str
+) -> dict[str, list[float]]:
+    """Per table row of the configurations ``names`` (plain first), its ratio to the plain run of
+    each round (a run's step: the ``statistic``, median or min, of its steps after ``warmup``)."""
     reduce = STATISTICS[statistic]
-    names = list(CONFIGS)
     ratios: dict[str, list[float]] = {}
     for round_index in range(rounds):
         shift = round_index % len(names)
@@ -128,6 +129,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 42 steps: a smoke test")
+    parser.add_argument("--counts-only", action="store_true", help="the exact count table, no timing")
+    parser.add_argument(
+        "--only", default="", help="count/time only configurations whose name contains this (and plain)"
+    )
     parser.add_argument(
         "--statistic",
         choices=list(STATISTICS),
@@ -143,9 +148,13 @@ def main() -> None:
     torch.set_num_threads(1)
     print(machine_description())
     with tempfile.TemporaryDirectory() as root:
-        configs = {config: SPARSE_PERIODS.get(config) for config in CONFIGS}
+        names = [c for c in CONFIGS if c == "plain" or args.only in c]
+        configs = {config: SPARSE_PERIODS.get(config) for config in names}
         table = count_table(partial(fit, COUNT_STEPS.stop + 1, root), configs, COUNT_STEPS)
-        ratios = time_rounds(args.rounds, args.steps, args.warmup, root, args.statistic)
+        if args.counts_only:
+            print("\n".join(format_count_table(table)))
+            return
+        ratios = time_rounds(names, args.rounds, args.steps, args.warmup, root, args.statistic)
     print_table(ratios, table, args)
 
 

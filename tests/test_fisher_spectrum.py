@@ -213,7 +213,9 @@ class StepProbe(Callback):
         step = trainer.global_step - 1
         self.engine_calls[step] = self._calls
         events = self._profiler.events()
-        self.ops[step] = Counter(e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent)))
+        self.ops[step] = Counter(
+            e.name for e in events if _aten(e) and not (e.cpu_parent and _aten(e.cpu_parent))
+        )
 
 
 def _aten(event) -> bool:
@@ -238,12 +240,12 @@ def test_unmeasured_steps_run_nothing_of_the_engine(tmp_path):
 @pytest.mark.parametrize(("every", "attaches"), [(1, 1), (3, 2)])
 def test_hooks_stay_between_consecutive_measured_steps_only(tmp_path, monkeypatch, every, attaches):
     """Every step measured: the hooks are registered once (idle between steps); every 3rd step:
-    registered at steps 0 and 3, removed for the steps between."""
+    attached at steps 0 and 3, taken off for the steps between."""
     registered = []
     attach = GramCollector.attach
 
     def counting_attach(collector):
-        registered.append(not collector._handles)
+        registered.append(not collector.attached)
         return attach(collector)
 
     monkeypatch.setattr(GramCollector, "attach", counting_attach)
@@ -374,7 +376,9 @@ def test_resume_keeps_the_epoch_pooled_noise_scale(tmp_path, resume_step):
     run([resumed.fisher, resumed], 8, ckpt_path=str(ckpt))
 
     assert all(math.isfinite(value) for value in full.values), full.values
-    np.testing.assert_allclose(resumed.values, full.values[len(full.values) - len(resumed.values) :], rtol=1e-9)
+    np.testing.assert_allclose(
+        resumed.values, full.values[len(full.values) - len(resumed.values) :], rtol=1e-9
+    )
 
 
 def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):

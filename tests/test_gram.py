@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_tricks.gradients import GRAM_RULES, GramCollector, register_gram_rule
+from lightning_tricks.gradients.gram import collector as collector_module
 from lightning_tricks.gradients.gram import factors
 from lightning_tricks.gradients.gram.factors import PerSampleFactor
 from lightning_tricks.gradients.gram.rules import norm
@@ -332,10 +333,12 @@ def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() ->
     from_autograd = norm.batch_norm_factors(layer, captured, backprops)
     recomputed = norm.batch_norm_factors(layer, x.detach(), backprops)
     for name in ("weight", "bias"):
-        torch.testing.assert_close(recomputed[name].grads, from_autograd[name].grads, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            recomputed[name].per_sample(), from_autograd[name].per_sample(), rtol=1e-12, atol=1e-12
+        )
     torch.autograd.backward(output, backprops)
     torch.testing.assert_close(
-        from_autograd["weight"].grads.sum(0), layer.weight.grad, rtol=1e-12, atol=1e-12
+        from_autograd["weight"].per_sample().sum(0), layer.weight.grad, rtol=1e-12, atol=1e-12
     )
 
 
@@ -349,6 +352,35 @@ def test_per_layer_blocks_match_reference_and_sum_to_total(arch: str) -> None:
     for module, columns in column_blocks(model).items():
         assert relative_error(blocks[module], jacobian[:, columns] @ jacobian[:, columns].T) < RTOL, module
     assert relative_error(sum(blocks.values()), gram.matrix()) < 1e-14
+
+
+@pytest.mark.parametrize(
+    "arch", ["cnn", "resnet_bn_eval", "densenet_block", "conv1d_sequence", "conv_transpose", "conv3d"]
+)
+@pytest.mark.parametrize("method", ["materialize", "ghost"])
+@pytest.mark.parametrize("grouped", ["grouped", "grouped, shifted by offset", "one by one"])
+def test_blocks_grouped_by_shape_or_one_by_one(
+    arch: str, grouped: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Normalisation layers and convolutions (materialised or ghost) of one shape get their blocks
+    from one batched computation when G is read (small operands), larger ones each at its
+    backward: the same blocks either way, and ``.grad`` untouched (fused weights written at the
+    backward)."""
+    if grouped == "one by one":
+        monkeypatch.setattr(collector_module, "GROUP_MAX_ENTRIES", 0)
+    if grouped == "grouped, shifted by offset":  # per-sample rows split by kernel offset
+        monkeypatch.setattr(factors, "SHIFTED_STACK_MAX_ENTRIES", 0)
+    model, x, y = build(arch, 6)
+    jacobian = per_sample_jacobian(model, x, y)
+    plain = _plain_grads(model, x, y)
+    model.zero_grad(set_to_none=True)
+    gram = collect(model, x, y, method=method, fuse_weight_grad=True)
+    assert bool(gram._grouped) == (grouped != "one by one")
+    for p, expected in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
+    blocks = gram.matrix(per_layer=True)
+    for module, columns in column_blocks(model).items():
+        assert relative_error(blocks[module], jacobian[:, columns] @ jacobian[:, columns].T) < RTOL, module
 
 
 def test_auto_method_follows_cost_model() -> None:
@@ -755,7 +787,9 @@ def test_collector_leaves_no_warning_on_supported_model() -> None:
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("entries", [1, 4])
 @pytest.mark.parametrize("batch", [1, 63, 64, 65, 128, 129])
-def test_block_triangular_gram_equals_full_product(batch: int, entries: int, split: bool, threads: int) -> None:
+def test_block_triangular_gram_equals_full_product(
+    batch: int, entries: int, split: bool, threads: int
+) -> None:
     """The Gram of each materialised layer is built from its upper block triangle from
     ``SYMMETRIC_MIN_BATCH`` rows on, as a sum over column blocks (one plain product for small
     2-D rows on one thread); it must equal R Rᵀ, for odd B and columns that do not split evenly

@@ -106,3 +106,62 @@ def test_repeated_use_keeps_live_tensors_flat(ending: str) -> None:
     for _ in range(5):
         use(model, x, ending)
     assert live_tensors() == before
+
+
+def hooked(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or any(
+        p._backward_hooks for p in model.parameters()
+    )
+
+
+def test_hooks_registered_once_then_put_back_and_taken_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attach registers the hooks through torch's API; detach takes them out of torch's
+    hook dicts and a later attach puts the same hooks back (no new registration), with the same G."""
+    torch.manual_seed(0)
+    model, x = conv_bn()
+    gram = GramCollector(model, fuse_weight_grad=True)
+    registrations = []
+    init = torch.utils.hooks.RemovableHandle.__init__
+
+    def counting_init(self, *args, **kwargs):
+        registrations.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.hooks.RemovableHandle, "__init__", counting_init)
+    results = []
+    for cycle in range(3):
+        before = len(registrations)
+        gram.reset()
+        gram.attach()
+        attached = len(registrations) - before
+        assert hooked(model) and gram.attached
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        gram.detach()
+        assert not hooked(model) and not gram.attached
+        results.append(gram.matrix())
+        expected = 2 * 3 + 6 if cycle == 0 else 0  # pre- and forward hooks of 3 layers, 6 parameters
+        assert attached == expected, cycle
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
+
+
+def test_a_hook_dict_replaced_is_registered_again() -> None:
+    """A module whose hook dicts were replaced (and the old ones dropped) gets its hooks registered
+    again at the next attach."""
+    model, x = mlp()
+    gram = GramCollector(model)
+    gram.attach()
+    gram.detach()
+    layer = model[0]
+    layer._forward_hooks, layer._forward_pre_hooks = (
+        type(layer._forward_hooks)(),
+        type(layer._forward_pre_hooks)(),
+    )
+    gc.collect()
+    gram.reset()
+    gram.attach()
+    assert layer._forward_hooks and layer._forward_pre_hooks
+    model(x).sum().backward()
+    gram.detach()
+    assert set(gram.matrix(per_layer=True)) == {"0", "2"}

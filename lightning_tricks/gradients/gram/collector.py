@@ -14,6 +14,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..autograd_graph import leaf_uses
-from .factors import GradFactor, PerSampleFactor, cast, concat_factors
+from .factors import (
+    ChannelAffineFactor,
+    ConvFactor,
+    EmbeddingFactor,
+    GradFactor,
+    OuterFactor,
+    PerSampleFactor,
+    cast,
+    concat_factors,
+)
 from .fallback import FALLBACK_RULE, RECOMPUTING, output_leaves
 from .registry import GramRule, capture_input, first_tensor, gram_rule_for, leading_batch_size
 from .units import UNIT_RULE, compiled_modules, excluded_parameters, is_unit, training_refusal
@@ -46,8 +56,10 @@ class _Layer:
     collector fuse (``fused_names``; ``unfused_ids``: ids of the other active and shared ones, which
     a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
     shared parameters (the order of ``flags``), set once tied weights are known.
-    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B.
-    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer."""
+    ``default_capture``: the rule keeps the first tensor argument, whose leading size is B;
+    ``leading_batch``: B is that leading size (the rule's ``batch_size`` is the default).
+    ``backprop_hook``: the collector's (weak) output-gradient hook for this layer. ``plan``: per
+    parameter, the method chosen at its first collection with the shapes it was chosen for."""
 
     name: str
     module: nn.Module
@@ -69,18 +81,15 @@ class _Layer:
     shared_params: list[nn.Parameter] = field(default_factory=list)
     everything: list[nn.Parameter] = field(default_factory=list)
     default_capture: bool = field(init=False)
+    leading_batch: bool = field(init=False)
     backprop_hook: Callable[..., None] | None = None
+    plan: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.candidates = dict(self.params)
         rule = self.rule
-        self.default_capture = rule.capture is capture_input and rule.batch_size is leading_batch_size
-
-    def clear(self) -> None:
-        self.pending, self.calls, self.hidden = 0, 0, ()
-        self.activated = False
-        self.factors.clear()
-        self.methods.clear()
+        self.leading_batch = rule.batch_size is leading_batch_size
+        self.default_capture = rule.capture is capture_input and self.leading_batch
 
 
 class GramCollector:
@@ -91,7 +100,7 @@ class GramCollector:
     layer's input in the forward and its output gradient in the ordinary backward; a per-layer
     rule (:mod:`~lightning_tricks.gradients.gram.rules`) turns the two into that layer's (B, B)
     contribution, inside the backward, so per-sample gradients of more than one layer are never
-    held. There is no second backward and no loop over samples. Per layer and parameter the
+    held (but those of small same-shaped layers, computed together; see *Host cost* below). There is no second backward and no loop over samples. Per layer and parameter the
     cheaper of two exact methods is used: *ghost* (inner products of activations and of output
     gradients, cost ∝ B²·T²·(d_in + d_out) for T positions) or *materialised* (that layer's
     per-sample gradients, then their Gram, cost ∝ B·T·d_in·d_out + B²·d_in·d_out).
@@ -148,8 +157,8 @@ class GramCollector:
     accumulated micro-batches; activation checkpointing, which re-runs forwards inside the
     backward, is not supported).
 
-    Trainable set: the parameters that enter G are re-read at each module's first captured forward
-    after :meth:`reset`: one with ``requires_grad=False`` then (frozen by the user) is left out and
+    Trainable set: the parameters that enter G are re-read at the first captured forward after
+    :meth:`reset`: one with ``requires_grad=False`` then (frozen by the user) is left out and
     never touched; one unfrozen later enters G. A parameter registered in several captured modules
     (tied weights, e.g. an embedding and an output Linear) is measured exactly: its per-sample
     gradients are materialised per module and added (cross terms included), and its block appears
@@ -182,6 +191,13 @@ class GramCollector:
     way to its per-sample gradients (:meth:`ConvFactor.per_sample_method
     <lightning_tricks.gradients.gram.factors.ConvFactor.per_sample_method>`). G is that of the loss
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
+
+    Host cost (where a GPU's step waits for Python): hooks are registered once and put in and out
+    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); the method
+    of each parameter is planned at its first collection; normalisation layers and materialised
+    convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
+    operands until G is read, when the layers of one shape get their blocks from one batched
+    computation (larger layers are computed in the backward, so no large activation is held).
 
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
@@ -282,21 +298,18 @@ class GramCollector:
         for layer in self._layers:
             layer.everything = [*layer.candidates.values(), *layer.shared.values()]
         self._unmeasured = _frozen_unmeasured(model, candidates, modules, self._owners)
-        self._handles: list[RemovableHandle] = []
-        self._leaf_handles: dict[int, RemovableHandle] = {}  # by id(parameter): no Tensor.__hash__ calls
-        weakref.finalize(self, _remove_handles, self._handles, self._leaf_handles)  # collected while attached
-        self._module_hooks = [  # made once: attaching at every measured step only registers them
-            (_WeakHook(self._before_forward, layer), _WeakHook(self._after_forward, layer))
-            for layer in self._layers
-        ]
-        self._param_hooks: dict[int, _WeakHook] = {}
+        self._plugs = _Plugs()
+        weakref.finalize(self, self._plugs.remove)  # a collector collected while attached
         self._unhooked = False
         for layer in self._layers:
             layer.backprop_hook = _WeakHook(self._on_backprop, layer)
+        self._params = list({id(p): p for layer in self._layers for p in layer.everything}.values())
+        self._flags: list[bool] = []  # requires_grad of _params at the last collection's first forward
         self._enabled = True
         self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
+        self._grouped: dict[tuple, list[tuple[str, GradFactor]]] = {}  # block parts computed when read
         self._missed: set[str] = set()
         self._hidden: dict[int, nn.Parameter] = {}  # weights hidden for a fused call, by id
         self._visible: set[int] = set()  # ids of parameters recorded by a captured call
@@ -311,16 +324,18 @@ class GramCollector:
     # -- public API ------------------------------------------------------------------------
 
     def attach(self) -> GramCollector:
-        """Register the hooks (idempotent). Capture happens while :attr:`enabled`."""
-        if self._handles:
+        """Register the hooks (idempotent). Capture happens while :attr:`enabled`.
+
+        The hooks are registered through torch's API at the first attach; :meth:`detach` takes them
+        out of torch's hook dicts and a later attach puts them back (dict operations, no Python
+        call per hook), so attaching for one measured step costs what one function call costs."""
+        if self._plugs.attached:
             return self
         self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
         self._unhooked = False
-        for layer, (before, after) in zip(self._layers, self._module_hooks):
-            module = layer.module
-            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
-            self._hook_leaves(layer.everything)
+        if not self._plugs.plug_modules():
+            self._register_module_hooks()
+        self._hook_leaves(self._params)
         return self
 
     def detach(self) -> None:
@@ -331,19 +346,29 @@ class GramCollector:
             self._restore_requires_grad()
         finally:
             self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
-            _remove_handles(self._handles, self._leaf_handles)
+            self._plugs.unplug()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model (between :meth:`attach` and :meth:`detach`)."""
+        return self._plugs.attached
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
         self._restore_requires_grad()
-        for layer in self._layers:
-            layer.clear()
+        for layer in self._layers:  # layer.clear(), inline (one Python call per reset, not per layer)
+            layer.pending = layer.calls = 0
+            layer.hidden = ()
+            layer.activated = False
+            layer.factors.clear()
+            layer.methods.clear()
         self._batch_size = None
         self._blocks = {}
         self._missed.clear()
         self._visible.clear()
         self._consumers.clear()
         self._shared_grads.clear()
+        self._grouped.clear()
 
     @property
     def enabled(self) -> bool:
@@ -364,7 +389,9 @@ class GramCollector:
     @property
     def captured(self) -> bool:
         """Whether a backward delivered at least one layer's output gradient since :meth:`reset`."""
-        return bool(self._blocks or self._shared_grads) or any(layer.factors for layer in self._layers)
+        if self._blocks or self._shared_grads or self._grouped:
+            return True
+        return any(layer.factors for layer in self._layers)
 
     @property
     def methods(self) -> dict[str, str]:
@@ -405,7 +432,7 @@ class GramCollector:
         if per_layer:
             return {name: block.to(torch.float64) * scale for name, block in blocks.items()}
         dtype = functools.reduce(torch.promote_types, {block.dtype for block in blocks.values()})
-        stacked = torch.stack([cast(block, dtype) for block in blocks.values()])
+        stacked = torch.stack([b if b.dtype == dtype else b.to(dtype) for b in blocks.values()])
         return cast(stacked, torch.float64).sum(0) * scale
 
     def check_outside_use(self, loss: Tensor) -> None:
@@ -486,7 +513,7 @@ class GramCollector:
         if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return
         if not layer.activated:
-            self._activate(layer)
+            self._activate_all(layer)
         if not (self._fuse and layer.fusable):
             return
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
@@ -533,8 +560,11 @@ class GramCollector:
             self._record_consumers(layer, hidden, output, args, kwargs)
         if inputs.shape[:1] == (0,):  # an empty batch: nothing to measure
             return None
-        if layer.default_capture and inputs.dim() > 0:
-            batch_size, activations = inputs.shape[0], inputs
+        if layer.leading_batch and inputs.dim() > 0:
+            batch_size = inputs.shape[0]
+            activations = (
+                inputs if layer.default_capture else layer.rule.capture(module, args, kwargs, output)
+            )
         else:
             batch_size = layer.rule.batch_size(module, args, kwargs)
             activations = layer.rule.capture(module, args, kwargs, output)
@@ -569,32 +599,22 @@ class GramCollector:
                 f"the input of module {layer.name!r} was modified in place after its forward; "
                 "GramCollector needs it unchanged until the backward (avoid in-place ops on it)"
             )
-        if torch.is_grad_enabled():  # a backward with create_graph=True
+        if torch.is_grad_enabled():  # a backward with create_graph=True: again, without grad mode
             with torch.no_grad():
-                self._add_call(layer, activations, fused, backprops)
-        else:
-            self._add_call(layer, activations, fused, backprops)
-
-    def _add_call(
-        self,
-        layer: _Layer,
-        activations: Any,
-        fused: tuple[str, ...],
-        backprops: Tensor | tuple[Tensor | None, ...],
-    ) -> None:
-        """:meth:`_on_backprop` without grad mode."""
+                return self._on_backprop(layer, activations, inputs, version, fused, backprops)
         factors = layer.rule.factorize(layer.module, activations, backprops)
         if layer.active_shared:
             self._add_shared(layer, factors)
         layer.pending -= 1
         if not layer.params:
-            return
+            return None
         layer.factors.append(factors)
         several_calls = layer.pending > 0 or len(layer.factors) > 1
         if several_calls and fused:
             self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
         if layer.pending == 0:
             self._finish_layer(layer, fused=() if several_calls else fused)
+        return None
 
     def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
         """A parameter got a gradient although none of its captured forwards recorded it (it was
@@ -603,6 +623,21 @@ class GramCollector:
             self._missed.add(_param_name(*self._owners[param][0]))
 
     # -- trainable set, tied weights, outside use ---------------------------------------------
+
+    def _activate_all(self, layer: _Layer) -> None:
+        """At a collection's first captured forward (``layer``'s), the flags of all candidates in
+        one pass: the same as at the last collection (the usual case), every layer keeps its
+        trainable set without a call per layer; else every layer derives its own
+        (:meth:`_activate`)."""
+        hidden = self._hidden
+        flags = [id(p) in hidden or p.requires_grad for p in self._params]
+        unchanged = flags == self._flags and not self._unhooked
+        self._flags = flags
+        for other in self._layers:
+            if unchanged:
+                other.activated = True
+            else:
+                self._activate(other)
 
     def _activate(self, layer: _Layer) -> None:
         """The layer's parameters that require grad now (the user's flags) enter this collection
@@ -623,22 +658,33 @@ class GramCollector:
             layer.unfused_ids = [id(p) for n, p in layer.params.items() if n not in layer.fused_names]
             layer.unfused_ids += map(id, layer.shared_params)
         if self._unhooked:  # some parameter was frozen at attach
-            unhooked = [p for p, flag in zip(everything, flags) if flag and id(p) not in self._leaf_handles]
+            unhooked = [p for p, flag in zip(everything, flags) if flag and not self._plugs.plugged(id(p))]
             if unhooked:
                 self._hook_leaves(unhooked)
 
+    def _register_module_hooks(self) -> None:
+        """Each layer's forward pre-hook and forward hook, through torch's API; they reach the
+        collector through a weak proxy (one Python frame per call), so the model never keeps it
+        alive, and they are removed when it is collected."""
+        owner = weakref.proxy(self)
+        before, after = type(self)._before_forward, type(self)._after_forward
+        handles = []
+        for layer in self._layers:
+            module = layer.module
+            handles.append(module.register_forward_pre_hook(partial(before, owner, layer), with_kwargs=True))
+            handles.append(
+                module.register_forward_hook(partial(after, owner, layer), with_kwargs=True, always_call=True)
+            )
+        self._plugs.add_modules(handles)
+
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
-        """A hook (once) on each parameter that requires grad, spotting gradients from outside;
-        :attr:`_unhooked` says whether one was left out (frozen)."""
-        for param in params:
-            key = id(param)
-            if not param.requires_grad:
-                self._unhooked = True
-            elif key not in self._leaf_handles:
-                hook = self._param_hooks.get(key)
-                if hook is None:
-                    hook = self._param_hooks[key] = _WeakHook(self._on_param_grad, param)
-                self._leaf_handles[key] = param.register_hook(hook)
+        """A hook (registered once, then plugged back) on each parameter that requires grad,
+        spotting gradients from outside; :attr:`_unhooked` says whether one was left out (frozen)."""
+        missing, frozen = self._plugs.plug_leaves(params)
+        self._unhooked = self._unhooked or frozen
+        for param in missing:
+            hook = partial(type(self)._on_param_grad, weakref.proxy(self), param)
+            self._plugs.add_leaf(id(param), param.register_hook(hook))
 
     def _show(self, param: nn.Parameter) -> None:
         """Give a hidden weight back the ``requires_grad`` its user had (``True``)."""
@@ -706,10 +752,12 @@ class GramCollector:
         """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
         ``fused`` weights with autograd's own kernels (bit-identical to a plain backward). The
         materialised parameters of a layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+        calls = layer.factors
+        if len(calls) == 1 and not fused and self._grouped_layer(layer, calls[0]):
+            return
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
         fused_grads: dict[str, Tensor] = {}
-        calls = layer.factors
         for name in layer.params:
             factor = calls[0][name] if len(calls) == 1 else concat_factors([call[name] for call in calls])
             if name in fused:
@@ -719,9 +767,11 @@ class GramCollector:
                 grads = factor.grads
                 per_sample.append(grads if grads.dim() == 2 else grads.reshape(grads.shape[0], -1))
                 continue
-            method = _choose_method(factor, self.method)
+            method = self._planned_method(layer, name, factor)
             layer.methods[name] = method
-            if method == "ghost":
+            if type(factor) is ConvFactor and _groupable_conv(factor):
+                self._grouped.setdefault((method, *_conv_group_key(factor)), []).append((layer.name, factor))
+            elif method == "ghost":
                 blocks.append(factor.ghost_gram())
             else:
                 per_sample.append(_rows(factor))
@@ -736,9 +786,76 @@ class GramCollector:
         calls.clear()
         if fused_grads:
             self._write_fused_grads(layer, fused_grads)
-        self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
+        if blocks:  # else every part of the block waits in a group
+            self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
         if self._hidden:
             self._restore_layer(layer)
+
+    def _planned_method(self, layer: _Layer, name: str, factor: GradFactor) -> str:
+        """:func:`_choose_method`, decided at the parameter's first collection and reused while
+        its factor's type and operand shapes (which the costs depend on) stay the same."""
+        shaped = (
+            type(factor) in _SHAPED_FACTORS
+            and isinstance(factor[0], Tensor)
+            and isinstance(factor[1], Tensor)
+        )
+        key = (type(factor), factor[0].shape, factor[1].shape) if shaped else None  # what the costs depend on
+        planned = layer.plan.get(name)
+        if key is not None and planned is not None and planned[0] == key:
+            return planned[1]
+        method = _choose_method(factor, self.method)
+        layer.plan[name] = (key, method)
+        return method
+
+    def _grouped_layer(self, layer: _Layer, factors: dict[str, GradFactor]) -> bool:
+        """A normalisation layer whose factor covers all its active parameters: its block waits,
+        with those of the layers of the same shape, for one batched computation when G is read
+        (:meth:`_flush_groups`); a layer above ``GROUP_MAX_ENTRIES`` gets its block now. ``False``
+        for any other layer."""
+        factor = next(iter(factors.values()))
+        if type(factor) is not ChannelAffineFactor or factor.names != tuple(layer.params):
+            return False
+        layer.factors.clear()
+        for name in factor.names:
+            layer.methods[name] = "materialize"
+        inputs = factor.inputs
+        if inputs.numel() > GROUP_MAX_ENTRIES:
+            self._blocks[layer.name] = _gram(factor.rows())
+        else:
+            key = (
+                ChannelAffineFactor,
+                inputs.shape,
+                inputs.dtype,
+                inputs.device,
+                factor.mean.shape,
+                factor.names,
+            )
+            self._grouped.setdefault(key, []).append((layer.name, factor))
+        if self._hidden:
+            self._restore_layer(layer)
+        return True
+
+    def _flush_groups(self) -> None:
+        """The block parts that wait in groups of one shape (the factor's ``grams``: one batched
+        computation per group), added to their layers' blocks."""
+        if self._grouped:
+            with torch.no_grad():
+                self._flush_grouped()
+
+    def _flush_grouped(self) -> None:
+        blocks = self._blocks
+        for key, group in self._grouped.items():
+            first = group[0][1]
+            ghost = key[0] == "ghost"  # a convolution's method (a normalisation layer's key: its type)
+            if len(group) == 1:
+                parts = [first.ghost_gram() if ghost else _gram(_rows(first))]
+            elif ghost:
+                parts = ConvFactor.grams([factor for _, factor in group], ghost=True).unbind(0)
+            else:
+                parts = type(first).grams([factor for _, factor in group]).unbind(0)
+            for (name, _), part in zip(group, parts):
+                blocks[name] = part if name not in blocks else blocks[name] + part
+        self._grouped.clear()
 
     def _finish_pending(self) -> None:
         """Layers with a call whose output got no gradient: finish with the calls that did."""
@@ -746,6 +863,7 @@ class GramCollector:
             if layer.factors:
                 layer.pending = 0
                 self._finish_layer(layer, fused=())
+        self._flush_groups()
         self._finish_shared()
         self._restore_requires_grad()
 
@@ -754,7 +872,7 @@ class GramCollector:
         """param.grad += Σ_i g_i (a new tensor where ``.grad`` is None), in the parameter's dtype."""
         for name, grad in grads.items():
             param = layer.params[name]
-            grad = cast(grad, param.dtype)
+            grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
             if param.grad is None:
                 param.grad = grad.contiguous()
             else:
@@ -796,16 +914,121 @@ class _WeakHook:
         return None if owner is None else self._function(owner, *self._args, *hook_args)
 
 
-def _remove_handles(
-    handles: list[RemovableHandle], leaf_handles: dict[nn.Parameter, RemovableHandle]
-) -> None:
-    """Remove and forget every hook (at :meth:`GramCollector.detach`, or when the collector is
-    collected while attached)."""
-    removed = [*handles, *leaf_handles.values()]
-    handles.clear()
-    leaf_handles.clear()
-    for handle in removed:
-        handle.remove()
+class _Plugs:
+    """The collector's hooks, registered once through torch's API and then taken out of torch's
+    hook dicts (``detach``) and put back (``attach``) by dict operations on the dicts their
+    handles refer to: no Python call per hook. A hook whose dict is gone (replaced by someone) is
+    registered again. :meth:`remove` removes every hook through its handle (the collector is
+    collected)."""
+
+    def __init__(self) -> None:
+        self.attached = False
+        self._modules: list[tuple[RemovableHandle, Any, tuple]] = []
+        self._leaves: dict[int, tuple[RemovableHandle, Any, tuple]] = {}  # by id(parameter)
+        self._plugged_leaves: list[tuple[RemovableHandle, Any, tuple]] = []
+        self._plugged_ids: set[int] = set()
+
+    def add_modules(self, handles: list[RemovableHandle]) -> None:
+        """Plugs for freshly registered (plugged) module hooks."""
+        self._remove(self._modules)
+        self._modules = [_plug_of(handle) for handle in handles]
+        self.attached = True
+
+    def plug_modules(self) -> bool:
+        """Put the module hooks back; ``False`` if there are none yet or a dict is gone."""
+        if not self._modules or not _plug_all(self._modules):
+            return False
+        self.attached = True
+        return True
+
+    def add_leaf(self, key: int, handle: RemovableHandle) -> None:
+        self._leaves[key] = plug = _plug_of(handle)
+        self._plugged_leaves.append(plug)
+        self._plugged_ids.add(key)
+        self.attached = True
+
+    def plug_leaves(self, params: list[nn.Parameter]) -> tuple[list[nn.Parameter], bool]:
+        """Put back the hooks of the parameters that require grad (one loop of dict operations);
+        return those that have none yet (or whose dict is gone), and whether one was frozen."""
+        missing: list[nn.Parameter] = []
+        frozen = False
+        plugged, plugged_ids, leaves = self._plugged_leaves, self._plugged_ids, self._leaves
+        for param in params:
+            key = id(param)
+            if not param.requires_grad:
+                frozen = True
+                continue
+            if key in plugged_ids:
+                continue
+            plug = leaves.get(key)
+            hooks = None if plug is None else plug[0].hooks_dict_ref()
+            if hooks is None:
+                missing.append(param)
+                continue
+            hooks[plug[0].id] = plug[1]
+            plugged.append(plug)
+            plugged_ids.add(key)
+        if params:
+            self.attached = True
+        return missing, frozen
+
+    def plugged(self, key: int) -> bool:
+        return key in self._plugged_ids
+
+    def unplug(self) -> None:
+        """Take every hook out of torch's dicts (they stay registered here)."""
+        self.attached = False
+        _unplug_all(self._modules)
+        _unplug_all(self._plugged_leaves)
+        self._plugged_leaves = []
+        self._plugged_ids.clear()
+
+    def remove(self) -> None:
+        """Remove every hook through its handle, for good."""
+        self.unplug()
+        self._remove(self._modules)
+        self._remove(self._leaves.values())
+        self._modules, self._leaves = [], {}
+
+    @staticmethod
+    def _remove(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
+        for handle, _, _ in plugs:
+            handle.remove()
+
+
+def _plug_of(handle: RemovableHandle) -> tuple[RemovableHandle, Any, tuple]:
+    """(handle, hook, the flag dicts holding its id: with_kwargs, always_call) of a registered hook."""
+    key = handle.id
+    hooks = handle.hooks_dict_ref()
+    flags = tuple(ref for ref in handle.extra_dict_ref if key in (ref() or ()))
+    return handle, hooks[key], flags
+
+
+def _plug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> bool:
+    """Put the hooks back into their dicts (with their flags); ``False`` if a dict is gone."""
+    for handle, hook, flags in plugs:
+        hooks = handle.hooks_dict_ref()
+        if hooks is None:
+            return False
+        key = handle.id
+        hooks[key] = hook
+        for ref in flags:
+            flag_dict = ref()
+            if flag_dict is not None:
+                flag_dict[key] = True
+    return True
+
+
+def _unplug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
+    for handle, _, flags in plugs:
+        key = handle.id
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None:
+            hooks.pop(key, None)
+        for ref in flags:
+            flag_dict = ref()
+            if flag_dict is not None:
+                flag_dict.pop(key, None)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -880,6 +1103,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _groupable_conv(factor: ConvFactor) -> bool:
+    """A convolution whose per-sample gradients may wait for those of the same-shaped ones: small
+    operands (at most ``GROUP_MAX_ENTRIES`` entries each)."""
+    return factor.inputs.numel() <= GROUP_MAX_ENTRIES and factor.backprops.numel() <= GROUP_MAX_ENTRIES
+
+
+def _conv_group_key(factor: ConvFactor) -> tuple:
+    """What convolutions computed together must share: operand shapes, dtypes, device, geometry."""
+    layer, inputs = factor.layer, factor.inputs
+    return (
+        ConvFactor, type(layer), inputs.shape, factor.backprops.shape, inputs.dtype, factor.backprops.dtype,
+        factor.dtype, inputs.device, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+        layer.groups, layer.padding_mode, layer.transposed,
+    )  # fmt: skip
+
+
+_SHAPED_FACTORS = (OuterFactor, ConvFactor, EmbeddingFactor)
+"""Factors whose method costs depend on nothing but their type, their layer and the shapes of their
+first two fields (tensors)."""
+
+
 def _choose_method(factor: GradFactor, method: str) -> str:
     """The forced method where the factor has it, else the one with fewer multiply-adds."""
     if not hasattr(factor, "ghost_gram"):
@@ -889,6 +1133,12 @@ def _choose_method(factor: GradFactor, method: str) -> str:
     costs = factor.costs()
     return "ghost" if costs.ghost < costs.materialize else "materialize"
 
+
+GROUP_MAX_ENTRIES = 2**16
+"""Normalisation layers and materialised convolutions whose operands have at most this many
+entries (small maps and batches: a host-bound step) have their blocks computed when G is read,
+together with the layers of the same shape (one batched computation); larger ones at their
+backward, so no large activation is held longer."""
 
 SYMMETRIC_MIN_BATCH = 64
 

@@ -86,6 +86,15 @@ class OuterFactor(NamedTuple):
         output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
         return (input_products * output_products).sum(dim=(2, 3, 4))
 
+    def ghost_grams(self, count: int) -> Tensor:
+        """:meth:`ghost_gram` of each of ``count`` layers whose samples are stacked in the batch
+        dimension (n·B, K, p, T): the diagonal (B, B) blocks only, (n, B, B)."""
+        activations = self.activations.reshape(count, -1, *self.activations.shape[1:])
+        backprops = self.backprops.reshape(count, -1, *self.backprops.shape[1:])
+        input_products = torch.einsum("nbkpt,nckps->nbckts", activations, activations)
+        output_products = torch.einsum("nbkqt,nckqs->nbckts", backprops, backprops)
+        return (input_products * output_products).sum(dim=(3, 4, 5))
+
     def per_sample(self) -> Tensor:
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
         grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
@@ -279,6 +288,28 @@ class ConvFactor(NamedTuple):
         )
 
     @staticmethod
+    def grams(factors: Sequence[ConvFactor], ghost: bool = False) -> Tensor:
+        """The blocks G_l, (n, B, B), of n convolutions with the same geometry, operand shapes and
+        dtypes, from one computation on the n·B samples stacked (each sample's g_i depends on its
+        own operands only, seed 004 eq. 6): materialised, R_l R_lᵀ by one batched product of their
+        per-sample gradients R_l; ``ghost``, :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
+        first = factors[0]
+        count, batch = len(factors), first.inputs.shape[0]
+        joined = ConvFactor(
+            torch.cat([f.inputs for f in factors]),
+            torch.cat([f.backprops for f in factors]),
+            first.layer,
+            first.dtype,
+        )
+        if ghost:
+            return joined.as_outer().ghost_grams(count)
+        rows = joined.rows()
+        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: back to per-sample order
+            rows = rows.transpose(0, 1)
+        rows = rows.reshape(count, batch, -1)
+        return torch.bmm(rows, rows.transpose(1, 2))
+
+    @staticmethod
     def concat(factors: Sequence[ConvFactor]) -> OuterFactor:
         """Several calls (possibly of different sizes) add their gradients: join unfolded positions."""
         return OuterFactor.concat([f.as_outer() for f in factors])
@@ -439,7 +470,106 @@ class PerSampleFactor(NamedTuple):
         return PerSampleFactor(torch.stack([f.grads for f in factors]).sum(0))
 
 
-GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor]
+class ChannelAffineFactor(NamedTuple):
+    """γ and β of y = γ_c·(x − μ)·r + β_c per channel c (normalisation layers), kept as the layer's
+    input and output gradient until read: g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct}
+    (seed 004 eq. 6).
+
+    ``inputs`` and ``backprops`` (B, C, *S) in the compute dtype, μ = ``mean`` and r = 1/√(σ² + ε)
+    = ``rstd`` of shape (C,) or (B, C); ``names`` the affine parameters present (``"weight"`` for
+    γ, ``"bias"`` for β, in that order), ``part`` the one this factor describes (the layer's
+    factors differ in ``part`` only). Both reductions run in one pass of the batch-norm backward
+    kernel with the batch folded into the channels, so that each (sample, channel) is reduced on
+    its own; several layers of one shape in one pass (:meth:`grams`).
+    """
+
+    inputs: Tensor
+    backprops: Tensor
+    mean: Tensor
+    rstd: Tensor
+    names: tuple[str, ...]
+    part: str
+
+    def per_sample(self) -> Tensor:
+        """g_i of ``part``, shape (B, C)."""
+        batch, channels = self.inputs.shape[:2]
+        grads = _affine_grads((self,), [self.part == name for name in ("weight", "bias")])
+        return grads.reshape(batch, channels)
+
+    def rows(self) -> Tensor:
+        """[g_i(γ), g_i(β)] of the layer, interleaved per channel, (B, C·len(names)): the rows
+        whose Gram is the layer's block (the order of entries does not change it)."""
+        wanted = [name in self.names for name in ("weight", "bias")]
+        return _affine_grads((self,), wanted).view(self.inputs.shape[0], -1)
+
+    def batch_gradient(self) -> Tensor:
+        return self.per_sample().sum(0)
+
+    @staticmethod
+    def grams(factors: Sequence[ChannelAffineFactor]) -> Tensor:
+        """The layers' blocks G_l = R_l R_lᵀ, (n, B, B), for n factors of one shape, dtype and
+        ``names``: one batch-norm backward and one batched product for all of them."""
+        rows = _affine_rows(factors)
+        return torch.bmm(rows, rows.transpose(1, 2))
+
+    @staticmethod
+    def concat(factors: Sequence[ChannelAffineFactor]) -> PerSampleFactor:
+        """Several calls of one layer add their gradients."""
+        return PerSampleFactor(torch.stack([f.per_sample() for f in factors]).sum(0))
+
+
+def _affine_rows(factors: Sequence[ChannelAffineFactor]) -> Tensor:
+    """(n, B, C·len(names)): per layer and sample, g(γ) and g(β) interleaved per channel."""
+    first = factors[0]
+    batch, channels = first.inputs.shape[:2]
+    wanted = [name in first.names for name in ("weight", "bias")]
+    grads = _affine_grads(factors, wanted)
+    return grads.view(len(factors), batch, channels * len(first.names))
+
+
+def _affine_grads(factors: Sequence[ChannelAffineFactor], wanted: list[bool]) -> Tensor:
+    """The wanted reductions of the factors' (sample, channel) pairs, stacked last, (n·B·C, k) (one
+    wanted: (n·B·C,)), from one ``native_batch_norm_backward`` on the folded batch. The kernel's
+    weight only scales the input gradient, which is not asked for; CUDA's kernel needs one all the
+    same."""
+    first = factors[0]
+    batch, channels = first.inputs.shape[:2]
+    folded = len(factors) * batch * channels
+    if len(factors) == 1:
+        inputs, backprops, mean, rstd = first.inputs, first.backprops, first.mean, first.rstd
+        if mean.dim() == 1:
+            mean, rstd = mean.expand(batch, channels), rstd.expand(batch, channels)
+    else:
+        inputs = torch.stack([f.inputs for f in factors])
+        backprops = torch.stack([f.backprops for f in factors])
+        mean = _stacked_stats([f.mean for f in factors], batch)
+        rstd = _stacked_stats([f.rstd for f in factors], batch)
+    folded_rstd = rstd.reshape(-1)
+    _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
+        backprops.reshape(1, folded, -1),
+        inputs.reshape(1, folded, -1),
+        folded_rstd.new_ones(folded),
+        None,
+        None,
+        mean.reshape(-1),
+        folded_rstd,
+        True,
+        0.0,
+        [False, *wanted],
+    )
+    grads = [g for g, w in zip((weight_grads, bias_grads), wanted) if w]
+    return grads[0] if len(grads) == 1 else torch.stack(grads, dim=-1)
+
+
+def _stacked_stats(stats: list[Tensor], batch: int) -> Tensor:
+    """Per-layer statistics of shape (C,) or (B, C), as (n, B, C)."""
+    if stats[0].dim() == 1:
+        stacked = torch.stack(stats)
+        return stacked[:, None].expand(len(stats), batch, stacked.shape[1])
+    return torch.stack(stats)
+
+
+GradFactor = Union[OuterFactor, ConvFactor, EmbeddingFactor, PerSampleFactor, ChannelAffineFactor]
 
 
 def concat_factors(factors: Sequence[GradFactor]) -> GradFactor:

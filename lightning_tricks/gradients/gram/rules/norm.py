@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..factors import GradFactor, PerSampleFactor, cast, compute_dtype
+from ..factors import ChannelAffineFactor, GradFactor, PerSampleFactor, cast, compute_dtype
 from ..registry import first_tensor, register_gram_rule
 
 
@@ -19,35 +19,13 @@ def _channel_affine_factors(
     layer: nn.Module, inputs: Tensor, backprops: Tensor, mean: Tensor, rstd: Tensor
 ) -> dict[str, GradFactor]:
     """y = γ_c·(x − μ)·r + β_c per channel c, inputs and backprops (B, C, *S), μ and r = 1/√(σ² + ε)
-    of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004 eq. 6).
-
-    Both reductions run in one pass of the batch-norm backward kernel, with the batch folded into
-    the channels so that each (sample, channel) is reduced on its own. The kernel's weight only
-    scales the input gradient, which is not asked for; CUDA's kernel needs one all the same.
-    """
-    batch, channels = inputs.shape[:2]
-    folded = batch * channels
-    folded_mean = mean.expand(batch, channels).reshape(-1)
-    folded_rstd = rstd.expand(batch, channels).reshape(-1)
+    of shape (C,) or (B, C): g_i(γ)[c] = r·Σ_t δ_{ct}(x_{ct} − μ), g_i(β)[c] = Σ_t δ_{ct} (seed 004
+    eq. 6), computed when read (:class:`~..factors.ChannelAffineFactor`: same-shaped layers together)."""
     has_weight, has_bias = layer.weight is not None, layer.bias is not None
-    _, weight_grads, bias_grads = torch.ops.aten.native_batch_norm_backward(
-        backprops.reshape(1, folded, -1),
-        inputs.reshape(1, folded, -1),
-        folded_rstd.new_ones(folded),
-        None,
-        None,
-        folded_mean,
-        folded_rstd,
-        True,
-        0.0,
-        [False, has_weight, has_bias],
+    names = (
+        ("weight", "bias") if has_weight and has_bias else ("weight",) if has_weight else ("bias",)[:has_bias]
     )
-    factors: dict[str, GradFactor] = {}
-    if has_weight:
-        factors["weight"] = PerSampleFactor(weight_grads.reshape(batch, channels))
-    if has_bias:
-        factors["bias"] = PerSampleFactor(bias_grads.reshape(batch, channels))
-    return factors
+    return {name: ChannelAffineFactor(inputs, backprops, mean, rstd, names, name) for name in names}
 
 
 def _running_stats(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -79,11 +57,12 @@ def batch_norm_capture(
 ) -> Tensor | NormalizedInput:
     """Keep the batch statistics autograd saved for the backward (``save_mean``, ``save_invstd``),
     so the rule needs no second pass over the input; the bare input where they are not exposed."""
-    inputs = first_tensor(args, kwargs)
+    inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
     node = output.grad_fn
     mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
     channels = (inputs.shape[1],)
-    if _uses_batch_stats(layer) and all(isinstance(t, Tensor) and t.shape == channels for t in (mean, rstd)):
+    saved = isinstance(mean, Tensor) and isinstance(rstd, Tensor) and mean.shape == channels == rstd.shape
+    if saved and (layer.training or layer.running_mean is None):  # batch statistics (_uses_batch_stats)
         return NormalizedInput(inputs, mean, rstd)
     return inputs
 
@@ -114,7 +93,8 @@ def batch_norm_factors(
     raw = activations.inputs if isinstance(activations, NormalizedInput) else activations
     dtype = compute_dtype(raw, backprops)
     inputs, mean, rstd = _batch_norm_statistics(layer, activations, dtype)
-    return _channel_affine_factors(layer, inputs, cast(backprops, dtype), mean, rstd)
+    backprops = backprops if backprops.dtype == dtype else backprops.to(dtype)
+    return _channel_affine_factors(layer, inputs, backprops, mean, rstd)
 
 
 @register_gram_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
