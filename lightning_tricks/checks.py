@@ -106,6 +106,14 @@ def integers(
     return tuple(integer(f"{name}[{i}]", value, minimum=minimum) for i, value in enumerate(values))
 
 
+def strings(name: str, values: Any, what: str = "names") -> tuple[str, ...]:
+    """A list or tuple of strings (not one string), as a tuple."""
+    values = sequence(name, values, what=f"a list of {what}")
+    if not all(isinstance(value, str) for value in values):
+        raise _fail(TypeError, name, f"a list of {what} (str)", values)
+    return values
+
+
 def callable_with(name: str, value: Any, arguments: int, signature_text: str, allow_none: bool = True) -> Any:
     """A callable that can be called with ``arguments`` positional arguments (``signature_text``
     shows how, e.g. ``"loss_fn(module, batch) -> scalar mean loss"``); ``None`` where allowed.

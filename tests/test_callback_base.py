@@ -285,3 +285,18 @@ def test_a_knob_without_a_repr_of_its_own_is_stored_by_its_class_not_its_address
         pass
 
     assert _plain(Policy()) == _plain(Policy()) == f"{__name__}.{Policy.__qualname__}"
+
+
+def test_a_table_of_an_earlier_version_gets_the_new_columns_on_resume(tmp_path):
+    """FisherSpectrum's history gained columns (the gradient tests): a run resumed into a folder
+    whose table has the old header continues it with the new header, old rows padded."""
+    from lightning_tricks.callbacks._base import TrickCallback
+
+    callback = TrickCallback()
+    callback._run_dir = str(tmp_path)
+    (tmp_path / "t.csv").write_text("step,a\n0,1.0\n1,2.0\n")
+    callback.write_table("t.csv", ("step", "a", "b"), [{"step": 1, "a": 2.5, "b": 3.0}], append=True)
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["step,a,b", "0,1.0,", "1,2.5,3.0"]
+    callback._continued_tables.clear()
+    with pytest.raises(ValueError, match=r"t\.csv has the columns \['step', 'a', 'b'\], not \['x'\]"):
+        callback.write_table("t.csv", ("x",), [{"x": 4}], append=True)

@@ -84,11 +84,17 @@ class SmallNet(L.LightningModule):
 
 
 def reference_gram(
-    state: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor], loss_fn=single_forward_loss
+    state: dict[str, torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_fn=single_forward_loss,
+    frozen: tuple[str, ...] = (),
 ) -> np.ndarray:
-    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64; helpers.py)."""
+    """F̃ = JᵀJ with J's columns from a per-sample loop of torch.autograd.grad (float64; helpers.py),
+    over the parameters whose names do not start with one of ``frozen``."""
     net = SmallNet().net
     net.load_state_dict(state)
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(not name.startswith(frozen))
     x, y = batch
     return helpers.reference_gram(net, lambda i: loss_fn(net, x[i : i + 1], y[i : i + 1]), len(x)).numpy()
 
@@ -102,13 +108,30 @@ def reference_statistics(gram: np.ndarray, lr: float) -> dict[str, float]:
     # unbiased tr Σ and |G|² (McCandlish et al. 2018, appendix A); B_simple = +inf where |G|² ≤ 0
     trace_sigma = (trace - gram.sum() / batch) / (batch - 1) if batch > 1 else math.nan
     grad_sq = (gram.sum() - trace) / (batch * (batch - 1)) if batch > 1 else math.nan
+    tests = reference_gradient_tests(gram) if batch > 1 else {}
     return {
+        **tests,
         "c_k": math.sqrt(nonzero.max() / nonzero.min()),
         "trace": trace,
         "lambda_max": float(eigenvalues.max()),
         "rank": float(len(nonzero)),
         "l_k": lr / batch * math.sqrt(trace),
         "noise_scale": trace_sigma / grad_sq if grad_sq > 0 else (math.inf if trace_sigma > 0 else math.nan),
+    }
+
+
+def reference_gradient_tests(gram: np.ndarray) -> dict[str, float]:
+    """The three gradient tests by their definitions, from F̃_ij = g_iᵀg_j alone: with ḡ the batch
+    mean, ‖g_i − ḡ‖² = F̃_ii − 2 g_iᵀḡ + ‖ḡ‖², g_iᵀḡ = (F̃1)_i / B, ‖ḡ‖² = 1ᵀF̃1 / B²."""
+    batch = gram.shape[0]
+    mean_sq = gram.sum() / batch**2
+    projections = gram.sum(axis=1) / batch
+    deviations = np.diag(gram) - 2 * projections + mean_sq  # ‖g_i − ḡ‖²
+    orthogonal = np.diag(gram) - projections**2 / mean_sq  # ‖g_i − (g_iᵀḡ/‖ḡ‖²) ḡ‖²
+    return {
+        "norm_test": math.sqrt(deviations.sum() / (batch - 1) / (batch * mean_sq)),
+        "inner_test": math.sqrt(np.var(projections, ddof=1) / (batch * mean_sq**2)),
+        "ortho_test": math.sqrt(orthogonal.sum() / (batch - 1) / (batch * mean_sq)),
     }
 
 
@@ -157,8 +180,11 @@ def test_history_matches_brute_force_reference(tmp_path, batch_size):
             assert record["c_k"] == pytest.approx(expected["c_k"], rel=1e-6)
             assert record["rank"] == expected["rank"]
             assert record["noise_scale"] == pytest.approx(expected["noise_scale"], rel=1e-8)
+            for key in ("norm_test", "inner_test", "ortho_test"):
+                assert record[key] == pytest.approx(expected[key], rel=1e-8), key
         else:
             assert record["c_k"] == pytest.approx(1.0) and math.isnan(record["noise_scale"])
+            assert all(math.isnan(record[key]) for key in ("norm_test", "inner_test", "ortho_test"))
     conditions = [h["c_k"] for h in fisher.history]
     assert fisher.C_bar == pytest.approx(np.mean(conditions), rel=1e-12)
     assert fisher.L == pytest.approx(sum(energies), rel=1e-9)
@@ -604,3 +630,24 @@ def test_checkpoint_on_an_epochs_last_batch_keeps_that_epochs_row(tmp_path):
     assert [row["L"] for row in rows] == pytest.approx(
         [full.history[3]["L"], full.history[7]["L"]], rel=1e-12
     )
+
+
+def test_exclude_leaves_the_named_modules_out_of_f_and_trains_them_as_usual(tmp_path):
+    """``FisherSpectrum(exclude=["net.0"])``: F̃ over the other parameters (brute force with the
+    convolution frozen in the reference), while the convolution trains exactly as without the callback."""
+    module, plain = SmallNet(), SmallNet()
+    fisher = FisherSpectrum(exclude=["net.0"])
+    fit(module, [fisher], tmp_path)
+    fit(plain, [], tmp_path)
+    helpers.assert_identical(module.state_dict(), plain.state_dict())
+    assert fisher.hyperparameters()["exclude"] == ("net.0",)
+    for record, (state, batch, _) in zip(fisher.history, module.snapshots):
+        expected = reference_gram(state, batch, frozen=("0.",))
+        assert record["trace"] == pytest.approx(float(np.trace(expected)), rel=1e-9)
+
+
+def test_exclude_names_a_module_the_model_does_not_have(tmp_path):
+    with pytest.raises(ValueError, match=r"exclude: the model has no module named 'net\.9'"):
+        fit(SmallNet(), [FisherSpectrum(exclude=["net.9"])], tmp_path)
+    with pytest.raises(TypeError, match=r"`exclude` must be a list of module names"):
+        FisherSpectrum(exclude="net.0")

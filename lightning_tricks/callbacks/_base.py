@@ -342,6 +342,7 @@ class TrickCallback(Callback):
         if append and rows and name not in self._continued_tables:
             self._continued_tables.add(name)
             _truncate_table(path, rows[0][0])
+            _widen_table(path, columns)
         header = not (append and os.path.exists(path))
         with open(path, "a" if append else "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -407,6 +408,29 @@ def _truncate_table(path: str, start: Any) -> None:
     temporary = f"{path}.tmp"
     with open(temporary, "w", newline="") as handle:
         handle.writelines(kept)
+    os.replace(temporary, path)
+
+
+def _widen_table(path: str, columns: Sequence[str]) -> None:
+    """Give CSV ``path`` the header ``columns`` when its own is a shorter prefix of it (a table of
+    an earlier version that logged fewer values), its rows padded with empty cells; refuse another
+    header, naming the file, rather than append rows that do not match it."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as handle:
+        table = list(csv.reader(handle))
+    header = table[0] if table else []
+    if header == list(columns):
+        return
+    if header != list(columns[: len(header)]):
+        raise ValueError(
+            f"{path} has the columns {header}, not {list(columns)}: it was written by another callback or "
+            "version. Move it away to start a new table."
+        )
+    padding = [""] * (len(columns) - len(header))
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", newline="") as handle:
+        csv.writer(handle).writerows([list(columns), *(row + padding for row in table[1:])])
     os.replace(temporary, path)
 
 

@@ -26,6 +26,11 @@ DASHBOARD_LAYOUT = {
     "l_k and its running sum L (seed 004 eq. 8)": ["fisher/l_k", "fisher/L"],
     "gradient-noise scale and its parts": ["fisher/noise_scale", "fisher/trace_sigma", "fisher/grad_sq_norm"],
     "spectrum": ["fisher/log10_trace", "fisher/log10_lambda_max", "fisher/rank"],
+    "gradient tests (Byrd 2012, Bollapragada 2018)": [
+        "fisher/norm_test",
+        "fisher/inner_test",
+        "fisher/ortho_test",
+    ],
 }
 
 DESCRIPTIONS = {
@@ -40,6 +45,9 @@ DESCRIPTIONS = {
     "fisher/trace_sigma": "tr Σ, the unbiased per-sample gradient variance summed over parameters.",
     "fisher/grad_sq_norm": "|G|² = (1ᵀF̃1 − Tr F̃) / (B(B − 1)), unbiased (may be ≤ 0 on one batch).",
     "fisher/batch_size": "|B_k|, the (global) batch size of the measured step.",
+    "fisher/norm_test": "θ_norm = sqrt(tr Σ / (B‖ḡ‖²)), the smallest θ Byrd et al.'s (2012) norm test passes with.",
+    "fisher/inner_test": "θ_inner = sqrt(Var_i(g_iᵀḡ) / (B‖ḡ‖⁴)), the smallest θ of Bollapragada et al.'s (2018) inner-product test.",
+    "fisher/ortho_test": "ν = sqrt(E_i‖g_i − (g_iᵀḡ/‖ḡ‖²)ḡ‖² / (B‖ḡ‖²)), the smallest ν of Bollapragada et al.'s orthogonality test.",
 }
 
 
@@ -109,11 +117,19 @@ def loss_scale(trainer: pl.Trainer) -> float:
 
 class FisherReadouts:
     """FisherSpectrum's read-outs, from its running sums (``_running``), records (``_records``) and
-    the epoch's pooled noise-scale parts (``_noise``)."""
+    the epoch's pooled noise-scale parts (``_noise``), and its TensorBoard layout and descriptions."""
 
     _running: FisherRunningSums
     _records: FisherRecords
     _noise: EpochNoiseScale
+
+    def dashboard_layout(self) -> dict[str, list[str]]:
+        """The Custom Scalars charts of FisherSpectrum's tags (:data:`DASHBOARD_LAYOUT`)."""
+        return DASHBOARD_LAYOUT
+
+    def metric_descriptions(self) -> dict[str, str]:
+        """The descriptions of FisherSpectrum's tags (:data:`DESCRIPTIONS`)."""
+        return DESCRIPTIONS
 
     @property
     def history(self) -> list[dict[str, float]]:

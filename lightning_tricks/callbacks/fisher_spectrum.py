@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -54,7 +55,9 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     Logged at each measured step, to every logger and ``trainer.callback_metrics`` (never gated by
     ``log_every_n_steps``): ``fisher/<name>`` for ``c_k``, ``C_bar``, ``l_k``, ``L``, ``trace``,
     ``lambda_max`` (and their ``log10_``), ``rank``, ``noise_scale``, ``trace_sigma``,
-    ``grad_sq_norm``, ``batch_size``; with ``log_eigenvalues=True`` a histogram
+    ``grad_sq_norm``, ``batch_size``, the gradient tests ``norm_test``, ``inner_test`` and
+    ``ortho_test`` (:func:`~lightning_tricks.gradients.gradient_tests.gradient_tests`, from the same
+    F̃: the smallest threshold each test passes with, as Cockpit plots them); with ``log_eigenvalues=True`` a histogram
     ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per measured
     step of this fit (``step``, ``epoch``, ``lr`` and the names above), also appended to
     ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
@@ -90,11 +93,14 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         rank_rtol: eigenvalues above ``rank_rtol · λmax`` are non-zero; ``None`` uses ``B · eps`` of
             the gradient dtype, the rule of ``torch.linalg.matrix_rank``.
         log_eigenvalues: also log the eigenvalues as a TensorBoard histogram.
-        unsupported: ``"raise"`` on parameterised layers without a Gram rule, or ``"skip"`` them
-            (one warning; F̃ then covers the supported layers only).
+        unsupported: ``"raise"`` on parameterised layers without a Gram rule (or refused in
+            training mode), or ``"skip"`` them (one warning; F̃ then covers the rest only).
+        exclude: names of modules (as in ``pl_module.named_modules()``) whose parameters F̃ leaves
+            out (they train as usual), e.g. a compiled submodule; F̃ then covers the rest only.
 
     Raises:
-        ValueError: an argument out of range, or at ``setup`` a module/trainer it cannot measure.
+        ValueError: an argument out of range, or at ``setup`` a module/trainer it cannot measure
+            (an ``exclude`` name the module does not have, a compiled module).
 
     Example::
 
@@ -117,6 +123,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         rank_rtol: float | None = None,
         log_eigenvalues: bool = False,
         unsupported: str = "raise",
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.every_n_steps = checks.integer("every_n_steps", every_n_steps, minimum=1)
@@ -126,19 +133,12 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
             raise ValueError("`rank_rtol` must be None or in (0, 1); got 1.0.")
         self.log_eigenvalues = checks.boolean("log_eigenvalues", log_eigenvalues)
         self.unsupported = checks.choice("unsupported", unsupported, ("raise", "skip"))
+        self.exclude = checks.strings("exclude", exclude, what="module names")
         self._capture: StepCapture | None = None
         self._measuring = False
         self._batch_size: int | None = None
         self._warned_non_finite = False
         self.reset_fit_state()
-
-    @override
-    def dashboard_layout(self) -> dict[str, list[str]]:
-        return _fisher.DASHBOARD_LAYOUT
-
-    @override
-    def metric_descriptions(self) -> dict[str, str]:
-        return _fisher.DESCRIPTIONS
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -147,14 +147,13 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             _fisher.check_trainer(trainer, pl_module)
-            self._noise = shared_noise_scale(
-                trainer, feeder=type(self).__name__
-            )  # the run's, read by policies
+            self._noise = shared_noise_scale(trainer, feeder=type(self).__name__)  # read by policies
             self._capture = StepCapture(  # attached for measured steps only
                 pl_module,
                 self.every_n_steps == 1,
                 loss_reduction=self.loss_reduction,
                 unsupported=self.unsupported,
+                exclude=self.exclude,
             )
 
     @override

@@ -14,12 +14,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .gradient_tests import gradient_tests
 from .gram import GramCollector
 from .spectrum import FisherRunningSums, fisher_energy, fisher_statistics, noise_scale_ratio
 
 MEASURES = (
     "c_k", "l_k", "C_bar", "L", "trace", "lambda_max", "rank",
     "noise_scale", "trace_sigma", "grad_sq_norm", "batch_size",
+    "norm_test", "inner_test", "ortho_test",
 )  # fmt: skip
 """What one measured step yields (with ``log10_trace`` and ``log10_lambda_max`` beside them)."""
 LOG10_MEASURES = ("trace", "lambda_max")
@@ -105,22 +107,37 @@ def step_measures(
     grad_dtype: torch.dtype = torch.float32,
     combine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[dict[str, float], Tensor]:
-    """The measures of one F̃_k (seed 004 eq. 6–8; :func:`fisher_statistics`) as Python floats, and
-    F̃'s eigenvalues.
+    """The measures of one F̃_k (seed 004 eq. 6–8; :func:`fisher_statistics`) and the gradient tests
+    of its batch (:func:`~lightning_tricks.gradients.gradient_tests.gradient_tests`) as Python
+    floats, and F̃'s eigenvalues.
 
     F̃ goes to the host once (the only device sync; its eigenvalues and every statistic are
     computed there, no kernel launch). ``combine(summed, averaged)`` merges ranks (a sum of
     (Tr F̃, B), a mean of the other statistics); ``running`` adds c_k and ``weight`` · l_k, l_k =
     (α/|B|)·√Tr F̃ (:func:`fisher_energy`), and gives C̄_K and L_K.
     """
-    stats = fisher_statistics(gram.to("cpu", torch.float64), rank_rtol, grad_dtype)
+    host_gram = gram.to("cpu", torch.float64)
+    stats = fisher_statistics(host_gram, rank_rtol, grad_dtype)
+    tests = gradient_tests(host_gram)
     summed = torch.stack([stats.trace, stats.batch_size])
     averaged = torch.stack(
-        [stats.condition, stats.lambda_max, stats.rank, stats.trace_sigma, stats.grad_sq_norm]
+        [
+            stats.condition,
+            stats.lambda_max,
+            stats.rank,
+            stats.trace_sigma,
+            stats.grad_sq_norm,
+            tests.norm_test,
+            tests.inner_test,
+            tests.ortho_test,
+        ]
     )
     if combine is not None:
         summed, averaged = combine(summed, averaged)
-    (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm) = summed, averaged
+    (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm, *gradient_test_values) = (
+        summed,
+        averaged,
+    )
     energy = fisher_energy(trace, learning_rate, batch)
     c_bar, total = running.update(condition, energy, weight=weight)
     values = [
@@ -135,6 +152,7 @@ def step_measures(
         trace_sigma,
         grad_sq_norm,
         batch,
+        *gradient_test_values,
     ]  # fmt: skip  (the order of MEASURES)
     logged = torch.stack([*values, trace.log10(), lambda_max.log10()]).tolist()
     names = (*MEASURES, *(f"log10_{name}" for name in LOG10_MEASURES))
