@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
+from ... import checks
 from ..autograd_graph import leaf_uses
 from .factors import (
     ChannelAffineFactor,
@@ -275,9 +276,9 @@ class GramCollector:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-        _check_choice("method", method, METHODS)
-        _check_choice("unsupported", unsupported, UNSUPPORTED_POLICIES)
+        checks.choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        checks.choice("method", method, METHODS)
+        checks.choice("unsupported", unsupported, UNSUPPORTED_POLICIES)
         if fuse_weight_grad not in (True, False, "auto"):
             raise ValueError(f"fuse_weight_grad must be True, False or 'auto', got {fuse_weight_grad!r}")
         if not isinstance(fallback, bool):
@@ -1029,11 +1030,6 @@ def _unplug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
             flag_dict = ref()
             if flag_dict is not None:
                 flag_dict.pop(key, None)
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _requires_grad(output: Any) -> bool:
