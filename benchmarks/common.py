@@ -365,7 +365,6 @@ def format_count_table(table: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-
 def quiet_fit_trainer(callbacks: list[Callback], root: str | None = None, **overrides) -> pl.Trainer:
     """:data:`QUIET_TRAINER` with any of its settings overridden, e.g. ``max_epochs=1000, logger=TensorBoardLogger(...)``
     for a fit bounded by epochs that logs."""

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from common import quiet_fit_trainer
 from helpers import assert_identical
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
@@ -69,17 +70,9 @@ class MLP(L.LightningModule):
 
 def fit(module: L.LightningModule, callbacks: list, tmp_path, data=None, **kwargs) -> L.Trainer:
     """Fit with the Trainer's defaults (log_every_n_steps included); no files unless asked."""
-    options = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    options.update(kwargs)
+    options = {"max_epochs": 2, **kwargs}
     ckpt_path = options.pop("ckpt_path", None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **options,
-    )
+    trainer = quiet_fit_trainer(callbacks, tmp_path, **options)
     trainer.fit(module, DataLoader(data or make_data(), batch_size=6), ckpt_path=ckpt_path)
     return trainer
 
@@ -216,14 +209,7 @@ class FunctionalReuse(MLP):
 def test_weight_used_functionally_is_refused_before_any_update(tmp_path):
     module = FunctionalReuse()
     before = snapshot(module)
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=[FisherSpectrum()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_fit_trainer([FisherSpectrum()], tmp_path, max_epochs=1)
     with pytest.raises(ValueError, match=r"\['enc.weight'\] are used outside their module"):
         trainer.fit(module, DataLoader(make_data(), batch_size=6), ckpt_path=None)
     assert trainer.global_step == 0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from common import quiet_fit_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tbparse import SummaryReader
@@ -145,18 +146,7 @@ def fit(
     **trainer_kwargs,
 ):
     ckpt_path = trainer_kwargs.pop("ckpt_path", None)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=trainer_kwargs.pop("logger", False),
-        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
+    trainer = quiet_fit_trainer(callbacks, tmp_path, max_steps=max_steps, **trainer_kwargs)
     trainer.fit(module, DataLoader(make_data(), batch_size=batch_size), ckpt_path=ckpt_path)
     return trainer
 
@@ -386,11 +376,7 @@ def test_resume_keeps_the_epoch_pooled_noise_scale(tmp_path, resume_step):
     data = TensorDataset(x.repeat(4, 1, 1, 1), torch.zeros(32, dtype=torch.long))  # one class: |G|² > 0
 
     def run(callbacks, max_steps, ckpt_path=None):
-        trainer = L.Trainer(
-            max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-            enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )  # fmt: skip
+        trainer = quiet_fit_trainer(callbacks, tmp_path, max_steps=max_steps, enable_checkpointing=True)
         trainer.fit(SmallNet(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
 
     full = EpochNoiseScaleProbe(FisherSpectrum())
@@ -519,16 +505,13 @@ def test_ddp_two_processes_trace_and_L_equal_single_process_with_global_batch(tm
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ddp", save_last=True)
     ddp = FisherSpectrum()
-    trainer = L.Trainer(
+    trainer = quiet_fit_trainer(
+        [ddp, checkpoint],
+        tmp_path,
         max_steps=4,
-        accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[ddp, checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+        enable_checkpointing=True,
         use_distributed_sampler=False,
     )
     trainer.fit(InterleavedShards())
@@ -562,17 +545,7 @@ def test_mixed_precision_measures_the_unscaled_per_sample_gradients(tmp_path, sc
     module = Float32Net()
     fisher = FisherSpectrum()
     data = TensorDataset(make_data().tensors[0].float(), make_data().tensors[1])
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        callbacks=[fisher],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **options,
-    )
+    trainer = quiet_fit_trainer([fisher], tmp_path, max_steps=2, **options)
     trainer.fit(module, DataLoader(data, batch_size=8))
     for record, (state, batch, lr) in zip(fisher.history, module.snapshots):
         double_state = {name: value.double() for name, value in state.items()}

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from common import quiet_fit_trainer
 from helpers import assert_identical, per_sample_jacobian, reference_gram
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -438,15 +439,7 @@ class CompiledClassifier(L.LightningModule):
 def compiled_fit(module: L.LightningModule, tmp_path, callbacks=()) -> L.Trainer:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_fit_trainer(list(callbacks), tmp_path, max_epochs=1)
     trainer.fit(module, DataLoader(data, batch_size=4))
     return trainer
 
@@ -535,15 +528,7 @@ def test_fisher_spectrum_measures_a_stock_transformer_in_training(tmp_path) -> N
     torch.manual_seed(0)
     data = TensorDataset(torch.randint(0, 20, (12, 6)), torch.randint(0, 3, (12,)))
     fisher = FisherSpectrum()
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=[fisher],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_fit_trainer([fisher], tmp_path, max_epochs=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="There is a performance drop")
         trainer.fit(TransformerTextClassifier(), DataLoader(data, batch_size=4))

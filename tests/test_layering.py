@@ -53,3 +53,34 @@ def test_callbacks_do_not_import_each_other():
     for path in callbacks:
         others = (imported_modules(path) & names) - {f"lightning_tricks.callbacks.{path.stem}"}
         assert not others, f"{path.name} imports {sorted(others)}"
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def shared_fixtures() -> set[str]:
+    """The names of the fixtures ``tests/conftest.py`` defines."""
+    tree = ast.parse((TESTS / "conftest.py").read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list)
+    }
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda path: path.name)
+def test_tests_build_trainers_through_the_shared_settings_and_shadow_no_fixture(path):
+    """The quiet Trainer settings are written once (``benchmarks/common.py``'s ``QUIET_TRAINER``,
+    behind ``trainer_for`` and ``quiet_fit_trainer``): no test file constructs a ``Trainer`` itself
+    or defines a name a shared fixture has."""
+    tree = ast.parse(path.read_text())
+    trainers = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Trainer"
+    ]
+    assert not trainers, (
+        f"{path.name} builds a Trainer at lines {trainers}; use trainer_for or quiet_fit_trainer"
+    )
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & shared_fixtures(), f"{path.name} shadows {sorted(defined & shared_fixtures())}"

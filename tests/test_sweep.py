@@ -195,7 +195,7 @@ BAD_GRIDS = [
     [
         ("base: a.yaml\ngrid:\n  model.init_args.lr: [0.1, 0.2\n", 4),  # unclosed list
         ("base: a.yaml\ngrid:\n  x: 1\n   y: 2\n", 4),  # bad indentation
-        ("base: a.yaml\ngrid: {x: [1]}\nname: \"s{x}\n", 4),  # unclosed quote (opened at line 3)
+        ('base: a.yaml\ngrid: {x: [1]}\nname: "s{x}\n', 4),  # unclosed quote (opened at line 3)
     ],
 )
 def test_a_grid_file_that_is_not_yaml_names_the_file_and_the_line(tmp_path, text, line, capsys):

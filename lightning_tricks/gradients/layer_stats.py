@@ -223,9 +223,7 @@ def first_uses(loss: Tensor) -> dict[int, int]:
     return uses
 
 
-def sort_by_first_use(
-    layers: Sequence[Layer], uses: dict[int, int], order: Sequence[str]
-) -> list[Layer]:
+def sort_by_first_use(layers: Sequence[Layer], uses: dict[int, int], order: Sequence[str]) -> list[Layer]:
     """Layers in the order the forward first used one of their parameters (``uses`` from
     :func:`first_uses`). A layer none of whose parameters was reached (frozen then) but whose
     module ran (``order``, :class:`ForwardOrderRecorder`'s) goes before the first reached layer

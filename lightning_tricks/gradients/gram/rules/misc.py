@@ -43,6 +43,7 @@ def prelu_factors(layer: nn.PReLU, activations: Tensor, backprops: Tensor) -> di
         return {"weight": PerSampleFactor(products.reshape(batch, -1).sum(1, keepdim=True))}
     return {"weight": PerSampleFactor(products.reshape(batch, layer.num_parameters, -1).sum(-1))}
 
+
 # -- Bilinear ------------------------------------------------------------------------------------
 
 
@@ -103,6 +104,7 @@ def bilinear_factors(
     if layer.bias is not None:
         factors["bias"] = PerSampleFactor(outputs.sum(dim=1))
     return factors
+
 
 # -- EmbeddingBag --------------------------------------------------------------------------------
 
