@@ -19,7 +19,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from common import machine_description, silence_lightning
+from common import machine_description, quiet_fit_trainer, silence_lightning
 
 from lightning_tricks import BatchSizeScheduler
 from lightning_tricks.datamodules import DigitsDataModule
@@ -41,17 +41,7 @@ def run(policy: dict | None, seed: int, epochs: int, root: str) -> tuple[float, 
     model = ImageClassifier("resnet20", 10, in_channels=1, lr=0.1, momentum=0.9, weight_decay=5e-4)
     data = DigitsDataModule(batch_size=32, image_size=16, channels=1, seed=0)
     callbacks = [] if policy is None else [BatchSizeScheduler(**policy)]
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
+    trainer = quiet_fit_trainer(callbacks, root, max_epochs=epochs)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start

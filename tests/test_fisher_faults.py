@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from common import quiet_fit_trainer
-from helpers import assert_identical
+from helpers import assert_identical, training_state
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
     Callback,
@@ -77,16 +77,6 @@ def fit(module: L.LightningModule, callbacks: list, tmp_path, data=None, **kwarg
     return trainer
 
 
-def snapshot(module: nn.Module, trainer: L.Trainer | None = None) -> dict[str, Any]:
-    state = {f"param:{n}": p.detach().clone() for n, p in module.named_parameters()}
-    state.update({f"buffer:{n}": b.clone() for n, b in module.named_buffers()})
-    state.update({f"flag:{n}": p.requires_grad for n, p in module.named_parameters()})
-    if trainer is not None:
-        for i, optimizer in enumerate(trainer.optimizers):
-            state[f"optim:{i}"] = copy.deepcopy(optimizer.state_dict())
-    return state
-
-
 def assert_training_unchanged(
     make_module, callbacks_factory, tmp_path, **kwargs
 ) -> tuple[Any, FisherSpectrum]:
@@ -97,7 +87,7 @@ def assert_training_unchanged(
         module, fisher = make_module(), FisherSpectrum()
         callbacks = ([fisher] if with_fisher else []) + callbacks_factory()
         trainer = fit(module, callbacks, tmp_path / str(with_fisher), **kwargs)
-        states.append(snapshot(module, trainer))
+        states.append(training_state(module, trainer))
         assert_unhooked(module)
     assert_identical(states[1], states[0])
     return module, fisher
@@ -208,12 +198,12 @@ class FunctionalReuse(MLP):
 
 def test_weight_used_functionally_is_refused_before_any_update(tmp_path):
     module = FunctionalReuse()
-    before = snapshot(module)
+    before = training_state(module)
     trainer = quiet_fit_trainer([FisherSpectrum()], tmp_path, max_epochs=1)
     with pytest.raises(ValueError, match=r"\['enc.weight'\] are used outside their module"):
         trainer.fit(module, DataLoader(make_data(), batch_size=6), ckpt_path=None)
     assert trainer.global_step == 0
-    assert_identical(snapshot(module), before)
+    assert_identical(training_state(module), before)
     assert_unhooked(module)
 
 
@@ -314,7 +304,7 @@ def test_exception_at_any_point_leaves_the_model_unhooked(tmp_path, point):
     for model in (module, never_hooked):
         torch.manual_seed(0)
         plain_training(model)
-    assert_identical(snapshot(module), snapshot(never_hooked))
+    assert_identical(training_state(module), training_state(never_hooked))
 
 
 # -- finding 4: Lightning flows without a backward ------------------------------------------------
