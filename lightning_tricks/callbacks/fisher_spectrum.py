@@ -17,7 +17,7 @@ from typing_extensions import override
 from .. import checks
 from ..gradients.fisher_capture import MEASURES, StepCapture, step_measures
 from ..gradients.noise_scale import EpochNoiseScale, shared_noise_scale
-from ..gradients.spectrum import FisherRunningSums
+from ..gradients.spectrum import FisherRunningSums, check_rank_rtol
 from ..outputs import FISHER_SPECTRUM
 from . import _fisher
 from ._base import TrickCallback, first_learning_rate, is_due
@@ -128,9 +128,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         super().__init__()
         self.every_n_steps = checks.integer("every_n_steps", every_n_steps, minimum=1)
         self.loss_reduction = checks.choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        self.rank_rtol = checks.real("rank_rtol", rank_rtol, above=0.0, maximum=1.0, allow_none=True)
-        if self.rank_rtol == 1.0:
-            raise ValueError("`rank_rtol` must be None or in (0, 1); got 1.0.")
+        self.rank_rtol = check_rank_rtol(rank_rtol, allow_zero=False)
         self.log_eigenvalues = checks.boolean("log_eigenvalues", log_eigenvalues)
         self.unsupported = checks.choice("unsupported", unsupported, ("raise", "skip"))
         self.exclude = checks.strings("exclude", exclude, what="module names")

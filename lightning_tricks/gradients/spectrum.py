@@ -13,6 +13,7 @@ from typing import Callable, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import checks
 from .noise_scale import noise_scale_ratio, pooled_noise_scale  # noqa: F401 (the formula lives there)
 
 
@@ -187,7 +188,7 @@ def fisher_statistics(
     Raises:
         ValueError: ``rank_rtol`` out of range.
     """
-    _check_rank_rtol(rank_rtol)
+    check_rank_rtol(rank_rtol)
     gram = gram.to(torch.float64)
     batch = gram.shape[0]
     finite = torch.isfinite(gram).all()
@@ -206,11 +207,14 @@ def fisher_statistics(
     )
 
 
-def _check_rank_rtol(rank_rtol: float | None) -> None:
-    if rank_rtol is None:
-        return
-    if isinstance(rank_rtol, bool) or not isinstance(rank_rtol, (int, float)) or not 0 <= rank_rtol < 1:
-        raise ValueError(f"`rank_rtol` must be None or a number in [0, 1); got {rank_rtol!r}.")
+def check_rank_rtol(rank_rtol: float | None, allow_zero: bool = True) -> float | None:
+    """``None`` or the share of λmax below which an eigenvalue counts as zero: a number in [0, 1)
+    ((0, 1) without ``allow_zero``; 1 would leave no eigenvalue)."""
+    interval = "[0, 1)" if allow_zero else "(0, 1)"
+    checked = checks.real("rank_rtol", rank_rtol, minimum=0.0, maximum=1.0, allow_none=True)
+    if checked == 1.0 or (checked == 0.0 and not allow_zero):
+        raise ValueError(f"`rank_rtol` must be None or a number in {interval}; got {rank_rtol!r}.")
+    return checked
 
 
 def fisher_energy(trace: Tensor, learning_rate: float, batch_size: int) -> Tensor:
