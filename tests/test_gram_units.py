@@ -588,3 +588,28 @@ def test_graph_backwards_in_chunks_give_the_same_matrix(monkeypatch) -> None:
     torch.manual_seed(9)
     chunked = collect(model, lambda: F.cross_entropy(model(tokens), labels, reduction="sum")).matrix()
     assert_close(chunked, whole)
+
+
+def test_a_module_defined_in_exec_code_without_a_module_name_is_measured() -> None:
+    """Code run by ``exec`` with fresh globals (the README's examples, some notebook tools) defines
+    functions whose ``__module__`` is ``None``; reading their source for units must not fail."""
+    namespace: dict = {}
+    exec(
+        "import torch\n"
+        "class Block(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(3, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.linear(x)\n",
+        namespace,
+    )
+    block = namespace["Block"]()
+    assert block.forward.__func__.__module__ is None
+    x = torch.randn(4, 3)
+    with GramCollector(block) as collector:
+        block(x).pow(2).sum(1).mean().backward()  # the mean of the per-sample losses
+    expected = reference_gram(block, lambda i: block(x[i : i + 1]).pow(2).sum(), 4)
+    torch.testing.assert_close(
+        collector.matrix(), expected.to(collector.matrix().dtype), rtol=1e-5, atol=1e-6
+    )

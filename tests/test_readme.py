@@ -4,6 +4,7 @@ the config it names (issue 20, finding 9: it read GradientFlow's table from the 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SKIP = "<!-- not run:"
 """A ``python`` block right after a line starting with this needs what the README cannot ship (your module)."""
-BLOCKS = re.findall(r"(?ms)^([^\n]*)\n```python\n(.*?)^```", README)
+BLOCKS = [
+    (before.strip(), textwrap.dedent(code))  # a block inside a list item is indented with it
+    for before, indent, code in re.findall(r"(?ms)^([^\n]*)\n( *)```python\n(.*?)^\2```", README)
+]
 RUN = [code for before, code in BLOCKS if not before.startswith(SKIP)]
 RESULTS = re.findall(r'`(plot_\w+\(\*load_\w+\("logs/(\w+)/version_0"\)\))`', README)
 

@@ -141,7 +141,7 @@ def _is_method(cls: type, name: str) -> bool:
 def _method_tree(cls: type, name: str) -> ast.FunctionDef | None:
     """The parsed source of ``cls.name``, or ``None`` for stock ``torch.nn`` code or no source."""
     function = inspect.getattr_static(cls, name, None)
-    if not inspect.isfunction(function) or function.__module__.startswith("torch.nn"):
+    if not inspect.isfunction(function) or (function.__module__ or "").startswith("torch.nn"):
         return None
     try:
         node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
