@@ -12,7 +12,7 @@ The seed then uses fixed five-stage schedules; this module closes the loop:
 - :func:`beacon_from_records` and :class:`Landscape`: beacon trajectories, from FisherSpectrum's
   tables (what :func:`lightning_tricks.results.load_fisher_spectrum` returns) and final errors;
 - :func:`target_region`: where the lowest-error beacons were at a given point of training;
-- :func:`next_batch_size`: the candidate batch size whose beacon, over the next stage, would carry
+- :func:`decide_batch_size`: the candidate batch size whose beacon, over the next stage, would carry
   the run's (C̄_K, L_K) closest to that region, within a bounded change.
 
 Pure functions and small dataclasses; no Lightning, no torch.
@@ -346,34 +346,6 @@ def decide_batch_size(
 
     tied = [s for s, d in distances.items() if d <= best + 1e-9 * max(1.0, best)]
     return BeaconDecision(min(tied, key=preference), region.center, predicted, distances)
-
-
-def next_batch_size(
-    landscape: Landscape,
-    point: FisherPoint,
-    epoch: int,
-    sizes: Sequence[int],
-    current_size: int,
-    max_change: float = 2.0,
-    *,
-    max_epochs: int,
-    stage_epochs: int = 1,
-    lr: float | None = None,
-    top_k: int = DEFAULT_TOP_K,
-) -> int:
-    """The size :func:`decide_batch_size` chooses (same arguments, rule and errors)."""
-    return decide_batch_size(
-        landscape,
-        point,
-        epoch,
-        sizes,
-        current_size,
-        max_change,
-        max_epochs=max_epochs,
-        stage_epochs=stage_epochs,
-        lr=lr,
-        top_k=top_k,
-    ).size
 
 
 def _check_arguments(

@@ -19,7 +19,6 @@ from lightning_tricks.beacons import (
     Landscape,
     beacon_from_records,
     decide_batch_size,
-    next_batch_size,
     predict,
     target_region,
 )
@@ -194,7 +193,7 @@ def test_stays_in_the_region() -> None:
     land = landscape()
     for epoch in range(EPOCHS):
         point = land.guide(64).at(epoch / EPOCHS)
-        assert next_batch_size(land, point, epoch, SIZES, 64, max_epochs=EPOCHS, top_k=1) == 64
+        assert decide_batch_size(land, point, epoch, SIZES, 64, max_epochs=EPOCHS, top_k=1).size == 64
 
 
 @pytest.mark.parametrize(("start", "first"), [(16, 32), (32, 64), (256, 128), (128, 64)])
@@ -208,8 +207,8 @@ def test_moves_toward_the_region(start: int, first: int) -> None:
 
 def test_a_larger_max_change_reaches_further() -> None:
     land = landscape()
-    assert next_batch_size(land, START, 0, SIZES, 16, max_change=4.0, max_epochs=EPOCHS, top_k=1) == 64
-    assert next_batch_size(land, START, 0, SIZES, 16, max_change=1.0, max_epochs=EPOCHS, top_k=1) == 16
+    assert decide_batch_size(land, START, 0, SIZES, 16, max_change=4.0, max_epochs=EPOCHS, top_k=1).size == 64
+    assert decide_batch_size(land, START, 0, SIZES, 16, max_change=1.0, max_epochs=EPOCHS, top_k=1).size == 16
 
 
 @pytest.mark.parametrize("start", [16, 32, 128, 256])
@@ -234,20 +233,20 @@ def test_ties_keep_the_current_size() -> None:
             for s, error in ((32, 0.1), (64, 0.2))
         )
     )
-    assert next_batch_size(twins, START, 0, [32, 64], 64, max_epochs=2, top_k=1) == 64
-    assert next_batch_size(twins, START, 0, [32, 64], 32, max_epochs=2, top_k=1) == 32
+    assert decide_batch_size(twins, START, 0, [32, 64], 64, max_epochs=2, top_k=1).size == 64
+    assert decide_batch_size(twins, START, 0, [32, 64], 32, max_epochs=2, top_k=1).size == 32
 
 
 def test_decides_per_learning_rate() -> None:
     land = landscape(lrs=(0.1, 0.2))
     with pytest.raises(ValueError, match="pass `lr`"):
-        next_batch_size(land, START, 0, SIZES, 32, max_epochs=EPOCHS, top_k=1)
-    assert next_batch_size(land, START, 0, SIZES, 32, max_epochs=EPOCHS, top_k=1, lr=0.1) == 64
+        decide_batch_size(land, START, 0, SIZES, 32, max_epochs=EPOCHS, top_k=1)
+    assert decide_batch_size(land, START, 0, SIZES, 32, max_epochs=EPOCHS, top_k=1, lr=0.1).size == 64
 
 
 def test_no_beacon_for_any_candidate() -> None:
     with pytest.raises(ValueError, match=r"no beacon for any allowed batch size \[512, 1024\]"):
-        next_batch_size(landscape(), START, 0, [512, 1024], 1024, max_epochs=EPOCHS, top_k=1)
+        decide_batch_size(landscape(), START, 0, [512, 1024], 1024, max_epochs=EPOCHS, top_k=1)
 
 
 @pytest.mark.parametrize(
