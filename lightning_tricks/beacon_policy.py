@@ -77,8 +77,9 @@ class BeaconGuidedPolicy:
     ``every_n_steps`` (L_K and K depend on them; both are checked at fit start), and must
     not accumulate gradients (FisherSpectrum refuses it): keep the sizes within one batch. Decisions
     (with the point each read) are in :attr:`decisions` and ``state_dict()`` with the beacons'
-    names, so a resumed fit replays them; a resume whose checkpoint preceded a decision has no live
-    reading for it (``trainer.callback_metrics`` is not checkpointed) and keeps the size there.
+    names, so a resumed fit replays them; a resume whose checkpoint preceded a decision reads the
+    C̄_K and L_K that FisherSpectrum put back at the fit's start, and decides as the uninterrupted
+    run did (without them — a FisherSpectrum added at the resume — it keeps the size there).
 
     Args:
         beacons: a :class:`~lightning_tricks.beacons.Landscape`, or beacon run folders / sweep output
@@ -255,7 +256,7 @@ class BeaconGuidedPolicy:
 
     def _live_point(self, step: int, metrics: Any) -> FisherPoint | None:
         """(C̄_K, L_K, K) of the run from ``metrics``; ``None`` when not finite or, right after a
-        resume, absent (the checkpoint preceded this decision)."""
+        resume, absent (no FisherSpectrum state in the checkpoint)."""
         if C_BAR_TAG not in metrics or L_TAG not in metrics:
             if self._resumed:
                 return None

@@ -51,6 +51,17 @@ DESCRIPTIONS = {
 }
 
 
+def restore_live_measures(trainer: pl.Trainer, namespace: str, running: FisherRunningSums) -> None:
+    """Put a resumed run's C̄_K and L_K back into ``trainer.callback_metrics`` (which checkpoints do
+    not hold), so that what reads them before the next measurement — a batch-size policy deciding at
+    the resumed epoch's start, a monitor — sees the values the uninterrupted run had. Nothing for a
+    run without measurements."""
+    state = running.state_dict()
+    if state["count"] or state["energy_sum"]:
+        c_bar, total = running.compute()
+        trainer.callback_metrics.update({f"{namespace}/C_bar": c_bar, f"{namespace}/L": total})
+
+
 def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Refuse manual optimisation and gradient accumulation (also scheduled), with one clear error."""
     if not pl_module.automatic_optimization:

@@ -63,7 +63,8 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
     latest values. Each epoch one row (epoch, step, C_bar, L, lr, batch_size) goes to
     ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
-    Checkpoints hold the running sums only. One device-to-host transfer per measured step (F̃).
+    Checkpoints hold the running sums only; a resumed fit puts ``C_bar`` and ``L`` back into
+    ``trainer.callback_metrics`` at its start. One device-to-host transfer per measured step (F̃).
 
     **Distributed.** Each rank measures F̃ of its local batch (the diagonal blocks of the global
     F̃); one all-reduce per measured step sums Tr F̃ (``trace``, ``l_k`` and ``L`` are the global
@@ -176,6 +177,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_epoch_row(self._records.row_due_at_start(trainer.current_epoch))
+        _fisher.restore_live_measures(trainer, self.namespace, self._running)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
