@@ -304,11 +304,13 @@ def load_gradient_flow(
 
 def load_scalars(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool = False) -> Any:
     """Every scalar the logger wrote (the model's ``self.log`` values and the callbacks' metrics),
-    ``{"tag", "step", "epoch", "value"}`` per logged value, across resumes.
+    ``{"tag", "step", "epoch", "value", "wall_time"}`` per logged value, across resumes.
 
     Read from the folder's TensorBoard event files (with the ``tensorboard`` package, no
     TensorFlow), else from CSVLogger's ``metrics.csv``. ``epoch`` is the ``epoch`` scalar Lightning
     logs with every step (``None`` where there is none); the ``epoch`` tag itself is not a record.
+    ``wall_time`` is when the value was written, in seconds since the epoch (TensorBoard's event
+    time; ``None`` from ``metrics.csv``, which has none) — :func:`logger_start_time` gives the start.
     Records keep the order they were written in. A resumed fit restarts each tag at some step:
     the rows of that tag it wrote again (from that step on, in a later folder or the same one)
     replace the earlier ones — the last write per tag and step wins (:func:`continue_rows`).
@@ -316,6 +318,19 @@ def load_scalars(run_dir: PathLike, follow_resumes: bool = True, as_frame: bool 
     folders = run_chain(run_dir) if follow_resumes else [Path(run_dir)]
     records = [row for folder in folders for row in _read_scalars(folder)]
     return _maybe_frame(continue_rows(records, "step", ("step",), ("tag",)), as_frame)
+
+
+def logger_start_time(run_dir: PathLike) -> float | None:
+    """When the logger opened the folder's first TensorBoard event file (its file-version event),
+    in seconds since the epoch: the fit's start, before the sanity check. ``None`` without event
+    files (resumes are not followed: each folder has its own clock)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    events = sorted(path for path in Path(run_dir).iterdir() if path.name.startswith(EVENTS_PREFIX))
+    for path in events:
+        for event in EventFileLoader(str(path)).Load():
+            return float(event.wall_time)
+    return None
 
 
 def scalar_series(records: Sequence[Record], tag: str, by: str = "step") -> tuple[np.ndarray, np.ndarray]:
@@ -402,36 +417,36 @@ def _read_scalars(folder: Path) -> list[Record]:
     """One folder's scalars: its event files in the order written, else its ``metrics.csv``."""
     events = sorted(path for path in folder.iterdir() if path.name.startswith(EVENTS_PREFIX))
     if events:
-        pairs = [pair for path in events for pair in _event_scalars(path)]
+        cells = [cell for path in events for cell in _event_scalars(path)]
     elif (folder / METRICS_FILE).is_file():
-        pairs = _csv_scalars(folder / METRICS_FILE)
+        cells = _csv_scalars(folder / METRICS_FILE)
     else:
         return []
-    epochs = {step: value for step, tag, value in pairs if tag == "epoch"}
+    epochs = {step: value for step, tag, value, _ in cells if tag == "epoch"}
     return [
-        {"tag": tag, "step": step, "epoch": _as_int(epochs.get(step)), "value": value}
-        for step, tag, value in pairs
+        {"tag": tag, "step": step, "epoch": _as_int(epochs.get(step)), "value": value, "wall_time": wall_time}
+        for step, tag, value, wall_time in cells
         if tag != "epoch"
     ]
 
 
-def _event_scalars(path: Path) -> list[tuple[int, str, float]]:
-    """``(step, tag, value)`` of every scalar summary in one TensorBoard event file."""
+def _event_scalars(path: Path) -> list[tuple[int, str, float, float]]:
+    """``(step, tag, value, wall_time)`` of every scalar summary in one TensorBoard event file."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util.tensor_util import make_ndarray
 
     return [
-        (int(event.step), value.tag, float(make_ndarray(value.tensor)))
+        (int(event.step), value.tag, float(make_ndarray(value.tensor)), float(event.wall_time))
         for event in EventFileLoader(str(path)).Load()
         for value in event.summary.value
         if value.metadata.plugin_data.plugin_name == "scalars"
     ]
 
 
-def _csv_scalars(path: Path) -> list[tuple[int, str, float]]:
-    """``(step, tag, value)`` of every filled cell of CSVLogger's ``metrics.csv``."""
+def _csv_scalars(path: Path) -> list[tuple[int, str, float, None]]:
+    """``(step, tag, value, None)`` of every filled cell of CSVLogger's ``metrics.csv`` (no wall time)."""
     return [
-        (row["step"], tag, float(value))
+        (row["step"], tag, float(value), None)
         for row in read_table(path)
         for tag, value in row.items()
         if tag != "step" and value is not None

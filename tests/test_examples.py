@@ -80,14 +80,16 @@ def assert_scalars_read_as_tbparse_reads_them(run: Path) -> None:
     scalar of the event files as tbparse, an independent reader, does."""
     from tbparse import SummaryReader
 
-    frame = SummaryReader(str(run), pivot=False).scalars
+    frame = SummaryReader(str(run), pivot=False, extra_columns={"wall_time"}).scalars
     theirs = {
-        (tag, int(step)): value
-        for step, tag, value in frame[["step", "tag", "value"]].itertuples(index=False)
+        (tag, int(step)): (value, wall_time)
+        for step, tag, value, wall_time in frame[["step", "tag", "value", "wall_time"]].itertuples(
+            index=False
+        )
     }
-    epochs = {step: value for (tag, step), value in theirs.items() if tag == "epoch"}
+    epochs = {step: value for (tag, step), (value, _) in theirs.items() if tag == "epoch"}
     ours = {(row["tag"], row["step"]): row for row in load_scalars(run)}
     assert ours and ours.keys() == {key for key in theirs if key[0] != "epoch"}
     for (tag, step), row in ours.items():
-        assert row["value"] == theirs[tag, step], (tag, step)  # the same float32, decoded
+        assert (row["value"], row["wall_time"]) == theirs[tag, step], (tag, step)  # the same float32, decoded
         assert row["epoch"] == (None if step not in epochs else int(epochs[step]))

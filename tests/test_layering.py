@@ -33,9 +33,9 @@ def test_the_reader_imports_no_callback():
     }
 
 
-@pytest.mark.parametrize("leaf", ["sweep.py", "trainer_cli.py", "dashboard.py"])
+@pytest.mark.parametrize("leaf", ["sweep.py", "trainer_cli.py", "dashboard.py", "comparison.py"])
 def test_the_command_line_has_no_import_loop(leaf):
-    """``cli`` dispatches to ``sweep`` and ``dashboard``; they and ``trainer_cli`` never import ``cli``."""
+    """``cli`` dispatches to ``sweep``, ``dashboard`` and ``comparison``; they and ``trainer_cli`` never import ``cli``."""
     assert "lightning_tricks.cli" not in imported_modules(PACKAGE / leaf)
 
 
