@@ -16,6 +16,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.cm import ScalarMappable
+from matplotlib.collections import LineCollection
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
@@ -260,9 +261,15 @@ def beacon_map(
     min_contour_runs: int = CONTOUR_MIN_RUNS,
     error_label: str = "test error",
     log_l: bool | None = None,
+    guided: Mapping[str, FisherRun] | None = None,
 ) -> Figure:
     """C̄_K (x) against L_K (y) trajectories of several runs, over their error contour where the runs
     support one (seed ``004_e5d92837cb57ce8a.txt`` Fig. 5 trajectories, Fig. 1b / Fig. 3 contour).
+
+    ``guided`` runs are drawn over the map, for the closed loop of seed 004 Fig. 1d (the beacons
+    are ``runs``, a run steered by them is guided): a black-edged line coloured row by row by the
+    ``color_by`` value it trained at (the beacons' palette, so a change of batch size shows as a change
+    of colour), always named at its end. They take no part in the contour nor in the label budget.
 
     Each run is FisherSpectrum's table (:data:`FisherRun`: per epoch, ``fisher_spectrum.csv``, or
     per measured step, ``fisher_history.csv``); its trajectory is drawn with markers growing at the
@@ -306,11 +313,13 @@ def beacon_map(
         min_contour_runs: fewest runs with an error for a contour (>= 3).
         error_label: what ``errors`` are, for the colour bar.
         log_l: logarithmic L_K axis; ``None`` decides by the final L_K's span.
+        guided: run name → FisherSpectrum table of runs drawn over the beacons (``errors`` may name
+            them, for their labels).
 
     Raises:
         ValueError: no runs, an unknown ``color_by``, ``progress`` outside (0, 1], ``min_contour_runs``
-            < 3, ``errors`` naming a run not in ``runs``, or a table without rows or without the
-            ``C_bar``, ``L`` or ``color_by`` column.
+            < 3, ``errors`` naming a run in neither ``runs`` nor ``guided``, a name in both, or a table
+            without rows or without the ``C_bar``, ``L`` or ``color_by`` column.
 
     Example::
 
@@ -321,22 +330,33 @@ def beacon_map(
         all runs: mini-batch size |B_k| = 32
         no error contour: it needs ≥ 6 runs with an error; have 1
     """
-    _check_beacon_arguments(runs, color_by, errors, progress, min_contour_runs)
+    guided = dict(guided or {})
+    _check_beacon_arguments(runs, color_by, errors, progress, min_contour_runs, guided)
     tables = {label: _fisher_table(label, run, color_by) for label, run in runs.items()}
+    guided_tables = {label: _fisher_table(label, run, color_by) for label, run in guided.items()}
     errors = dict(errors or {})
-    log = _wants_log_l(tables) if log_l is None else log_l
+    log = _wants_log_l({**tables, **guided_tables}) if log_l is None else log_l
     figure = Figure(figsize=(8, 6), layout="constrained")
     axes = figure.add_subplot()
     if log:
         axes.set_yscale("log")
     contour_note = ""
-    if errors:
-        contour_note = _draw_error_contour(figure, axes, tables, errors, min_contour_runs, error_label, log)
+    beacon_errors = {label: error for label, error in errors.items() if label in tables}
+    if beacon_errors:
+        contour_note = _draw_error_contour(
+            figure, axes, tables, beacon_errors, min_contour_runs, error_label, log
+        )
     first_values = {label: table[color_by][0] for label, table in tables.items()}
-    colours, colour_note = _run_colours(figure, axes, first_values, color_by)
+    guided_values = {value for table in guided_tables.values() for value in table[color_by]}
+    palette, colour_note = _palette(figure, axes, {*first_values.values(), *guided_values}, color_by)
     named = len(tables) <= BEACON_MAX_LABELS
     for label, table in tables.items():
-        _draw_trajectory(axes, label if named else None, table, colours[label], progress, errors.get(label))
+        colour = palette[first_values[label]]
+        _draw_trajectory(axes, label if named else None, table, colour, progress, errors.get(label))
+    for label, table in guided_tables.items():
+        _draw_guided(
+            axes, label, table, [palette[value] for value in table[color_by]], progress, errors.get(label)
+        )
     axes.set_xlabel("C̄_K: mean truncated condition number of F̃_k (seed 004 eq. 7)")
     axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)" + (", log scale" if log else ""))
     marks = ", ".join(f"{p:.0%}" for p in progress)
@@ -344,7 +364,10 @@ def beacon_map(
     if not named:
         labels = f"no run labels for {len(tables)} runs (more than {BEACON_MAX_LABELS})"
     head = f"Beacon map: markers at {marks} of training; {labels}"
-    title = "\n".join([head, *filter(None, [colour_note, contour_note])])
+    guided_note = (
+        f"black-edged: {', '.join(guided_tables)}, coloured by the value trained at" if guided else ""
+    )
+    title = "\n".join([head, *filter(None, [colour_note, guided_note, contour_note])])
     axes.set_title(title, fontsize=9)
     axes.grid(True, alpha=0.3)
     return figure
@@ -402,6 +425,7 @@ def _check_beacon_arguments(
     errors: Mapping[str, float] | None,
     progress: Sequence[float],
     min_contour_runs: int,
+    guided: Mapping[str, FisherRun],
 ) -> None:
     if not runs:
         raise ValueError("`runs` must name at least one run's FisherSpectrum table (or CSV file).")
@@ -413,9 +437,12 @@ def _check_beacon_arguments(
         raise ValueError(
             f"`min_contour_runs` must be an int >= 3 (a triangle needs three points); got {min_contour_runs!r}."
         )
-    unknown = sorted(set(errors or {}) - set(runs))
+    unknown = sorted(set(errors or {}) - set(runs) - set(guided))
     if unknown:
         raise ValueError(f"`errors` names runs that are not in `runs`: {unknown}; runs: {sorted(runs)}.")
+    both = sorted(set(runs) & set(guided))
+    if both:
+        raise ValueError(f"runs {both} are in both `runs` and `guided`; name each once.")
 
 
 def _fisher_table(label: str, run: FisherRun, color_by: str) -> dict[str, np.ndarray]:
@@ -445,15 +472,13 @@ def _read_fisher_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {name: np.atleast_1d(rows[name]).astype(float) for name in rows.dtype.names}
 
 
-def _run_colours(
-    figure: Figure, axes: Axes, values: Mapping[str, float], color_by: str
-) -> tuple[dict[str, tuple], str]:
+def _palette(figure: Figure, axes: Axes, values: set[float], color_by: str) -> tuple[dict[float, tuple], str]:
     """One colour per distinct value, a colour bar with one band and tick per value (none for a
-    single value); returns the colours and a title note."""
-    distinct = sorted(set(values.values()))
+    single value); returns value → colour and a title note."""
+    distinct = sorted(values)
     label = _COLOR_LABELS[color_by]
     if len(distinct) == 1:
-        return {run: colormaps["plasma"](0.2) for run in values}, f"all runs: {label} = {distinct[0]:g}"
+        return {distinct[0]: colormaps["plasma"](0.2)}, f"all runs: {label} = {distinct[0]:g}"
     cmap = ListedColormap(colormaps["plasma"](np.linspace(0.0, 0.85, len(distinct))))
     norm = BoundaryNorm(np.arange(len(distinct) + 1) - 0.5, len(distinct))
     colourbar = figure.colorbar(
@@ -464,7 +489,7 @@ def _run_colours(
     )
     colourbar.ax.set_yticklabels([f"{value:g}" for value in distinct])
     colourbar.ax.minorticks_off()
-    return {run: cmap(distinct.index(value)) for run, value in values.items()}, ""
+    return {value: cmap(index) for index, value in enumerate(distinct)}, ""
 
 
 def _wants_log_l(tables: Mapping[str, dict[str, np.ndarray]]) -> bool:
@@ -492,6 +517,31 @@ def _draw_trajectory(
         return
     text = label if error is None else f"{label}: {error:.3g}"
     axes.annotate(text, (c_bar[-1], total[-1]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+
+
+def _draw_guided(
+    axes: Axes,
+    label: str,
+    table: Mapping[str, np.ndarray],
+    colours: Sequence[tuple],
+    progress: Sequence[float],
+    error: float | None,
+) -> None:
+    """A guided run over the beacons: black-edged segments coloured by the value each row trained
+    at, black-edged markers at the ``progress`` rows, its name at the end."""
+    c_bar, total = table["C_bar"], table["L"]
+    points = np.column_stack([c_bar, total])
+    axes.plot(c_bar, total, color="black", linewidth=4.0, zorder=4, solid_capstyle="round")
+    segments = np.stack([points[:-1], points[1:]], axis=1)
+    axes.add_collection(LineCollection(segments, colors=colours[1:], linewidths=2.2, zorder=5))
+    marks = _progress_indices(len(c_bar), progress)
+    sizes = np.linspace(16, 60, len(marks))
+    marked = [colours[i] for i in marks]
+    axes.scatter(c_bar[marks], total[marks], color=marked, edgecolors="black", s=sizes, zorder=6)
+    text = label if error is None else f"{label}: {error:.3g}"
+    axes.annotate(
+        text, (c_bar[-1], total[-1]), xytext=(5, -10), textcoords="offset points", fontsize=8, weight="bold"
+    )
 
 
 def _progress_indices(length: int, progress: Sequence[float]) -> np.ndarray:

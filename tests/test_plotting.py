@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 from matplotlib.text import Annotation
 from matplotlib.tri import TriContourSet
 
@@ -153,6 +154,30 @@ def test_runs_are_coloured_by_their_first_value():
     figure = beacon_map({"s32-lr0.1": beacon, "s32-to-512": dynamic, "s512-lr0.1": run_table(512, 0.1)})
     lines = figure.axes[0].get_lines()
     assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+
+
+def test_a_guided_run_is_drawn_over_the_beacons_coloured_by_the_size_it_trained_at():
+    """Seed 004 Fig. 1d: the closed loop's run over its beacons; each segment (one epoch's travel) takes
+    the colour of the size of the row it ends at, from the beacons' palette; no part in the contour."""
+    runs, errors = grid(batch_sizes=(16, 32, 64, 128), learning_rates=(0.05, 0.1, 0.2))
+    steered = run_table(16, 0.1, rows=6)
+    steered["batch_size"] = np.array([16.0, 32, 32, 64, 64, 64])
+    alone = beacon_map(runs, errors=errors)
+    figure = beacon_map(runs, errors={**errors, "guided": 0.01}, guided={"guided": steered})
+    (segments,) = [c for c in figure.axes[0].collections if type(c).__name__ == "LineCollection"]
+    ticks = [float(t.get_text()) for t in figure.axes[-1].get_yticklabels()]
+    assert ticks == [16.0, 32.0, 64.0, 128.0]
+    beacon_colours = dict(zip(runs, (line.get_color() for line in figure.axes[0].get_lines())))
+    expected = [to_rgba(beacon_colours[f"s{size:g}-lr0.1"]) for size in steered["batch_size"][1:]]
+    np.testing.assert_allclose(segments.get_colors(), expected)  # the colour of that size's beacon
+    (alone_contour,), (contour,) = contours(alone), contours(figure)
+    np.testing.assert_array_equal(alone_contour.levels, contour.levels)  # the guided error 0.01 is not in it
+    names = [a.get_text() for a in figure.axes[0].texts]
+    assert "guided: 0.01" in names and "black-edged: guided" in title(figure)
+    with pytest.raises(ValueError, match="in both `runs` and `guided`"):
+        beacon_map(runs, guided={"s16-lr0.1": steered})
+    with pytest.raises(ValueError, match="not in `runs`"):
+        beacon_map(runs, errors={"other": 0.1}, guided={"guided": steered})
 
 
 def test_axes_name_the_measures_and_each_run_is_labelled_at_its_end():
