@@ -137,8 +137,9 @@ def beacon_from_records(
     :func:`lightning_tricks.results.load_fisher_spectrum` / ``load_fisher_history`` return them).
 
     The last row of each epoch e gives the point at progress (e + 1) / ``max_epochs``; K = step //
-    ``every_n_steps`` + 1 (the measured steps 0, n, 2n, … up to that row's step). Batch size and
-    learning rate are the first row's (the run's configuration, as the sweep names it).
+    ``every_n_steps`` + 1 (the measured steps 0, n, 2n, … up to that row's step). The batch size
+    is the largest in the rows (the run's configured size, as the sweep names it: an epoch's last
+    batch may be smaller), the learning rate the first row's.
 
     Raises:
         ValueError: no rows, a row without ``epoch``/``step``/``C_bar``/``L``/``batch_size``/``lr``,
@@ -162,7 +163,7 @@ def beacon_from_records(
     rows = [last_of_epoch[epoch] for epoch in sorted(last_of_epoch)]
     return Beacon(
         name=name,
-        batch_size=int(records[0]["batch_size"]),
+        batch_size=int(max(row["batch_size"] for row in records)),
         lr=float(records[0]["lr"]),
         error=float(error),
         progress=np.array([(row["epoch"] + 1) / max_epochs for row in rows]),

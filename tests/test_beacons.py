@@ -79,6 +79,16 @@ def test_beacon_from_records_keeps_the_last_row_of_each_epoch() -> None:
     assert (beacon.batch_size, beacon.lr) == (32, 0.1)
 
 
+def test_a_beacons_size_is_its_loaders_not_a_ragged_last_batch() -> None:
+    """1257 digits at 512: batches of 512, 512, 233; the epoch table of an older FisherSpectrum wrote
+    the last measured batch's size (233) in some rows — the beacon is still the s512 one."""
+    rows = [
+        {"epoch": 0, "step": 2, "C_bar": 5.0, "L": 0.1, "lr": 0.1, "batch_size": 233},
+        {"epoch": 1, "step": 4, "C_bar": 6.0, "L": 0.2, "lr": 0.1, "batch_size": 512},
+    ]
+    assert beacon_from_records("s512-lr0.1", rows, error=0.1, max_epochs=2).batch_size == 512
+
+
 def test_beacon_point_interpolates_the_sums() -> None:
     """Σc_k = K·C̄_K, K and L_K are linear between recorded points; C̄_K is their ratio."""
     beacon = Beacon("b", 32, 0.1, 0.1, progress=[0.5, 1.0], C_bar=[2.0, 5.0], L=[1.0, 3.0], count=[10, 30])

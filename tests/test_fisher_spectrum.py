@@ -423,6 +423,20 @@ def test_logs_namespaced_metrics_and_writes_epoch_csv_for_beacon_map(tmp_path):
     assert figure.axes and figure.axes[0].get_xlabel().startswith("C̄")
 
 
+def test_the_epoch_row_has_the_loaders_batch_size_when_the_last_batch_is_ragged(tmp_path):
+    """30 samples at 8: batches of 8, 8, 8, 6, each measured; the history keeps each step's size, the
+    epoch's row of fisher_spectrum.csv (the beacons' size) the loader's 8, its other columns the last step's."""
+    fisher = FisherSpectrum()
+    trainer = quiet_fit_trainer(
+        [fisher], tmp_path, max_epochs=2, logger=TensorBoardLogger(tmp_path, name="run")
+    )
+    trainer.fit(SmallNet(), DataLoader(make_data(n=30), batch_size=8))
+    assert [r["batch_size"] for r in fisher.history] == [8, 8, 8, 6] * 2
+    rows = np.genfromtxt(tmp_path / "run" / "version_0" / "fisher_spectrum.csv", delimiter=",", names=True)
+    assert rows["batch_size"].tolist() == [8.0, 8.0]
+    assert rows["step"].tolist() == [3.0, 7.0] and rows["L"][-1] == pytest.approx(fisher.L, rel=1e-12)
+
+
 def test_csv_logger_works_and_eigenvalue_histogram_is_skipped(tmp_path):
     fisher = FisherSpectrum(log_eigenvalues=True)
     trainer = fit(SmallNet(), [fisher], tmp_path, max_steps=4, logger=CSVLogger(tmp_path))

@@ -182,8 +182,13 @@ class FisherRecords:
         self.rows_through = -1
 
     def add(self, record: dict[str, float]) -> None:
+        """Keep ``record``; the epoch's row is its latest measurement with the epoch's largest
+        measured batch size (the loader's size: the epoch's last batch may be smaller)."""
         self.history.append(record)
-        self.last_row = {name: record[name] for name in EPOCH_COLUMNS}
+        row = {name: record[name] for name in EPOCH_COLUMNS}
+        if self.last_row is not None and self.last_row["epoch"] == row["epoch"]:
+            row["batch_size"] = max(row["batch_size"], self.last_row["batch_size"])
+        self.last_row = row
 
     def row_due_at_start(self, epoch: int) -> dict[str, float] | None:
         """The last epoch's row if the fit resumes in epoch ``epoch`` before it was written."""

@@ -61,8 +61,8 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per measured
     step of this fit (``step``, ``epoch``, ``lr`` and the names above), also appended to
     ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
-    latest values. Each epoch one row (epoch, step, C_bar, L, lr, batch_size) goes to
-    ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
+    latest values. Each epoch one row (epoch, step, C_bar, L, lr of its last measurement and its
+    largest measured batch_size) goes to ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
     Checkpoints hold the running sums only; a resumed fit puts ``C_bar`` and ``L`` back into
     ``trainer.callback_metrics`` at its start. One device-to-host transfer per measured step (F̃).
 
