@@ -314,7 +314,8 @@ def beacon_map(
         error_label: what ``errors`` are, for the colour bar.
         log_l: logarithmic L_K axis; ``None`` decides by the final L_K's span.
         guided: run name → FisherSpectrum table of runs drawn over the beacons (``errors`` may name
-            them, for their labels).
+            them, for their labels); per-epoch tables (``fisher_spectrum.csv``), whose rows carry
+            the epoch's batch size — a per-step row carries its own, a ragged last batch's too.
 
     Raises:
         ValueError: no runs, an unknown ``color_by``, ``progress`` outside (0, 1], ``min_contour_runs``
