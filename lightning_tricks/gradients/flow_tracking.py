@@ -97,6 +97,7 @@ def alarm_messages(window: AlarmWindow, names: Sequence[str], where: str = "") -
 
 
 HISTORY_COLUMNS = ("epoch", "optimizer", "layer", "mean_abs")
+"""The columns of the history file (``grad_flow.csv``): one row per epoch, optimiser and layer."""
 HistoryRow = tuple[int, int, str, str]
 """A row of the history file (:data:`HISTORY_COLUMNS`): ``(epoch, optimizer, layer, repr(mean_abs))``."""
 
@@ -115,8 +116,10 @@ class OptimizerFlow:
     stats: LayerGradientStats
     running: RunningFlow
     history: FlowHistory
+    """The optimiser's layer × epoch history (the columns of :meth:`end_epoch`)."""
     group_sizes: list[int]
     epoch: int
+    """The epoch of the last step folded in."""
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KINDS, 0))
     warned: set[str] = field(default_factory=set)
     last_logged_step: int = -1
@@ -200,6 +203,8 @@ class OptimizerFlow:
             self.counts[kind] += int(n)
 
     def state_dict(self) -> dict[str, Any]:
+        """The bounded history, alarm totals, warnings given, epoch and running flow (for
+        :meth:`continue_from`)."""
         return {
             "history": self.history.state_dict(),
             "counts": dict(self.counts),
@@ -379,6 +384,7 @@ class FigureBudget:
         self.restart()
 
     def restart(self) -> None:
+        """Training starts now; no figure time spent yet."""
         self.started, self.spent = time.perf_counter(), 0.0
 
     def allows(self) -> bool:

@@ -500,6 +500,7 @@ class EpochBins:
         return np.array([known[name] for name in names], dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
+        """The bins' width, last epoch, layer names and per-bin sums and counts."""
         return {
             "width": self.width,
             "last_epoch": self.last_epoch,
@@ -537,20 +538,20 @@ class FlowHistory:
     - :attr:`bins`: every epoch of the **run**, across resumes, in at most ``max_columns`` bins
       (:class:`EpochBins`; saved in checkpoints);
     - :attr:`recent`: the last ``max_recent`` epochs of the run, unbinned (saved in checkpoints).
-
-    Attributes:
-        layer_names: rows of :attr:`matrix`, in forward order; when the tracked layers change (e.g.
-            a parameter group is added for fine-tuning) the latest order comes first, then the
-            layers no longer tracked.
-        epochs: epoch number of every column of :attr:`matrix`.
     """
 
     def __init__(self, max_columns: int, max_recent: int) -> None:
         self.layer_names: list[str] = []
+        """Rows of :attr:`matrix`, in forward order; when the tracked layers change (e.g. a parameter
+        group is added for fine-tuning) the latest order comes first, then the layers no longer
+        tracked."""
         self.epochs: list[int] = []
+        """Epoch number of every column of :attr:`matrix`."""
         self._columns: list[tuple[list[str], np.ndarray]] = []
         self.bins = EpochBins(max_columns)
+        """Every epoch of the run, binned."""
         self.recent: deque[tuple[int, list[str], np.ndarray]] = deque(maxlen=max_recent)
+        """``(epoch, layer names, values)`` of the last ``max_recent`` epochs."""
 
     def add_epoch(self, epoch: int, names: Sequence[str], values: np.ndarray) -> None:
         """Append the column of ``epoch``; ``values[i]`` belongs to layer ``names[i]``."""
