@@ -7,8 +7,11 @@ parser, both shipped with Sphinx); ``-W`` turns every docstring that does not pa
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
+import sys
+from typing import Any
 
 from lightning.pytorch import Callback
 from sphinx.ext.napoleon import Config as NapoleonConfig
@@ -27,19 +30,46 @@ html_static_path: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True}
+# ``-n`` (nitpicky) checks every cross-reference. Types of the standard library and of third-party
+# packages have no inventory here (intersphinx would fetch one over the network), so they are left
+# unlinked: in signatures under their full names, ``Tensor``/``Module`` where an annotation or an
+# inherited torch docstring names them bare. A generic alias (``HistoryRow = tuple[int, ...]``) is
+# shown "alias of tuple[int, ...]", which Sphinx splits at its commas into unresolvable pieces.
+THIRD_PARTY = r"(collections|contextlib|os|pathlib|argparse|numpy|np|torch|nn|lightning|matplotlib)\..+"
+nitpick_ignore_regex = [
+    ("py:class", THIRD_PARTY),
+    ("py:class", r"Tensor|Module|Triangulation"),
+    ("py:class", r"[\w.~]+\[.*"),
+]
 # ``Attributes:`` as fields (napoleon_use_ivar): the attributes themselves are documented as members.
 NAPOLEON = NapoleonConfig(napoleon_use_rtype=False, napoleon_use_ivar=True)
 
 # The protocol every callback shares (Lightning's hooks, state_dict, the TrickCallback plumbing) is
 # not the user's API of any one callback: a callback's page shows its arguments, its own properties
 # and methods.
+CALLBACKS = "lightning_tricks.callbacks"
 PROTOCOL = {name for base in (Callback, TrickCallback) for name, _ in inspect.getmembers(base)}
 
 
+def defining_class(member: Any) -> type | None:
+    """The class whose body defines ``member`` (a function, property, static or class method)."""
+    function = getattr(member, "fget", member)
+    function = getattr(function, "__func__", function)
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    owner = sys.modules.get(module) if isinstance(module, str) else None
+    for part in qualname.split(".")[:-1]:
+        owner = getattr(owner, part, None)
+    return owner if inspect.isclass(owner) else None
+
+
 def skip_protocol(app, what, name, obj, skip, options):
-    """Leave a callback's Lightning hooks and base-class plumbing out of its page."""
+    """Leave a callback's Lightning hooks and base-class plumbing (also where a callback takes them
+    from a helper class of ``lightning_tricks.callbacks``) out of its page; an engine's
+    ``state_dict``, ``setup`` ... are its own API and stay."""
     if what == "class" and name in PROTOCOL:
-        return True
+        owner = defining_class(obj)
+        if owner is None or issubclass(owner, Callback) or owner.__module__.startswith(CALLBACKS):
+            return True
     return None
 
 
@@ -101,7 +131,70 @@ def google_sections(app, what, name, obj, options, lines):
         lines[:] = GoogleDocstring(lines, NAPOLEON, app, what, name, obj, options).lines()
 
 
+def python_object(path: str, scope: str | None) -> Any:
+    """The object ``path`` names in the module ``scope`` (as the module's own code would see it), or
+    in the package (``lightning_tricks.…``, a module imported as needed); None if it names none."""
+    if scope is not None:
+        parts, obj = path.split("."), importlib.import_module(scope)
+    elif path.startswith("lightning_tricks."):
+        parts, obj = path.split(".")[1:], importlib.import_module("lightning_tricks")
+    else:
+        return None
+    for part in parts:
+        if not hasattr(obj, part) and inspect.ismodule(obj):
+            try:
+                importlib.import_module(f"{obj.__name__}.{part}")
+            except ImportError:
+                return None
+        obj = inspect.getattr_static(obj, part, None)
+        obj = getattr(obj, "__func__", obj)  # a staticmethod or classmethod: its function
+        if obj is None:
+            return None
+    return obj
+
+
+def documented_name(path: str, scope: str | None) -> str | None:
+    """Where the object ``path`` names (in ``scope``) is documented: its defining module and
+    qualified name, then the attribute it reaches, if any, that has no name of its own (a property)."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        obj = python_object(".".join(parts[:cut]), scope)
+        if inspect.ismodule(obj):
+            return ".".join([obj.__name__, *parts[cut:]])
+        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if isinstance(module, str) and isinstance(qualname, str) and module.startswith("lightning_tricks"):
+            return ".".join([module, qualname, *parts[cut:]])
+    return None
+
+
+def resolve_imported_names(app, env, node, contnode):
+    """Resolve a Python reference the way the docstring's module resolves the name: a name it
+    imports (``AlarmRule`` in ``flow_tracking``, from ``gradient_flow``), a relative name
+    (``..fallback.graph_factors``) or a package's re-export (``lightning_tricks.gradients.GramCollector``)
+    links to where the object is documented."""
+    if node.get("refdomain") != "py":
+        return None
+    target, module, cls = node["reftarget"], node.get("py:module"), node.get("py:class")
+    if target.startswith(".") and module is not None:  # `..fallback.f`: Sphinx took one dot
+        dots = len(target) - len(target.lstrip("."))
+        target, module = target.lstrip("."), module.rsplit(".", dots + 1)[0]
+    scopes = [None] if module is None else [module, None]
+    paths = [f"{cls}.{target}", target] if cls else [target]
+    domain = env.get_domain("py")
+    for scope in scopes:
+        for path in paths:
+            name = documented_name(path, scope)
+            if name is not None and name != target:
+                found = domain.resolve_xref(
+                    env, node["refdoc"], app.builder, node["reftype"], name, node, contnode
+                )
+                if found is not None:
+                    return found
+    return None
+
+
 def setup(app):
+    app.connect("missing-reference", resolve_imported_names)
     app.connect("autodoc-skip-member", skip_protocol)
     app.connect("autodoc-process-docstring", plain_formulas, priority=400)
     app.connect("autodoc-process-docstring", google_sections, priority=500)

@@ -12,7 +12,7 @@ every epoch (:class:`~lightning_tricks.samplers.MetricSortedBatchSampler`, batch
 ``drop_last`` of the Trainer's training loader). Batch rank k = 0 … K−1 is the metric order. The
 metric scores the images as stored, not the standardised tensors a loader gives:
 ``metric_transform="auto"`` passes them through the datamodule's ``denormalize(images)`` (``x · std +
-mean`` per channel, as :class:`~lightning_tricks.datamodules.ClassificationDataModule` defines it)
+mean`` per channel, as ``lightning_tricks.datamodules.ClassificationDataModule`` defines it)
 and scores its ``unaugmented_train_set()`` (the ``train_set`` without random augmentation, same
 samples in the same order) where it has them; with your own loader pass ``metric_transform=``, or
 ``None`` to score what the loader gives. ``color`` on grey images warns: hue and saturation are all

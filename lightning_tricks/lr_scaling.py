@@ -17,6 +17,8 @@ from torch.optim import Optimizer
 from torch.optim import lr_scheduler as schedulers
 
 LR_SCALINGS = ("none", "linear", "sqrt")
+"""How the learning rate follows a batch-size change by a ratio r: kept (``"none"``), times r
+(``"linear"``) or times √r (``"sqrt"``)."""
 LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 """Param-group entries that hold learning rates (``max_lr``/``min_lr``: OneCycleLR's)."""
 SCALED_SCHEDULER_VALUES: dict[type, tuple[str, ...]] = {

@@ -31,6 +31,8 @@ GRADIENT_FLOW = Outputs("grad_flow", {"history": "grad_flow.csv"})
 MINIBATCH_HEATMAP = Outputs(
     "heatmap", {"history": "heatmap.csv", "matrix": "heatmap_matrix", "spill": "heatmap_gradients.tmp.npy"}
 )
+"""MinibatchHeatmap's namespace and files (``matrix`` and ``spill`` stems of several heatmaps' files:
+``lightning_tricks.heatmap.heatmap_file``)."""
 BATCH_SIZE_SCHEDULER = Outputs("batch_size", {"history": "batch_size.csv"})
 
 

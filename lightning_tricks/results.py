@@ -1,7 +1,7 @@
 """Read a run folder back into tidy tables and arrays, across resumes, without TensorBoard.
 
 Every lightning-tricks callback writes into its run's versioned folder (see
-:func:`lightning_tricks.callbacks._base.run_directory`): CSV tables, ``.npy`` arrays, PNG figures and
+``lightning_tricks.callbacks._base.run_directory``): CSV tables, ``.npy`` arrays, PNG figures and
 ``lightning_tricks.json``, which records for a resumed fit the run folder it continued; the logger
 writes the scalars beside them (TensorBoard event files, or CSVLogger's ``metrics.csv``). The
 readers here follow that chain, so a notebook gets one table for the whole training::

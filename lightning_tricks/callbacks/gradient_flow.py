@@ -59,8 +59,8 @@ class GradientFlow(TrickCallback):
     under a GradScaler). Each kind warns once per optimiser, naming the layers and the first step;
     ``on_alarm="raise"`` raises :class:`GradientFlowAlarm`, ``"stop"`` stops training.
 
-    **Resume.** ``state_key``: ``include``, ``exclude``, ``include_bias``; checkpoints keep (bounded)
-    the alarm totals, unread steps, the partial epoch and the figure's bins. DDP: rank 0 logs.
+    **Resume** is exact to the bit. ``state_key``: ``include``, ``exclude``, ``include_bias``; checkpoints
+    keep (bounded) the alarm totals, unread steps, partial epoch and figure bins. DDP: rank 0 logs.
 
     Args:
         log_every_n_steps: log at the steps with ``step % n == 0``; None: ``Trainer(log_every_n_steps)``.

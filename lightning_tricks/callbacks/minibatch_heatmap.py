@@ -57,7 +57,7 @@ class MinibatchHeatmap(TrickCallback):
             if any), ``None`` or a callable ``images -> images`` applied before the metric.
 
     Raises:
-        ValueError / TypeError: bad arguments (naming the argument); at ``setup``, a module with
+        ValueError, TypeError: bad arguments (naming the argument); at ``setup``, a module with
             neither ``compute_loss`` nor ``loss_fn``; at the first epoch, a training loader that cannot
             have fixed batches (several loaders, an iterable dataset, a custom batch sampler) or whose
             batches change between epochs, or an ``unaugmented_train_set()`` of another length.

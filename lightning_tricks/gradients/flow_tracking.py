@@ -31,7 +31,6 @@ from .gradient_flow import (
     AlarmWindow,
     FlowHistory,
     RunningFlow,
-    epoch_average,
     figure_due,
     step_scalars,
 )
@@ -98,6 +97,7 @@ def alarm_messages(window: AlarmWindow, names: Sequence[str], where: str = "") -
 
 
 HISTORY_COLUMNS = ("epoch", "optimizer", "layer", "mean_abs")
+"""The columns of the history file (``grad_flow.csv``): one row per epoch, optimiser and layer."""
 HistoryRow = tuple[int, int, str, str]
 """A row of the history file (:data:`HISTORY_COLUMNS`): ``(epoch, optimizer, layer, repr(mean_abs))``."""
 
@@ -116,8 +116,10 @@ class OptimizerFlow:
     stats: LayerGradientStats
     running: RunningFlow
     history: FlowHistory
+    """The optimiser's layer × epoch history (the columns of :meth:`end_epoch`)."""
     group_sizes: list[int]
     epoch: int
+    """The epoch of the last step folded in."""
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KINDS, 0))
     warned: set[str] = field(default_factory=set)
     last_logged_step: int = -1
@@ -148,7 +150,7 @@ class OptimizerFlow:
         return step_scalars(values, self.counts, self.running.names, self.names.prefix, sections)
 
     def end_epoch(self, epoch: int) -> tuple[list[HistoryRow], AlarmWindow]:
-        """Close ``epoch``: its :func:`epoch_average` column added to the history (with layers to
+        """Close ``epoch``: its :func:`~lightning_tricks.gradients.gradient_flow.epoch_average` column added to the history (with layers to
         add), a figure then due (:func:`figure_due`) marked pending, and the alarm window read."""
         average, window = self.running.read_epoch()
         self._add_counts(window)
@@ -201,6 +203,8 @@ class OptimizerFlow:
             self.counts[kind] += int(n)
 
     def state_dict(self) -> dict[str, Any]:
+        """The bounded history, alarm totals, warnings given, epoch and running flow (for
+        :meth:`continue_from`)."""
         return {
             "history": self.history.state_dict(),
             "counts": dict(self.counts),
@@ -216,9 +220,11 @@ class OptimizerFlow:
         window and the partial epoch.
 
         The resume repair: a partial epoch of another epoch than :attr:`epoch` (a checkpoint saved
-        after that epoch's last step, before its end hook) is not continued but closed, its column
-        added to the history (and returned), so that it is not lost."""
+        after that epoch's last step, before its end hook) is not continued but closed
+        (:meth:`RunningFlow.read_restored_epoch`: as that end hook would have), its column added to
+        the history (and returned), so that it is not lost."""
         if previous is not None:
+            previous.running.fold()  # its unfolded rows are of the parameters it tracked
             saved = previous.state_dict()
             self.history, self.last_logged_step = previous.history, previous.last_logged_step
         elif saved is not None:
@@ -227,16 +233,15 @@ class OptimizerFlow:
             return []
         self.counts.update({kind: int(n) for kind, n in saved["counts"].items()})
         self.warned = set(saved["warned"])
-        running, rows = dict(saved["running"]), []
-        partial = running.get("epoch_partial", {})
-        if int(saved["epoch"]) != self.epoch:
-            running.pop("epoch_partial", None)
-            running["steps_in_epoch"] = 0
-            if any(count > 0 for _, count in partial.values()):
-                sums, counts = np.array(list(partial.values()), dtype=np.float64).reshape(-1, 2).T
-                rows = self._add_epoch(int(saved["epoch"]), list(partial), epoch_average(sums, counts))
-        self.running.load_state_dict(running)
-        return rows
+        self.running.load_state_dict(saved["running"])
+        if int(saved["epoch"]) == self.epoch:
+            return []
+        gradients = self.stats.gradients()  # fold where, and in the dtype, the uninterrupted run did
+        if gradients is None:
+            average = self.running.read_restored_epoch(torch.float32, torch.device("cpu"))
+        else:
+            average = self.running.read_restored_epoch(gradients.dtype, gradients.device)
+        return [] if average is None else self._add_epoch(int(saved["epoch"]), self.running.names, average)
 
 
 class FlowTracker:
@@ -379,6 +384,7 @@ class FigureBudget:
         self.restart()
 
     def restart(self) -> None:
+        """Training starts now; no figure time spent yet."""
         self.started, self.spent = time.perf_counter(), 0.0
 
     def allows(self) -> bool:

@@ -203,14 +203,18 @@ class RunningFlow:
     At each step, :meth:`update` stores every gradient's ``‖g‖₁, ‖g‖₂, ‖g‖_∞`` into a row of an
     on-device window (:meth:`LayerGradientStats.norms`: four device ops, five on the CPU, whatever
     the number of layers, no host synchronisation). When the window is read (:meth:`read_step`,
-    :meth:`read_epoch`, :meth:`state_dict`), full (``capacity`` steps) or the present gradients
-    change, it is folded on the device in a constant number of batched ops: per step the layers'
+    :meth:`read_epoch`), full (``capacity`` steps) or the present gradients change, it is folded
+    (:meth:`fold`) on the device in a constant number of batched ops: per step the layers'
     statistics (:meth:`LayerGradientStats.reduce`), their mean |g| into the epoch's per-layer sum
     and count of finite values (:func:`epoch_average` reads them), the alarm flags
     (:class:`AlarmRule`) into the window's per-layer flags, the first flagged step, and the
     numbers of steps with a vanishing, exploding or non-finite gradient. Each read brings
-    everything back in one transfer; :meth:`state_dict` holds the partial epoch and the unread
-    window, so that a checkpoint taken between two reads loses no step.
+    everything back in one transfer.
+
+    :meth:`state_dict` folds nothing: it holds the partial epoch, the unread alarm window and the
+    window's unfolded rows as they are, and :meth:`load_state_dict` puts the rows back, so that a
+    resumed run groups its sums as the uninterrupted one does and its epoch averages are the same
+    to the bit (and taking a checkpoint changes nothing in the run that takes it).
 
     Args:
         stats: the optimiser's layers and parameters (its ``names`` are the rows).
@@ -245,8 +249,10 @@ class RunningFlow:
         if gradients is None:
             return False
         segment = (gradients.present, gradients.dtype, gradients.device)
+        if self._sum is None:
+            self._resume(gradients.dtype, gradients.device)
         if segment != self._segment or len(self._steps) == self.capacity:
-            self._fold()
+            self.fold()
             self._start(segment)
         self._stats.norms(gradients, out=self._rows[len(self._steps)])
         self._steps.append(step)
@@ -256,7 +262,7 @@ class RunningFlow:
     def read_step(self) -> tuple[dict[str, np.ndarray], AlarmWindow]:
         """The last step's statistics and the alarm window, in one host transfer; the window is
         emptied."""
-        self._fold()
+        self.fold()
         s = self.current
         assert s is not None
         last = [s.mean_abs[-1], s.l2[-1], s.max_abs[-1], s.present.to(s.mean_abs.dtype), s.global_norm[-1:]]
@@ -270,25 +276,57 @@ class RunningFlow:
     def read_epoch(self) -> tuple[np.ndarray, AlarmWindow]:
         """The epoch's :func:`epoch_average` and the alarm window, in one host transfer; both are
         emptied."""
-        self._fold()
+        self.fold()
         values = self._transfer([self._sum, self._count, *self._window_parts()])
-        n = self.num_layers
-        average = epoch_average(values[:n], values[n : 2 * n])
-        self._sum.zero_()
-        self._count.zero_()
-        self.steps_in_epoch = 0
-        return average, self._take_window(values[2 * n :])
+        return self._take_epoch(values), self._take_window(values[2 * self.num_layers :])
+
+    def read_restored_epoch(self, dtype: torch.dtype, device: torch.device) -> np.ndarray | None:
+        """The :func:`epoch_average` of the partial epoch :meth:`load_state_dict` restored, its
+        unfolded rows folded first (on ``device``, the sums in ``dtype`` unless the rows say
+        otherwise, as the uninterrupted run would), and emptied; the alarm window stays unread.
+        None when the restored epoch had no step. For a checkpoint whose epoch ended without its
+        end hook (saved after its last step)."""
+        if self._sum is None:
+            self._resume(dtype, device)
+        if not self.steps_in_epoch:
+            return None
+        self.fold()
+        return self._take_epoch(self._transfer([self._sum, self._count]))
+
+    def fold(self) -> None:
+        """Fold the window's steps into the epoch sums and the alarm window (device ops only)."""
+        if not self._steps:
+            return
+        present, dtype, device = self._segment
+        rows, offset = len(self._steps), len(self._unread_steps)
+        stats = self._stats.reduce(self._buffer[:rows], present)
+        self._unread_steps += self._steps
+        self._steps = []
+        self.current = stats
+        finite = torch.isfinite(stats.mean_abs) & torch.isfinite(stats.l2)
+        valid, nonfinite = stats.present & finite, stats.present & ~finite
+        self._sum += torch.where(valid, stats.mean_abs, 0.0).sum(0)
+        self._count += valid.sum(0)
+        flags = self.rule.flags(stats, valid, nonfinite)
+        raised = flags.any(dim=2)
+        self._flags |= flags.any(dim=0)
+        self._counts += torch.cat([raised, nonfinite.any(dim=1, keepdim=True)], dim=1).sum(0)
+        unread_rows = torch.arange(offset, offset + rows, dtype=dtype, device=device).unsqueeze(1)
+        flagged_at = torch.where(raised, unread_rows, math.inf).amin(0)
+        self._first.copy_(torch.where((self._first < 0) & raised.any(0), flagged_at, self._first))
 
     def state_dict(self) -> dict[str, Any]:
-        """The partial epoch ``{layer: [sum, count]}``, steps so far, and the unread window (one
-        host transfer; nothing is emptied)."""
-        self._fold()
+        """The partial epoch ``{layer: [sum, count]}``, steps so far, the unread alarm window and,
+        when the window holds steps not folded yet, ``"unfolded"``: their rows of norms as they
+        are (a CPU tensor copy), steps, present gradients and the layers and number of parameters
+        they belong to (at most ``capacity × 3·P`` numbers). Two host transfers; nothing is folded
+        or emptied."""
         if self._sum is None:
             return dict(self._restored)
         values = self._transfer([self._sum, self._count, *self._window_parts()])
         n = self.num_layers
         window = self._unpack_window(values[2 * n :])
-        return {
+        state = {
             "epoch_partial": {
                 name: [float(s), float(c)] for name, s, c in zip(self.names, values[:n], values[n : 2 * n])
             },
@@ -299,9 +337,20 @@ class RunningFlow:
                 "counts": window.counts.tolist(),
             },
         }
+        if self._steps:
+            state["unfolded"] = {
+                "steps": list(self._steps),
+                "rows": self._buffer[: len(self._steps)].to("cpu", copy=True),
+                "present": list(self._segment[0]),
+                "layers": list(self.names),
+                "parameters": self._stats.num_parameters,
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Seed the accumulators with :meth:`state_dict`'s (applied at the next fold's allocation)."""
+        """Take :meth:`state_dict`'s (or the earlier format's, without ``"unfolded"``: its window was
+        folded when saved); applied on the device at the next :meth:`update`. Unfolded rows of
+        other layers or parameters than this flow's are dropped (the model changed)."""
         self._restored = dict(state)
         self.steps_in_epoch = int(state.get("steps_in_epoch", 0))
 
@@ -316,35 +365,27 @@ class RunningFlow:
             self._rows = list(self._buffer.unbind(0))
         self._segment = segment
 
-    def _fold(self) -> None:
-        """Fold the window's steps into the epoch sums and the alarm window (device ops only)."""
-        if not self._steps:
-            return
-        present, dtype, device = self._segment
-        rows, offset = len(self._steps), len(self._unread_steps)
-        stats = self._stats.reduce(self._buffer[:rows], present)
-        self._unread_steps += self._steps
-        self._steps = []
-        if self._sum is None:
-            self._allocate(stats.mean_abs)
-        self.current = stats
-        finite = torch.isfinite(stats.mean_abs) & torch.isfinite(stats.l2)
-        valid, nonfinite = stats.present & finite, stats.present & ~finite
-        self._sum += torch.where(valid, stats.mean_abs, 0.0).sum(0)
-        self._count += valid.sum(0)
-        flags = self.rule.flags(stats, valid, nonfinite)
-        raised = flags.any(dim=2)
-        self._flags |= flags.any(dim=0)
-        self._counts += torch.cat([raised, nonfinite.any(dim=1, keepdim=True)], dim=1).sum(0)
-        unread_rows = torch.arange(offset, offset + rows, dtype=dtype, device=device).unsqueeze(1)
-        flagged_at = torch.where(raised, unread_rows, math.inf).amin(0)
-        self._first.copy_(torch.where((self._first < 0) & raised.any(0), flagged_at, self._first))
-
     def _flagged(self, window: AlarmWindow, row: int) -> list[str]:
         return [self.names[i] for i in np.flatnonzero(window.flags[row])]
 
-    def _allocate(self, like: Tensor) -> None:
-        device, dtype = like.device, like.dtype
+    def _resume(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the accumulators on ``device``, seeded with :meth:`load_state_dict`'s state, and
+        put its unfolded rows back into the window (their dtype then that of the sums)."""
+        unfolded = self._restored.get("unfolded")
+        if unfolded and self._fits(unfolded):
+            rows = unfolded["rows"]
+            dtype = rows.dtype
+            self._start((tuple(unfolded["present"]), dtype, device))
+            self._buffer[: len(rows)].copy_(rows)
+            self._steps = [int(step) for step in unfolded["steps"]]
+        self._allocate(dtype, device)
+
+    def _fits(self, unfolded: dict[str, Any]) -> bool:
+        """Whether saved unfolded rows are of this flow's layers and parameters, and fit the window."""
+        same = unfolded["layers"] == self.names and unfolded["parameters"] == self._stats.num_parameters
+        return same and len(unfolded["steps"]) <= self.capacity
+
+    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
         partial = self._restored.get("epoch_partial", {})
         sums, counts = (
             zip(*(partial.get(name, (0.0, 0.0)) for name in self.names)) if self.names else ((), ())
@@ -359,6 +400,14 @@ class RunningFlow:
         self._first = torch.full((2,), -1.0, dtype=dtype, device=device)
         self._restored_first = [int(step) for step in window.get("first", [-1, -1])]
         self._restored = {}
+
+    def _take_epoch(self, values: np.ndarray) -> np.ndarray:
+        """The :func:`epoch_average` of transferred ``values`` (sums, then counts); the sums emptied."""
+        n = self.num_layers
+        self._sum.zero_()
+        self._count.zero_()
+        self.steps_in_epoch = 0
+        return epoch_average(values[:n], values[n : 2 * n])
 
     def _window_parts(self) -> list[Tensor]:
         return [self._flags.flatten().to(self._counts.dtype), self._counts, self._first]
@@ -451,6 +500,7 @@ class EpochBins:
         return np.array([known[name] for name in names], dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
+        """The bins' width, last epoch, layer names and per-bin sums and counts."""
         return {
             "width": self.width,
             "last_epoch": self.last_epoch,
@@ -488,20 +538,20 @@ class FlowHistory:
     - :attr:`bins`: every epoch of the **run**, across resumes, in at most ``max_columns`` bins
       (:class:`EpochBins`; saved in checkpoints);
     - :attr:`recent`: the last ``max_recent`` epochs of the run, unbinned (saved in checkpoints).
-
-    Attributes:
-        layer_names: rows of :attr:`matrix`, in forward order; when the tracked layers change (e.g.
-            a parameter group is added for fine-tuning) the latest order comes first, then the
-            layers no longer tracked.
-        epochs: epoch number of every column of :attr:`matrix`.
     """
 
     def __init__(self, max_columns: int, max_recent: int) -> None:
         self.layer_names: list[str] = []
+        """Rows of :attr:`matrix`, in forward order; when the tracked layers change (e.g. a parameter
+        group is added for fine-tuning) the latest order comes first, then the layers no longer
+        tracked."""
         self.epochs: list[int] = []
+        """Epoch number of every column of :attr:`matrix`."""
         self._columns: list[tuple[list[str], np.ndarray]] = []
         self.bins = EpochBins(max_columns)
+        """Every epoch of the run, binned."""
         self.recent: deque[tuple[int, list[str], np.ndarray]] = deque(maxlen=max_recent)
+        """``(epoch, layer names, values)`` of the last ``max_recent`` epochs."""
 
     def add_epoch(self, epoch: int, names: Sequence[str], values: np.ndarray) -> None:
         """Append the column of ``epoch``; ``values[i]`` belongs to layer ``names[i]``."""

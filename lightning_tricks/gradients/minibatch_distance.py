@@ -274,6 +274,7 @@ class MinibatchDistances:
         return torch.where(self._weights > 0, out, math.nan)
 
     def close(self) -> None:
+        """Free the stored ∇_k and remove a spill file."""
         self._store.close()
 
 

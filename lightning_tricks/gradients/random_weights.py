@@ -12,7 +12,7 @@ propagates the loss gradient times r_t.
   or, when the backward also reaches parameters left unscaled (:func:`reaches_any`), at the
   selected parameters;
 - the argument checks shared by the stream and the callback (:func:`check_stream_arguments`,
-  :func:`check_optimizer_indices`), built on :mod:`lightning_tricks.checks`.
+  :func:`check_optimizer_indices`), built on ``lightning_tricks.checks``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import checks
 
 SCHEDULES = ("uniform", "constant", "cyclical")
+"""How r_t is drawn: ``U(low, high)``, always ``high``, or :func:`triangular_wave`."""
 SEED_LIMIT = 2**64
 DERIVED_SEED_OFFSET = 0x5EED_0000
 """Added to ``torch.initial_seed()`` by :func:`derived_seed`, so that the r stream is not the same
@@ -86,6 +87,7 @@ class RandomWeightStream:
         self.low, self.high, self.schedule, self.period = check_stream_arguments(low, high, schedule, period)
         self.seed = check_seed(seed)
         self.draws = 0
+        """The number t of draws so far (the index of the next r_t)."""
         self._generator = torch.Generator().manual_seed(self.seed)
         self._block: list[float] = []
         self._used = 0
@@ -167,6 +169,7 @@ class DrawLog:
         return list(zip(self.steps, self.backwards, self.values))[self._written :]
 
     def mark_written(self, count: int) -> None:
+        """The next ``count`` draws of :meth:`unwritten` are written."""
         self._written += count
 
 
