@@ -94,7 +94,7 @@ class BeaconGuidedPolicy:
         metric, higher_is_better, max_epochs: how :func:`landscape_from_runs` reads folders.
 
     Raises:
-        ValueError/TypeError: bad arguments or beacon folders; at fit start (:meth:`validate`) a run
+        ValueError, TypeError: bad arguments or beacon folders; at fit start (:meth:`validate`) a run
             whose ``max_epochs`` differs from the beacons', an empty target region or a candidate
             without a finished beacon; at a decision, no FisherSpectrum reading (attach one).
 

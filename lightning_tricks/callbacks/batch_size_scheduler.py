@@ -149,7 +149,8 @@ class BatchSizeScheduler(TrickCallback):
     @override
     def reset_fit_state(self) -> None:
         self.size: int | None = None  # the current global batch size (None before training)
-        self.history: list[dict[str, Any]] = []  # one record per change, as HISTORY_COLUMNS
+        self.history: list[dict[str, Any]] = []
+        """One record per size change (the columns of ``batch_size.csv``)."""
         self.noise_scale = math.nan  # the latest epoch's pooled B_noise a policy read
         self._initial_size: int | None = None
         self._decided_epoch: int | None = None  # the epoch whose size is set (checkpointed)
