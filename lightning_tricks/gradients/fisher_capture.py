@@ -148,7 +148,7 @@ def step_measures(
         trace,
         lambda_max,
         rank,
-        noise_scale_ratio(trace_sigma, grad_sq_norm),
+        stats.noise_scale if combine is None else noise_scale_ratio(trace_sigma, grad_sq_norm),
         trace_sigma,
         grad_sq_norm,
         batch,
