@@ -61,8 +61,12 @@ class StepCapture:
         self.measuring = self._attached = True
 
     def before_backward(self, loss: Tensor) -> None:
-        if self.measuring and self.collector.track_outside_use:
-            self.collector.check_outside_use(loss)
+        """The forward is done: the outside-use check where due, and no leaf hook left where a
+        gradient is expected (:meth:`GramCollector.forward_done`)."""
+        if self.measuring:
+            if self.collector.track_outside_use:
+                self.collector.check_outside_use(loss)
+            self.collector.forward_done()
 
     def stop(self) -> Tensor | None:
         """End the step's capture: F̃_k (float64, on the model's device) if a backward ran, else
