@@ -601,7 +601,7 @@ def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
 
 
 IM2COL_MAX_POSITIONS = 8
-"""2-D patches with at most this many positions (tiny maps) come from one ``F.unfold`` (im2col);
+"""2-D patches with at most this many positions (tiny maps) come from one im2col (``F.unfold``);
 the views' copy there moves runs of a few entries at a time (twice as slow at 2×2 positions), while
 on larger maps it is the faster of the two. The same entries either way."""
 
@@ -615,12 +615,11 @@ def unfold_patches(
     (C, *kernel) order of a ConvNd weight; T = Π output sizes (:data:`IM2COL_MAX_POSITIONS`).
     """
     dims = len(kernel_size)
-    geometry = zip(x.shape[2:], kernel_size, stride, dilation)
-    if (
-        dims == 2
-        and math.prod((n - d * (k - 1) - 1) // s + 1 for n, k, s, d in geometry) <= IM2COL_MAX_POSITIONS
-    ):
-        return F.unfold(x, kernel_size, dilation=dilation, stride=stride)
+    positions = 1
+    for size, k, s, d in zip(x.shape[2:], kernel_size, stride, dilation):
+        positions *= (size - d * (k - 1) - 1) // s + 1
+    if dims == 2 and positions <= IM2COL_MAX_POSITIONS:  # F.unfold's op, without its Python frames
+        return torch.ops.aten.im2col(x, kernel_size, dilation, (0, 0), stride)
     for d, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
         x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
     x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
