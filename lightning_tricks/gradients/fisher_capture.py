@@ -122,7 +122,7 @@ def step_measures(
     """
     host_gram = gram.to("cpu", torch.float64)
     stats = fisher_statistics(host_gram, rank_rtol, grad_dtype)
-    tests = gradient_tests(host_gram)
+    tests = gradient_tests(host_gram, stats.trace_sigma)
     summed = torch.stack([stats.trace, stats.batch_size])
     averaged = torch.stack(
         [

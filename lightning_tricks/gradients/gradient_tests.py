@@ -61,7 +61,7 @@ class GradientTests(NamedTuple):
     """B, the number of samples behind F̃."""
 
 
-def gradient_tests(gram: Tensor) -> GradientTests:
+def gradient_tests(gram: Tensor, trace_sigma: Tensor | None = None) -> GradientTests:
     """θ_norm, θ_inner and ν of one batch from F̃ = JᵀJ (B×B), F̃_ij = g_iᵀg_j.
 
     With s = Tr F̃ = Σ‖g_i‖², m = ‖ḡ‖² = 1ᵀF̃1/B² and p = F̃1/B (p_i = g_iᵀḡ, mean m):
@@ -85,6 +85,8 @@ def gradient_tests(gram: Tensor) -> GradientTests:
     Variances are clamped at 0 against round-off. ``gram`` is promoted to float64; it may carry
     leading batch dimensions (..., B, B). Edge cases, never an exception: B = 1 → NaN (no sample
     variance); F̃ = 0 → NaN (0/0); ḡ = 0 with non-zero g_i → +inf; a non-finite entry → NaN.
+    ``trace_sigma``: tr Σ of this F̃ where the caller has it already (:func:`fisher_statistics
+    <lightning_tricks.gradients.spectrum.fisher_statistics>`), so that it is not computed twice.
     """
     gram = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     batch = gram.shape[-1]
@@ -94,7 +96,8 @@ def gradient_tests(gram: Tensor) -> GradientTests:
         return GradientTests(nan, nan, nan, size)
     finite = torch.isfinite(gram).all(-1).all(-1)
     gram = torch.where(finite.view(*finite.shape, 1, 1), gram, 0.0)
-    trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
+    if trace_sigma is None:
+        trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
     projections = gram.sum(-1) / batch  # p_i = g_iᵀḡ
     mean_sq_norm = projections.sum(-1) / batch  # m = ‖ḡ‖² = 1ᵀF̃1 / B²
     signal = mean_sq_norm > 0  # ‖Σ g_i‖² ≥ 0: a round-off negative is a zero gradient
