@@ -195,7 +195,10 @@ class GramCollector:
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Host cost (where a GPU's step waits for Python): hooks are registered once and put in and out
-    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); the method
+    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); a layer has
+    a forward pre-hook only where its rule may fuse a weight gradient; an output's gradient hook
+    goes in without a removable handle; :meth:`forward_done` takes the parameter hooks that would
+    return at once out for the backward (at most three hook calls a layer and step remain); the method
     of each parameter is planned at its first collection; normalisation layers and materialised
     convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
     operands until G is read, when the layers of one shape get their blocks from one batched
