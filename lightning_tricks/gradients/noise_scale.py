@@ -83,8 +83,8 @@ class EpochNoiseScale:
             self.epoch, self._sums = epoch, torch.zeros(3, dtype=torch.float64)
 
     def add(self, epoch: int, trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> None:
-        """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out); Python
-        numbers are added without a tensor op but one."""
+        """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out); a pair of
+        Python numbers is checked in Python and added as one small tensor."""
         self.start(epoch)
         if not isinstance(trace_sigma, Tensor) and not isinstance(grad_sq_norm, Tensor):
             if math.isfinite(trace_sigma) and math.isfinite(grad_sq_norm):
