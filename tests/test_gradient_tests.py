@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from helpers import cross_entropy_jacobian
 from torch import nn
 
-from lightning_tricks.gradients import GramCollector, gradient_noise_parts, gradient_tests, needed_batch_size
+from lightning_tricks.gradients import (
+    GramCollector,
+    fisher_statistics,
+    gradient_noise_parts,
+    gradient_tests,
+    needed_batch_size,
+)
 
 DTYPE = torch.float64
 RTOL = 1e-9
@@ -188,6 +194,26 @@ def test_non_finite_gram_is_nan(bad: float) -> None:
     tests = gradient_tests(gram)
     assert all(math.isnan(getattr(tests, name).item()) for name in ("norm_test", "inner_test", "ortho_test"))
     assert tests.batch_size.item() == 4
+
+
+@pytest.mark.parametrize("case", ["random", "rank one", "zero mean", "non-finite", "single sample"])
+def test_trace_sigma_given_by_fisher_statistics_changes_nothing(case: str) -> None:
+    """FisherSpectrum passes the tr Σ its ``fisher_statistics`` computed: the tests come out bit
+    for bit as when they compute it themselves."""
+    torch.manual_seed(0)
+    grads = torch.randn(6, 40, dtype=DTYPE)
+    if case == "rank one":
+        grads = torch.randn(6, 1, dtype=DTYPE) * torch.randn(1, 40, dtype=DTYPE)
+    elif case == "zero mean":
+        grads = grads - grads.mean(0)
+    elif case == "single sample":
+        grads = grads[:1]
+    gram = grads @ grads.T
+    if case == "non-finite":
+        gram[1, 2] = math.nan
+    own, given = gradient_tests(gram), gradient_tests(gram, fisher_statistics(gram).trace_sigma)
+    for mine, theirs in zip(own, given):
+        assert torch.equal(mine.nan_to_num(-1.0, -2.0), theirs.nan_to_num(-1.0, -2.0))
 
 
 def test_float32_gram_is_promoted() -> None:

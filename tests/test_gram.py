@@ -642,6 +642,45 @@ def test_parameter_used_outside_its_module_is_refused() -> None:
         gram.matrix()
 
 
+def test_forward_done_quiets_the_hooks_of_recorded_parameters_until_reset(monkeypatch) -> None:
+    """After ``forward_done`` a gradient reaching a parameter its module's captured call recorded
+    runs no leaf hook (it would return at once), across collections of a collector left attached;
+    a parameter no captured call recorded keeps its hook, and its use is refused as before."""
+    calls: list[nn.Parameter] = []
+    on_param_grad = GramCollector._on_param_grad
+
+    def counted(self, param, grad):
+        calls.append(param)
+        on_param_grad(self, param, grad)
+
+    monkeypatch.setattr(GramCollector, "_on_param_grad", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    x = torch.randn(3, 4, dtype=DTYPE)
+    collector = GramCollector(model, fuse_weight_grad=False)
+    collector.attach()
+    for _ in range(2):  # attached throughout, as FisherSpectrum measuring every step
+        collector.reset()
+        loss = model(x).sum()
+        collector.forward_done()
+        loss.backward()
+        collector.matrix()
+    assert calls == []
+    collector.reset()  # without forward_done: the four hooks run again
+    model(x).sum().backward()
+    assert len(calls) == 4
+    collector.matrix()
+    calls.clear()
+    collector.reset()
+    loss = model[2](torch.tanh(_linear_of(x, model[0]))).sum()  # model[0] used outside its forward
+    collector.forward_done()
+    loss.backward()
+    assert len(calls) == 2 and set(calls) == {model[0].weight, model[0].bias}
+    with pytest.raises(RuntimeError, match=r"\['0.bias', '0.weight'\] received gradients"):
+        collector.matrix()
+    collector.detach()
+
+
 def test_outside_use_check_needs_tracking() -> None:
     model, x, y = build("mlp", 4)
     with GramCollector(model) as gram:
@@ -813,12 +852,15 @@ def test_block_triangular_gram_equals_full_product(
         assert torch.equal(gram[half:, :half], gram[:half, half:].T)
 
 
-def test_trainable_set_is_read_again_when_a_flag_changes_between_collections() -> None:
+@pytest.mark.parametrize("first", ["linear", "layer_norm"])
+def test_trainable_set_is_read_again_when_a_flag_changes_between_collections(first: str) -> None:
     """The collector derives a layer's measured parameters again only when a requires_grad flag
     changed since its last collection: freezing and unfreezing between collections must still
-    give the brute-force G of the parameters trainable at each one."""
+    give the brute-force G of the parameters trainable at each one — also where the first layer
+    to run has no forward pre-hook (a LayerNorm: nothing to fuse, the set is read after its call)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    layers = [nn.Linear(4, 3)] if first == "linear" else [nn.LayerNorm(4), nn.Linear(4, 3)]
+    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(3, 2)).double()  # model[0].weight toggled
     x = torch.randn(5, 4, dtype=torch.float64)
     collector = GramCollector(model, loss_reduction="sum")
 

@@ -96,6 +96,25 @@ def test_each_method_matches_per_sample_loop(
     torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("im2col", [True, False])
+@pytest.mark.parametrize("name", [name for name in GEOMETRIES if name.startswith("conv2d")])
+def test_patches_by_im2col_or_views_match_per_sample_loop(
+    name: str, im2col: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2-D patches from ``F.unfold`` (tiny maps) or from strided views: the per-sample loop's
+    g_i, and bit for bit the same patches."""
+    monkeypatch.setattr(ConvFactor, "per_sample_method", lambda self: "patches")
+    monkeypatch.setattr(factors, "IM2COL_MAX_POSITIONS", 10**6 if im2col else 0)
+    factor, expected = factor_for(name, 5)
+    torch.testing.assert_close(factor.per_sample(), expected, rtol=1e-12, atol=1e-12)
+    layer, padded = factor.layer, factor._read_and_other()[0]
+    patches = factors.unfold_patches(padded, layer.kernel_size, layer.stride, layer.dilation)
+    monkeypatch.setattr(factors, "IM2COL_MAX_POSITIONS", 0 if im2col else 10**6)
+    assert torch.equal(
+        patches, factors.unfold_patches(padded, layer.kernel_size, layer.stride, layer.dilation)
+    )
+
+
 @pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("name", [name for name in GEOMETRIES if applicable(name, "shifted")])
 def test_shifted_products_stacked_or_per_offset_match_per_sample_loop(

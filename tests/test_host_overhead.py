@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from lightning_tricks import RandomGradient
+from lightning_tricks import FisherSpectrum, RandomGradient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import count_table, format_count_table  # noqa: E402
@@ -39,3 +39,21 @@ def test_counts_per_step_plain_totals_and_what_callbacks_add(trainer_for, tiny_m
     assert hook["hook_calls"] == 1 and hook["aten_ops"] == 0
     lines = format_count_table(table)
     assert len(lines) == 4 and lines[2].split()[:2] == ["RandomGradient", "+1"]
+
+
+def test_fisher_spectrum_measured_step_counts(trainer_for, tiny_module):
+    """FisherSpectrum on a two-layer net, every 3rd step: a measured step makes three hook calls
+    a layer (forward pre-hook, forward hook, output-gradient hook; no parameter hook, those of
+    recorded parameters are out of torch's dicts during the backward), one host sync (F̃'s
+    transfer) and at most 165 top-level aten ops (the engine's and the statistics of F̃: 154, 266
+    before they were trimmed); an unmeasured step adds no op, hook call or sync."""
+
+    def fit(config, counter):
+        extra = [FisherSpectrum(every_n_steps=3)] if config == "fisher" else []
+        trainer_for([counter, *extra]).fit(tiny_module(samples=32))  # 8 steps
+
+    table = count_table(fit, {"plain": None, "fisher": 3}, range(2, 6))
+    measured, unmeasured = table["fisher, measured step"], table["fisher, unmeasured step"]
+    assert measured["hook_calls"] == 3 * 2 and measured["syncs"] == 1
+    assert 0 < measured["aten_ops"] <= 165
+    assert unmeasured["aten_ops"] == unmeasured["hook_calls"] == unmeasured["syncs"] == 0

@@ -295,13 +295,15 @@ class TrickCallback(Callback):
         """Send ``metrics`` to every logger at ``step`` and into ``trainer.callback_metrics``;
         return them as Python floats.
 
-        Never gated by ``log_every_n_steps``; one host transfer for all tensor values. Under DDP
+        Never gated by ``log_every_n_steps``; one host transfer for all tensor values, and one
+        float64 tensor made for ``callback_metrics`` (its 0-d entries are views of it). Under DDP
         every rank must pass the same values (ours reduce before they log): ``callback_metrics``
         is set on every rank so that monitors agree, loggers are written by rank 0."""
         if not metrics:
             return {}
         values = host_values(metrics)
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        mirrored = torch.tensor(list(values.values()), dtype=torch.float64).unbind(0)  # one tensor, 0-d views
+        trainer.callback_metrics.update(zip(values, mirrored))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 send_metrics(logger, values, step)

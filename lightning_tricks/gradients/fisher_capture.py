@@ -61,8 +61,12 @@ class StepCapture:
         self.measuring = self._attached = True
 
     def before_backward(self, loss: Tensor) -> None:
-        if self.measuring and self.collector.track_outside_use:
-            self.collector.check_outside_use(loss)
+        """The forward is done: the outside-use check where due, and no leaf hook left where a
+        gradient is expected (:meth:`GramCollector.forward_done`)."""
+        if self.measuring:
+            if self.collector.track_outside_use:
+                self.collector.check_outside_use(loss)
+            self.collector.forward_done()
 
     def stop(self) -> Tensor | None:
         """End the step's capture: F̃_k (float64, on the model's device) if a backward ran, else
@@ -118,7 +122,7 @@ def step_measures(
     """
     host_gram = gram.to("cpu", torch.float64)
     stats = fisher_statistics(host_gram, rank_rtol, grad_dtype)
-    tests = gradient_tests(host_gram)
+    tests = gradient_tests(host_gram, stats.trace_sigma)
     summed = torch.stack([stats.trace, stats.batch_size])
     averaged = torch.stack(
         [
@@ -148,7 +152,7 @@ def step_measures(
         trace,
         lambda_max,
         rank,
-        noise_scale_ratio(trace_sigma, grad_sq_norm),
+        stats.noise_scale if combine is None else noise_scale_ratio(trace_sigma, grad_sq_norm),
         trace_sigma,
         grad_sq_norm,
         batch,

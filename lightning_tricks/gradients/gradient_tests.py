@@ -61,7 +61,7 @@ class GradientTests(NamedTuple):
     """B, the number of samples behind F̃."""
 
 
-def gradient_tests(gram: Tensor) -> GradientTests:
+def gradient_tests(gram: Tensor, trace_sigma: Tensor | None = None) -> GradientTests:
     """θ_norm, θ_inner and ν of one batch from F̃ = JᵀJ (B×B), F̃_ij = g_iᵀg_j.
 
     With s = Tr F̃ = Σ‖g_i‖², m = ‖ḡ‖² = 1ᵀF̃1/B² and p = F̃1/B (p_i = g_iᵀḡ, mean m):
@@ -85,38 +85,38 @@ def gradient_tests(gram: Tensor) -> GradientTests:
     Variances are clamped at 0 against round-off. ``gram`` is promoted to float64; it may carry
     leading batch dimensions (..., B, B). Edge cases, never an exception: B = 1 → NaN (no sample
     variance); F̃ = 0 → NaN (0/0); ḡ = 0 with non-zero g_i → +inf; a non-finite entry → NaN.
+    ``trace_sigma``: tr Σ of this F̃ where the caller has it already (:func:`fisher_statistics
+    <lightning_tricks.gradients.spectrum.fisher_statistics>`), so that it is not computed twice.
     """
-    gram = gram.to(torch.float64)
+    gram = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     batch = gram.shape[-1]
-    size = torch.full(gram.shape[:-2], float(batch), dtype=gram.dtype, device=gram.device)
+    size = gram.new_full(gram.shape[:-2], float(batch))
     if batch < 2:
         nan = torch.full_like(size, torch.nan)
         return GradientTests(nan, nan, nan, size)
     finite = torch.isfinite(gram).all(-1).all(-1)
-    gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
-    trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
+    gram = torch.where(finite.view(*finite.shape, 1, 1), gram, 0.0)
+    if trace_sigma is None:
+        trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
     projections = gram.sum(-1) / batch  # p_i = g_iᵀḡ
     mean_sq_norm = projections.sum(-1) / batch  # m = ‖ḡ‖² = 1ᵀF̃1 / B²
     signal = mean_sq_norm > 0  # ‖Σ g_i‖² ≥ 0: a round-off negative is a zero gradient
-    safe_m = torch.where(signal, mean_sq_norm, torch.ones_like(mean_sq_norm))
+    safe_m = torch.where(signal, mean_sq_norm, 1.0)
     projection_sq = projections.square().sum(-1)
     inner_var = ((projection_sq - batch * safe_m.square()) / (batch - 1)).clamp(min=0.0)
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     ortho_var = ((trace - projection_sq / safe_m) / (batch - 1)).clamp(min=0.0)
-    noise = trace_sigma > 0
-    return GradientTests(
-        norm_test=_statistic(trace_sigma / (batch * safe_m), signal, noise, finite),
-        inner_test=_statistic(inner_var / (batch * safe_m.square()), signal, noise, finite),
-        ortho_test=_statistic(ortho_var / (batch * safe_m), signal, noise, finite),
-        batch_size=size,
+    squared = torch.stack(  # θ_norm², θ_inner², ν²: their roots in one pass
+        [trace_sigma / (batch * safe_m), inner_var / (batch * safe_m.square()), ortho_var / (batch * safe_m)]
     )
+    norm_test, inner_test, ortho_test = _statistic(squared, signal, trace_sigma > 0, finite).unbind(0)
+    return GradientTests(norm_test, inner_test, ortho_test, batch_size=size)
 
 
 def _statistic(squared: Tensor, signal: Tensor, noise: Tensor, finite: Tensor) -> Tensor:
     """√squared where ‖ḡ‖² > 0; +inf where ḡ = 0 but the g_i scatter; NaN with neither, or a
-    non-finite F̃."""
-    degenerate = torch.where(noise, torch.inf, torch.nan).to(squared.dtype)
-    value = torch.where(signal, squared.sqrt(), degenerate)
+    non-finite F̃ (``squared`` may stack several statistics in front of the others' dims)."""
+    value = torch.where(signal, squared.sqrt(), torch.where(noise, torch.inf, torch.nan))
     return torch.where(finite, value, torch.nan)
 
 

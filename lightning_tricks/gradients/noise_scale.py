@@ -15,6 +15,7 @@ from gradients at two batch sizes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -82,8 +83,13 @@ class EpochNoiseScale:
             self.epoch, self._sums = epoch, torch.zeros(3, dtype=torch.float64)
 
     def add(self, epoch: int, trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> None:
-        """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out)."""
+        """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out); a pair of
+        Python numbers is checked in Python and added as one small tensor."""
         self.start(epoch)
+        if not isinstance(trace_sigma, Tensor) and not isinstance(grad_sq_norm, Tensor):
+            if math.isfinite(trace_sigma) and math.isfinite(grad_sq_norm):
+                self._sums = self._sums + self._sums.new_tensor([trace_sigma, grad_sq_norm, 1.0])
+            return
         parts = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (trace_sigma, grad_sq_norm)])
         step = torch.cat([parts, parts.new_ones(1)])
         self._sums = self._sums.to(step.device) + torch.where(torch.isfinite(parts).all(), step, 0.0)

@@ -64,8 +64,7 @@ def truncated_condition_number(eigenvalues: Tensor, rank_rtol: float) -> tuple[T
     """
     lambda_max = eigenvalues[-1]
     nonzero = eigenvalues > rank_rtol * lambda_max
-    inf = torch.full_like(eigenvalues, torch.inf)
-    lambda_min = torch.where(nonzero, eigenvalues, inf).amin()
+    lambda_min = torch.where(nonzero, eigenvalues, torch.inf).amin()
     condition = torch.where(lambda_max > 0, (lambda_max / lambda_min).sqrt(), torch.nan)
     return condition, nonzero.sum().to(eigenvalues.dtype)
 
@@ -189,20 +188,18 @@ def fisher_statistics(
         ValueError: ``rank_rtol`` out of range.
     """
     check_rank_rtol(rank_rtol)
-    gram = gram.to(torch.float64)
+    gram = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
     batch = gram.shape[0]
     finite = torch.isfinite(gram).all()
-    safe_gram = torch.where(finite, gram, torch.zeros_like(gram))
-    eigenvalues = torch.linalg.eigvalsh(safe_gram)
+    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, gram, 0.0))
     rtol = default_rank_rtol(batch, grad_dtype) if rank_rtol is None else rank_rtol
     condition, rank = truncated_condition_number(eigenvalues, rtol)
     trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
     noise_scale = noise_scale_ratio(trace_sigma, grad_sq_norm)
-    nan = torch.full_like(condition, torch.nan)
     stats = (condition, gram.diagonal().sum(), eigenvalues[-1], rank, noise_scale, trace_sigma, grad_sq_norm)
-    return FisherStatistics(
-        *(torch.where(finite, value, nan) for value in stats),
-        batch_size=torch.tensor(float(batch), dtype=torch.float64, device=gram.device),
+    return FisherStatistics(  # NaN for a non-finite F̃: one selection for all seven
+        *torch.where(finite, torch.stack(stats), torch.nan).unbind(0),
+        batch_size=gram.new_full((), float(batch)),
         eigenvalues=torch.where(finite, eigenvalues, torch.nan),
     )
 
@@ -251,8 +248,8 @@ class FisherRunningSums:
         return the updated (C̄_K, L_K)."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"`weight` must be a finite number > 0 (e.g. `every_n_steps`); got {weight!r}.")
-        condition = condition.to(torch.float64)
-        energy = energy.to(torch.float64)
+        condition = condition if condition.dtype == torch.float64 else condition.to(torch.float64)
+        energy = energy if energy.dtype == torch.float64 else energy.to(torch.float64)
         finite = torch.isfinite(condition)
         step = torch.stack(
             [
@@ -261,7 +258,8 @@ class FisherRunningSums:
                 weight * torch.where(torch.isfinite(energy), energy, 0.0).sum(),
             ]
         )
-        self._sums = self._sums.to(step.device) + step
+        sums = self._sums if self._sums.device == step.device else self._sums.to(step.device)
+        self._sums = sums + step
         return self.compute()
 
     def compute(self) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -194,7 +195,10 @@ class GramCollector:
     actually backpropagated: with a gradient scaler (16-bit AMP) divide it by the scale squared.
 
     Host cost (where a GPU's step waits for Python): hooks are registered once and put in and out
-    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); the method
+    of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); a layer has
+    a forward pre-hook only where its rule may fuse a weight gradient; an output's gradient hook
+    goes in without a removable handle; :meth:`forward_done` takes the parameter hooks that would
+    return at once out for the backward (at most three hook calls a layer and step remain); the method
     of each parameter is planned at its first collection; normalisation layers and materialised
     convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
     operands until G is read, when the layers of one shape get their blocks from one batched
@@ -357,6 +361,7 @@ class GramCollector:
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
         self._restore_requires_grad()
+        self._plugs.wake_leaves()
         for layer in self._layers:  # layer.clear(), inline (one Python call per reset, not per layer)
             layer.pending = layer.calls = 0
             layer.hidden = ()
@@ -435,6 +440,14 @@ class GramCollector:
         dtype = functools.reduce(torch.promote_types, {block.dtype for block in blocks.values()})
         stacked = torch.stack([b if b.dtype == dtype else b.to(dtype) for b in blocks.values()])
         return cast(stacked, torch.float64).sum(0) * scale
+
+    def forward_done(self) -> None:
+        """The collection's forward is complete: the leaf hooks of the parameters its captured calls
+        recorded come out of torch's hook dicts until the next :meth:`reset` (a gradient reaching
+        them is expected, so they would return at once); those of the others stay, to spot a use
+        outside their modules. Optional: a driver that knows where the backward starts saves the
+        hook calls (``StepCapture``)."""
+        self._plugs.quiet_leaves(self._visible)
 
     def check_outside_use(self, loss: Tensor) -> None:
         """Raise ``ValueError`` if a parameter entering G feeds ``loss`` other than through its
@@ -539,6 +552,8 @@ class GramCollector:
                 param.requires_grad_(True)
         if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return None
+        if not layer.activated:  # the first captured call, of a layer without a pre-hook
+            self._activate_all(layer)
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
         if not isinstance(inputs, Tensor):
             return None
@@ -575,7 +590,7 @@ class GramCollector:
         layer.calls += 1
         hook = functools.partial(layer.backprop_hook, activations, inputs, inputs._version, hidden)
         if single:
-            output.register_hook(hook)
+            _register_grad_hook(output, hook)
             return None
         return _hook_output_grads(output, hook)
 
@@ -664,15 +679,20 @@ class GramCollector:
                 self._hook_leaves(unhooked)
 
     def _register_module_hooks(self) -> None:
-        """Each layer's forward pre-hook and forward hook, through torch's API; they reach the
-        collector through a weak proxy (one Python frame per call), so the model never keeps it
-        alive, and they are removed when it is collected."""
+        """Each layer's forward hook, and a forward pre-hook where its rule may fuse a weight
+        gradient (the hook that hides it; a layer without one reads the trainable set in its
+        forward hook), through torch's API; they reach the collector through a weak proxy (one
+        Python frame per call), so the model never keeps it alive, and they are removed when it
+        is collected."""
         owner = weakref.proxy(self)
         before, after = type(self)._before_forward, type(self)._after_forward
         handles = []
         for layer in self._layers:
             module = layer.module
-            handles.append(module.register_forward_pre_hook(partial(before, owner, layer), with_kwargs=True))
+            if layer.rule.fusable:
+                handles.append(
+                    module.register_forward_pre_hook(partial(before, owner, layer), with_kwargs=True)
+                )
             handles.append(
                 module.register_forward_hook(partial(after, owner, layer), with_kwargs=True, always_call=True)
             )
@@ -928,6 +948,7 @@ class _Plugs:
         self._leaves: dict[int, tuple[RemovableHandle, Any, tuple]] = {}  # by id(parameter)
         self._plugged_leaves: list[tuple[RemovableHandle, Any, tuple]] = []
         self._plugged_ids: set[int] = set()
+        self._quiet: dict[int, tuple[RemovableHandle, Any, tuple]] = {}  # plugged, out until woken
 
     def add_modules(self, handles: list[RemovableHandle]) -> None:
         """Plugs for freshly registered (plugged) module hooks."""
@@ -976,6 +997,22 @@ class _Plugs:
     def plugged(self, key: int) -> bool:
         return key in self._plugged_ids
 
+    def quiet_leaves(self, keys: Iterable[int]) -> None:
+        """Take the plugged leaf hooks of these parameters (by id) out of torch's dicts, until
+        :meth:`wake_leaves` (or :meth:`unplug`)."""
+        leaves, quiet = self._leaves, self._quiet
+        for key in self._plugged_ids.intersection(keys).difference(quiet):
+            quiet[key] = plug = leaves[key]
+            hooks = plug[0].hooks_dict_ref()
+            if hooks is not None:
+                hooks.pop(plug[0].id, None)
+
+    def wake_leaves(self) -> None:
+        """Put the quieted leaf hooks back."""
+        if self._quiet:
+            _plug_all(self._quiet.values())
+            self._quiet.clear()
+
     def unplug(self) -> None:
         """Take every hook out of torch's dicts (they stay registered here)."""
         self.attached = False
@@ -983,6 +1020,7 @@ class _Plugs:
         _unplug_all(self._plugged_leaves)
         self._plugged_leaves = []
         self._plugged_ids.clear()
+        self._quiet.clear()
 
     def remove(self) -> None:
         """Remove every hook through its handle, for good."""
@@ -1032,6 +1070,23 @@ def _unplug_all(plugs: Iterable[tuple[RemovableHandle, Any, tuple]]) -> None:
                 flag_dict.pop(key, None)
 
 
+_OUTPUT_HOOK_KEY = -1
+"""The key of the collector's hook in a module output's hook dict (a handle's id is never negative)."""
+
+
+def _register_grad_hook(tensor: Tensor, hook: Callable[[Tensor], None]) -> None:
+    """``tensor.register_hook(hook)`` for a captured output, without that method's Python frames
+    (four a layer) where the tensor is a plain tensor with a node and no hook yet: what the method
+    does then — a fresh hook dict handed to the tensor's node — without the removable handle, which
+    nobody needs (the hook goes with the step's graph)."""
+    if type(tensor) is Tensor and tensor._backward_hooks is None and tensor.grad_fn is not None:
+        tensor._backward_hooks = hooks = OrderedDict()
+        tensor.grad_fn._register_hook_dict(tensor)
+        hooks[_OUTPUT_HOOK_KEY] = hook
+    else:
+        tensor.register_hook(hook)
+
+
 def _requires_grad(output: Any) -> bool:
     if isinstance(output, Tensor):
         return output.requires_grad
@@ -1045,12 +1100,12 @@ def _hook_output_grads(output: Any, callback: Callable[[Any], None]) -> Any:
     hook would also count paths from one output through another, e.g. h → tanh(h)); the output
     made of the node's results is returned, to replace the module's."""
     if isinstance(output, Tensor):
-        output.register_hook(callback)
+        _register_grad_hook(output, callback)
         return None
     leaves, spec = tree_flatten(output)
     hooked = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
     if len(hooked) == 1:
-        leaves[hooked[0]].register_hook(callback)
+        _register_grad_hook(leaves[hooked[0]], callback)
         return None
 
     count = len(leaves)  # not the list itself: it ends up holding the node's own outputs (a cycle)

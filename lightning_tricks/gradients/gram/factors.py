@@ -600,15 +600,26 @@ def _positions_last(tensor: Tensor, batch: int, groups: int) -> Tensor:
     return tensor.reshape(batch, groups, tensor.shape[1] // groups, -1)
 
 
+IM2COL_MAX_POSITIONS = 8
+"""2-D patches with at most this many positions (tiny maps) come from one im2col (``F.unfold``);
+the views' copy there moves runs of a few entries at a time (twice as slow at 2×2 positions), while
+on larger maps it is the faster of the two. The same entries either way."""
+
+
 def unfold_patches(
     x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
 ) -> Tensor:
     """Receptive-field patches of an already padded ``x`` (B, C, *S): (B, C·Πk, T).
 
     Patch t of channel c holds x[c, o_t·stride + κ·dilation] for each kernel offset κ, in the
-    (C, *kernel) order of a ConvNd weight; T = Π output sizes.
+    (C, *kernel) order of a ConvNd weight; T = Π output sizes (:data:`IM2COL_MAX_POSITIONS`).
     """
     dims = len(kernel_size)
+    positions = 1
+    for size, k, s, d in zip(x.shape[2:], kernel_size, stride, dilation):
+        positions *= (size - d * (k - 1) - 1) // s + 1
+    if dims == 2 and positions <= IM2COL_MAX_POSITIONS:  # F.unfold's op, without its Python frames
+        return torch.ops.aten.im2col(x, kernel_size, dilation, (0, 0), stride)
     for d, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
         x = x.unfold(2 + d, dil * (k - 1) + 1, s)[..., ::dil]
     x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
