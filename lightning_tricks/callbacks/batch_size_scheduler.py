@@ -42,7 +42,7 @@ class BatchSizeScheduler(TrickCallback):
     runs larger sizes as accumulated micro-batches with the gradient of one batch; ``lr_scaling``
     (``"linear"``, ``"sqrt"``) scales every LR and scheduler with the size
     (:mod:`lightning_tricks.lr_scaling`). Logged at each epoch's first step: ``batch_size/size``,
-    ``physical``, ``accumulation``, ``lr`` (``noise_scale`` at its end); :attr:`history` (and
+    ``physical``, ``accumulation``, ``lr`` (``noise_scale`` at its end); ``history`` (and
     ``batch_size.csv``) has a record per change; the fit-end figure ``batch_size/schedule`` draws
     :attr:`epochs`. Bad arguments raise ``TypeError``/``ValueError``; so do, at fit start, unequal
     stages (naming the ``max_epochs`` that fit), sizes the data, processes or optimisation cannot run.
@@ -149,8 +149,7 @@ class BatchSizeScheduler(TrickCallback):
     @override
     def reset_fit_state(self) -> None:
         self.size: int | None = None  # the current global batch size (None before training)
-        self.history: list[dict[str, Any]] = []
-        """One record per size change (the columns of ``batch_size.csv``)."""
+        self.history: list[dict[str, Any]] = []  # one record per change, as HISTORY_COLUMNS
         self.noise_scale = math.nan  # the latest epoch's pooled B_noise a policy read
         self._initial_size: int | None = None
         self._decided_epoch: int | None = None  # the epoch whose size is set (checkpointed)

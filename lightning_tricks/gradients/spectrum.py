@@ -239,6 +239,7 @@ class FisherRunningSums:
     """
 
     reductions: ClassVar[dict[str, str]] = {"condition_sum": "sum", "count": "sum", "energy_sum": "sum"}
+    """Each running sum's reduction across processes."""
 
     def __init__(self) -> None:
         self._sums = torch.zeros(len(self.reductions), dtype=torch.float64)

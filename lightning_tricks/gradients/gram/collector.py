@@ -1194,11 +1194,11 @@ backward, so no large activation is held longer."""
 SYMMETRIC_MIN_BATCH = 64
 
 SYMMETRIC_MIN_ENTRIES = 1024
-"""From this batch size and this many entries per row on, :func:`_gram` computes only the upper
+"""From this batch size and this many entries per row on, ``_gram`` computes only the upper
 block triangle (below, the three products cost more than the multiply-adds they save)."""
 
 GRAM_SPLITS = 4
-"""Rows (B, P) with P divisible by this are split into this many column blocks for :func:`_gram`."""
+"""Rows (B, P) with P divisible by this are split into this many column blocks for ``_gram``."""
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -1229,7 +1229,7 @@ def _gram(rows: Tensor) -> Tensor:
 
 
 def _symmetric(rows: Tensor, cpu: bool) -> bool:
-    """Whether :func:`_gram` computes only the upper block triangle of the rows' Gram."""
+    """Whether ``_gram`` computes only the upper block triangle of the rows' Gram."""
     batch = rows.shape[-2]  # rows (B, P) or (n, B, P_n): P entries per sample either way
     return cpu and batch >= SYMMETRIC_MIN_BATCH and rows.numel() >= SYMMETRIC_MIN_ENTRIES * batch
 

@@ -107,7 +107,7 @@ class OuterFactor(NamedTuple):
         return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
 
     def costs(self) -> MethodCosts:
-        """See :func:`_outer_costs`."""
+        """See ``_outer_costs``."""
         batch, groups, p, positions = self.activations.shape
         return _outer_costs(batch, groups, positions, p, self.backprops.shape[2])
 
@@ -206,7 +206,7 @@ class ConvFactor(NamedTuple):
         ``True`` (stacked windows, :data:`SHIFTED_STACK_MAX_ENTRIES`), (B·K, q, Πk·p/Πk) with
         columns in (κ, input) order: o is the side
         indexed by positions t (output gradient of a ConvNd, input of a ConvTransposeNd), r the
-        zero-padded side read through the kernel at offset κ (:meth:`_read_and_other`).
+        zero-padded side read through the kernel at offset κ (``_read_and_other``).
 
         Both are flattened over space, o zero-padded to r's sizes in every spatial dim but the
         first, so that for each κ the window t + κ·d of r is one contiguous slice of r's flat
@@ -276,7 +276,7 @@ class ConvFactor(NamedTuple):
 
     def as_outer(self) -> OuterFactor:
         """The same gradients as sums of outer products over unfolded positions of the side read
-        through the kernel (:meth:`_read_and_other`)."""
+        through the kernel (``_read_and_other``)."""
         layer = self.layer
         read, other = self._read_and_other()
         patches = unfold_patches(cast(read, self.dtype), layer.kernel_size, layer.stride, layer.dilation)

@@ -301,7 +301,7 @@ class GraphCall(NamedTuple):
     their batch dims ``out_dims``, and whether the parameters of the module's subtree are measured
     (``recurse``). No reference to the graph: the hook holding this hangs on the graph, and a
     step without a backward must leave nothing alive; the nodes are found when the output
-    gradient arrives (:func:`_output_edges`)."""
+    gradient arrives (``_output_edges``)."""
 
     nodes: tuple[tuple[str, int] | None, ...]
     out_dims: tuple[int | None, ...]

@@ -65,7 +65,7 @@ class GramRule(NamedTuple):
     dimension of the first tensor argument). A ``composite`` rule covers the parameters of the
     module's whole subtree, named relative to it (``"out_proj.weight"``): for modules that call
     children functionally, whose own hooks never fire. ``method`` names how the rule computes
-    per-sample gradients in :attr:`GramCollector.methods` when it is not a ghost/materialise
+    per-sample gradients in :attr:`~lightning_tricks.gradients.gram.collector.GramCollector.methods` when it is not a ghost/materialise
     choice. ``applies(layer)``, if given, says whether the rule serves this instance (else the
     search goes on up the type hierarchy).
     """

@@ -92,7 +92,7 @@ def bilinear_capture(layer: nn.Bilinear, args: tuple, kwargs: dict, output: Tens
 def bilinear_factors(
     layer: nn.Bilinear, activations: tuple[Tensor, Tensor], backprops: Tensor
 ) -> dict[str, GradFactor]:
-    """y_{tk} = x1_tᵀ W_k x2_t + b_k at each position t of inputs (B, *, d1), (B, *, d2):
+    """y_{tk} = x1_tᵀ W_k x2_t + b_k at each position t of inputs ``(B, *, d1)``, ``(B, *, d2)``:
     g_i(W)[k] = Σ_t δ_{tk} x1_t x2_tᵀ, g_i(b) = Σ_t δ_t (seed 004 eq. 6)."""
     first, second = activations
     dtype = compute_dtype(first, second, backprops)
