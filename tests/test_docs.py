@@ -42,7 +42,19 @@ MODULE_PAGES = sorted(
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The HTML site, built as the README says (``-n -W``: a warning or an unresolved reference fails the build)."""
     out = tmp_path_factory.mktemp("docs")
-    command = [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-n",
+        "-W",
+        "--keep-going",
+        "-q",
+        "-b",
+        "html",
+        str(DOCS),
+        str(out),
+    ]
     sources = sorted(DOCS.rglob("*"))
     build = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert build.returncode == 0, f"the docs build failed:\n{build.stderr[-6000:]}"
