@@ -8,11 +8,14 @@ progress bar. The metric scores the images as stored, not the standardised tenso
 ``denormalize(images)`` when it has one, and scores its ``unaugmented_train_set()`` (the same samples
 in the same order without random augmentation) when the loader is over its ``train_set``. The
 leading heatmap installs the sorted batches in the fit loop's training loader; the others form
-their own batches from the same data, batch size and ``drop_last``.
+their own batches from the same data, batch size and ``drop_last``. A fit restarted inside an epoch
+(a mid-epoch checkpoint) goes on with that epoch's next batch, as the uninterrupted fit does
+(Lightning would replay a loader without ``state_dict`` from its first batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -43,6 +46,26 @@ def checked_metric_transform(metric_transform: Any) -> Any:
             f"loader gives them) or a callable images -> images; got {metric_transform!r}."
         )
     return metric_transform
+
+
+def batches_done_at_restart(trainer: pl.Trainer, num_batches: int) -> int:
+    """The batches of the current epoch a fit restarted inside it had trained (Lightning goes on with
+    that batch index), 0 unless the checkpoint was saved before the epoch's last batch."""
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.batch_progress.current.ready
+    return done if loop.restarting and 0 < done < num_batches else 0
+
+
+class _ResumedBatches(MetricSortedBatchSampler):
+    """``sampler``'s batches, its next pass from batch ``start`` on (the rest of a restarted epoch)."""
+
+    def __init__(self, sampler: MetricSortedBatchSampler, start: int) -> None:
+        vars(self).update(vars(sampler))  # the same batches, scores and fingerprint: nothing scored again
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        return iter([list(batch) for batch in self.batches[start:]])
 
 
 class FixedBatches:
@@ -112,11 +135,13 @@ class FixedBatches:
         loader: Any,
         sampler: MetricSortedBatchSampler,
     ) -> None:
-        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts."""
+        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts (a
+        restarted epoch from its next batch on)."""
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
-        combined.flattened = [sorted_loader(loader, sampler)]
         num_batches = limited_batches(len(sampler), trainer.limit_train_batches)
+        start = batches_done_at_restart(trainer, num_batches)
+        combined.flattened = [sorted_loader(loader, _ResumedBatches(sampler, start) if start else sampler)]
         combined.limits = [num_batches]
         if num_batches != fit_loop.max_batches and isinstance(trainer.val_check_interval, float):
             trainer.val_check_batch = max(1, int(num_batches * trainer.val_check_interval))
