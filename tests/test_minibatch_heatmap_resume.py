@@ -26,6 +26,8 @@ BATCH = 300  # 1,438 training digits: 5 batches an epoch, the last of 238
 EPOCHS = 3
 LOST = r"MinibatchHeatmap \({namespace}\): resumed inside epoch {epoch}.* no row"
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def softmax_loss(module, batch):
     """The loss of the conftest's ``DigitsSoftmax`` (its ``training_step`` without the bookkeeping)."""
@@ -145,3 +147,34 @@ def assert_run_folder_agrees(heatmap: MinibatchHeatmap) -> None:
     np.testing.assert_allclose(read, heatmap.matrix, rtol=1e-12)
     for phase in sorted(set(heatmap.phase_of_epoch)):
         assert (folder / f"{ns}.phase_{phase}.png").is_file()
+
+
+def test_under_ddp_a_fit_resumed_inside_a_measured_epoch_loses_only_that_row(
+    tmp_path, trainer_for, digits_module
+):
+    """Two processes (global batches of 600: 3 an epoch), resumed from the checkpoint of step 1: the
+    run folder has epoch 1's row of the uninterrupted fit, bit for bit, and no row of epoch 0."""
+
+    def fit(name: str, max_steps: int = -1, ckpt_path: Path | None = None) -> Path:
+        saver = ModelCheckpoint(
+            tmp_path / name / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
+        )
+        options = dict(devices=2, strategy="ddp_fork", enable_checkpointing=True)
+        trainer = trainer_for(
+            [heatmaps(1)[0], saver],
+            max_epochs=2,
+            max_steps=max_steps,
+            default_root_dir=tmp_path / name,
+            **options,
+        )
+        datamodule = DigitsDataModule(image_size=8, batch_size=BATCH, val_size=0)
+        trainer.fit(digits_module(), datamodule=datamodule, ckpt_path=ckpt_path)
+        return tmp_path / name / "lightning_tricks_logs"
+
+    full = np.load(fit("full") / "version_0" / "heatmap_matrix.npy")
+    killed = fit("parts", max_steps=1)
+    assert full.shape == (2, 3) and not (killed / "version_0" / "heatmap_matrix.npy").exists()
+    resumed = fit("parts", ckpt_path=tmp_path / "parts" / "ckpt" / "step=1.ckpt") / "version_1"
+    np.testing.assert_array_equal(np.load(resumed / "heatmap_matrix.npy"), full[1:])
+    csv = np.loadtxt(resumed / "heatmap_matrix.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert csv[:, 0].tolist() == [1]
