@@ -17,10 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_tricks import MinibatchHeatmap
 from lightning_tricks.datamodules import DigitsDataModule
+from lightning_tricks.image_metrics import intensity
 from lightning_tricks.results import load_minibatch_heatmap
+from lightning_tricks.samplers import MetricSortedBatchSampler
 
 BATCH = 300  # 1,438 training digits: 5 batches an epoch, the last of 238
 EPOCHS = 3
@@ -41,14 +44,29 @@ def heatmaps(every_n_epochs: int) -> list[MinibatchHeatmap]:
     return [MinibatchHeatmap(**options), MinibatchHeatmap(metric="edges", **options)]
 
 
+def sorted_by_hand(datamodule: DigitsDataModule) -> DigitsDataModule:
+    """``datamodule`` with a user's own loader of intensity-sorted batches (the heatmap keeps it)."""
+
+    def loader() -> DataLoader:
+        images = datamodule.train_set.tensors[0]
+        sampler = MetricSortedBatchSampler(intensity(images), BATCH)
+        return DataLoader(datamodule.train_set, batch_sampler=sampler)
+
+    datamodule.train_dataloader = loader
+    return datamodule
+
+
 @pytest.fixture
 def fit_digits(tmp_path, trainer_for, digits_module):
-    """``fit_digits(name, every_n_epochs, ckpt_path=None, max_steps=-1)``: the two :func:`heatmaps` on
-    the conftest's digits softmax regression for :data:`EPOCHS` epochs (stopped after ``max_steps``
-    if given) in ``tmp_path / name``, a checkpoint ``step=<n>.ckpt`` after every step; returns the
-    heatmaps and the module."""
+    """``fit_digits(name, every_n_epochs, by_hand, ckpt_path=None, max_steps=-1)``: the two
+    :func:`heatmaps` on the conftest's digits softmax regression for :data:`EPOCHS` epochs (stopped
+    after ``max_steps`` if given; on a loader :func:`sorted_by_hand` if ``by_hand``) in
+    ``tmp_path / name``, a checkpoint ``step=<n>.ckpt`` after every step; returns the heatmaps and
+    the module."""
 
-    def fit(name: str, every_n_epochs: int, ckpt_path: Path | None = None, max_steps: int = -1):
+    def fit(
+        name: str, every_n_epochs: int, by_hand: bool, ckpt_path: Path | None = None, max_steps: int = -1
+    ):
         callbacks = heatmaps(every_n_epochs)
         saver = ModelCheckpoint(
             tmp_path / name / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
@@ -62,10 +80,9 @@ def fit_digits(tmp_path, trainer_for, digits_module):
         )
         assert trainer.log_every_n_steps == 50, "the Trainer's default"
         module = digits_module()
+        datamodule = DigitsDataModule(image_size=8, batch_size=BATCH, val_size=0)
         trainer.fit(
-            module,
-            datamodule=DigitsDataModule(image_size=8, batch_size=BATCH, val_size=0),
-            ckpt_path=ckpt_path,
+            module, datamodule=sorted_by_hand(datamodule) if by_hand else datamodule, ckpt_path=ckpt_path
         )
         assert trainer.num_training_batches == 5
         return callbacks, module
@@ -74,29 +91,30 @@ def fit_digits(tmp_path, trainer_for, digits_module):
 
 
 @pytest.mark.parametrize(
-    ("every_n_epochs", "resume_step", "lost"),
+    ("every_n_epochs", "resume_step", "lost", "by_hand"),
     [
-        (1, 3, 0),  # inside measured epoch 0: its row is lost
-        (1, 7, 1),  # inside measured epoch 1, after epoch 0's row
-        (1, 5, None),  # on epoch 0's last batch: its row is in the checkpoint
-        (2, 7, None),  # inside epoch 1, which is not measured
+        (1, 3, 0, False),  # inside measured epoch 0: its row is lost
+        (1, 7, 1, False),  # inside measured epoch 1, after epoch 0's row
+        (1, 5, None, False),  # on epoch 0's last batch: its row is in the checkpoint
+        (2, 7, None, False),  # inside epoch 1, which is not measured
+        (1, 7, 1, True),  # the user's own sorted loader goes on with the epoch's next batch too
     ],
 )
 def test_a_resumed_fit_has_every_row_but_the_one_of_a_measured_epoch_it_restarted_inside(
-    tmp_path, fit_digits, every_n_epochs, resume_step, lost
+    tmp_path, fit_digits, every_n_epochs, resume_step, lost, by_hand
 ):
-    full, full_module = fit_digits("full", every_n_epochs)
+    full, full_module = fit_digits("full", every_n_epochs, by_hand)
     assert [heatmap.epochs for heatmap in full] == [list(range(0, EPOCHS, every_n_epochs))] * 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit_digits("killed", every_n_epochs, max_steps=resume_step)
+        fit_digits("killed", every_n_epochs, by_hand, max_steps=resume_step)
     stopped = [str(w.message) for w in caught if "the fit stopped before the last batch" in str(w.message)]
     assert len(stopped) == (2 if lost is not None else 0), "no half row of the epoch it stopped inside"
     checkpoint = tmp_path / "killed" / "ckpt" / f"step={resume_step}.ckpt"
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed, module = fit_digits("killed", every_n_epochs, ckpt_path=checkpoint)
+        resumed, module = fit_digits("killed", every_n_epochs, by_hand, ckpt_path=checkpoint)
 
     messages = [str(w.message) for w in caught]
     for heatmap, reference in zip(resumed, full):

@@ -91,16 +91,22 @@ class FixedBatches:
         self._source: tuple[Any, int, bool] | None = None  # (dataset, batch size, drop_last) scored
 
     def fix(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool, table: HeatmapTable
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        leader: bool,
+        table: HeatmapTable,
+        fit_start: bool = False,
     ) -> None:
         """Fix the sorted batches and have ``table`` adopt them (it refuses other batches than its
-        earlier epochs'): the leader makes the training loader form them (once per loader built);
-        another heatmap forms its own from the loader's data."""
-        sampler = self._fix(trainer, pl_module, leader)
+        earlier epochs'): the leader makes the training loader form them (once per loader built, and at
+        the ``fit_start`` of a fit restarted inside an epoch, from that epoch's next batch on); another
+        heatmap forms its own from the loader's data."""
+        sampler = self._fix(trainer, pl_module, leader, fit_start)
         table.adopt(sampler.fingerprint(), sampler.batch_values.tolist())
 
     def _fix(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool, fit_start: bool
     ) -> MetricSortedBatchSampler:
         combined = trainer.fit_loop._combined_loader
         if len(combined.flattened) != 1:
@@ -110,12 +116,14 @@ class FixedBatches:
         self.loader = loader = combined.flattened[0]
         if not leader:
             return self._own_batches(trainer, pl_module, loader)
-        if isinstance(getattr(loader, "batch_sampler", None), MetricSortedBatchSampler):
-            self.sampler = loader.batch_sampler
-            return self.sampler
-        self.sampler = sampler = self._sorted_sampler(trainer, pl_module, loader, leader)
-        self._install(trainer, pl_module, loader, sampler)
-        return sampler
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        fixed = isinstance(batch_sampler, MetricSortedBatchSampler)  # installed, or the user's own
+        self.sampler = batch_sampler if fixed else self._sorted_sampler(trainer, pl_module, loader, leader)
+        num_batches = limited_batches(len(self.sampler), trainer.limit_train_batches)
+        start = batches_done_at_restart(trainer, num_batches) if fit_start else 0
+        if start or not fixed:
+            self._install(trainer, pl_module, loader, self.sampler, start)
+        return self.sampler
 
     def _own_batches(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
@@ -134,13 +142,13 @@ class FixedBatches:
         pl_module: pl.LightningModule,
         loader: Any,
         sampler: MetricSortedBatchSampler,
+        start: int,
     ) -> None:
-        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts (a
-        restarted epoch from its next batch on)."""
+        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts,
+        the first pass from batch ``start`` on (the rest of a restarted epoch)."""
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
         num_batches = limited_batches(len(sampler), trainer.limit_train_batches)
-        start = batches_done_at_restart(trainer, num_batches)
         combined.flattened = [sorted_loader(loader, _ResumedBatches(sampler, start) if start else sampler)]
         combined.limits = [num_batches]
         if num_batches != fit_loop.max_batches and isinstance(trainer.val_check_interval, float):

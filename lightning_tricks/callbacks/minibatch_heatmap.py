@@ -207,7 +207,8 @@ class MinibatchHeatmap(TrickCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches.fix(trainer, pl_module, self.leader, self._table)  # a resumed run may skip epoch start
+        # a resumed fit may skip epoch start, or restart inside an epoch (going on with its next batch)
+        self._batches.fix(trainer, pl_module, self.leader, self._table, fit_start=True)
         warn_if_resumed_inside(trainer, self.namespace, self.every_n_epochs)  # θ_e is not in checkpoints
 
     @override
