@@ -34,8 +34,9 @@ class MinibatchHeatmap(TrickCallback):
     ∇_e = Σ_k m_k ∇_k / Σ_k m_k (eq. 3): a row of :attr:`matrix` (``heatmap_matrix.npy``), a figure
     per learning-rate phase, scalars ``heatmap/distance_mean`` … Further heatmaps on one Trainer
     measure their own batches after the epoch; that pass and the scoring show in the Trainer's
-    progress bar (none if ``enable_progress_bar=False``). DDP is exact, and resume from a checkpoint
-    at an epoch's end or last batch; one inside a measured epoch loses that epoch's row (warned).
+    progress bar (none if ``enable_progress_bar=False``). DDP is exact. Resume is exact from a
+    checkpoint saved at an epoch's end (or last batch); a checkpoint inside a measured epoch loses that
+    epoch's row (warned: θ_e is not saved), and so does an epoch the fit stops inside.
 
     Args:
         metric: ``"intensity"``, ``"color"``, ``"edges"``, ``"perceptual"`` or a callable ``images
