@@ -56,9 +56,15 @@ makes each epoch its own phase: pass a list of epochs then. Scalars per measured
 :func:`epoch_summary`.
 
 **Resume and DDP.** The matrix, epochs, learning rates and the batches' fingerprint are saved in
-checkpoints; an epoch's row is recorded at its last batch, so a checkpoint of that batch holds it
-and a run resumed from there measures the next epochs as an uninterrupted one; an epoch interrupted
-before its last batch is not measured. Under DDP each process takes its contiguous share of every
+checkpoints, not θ_e nor the gradients taken so far (checkpoints stay small). An epoch's row is
+recorded at its last batch, so a checkpoint of that batch or of the epoch's end holds it: resume is
+exact from a checkpoint saved at an epoch's end. A checkpoint saved inside a measured epoch loses
+that epoch's row: the resumed fit warns once, naming the epoch, trains the rest of it on the batches
+the uninterrupted fit would (the fixed batches go on with the epoch's next one) and measures the next
+epochs exactly as the uninterrupted fit. An epoch the fit stops inside (``max_steps``, a stop
+requested mid-epoch) has no row either, with a warning: no half row is ever recorded. To keep every
+row, save checkpoints at epoch ends (``ModelCheckpoint(save_on_train_epoch_end=True)`` or
+``every_n_epochs``) or on an epoch's last batch. Under DDP each process takes its contiguous share of every
 global batch (``batch_size × world size``), the per-process gradients are summed with their batch
 sizes before storage (one all-reduce of P values, or ``sketch_dim``, per batch), rank 0 stores and
 computes the row and broadcasts it: the matrix equals one process training with the global batch. A

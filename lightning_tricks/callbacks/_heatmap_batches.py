@@ -8,11 +8,14 @@ progress bar. The metric scores the images as stored, not the standardised tenso
 ``denormalize(images)`` when it has one, and scores its ``unaugmented_train_set()`` (the same samples
 in the same order without random augmentation) when the loader is over its ``train_set``. The
 leading heatmap installs the sorted batches in the fit loop's training loader; the others form
-their own batches from the same data, batch size and ``drop_last``.
+their own batches from the same data, batch size and ``drop_last``. A fit restarted inside an epoch
+(a mid-epoch checkpoint) goes on with that epoch's next batch, as the uninterrupted fit does
+(Lightning would replay a loader without ``state_dict`` from its first batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -45,6 +48,26 @@ def checked_metric_transform(metric_transform: Any) -> Any:
     return metric_transform
 
 
+def batches_done_at_restart(trainer: pl.Trainer, num_batches: int) -> int:
+    """The batches of the current epoch a fit restarted inside it had trained (Lightning goes on with
+    that batch index), 0 unless the checkpoint was saved before the epoch's last batch."""
+    loop = trainer.fit_loop.epoch_loop
+    done = loop.batch_progress.current.ready
+    return done if loop.restarting and 0 < done < num_batches else 0
+
+
+class _ResumedBatches(MetricSortedBatchSampler):
+    """``sampler``'s batches, its next pass from batch ``start`` on (the rest of a restarted epoch)."""
+
+    def __init__(self, sampler: MetricSortedBatchSampler, start: int) -> None:
+        vars(self).update(vars(sampler))  # the same batches, scores and fingerprint: nothing scored again
+        self.start = start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        return iter([list(batch) for batch in self.batches[start:]])
+
+
 class FixedBatches:
     """The batches of one heatmap, scored once per dataset, batch size and ``drop_last``.
 
@@ -68,16 +91,22 @@ class FixedBatches:
         self._source: tuple[Any, int, bool] | None = None  # (dataset, batch size, drop_last) scored
 
     def fix(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool, table: HeatmapTable
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        leader: bool,
+        table: HeatmapTable,
+        fit_start: bool = False,
     ) -> None:
         """Fix the sorted batches and have ``table`` adopt them (it refuses other batches than its
-        earlier epochs'): the leader makes the training loader form them (once per loader built);
-        another heatmap forms its own from the loader's data."""
-        sampler = self._fix(trainer, pl_module, leader)
+        earlier epochs'): the leader makes the training loader form them (once per loader built, and at
+        the ``fit_start`` of a fit restarted inside an epoch, from that epoch's next batch on); another
+        heatmap forms its own from the loader's data."""
+        sampler = self._fix(trainer, pl_module, leader, fit_start)
         table.adopt(sampler.fingerprint(), sampler.batch_values.tolist())
 
     def _fix(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, leader: bool, fit_start: bool
     ) -> MetricSortedBatchSampler:
         combined = trainer.fit_loop._combined_loader
         if len(combined.flattened) != 1:
@@ -87,12 +116,14 @@ class FixedBatches:
         self.loader = loader = combined.flattened[0]
         if not leader:
             return self._own_batches(trainer, pl_module, loader)
-        if isinstance(getattr(loader, "batch_sampler", None), MetricSortedBatchSampler):
-            self.sampler = loader.batch_sampler
-            return self.sampler
-        self.sampler = sampler = self._sorted_sampler(trainer, pl_module, loader, leader)
-        self._install(trainer, pl_module, loader, sampler)
-        return sampler
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        fixed = isinstance(batch_sampler, MetricSortedBatchSampler)  # installed, or the user's own
+        self.sampler = batch_sampler if fixed else self._sorted_sampler(trainer, pl_module, loader, leader)
+        num_batches = limited_batches(len(self.sampler), trainer.limit_train_batches)
+        start = batches_done_at_restart(trainer, num_batches) if fit_start else 0
+        if start or not fixed:
+            self._install(trainer, pl_module, loader, self.sampler, start)
+        return self.sampler
 
     def _own_batches(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any
@@ -111,12 +142,14 @@ class FixedBatches:
         pl_module: pl.LightningModule,
         loader: Any,
         sampler: MetricSortedBatchSampler,
+        start: int,
     ) -> None:
-        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts."""
+        """Make the fit loop's training loader form ``sampler``'s batches, counted as Lightning counts,
+        the first pass from batch ``start`` on (the rest of a restarted epoch)."""
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
-        combined.flattened = [sorted_loader(loader, sampler)]
         num_batches = limited_batches(len(sampler), trainer.limit_train_batches)
+        combined.flattened = [sorted_loader(loader, _ResumedBatches(sampler, start) if start else sampler)]
         combined.limits = [num_batches]
         if num_batches != fit_loop.max_batches and isinstance(trainer.val_check_interval, float):
             trainer.val_check_batch = max(1, int(num_batches * trainer.val_check_interval))

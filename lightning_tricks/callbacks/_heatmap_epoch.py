@@ -7,6 +7,9 @@ extra forward/backward under ``torch.random.fork_rng`` and the precision plugin'
 global batch: the per-process gradients are summed with their batch sizes before storage (one
 all-reduce of P values, or ``sketch_dim`` in sketch mode, per batch), rank 0 stores them and computes
 the row, which is broadcast.
+
+θ_e is not saved in checkpoints (they stay small): an epoch a fit stops or is resumed inside has no
+row, with a warning naming it (:func:`warn_stopped_inside`, :func:`warn_if_resumed_inside`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -31,7 +35,39 @@ from ..gradients.minibatch_distance import (
 from ..heatmap import epoch_learning_rates
 from ..samplers import MetricSortedBatchSampler, sorted_loader
 from ._base import first_learning_rate
+from ._heatmap_batches import batches_done_at_restart
 from ._progress import pass_progress
+
+
+def warn_if_resumed_inside(trainer: pl.Trainer, namespace: str, every_n_epochs: int) -> None:
+    """Say so when the fit restarts inside a measured epoch (after some of its batches): it gets no row."""
+    epoch, num_batches = trainer.current_epoch, int(trainer.num_training_batches)
+    done = batches_done_at_restart(trainer, num_batches)
+    if not done or epoch % every_n_epochs:
+        return
+    rank_zero_warn(
+        f"MinibatchHeatmap ({namespace}): resumed inside epoch {epoch}, after {done} of its {num_batches} "
+        f"batches; epoch {epoch} gets no row: its epoch-start weights, at which every batch's gradient is "
+        "taken, are not in the checkpoint (checkpoints stay small). The next epochs are measured as in an "
+        "uninterrupted fit. To keep every row, save checkpoints at epoch ends "
+        "(`ModelCheckpoint(save_on_train_epoch_end=True)` or `every_n_epochs`) or on an epoch's last batch."
+    )
+
+
+def warn_stopped_inside(namespace: str, epoch: int) -> None:
+    """Say that measured epoch ``epoch``, which the fit stopped before its last batch, gets no row."""
+    rank_zero_warn(
+        f"MinibatchHeatmap ({namespace}): the fit stopped before the last batch of epoch {epoch}, which "
+        "gets no row: D_ek compares every batch's gradient with their mean over the whole epoch."
+    )
+
+
+def warn_non_finite(epoch: int) -> None:
+    """Say that epoch ``epoch``'s row holds NaN distances (a NaN/inf loss or gradient)."""
+    rank_zero_warn(
+        f"MinibatchHeatmap: non-finite gradient distances in epoch {epoch} (NaN/inf loss or "
+        "gradient); they are kept as NaN."
+    )
 
 
 class EpochGradients:

@@ -10,7 +10,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from typing_extensions import override
 
@@ -21,7 +20,7 @@ from ..image_metrics import ImageTransform, Metric, metric_name, resolve_metric
 from ..outputs import MINIBATCH_HEATMAP
 from ._base import TrickCallback, resolve_loss_fn
 from ._heatmap_batches import FixedBatches, checked_image_key, checked_metric_transform
-from ._heatmap_epoch import EpochGradients
+from ._heatmap_epoch import EpochGradients, warn_if_resumed_inside, warn_non_finite, warn_stopped_inside
 
 
 class MinibatchHeatmap(TrickCallback):
@@ -35,7 +34,9 @@ class MinibatchHeatmap(TrickCallback):
     ∇_e = Σ_k m_k ∇_k / Σ_k m_k (eq. 3): a row of :attr:`matrix` (``heatmap_matrix.npy``), a figure
     per learning-rate phase, scalars ``heatmap/distance_mean`` … Further heatmaps on one Trainer
     measure their own batches after the epoch; that pass and the scoring show in the Trainer's
-    progress bar (none if ``enable_progress_bar=False``). Resume and DDP are exact.
+    progress bar (none if ``enable_progress_bar=False``). DDP is exact. Resume is exact from a
+    checkpoint saved at an epoch's end (or last batch); a checkpoint inside a measured epoch loses that
+    epoch's row (warned: θ_e is not saved), and so does an epoch the fit stops inside.
 
     Args:
         metric: ``"intensity"``, ``"color"``, ``"edges"``, ``"perceptual"`` or a callable ``images
@@ -207,7 +208,9 @@ class MinibatchHeatmap(TrickCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batches.fix(trainer, pl_module, self.leader, self._table)  # a resumed run may skip epoch start
+        # a resumed fit may skip epoch start, or restart inside an epoch (going on with its next batch)
+        self._batches.fix(trainer, pl_module, self.leader, self._table, fit_start=True)
+        warn_if_resumed_inside(trainer, self.namespace, self.every_n_epochs)  # θ_e is not in checkpoints
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,8 +244,9 @@ class MinibatchHeatmap(TrickCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._epoch is not None:  # the epoch stopped before its last batch
-            self._finish_epoch(trainer, pl_module)
+        if self._epoch is not None:  # the fit stopped before the epoch's last batch: no half row
+            warn_stopped_inside(self.namespace, trainer.current_epoch)
+            self._release()
 
     @override
     def on_exception(
@@ -278,10 +282,7 @@ class MinibatchHeatmap(TrickCallback):
         epoch, step, ns = trainer.current_epoch, self.training_step(trainer), self.namespace
         if not torch.isfinite(row).all() and not self._warned_non_finite:
             self._warned_non_finite = True
-            rank_zero_warn(
-                f"MinibatchHeatmap: non-finite gradient distances in epoch {epoch} (NaN/inf loss or "
-                "gradient); they are kept as NaN."
-            )
+            warn_non_finite(epoch)
         self._table.append(epoch, row.tolist(), lrs)
         summary = table.epoch_summary(row, full_norm, self._table.batch_values)
         self.log_scalars(trainer, {f"{ns}/{name}": value for name, value in summary.items()}, step)
