@@ -82,18 +82,14 @@ class OuterFactor(NamedTuple):
 
     def ghost_gram(self) -> Tensor:
         """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
-        input_products = torch.einsum("bkpt,ckps->bckts", self.activations, self.activations)
-        output_products = torch.einsum("bkqt,ckqs->bckts", self.backprops, self.backprops)
-        return (input_products * output_products).sum(dim=(2, 3, 4))
+        return self.ghost_grams(1)[0]
 
     def ghost_grams(self, count: int) -> Tensor:
         """:meth:`ghost_gram` of each of ``count`` layers whose samples are stacked in the batch
         dimension (n·B, K, p, T): the diagonal (B, B) blocks only, (n, B, B)."""
-        activations = self.activations.reshape(count, -1, *self.activations.shape[1:])
-        backprops = self.backprops.reshape(count, -1, *self.backprops.shape[1:])
-        input_products = torch.einsum("nbkpt,nckps->nbckts", activations, activations)
-        output_products = torch.einsum("nbkqt,nckqs->nbckts", backprops, backprops)
-        return (input_products * output_products).sum(dim=(3, 4, 5))
+        input_products = _position_products(self.activations.reshape(count, -1, *self.activations.shape[1:]))
+        output_products = _position_products(self.backprops.reshape(count, -1, *self.backprops.shape[1:]))
+        return (input_products * output_products).sum(dim=(1, 3, 5))
 
     def per_sample(self) -> Tensor:
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
@@ -119,6 +115,16 @@ class OuterFactor(NamedTuple):
             torch.cat([f.backprops for f in factors], dim=-1),
             factors[0].shape,
         )
+
+
+def _position_products(x: Tensor) -> Tensor:
+    """⟨x_{ikt}, x_{jks}⟩ for every pair of (sample, position) of each layer n and group k:
+    (n, B, K, p, T) → (n, K, B, T, B, T), one batched product over the n·K (B·T, p) row blocks
+    (on small maps 3× faster than the equivalent ``einsum``, which permutes its output)."""
+    layers, batch, groups, width, positions = x.shape
+    rows = x.permute(0, 2, 1, 4, 3).reshape(layers * groups, batch * positions, width)
+    products = torch.bmm(rows, rows.transpose(1, 2))
+    return products.reshape(layers, groups, batch, positions, batch, positions)
 
 
 UNFOLD_MAX_POSITIONS = 64
