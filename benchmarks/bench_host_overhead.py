@@ -12,7 +12,8 @@ is its median step after ``--warmup`` steps (``--statistic min``: its fastest, t
 on a busy machine), and a ratio is the median over rounds of (run with
 the callback) / (plain run of the same round), its range over the rounds beside it.
 ``FisherSpectrum(every_n_steps=20)`` is split into its measured steps (``step % 20 == 0``) and the
-others.
+others, and its ``all steps`` row is what it costs over whole cycles of 20 steps: the run's total
+time over them against the plain run's over the same steps (a mean; ``--steps`` sets the cycles).
 
 **Counts** (exact, per step, medians over steps 10 to 29 of separate runs; see
 ``common.StepCounter``): top-level aten ops, kernel-like aten ops, Python function calls, hook
@@ -100,15 +101,31 @@ def time_rounds(
     for round_index in range(rounds):
         shift = round_index % len(names)
         medians: dict[str, float] = {}
+        times: dict[str, dict[int, float]] = {}
         for config in names[shift:] + names[:shift]:
             timer = WindowTimer()
             fit(steps, root, config, timer)
+            times[config] = timer.times
             timed = sorted(s for s in timer.times if s >= warmup)
             for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():
                 medians[row] = reduce(timer.times[s] for s in kind_steps)
         for row, value in medians.items():
             ratios.setdefault(row, []).append(value / medians["plain"])
+        for config, every in SPARSE_PERIODS.items():
+            if config in times:
+                ratio = cycle_ratio(times[config], times["plain"], every, warmup)
+                ratios.setdefault(f"{config}, all steps", []).append(ratio)
     return ratios
+
+
+def cycle_ratio(times: dict[int, float], plain: dict[int, float], every: int, warmup: int) -> float:
+    """What a sparse callback costs over whole cycles of ``every`` steps (its measured step and the
+    ``every - 1`` others after it): the run's total time over those steps against the plain run's
+    over the same steps (a mean, not a median: the measured step counts as often as it occurs)."""
+    first = min(s for s in times if s >= warmup and s % every == 0)
+    cycles = (max(times) - first + 1) // every
+    steps = range(first, first + cycles * every)
+    return sum(times[s] for s in steps) / sum(plain[s] for s in steps)
 
 
 def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float]], args) -> None:
@@ -119,8 +136,13 @@ def print_table(ratios: dict[str, list[float]], table: dict[str, dict[str, float
     counts = format_count_table(table)
     print(f"{counts[0]}{'ratio':>8}{'range':>12}")
     for line, row in zip(counts[1:], table, strict=True):
-        values = ratios[row]
-        print(f"{line}{statistics.median(values):>8.3f}{f'{min(values):.2f}-{max(values):.2f}':>12}")
+        print(f"{line}{_ratio_cells(ratios[row])}")
+    for row in ratios.keys() - table.keys():  # ratios without counts: whole cycles of a sparse callback
+        print(f"{row:<{len(counts[0]) - 1}} {_ratio_cells(ratios[row])}")
+
+
+def _ratio_cells(values: list[float]) -> str:
+    return f"{statistics.median(values):>8.3f}{f'{min(values):.2f}-{max(values):.2f}':>12}"
 
 
 def main() -> None:
