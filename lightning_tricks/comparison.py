@@ -55,7 +55,7 @@ class RunOutcome:
 
     @property
     def reached(self) -> bool:
-        return not math.isnan(self.epochs)
+        return not math.isnan(self.steps)
 
 
 @dataclass(frozen=True)
