@@ -354,10 +354,9 @@ def beacon_map(
     for label, table in tables.items():
         colour = palette[first_values[label]]
         _draw_trajectory(axes, label if named else None, table, colour, progress, errors.get(label))
-    for label, table in guided_tables.items():
-        _draw_guided(
-            axes, label, table, [palette[value] for value in table[color_by]], progress, errors.get(label)
-        )
+    for index, (label, table) in enumerate(guided_tables.items()):
+        colours = [palette[value] for value in table[color_by]]
+        _draw_guided(axes, label, table, colours, progress, errors.get(label), index)
     axes.set_xlabel("C̄_K: mean truncated condition number of F̃_k (seed 004 eq. 7)")
     axes.set_ylabel("L_K: cumulative l_k = Σ (α_k/|B_k|)·√Tr F̃_k (eq. 8)" + (", log scale" if log else ""))
     marks = ", ".join(f"{p:.0%}" for p in progress)
@@ -527,9 +526,11 @@ def _draw_guided(
     colours: Sequence[tuple],
     progress: Sequence[float],
     error: float | None,
+    index: int,
 ) -> None:
     """A guided run over the beacons: black-edged segments coloured by the value each row trained
-    at, black-edged markers at the ``progress`` rows, its name at the end."""
+    at, black-edged markers at the ``progress`` rows, its name at the end (the ``index``-th guided
+    run's a line lower, so runs ending close together stay legible)."""
     c_bar, total = table["C_bar"], table["L"]
     points = np.column_stack([c_bar, total])
     axes.plot(c_bar, total, color="black", linewidth=4.0, zorder=4, solid_capstyle="round")
@@ -540,8 +541,9 @@ def _draw_guided(
     marked = [colours[i] for i in marks]
     axes.scatter(c_bar[marks], total[marks], color=marked, edgecolors="black", s=sizes, zorder=6)
     text = label if error is None else f"{label}: {error:.3g}"
+    offset = (5, -10 - 11 * index)
     axes.annotate(
-        text, (c_bar[-1], total[-1]), xytext=(5, -10), textcoords="offset points", fontsize=8, weight="bold"
+        text, (c_bar[-1], total[-1]), xytext=offset, textcoords="offset points", fontsize=8, weight="bold"
     )
 
 

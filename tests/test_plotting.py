@@ -174,6 +174,9 @@ def test_a_guided_run_is_drawn_over_the_beacons_coloured_by_the_size_it_trained_
     np.testing.assert_array_equal(alone_contour.levels, contour.levels)  # the guided error 0.01 is not in it
     names = [a.get_text() for a in figure.axes[0].texts]
     assert "guided: 0.01" in names and "black-edged: guided" in title(figure)
+    twins = beacon_map(runs, guided={"guided-seed0": steered, "guided-seed1": steered})
+    offsets = [a.xyann for a in twins.axes[0].texts if a.get_text().startswith("guided-seed")]
+    assert len(offsets) == 2 and offsets[0] != offsets[1], "runs ending at one point keep legible labels"
     with pytest.raises(ValueError, match="in both `runs` and `guided`"):
         beacon_map(runs, guided={"s16-lr0.1": steered})
     with pytest.raises(ValueError, match="not in `runs`"):
