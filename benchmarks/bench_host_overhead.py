@@ -5,12 +5,14 @@ and one dispatch per aten op, not the arithmetic. Tiny tensors give the CPU the 
 CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``) on batches of 8 random
 3x8x8 images, SGD with momentum, one intra-op thread, through a quiet Lightning Trainer.
 
-**Ratios.** Each round runs every configuration once, in an order that rotates between rounds, in
-one process. A step is timed in thread CPU time (robust to other processes on a shared machine)
-from one ``on_train_batch_start`` to the next, so every callback's hooks are inside; a run's cost
-is its median step after ``--warmup`` steps (``--statistic min``: its fastest, the least disturbed
-on a busy machine), and a ratio is the median over rounds of (run with
-the callback) / (plain run of the same round), its range over the rounds beside it.
+**Ratios.** Each configuration runs beside a plain fit in one process, the two in lockstep: two
+threads that take turns, one training step each (:class:`Lockstep`), so both meet the same
+machine within milliseconds and the drift between separate runs (±20 % on a shared VM) cancels.
+A step is timed in thread CPU time from one ``on_train_batch_start`` to the next, so every
+callback's hooks are inside; a run's cost over a set of steps is its median step there after
+``--warmup`` steps (``--statistic min``: its fastest), against the plain run's over the same
+steps. Which of the two goes first alternates between rounds; a ratio is the median over rounds,
+its range beside it. The plain row's ratio is the control: plain against plain (A/A).
 ``FisherSpectrum(every_n_steps=20)`` is split into its measured steps (``step % 20 == 0``) and the
 others, and its ``all steps`` row is what it costs over whole cycles of 20 steps: the run's total
 time over them against the plain run's over the same steps (a mean; ``--steps`` sets the cycles).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -52,6 +55,7 @@ BATCH_SIZE, IMAGE_SIZE = 8, 8
 SPARSE_EVERY = 20
 CONFIGS: dict[str, Callable[[], Callback] | None] = {
     "plain": None,
+    "Callback() (does nothing: what any callback costs)": Callback,
     "FisherSpectrum(every_n_steps=1)": lambda: FisherSpectrum(every_n_steps=1),
     f"FisherSpectrum(every_n_steps={SPARSE_EVERY})": lambda: FisherSpectrum(every_n_steps=SPARSE_EVERY),
     "GradientFlow()": GradientFlow,
@@ -62,11 +66,42 @@ COUNT_STEPS = range(10, 30)
 STATISTICS: dict[str, Callable] = {"median": statistics.median, "min": min}
 
 
-class WindowTimer(Callback):
-    """Thread CPU time from one ``on_train_batch_start`` to the next (first in the callback list)."""
+class Lockstep:
+    """Two fits in two threads taking turns, one training step each, so that both meet the same
+    machine (its clock, its neighbours, its caches' weather) within milliseconds: the drift between
+    separate runs, which reads ±20 % on a shared VM, cancels in their ratio. A thread holds the
+    turn from one ``on_train_batch_start`` to the next (its setup before the first, its teardown
+    after the last); the other waits, without the GIL, outside its timed window."""
 
     def __init__(self) -> None:
+        self.turns: list[int] = []
+        """The players in the order they were given the turn."""
+        self._turn = 0
+        self._finished: set[int] = set()
+        self._condition = threading.Condition()
+
+    def take_turn(self, player: int) -> None:
+        """Wait until it is ``player``'s turn, or the other player has finished."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._turn == player or 1 - player in self._finished)
+            self.turns.append(player)
+
+    def hand_over(self, player: int, finished: bool = False) -> None:
+        """Give the turn to the other player (``finished``: ``player`` will not ask again)."""
+        with self._condition:
+            if finished:
+                self._finished.add(player)
+            self._turn = 1 - player
+            self._condition.notify_all()
+
+
+class WindowTimer(Callback):
+    """Thread CPU time from one ``on_train_batch_start`` to the next (first in the callback list),
+    handing the turn to the other fit of a :class:`Lockstep` between two windows."""
+
+    def __init__(self, lockstep: Lockstep, player: int) -> None:
         self.times: dict[int, float] = {}
+        self._lockstep, self._player = lockstep, player
         self._start: tuple[int, float] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -78,8 +113,10 @@ class WindowTimer(Callback):
 
     def _close(self) -> None:
         if self._start is not None:
-            step, started = self._start
-            self.times[step] = time.thread_time() - started
+            step, start = self._start
+            self.times[step] = time.thread_time() - start
+        self._lockstep.hand_over(self._player)
+        self._lockstep.take_turn(self._player)
 
 
 def fit(steps: int, root: str, config: str, first: Callback) -> None:
@@ -91,29 +128,54 @@ def fit(steps: int, root: str, config: str, first: Callback) -> None:
     quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
 
 
+def fit_in_lockstep(
+    configs: tuple[str, str], steps: int, root: str, lockstep: Lockstep | None = None
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-step times of two fits run step for step in turn (``lockstep``, a new
+    :class:`Lockstep` by default), the first of ``configs`` first."""
+    lockstep = lockstep or Lockstep()
+    timers = [WindowTimer(lockstep, player) for player in (0, 1)]
+    failures: list[BaseException] = []
+
+    def play(player: int) -> None:
+        lockstep.take_turn(player)
+        try:
+            fit(steps, f"{root}/{player}", configs[player], timers[player])
+        except BaseException as error:  # re-raised in the main thread
+            failures.append(error)
+        finally:
+            lockstep.hand_over(player, finished=True)
+
+    threads = [threading.Thread(target=play, args=(player,)) for player in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return timers[0].times, timers[1].times
+
+
 def time_rounds(
     names: list[str], rounds: int, steps: int, warmup: int, root: str, statistic: str
 ) -> dict[str, list[float]]:
-    """Per table row of the configurations ``names`` (plain first), its ratio to the plain run of
-    each round (a run's step: the ``statistic``, median or min, of its steps after ``warmup``)."""
+    """Per table row, its ratio in each round: every configuration of ``names`` (plain first, whose
+    row is the A/A control: plain against plain) runs in lockstep beside a plain fit, which of
+    the two goes first alternating between rounds; a run's step is the ``statistic`` (median or
+    min) of its steps after ``warmup``, over the steps of the row's kind in both runs."""
     reduce = STATISTICS[statistic]
     ratios: dict[str, list[float]] = {}
     for round_index in range(rounds):
-        shift = round_index % len(names)
-        medians: dict[str, float] = {}
-        times: dict[str, dict[int, float]] = {}
-        for config in names[shift:] + names[:shift]:
-            timer = WindowTimer()
-            fit(steps, root, config, timer)
-            times[config] = timer.times
-            timed = sorted(s for s in timer.times if s >= warmup)
+        for config in names:
+            pair = ("plain", config) if round_index % 2 else (config, "plain")
+            first, second = fit_in_lockstep(pair, steps, root)
+            measured, plain = (second, first) if pair[0] == "plain" else (first, second)
+            timed = sorted(s for s in measured if warmup <= s < steps - 1)
             for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():
-                medians[row] = reduce(timer.times[s] for s in kind_steps)
-        for row, value in medians.items():
-            ratios.setdefault(row, []).append(value / medians["plain"])
-        for config, every in SPARSE_PERIODS.items():
-            if config in times:
-                ratio = cycle_ratio(times[config], times["plain"], every, warmup)
+                ratio = reduce(measured[s] for s in kind_steps) / reduce(plain[s] for s in kind_steps)
+                ratios.setdefault(row, []).append(ratio)
+            if config in SPARSE_PERIODS:
+                ratio = cycle_ratio(measured, plain, SPARSE_PERIODS[config], warmup)
                 ratios.setdefault(f"{config}, all steps", []).append(ratio)
     return ratios
 
@@ -123,7 +185,7 @@ def cycle_ratio(times: dict[int, float], plain: dict[int, float], every: int, wa
     ``every - 1`` others after it): the run's total time over those steps against the plain run's
     over the same steps (a mean, not a median: the measured step counts as often as it occurs)."""
     first = min(s for s in times if s >= warmup and s % every == 0)
-    cycles = (max(times) - first + 1) // every
+    cycles = (max(times) - first) // every  # the last step (train-end hooks in its window) left out
     steps = range(first, first + cycles * every)
     return sum(times[s] for s in steps) / sum(plain[s] for s in steps)
 
