@@ -31,15 +31,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from common import (
+    Lockstep,
     ResNet20Classifier,
     count_table,
+    fit_in_lockstep,
     format_count_table,
     machine_description,
     quiet_trainer,
@@ -66,59 +67,6 @@ COUNT_STEPS = range(10, 30)
 STATISTICS: dict[str, Callable] = {"median": statistics.median, "min": min}
 
 
-class Lockstep:
-    """Two fits in two threads taking turns, one training step each, so that both meet the same
-    machine (its clock, its neighbours, its caches' weather) within milliseconds: the drift between
-    separate runs, which reads ±20 % on a shared VM, cancels in their ratio. A thread holds the
-    turn from one ``on_train_batch_start`` to the next (its setup before the first, its teardown
-    after the last); the other waits, without the GIL, outside its timed window."""
-
-    def __init__(self) -> None:
-        self.turns: list[int] = []
-        """The players in the order they were given the turn."""
-        self._turn = 0
-        self._finished: set[int] = set()
-        self._condition = threading.Condition()
-
-    def take_turn(self, player: int) -> None:
-        """Wait until it is ``player``'s turn, or the other player has finished."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._turn == player or 1 - player in self._finished)
-            self.turns.append(player)
-
-    def hand_over(self, player: int, finished: bool = False) -> None:
-        """Give the turn to the other player (``finished``: ``player`` will not ask again)."""
-        with self._condition:
-            if finished:
-                self._finished.add(player)
-            self._turn = 1 - player
-            self._condition.notify_all()
-
-
-class WindowTimer(Callback):
-    """Thread CPU time from one ``on_train_batch_start`` to the next (first in the callback list),
-    handing the turn to the other fit of a :class:`Lockstep` between two windows."""
-
-    def __init__(self, lockstep: Lockstep, player: int) -> None:
-        self.times: dict[int, float] = {}
-        self._lockstep, self._player = lockstep, player
-        self._start: tuple[int, float] | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._close()
-        self._start = (trainer.global_step, time.thread_time())
-
-    def on_train_end(self, trainer, pl_module):
-        self._close()
-
-    def _close(self) -> None:
-        if self._start is not None:
-            step, start = self._start
-            self.times[step] = time.thread_time() - start
-        self._lockstep.hand_over(self._player)
-        self._lockstep.take_turn(self._player)
-
-
 def fit(steps: int, root: str, config: str, first: Callback) -> None:
     """One fit of ``steps`` steps of ``config`` with ``first`` first among the callbacks."""
     make = CONFIGS[config]
@@ -128,32 +76,16 @@ def fit(steps: int, root: str, config: str, first: Callback) -> None:
     quiet_trainer(steps, callbacks, root).fit(ResNet20Classifier(), loader)
 
 
-def fit_in_lockstep(
+def fit_pair(
     configs: tuple[str, str], steps: int, root: str, lockstep: Lockstep | None = None
 ) -> tuple[dict[int, float], dict[int, float]]:
-    """Per-step times of two fits run step for step in turn (``lockstep``, a new
-    :class:`Lockstep` by default), the first of ``configs`` first."""
-    lockstep = lockstep or Lockstep()
-    timers = [WindowTimer(lockstep, player) for player in (0, 1)]
-    failures: list[BaseException] = []
-
-    def play(player: int) -> None:
-        lockstep.take_turn(player)
-        try:
-            fit(steps, f"{root}/{player}", configs[player], timers[player])
-        except BaseException as error:  # re-raised in the main thread
-            failures.append(error)
-        finally:
-            lockstep.hand_over(player, finished=True)
-
-    threads = [threading.Thread(target=play, args=(player,)) for player in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return timers[0].times, timers[1].times
+    """Per-step thread CPU times of the fits of two configurations run in lockstep, the first of
+    ``configs`` first."""
+    return fit_in_lockstep(
+        tuple(partial(fit, steps, f"{root}/{player}", config) for player, config in enumerate(configs)),
+        time.thread_time,
+        lockstep,
+    )
 
 
 def time_rounds(
@@ -168,7 +100,7 @@ def time_rounds(
     for round_index in range(rounds):
         for config in names:
             pair = ("plain", config) if round_index % 2 else (config, "plain")
-            first, second = fit_in_lockstep(pair, steps, root)
+            first, second = fit_pair(pair, steps, root)
             measured, plain = (second, first) if pair[0] == "plain" else (first, second)
             timed = sorted(s for s in measured if warmup <= s < steps - 1)
             for row, kind_steps in step_kinds(config, timed, SPARSE_PERIODS.get(config)).items():

@@ -1,5 +1,5 @@
-"""Shared pieces of the callback-overhead benchmarks: the workload, a step timer, and exact
-per-step counters of host work.
+"""Shared pieces of the callback-overhead benchmarks: the workload, step timers (two fits in
+lockstep: :func:`fit_in_lockstep`), and exact per-step counters of host work.
 
 The workload is the one every overhead figure in the README uses: a CIFAR ResNet-20
 (``lightning_tricks.models.build_net("resnet20", 10)``) on batches of random images, SGD with
@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,6 +73,90 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._start)
+
+
+class Lockstep:
+    """Two fits in two threads taking turns, one training step each, so that both meet the same
+    machine (its clock speed, its neighbours' load) within milliseconds: the drift between
+    separate runs, which reads ±20 % on a shared VM, cancels in their ratio. A thread holds the
+    turn from one ``on_train_batch_start`` to the next (its setup before the first, its teardown
+    after the last); the other waits, without the GIL, outside its timed window."""
+
+    def __init__(self) -> None:
+        self.turns: list[int] = []
+        """The players in the order they were given the turn."""
+        self._turn = 0
+        self._finished: set[int] = set()
+        self._condition = threading.Condition()
+
+    def take_turn(self, player: int) -> None:
+        """Wait until it is ``player``'s turn, or the other player has finished."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._turn == player or 1 - player in self._finished)
+            self.turns.append(player)
+
+    def hand_over(self, player: int, finished: bool = False) -> None:
+        """Give the turn to the other player (``finished``: ``player`` will not ask again)."""
+        with self._condition:
+            if finished:
+                self._finished.add(player)
+            self._turn = 1 - player
+            self._condition.notify_all()
+
+
+class LockstepTimer(Callback):
+    """Per step, ``clock`` time from one ``on_train_batch_start`` to the next (first in the
+    callback list), handing the turn to the other fit of a :class:`Lockstep` between two windows."""
+
+    def __init__(self, lockstep: Lockstep, player: int, clock: Callable[[], float]) -> None:
+        self.times: dict[int, float] = {}
+        self._lockstep, self._player, self._clock = lockstep, player, clock
+        self._start: tuple[int, float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self._start = (trainer.global_step, self._clock())
+
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def _close(self) -> None:
+        if self._start is not None:
+            step, start = self._start
+            self.times[step] = self._clock() - start
+        self._lockstep.hand_over(self._player)
+        self._lockstep.take_turn(self._player)
+
+
+def fit_in_lockstep(
+    fits: tuple[Callable[[Callback], None], Callable[[Callback], None]],
+    clock: Callable[[], float] = time.perf_counter,
+    lockstep: Lockstep | None = None,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-step ``clock`` times of two fits run step for step in turn (``lockstep``, a new
+    :class:`Lockstep` by default), the first first: ``fit(timer)`` runs a fit with ``timer`` first
+    among its callbacks. A failure in either is raised here once both threads are done."""
+    lockstep = lockstep or Lockstep()
+    timers = [LockstepTimer(lockstep, player, clock) for player in (0, 1)]
+    failures: list[BaseException] = []
+
+    def play(player: int) -> None:
+        lockstep.take_turn(player)
+        try:
+            fits[player](timers[player])
+        except BaseException as error:  # re-raised in the main thread
+            failures.append(error)
+        finally:
+            lockstep.hand_over(player, finished=True)
+
+    threads = [threading.Thread(target=play, args=(player,)) for player in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return timers[0].times, timers[1].times
 
 
 def random_image_loader(steps: int, batch_size: int, size: int = 32) -> DataLoader:

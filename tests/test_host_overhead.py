@@ -63,17 +63,17 @@ def test_fisher_spectrum_measured_step_counts(trainer_for, tiny_module):
 def test_lockstep_fits_take_turns_one_step_each(tmp_path):
     """The benchmark's paired runs: two fits in two threads hold the turn alternately — setup,
     then one training step each, then teardown — and each times every one of its steps."""
-    from bench_host_overhead import Lockstep, fit_in_lockstep
+    from bench_host_overhead import Lockstep, fit_pair
 
     lockstep = Lockstep()
-    first, second = fit_in_lockstep(("plain", "RandomGradient()"), 5, str(tmp_path), lockstep)
+    first, second = fit_pair(("plain", "RandomGradient()"), 5, str(tmp_path), lockstep)
     assert sorted(first) == sorted(second) == list(range(5))
     assert min(*first.values(), *second.values()) > 0
     assert lockstep.turns == [0, 1] * (5 + 2)  # setup, 5 steps' windows, train end's, teardown
 
 
 def test_lockstep_failure_in_one_fit_is_raised_without_deadlock(tmp_path):
-    from bench_host_overhead import fit_in_lockstep
+    from bench_host_overhead import fit_pair
 
     with pytest.raises(KeyError, match="no such configuration"):
-        fit_in_lockstep(("plain", "no such configuration"), 3, str(tmp_path))
+        fit_pair(("plain", "no such configuration"), 3, str(tmp_path))
