@@ -46,39 +46,16 @@ def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> Met
     )
 
 
-class MatmulGradient(NamedTuple):
-    """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
-
-    ``inputs`` (N, d_in) and ``backprops`` (N, d_out) are the 2-D views autograd's matrix product
-    saw (leading dims folded by ``reshape``, as ``F.linear`` and ``matmul`` fold them).
-    """
-
-    inputs: Tensor
-    backprops: Tensor
-    weight: Tensor
-
-    def __call__(self) -> Tensor:
-        """∇W = δᵀ x with the operands, transposes and output layout of autograd's ``mm`` backward
-        (``mm_mat2_backward`` for the operand Wᵀ), so the bits are those of a plain backward."""
-        transposed = self.weight.t()
-        rows = transposed.shape[0]
-        if transposed.stride() == (1, rows):
-            return self.backprops.t().mm(self.inputs)
-        return self.inputs.t().mm(self.backprops).t()
-
-
 class OuterFactor(NamedTuple):
     """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
 
     Shapes: ``activations`` (B, K, p, T), ``backprops`` (B, K, q, T) for K groups, p inputs and q
-    outputs per group and T positions; g_i has K·q·p entries. ``exact``, where given, computes
-    the batch gradient with autograd's own kernel (bit-identical to a plain backward).
+    outputs per group and T positions; g_i has K·q·p entries.
     """
 
     activations: Tensor
     backprops: Tensor
     shape: torch.Size
-    exact: MatmulGradient | None = None
 
     def ghost_gram(self) -> Tensor:
         """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
@@ -95,12 +72,6 @@ class OuterFactor(NamedTuple):
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
         grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
         return grads.reshape(grads.shape[0], *self.shape)
-
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
-        if self.exact is not None:
-            return self.exact()
-        return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
 
     def costs(self) -> MethodCosts:
         """See ``_outer_costs``."""
@@ -245,12 +216,6 @@ class ConvFactor(NamedTuple):
             torch.bmm(rows, window, out=out)
         return grads, False
 
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
-        convolved, with its padding, so the bits are those of a plain backward."""
-        inputs, padding = self._convolved()
-        return self._weight_backward(inputs, self.backprops, padding, 1)
-
     def ghost_gram(self) -> Tensor:
         """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`, seed 004 eq. 6)."""
         return self.as_outer().ghost_gram()
@@ -298,7 +263,9 @@ class ConvFactor(NamedTuple):
         """The blocks G_l, (n, B, B), of n convolutions with the same geometry, operand shapes and
         dtypes, from one computation on the n·B samples stacked (each sample's g_i depends on its
         own operands only, seed 004 eq. 6): materialised, R_l R_lᵀ by one batched product of their
-        per-sample gradients R_l; ``ghost``, :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
+        per-sample gradients R_l (rows split by kernel offset κ: Σ_κ R_(l,κ) R_(l,κ)ᵀ, one product
+        over all (κ, l), no copy back into per-sample order); ``ghost``,
+        :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
         first = factors[0]
         count, batch = len(factors), first.inputs.shape[0]
         joined = ConvFactor(
@@ -310,8 +277,11 @@ class ConvFactor(NamedTuple):
         if ghost:
             return joined.as_outer().ghost_grams(count)
         rows = joined.rows()
-        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: back to per-sample order
-            rows = rows.transpose(0, 1)
+        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: a partial Gram per (κ, l)
+            offsets = rows.shape[0]
+            rows = rows.reshape(offsets * count, batch, -1)
+            grams = torch.bmm(rows, rows.transpose(1, 2))
+            return grams.view(offsets, count, batch, batch).sum(0)
         rows = rows.reshape(count, batch, -1)
         return torch.bmm(rows, rows.transpose(1, 2))
 
@@ -429,12 +399,6 @@ class EmbeddingFactor(NamedTuple):
         grads.index_add_(0, rows.reshape(-1), self.backprops.reshape(-1, dim))
         return grads.reshape(batch, self.num_embeddings, dim)
 
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i, shape (V, d)."""
-        dim = self.backprops.shape[-1]
-        grads = self.backprops.new_zeros(self.num_embeddings, dim)
-        return grads.index_add_(0, self.indices.reshape(-1), self.backprops.reshape(-1, dim))
-
     def costs(self) -> MethodCosts:
         """Ghost: B²·T²·(d + 1). Materialised: B·T·d (scatter) + B²·V·d (Gram of dense g_i)."""
         batch, positions, dim = self.backprops.shape
@@ -461,10 +425,6 @@ class PerSampleFactor(NamedTuple):
     def per_sample(self) -> Tensor:
         """g_i, shape (B, *shape)."""
         return self.grads
-
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i."""
-        return self.grads.sum(0)
 
     def costs(self) -> MethodCosts:
         """Materialised only: B²·P multiply-adds for the Gram."""
@@ -507,9 +467,6 @@ class ChannelAffineFactor(NamedTuple):
         whose Gram is the layer's block (the order of entries does not change it)."""
         wanted = [name in self.names for name in ("weight", "bias")]
         return _affine_grads((self,), wanted).view(self.inputs.shape[0], -1)
-
-    def batch_gradient(self) -> Tensor:
-        return self.per_sample().sum(0)
 
     @staticmethod
     def grams(factors: Sequence[ChannelAffineFactor]) -> Tensor:
