@@ -367,7 +367,7 @@ def test_blocks_grouped_by_shape_or_one_by_one(
         monkeypatch.setattr(collector_module, "GROUP_MAX_ENTRIES", 0)
     if grouped == "grouped, shifted by offset":  # per-sample rows split by kernel offset
         monkeypatch.setattr(factors, "SHIFTED_STACK_MAX_ENTRIES", 0)
-        monkeypatch.setattr(factors, "GROUPED_MIN_POSITIONS_PER_CHANNEL", {"shifted": 1e9, "patches": 1e9})
+        monkeypatch.setattr(factors, "GROUPED_MIN_POSITIONS_PER_CHANNEL", 10**9)
     model, x, y = build(arch, 6)
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)

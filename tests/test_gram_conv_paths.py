@@ -196,9 +196,9 @@ def test_collector_on_a_conv_net_through_each_method(
         (nn.Conv2d(16, 16, 3, padding=1), 32, "grouped", "grouped"),
         (nn.Conv2d(32, 32, 3, padding=1), 16, "grouped", "grouped"),
         (nn.Conv2d(64, 64, 3, padding=1), 8, "shifted", "patches"),  # 64 positions < 2 × 64 channels
-        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 16, "grouped", "patches"),  # 8×8 output, stride 2
+        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 16, "patches", "patches"),  # 8×8 output, stride 2
         (nn.Conv2d(16, 16, 3, padding=1), 8, "grouped", "patches"),  # the host-overhead proxy's maps
-        (nn.Conv2d(16, 32, 3, stride=2, padding=1), 8, "grouped", "patches"),
+        (nn.Conv2d(16, 32, 3, stride=2, padding=1), 8, "patches", "patches"),
         (nn.Conv2d(32, 32, 3, padding=1), 4, "shifted", "patches"),
         (nn.Conv2d(32, 64, 3, stride=2, padding=1), 4, "patches", "patches"),
         (nn.Conv2d(64, 64, 3, padding=1), 2, "shifted", "patches"),

@@ -111,18 +111,18 @@ UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
 convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
 
-GROUPED_MIN_POSITIONS_PER_CHANNEL = {"shifted": 2.0, "patches": 0.5}
-"""On small maps (CPU), the grouped convolution backward beats the small-map method (the key) where
-T ≥ this × C, C the larger of the layer's input and output channels per group, T its positions
-(those the kernel is applied at): its cost per group grows with C², the other methods' overhead
-with T. Measured (3×3 kernels, five same-shaped layers computed together as in a measured step,
-one thread, thread CPU time, medians of alternating rounds; ms for B = 8 | 32 | 128):
-stride 1, grouped / shifted: C = 8 on 4×4 0.39 / 0.32 | 0.73 / 1.45; C = 16 on 4×4 0.81 / 0.80 |
-1.8 / 2.5; C = 32 on 4×4 3.0 / 1.7 | 5.7 / 6.2 | 62 / 51; C = 64 on 4×4 15 / 6.2 | 58 / 34;
-C = 32 on 2×2 1.5 / 1.0; C = 16 on 8×8 0.64 / 0.73 | 2.6 / 3.9 | 11 / 23; C = 32 on 8×8
-2.5 / 3.1 | 9.0 / 12 | 64 / 78; C = 64 on 8×8 12.5 / 10.5 | 31 / 41 | 345 / 274.
-Stride 2 (T output positions), grouped / patches: C = 16, T = 16: 0.44 / 0.56; C = 32, T = 16:
-1.0 / 1.25; C = 32, T = 64: 2.3 / 3.1; C = 16, T = 64: – | 2.4 / 4.9; C = 64, T = 64: – | 30 / 34."""
+GROUPED_MIN_POSITIONS_PER_CHANNEL = 2
+"""On small maps (CPU, stride 1), the grouped convolution backward beats the shifted products where
+T ≥ this × C, C the larger of the layer's input and output channels per group, T its positions:
+its cost per group grows with C², the shifted products' overhead with T. Measured (3×3 kernels,
+five same-shaped layers computed together as in a measured step, one thread, thread CPU time,
+medians of alternating rounds; ms, grouped / shifted, for B = 8 | 32 | 128): C = 8 on 4×4
+0.39 / 0.32 | 0.73 / 1.45; C = 16 on 4×4 0.81 / 0.80 | 1.8 / 2.5; C = 32 on 4×4 3.0 / 1.7 |
+5.7 / 6.2 | 62 / 51; C = 64 on 4×4 15 / 6.2 | 58 / 34; C = 32 on 2×2 1.5 / 1.0; C = 16 on 8×8
+0.64 / 0.73 | 2.6 / 3.9 | 11 / 23; C = 32 on 8×8 2.5 / 3.1 | 9.0 / 12 | 64 / 78; C = 64 on 8×8
+12.5 / 10.5 | 31 / 41 | 345 / 274. With stride > 1 the two other methods (grouped, patches)
+measured within noise of each other on small maps (e.g. 16 → 32 channels, 8×8 → 4×4, B = 8:
+0.38 / 0.36 ms), so patches stay there."""
 
 
 class ConvFactor(NamedTuple):
@@ -144,8 +144,9 @@ class ConvFactor(NamedTuple):
     def per_sample_method(self) -> str:
         """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries); else
         ``"grouped"`` (one B·groups-group convolution backward) on large maps (more than
-        ``UNFOLD_MAX_POSITIONS`` positions) and on small maps with few channels per position
-        (:data:`GROUPED_MIN_POSITIONS_PER_CHANNEL`); else ``"shifted"`` (stride 1) or ``"patches"``.
+        ``UNFOLD_MAX_POSITIONS`` positions); on small maps ``"patches"`` for stride > 1, else
+        ``"grouped"`` where there are few channels per position
+        (:data:`GROUPED_MIN_POSITIONS_PER_CHANNEL`), else ``"shifted"``.
         Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on small
         maps, else ``"grouped"``."""
         positions, patch, outputs = self._sizes()
@@ -153,14 +154,12 @@ class ConvFactor(NamedTuple):
             return "patches" if positions <= UNFOLD_MAX_POSITIONS else "grouped"
         if patch <= UNFOLD_MAX_PATCH:
             return "patches"
-        small_map = "shifted" if max(self.layer.stride) == 1 else "patches"
-        channels = max(patch // math.prod(self.layer.kernel_size), outputs)
-        if (
-            positions > UNFOLD_MAX_POSITIONS
-            or positions >= GROUPED_MIN_POSITIONS_PER_CHANNEL[small_map] * channels
-        ):
+        if positions > UNFOLD_MAX_POSITIONS:
             return "grouped"
-        return small_map
+        if max(self.layer.stride) > 1:
+            return "patches"
+        channels = max(patch // math.prod(self.layer.kernel_size), outputs)
+        return "grouped" if positions >= GROUPED_MIN_POSITIONS_PER_CHANNEL * channels else "shifted"
 
     def per_sample(self) -> Tensor:
         """g_i for every i at once, shape (B, *W.shape)."""
