@@ -281,10 +281,8 @@ def collect(model, x, y, reduction="mean", **options) -> GramCollector:
 # -- exactness on every layer type --------------------------------------------------------------
 
 
-VARIANTS = [
-    (r, m, f) for r in ("mean", "sum") for m in ("auto", "ghost", "materialize") for f in (False, True)
-]
-"""(reduction, method, fuse_weight_grad); forced ghost on 8×8 feature maps is slow at B = 64
+VARIANTS = [(r, m) for r in ("mean", "sum") for m in ("auto", "ghost", "materialize")]
+"""(reduction, method); forced ghost on 8×8 feature maps is slow at B = 64
 (B²·T² terms), so it is checked at B = 1 and 7 only."""
 
 
@@ -294,14 +292,14 @@ def test_matches_per_sample_reference(arch: str, batch: int) -> None:
     model, x, y = build(arch, batch)
     jacobian = per_sample_jacobian(model, x, y)
     reference = jacobian @ jacobian.T
-    for reduction, method, fuse in VARIANTS:
+    for reduction, method in VARIANTS:
         if batch == 64 and method == "ghost":
             continue
         model.zero_grad(set_to_none=True)
-        gram = collect(model, x, y, reduction, method=method, fuse_weight_grad=fuse).matrix()
+        gram = collect(model, x, y, reduction, method=method).matrix()
         assert gram.dtype == torch.float64 and gram.shape == (batch, batch)
         error = relative_error(gram, reference)
-        assert error < RTOL, f"{reduction=} {method=} {fuse=}: relative error {error:.2e}"
+        assert error < RTOL, f"{reduction=} {method=}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -315,10 +313,10 @@ def test_grouped_convolution_path_matches_reference(arch: str, monkeypatch: pyte
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    gram = collect(model, x, y, method="materialize", fuse_weight_grad=True).matrix()
+    gram = collect(model, x, y, method="materialize").matrix()
     assert relative_error(gram, jacobian @ jacobian.T) < RTOL
     for p, expected in zip(model.parameters(), plain):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
+        assert torch.equal(p.grad, expected)
 
 
 def test_batchnorm_statistics_recomputed_when_autograd_does_not_expose_them() -> None:
@@ -364,20 +362,20 @@ def test_blocks_grouped_by_shape_or_one_by_one(
 ) -> None:
     """Normalisation layers and convolutions (materialised or ghost) of one shape get their blocks
     from one batched computation when G is read (small operands), larger ones each at its
-    backward: the same blocks either way, and ``.grad`` untouched (fused weights written at the
-    backward)."""
+    backward: the same blocks either way, and ``.grad`` untouched."""
     if grouped == "one by one":
         monkeypatch.setattr(collector_module, "GROUP_MAX_ENTRIES", 0)
     if grouped == "grouped, shifted by offset":  # per-sample rows split by kernel offset
         monkeypatch.setattr(factors, "SHIFTED_STACK_MAX_ENTRIES", 0)
+        monkeypatch.setattr(factors, "GROUPED_MIN_POSITIONS_PER_CHANNEL", 10**9)
     model, x, y = build(arch, 6)
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    gram = collect(model, x, y, method=method, fuse_weight_grad=True)
+    gram = collect(model, x, y, method=method)
     assert bool(gram._grouped) == (grouped != "one by one")
     for p, expected in zip(model.parameters(), plain):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
+        assert torch.equal(p.grad, expected)
     blocks = gram.matrix(per_layer=True)
     for module, columns in column_blocks(model).items():
         assert relative_error(blocks[module], jacobian[:, columns] @ jacobian[:, columns].T) < RTOL, module
@@ -414,40 +412,20 @@ def test_model_grads_equal_plain_backward(arch: str) -> None:
     model, x, y = build(arch, 6)
     plain = _plain_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    collect(model, x, y, fuse_weight_grad=False)
+    collect(model, x, y)
     for p, expected in zip(model.parameters(), plain):
         assert torch.equal(p.grad, expected)
-    model.zero_grad(set_to_none=True)
-    collect(model, x, y, fuse_weight_grad=True)
-    for p, expected in zip(model.parameters(), plain):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
         assert p.requires_grad
 
 
-def test_fused_grads_accumulate_into_existing_grad() -> None:
+def test_grads_accumulate_into_existing_grad() -> None:
     model, x, y = build("resnet_bn_eval", 5)
     twice = _plain_grads(model, x, y, steps=2)
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    collect(model, x, y, fuse_weight_grad=True)
+    collect(model, x, y)
     for p, expected in zip(model.parameters(), twice):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14 * expected.abs().max().item())
-
-
-def test_fused_weights_are_hidden_only_during_their_forward() -> None:
-    model, x, y = build("cnn", 4)
-    inside = []
-    with GramCollector(model, fuse_weight_grad=True) as gram:
-        for index in (0, 2):  # registered after the collector's hooks: sees the flag they set
-            model[index].register_forward_pre_hook(lambda m, args: inside.append(m.weight.requires_grad))
-        loss = F.cross_entropy(model(x), y)
-        after_forward = [p.requires_grad for p in model.parameters()]
-        loss.backward()
-    # conv 2's input needs grad, so its weight was hidden; conv 0 sees the data (no grad): kept
-    assert inside == [True, False]
-    assert all(after_forward), "restored right after each module's forward"
-    assert all(p.requires_grad for p in model.parameters())
-    assert gram.matrix().shape == (4, 4)
+        assert torch.equal(p.grad, expected)
 
 
 # -- coupled samples: BatchNorm in training mode --------------------------------------------------
@@ -568,12 +546,11 @@ def test_weight_sharing_is_exact() -> None:
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
     for method in ("auto", "ghost", "materialize"):
-        for fuse in (False, True):
-            model.zero_grad(set_to_none=True)
-            gram = collect(model, x, y, method=method, fuse_weight_grad=fuse).matrix()
-            assert relative_error(gram, jacobian @ jacobian.T) < RTOL, (method, fuse)
-            for p, expected in zip(model.parameters(), plain):
-                torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+        model.zero_grad(set_to_none=True)
+        gram = collect(model, x, y, method=method).matrix()
+        assert relative_error(gram, jacobian @ jacobian.T) < RTOL, method
+        for p, expected in zip(model.parameters(), plain):
+            assert torch.equal(p.grad, expected)
 
 
 def test_unused_call_output_contributes_nothing() -> None:
@@ -602,20 +579,18 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(idx)))).mean(dim=1)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_parameter_shared_between_modules_is_measured_exactly(fuse: bool) -> None:
+def test_parameter_shared_between_modules_is_measured_exactly() -> None:
     torch.manual_seed(0)
     model = TiedLM().to(DTYPE)
     x, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
     jacobian = per_sample_jacobian(model, x, y)
     plain = _plain_grads(model, x, y)
     model.zero_grad(set_to_none=True)
-    gram = collect(model, x, y, fuse_weight_grad=fuse)
+    gram = collect(model, x, y)
     assert relative_error(gram.matrix(), jacobian @ jacobian.T) < RTOL
     assert set(gram.matrix(per_layer=True)) == {"mix", "head", "embed.weight"}
     for p, expected in zip(model.parameters(), plain):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
-    assert torch.equal(model.embed.weight.grad, plain[0]), "the tied weight is never fused"
+        assert torch.equal(p.grad, expected)
 
 
 def _linear_of(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -657,7 +632,7 @@ def test_forward_done_quiets_the_hooks_of_recorded_parameters_until_reset(monkey
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
     x = torch.randn(3, 4, dtype=DTYPE)
-    collector = GramCollector(model, fuse_weight_grad=False)
+    collector = GramCollector(model)
     collector.attach()
     for _ in range(2):  # attached throughout, as FisherSpectrum measuring every step
         collector.reset()
@@ -716,7 +691,7 @@ def test_inplace_change_of_a_captured_input_is_refused() -> None:
             return out
 
     model = Inplace()
-    with GramCollector(model, fuse_weight_grad=True):
+    with GramCollector(model):
         loss = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 2]))
         with pytest.raises(RuntimeError, match="modified in place"):
             loss.backward()
@@ -750,19 +725,6 @@ def test_attach_enable_reset_detach_cycle() -> None:
     gram.detach()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(not p._backward_hooks for p in model.parameters())
-
-
-def test_forward_without_backward_restores_requires_grad() -> None:
-    model, x, _ = build("cnn", 3)
-    gram = GramCollector(model, fuse_weight_grad=True).attach()
-    model(x)
-    assert all(p.requires_grad for p in model.parameters())
-    gram.enabled = False
-    assert all(p.requires_grad for p in model.parameters())
-    model(x)
-    gram.reset()
-    gram.detach()
-    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_batch_dim_mismatch_is_refused() -> None:
@@ -801,7 +763,6 @@ def test_float32_model_and_loss_checks() -> None:
     [
         ({"loss_reduction": "avg"}, ValueError),
         ({"method": "fast"}, ValueError),
-        ({"fuse_weight_grad": "yes"}, ValueError),
         ({"unsupported": "ignore"}, ValueError),
         ({"modules": "conv"}, TypeError),
         ({"params": [torch.ones(2)]}, TypeError),
@@ -856,8 +817,7 @@ def test_block_triangular_gram_equals_full_product(
 def test_trainable_set_is_read_again_when_a_flag_changes_between_collections(first: str) -> None:
     """The collector derives a layer's measured parameters again only when a requires_grad flag
     changed since its last collection: freezing and unfreezing between collections must still
-    give the brute-force G of the parameters trainable at each one — also where the first layer
-    to run has no forward pre-hook (a LayerNorm: nothing to fuse, the set is read after its call)."""
+    give the brute-force G of the parameters trainable at each one, whichever layer runs first."""
     torch.manual_seed(0)
     layers = [nn.Linear(4, 3)] if first == "linear" else [nn.LayerNorm(4), nn.Linear(4, 3)]
     model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(3, 2)).double()  # model[0].weight toggled
@@ -883,7 +843,7 @@ def test_outside_use_is_caught_when_a_weight_is_unfrozen_after_attach() -> None:
     """A weight frozen at attach (so not hooked then) and unfrozen before the forward, with the
     same flags as the previous collection, still gets the hook that spots a use outside its module."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # [2]: input needs grad, fused
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     x = torch.randn(3, 4)
     collector = GramCollector(model)
 
@@ -896,7 +856,7 @@ def test_outside_use_is_caught_when_a_weight_is_unfrozen_after_attach() -> None:
     model[2].weight.requires_grad_(False)
     collector.attach()
     model[2].weight.requires_grad_(True)  # unfrozen after attach: the flags equal the first step's
-    F.linear(model(x), model[2].weight).sum().backward()
+    F.linear(model[:2](x), model[2].weight).sum().backward()  # its module not called: only the hook sees it
     collector.detach()
     with pytest.raises(RuntimeError, match="outside its module"):
         collector.matrix()

@@ -157,13 +157,11 @@ def test_collector_on_a_conv_net_through_each_method(
     """G of a small conv net, every convolution through one method (stride 2 stays on patches when
     shifted is asked), against J Jᵀ of a per-sample autograd loop; at B = 64 the 12→12 layer's
     1,296 entries take the block-triangular Gram."""
-    chooser = ConvFactor.per_sample_method
     monkeypatch.setattr(
         ConvFactor,
         "per_sample_method",
-        lambda self: method if method != "shifted" or chooser(self) == "shifted" else "patches",
+        lambda self: method if method != "shifted" or max(self.layer.stride) == 1 else "patches",
     )
-    monkeypatch.setattr(factors, "UNFOLD_MAX_POSITIONS", 10**6)  # every stride-1 conv is "shifted"
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=False),
@@ -197,12 +195,19 @@ def test_collector_on_a_conv_net_through_each_method(
         (nn.Conv2d(3, 16, 3, padding=1), 32, "patches", "grouped"),  # stem: 27-entry patches
         (nn.Conv2d(16, 16, 3, padding=1), 32, "grouped", "grouped"),
         (nn.Conv2d(32, 32, 3, padding=1), 16, "grouped", "grouped"),
-        (nn.Conv2d(64, 64, 3, padding=1), 8, "shifted", "patches"),
+        (nn.Conv2d(64, 64, 3, padding=1), 8, "shifted", "patches"),  # 64 positions < 2 × 64 channels
         (nn.Conv2d(32, 64, 3, stride=2, padding=1), 16, "patches", "patches"),  # 8×8 output, stride 2
+        (nn.Conv2d(16, 16, 3, padding=1), 8, "grouped", "patches"),  # the host-overhead proxy's maps
+        (nn.Conv2d(16, 32, 3, stride=2, padding=1), 8, "patches", "patches"),
+        (nn.Conv2d(32, 32, 3, padding=1), 4, "shifted", "patches"),
+        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 4, "patches", "patches"),
+        (nn.Conv2d(64, 64, 3, padding=1), 2, "shifted", "patches"),
     ],
 )
 def test_chooser_on_resnet20_shapes(layer: nn.Module, size: int, on_cpu: str, elsewhere: str) -> None:
-    """The CPU choices, and the GPU ones (fewer kernel launches), seen on the shape-only meta device."""
+    """The CPU choices (:data:`~lightning_tricks.gradients.gram.factors.GROUPED_MIN_POSITIONS_PER_CHANNEL`),
+    and the GPU ones (fewer kernel launches), seen on the shape-only meta device; CIFAR's 32×32
+    maps and the host-overhead proxy's 8×8."""
     x = torch.randn(2, layer.in_channels, size, size)
     with torch.no_grad():
         delta = torch.randn_like(layer(x))

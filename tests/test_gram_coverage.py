@@ -260,7 +260,7 @@ def test_fallback_changes_nothing_the_user_trains() -> None:
     squared(twin(x), target).sum().backward()
     after_plain = torch.rand(3)
     torch.manual_seed(1)
-    gram = collect(model, lambda: squared(model(x), target).sum(), fuse_weight_grad=False)
+    gram = collect(model, lambda: squared(model(x), target).sum())
     assert torch.equal(torch.rand(3), after_plain)
     assert gram.methods["gated.gate"] == "fallback"
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -386,14 +386,12 @@ def test_transformer_encoder_layer_end_to_end(batch: int, batch_first: bool, nor
     x, target = torch.randn(batch, 5, 3, dtype=DTYPE), torch.randn(batch, 5, 2, dtype=DTYPE)
     padding = torch.zeros(batch, 5, dtype=torch.bool)
     padding[:, -1] = torch.arange(batch) % 2 == 0
-    for fuse in (False, True):
-        gram = assert_exact(
-            model,
-            lambda i: (model(x[i : i + 1], padding[i : i + 1]) - target[i : i + 1]).square().sum(),
-            lambda: (model(x, padding) - target).square().sum(),
-            batch,
-            fuse_weight_grad=fuse,
-        )
+    gram = assert_exact(
+        model,
+        lambda i: (model(x[i : i + 1], padding[i : i + 1]) - target[i : i + 1]).square().sum(),
+        lambda: (model(x, padding) - target).square().sum(),
+        batch,
+    )
     assert "layer.self_attn.out_proj" not in gram.layer_names
     if batch_first:
         assert "layer.self_attn" in gram.layer_names

@@ -119,7 +119,7 @@ def test_hooks_registered_once_then_put_back_and_taken_off(monkeypatch: pytest.M
     hook dicts and a later attach puts the same hooks back (no new registration), with the same G."""
     torch.manual_seed(0)
     model, x = conv_bn()
-    gram = GramCollector(model, fuse_weight_grad=True)
+    gram = GramCollector(model)
     registrations = []
     init = torch.utils.hooks.RemovableHandle.__init__
 
@@ -140,8 +140,8 @@ def test_hooks_registered_once_then_put_back_and_taken_off(monkeypatch: pytest.M
         gram.detach()
         assert not hooked(model) and not gram.attached
         results.append(gram.matrix())
-        # forward hooks of 3 layers, pre-hooks of the 2 that may fuse a weight gradient, 6 parameters
-        expected = 3 + 2 + 6 if cycle == 0 else 0
+        # forward hooks of 3 layers, 6 parameters (no forward pre-hook)
+        expected = 3 + 6 if cycle == 0 else 0
         assert attached == expected, cycle
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
@@ -162,7 +162,7 @@ def test_a_hook_dict_replaced_is_registered_again() -> None:
     gc.collect()
     gram.reset()
     gram.attach()
-    assert layer._forward_hooks and layer._forward_pre_hooks
+    assert layer._forward_hooks and not layer._forward_pre_hooks
     model(x).sum().backward()
     gram.detach()
     assert set(gram.matrix(per_layer=True)) == {"0", "2"}

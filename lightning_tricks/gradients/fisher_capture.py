@@ -38,7 +38,7 @@ class StepCapture:
     """
 
     def __init__(self, model: nn.Module, keep_attached: bool, **collector: object) -> None:
-        self.collector = GramCollector(model, fuse_weight_grad="auto", **collector)
+        self.collector = GramCollector(model, **collector)
         self.keep_attached = keep_attached
         self.measuring = False
         self.batch_size: int | None = None

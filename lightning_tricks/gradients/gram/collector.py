@@ -54,10 +54,10 @@ class _Layer:
     with another captured module; ``params`` and ``active_shared`` are the ones that required grad
     at the module's first captured forward of the current collection (the trainable set then);
     ``flags`` are the ``requires_grad`` of candidates and shared parameters they were derived from
-    (derived again only when the flags change); ``fusable`` the active parameters the rule lets the
-    collector fuse (``fused_names``; ``unfused_ids``: ids of the other active and shared ones, which
-    a fused call records), ``shared_params`` the active shared ones; ``everything`` candidates then
-    shared parameters (the order of ``flags``), set once tied weights are known.
+    (derived again only when the flags change); ``recorded_ids`` the ids of the active and active
+    shared parameters (those a captured call records), ``shared_params`` the active shared ones;
+    ``everything`` candidates then shared parameters (the order of ``flags``), set once tied
+    weights are known.
     ``default_capture``: the rule keeps the first tensor argument, whose leading size is B;
     ``leading_batch``: B is that leading size (the rule's ``batch_size`` is the default).
     ``backprop_hook``: the collector's (weak) output-gradient hook for this layer. ``plan``: per
@@ -70,16 +70,13 @@ class _Layer:
     pending: int = 0
     calls: int = 0
     factors: list[dict[str, GradFactor]] = field(default_factory=list)
-    hidden: tuple[str, ...] = ()
     methods: dict[str, str] = field(default_factory=dict)
     candidates: dict[str, nn.Parameter] = field(default_factory=dict)
     shared: dict[str, nn.Parameter] = field(default_factory=dict)
     active_shared: tuple[str, ...] = ()
     activated: bool = False
     flags: list[bool] = field(default_factory=list)
-    fusable: tuple[tuple[str, nn.Parameter], ...] = ()
-    fused_names: tuple[str, ...] = ()
-    unfused_ids: list[int] = field(default_factory=list)
+    recorded_ids: list[int] = field(default_factory=list)
     shared_params: list[nn.Parameter] = field(default_factory=list)
     everything: list[nn.Parameter] = field(default_factory=list)
     default_capture: bool = field(init=False)
@@ -172,18 +169,9 @@ class GramCollector:
     call it through a module. A frozen parameter of a module without a rule that
     is unfrozen later makes :meth:`matrix` raise (``unsupported="raise"``) or warn once.
 
-    Fused weight gradients (``fuse_weight_grad``): for the duration of a captured forward call of a
-    Linear, ConvNd or ConvTransposeNd layer whose input requires grad, its weight is set to
-    ``requires_grad=False``, so autograd skips its weight-gradient kernel; the user's flag is
-    restored right after that call (also when it raises), so any later use of the weight records
-    normally. The collector writes ``param.grad`` itself (``+=``, or a new tensor where it is
-    ``None``) with the very kernel autograd would have called (same op, operands and layout), so
-    ``.grad`` is bit-for-bit autograd's (``tests/test_gram_fused.py``); fusing saves little
-    (2–3 %) since the per-sample gradients cannot share that kernel's work bit-exactly. It must be
-    off where something else needs autograd's own gradient of those weights:
-    DistributedDataParallel's reducer (``"auto"`` switches it off when ``torch.distributed`` runs
-    with more than one process) or ``register_post_accumulate_grad_hook`` users. Tied weights are
-    never fused.
+    Batch gradients: autograd computes every ``.grad`` as without the collector, which only reads
+    the activations and output gradients, so ``.grad``, parameters and buffers are bit-for-bit
+    those of a plain step (``tests/test_gram_invariance.py``).
 
     Accumulation and precision: each layer's (B, B) block is computed in the promoted dtype of its
     activations and gradients (at least float32; float16/bfloat16 are upcast) and kept so; when G
@@ -196,10 +184,9 @@ class GramCollector:
 
     Host cost (where a GPU's step waits for Python): hooks are registered once and put in and out
     of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); a layer has
-    a forward pre-hook only where its rule may fuse a weight gradient; an output's gradient hook
-    goes in without a removable handle; :meth:`forward_done` takes the parameter hooks that would
-    return at once out for the backward (at most three hook calls a layer and step remain); the method
-    of each parameter is planned at its first collection; normalisation layers and materialised
+    one forward hook and no pre-hook; an output's gradient hook goes in without a removable
+    handle; :meth:`forward_done` takes the parameter hooks that would return at once out for the
+    backward (at most two hook calls a layer and step remain); the method of each parameter is planned at its first collection; normalisation layers and materialised
     convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
     operands until G is read, when the layers of one shape get their blocks from one batched
     computation (larger layers are computed in the backward, so no large activation is held).
@@ -211,8 +198,6 @@ class GramCollector:
         modules: restrict to parameters of modules for which ``modules(name, module)`` is true.
         method: ``"auto"`` (cheaper per layer), ``"ghost"`` or ``"materialize"`` forced where the
             layer has that form (normalisation layers and biases are always materialised).
-        fuse_weight_grad: ``True``, ``False`` or ``"auto"`` (on unless ``torch.distributed`` is
-            initialised with world size > 1); see above.
         unsupported: with ``fallback=False``, ``"raise"`` on selected parameters whose module has
             no rule (one error listing them all) or ``"skip"`` them with one warning, leaving them
             out of G.
@@ -272,7 +257,6 @@ class GramCollector:
         params: Iterable[nn.Parameter] | None = None,
         modules: Callable[[str, nn.Module], bool] | None = None,
         method: str = "auto",
-        fuse_weight_grad: bool | str = "auto",
         unsupported: str = "raise",
         fallback: bool = True,
         rules: Mapping[type[nn.Module], GramRule | None] | None = None,
@@ -283,8 +267,6 @@ class GramCollector:
         checks.choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         checks.choice("method", method, METHODS)
         checks.choice("unsupported", unsupported, UNSUPPORTED_POLICIES)
-        if fuse_weight_grad not in (True, False, "auto"):
-            raise ValueError(f"fuse_weight_grad must be True, False or 'auto', got {fuse_weight_grad!r}")
         if not isinstance(fallback, bool):
             raise TypeError(f"fallback must be True or False, got {fallback!r}")
         if modules is not None and not callable(modules):
@@ -292,7 +274,6 @@ class GramCollector:
         self.model = model
         self.loss_reduction = loss_reduction
         self.method = method
-        self.fuse_weight_grad = fuse_weight_grad
         self.unsupported = unsupported
         candidates = _selected_params(model, params) - excluded_parameters(model, exclude)
         _check_not_compiled(model, candidates)
@@ -311,12 +292,10 @@ class GramCollector:
         self._params = list({id(p): p for layer in self._layers for p in layer.everything}.values())
         self._flags: list[bool] = []  # requires_grad of _params at the last collection's first forward
         self._enabled = True
-        self._fuse = False
         self._batch_size: int | None = None
         self._blocks: dict[str, Tensor] = {}
         self._grouped: dict[tuple, list[tuple[str, GradFactor]]] = {}  # block parts computed when read
         self._missed: set[str] = set()
-        self._hidden: dict[int, nn.Parameter] = {}  # weights hidden for a fused call, by id
         self._visible: set[int] = set()  # ids of parameters recorded by a captured call
         self._consumers: dict[nn.Parameter, set[Any]] = {}
         self._shared_grads: dict[nn.Parameter, Tensor] = {}
@@ -336,7 +315,6 @@ class GramCollector:
         call per hook), so attaching for one measured step costs what one function call costs."""
         if self._plugs.attached:
             return self
-        self._fuse = self.fuse_weight_grad is True or (self.fuse_weight_grad == "auto" and not _distributed())
         self._unhooked = False
         if not self._plugs.plug_modules():
             self._register_module_hooks()
@@ -344,14 +322,10 @@ class GramCollector:
         return self
 
     def detach(self) -> None:
-        """Remove every hook (module and tensor hooks) and give hidden weights back their user's
-        ``requires_grad``; safe to call at any point, also from an exception handler. Results of a
-        completed collection stay readable."""
-        try:
-            self._restore_requires_grad()
-        finally:
-            self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
-            self._plugs.unplug()
+        """Remove every hook (module and tensor hooks); safe to call at any point, also from an
+        exception handler. Results of a completed collection stay readable."""
+        self._consumers.clear()  # autograd nodes of the last forward (they hold its graph)
+        self._plugs.unplug()
 
     @property
     def attached(self) -> bool:
@@ -360,11 +334,9 @@ class GramCollector:
 
     def reset(self) -> None:
         """Forget everything captured, to start a new collection (one forward/backward)."""
-        self._restore_requires_grad()
         self._plugs.wake_leaves()
         for layer in self._layers:  # layer.clear(), inline (one Python call per reset, not per layer)
             layer.pending = layer.calls = 0
-            layer.hidden = ()
             layer.activated = False
             layer.factors.clear()
             layer.methods.clear()
@@ -384,8 +356,6 @@ class GramCollector:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = bool(value)
-        if not self._enabled:
-            self._restore_requires_grad()
 
     @property
     def batch_size(self) -> int | None:
@@ -521,38 +491,13 @@ class GramCollector:
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _before_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Read the trainable set at the layer's first captured call; fused mode: hide the fusable
-        weights from autograd for this call only, if its (non-empty) input needs grad."""
-        if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
-            return
-        if not layer.activated:
-            self._activate_all(layer)
-        if not (self._fuse and layer.fusable):
-            return
-        inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
-        if not (isinstance(inputs, Tensor) and inputs.requires_grad and inputs.shape[:1] != (0,)):
-            return
-        hidden = []
-        for name, param in layer.fusable:
-            if param.requires_grad:
-                self._hidden[id(param)] = param
-                param.requires_grad_(False)
-                hidden.append(name)
-        layer.hidden = tuple(hidden)
-
     def _after_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Give hidden weights their flag back (also after a failed forward), keep the layer's input
+        """Read the trainable set at the collection's first captured call, keep the layer's input
         and hook its output gradient (several outputs: see :func:`_hook_output_grads`, which may
         return the output to use instead)."""
-        hidden, layer.hidden = layer.hidden, ()
-        for name in hidden:
-            param = layer.params[name]
-            if self._hidden.pop(id(param), None) is not None:  # as _show, inline
-                param.requires_grad_(True)
         if not (self._enabled and torch.is_grad_enabled()) or RECOMPUTING.depth:
             return None
-        if not layer.activated:  # the first captured call, of a layer without a pre-hook
+        if not layer.activated:  # the collection's first captured call
             self._activate_all(layer)
         inputs = args[0] if args and isinstance(args[0], Tensor) else first_tensor(args, kwargs)
         if not isinstance(inputs, Tensor):
@@ -567,13 +512,9 @@ class GramCollector:
             return None
         if not (layer.params or layer.active_shared):
             return None
-        if hidden == layer.fused_names:
-            self._visible.update(layer.unfused_ids)
-        else:
-            self._visible.update([id(p) for n, p in layer.params.items() if n not in hidden])
-            self._visible.update(map(id, layer.shared_params))
+        self._visible.update(layer.recorded_ids)
         if self.track_outside_use:
-            self._record_consumers(layer, hidden, output, args, kwargs)
+            self._record_consumers(layer, output, args, kwargs)
         if inputs.shape[:1] == (0,):  # an empty batch: nothing to measure
             return None
         if layer.leading_batch and inputs.dim() > 0:
@@ -588,7 +529,7 @@ class GramCollector:
             self._check_batch_size(layer, batch_size)
         layer.pending += 1
         layer.calls += 1
-        hook = functools.partial(layer.backprop_hook, activations, inputs, inputs._version, hidden)
+        hook = functools.partial(layer.backprop_hook, activations, inputs, inputs._version)
         if single:
             _register_grad_hook(output, hook)
             return None
@@ -600,13 +541,11 @@ class GramCollector:
         activations: Any,
         inputs: Tensor,
         version: int,
-        fused: tuple[str, ...],
         backprops: Tensor | tuple[Tensor | None, ...],
     ) -> None:
         """Turn one call's captured ``activations`` and output gradient into factors; finish the
         layer on its last call. ``inputs`` must still be at ``version`` (no in-place change since
-        the forward); ``fused`` names the weights hidden from autograd in that call, whose batch
-        gradient the collector writes. Off during a per-sample backward of the rules' own
+        the forward). Off during a per-sample backward of the rules' own
         (:func:`.fallback.graph_factors`), which passes through this hook again."""
         if RECOMPUTING.depth:
             return
@@ -617,7 +556,7 @@ class GramCollector:
             )
         if torch.is_grad_enabled():  # a backward with create_graph=True: again, without grad mode
             with torch.no_grad():
-                return self._on_backprop(layer, activations, inputs, version, fused, backprops)
+                return self._on_backprop(layer, activations, inputs, version, backprops)
         factors = layer.rule.factorize(layer.module, activations, backprops)
         if layer.active_shared:
             self._add_shared(layer, factors)
@@ -625,16 +564,13 @@ class GramCollector:
         if not layer.params:
             return None
         layer.factors.append(factors)
-        several_calls = layer.pending > 0 or len(layer.factors) > 1
-        if several_calls and fused:
-            self._write_fused_grads(layer, {name: factors[name].batch_gradient() for name in fused})
         if layer.pending == 0:
-            self._finish_layer(layer, fused=() if several_calls else fused)
+            self._finish_layer(layer)
         return None
 
     def _on_param_grad(self, param: nn.Parameter, grad: Tensor) -> None:
-        """A parameter got a gradient although none of its captured forwards recorded it (it was
-        hidden in all of them, or none was captured): it was used outside its module."""
+        """A parameter got a gradient although none of its captured forwards recorded it (none was
+        captured): it was used outside its module."""
         if self._enabled and id(param) not in self._visible:
             self._missed.add(_param_name(*self._owners[param][0]))
 
@@ -645,8 +581,7 @@ class GramCollector:
         one pass: the same as at the last collection (the usual case), every layer keeps its
         trainable set without a call per layer; else every layer derives its own
         (:meth:`_activate`)."""
-        hidden = self._hidden
-        flags = [id(p) in hidden or p.requires_grad for p in self._params]
+        flags = [p.requires_grad for p in self._params]
         unchanged = flags == self._flags and not self._unhooked
         self._flags = flags
         for other in self._layers:
@@ -660,42 +595,32 @@ class GramCollector:
         (derived again only if a flag changed since the last collection); each gets a leaf hook
         (once) that spots a gradient from outside its module."""
         layer.activated = True
-        hidden = self._hidden
         everything = layer.everything
-        flags = [id(p) in hidden or p.requires_grad for p in everything]
+        flags = [p.requires_grad for p in everything]
         if flags != layer.flags:
             layer.flags = flags
             active = {id(p) for p, flag in zip(everything, flags) if flag}
             layer.params = {n: p for n, p in layer.candidates.items() if id(p) in active}
             layer.active_shared = tuple(n for n, p in layer.shared.items() if id(p) in active)
             layer.shared_params = [layer.shared[n] for n in layer.active_shared]
-            layer.fusable = tuple((n, layer.params[n]) for n in layer.rule.fusable if n in layer.params)
-            layer.fused_names = tuple(n for n, _ in layer.fusable)
-            layer.unfused_ids = [id(p) for n, p in layer.params.items() if n not in layer.fused_names]
-            layer.unfused_ids += map(id, layer.shared_params)
+            layer.recorded_ids = [id(p) for p in (*layer.params.values(), *layer.shared_params)]
         if self._unhooked:  # some parameter was frozen at attach
             unhooked = [p for p, flag in zip(everything, flags) if flag and not self._plugs.plugged(id(p))]
             if unhooked:
                 self._hook_leaves(unhooked)
 
     def _register_module_hooks(self) -> None:
-        """Each layer's forward hook, and a forward pre-hook where its rule may fuse a weight
-        gradient (the hook that hides it; a layer without one reads the trainable set in its
-        forward hook), through torch's API; they reach the collector through a weak proxy (one
-        Python frame per call), so the model never keeps it alive, and they are removed when it
-        is collected."""
+        """Each layer's forward hook, through torch's API; it reaches the collector through a weak
+        proxy (one Python frame per call), so the model never keeps it alive, and it is removed
+        when the collector is collected."""
         owner = weakref.proxy(self)
-        before, after = type(self)._before_forward, type(self)._after_forward
-        handles = []
-        for layer in self._layers:
-            module = layer.module
-            if layer.rule.fusable:
-                handles.append(
-                    module.register_forward_pre_hook(partial(before, owner, layer), with_kwargs=True)
-                )
-            handles.append(
-                module.register_forward_hook(partial(after, owner, layer), with_kwargs=True, always_call=True)
+        after = type(self)._after_forward
+        handles = [
+            layer.module.register_forward_hook(
+                partial(after, owner, layer), with_kwargs=True, always_call=True
             )
+            for layer in self._layers
+        ]
         self._plugs.add_modules(handles)
 
     def _hook_leaves(self, params: list[nn.Parameter]) -> None:
@@ -707,19 +632,10 @@ class GramCollector:
             hook = partial(type(self)._on_param_grad, weakref.proxy(self), param)
             self._plugs.add_leaf(id(param), param.register_hook(hook))
 
-    def _show(self, param: nn.Parameter) -> None:
-        """Give a hidden weight back the ``requires_grad`` its user had (``True``)."""
-        if self._hidden.pop(id(param), None) is not None:
-            param.requires_grad_(True)
-
-    def _record_consumers(
-        self, layer: _Layer, hidden: tuple[str, ...], output: Any, args: tuple, kwargs: dict
-    ) -> None:
+    def _record_consumers(self, layer: _Layer, output: Any, args: tuple, kwargs: dict) -> None:
         """Remember the autograd nodes that use the parameters this call recorded in the graph (the
         nodes between its outputs and its inputs ``args``, ``kwargs``), for :meth:`check_outside_use`."""
-        own = [p for n, p in layer.params.items() if n not in hidden]
-        own += layer.shared_params
-        own_ids = set(map(id, own))
+        own_ids = set(layer.recorded_ids)
         inputs = (*args, *kwargs.values())
         stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
         leaves = (output,) if isinstance(output, Tensor) else output_leaves(output)
@@ -769,20 +685,16 @@ class GramCollector:
 
     # -- computation ------------------------------------------------------------------------
 
-    def _finish_layer(self, layer: _Layer, fused: tuple[str, ...]) -> None:
-        """G_l = Σ_params Gram of the layer's (combined) factors, and the batch gradients of the
-        ``fused`` weights with autograd's own kernels (bit-identical to a plain backward). The
-        materialised parameters of a layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
+    def _finish_layer(self, layer: _Layer) -> None:
+        """G_l = Σ_params Gram of the layer's (combined) factors. The materialised parameters of a
+        layer share one matmul: [g_i(θ₁), g_i(θ₂), …] stacked per sample."""
         calls = layer.factors
-        if len(calls) == 1 and not fused and self._grouped_layer(layer, calls[0]):
+        if len(calls) == 1 and self._grouped_layer(layer, calls[0]):
             return
         blocks: list[Tensor] = []
         per_sample: list[Tensor] = []
-        fused_grads: dict[str, Tensor] = {}
         for name in layer.params:
             factor = calls[0][name] if len(calls) == 1 else concat_factors([call[name] for call in calls])
-            if name in fused:
-                fused_grads[name] = factor.batch_gradient()
             if type(factor) is PerSampleFactor:  # materialised only, rows at hand
                 layer.methods[name] = "materialize"
                 grads = factor.grads
@@ -805,12 +717,8 @@ class GramCollector:
         elif per_sample:
             blocks.append(_gram(per_sample[0]))
         calls.clear()
-        if fused_grads:
-            self._write_fused_grads(layer, fused_grads)
         if blocks:  # else every part of the block waits in a group
             self._blocks[layer.name] = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
-        if self._hidden:
-            self._restore_layer(layer)
 
     def _planned_method(self, layer: _Layer, name: str, factor: GradFactor) -> str:
         """:func:`_choose_method`, decided at the parameter's first collection and reused while
@@ -852,8 +760,6 @@ class GramCollector:
                 factor.names,
             )
             self._grouped.setdefault(key, []).append((layer.name, factor))
-        if self._hidden:
-            self._restore_layer(layer)
         return True
 
     def _flush_groups(self) -> None:
@@ -883,29 +789,9 @@ class GramCollector:
         for layer in self._layers:
             if layer.factors:
                 layer.pending = 0
-                self._finish_layer(layer, fused=())
+                self._finish_layer(layer)
         self._flush_groups()
         self._finish_shared()
-        self._restore_requires_grad()
-
-    @staticmethod
-    def _write_fused_grads(layer: _Layer, grads: dict[str, Tensor]) -> None:
-        """param.grad += Σ_i g_i (a new tensor where ``.grad`` is None), in the parameter's dtype."""
-        for name, grad in grads.items():
-            param = layer.params[name]
-            grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
-            if param.grad is None:
-                param.grad = grad.contiguous()
-            else:
-                param.grad.add_(grad)
-
-    def _restore_layer(self, layer: _Layer) -> None:
-        for param in layer.params.values():
-            self._show(param)
-
-    def _restore_requires_grad(self) -> None:
-        while self._hidden:
-            self._show(next(iter(self._hidden.values())))
 
     def _check_batch_size(self, layer: _Layer, batch_size: int) -> None:
         if self._batch_size is None:
@@ -1147,11 +1033,6 @@ def _checked_rules(rules: Any) -> dict[type[nn.Module], GramRule | None]:
             f"rules must map torch.nn.Module subclasses to GramRule (or None for no rule), got {rules!r}"
         )
     return dict(rules)
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _groupable_conv(factor: ConvFactor) -> bool:

@@ -46,39 +46,16 @@ def _outer_costs(batch: int, groups: int, positions: int, p: int, q: int) -> Met
     )
 
 
-class MatmulGradient(NamedTuple):
-    """The weight gradient of ``y = x Wᵀ (+ b)`` exactly as autograd computes it.
-
-    ``inputs`` (N, d_in) and ``backprops`` (N, d_out) are the 2-D views autograd's matrix product
-    saw (leading dims folded by ``reshape``, as ``F.linear`` and ``matmul`` fold them).
-    """
-
-    inputs: Tensor
-    backprops: Tensor
-    weight: Tensor
-
-    def __call__(self) -> Tensor:
-        """∇W = δᵀ x with the operands, transposes and output layout of autograd's ``mm`` backward
-        (``mm_mat2_backward`` for the operand Wᵀ), so the bits are those of a plain backward."""
-        transposed = self.weight.t()
-        rows = transposed.shape[0]
-        if transposed.stride() == (1, rows):
-            return self.backprops.t().mm(self.inputs)
-        return self.inputs.t().mm(self.backprops).t()
-
-
 class OuterFactor(NamedTuple):
     """g_i[k] = Σ_t δ[i, k, :, t] ⊗ a[i, k, :, t], reshaped to the parameter's shape.
 
     Shapes: ``activations`` (B, K, p, T), ``backprops`` (B, K, q, T) for K groups, p inputs and q
-    outputs per group and T positions; g_i has K·q·p entries. ``exact``, where given, computes
-    the batch gradient with autograd's own kernel (bit-identical to a plain backward).
+    outputs per group and T positions; g_i has K·q·p entries.
     """
 
     activations: Tensor
     backprops: Tensor
     shape: torch.Size
-    exact: MatmulGradient | None = None
 
     def ghost_gram(self) -> Tensor:
         """G[i, j] = Σ_k Σ_{t,s} ⟨a_{ikt}, a_{jks}⟩·⟨δ_{ikt}, δ_{jks}⟩: seed 004 eq. 6 without forming g_i."""
@@ -95,12 +72,6 @@ class OuterFactor(NamedTuple):
         """g_i[k] = Σ_t δ_{ikt} a_{ikt}ᵀ, shape (B, *shape)."""
         grads = torch.einsum("bkqt,bkpt->bkqp", self.backprops, self.activations)
         return grads.reshape(grads.shape[0], *self.shape)
-
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i = Σ_{i,t} δ_{ikt} a_{ikt}ᵀ, the parameter's batch gradient, shape ``shape``."""
-        if self.exact is not None:
-            return self.exact()
-        return torch.einsum("bkqt,bkpt->kqp", self.backprops, self.activations).reshape(self.shape)
 
     def costs(self) -> MethodCosts:
         """See ``_outer_costs``."""
@@ -131,14 +102,32 @@ UNFOLD_MAX_POSITIONS = 64
 """Convolutions with at most this many positions (small maps) get per-sample gradients from batched
 matrix products on the tensor read through the kernel (shifted views, else unfolded patches)."""
 
-SHIFTED_STACK_MAX_ENTRIES = 2**17
+SHIFTED_STACK_MAX_ENTRIES = 2**19
 """Shifted products whose windows, stacked for all kernel offsets, have at most this many entries
 (small maps and batches: a host-bound step) are one batched product on one copy of the stacked
-windows; larger ones read each window in place, one product per kernel offset (no copy)."""
+windows; larger ones read each window in place, one product per kernel offset (no copy).
+Measured (five same-shaped 3×3 layers computed together, one thread, ms, stacked / per offset):
+C = 8 on 8×8, B = 8 (230k entries) 0.41 / 0.69; C = 16 on 4×4, B = 16 (276k) 0.86 / 0.99; C = 32
+on 4×4, B = 8 (276k) 1.22 / 1.40 and 1.24 / 1.45; B = 16 (553k) 1.71 / 1.89; C = 64 on 2×2,
+B = 8 (184k) 3.1 / 3.5; B = 16 (369k) 6.2 / 6.8; C = 64 on 4×4, B = 8 (553k) 3.78 / 3.77; C = 64
+on 8×8, B = 8 (1.8M) 8.6 / 7.6."""
 
 UNFOLD_MAX_PATCH = 32
 """Convolutions whose unfolded patch has at most this many entries (C_in/groups · Πk: a stem
 convolution on RGB images) get per-sample gradients from unfolded patches on any map size."""
+
+GROUPED_MIN_POSITIONS_PER_CHANNEL = 2
+"""On small maps (CPU, stride 1), the grouped convolution backward beats the shifted products where
+T ≥ this × C, C the larger of the layer's input and output channels per group, T its positions:
+its cost per group grows with C², the shifted products' overhead with T. Measured (3×3 kernels,
+five same-shaped layers computed together as in a measured step, one thread, thread CPU time,
+medians of alternating rounds; ms, grouped / shifted, for B = 8 | 32 | 128): C = 8 on 4×4
+0.39 / 0.32 | 0.73 / 1.45; C = 16 on 4×4 0.81 / 0.80 | 1.8 / 2.5; C = 32 on 4×4 3.0 / 1.7 |
+5.7 / 6.2 | 62 / 51; C = 64 on 4×4 15 / 6.2 | 58 / 34; C = 32 on 2×2 1.5 / 1.0; C = 16 on 8×8
+0.64 / 0.73 | 2.6 / 3.9 | 11 / 23; C = 32 on 8×8 2.5 / 3.1 | 9.0 / 12 | 64 / 78; C = 64 on 8×8
+12.5 / 10.5 | 31 / 41 | 345 / 274. With stride > 1 the two other methods (grouped, patches)
+measured within noise of each other on small maps (e.g. 16 → 32 channels, 8×8 → 4×4, B = 8:
+0.38 / 0.36 ms), so patches stay there."""
 
 
 class ConvFactor(NamedTuple):
@@ -158,19 +147,24 @@ class ConvFactor(NamedTuple):
     dtype: torch.dtype
 
     def per_sample_method(self) -> str:
-        """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries), else
-        ``"shifted"`` or (stride > 1) ``"patches"`` on small maps (≤ ``UNFOLD_MAX_POSITIONS``
-        positions), else ``"grouped"`` (one B·groups-group convolution backward; slow on small
-        maps). Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on
-        small maps, else ``"grouped"``."""
-        positions, patch, _ = self._sizes()
+        """On CPU: ``"patches"`` for small patches (≤ ``UNFOLD_MAX_PATCH`` entries); else
+        ``"grouped"`` (one B·groups-group convolution backward) on large maps (more than
+        ``UNFOLD_MAX_POSITIONS`` positions); on small maps ``"patches"`` for stride > 1, else
+        ``"grouped"`` where there are few channels per position
+        (:data:`GROUPED_MIN_POSITIONS_PER_CHANNEL`), else ``"shifted"``.
+        Elsewhere (GPU: few kernel launches matter more than multiply-adds) ``"patches"`` on small
+        maps, else ``"grouped"``."""
+        positions, patch, outputs = self._sizes()
         if self.inputs.device.type != "cpu":
             return "patches" if positions <= UNFOLD_MAX_POSITIONS else "grouped"
         if patch <= UNFOLD_MAX_PATCH:
             return "patches"
         if positions > UNFOLD_MAX_POSITIONS:
             return "grouped"
-        return "shifted" if max(self.layer.stride) == 1 else "patches"
+        if max(self.layer.stride) > 1:
+            return "patches"
+        channels = max(patch // math.prod(self.layer.kernel_size), outputs)
+        return "grouped" if positions >= GROUPED_MIN_POSITIONS_PER_CHANNEL * channels else "shifted"
 
     def per_sample(self) -> Tensor:
         """g_i for every i at once, shape (B, *W.shape)."""
@@ -245,12 +239,6 @@ class ConvFactor(NamedTuple):
             torch.bmm(rows, window, out=out)
         return grads, False
 
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i from autograd's own kernel: ``convolution_backward`` on the tensor the forward
-        convolved, with its padding, so the bits are those of a plain backward."""
-        inputs, padding = self._convolved()
-        return self._weight_backward(inputs, self.backprops, padding, 1)
-
     def ghost_gram(self) -> Tensor:
         """G[i, j] from the unfolded patches (:meth:`OuterFactor.ghost_gram`, seed 004 eq. 6)."""
         return self.as_outer().ghost_gram()
@@ -298,7 +286,9 @@ class ConvFactor(NamedTuple):
         """The blocks G_l, (n, B, B), of n convolutions with the same geometry, operand shapes and
         dtypes, from one computation on the n·B samples stacked (each sample's g_i depends on its
         own operands only, seed 004 eq. 6): materialised, R_l R_lᵀ by one batched product of their
-        per-sample gradients R_l; ``ghost``, :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
+        per-sample gradients R_l (rows split by kernel offset κ: Σ_κ R_(l,κ) R_(l,κ)ᵀ, one product
+        over all (κ, l), no copy back into per-sample order); ``ghost``,
+        :meth:`OuterFactor.ghost_grams` of the unfolded patches."""
         first = factors[0]
         count, batch = len(factors), first.inputs.shape[0]
         joined = ConvFactor(
@@ -310,8 +300,11 @@ class ConvFactor(NamedTuple):
         if ghost:
             return joined.as_outer().ghost_grams(count)
         rows = joined.rows()
-        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: back to per-sample order
-            rows = rows.transpose(0, 1)
+        if rows.dim() == 3:  # (Πk, n·B, P/Πk) split by kernel offset: a partial Gram per (κ, l)
+            offsets = rows.shape[0]
+            rows = rows.reshape(offsets * count, batch, -1)
+            grams = torch.bmm(rows, rows.transpose(1, 2))
+            return grams.view(offsets, count, batch, batch).sum(0)
         rows = rows.reshape(count, batch, -1)
         return torch.bmm(rows, rows.transpose(1, 2))
 
@@ -429,12 +422,6 @@ class EmbeddingFactor(NamedTuple):
         grads.index_add_(0, rows.reshape(-1), self.backprops.reshape(-1, dim))
         return grads.reshape(batch, self.num_embeddings, dim)
 
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i, shape (V, d)."""
-        dim = self.backprops.shape[-1]
-        grads = self.backprops.new_zeros(self.num_embeddings, dim)
-        return grads.index_add_(0, self.indices.reshape(-1), self.backprops.reshape(-1, dim))
-
     def costs(self) -> MethodCosts:
         """Ghost: B²·T²·(d + 1). Materialised: B·T·d (scatter) + B²·V·d (Gram of dense g_i)."""
         batch, positions, dim = self.backprops.shape
@@ -461,10 +448,6 @@ class PerSampleFactor(NamedTuple):
     def per_sample(self) -> Tensor:
         """g_i, shape (B, *shape)."""
         return self.grads
-
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i."""
-        return self.grads.sum(0)
 
     def costs(self) -> MethodCosts:
         """Materialised only: B²·P multiply-adds for the Gram."""
@@ -507,9 +490,6 @@ class ChannelAffineFactor(NamedTuple):
         whose Gram is the layer's block (the order of entries does not change it)."""
         wanted = [name in self.names for name in ("weight", "bias")]
         return _affine_grads((self,), wanted).view(self.inputs.shape[0], -1)
-
-    def batch_gradient(self) -> Tensor:
-        return self.per_sample().sum(0)
 
     @staticmethod
     def grams(factors: Sequence[ChannelAffineFactor]) -> Tensor:

@@ -58,8 +58,7 @@ class GramRule(NamedTuple):
     """A registered rule: ``factorize(layer, activations, backprops) -> {parameter name: factor}``.
 
     ``param_names`` lists the parameters the rule covers (``None``: all the module has);
-    ``fusable`` those whose batch gradient the collector may compute from the factor instead of
-    letting autograd compute it; ``capture(layer, args, kwargs, output)`` runs right after the
+    ``capture(layer, args, kwargs, output)`` runs right after the
     forward and returns what ``factorize`` receives as ``activations`` (by default the first
     tensor argument). ``batch_size(layer, args, kwargs)`` gives B of a call (default: the leading
     dimension of the first tensor argument). A ``composite`` rule covers the parameters of the
@@ -72,7 +71,6 @@ class GramRule(NamedTuple):
 
     factorize: Rule
     param_names: tuple[str, ...] | None = ("weight", "bias")
-    fusable: tuple[str, ...] = ()
     capture: Capture = capture_input
     batch_size: BatchSize = leading_batch_size
     composite: bool = False
@@ -95,7 +93,6 @@ GRAM_RULES: dict[type[nn.Module], GramRule] = {}
 def register_gram_rule(
     *module_types: type[nn.Module],
     param_names: tuple[str, ...] | None = ("weight", "bias"),
-    fusable: tuple[str, ...] = (),
     capture: Capture = capture_input,
     batch_size: BatchSize = leading_batch_size,
     composite: bool = False,
@@ -127,7 +124,7 @@ def register_gram_rule(
                 f"{clashes[0].__name__} already has a Gram rule ({GRAM_RULES[clashes[0]].factorize.__name__}); "
                 "pass overwrite=True to replace it, or rules={...} to GramCollector to override it there only"
             )
-        rule = GramRule(factorize, param_names, fusable, capture, batch_size, composite, method, applies)
+        rule = GramRule(factorize, param_names, capture, batch_size, composite, method, applies)
         GRAM_RULES.update(dict.fromkeys(module_types, rule))
         return factorize
 

@@ -19,8 +19,7 @@ def _check_batched(layer: nn.Module, tensor: Tensor, spatial_dims: int) -> None:
 
 
 @register_gram_rule(
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    fusable=("weight",),
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
 )  # fmt: skip
 def conv_factors(layer: nn.Module, activations: Tensor, backprops: Tensor) -> dict[str, GradFactor]:
     """y[o_t] = Σ_κ W[:, :, κ] x[o_t·s − p + κ·d] + b per group (seed 004 §4, convolution):

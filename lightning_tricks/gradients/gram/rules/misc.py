@@ -63,10 +63,6 @@ class BilinearFactor(NamedTuple):
         """g_i, shape (B, K, p, q)."""
         return torch.einsum("btk,btp,btq->bkpq", self.backprops, self.first, self.second)
 
-    def batch_gradient(self) -> Tensor:
-        """Σ_i g_i, shape (K, p, q)."""
-        return torch.einsum("btk,btp,btq->kpq", self.backprops, self.first, self.second)
-
     def costs(self) -> MethodCosts:
         """Ghost: B²·T²·(K + p + q). Materialised: B·T·K·p·q + B²·K·p·q."""
         batch, positions, p = self.first.shape
