@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -58,7 +59,7 @@ def restore_live_measures(trainer: pl.Trainer, namespace: str, running: FisherRu
     run without measurements."""
     state = running.state_dict()
     if state["count"] or state["energy_sum"]:
-        c_bar, total = running.compute()
+        c_bar, total = (torch.as_tensor(value, dtype=torch.float64) for value in running.compute())
         trainer.callback_metrics.update({f"{namespace}/C_bar": c_bar, f"{namespace}/L": total})
 
 
@@ -112,12 +113,12 @@ def combine_ranks(trainer: pl.Trainer, summed: Tensor, averaged: Tensor) -> tupl
     return total[: len(summed)], total[len(summed) :] / trainer.world_size
 
 
-def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> None:
+def log_histogram(trainer: pl.Trainer, tag: str, values: np.ndarray, step: int) -> None:
     """``values`` (NaN as 0) as a histogram to each TensorBoard logger; rank 0 only."""
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram(tag, torch.nan_to_num(values).cpu(), step)
+                logger.experiment.add_histogram(tag, np.nan_to_num(values), step)
 
 
 def loss_scale(trainer: pl.Trainer) -> float:

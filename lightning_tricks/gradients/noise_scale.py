@@ -23,33 +23,37 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._arrays import Array, namespace, numeric, quiet, where
 from .minibatch_distance import LossFunction, flatten, gradient_at, rng_devices
 
 
-def noise_scale_ratio(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
+@quiet
+def noise_scale_ratio(trace_sigma: Array, grad_sq_norm: Array) -> Array:
     """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
 
     Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
     beyond what the samples behind the estimate can resolve and the result is +inf (the value a
     shrinking positive |G|² tends to, so medians and quantiles over batches stay right). NaN where
-    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise, no host sync.
+    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise; tensors (no host sync) or
+    NumPy float64 arrays and numbers.
     """
+    trace_sigma, grad_sq_norm = numeric(trace_sigma), numeric(grad_sq_norm)
     ratio = trace_sigma / grad_sq_norm
-    hidden = torch.where((trace_sigma > 0) & (grad_sq_norm <= 0), torch.inf, torch.nan)
-    return torch.where(grad_sq_norm > 0, ratio, hidden.to(ratio.dtype))
+    hidden = where((trace_sigma > 0) & (grad_sq_norm <= 0), math.inf, math.nan)
+    return where(grad_sq_norm > 0, ratio, hidden)
 
 
-def pooled_noise_scale(trace_sigma: Tensor, grad_sq_norm: Tensor, dim: int = -1) -> Tensor:
+def pooled_noise_scale(trace_sigma: Array, grad_sq_norm: Array, dim: int = -1) -> Array:
     """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
 
     McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of
     measurements instead of an average of one-batch ratios (a ratio of unbiased estimates is biased
     and has heavy tails). Pairs with a non-finite part are left out of both means.
     """
-    finite = torch.isfinite(trace_sigma) & torch.isfinite(grad_sq_norm)
-    zero = torch.zeros((), dtype=trace_sigma.dtype, device=trace_sigma.device)
-    numerator = torch.where(finite, trace_sigma, zero).sum(dim)
-    denominator = torch.where(finite, grad_sq_norm, zero).sum(dim)
+    xp = namespace(trace_sigma, grad_sq_norm)
+    finite = xp.isfinite(trace_sigma) & xp.isfinite(grad_sq_norm)
+    numerator = where(finite, trace_sigma, 0.0).sum(dim)
+    denominator = where(finite, grad_sq_norm, 0.0).sum(dim)
     return noise_scale_ratio(numerator, denominator)  # equal counts cancel
 
 
