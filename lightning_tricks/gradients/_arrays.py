@@ -15,6 +15,7 @@ give the same eigenvalues, computed under torch's thread settings.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TypeVar, Union
@@ -62,14 +63,29 @@ def eigvalsh(matrix: Array) -> Array:
 
 def quiet(function: Callable[..., Result]) -> Callable[..., Result]:
     """Run ``function`` without NumPy's warnings for 0/0, x/0 and sqrt of NaN: its formulas turn
-    those into the documented NaN and inf, as tensors do silently."""
+    those into the documented NaN and inf, as tensors do silently (one ``np.errstate`` for a call
+    and all the quiet functions it calls)."""
 
     @functools.wraps(function)
     def wrapper(*args: object, **kwargs: object) -> Result:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        if getattr(_quiet, "active", False):
             return function(*args, **kwargs)
+        _quiet.active = True
+        try:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return function(*args, **kwargs)
+        finally:
+            _quiet.active = False
 
     return wrapper
+
+
+_quiet = threading.local()
+
+
+def total(value: Array) -> Array:
+    """The sum of all of ``value``'s entries (a NumPy number is its own sum)."""
+    return value if isinstance(value, np.generic) else value.sum()
 
 
 def where(condition: Array, chosen: Array | float, other: Array | float) -> Array:
@@ -78,14 +94,18 @@ def where(condition: Array, chosen: Array | float, other: Array | float) -> Arra
     NumPy: under one condition (a ``bool``) the chosen value itself, filled out to the other's
     shape if it is a number (``np.where`` costs microseconds even on scalars); a 0-d result is a
     ``numpy.float64`` number, as NumPy's arithmetic gives, not a 0-d array."""
-    if isinstance(condition, Tensor) or isinstance(chosen, Tensor) or isinstance(other, Tensor):
-        return torch.where(condition, chosen, other)
-    if isinstance(condition, (bool, np.bool_)):
+    if (
+        isinstance(condition, (bool, np.bool_))
+        and not isinstance(chosen, Tensor)
+        and not isinstance(other, Tensor)
+    ):
         picked, unpicked = (chosen, other) if condition else (other, chosen)
         if not isinstance(picked, np.ndarray):
             return np.full(unpicked.shape, picked) if isinstance(unpicked, np.ndarray) else np.float64(picked)
         if not isinstance(unpicked, np.ndarray) or unpicked.shape == picked.shape:
             return picked
+    if isinstance(condition, Tensor) or isinstance(chosen, Tensor) or isinstance(other, Tensor):
+        return torch.where(torch.as_tensor(condition), chosen, other)
     return np.where(condition, chosen, other)[()]
 
 
@@ -105,6 +125,8 @@ def constant(like: Array, value: float) -> Array:
     """A float64 array of ``like``'s kind, shape (and device) filled with ``value``."""
     if isinstance(like, Tensor):
         return torch.full(like.shape, value, dtype=torch.float64, device=like.device)
+    if isinstance(like, (float, bool, np.generic)):
+        return np.float64(value)
     return np.full(np.shape(like), value, dtype=np.float64)[()]
 
 

@@ -129,27 +129,22 @@ def step_measures(
     host_gram = gram.detach().to("cpu", torch.float64).numpy()
     stats = fisher_statistics(host_gram, rank_rtol, grad_dtype)
     tests = gradient_tests(host_gram, stats.trace_sigma)
-    summed = np.array([stats.trace, stats.batch_size])
-    averaged = np.array(
-        [
-            stats.condition,
-            stats.lambda_max,
-            stats.rank,
-            stats.trace_sigma,
-            stats.grad_sq_norm,
-            tests.norm_test,
-            tests.inner_test,
-            tests.ortho_test,
-        ]
+    trace, batch, noise_scale = stats.trace, stats.batch_size, stats.noise_scale
+    averaged = (
+        stats.condition,
+        stats.lambda_max,
+        stats.rank,
+        stats.trace_sigma,
+        stats.grad_sq_norm,
+        tests.norm_test,
+        tests.inner_test,
+        tests.ortho_test,
     )
     if combine is not None:
-        summed, averaged = (
-            np.asarray(part) for part in combine(torch.from_numpy(summed), torch.from_numpy(averaged))
-        )
-    (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm, *gradient_test_values) = (
-        summed,
-        averaged,
-    )
+        summed, averaged = combine(torch.tensor([trace, batch], dtype=torch.float64), torch.tensor(averaged))
+        (trace, batch), averaged = summed.cpu().numpy(), averaged.cpu().numpy()
+        noise_scale = noise_scale_ratio(averaged[3], averaged[4])
+    condition, lambda_max, rank, trace_sigma, grad_sq_norm, *gradient_test_values = averaged
     energy = fisher_energy(trace, learning_rate, batch)
     c_bar, total = running.update(condition, energy, weight=weight)
     values = [
@@ -160,7 +155,7 @@ def step_measures(
         trace,
         lambda_max,
         rank,
-        stats.noise_scale if combine is None else noise_scale_ratio(trace_sigma, grad_sq_norm),
+        noise_scale,
         trace_sigma,
         grad_sq_norm,
         batch,
