@@ -248,14 +248,15 @@ def fisher_energy(trace: Array, learning_rate: float, batch_size: Array | int) -
 
 
 class FisherRunningSums:
-    """C̄_K and L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 7–8) as three on-device running sums.
+    """C̄_K and L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 7–8) as three running sums, on the
+    measurements' device (or a NumPy array on the host for NumPy measurements).
 
     - C̄_K = (1/K) Σ_k c_k over the finite c_k, K their count (eq. 7);
     - L_K = Σ_k n_k · l_k over the finite l_k (eq. 8), n_k the weight of measurement k (a callback
       measuring every n-th step counts each l_k n times, so L estimates the every-step sum).
 
-    A NaN or infinite c_k / l_k is left out without a host sync (tensors) or at NumPy's speed. Every sum is declared with its
-    cross-process reduction in :attr:`reductions` (all ``"sum"``, in the spirit of torchmetrics'
+    A NaN or infinite c_k / l_k is left out (without a host sync for tensors). Every sum is declared
+    with its cross-process reduction in :attr:`reductions` (all ``"sum"``, in the spirit of torchmetrics'
     ``add_state(..., dist_reduce_fx="sum")``); :meth:`sync` applies it with one all-reduce.
 
     Example:
