@@ -40,10 +40,10 @@ def namespace(*values: object) -> ModuleType:
 
 def float64(value: Array) -> Array:
     """``value`` in float64 (a tensor stays on its device; a number becomes ``numpy.float64``)."""
+    if type(value) is np.float64 or (type(value) is np.ndarray and value.dtype == np.float64):
+        return value
     if isinstance(value, Tensor):
         return value if value.dtype == torch.float64 else value.to(torch.float64)
-    if isinstance(value, np.ndarray) and value.dtype == np.float64:
-        return value
     return np.float64(value)
 
 
@@ -94,15 +94,16 @@ def where(condition: Array, chosen: Array | float, other: Array | float) -> Arra
     NumPy: under one condition (a ``bool``) the chosen value itself, filled out to the other's
     shape if it is a number (``np.where`` costs microseconds even on scalars); a 0-d result is a
     ``numpy.float64`` number, as NumPy's arithmetic gives, not a 0-d array."""
-    if (
-        isinstance(condition, (bool, np.bool_))
-        and not isinstance(chosen, Tensor)
-        and not isinstance(other, Tensor)
-    ):
+    if type(condition) is np.bool_ or type(condition) is bool:
         picked, unpicked = (chosen, other) if condition else (other, chosen)
-        if not isinstance(picked, np.ndarray):
-            return np.full(unpicked.shape, picked) if isinstance(unpicked, np.ndarray) else np.float64(picked)
-        if not isinstance(unpicked, np.ndarray) or unpicked.shape == picked.shape:
+        if type(picked) is float or type(picked) is np.float64:
+            if type(unpicked) is float or type(unpicked) is np.float64:
+                return np.float64(picked)
+            if type(unpicked) is np.ndarray:
+                return np.full(unpicked.shape, picked)
+        elif type(picked) is np.ndarray and (
+            type(unpicked) is float or (type(unpicked) is np.ndarray and unpicked.shape == picked.shape)
+        ):
             return picked
     if isinstance(condition, Tensor) or isinstance(chosen, Tensor) or isinstance(other, Tensor):
         return torch.where(torch.as_tensor(condition), chosen, other)
