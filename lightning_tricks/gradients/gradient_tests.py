@@ -38,7 +38,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ._arrays import Array, constant, float64, namespace, nonnegative, quiet, stack, where
+import numpy as np
+from torch import Tensor
+
+from ._arrays import constant, float64, namespace, nonnegative, quiet, stack, where
 from .spectrum import gradient_noise_parts
 
 
@@ -51,18 +54,20 @@ class GradientTests(NamedTuple):
     per-sample gradients are not (no threshold passes).
     """
 
-    norm_test: Array
+    norm_test: Tensor | np.ndarray | float
     """θ_norm = (tr Σ / (B‖ḡ‖²))^½ — Byrd et al. 2012, eq. (3.9)."""
-    inner_test: Array
+    inner_test: Tensor | np.ndarray | float
     """θ_inner = (Var_i(g_iᵀḡ) / (B‖ḡ‖⁴))^½ — Bollapragada et al. 2018, eq. (2.6)."""
-    ortho_test: Array
+    ortho_test: Tensor | np.ndarray | float
     """ν = (E_i‖g_i − (g_iᵀḡ/‖ḡ‖²)ḡ‖² / (B‖ḡ‖²))^½ — Bollapragada et al. 2018, eq. (3.3)."""
-    batch_size: Array
+    batch_size: Tensor | np.ndarray | float
     """B, the number of samples behind F̃."""
 
 
 @quiet
-def gradient_tests(gram: Array, trace_sigma: Array | None = None) -> GradientTests:
+def gradient_tests(
+    gram: Tensor | np.ndarray | float, trace_sigma: Tensor | np.ndarray | float | None = None
+) -> GradientTests:
     """θ_norm, θ_inner and ν of one batch from F̃ = JᵀJ (B×B), F̃_ij = g_iᵀg_j.
 
     With s = Tr F̃ = Σ‖g_i‖², m = ‖ḡ‖² = 1ᵀF̃1/B² and p = F̃1/B (p_i = g_iᵀḡ, mean m):
@@ -119,14 +124,21 @@ def gradient_tests(gram: Array, trace_sigma: Array | None = None) -> GradientTes
     return GradientTests(norm_test, inner_test, ortho_test, batch_size=size)
 
 
-def _statistic(squared: Array, signal: Array, noise: Array, finite: Array) -> Array:
+def _statistic(
+    squared: Tensor | np.ndarray | float,
+    signal: Tensor | np.ndarray | float,
+    noise: Tensor | np.ndarray | float,
+    finite: Tensor | np.ndarray | float,
+) -> Tensor | np.ndarray | float:
     """√squared where ‖ḡ‖² > 0; +inf where ḡ = 0 but the g_i scatter; NaN with neither, or a
     non-finite F̃ (``squared`` may stack several statistics in front of the others' dims)."""
     value = where(signal, namespace(squared).sqrt(squared), where(noise, math.inf, math.nan))
     return where(finite, value, math.nan)
 
 
-def needed_batch_size(statistic: Array, batch_size: Array | int, threshold: float) -> Array:
+def needed_batch_size(
+    statistic: Tensor | np.ndarray | float, batch_size: Tensor | np.ndarray | float, threshold: float
+) -> Tensor | np.ndarray | float:
     """B · (statistic / threshold)²: the batch size at which a test with ``threshold`` would pass,
     with this batch's variance and gradient estimates.
 

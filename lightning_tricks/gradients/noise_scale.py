@@ -19,16 +19,19 @@ import math
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._arrays import Array, namespace, numeric, quiet, where
+from ._arrays import namespace, numeric, quiet, where
 from .minibatch_distance import LossFunction, flatten, gradient_at, rng_devices
 
 
 @quiet
-def noise_scale_ratio(trace_sigma: Array, grad_sq_norm: Array) -> Array:
+def noise_scale_ratio(
+    trace_sigma: Tensor | np.ndarray | float, grad_sq_norm: Tensor | np.ndarray | float
+) -> Tensor | np.ndarray | float:
     """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
 
     Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
@@ -43,7 +46,9 @@ def noise_scale_ratio(trace_sigma: Array, grad_sq_norm: Array) -> Array:
     return where(grad_sq_norm > 0, ratio, hidden)
 
 
-def pooled_noise_scale(trace_sigma: Array, grad_sq_norm: Array, dim: int = -1) -> Array:
+def pooled_noise_scale(
+    trace_sigma: Tensor | np.ndarray | float, grad_sq_norm: Tensor | np.ndarray | float, dim: int = -1
+) -> Tensor | np.ndarray | float:
     """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
 
     McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of

@@ -1,7 +1,7 @@
 """Spectral statistics of the approximate Fisher matrix F̃ = JᵀJ (seed 004), the gradient-noise
 scale read from the same matrix (McCandlish et al. 2018), and the running measures C̄_K and L_K.
 
-Each formula is written once and runs on what it is given (:mod:`._arrays`): a tensor (any device;
+Each formula is written once and runs on what it is given: a tensor (any device;
 every statistic stays a tensor there, no host synchronisation) or a NumPy float64 array on the host
 (NumPy numbers out, about a microsecond an operation: FisherSpectrum's path for its B×B host matrix).
 A non-finite F̃ gives NaN statistics instead of an exception.
@@ -13,12 +13,12 @@ import functools
 import math
 from typing import Callable, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import checks
 from ._arrays import (
-    Array,
     constant,
     eigvalsh,
     float64,
@@ -37,23 +37,23 @@ class FisherStatistics(NamedTuple):
     """Statistics of one F̃_k, float64, 0-d but for ``eigenvalues``: tensors on F̃'s device for a
     tensor F̃, ``numpy.float64`` numbers (and a NumPy array of eigenvalues) for a NumPy F̃."""
 
-    condition: Array
+    condition: Tensor | np.ndarray | float
     """c_k = √(max E_k / min E_k), the truncated condition number (seed 004 eq. 7)."""
-    trace: Array
+    trace: Tensor | np.ndarray | float
     """Tr F̃_k = Σ_i ‖∇ℓ_i‖², the energy of F̃_k (seed 004 eq. 8)."""
-    lambda_max: Array
+    lambda_max: Tensor | np.ndarray | float
     """Largest eigenvalue of F̃_k."""
-    rank: Array
+    rank: Tensor | np.ndarray | float
     """|E_k|, the number of eigenvalues above ``rank_rtol · λmax`` (the numerical rank of J_k)."""
-    noise_scale: Array
+    noise_scale: Tensor | np.ndarray | float
     """B_simple = tr Σ / |G|² of this batch alone (:func:`noise_scale_ratio`; +inf when |G|² ≤ 0)."""
-    trace_sigma: Array
+    trace_sigma: Tensor | np.ndarray | float
     """tr Σ, the unbiased per-sample gradient variance summed over parameters."""
-    grad_sq_norm: Array
+    grad_sq_norm: Tensor | np.ndarray | float
     """|G|², the unbiased estimate of the squared norm of the mean gradient (can be ≤ 0)."""
-    batch_size: Array
+    batch_size: Tensor | np.ndarray | float
     """B, the number of samples (columns of J_k)."""
-    eigenvalues: Array
+    eigenvalues: Tensor | np.ndarray | float
     """(B,) ascending float64 eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
 
 
@@ -74,7 +74,9 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 @quiet
-def truncated_condition_number(eigenvalues: Array, rank_rtol: float) -> tuple[Array, Array]:
+def truncated_condition_number(
+    eigenvalues: Tensor | np.ndarray | float, rank_rtol: float
+) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """c = √(max E / min E) over the non-zero set E = {λ : λ > rank_rtol · λmax}, and |E|.
 
     Seed 004_e5d92837cb57ce8a.txt §3, eq. 7: c_k = σmax(E_k)/σmin(E_k) with σ = λ^½, the ratio of
@@ -94,7 +96,9 @@ def truncated_condition_number(eigenvalues: Array, rank_rtol: float) -> tuple[Ar
     return condition, float64(nonzero.sum())
 
 
-def gradient_noise_parts(gram: Array) -> tuple[Array, Array]:
+def gradient_noise_parts(
+    gram: Tensor | np.ndarray | float,
+) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """Unbiased tr Σ and |G|² from F̃ alone (columns of J are the per-sample gradients g_i).
 
     McCandlish et al. 2018 (An Empirical Model of Large-Batch Training), appendix A, with
@@ -190,7 +194,7 @@ class NoiseScaleEstimate:
 
 @quiet
 def fisher_statistics(
-    gram: Array,
+    gram: Tensor | np.ndarray | float,
     rank_rtol: float | None = None,
     grad_dtype: torch.dtype = torch.float32,
 ) -> FisherStatistics:
@@ -242,7 +246,9 @@ def check_rank_rtol(rank_rtol: float | None, allow_zero: bool = True) -> float |
     return checked
 
 
-def fisher_energy(trace: Array, learning_rate: float, batch_size: Array | int) -> Array:
+def fisher_energy(
+    trace: Tensor | np.ndarray | float, learning_rate: float, batch_size: Tensor | np.ndarray | float
+) -> Tensor | np.ndarray | float:
     """l_k = (α_k / |B_k|) · (Tr F̃_k)^½, one term of L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 8)."""
     return learning_rate / batch_size * namespace(trace).sqrt(trace)
 
@@ -273,7 +279,9 @@ class FisherRunningSums:
     def __init__(self) -> None:
         self._sums = torch.zeros(len(self.reductions), dtype=torch.float64)
 
-    def update(self, condition: Array, energy: Array, weight: float = 1.0) -> tuple[Array, Array]:
+    def update(
+        self, condition: Tensor | np.ndarray | float, energy: Tensor | np.ndarray | float, weight: float = 1.0
+    ) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
         """Add the finite c_k and weight · l_k (0-d, or any shape: every element is a measurement);
         return the updated (C̄_K, L_K). Tensors keep the sums on their device; NumPy numbers keep
         them as a NumPy array on the host (the sums follow the kind of the latest update)."""
@@ -292,7 +300,7 @@ class FisherRunningSums:
         self._sums = same_kind(self._sums, step) + step
         return self.compute()
 
-    def compute(self) -> tuple[Array, Array]:
+    def compute(self) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
         """(C̄_K, L_K); C̄_K is NaN before the first finite c_k."""
         condition_sum, count, energy_sum = self._sums
         return where(count > 0, condition_sum / where(count > 0, count, 1.0), math.nan), energy_sum
