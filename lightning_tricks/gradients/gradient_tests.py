@@ -102,7 +102,7 @@ def gradient_tests(
     if batch < 2:
         nan = constant(finite, math.nan)
         return GradientTests(nan, nan, nan, size)
-    gram = where(finite[..., None, None], gram, 0.0)
+    gram = where(finite if finite.ndim == 0 else finite[..., None, None], gram, 0.0)  # one F̃: no copy
     if trace_sigma is None:
         trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
     projections = gram.sum(-1) / batch  # p_i = g_iᵀḡ
