@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._arrays import namespace, numeric, quiet, where
+from ._arrays import namespace, numeric, quiet, same_kind, where
 from .minibatch_distance import LossFunction, flatten, gradient_at, rng_devices
 
 
@@ -64,8 +64,9 @@ def pooled_noise_scale(
 
 class EpochNoiseScale:
     """B_noise of one epoch, pooled over its measurements (:func:`pooled_noise_scale`): the sums of
-    the finite (tr Σ, |G|²) pairs :meth:`add` receives, and their count, as one float64 tensor on the
-    measurements' device (no host sync until a reader asks for a value).
+    the finite (tr Σ, |G|²) pairs :meth:`add` receives, and their count: a float64 tensor on the
+    measurements' device (no host sync until a reader asks for a value), or a NumPy array while it
+    is fed Python numbers (a measurer's host values: no tensor op a measurement).
 
     A measurement of another epoch starts the pool afresh, so the pool is always the latest measured
     epoch's. Under DDP a feeder adds either values already combined over the processes (the same on
@@ -93,19 +94,22 @@ class EpochNoiseScale:
 
     def add(self, epoch: int, trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> None:
         """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out); a pair of
-        Python numbers is checked in Python and added as one small tensor."""
+        Python numbers is checked in Python and added in NumPy."""
         self.start(epoch)
         if not isinstance(trace_sigma, Tensor) and not isinstance(grad_sq_norm, Tensor):
             if math.isfinite(trace_sigma) and math.isfinite(grad_sq_norm):
-                self._sums = self._sums + self._sums.new_tensor([trace_sigma, grad_sq_norm, 1.0])
+                step = np.array([trace_sigma, grad_sq_norm, 1.0])
+                self._sums = same_kind(self._sums, step) + step  # a new array: earlier parts() unchanged
             return
         parts = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (trace_sigma, grad_sq_norm)])
         step = torch.cat([parts, parts.new_ones(1)])
-        self._sums = self._sums.to(step.device) + torch.where(torch.isfinite(parts).all(), step, 0.0)
+        self._sums = same_kind(self._sums, step) + torch.where(torch.isfinite(parts).all(), step, 0.0)
 
     def parts(self, epoch: int | None = None) -> Tensor:
-        """``(Σ tr Σ, Σ |G|², count)`` of ``epoch`` (default: the latest measured), zeros for another."""
-        return self._sums if epoch is None or epoch == self.epoch else torch.zeros_like(self._sums)
+        """``(Σ tr Σ, Σ |G|², count)`` of ``epoch`` (default: the latest measured), zeros for another;
+        a float64 tensor."""
+        sums = torch.as_tensor(self._sums)
+        return sums if epoch is None or epoch == self.epoch else torch.zeros_like(sums)
 
     def value(self, epoch: int | None = None, parts: Tensor | None = None) -> float:
         """The pooled B_noise of ``epoch`` (or of ``parts`` summed over processes); NaN if unmeasured."""
