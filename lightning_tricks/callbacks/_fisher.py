@@ -193,6 +193,7 @@ class TableAppender:
         self._writer: Any = None
 
     def append(self, callback: TrickCallback, row: Mapping[str, Any]) -> None:
+        """Write ``row`` (its :attr:`columns`) to ``callback``'s run folder, on disk when this returns."""
         if self._handle is None:
             path = callback.write_table(self.name, self.columns, [row], append=True)
             if path is not None:
@@ -203,6 +204,7 @@ class TableAppender:
         self._handle.flush()
 
     def close(self) -> None:
+        """Close the file (the next row opens it again through ``write_table``)."""
         handle, self._handle, self._writer = self._handle, None, None
         if handle is not None:
             handle.close()

@@ -60,7 +60,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     F̃: the smallest threshold each test passes with, as Cockpit plots them); with ``log_eigenvalues=True`` a histogram
     ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per measured
     step of this fit (``step``, ``epoch``, ``lr`` and the names above), also appended to
-    ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
+    ``fisher_history.csv`` in the run folder (each row on disk as soon as it is measured); ``.C_bar``, ``.L`` and ``.noise_scale`` are the
     latest values. Each epoch one row (epoch, step, C_bar, L, lr of its last measurement and its
     largest measured batch_size) goes to ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
     Checkpoints hold the running sums only; a resumed fit puts ``C_bar`` and ``L`` back into

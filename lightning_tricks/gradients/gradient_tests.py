@@ -66,7 +66,7 @@ class GradientTests(NamedTuple):
 
 @quiet
 def gradient_tests(
-    gram: Tensor | np.ndarray | float, trace_sigma: Tensor | np.ndarray | float | None = None
+    gram: Tensor | np.ndarray, trace_sigma: Tensor | np.ndarray | float | None = None
 ) -> GradientTests:
     """θ_norm, θ_inner and ν of one batch from F̃ = JᵀJ (B×B), F̃_ij = g_iᵀg_j.
 

@@ -53,7 +53,7 @@ class FisherStatistics(NamedTuple):
     """|G|², the unbiased estimate of the squared norm of the mean gradient (can be ≤ 0)."""
     batch_size: Tensor | np.ndarray | float
     """B, the number of samples (columns of J_k)."""
-    eigenvalues: Tensor | np.ndarray | float
+    eigenvalues: Tensor | np.ndarray
     """(B,) ascending float64 eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
 
 
@@ -75,7 +75,7 @@ def _eps(dtype: torch.dtype) -> float:
 
 @quiet
 def truncated_condition_number(
-    eigenvalues: Tensor | np.ndarray | float, rank_rtol: float
+    eigenvalues: Tensor | np.ndarray, rank_rtol: float
 ) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """c = √(max E / min E) over the non-zero set E = {λ : λ > rank_rtol · λmax}, and |E|.
 
@@ -97,7 +97,7 @@ def truncated_condition_number(
 
 
 def gradient_noise_parts(
-    gram: Tensor | np.ndarray | float,
+    gram: Tensor | np.ndarray,
 ) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """Unbiased tr Σ and |G|² from F̃ alone (columns of J are the per-sample gradients g_i).
 
@@ -194,7 +194,7 @@ class NoiseScaleEstimate:
 
 @quiet
 def fisher_statistics(
-    gram: Tensor | np.ndarray | float,
+    gram: Tensor | np.ndarray,
     rank_rtol: float | None = None,
     grad_dtype: torch.dtype = torch.float32,
 ) -> FisherStatistics:
