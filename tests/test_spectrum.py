@@ -526,8 +526,10 @@ def test_step_measures_runs_a_handful_of_tensor_ops_whatever_the_batch(batch: in
     running = FisherRunningSums()
     with OpCounter() as counter:
         values, eigenvalues = step_measures(gram, running, 0.1, 1)
-    assert counter.ops.count("_linalg_eigh.default") == 1
-    assert len(counter.ops) <= 6, counter.ops  # the rest: detach/lift_fresh of the NumPy views
+    assert sum(op.startswith("_linalg_eigh") for op in counter.ops) == 1
+    assert len(counter.ops) <= 8, (
+        counter.ops
+    )  # the rest: the NumPy views' detach/lift_fresh, LAPACK's workspace
     assert all(type(value) is float for value in values.values()) and eigenvalues.shape == (batch,)
     assert math.isfinite(values["trace"]) == finite and math.isnan(values["C_bar"]) != finite
 

@@ -55,10 +55,13 @@ def numeric(value: Array) -> Array:
 
 def eigvalsh(matrix: Array) -> Array:
     """Ascending eigenvalues of the symmetric ``matrix`` (..., B, B), by ``torch.linalg.eigvalsh``
-    for both kinds (a NumPy array shares its memory with the tensor LAPACK reads)."""
+    for both kinds (a NumPy matrix is read and its eigenvalues written in place: no copy, no read
+    back from a tensor)."""
     if isinstance(matrix, Tensor):
         return torch.linalg.eigvalsh(matrix)
-    return torch.linalg.eigvalsh(torch.from_numpy(np.ascontiguousarray(matrix))).numpy()
+    values = np.empty(matrix.shape[:-1])
+    torch.linalg.eigvalsh(torch.from_numpy(np.ascontiguousarray(matrix)), out=torch.from_numpy(values))
+    return values
 
 
 def quiet(function: Callable[..., Result]) -> Callable[..., Result]:
