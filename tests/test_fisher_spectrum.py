@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
 import sys
 from collections import Counter
 
@@ -638,3 +639,37 @@ def test_exclude_names_a_module_the_model_does_not_have(tmp_path):
         fit(SmallNet(), [FisherSpectrum(exclude=["net.9"])], tmp_path)
     with pytest.raises(TypeError, match=r"`exclude` must be a list of module names"):
         FisherSpectrum(exclude="net.0")
+
+
+class ReadsFisherHistory(Callback):
+    """Reads fisher_history.csv at each batch start, as another process would, and fails the fit
+    at step 5."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        path = os.path.join(run_directory(trainer), "fisher_history.csv")
+        if os.path.exists(path):
+            with open(path) as handle:
+                self.seen.append([int(row["step"]) for row in csv.DictReader(handle)])
+        else:
+            self.seen.append([])
+        if trainer.global_step == 5:
+            raise RuntimeError("crash")
+
+
+def test_history_csv_holds_every_measured_row_at_once_and_after_a_crash(tmp_path):
+    """The history file stays open during the fit, but each row is on disk (for the OS) as soon as it
+    is measured — a kill at any moment leaves every measured row — and the file is closed when the
+    fit fails; the same callback's next fit writes its own run's file."""
+    fisher, reader = FisherSpectrum(), ReadsFisherHistory()
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(SmallNet(), [fisher, reader], tmp_path, max_steps=8)
+    assert reader.seen == [list(range(step)) for step in range(6)]
+    assert fisher._history_file._handle is None
+    for steps, run in (([0, 1, 2, 3, 4], "version_0"), ([0, 1, 2], "version_1")):
+        if run == "version_1":
+            fit(SmallNet(), [fisher], tmp_path, max_steps=3)
+        with open(tmp_path / "lightning_tricks_logs" / run / "fisher_history.csv") as handle:
+            assert [int(row["step"]) for row in csv.DictReader(handle)] == steps

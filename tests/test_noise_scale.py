@@ -137,6 +137,26 @@ def test_the_epoch_estimate_pools_like_the_definition_and_survives_a_checkpoint(
     assert math.isnan(restored.value()) and restored.state_dict() == []
 
 
+def test_the_epoch_estimate_takes_numbers_and_tensors_mixed_and_its_parts_are_tensors():
+    """Python numbers (FisherSpectrum's host values) and tensors in turn pool like the definition;
+    ``parts`` is a float64 tensor, and one read earlier does not change with later measurements."""
+    generator = torch.Generator().manual_seed(1)
+    parts = (
+        torch.randn(12, 2, generator=generator, dtype=torch.float64) + torch.tensor([30.0, 2.0])
+    ).tolist()
+    parts[5][1] = math.nan
+    estimate = EpochNoiseScale()
+    estimate.add(0, *parts[0])
+    early = estimate.parts()
+    for k, (t, g) in enumerate(parts[1:], start=1):
+        as_tensor = k % 3 == 0
+        estimate.add(0, *(torch.tensor(v, dtype=torch.float64) if as_tensor else v for v in (t, g)))
+        assert isinstance(estimate.parts(), torch.Tensor) and estimate.parts().dtype == torch.float64
+    assert early.tolist() == [parts[0][0], parts[0][1], 1.0]
+    assert estimate.value() == pytest.approx(brute_force_pooled(parts), rel=1e-12)
+    assert estimate.parts().tolist()[2] == 11.0
+
+
 def test_the_pooling_formula_exists_once_and_each_run_shares_one_estimate():
     assert spectrum.pooled_noise_scale is pooled_noise_scale
     assert spectrum.noise_scale_ratio is noise_scale_ratio

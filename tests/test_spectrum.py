@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import doctest
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tricks.gradients import spectrum
+from lightning_tricks.gradients import gradient_tests, spectrum
+from lightning_tricks.gradients.fisher_capture import step_measures
 from lightning_tricks.gradients.spectrum import (
     FisherRunningSums,
     NoiseScaleEstimate,
@@ -411,3 +414,147 @@ def test_running_sums_reject_bad_weight(weight) -> None:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(spectrum, raise_on_error=True).attempted >= 2
+
+
+# -- one formula, two kinds of arrays: tensors and NumPy (FisherSpectrum's host path) --------------
+
+
+def host_case(name: str) -> torch.Tensor:
+    """F̃ of the cases every statistic has a branch for."""
+    generator = torch.Generator().manual_seed(len(name))
+    if name == "one sample":
+        return torch.tensor([[2.0]], dtype=torch.float64)
+    if name == "zero":
+        return torch.zeros(4, 4, dtype=torch.float64)
+    grads = torch.randn(8, 30, generator=generator, dtype=torch.float64)
+    if name == "rank deficient":  # B = 8 samples in 3 directions
+        grads = torch.randn(8, 3, generator=generator, dtype=torch.float64) @ grads[:3]
+    if name == "hidden mean":  # a small mean in large noise: |G|² < 0, B_simple = inf
+        grads = grads - grads.mean(0) + 0.05 * torch.randn(30, generator=generator, dtype=torch.float64)
+    gram = grads @ grads.T
+    if name in ("nan", "inf"):
+        gram[2, 5] = math.nan if name == "nan" else math.inf
+    return gram
+
+
+HOST_CASES = ["full rank", "rank deficient", "hidden mean", "one sample", "zero", "nan", "inf"]
+
+
+def assert_same_values(from_numpy, from_tensor) -> None:
+    """Each NumPy value equals the tensor value (to float64 round-off; NaN and ±inf alike)."""
+    for host, tensor in zip(from_numpy, from_tensor):
+        assert isinstance(tensor, torch.Tensor) and not isinstance(host, torch.Tensor)
+        np.testing.assert_allclose(np.asarray(host), tensor.numpy(), rtol=1e-13, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", HOST_CASES)
+def test_numpy_statistics_equal_the_tensor_statistics(case: str) -> None:
+    """The same functions on F̃'s NumPy view (FisherSpectrum's host path) give the tensor values,
+    as NumPy numbers (Python floats), with the very same eigenvalues and without a NumPy warning."""
+    gram = host_case(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "divide by zero" / "invalid value" from NumPy
+        host = fisher_statistics(gram.numpy())
+        assert_same_values(gradient_noise_parts(gram.numpy()), gradient_noise_parts(gram))
+        assert_same_values(gradient_tests(gram.numpy()), gradient_tests(gram))
+    tensor = fisher_statistics(gram)
+    assert_same_values(host, tensor)
+    assert all(isinstance(value, float) for value in host[:-1])
+    np.testing.assert_array_equal(host.eigenvalues, tensor.eigenvalues.numpy())  # one LAPACK call
+
+
+def test_numpy_statistics_of_a_batch_of_grams_equal_the_tensor_ones() -> None:
+    grams = torch.stack([host_case(case) for case in ("full rank", "hidden mean", "nan")])
+    assert_same_values(gradient_noise_parts(grams.numpy()), gradient_noise_parts(grams))
+    assert_same_values(gradient_tests(grams.numpy()), gradient_tests(grams))
+
+
+def test_noise_scale_ratio_and_pooling_take_numbers() -> None:
+    t = np.array([6.0, 5.0, 5.0, math.nan, 0.0, 0.0])
+    g = np.array([2.0, 0.0, -1.0, 2.0, 2.0, -1.0])
+    for index in range(len(t)):  # NumPy numbers and Python floats, one pair at a time
+        expected = noise_scale_ratio(torch.tensor(t[index]), torch.tensor(g[index])).item()
+        for pair in ((t[index], g[index]), (float(t[index]), float(g[index]))):
+            np.testing.assert_equal(noise_scale_ratio(*pair), expected)
+    np.testing.assert_equal(
+        pooled_noise_scale(t, g), pooled_noise_scale(torch.tensor(t), torch.tensor(g)).item()
+    )
+
+
+def test_running_sums_take_numpy_numbers_and_tensors_alike() -> None:
+    """Updates with NumPy numbers (the host path), Python floats and tensors, mixed, resumed and
+    synced, give the sums of the dumbest loop."""
+    measurements = random_measurements(seed=6)
+    expected = loop_running(measurements, 4)
+    sums = FisherRunningSums()
+    kinds = (np.float64, float, lambda value: torch.tensor(value, dtype=torch.float64))
+    for k, ((c, energy), reference) in enumerate(zip(measurements, expected)):
+        if k == 20:
+            resumed = FisherRunningSums()
+            resumed.load_state_dict(sums.state_dict())
+            sums = resumed
+        kind = kinds[k % 3]
+        result = sums.update(kind(c), kind(energy), weight=4)
+        assert_close(tuple(torch.as_tensor(value) for value in result), reference)
+    sums.update(np.float64(1.0), np.float64(0.0), weight=4)  # the sums are a NumPy array now
+    state = sums.state_dict()
+    sums.sync(lambda local: 2 * local)
+    assert sums.state_dict() == {name: 2 * value for name, value in state.items()}
+
+
+class OpCounter(TorchDispatchMode):
+    """Every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("finite", [True, False])
+def test_step_measures_runs_a_handful_of_tensor_ops_whatever_the_batch(batch: int, finite: bool) -> None:
+    """F̃ → logged values on the host: the eigenvalues (one LAPACK call) and no other tensor
+    arithmetic — the statistics are NumPy numbers (it was ≈ 130 ops of 0-d tensors)."""
+    grads = torch.randn(batch, 3 * batch, dtype=torch.float64)
+    gram = grads @ grads.T
+    if not finite:
+        gram[0, 0] = math.nan
+    running = FisherRunningSums()
+    with OpCounter() as counter:
+        values, eigenvalues = step_measures(gram, running, 0.1, 1)
+    assert sum(op.startswith("_linalg_eigh") for op in counter.ops) == 1
+    assert len(counter.ops) <= 8, (
+        counter.ops
+    )  # the rest: the NumPy views' detach/lift_fresh, LAPACK's workspace
+    assert all(type(value) is float for value in values.values()) and eigenvalues.shape == (batch,)
+    assert math.isfinite(values["trace"]) == finite and math.isnan(values["C_bar"]) != finite
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_step_measures_equal_the_tensor_statistics(ranks: int) -> None:
+    """Against the tensor functions, alone and with a combine that sums (Tr F̃, B) and averages the
+    rest over ``ranks`` identical processes: l_k = (α/|B|)·√Tr F̃ and C̄, L from the running sums."""
+    gram = host_case("full rank")
+    stats, tests = fisher_statistics(gram), gradient_tests(gram)
+
+    def combine(summed, averaged):
+        return ranks * summed, averaged
+
+    running = FisherRunningSums()
+    values, _ = step_measures(gram, running, 0.1, 3, combine=None if ranks == 1 else combine)
+    trace, batch = ranks * stats.trace.item(), ranks * stats.batch_size.item()
+    energy = 0.1 / batch * math.sqrt(trace)
+    expected = {
+        "c_k": stats.condition, "l_k": energy, "C_bar": stats.condition, "L": 3 * energy, "trace": trace,
+        "lambda_max": stats.lambda_max, "rank": stats.rank, "noise_scale": stats.noise_scale,
+        "trace_sigma": stats.trace_sigma, "grad_sq_norm": stats.grad_sq_norm, "batch_size": batch,
+        "norm_test": tests.norm_test, "inner_test": tests.inner_test, "ortho_test": tests.ortho_test,
+        "log10_trace": math.log10(trace), "log10_lambda_max": math.log10(stats.lambda_max),
+    }  # fmt: skip
+    assert set(values) == set(expected)
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(float(value), rel=1e-13), name

@@ -5,10 +5,13 @@ repair on resume) and the descriptions of its tags. The measurement itself is
 
 from __future__ import annotations
 
+import csv
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -17,6 +20,9 @@ from torch import Tensor
 from ..gradients.fisher_capture import MEASURES
 from ..gradients.noise_scale import EpochNoiseScale
 from ..gradients.spectrum import FisherRunningSums
+
+if TYPE_CHECKING:
+    from ._base import TrickCallback
 
 HISTORY_COLUMNS = ("step", "epoch", "lr", *MEASURES)
 EPOCH_COLUMNS = ("epoch", "step", "C_bar", "L", "lr", "batch_size")
@@ -58,7 +64,7 @@ def restore_live_measures(trainer: pl.Trainer, namespace: str, running: FisherRu
     run without measurements."""
     state = running.state_dict()
     if state["count"] or state["energy_sum"]:
-        c_bar, total = running.compute()
+        c_bar, total = (torch.as_tensor(value, dtype=torch.float64) for value in running.compute())
         trainer.callback_metrics.update({f"{namespace}/C_bar": c_bar, f"{namespace}/L": total})
 
 
@@ -112,12 +118,12 @@ def combine_ranks(trainer: pl.Trainer, summed: Tensor, averaged: Tensor) -> tupl
     return total[: len(summed)], total[len(summed) :] / trainer.world_size
 
 
-def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> None:
+def log_histogram(trainer: pl.Trainer, tag: str, values: np.ndarray, step: int) -> None:
     """``values`` (NaN as 0) as a histogram to each TensorBoard logger; rank 0 only."""
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram(tag, torch.nan_to_num(values).cpu(), step)
+                logger.experiment.add_histogram(tag, np.nan_to_num(values), step)
 
 
 def loss_scale(trainer: pl.Trainer) -> float:
@@ -169,6 +175,39 @@ class FisherReadouts:
         """tr Σ / |G|² with both parts averaged over this epoch's measurements before dividing
         (McCandlish et al. 2018, appendix A); NaN before the first measurement."""
         return self._noise.value()
+
+
+class TableAppender:
+    """One CSV of the run folder that gets a row per measured step, through a file kept open.
+
+    A fit's first row goes through ``write_table`` (which continues the file of a resumed run and
+    writes the header); the file then stays open and each further row is written and flushed at
+    once — the operating system holds it even if the process is killed the next moment — without
+    the open, stat and close of a ``write_table`` a row. :meth:`close` at teardown, on an exception
+    and at a new fit. Off rank 0 nothing is written, as with ``write_table``.
+    """
+
+    def __init__(self, name: str, columns: Sequence[str]) -> None:
+        self.name, self.columns = name, tuple(columns)
+        self._handle: TextIO | None = None
+        self._writer: Any = None
+
+    def append(self, callback: TrickCallback, row: Mapping[str, Any]) -> None:
+        """Write ``row`` (its :attr:`columns`) to ``callback``'s run folder, on disk when this returns."""
+        if self._handle is None:
+            path = callback.write_table(self.name, self.columns, [row], append=True)
+            if path is not None:
+                self._handle = open(path, "a", newline="")  # noqa: SIM115 (kept open for the fit)
+                self._writer = csv.writer(self._handle)
+            return
+        self._writer.writerow([row[column] for column in self.columns])
+        self._handle.flush()
+
+    def close(self) -> None:
+        """Close the file (the next row opens it again through ``write_table``)."""
+        handle, self._handle, self._writer = self._handle, None, None
+        if handle is not None:
+            handle.close()
 
 
 class FisherRecords:

@@ -60,7 +60,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     F̃: the smallest threshold each test passes with, as Cockpit plots them); with ``log_eigenvalues=True`` a histogram
     ``fisher/eigenvalues`` to each TensorBoard logger. :attr:`history` holds one record per measured
     step of this fit (``step``, ``epoch``, ``lr`` and the names above), also appended to
-    ``fisher_history.csv`` in the run folder; ``.C_bar``, ``.L`` and ``.noise_scale`` are the
+    ``fisher_history.csv`` in the run folder (each row on disk as soon as it is measured); ``.C_bar``, ``.L`` and ``.noise_scale`` are the
     latest values. Each epoch one row (epoch, step, C_bar, L, lr of its last measurement and its
     largest measured batch_size) goes to ``fisher_spectrum.csv``, the input of :func:`lightning_tricks.plotting.beacon_map`.
     Checkpoints hold the running sums only; a resumed fit puts ``C_bar`` and ``L`` back into
@@ -137,6 +137,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         self._measuring = False
         self._batch_size: int | None = None
         self._warned_non_finite = False
+        self._history_file = _fisher.TableAppender(HISTORY_FILE, _fisher.HISTORY_COLUMNS)
         self.reset_fit_state()
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -162,6 +163,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         self._records = _fisher.FisherRecords()
         self._noise = EpochNoiseScale()  # this epoch's pooled noise-scale parts
         self._measuring = False
+        self._history_file.close()  # the new fit's first row decides the file
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -246,6 +248,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
     def _release(self) -> None:
         """Remove every hook and drop what was captured (teardown, or the fit failed)."""
         self._measuring = False
+        self._history_file.close()
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.release()
@@ -281,7 +284,7 @@ class FisherSpectrum(_fisher.FisherReadouts, TrickCallback):
         record = {"step": step, "epoch": trainer.current_epoch, "lr": lr, **{n: values[n] for n in MEASURES}}
         self._records.add(record)
         self._noise.add(record["epoch"], record["trace_sigma"], record["grad_sq_norm"])
-        self.write_table(HISTORY_FILE, _fisher.HISTORY_COLUMNS, [record], append=True)
+        self._history_file.append(self, record)
         finite = math.isfinite(record["c_k"]) and math.isfinite(record["l_k"])
         if not (finite or self._warned_non_finite):
             self._warned_non_finite = True

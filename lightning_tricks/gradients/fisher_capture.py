@@ -4,16 +4,19 @@ seed 004 (``004_e5d92837cb57ce8a.txt`` §3, eq. 6–8) computed from one step's 
 
 :class:`StepCapture` attaches the collector's hooks for measured steps only (an unmeasured step
 runs none of its code), re-runs the outside-use check when the trainable set changes, and hands
-back F̃_k; :func:`step_measures` turns F̃_k into the logged values on the host, with one transfer.
+back F̃_k; :func:`step_measures` turns F̃_k into the logged values on the host, with one transfer
+(NumPy arithmetic there, no tensor op but the transfer and the eigenvalues).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._arrays import quiet
 from .gradient_tests import gradient_tests
 from .gram import GramCollector
 from .spectrum import FisherRunningSums, fisher_energy, fisher_statistics, noise_scale_ratio
@@ -102,6 +105,7 @@ class StepCapture:
         return next(p.dtype for p in self._params if p.requires_grad)
 
 
+@quiet
 def step_measures(
     gram: Tensor,
     running: FisherRunningSums,
@@ -110,38 +114,37 @@ def step_measures(
     rank_rtol: float | None = None,
     grad_dtype: torch.dtype = torch.float32,
     combine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-) -> tuple[dict[str, float], Tensor]:
+) -> tuple[dict[str, float], np.ndarray]:
     """The measures of one F̃_k (seed 004 eq. 6–8; :func:`fisher_statistics`) and the gradient tests
     of its batch (:func:`~lightning_tricks.gradients.gradient_tests.gradient_tests`) as Python
-    floats, and F̃'s eigenvalues.
+    floats, and F̃'s eigenvalues (a NumPy float64 array).
 
-    F̃ goes to the host once (the only device sync; its eigenvalues and every statistic are
-    computed there, no kernel launch). ``combine(summed, averaged)`` merges ranks (a sum of
-    (Tr F̃, B), a mean of the other statistics); ``running`` adds c_k and ``weight`` · l_k, l_k =
-    (α/|B|)·√Tr F̃ (:func:`fisher_energy`), and gives C̄_K and L_K.
+    F̃ goes to the host once (the only device sync); there its eigenvalues come from LAPACK
+    (``torch.linalg.eigvalsh``) and every statistic from the same functions on a NumPy view of it:
+    a few dozen NumPy scalar operations, no tensor op but the transfer and the eigenvalues.
+    ``combine(summed, averaged)`` merges ranks (tensors: a sum of (Tr F̃, B), a mean of the other
+    statistics); ``running`` adds c_k and ``weight`` · l_k, l_k = (α/|B|)·√Tr F̃
+    (:func:`fisher_energy`), and gives C̄_K and L_K.
     """
-    host_gram = gram.to("cpu", torch.float64)
+    host_gram = gram.detach().to("cpu", torch.float64).numpy()
     stats = fisher_statistics(host_gram, rank_rtol, grad_dtype)
     tests = gradient_tests(host_gram, stats.trace_sigma)
-    summed = torch.stack([stats.trace, stats.batch_size])
-    averaged = torch.stack(
-        [
-            stats.condition,
-            stats.lambda_max,
-            stats.rank,
-            stats.trace_sigma,
-            stats.grad_sq_norm,
-            tests.norm_test,
-            tests.inner_test,
-            tests.ortho_test,
-        ]
+    trace, batch, noise_scale = stats.trace, stats.batch_size, stats.noise_scale
+    averaged = (
+        stats.condition,
+        stats.lambda_max,
+        stats.rank,
+        stats.trace_sigma,
+        stats.grad_sq_norm,
+        tests.norm_test,
+        tests.inner_test,
+        tests.ortho_test,
     )
     if combine is not None:
-        summed, averaged = combine(summed, averaged)
-    (trace, batch), (condition, lambda_max, rank, trace_sigma, grad_sq_norm, *gradient_test_values) = (
-        summed,
-        averaged,
-    )
+        summed, averaged = combine(torch.tensor([trace, batch], dtype=torch.float64), torch.tensor(averaged))
+        (trace, batch), averaged = summed.cpu().numpy(), averaged.cpu().numpy()
+        noise_scale = noise_scale_ratio(averaged[3], averaged[4])
+    condition, lambda_max, rank, trace_sigma, grad_sq_norm, *gradient_test_values = averaged
     energy = fisher_energy(trace, learning_rate, batch)
     c_bar, total = running.update(condition, energy, weight=weight)
     values = [
@@ -152,12 +155,12 @@ def step_measures(
         trace,
         lambda_max,
         rank,
-        stats.noise_scale if combine is None else noise_scale_ratio(trace_sigma, grad_sq_norm),
+        noise_scale,
         trace_sigma,
         grad_sq_norm,
         batch,
         *gradient_test_values,
     ]  # fmt: skip  (the order of MEASURES)
-    logged = torch.stack([*values, trace.log10(), lambda_max.log10()]).tolist()
+    logged = np.array([*values, np.log10(trace), np.log10(lambda_max)]).tolist()
     names = (*MEASURES, *(f"log10_{name}" for name in LOG10_MEASURES))
     return dict(zip(names, logged)), stats.eigenvalues

@@ -29,7 +29,8 @@ logs ``noise_scale = inf``), and the test with threshold θ < 1 passes iff B ≥
 
 Every statistic is invariant to scaling all g_i by one factor, so it does not matter whether F̃
 holds the gradients of the per-sample losses or of the mean loss (F̃ / B²), nor whether a loss
-scale or ``RandomGradient``'s factor r multiplied them. Pure tensor code without host syncs.
+scale or ``RandomGradient``'s factor r multiplied them. Written once for tensors (no host sync) and
+NumPy float64 arrays (FisherSpectrum's host path), as :mod:`~lightning_tricks.gradients.spectrum`.
 """
 
 from __future__ import annotations
@@ -37,31 +38,36 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import torch
+import numpy as np
 from torch import Tensor
 
+from ._arrays import constant, float64, namespace, nonnegative, quiet, stack, where
 from .spectrum import gradient_noise_parts
 
 
 class GradientTests(NamedTuple):
-    """The three gradient-test statistics of one batch (float64 0-d tensors on F̃'s device).
+    """The three gradient-test statistics of one batch (float64: 0-d tensors on F̃'s device for a
+    tensor F̃, ``numpy.float64`` numbers for a NumPy F̃).
 
     Each is the smallest threshold for which its test passes (the quantity Cockpit plots); NaN
     for B = 1, an all-zero or non-finite F̃; +inf when the batch gradient is zero but the
     per-sample gradients are not (no threshold passes).
     """
 
-    norm_test: Tensor
+    norm_test: Tensor | np.ndarray | float
     """θ_norm = (tr Σ / (B‖ḡ‖²))^½ — Byrd et al. 2012, eq. (3.9)."""
-    inner_test: Tensor
+    inner_test: Tensor | np.ndarray | float
     """θ_inner = (Var_i(g_iᵀḡ) / (B‖ḡ‖⁴))^½ — Bollapragada et al. 2018, eq. (2.6)."""
-    ortho_test: Tensor
+    ortho_test: Tensor | np.ndarray | float
     """ν = (E_i‖g_i − (g_iᵀḡ/‖ḡ‖²)ḡ‖² / (B‖ḡ‖²))^½ — Bollapragada et al. 2018, eq. (3.3)."""
-    batch_size: Tensor
+    batch_size: Tensor | np.ndarray | float
     """B, the number of samples behind F̃."""
 
 
-def gradient_tests(gram: Tensor, trace_sigma: Tensor | None = None) -> GradientTests:
+@quiet
+def gradient_tests(
+    gram: Tensor | np.ndarray, trace_sigma: Tensor | np.ndarray | float | None = None
+) -> GradientTests:
     """θ_norm, θ_inner and ν of one batch from F̃ = JᵀJ (B×B), F̃_ij = g_iᵀg_j.
 
     With s = Tr F̃ = Σ‖g_i‖², m = ‖ḡ‖² = 1ᵀF̃1/B² and p = F̃1/B (p_i = g_iᵀḡ, mean m):
@@ -88,39 +94,51 @@ def gradient_tests(gram: Tensor, trace_sigma: Tensor | None = None) -> GradientT
     ``trace_sigma``: tr Σ of this F̃ where the caller has it already (:func:`fisher_statistics
     <lightning_tricks.gradients.spectrum.fisher_statistics>`), so that it is not computed twice.
     """
-    gram = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    xp = namespace(gram)
+    gram = float64(gram)
     batch = gram.shape[-1]
-    size = gram.new_full(gram.shape[:-2], float(batch))
+    finite = xp.isfinite(gram).all((-2, -1))
+    size = constant(finite, float(batch))
     if batch < 2:
-        nan = torch.full_like(size, torch.nan)
+        nan = constant(finite, math.nan)
         return GradientTests(nan, nan, nan, size)
-    finite = torch.isfinite(gram).all(-1).all(-1)
-    gram = torch.where(finite.view(*finite.shape, 1, 1), gram, 0.0)
+    gram = where(finite if finite.ndim == 0 else finite[..., None, None], gram, 0.0)  # one F̃: no copy
     if trace_sigma is None:
         trace_sigma, _ = gradient_noise_parts(gram)  # (s − B m) / (B − 1)
     projections = gram.sum(-1) / batch  # p_i = g_iᵀḡ
     mean_sq_norm = projections.sum(-1) / batch  # m = ‖ḡ‖² = 1ᵀF̃1 / B²
     signal = mean_sq_norm > 0  # ‖Σ g_i‖² ≥ 0: a round-off negative is a zero gradient
-    safe_m = torch.where(signal, mean_sq_norm, 1.0)
-    projection_sq = projections.square().sum(-1)
-    inner_var = ((projection_sq - batch * safe_m.square()) / (batch - 1)).clamp(min=0.0)
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    ortho_var = ((trace - projection_sq / safe_m) / (batch - 1)).clamp(min=0.0)
-    squared = torch.stack(  # θ_norm², θ_inner², ν²: their roots in one pass
-        [trace_sigma / (batch * safe_m), inner_var / (batch * safe_m.square()), ortho_var / (batch * safe_m)]
+    safe_m = where(signal, mean_sq_norm, 1.0)
+    projection_sq = (projections * projections).sum(-1)
+    inner_var = nonnegative((projection_sq - batch * (safe_m * safe_m)) / (batch - 1))
+    trace = gram.diagonal(0, -2, -1).sum(-1)
+    ortho_var = nonnegative((trace - projection_sq / safe_m) / (batch - 1))
+    squared = stack(  # θ_norm², θ_inner², ν²: their roots in one pass
+        [
+            trace_sigma / (batch * safe_m),
+            inner_var / (batch * (safe_m * safe_m)),
+            ortho_var / (batch * safe_m),
+        ]
     )
-    norm_test, inner_test, ortho_test = _statistic(squared, signal, trace_sigma > 0, finite).unbind(0)
+    norm_test, inner_test, ortho_test = _statistic(squared, signal, trace_sigma > 0, finite)
     return GradientTests(norm_test, inner_test, ortho_test, batch_size=size)
 
 
-def _statistic(squared: Tensor, signal: Tensor, noise: Tensor, finite: Tensor) -> Tensor:
+def _statistic(
+    squared: Tensor | np.ndarray | float,
+    signal: Tensor | np.ndarray | float,
+    noise: Tensor | np.ndarray | float,
+    finite: Tensor | np.ndarray | float,
+) -> Tensor | np.ndarray | float:
     """√squared where ‖ḡ‖² > 0; +inf where ḡ = 0 but the g_i scatter; NaN with neither, or a
     non-finite F̃ (``squared`` may stack several statistics in front of the others' dims)."""
-    value = torch.where(signal, squared.sqrt(), torch.where(noise, torch.inf, torch.nan))
-    return torch.where(finite, value, torch.nan)
+    value = where(signal, namespace(squared).sqrt(squared), where(noise, math.inf, math.nan))
+    return where(finite, value, math.nan)
 
 
-def needed_batch_size(statistic: Tensor, batch_size: Tensor | int, threshold: float) -> Tensor:
+def needed_batch_size(
+    statistic: Tensor | np.ndarray | float, batch_size: Tensor | np.ndarray | float, threshold: float
+) -> Tensor | np.ndarray | float:
     """B · (statistic / threshold)²: the batch size at which a test with ``threshold`` would pass,
     with this batch's variance and gradient estimates.
 
@@ -138,4 +156,5 @@ def needed_batch_size(statistic: Tensor, batch_size: Tensor | int, threshold: fl
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
         raise ValueError(f"`threshold` must be a finite number > 0 (θ or ν of the test); got {threshold!r}.")
-    return batch_size * (statistic / threshold).square()
+    ratio = statistic / threshold
+    return batch_size * (ratio * ratio)

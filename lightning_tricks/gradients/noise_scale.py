@@ -19,44 +19,54 @@ import math
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._arrays import namespace, numeric, quiet, same_kind, where
 from .minibatch_distance import LossFunction, flatten, gradient_at, rng_devices
 
 
-def noise_scale_ratio(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:
+@quiet
+def noise_scale_ratio(
+    trace_sigma: Tensor | np.ndarray | float, grad_sq_norm: Tensor | np.ndarray | float
+) -> Tensor | np.ndarray | float:
     """B_simple = tr Σ / |G|², the simple gradient-noise scale (McCandlish et al. 2018, §2).
 
     Where the |G|² estimate is ≤ 0 while tr Σ > 0 the noise hides the mean gradient: B_simple is
     beyond what the samples behind the estimate can resolve and the result is +inf (the value a
     shrinking positive |G|² tends to, so medians and quantiles over batches stay right). NaN where
-    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise, no host sync.
+    an input is NaN or both are ≤ 0 (no signal and no noise). Elementwise; tensors (no host sync) or
+    NumPy float64 arrays and numbers.
     """
+    trace_sigma, grad_sq_norm = numeric(trace_sigma), numeric(grad_sq_norm)
     ratio = trace_sigma / grad_sq_norm
-    hidden = torch.where((trace_sigma > 0) & (grad_sq_norm <= 0), torch.inf, torch.nan)
-    return torch.where(grad_sq_norm > 0, ratio, hidden.to(ratio.dtype))
+    hidden = where((trace_sigma > 0) & (grad_sq_norm <= 0), math.inf, math.nan)
+    return where(grad_sq_norm > 0, ratio, hidden)
 
 
-def pooled_noise_scale(trace_sigma: Tensor, grad_sq_norm: Tensor, dim: int = -1) -> Tensor:
+def pooled_noise_scale(
+    trace_sigma: Tensor | np.ndarray | float, grad_sq_norm: Tensor | np.ndarray | float, dim: int = -1
+) -> Tensor | np.ndarray | float:
     """B_simple = mean(tr Σ) / mean(|G|²) over ``dim``: average the unbiased parts, then divide.
 
     McCandlish et al. 2018, appendix A recommend this ratio of averages over a window of
     measurements instead of an average of one-batch ratios (a ratio of unbiased estimates is biased
     and has heavy tails). Pairs with a non-finite part are left out of both means.
     """
-    finite = torch.isfinite(trace_sigma) & torch.isfinite(grad_sq_norm)
-    zero = torch.zeros((), dtype=trace_sigma.dtype, device=trace_sigma.device)
-    numerator = torch.where(finite, trace_sigma, zero).sum(dim)
-    denominator = torch.where(finite, grad_sq_norm, zero).sum(dim)
+    xp = namespace(trace_sigma, grad_sq_norm)
+    finite = xp.isfinite(trace_sigma) & xp.isfinite(grad_sq_norm)
+    numerator = where(finite, trace_sigma, 0.0).sum(dim)
+    denominator = where(finite, grad_sq_norm, 0.0).sum(dim)
     return noise_scale_ratio(numerator, denominator)  # equal counts cancel
 
 
 class EpochNoiseScale:
     """B_noise of one epoch, pooled over its measurements (:func:`pooled_noise_scale`): the sums of
-    the finite (tr Σ, |G|²) pairs :meth:`add` receives, and their count, as one float64 tensor on the
-    measurements' device (no host sync until a reader asks for a value).
+    the finite (tr Σ, |G|²) pairs :meth:`add` receives, and their count: a float64 tensor on the
+    measurements' device (no host sync until a reader asks for a value), or a NumPy array while it
+    is fed Python numbers (a measurer's host values: no tensor op a measurement).
 
     A measurement of another epoch starts the pool afresh, so the pool is always the latest measured
     epoch's. Under DDP a feeder adds either values already combined over the processes (the same on
@@ -84,19 +94,22 @@ class EpochNoiseScale:
 
     def add(self, epoch: int, trace_sigma: Tensor | float, grad_sq_norm: Tensor | float) -> None:
         """Pool one measurement of ``epoch`` (a pair with a non-finite part is left out); a pair of
-        Python numbers is checked in Python and added as one small tensor."""
+        Python numbers is checked in Python and added in NumPy."""
         self.start(epoch)
         if not isinstance(trace_sigma, Tensor) and not isinstance(grad_sq_norm, Tensor):
             if math.isfinite(trace_sigma) and math.isfinite(grad_sq_norm):
-                self._sums = self._sums + self._sums.new_tensor([trace_sigma, grad_sq_norm, 1.0])
+                step = np.array([trace_sigma, grad_sq_norm, 1.0])
+                self._sums = same_kind(self._sums, step) + step  # a new array: earlier parts() unchanged
             return
         parts = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (trace_sigma, grad_sq_norm)])
         step = torch.cat([parts, parts.new_ones(1)])
-        self._sums = self._sums.to(step.device) + torch.where(torch.isfinite(parts).all(), step, 0.0)
+        self._sums = same_kind(self._sums, step) + torch.where(torch.isfinite(parts).all(), step, 0.0)
 
     def parts(self, epoch: int | None = None) -> Tensor:
-        """``(Σ tr Σ, Σ |G|², count)`` of ``epoch`` (default: the latest measured), zeros for another."""
-        return self._sums if epoch is None or epoch == self.epoch else torch.zeros_like(self._sums)
+        """``(Σ tr Σ, Σ |G|², count)`` of ``epoch`` (default: the latest measured), zeros for another;
+        a float64 tensor."""
+        sums = torch.as_tensor(self._sums)
+        return sums if epoch is None or epoch == self.epoch else torch.zeros_like(sums)
 
     def value(self, epoch: int | None = None, parts: Tensor | None = None) -> float:
         """The pooled B_noise of ``epoch`` (or of ``parts`` summed over processes); NaN if unmeasured."""

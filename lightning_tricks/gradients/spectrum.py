@@ -1,42 +1,59 @@
 """Spectral statistics of the approximate Fisher matrix F̃ = JᵀJ (seed 004), the gradient-noise
 scale read from the same matrix (McCandlish et al. 2018), and the running measures C̄_K and L_K.
 
-Pure tensor code, no host synchronisation in the per-step functions: every statistic stays a tensor
-on F̃'s device, and a non-finite F̃ gives NaN statistics instead of an exception.
+Each formula is written once and runs on what it is given: a tensor (any device;
+every statistic stays a tensor there, no host synchronisation) or a NumPy float64 array on the host
+(NumPy numbers out, about a microsecond an operation: FisherSpectrum's path for its B×B host matrix).
+A non-finite F̃ gives NaN statistics instead of an exception.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import checks
+from ._arrays import (
+    constant,
+    eigvalsh,
+    float64,
+    namespace,
+    nonnegative,
+    quiet,
+    same_kind,
+    stack,
+    total,
+    where,
+)
 from .noise_scale import noise_scale_ratio, pooled_noise_scale  # noqa: F401 (the formula lives there)
 
 
 class FisherStatistics(NamedTuple):
-    """Statistics of one F̃_k (float64 tensors on F̃'s device, 0-d but for ``eigenvalues``)."""
+    """Statistics of one F̃_k, float64, 0-d but for ``eigenvalues``: tensors on F̃'s device for a
+    tensor F̃, ``numpy.float64`` numbers (and a NumPy array of eigenvalues) for a NumPy F̃."""
 
-    condition: Tensor
+    condition: Tensor | np.ndarray | float
     """c_k = √(max E_k / min E_k), the truncated condition number (seed 004 eq. 7)."""
-    trace: Tensor
+    trace: Tensor | np.ndarray | float
     """Tr F̃_k = Σ_i ‖∇ℓ_i‖², the energy of F̃_k (seed 004 eq. 8)."""
-    lambda_max: Tensor
+    lambda_max: Tensor | np.ndarray | float
     """Largest eigenvalue of F̃_k."""
-    rank: Tensor
+    rank: Tensor | np.ndarray | float
     """|E_k|, the number of eigenvalues above ``rank_rtol · λmax`` (the numerical rank of J_k)."""
-    noise_scale: Tensor
+    noise_scale: Tensor | np.ndarray | float
     """B_simple = tr Σ / |G|² of this batch alone (:func:`noise_scale_ratio`; +inf when |G|² ≤ 0)."""
-    trace_sigma: Tensor
+    trace_sigma: Tensor | np.ndarray | float
     """tr Σ, the unbiased per-sample gradient variance summed over parameters."""
-    grad_sq_norm: Tensor
+    grad_sq_norm: Tensor | np.ndarray | float
     """|G|², the unbiased estimate of the squared norm of the mean gradient (can be ≤ 0)."""
-    batch_size: Tensor
+    batch_size: Tensor | np.ndarray | float
     """B, the number of samples (columns of J_k)."""
-    eigenvalues: Tensor
+    eigenvalues: Tensor | np.ndarray
     """(B,) ascending float64 eigenvalues of F̃_k (NaN when F̃_k has a non-finite entry)."""
 
 
@@ -47,29 +64,41 @@ def default_rank_rtol(batch_size: int, dtype: torch.dtype) -> float:
     It caps c_k at (B · eps)^-½, a cap that falls as B grows: for float32 gradients 724 at B = 16,
     256 at B = 128, 64 at B = 2048 (see :func:`truncated_condition_number`).
     """
-    return batch_size * torch.finfo(dtype).eps
+    return batch_size * _eps(dtype)
 
 
-def truncated_condition_number(eigenvalues: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor]:
+@functools.cache
+def _eps(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).eps``, looked up once (``finfo`` takes microseconds)."""
+    return torch.finfo(dtype).eps
+
+
+@quiet
+def truncated_condition_number(
+    eigenvalues: Tensor | np.ndarray, rank_rtol: float
+) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """c = √(max E / min E) over the non-zero set E = {λ : λ > rank_rtol · λmax}, and |E|.
 
     Seed 004_e5d92837cb57ce8a.txt §3, eq. 7: c_k = σmax(E_k)/σmin(E_k) with σ = λ^½, the ratio of
     the largest to the smallest non-zero singular value of J_k. ``eigenvalues`` are ascending
-    (``torch.linalg.eigvalsh``); c is NaN when there is no positive eigenvalue.
+    (``torch.linalg.eigvalsh``, a tensor or a NumPy array); c is NaN when there is no positive eigenvalue.
 
     **Cap.** Every λ in E exceeds ``rank_rtol · λmax``, so c < rank_rtol^-½ whatever the data: with
     the default ``B · eps`` (:func:`default_rank_rtol`) the cap is (B · eps)^-½, 256 at B = 128 for
     float32 gradients, and it falls as B grows. ``rank_rtol = 0`` keeps every positive eigenvalue
     (no cap; negative round-off eigenvalues of the positive semi-definite F̃ are dropped).
     """
+    xp = namespace(eigenvalues)
     lambda_max = eigenvalues[-1]
     nonzero = eigenvalues > rank_rtol * lambda_max
-    lambda_min = torch.where(nonzero, eigenvalues, torch.inf).amin()
-    condition = torch.where(lambda_max > 0, (lambda_max / lambda_min).sqrt(), torch.nan)
-    return condition, nonzero.sum().to(eigenvalues.dtype)
+    lambda_min = where(nonzero, eigenvalues, math.inf).min()
+    condition = where(lambda_max > 0, xp.sqrt(lambda_max / lambda_min), math.nan)
+    return condition, float64(nonzero.sum())
 
 
-def gradient_noise_parts(gram: Tensor) -> tuple[Tensor, Tensor]:
+def gradient_noise_parts(
+    gram: Tensor | np.ndarray,
+) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
     """Unbiased tr Σ and |G|² from F̃ alone (columns of J are the per-sample gradients g_i).
 
     McCandlish et al. 2018 (An Empirical Model of Large-Batch Training), appendix A, with
@@ -81,15 +110,15 @@ def gradient_noise_parts(gram: Tensor) -> tuple[Tensor, Tensor]:
     Both are unbiased. The batch mean's ‖ḡ‖² = 1ᵀF̃1 / B² is not: it overestimates |G|² by tr Σ / B,
     which caps tr Σ / ‖ḡ‖² near B. |G|² can come out ≤ 0 when the noise hides the mean gradient;
     tr Σ is ≥ 0 (round-off below 0 is clamped). Both NaN for B = 1. ``gram`` may carry leading
-    batch dimensions (..., B, B).
+    batch dimensions (..., B, B); a tensor or a NumPy array.
     """
     batch = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace = gram.diagonal(0, -2, -1).sum(-1)
     total = gram.sum((-2, -1))
     if batch < 2:
-        nan = torch.full_like(total, torch.nan)
+        nan = constant(total, math.nan)
         return nan, nan
-    trace_sigma = ((trace - total / batch) / (batch - 1)).clamp(min=0.0)
+    trace_sigma = nonnegative((trace - total / batch) / (batch - 1))
     grad_sq_norm = (total - trace) / (batch * (batch - 1))
     return trace_sigma, grad_sq_norm
 
@@ -163,8 +192,9 @@ class NoiseScaleEstimate:
         self._sums = torch.tensor([state_dict[key] for key in keys], dtype=torch.float64)
 
 
+@quiet
 def fisher_statistics(
-    gram: Tensor,
+    gram: Tensor | np.ndarray,
     rank_rtol: float | None = None,
     grad_dtype: torch.dtype = torch.float32,
 ) -> FisherStatistics:
@@ -180,7 +210,8 @@ def fisher_statistics(
     (B · eps)^-½ by default, 256 at B = 128 in float32 (:func:`truncated_condition_number`).
 
     Args:
-        gram: F̃_k, a symmetric (B, B) matrix; promoted to float64.
+        gram: F̃_k, a symmetric (B, B) matrix, a tensor (statistics stay on its device, no host
+            sync) or a NumPy array (NumPy numbers out); promoted to float64.
         rank_rtol: the threshold in [0, 1); ``None`` → :func:`default_rank_rtol`.
         grad_dtype: dtype in which the gradients behind F̃ were computed (for the default rtol).
 
@@ -188,19 +219,20 @@ def fisher_statistics(
         ValueError: ``rank_rtol`` out of range.
     """
     check_rank_rtol(rank_rtol)
-    gram = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    xp = namespace(gram)
+    gram = float64(gram)
     batch = gram.shape[0]
-    finite = torch.isfinite(gram).all()
-    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, gram, 0.0))
+    finite = xp.isfinite(gram).all()
+    eigenvalues = eigvalsh(where(finite, gram, 0.0))
     rtol = default_rank_rtol(batch, grad_dtype) if rank_rtol is None else rank_rtol
     condition, rank = truncated_condition_number(eigenvalues, rtol)
     trace_sigma, grad_sq_norm = gradient_noise_parts(gram)
     noise_scale = noise_scale_ratio(trace_sigma, grad_sq_norm)
     stats = (condition, gram.diagonal().sum(), eigenvalues[-1], rank, noise_scale, trace_sigma, grad_sq_norm)
     return FisherStatistics(  # NaN for a non-finite F̃: one selection for all seven
-        *torch.where(finite, torch.stack(stats), torch.nan).unbind(0),
-        batch_size=gram.new_full((), float(batch)),
-        eigenvalues=torch.where(finite, eigenvalues, torch.nan),
+        *where(finite, stack(stats), math.nan),
+        batch_size=constant(finite, float(batch)),
+        eigenvalues=where(finite, eigenvalues, math.nan),
     )
 
 
@@ -214,20 +246,23 @@ def check_rank_rtol(rank_rtol: float | None, allow_zero: bool = True) -> float |
     return checked
 
 
-def fisher_energy(trace: Tensor, learning_rate: float, batch_size: int) -> Tensor:
+def fisher_energy(
+    trace: Tensor | np.ndarray | float, learning_rate: float, batch_size: Tensor | np.ndarray | float
+) -> Tensor | np.ndarray | float:
     """l_k = (α_k / |B_k|) · (Tr F̃_k)^½, one term of L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 8)."""
-    return learning_rate / batch_size * trace.sqrt()
+    return learning_rate / batch_size * namespace(trace).sqrt(trace)
 
 
 class FisherRunningSums:
-    """C̄_K and L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 7–8) as three on-device running sums.
+    """C̄_K and L_K (seed 004_e5d92837cb57ce8a.txt §3, eq. 7–8) as three running sums, on the
+    measurements' device (or a NumPy array on the host for NumPy measurements).
 
     - C̄_K = (1/K) Σ_k c_k over the finite c_k, K their count (eq. 7);
     - L_K = Σ_k n_k · l_k over the finite l_k (eq. 8), n_k the weight of measurement k (a callback
       measuring every n-th step counts each l_k n times, so L estimates the every-step sum).
 
-    A NaN or infinite c_k / l_k is left out without a host sync. Every sum is declared with its
-    cross-process reduction in :attr:`reductions` (all ``"sum"``, in the spirit of torchmetrics'
+    A NaN or infinite c_k / l_k is left out (without a host sync for tensors). Every sum is declared
+    with its cross-process reduction in :attr:`reductions` (all ``"sum"``, in the spirit of torchmetrics'
     ``add_state(..., dist_reduce_fx="sum")``); :meth:`sync` applies it with one all-reduce.
 
     Example:
@@ -244,29 +279,31 @@ class FisherRunningSums:
     def __init__(self) -> None:
         self._sums = torch.zeros(len(self.reductions), dtype=torch.float64)
 
-    def update(self, condition: Tensor, energy: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    def update(
+        self, condition: Tensor | np.ndarray | float, energy: Tensor | np.ndarray | float, weight: float = 1.0
+    ) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
         """Add the finite c_k and weight · l_k (0-d, or any shape: every element is a measurement);
-        return the updated (C̄_K, L_K)."""
+        return the updated (C̄_K, L_K). Tensors keep the sums on their device; NumPy numbers keep
+        them as a NumPy array on the host (the sums follow the kind of the latest update)."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"`weight` must be a finite number > 0 (e.g. `every_n_steps`); got {weight!r}.")
-        condition = condition if condition.dtype == torch.float64 else condition.to(torch.float64)
-        energy = energy if energy.dtype == torch.float64 else energy.to(torch.float64)
-        finite = torch.isfinite(condition)
-        step = torch.stack(
+        xp = namespace(condition, energy)
+        condition, energy = float64(condition), float64(energy)
+        finite = xp.isfinite(condition)
+        step = stack(
             [
-                torch.where(finite, condition, 0.0).sum(),
-                finite.sum().to(torch.float64),
-                weight * torch.where(torch.isfinite(energy), energy, 0.0).sum(),
+                total(where(finite, condition, 0.0)),
+                float64(total(finite)),
+                weight * total(where(xp.isfinite(energy), energy, 0.0)),
             ]
         )
-        sums = self._sums if self._sums.device == step.device else self._sums.to(step.device)
-        self._sums = sums + step
+        self._sums = same_kind(self._sums, step) + step
         return self.compute()
 
-    def compute(self) -> tuple[Tensor, Tensor]:
+    def compute(self) -> tuple[Tensor | np.ndarray | float, Tensor | np.ndarray | float]:
         """(C̄_K, L_K); C̄_K is NaN before the first finite c_k."""
         condition_sum, count, energy_sum = self._sums
-        return torch.where(count > 0, condition_sum / count.clamp(min=1), torch.nan), energy_sum
+        return where(count > 0, condition_sum / where(count > 0, count, 1.0), math.nan), energy_sum
 
     def sync(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
         """Combine the sums over processes with one call of ``all_reduce`` (a function returning
@@ -277,10 +314,10 @@ class FisherRunningSums:
         same rank-combined values (as FisherSpectrum does: l_k needs the global Tr F̃ under its
         square root) already agree and must not sync.
         """
-        self._sums = all_reduce(self._sums)
+        self._sums = all_reduce(torch.as_tensor(self._sums))
 
     def reset(self) -> None:
-        self._sums = torch.zeros_like(self._sums)
+        self._sums = torch.zeros(len(self.reductions), dtype=torch.float64)
 
     def state_dict(self) -> dict[str, float]:
         return dict(zip(self.reductions, self._sums.tolist()))
