@@ -4,9 +4,8 @@ CIFAR ResNet-20 (``lightning_tricks.models.build_net("resnet20", 10)``), random 
 SGD, on CPU, one process. Configurations (each a full training step; ratios are to the plain one):
 
 - plain step: forward, backward, SGD step.
-- GramCollector, fused: the same step inside the collector (``fuse_weight_grad=True``, the
-  default off DDP), then ``torch.linalg.eigvalsh(G)``.
-- GramCollector, unfused: ``fuse_weight_grad=False`` (autograd computes every weight gradient).
+- GramCollector: the same step inside the collector (autograd computes every gradient, the
+  collector only reads activations and output gradients), then ``torch.linalg.eigvalsh(G)``.
 - vmap(grad) pass: the plain step, then per-sample gradients from ``torch.func.vmap(grad(...))``
   in a separate pass, their Gram and its eigenvalues.
 - per-sample loop (seed 004): the plain step, then one forward and ``torch.autograd.grad`` per
@@ -34,7 +33,7 @@ and batch that were already alive, also as a ratio to the plain step's; "nan" wh
 interface is missing. The header names the CPU and thread count: ratios depend on both.
 
 ``--profile N`` adds, per batch size, the N operators whose self CPU time grows most from the plain
-step to the fused collector's step (``torch.profiler``, shapes kept apart, mean over 3 × 2 steps of
+step to the collector's step (``torch.profiler``, shapes kept apart, mean over 3 × 2 steps of
 each): where the remaining overhead goes.
 
     python benchmarks/bench_fisher.py [--batch-sizes 32 128 256] [--rounds 5] [--slow-rounds 3]
@@ -240,8 +239,7 @@ def _status_kib(field: str) -> int:
 def configurations(work: Workload, loop_samples: int) -> tuple[dict[str, Step], dict[str, str]]:
     steps: dict[str, Step] = {
         "plain step": work.plain_step,
-        "GramCollector, fused": work.collector_step(GramCollector(work.net, fuse_weight_grad=True)),
-        "GramCollector, unfused": work.collector_step(GramCollector(work.net, fuse_weight_grad=False)),
+        "GramCollector": work.collector_step(GramCollector(work.net)),
         "vmap(grad) pass": work.vmap_step,
         "per-sample loop (seed 004)": work.loop_step(loop_samples),
     }
@@ -285,11 +283,11 @@ def measure(
 
 def profile_overhead(batch_size: int, rows: int) -> None:
     """Print the ``rows`` operators (name, input shapes) whose self CPU time per step grows most from
-    the plain step to the fused collector's step, with both times."""
+    the plain step to the collector's step, with both times."""
     from torch.profiler import profile
 
     work = Workload(batch_size)
-    steps = {"plain": work.plain_step, "fused": work.collector_step(GramCollector(work.net))}
+    steps = {"plain": work.plain_step, "collector": work.collector_step(GramCollector(work.net))}
     per_step: dict[str, dict[tuple[str, str], float]] = {}
     for name, step in steps.items():
         step()
@@ -301,13 +299,13 @@ def profile_overhead(batch_size: int, rows: int) -> None:
             for event in prof.key_averages(group_by_input_shape=True):
                 totals[(event.key, str(event.input_shapes))] += event.self_cpu_time_total / 6e3
         per_step[name] = totals
-    plain, fused = per_step["plain"], per_step["fused"]
-    keys = sorted(set(plain) | set(fused), key=lambda k: plain.get(k, 0.0) - fused.get(k, 0.0))
+    plain, measured = per_step["plain"], per_step["collector"]
+    keys = sorted(set(plain) | set(measured), key=lambda k: plain.get(k, 0.0) - measured.get(k, 0.0))
     print(f"\nB = {batch_size}: self CPU ms per step (profiler on), largest growth first")
-    print(f"{'plain':>8} {'fused':>8}  operator, input shapes")
+    print(f"{'plain':>8} {'measured':>8}  operator, input shapes")
     for key in keys[:rows]:
-        print(f"{plain.get(key, 0.0):8.2f} {fused.get(key, 0.0):8.2f}  {key[0]} {key[1][:90]}")
-    print(f"{sum(plain.values()):8.2f} {sum(fused.values()):8.2f}  total")
+        print(f"{plain.get(key, 0.0):8.2f} {measured.get(key, 0.0):8.2f}  {key[0]} {key[1][:90]}")
+    print(f"{sum(plain.values()):8.2f} {sum(measured.values()):8.2f}  total")
 
 
 def _timed(step: Step) -> float:

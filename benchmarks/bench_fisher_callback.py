@@ -1,7 +1,7 @@
 """Overhead of the FisherSpectrum callback over a plain Lightning training step.
 
 The whole step as a user runs it: Lightning's loop, the exact Gram matrix from the step's own
-backward (fused weight gradients), float64 eigenvalues and the logged statistics. CIFAR ResNet-20,
+backward, float64 eigenvalues and the logged statistics. CIFAR ResNet-20,
 batch 128 of 3x32x32 random images, SGD, CPU, one process. Each round runs every configuration
 once, in an order that rotates between rounds, for ``--steps`` steps; a run's cost is its mean step
 time after the first step, so with ``every_n_steps=20`` and 21 steps exactly one measured step

@@ -120,8 +120,8 @@ def reference_trace(make_module, state: dict[str, torch.Tensor], batch: Any, tra
 
 
 class FreezeMiddle(BaseFinetuning):
-    """Freezes the middle Linear at setup (after FisherSpectrum's) and unfreezes it at epoch 1;
-    its input needs grad, so it is a layer whose weight gradient the collector could fuse."""
+    """Freezes the middle Linear at setup (after FisherSpectrum's) and unfreezes it at epoch 1
+    (its input needs grad: only its weight's flag changes what autograd computes)."""
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.freeze(pl_module.backbone[3])
