@@ -29,6 +29,7 @@ The plain row gives totals, the others what the callback adds.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -85,6 +86,7 @@ def fit_pair(
         tuple(partial(fit, steps, f"{root}/{player}", config) for player, config in enumerate(configs)),
         time.thread_time,
         lockstep,
+        cpu=min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     )
 
 

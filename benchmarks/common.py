@@ -132,15 +132,22 @@ def fit_in_lockstep(
     fits: tuple[Callable[[Callback], None], Callable[[Callback], None]],
     clock: Callable[[], float] = time.perf_counter,
     lockstep: Lockstep | None = None,
+    cpu: int | None = None,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Per-step ``clock`` times of two fits run step for step in turn (``lockstep``, a new
     :class:`Lockstep` by default), the first first: ``fit(timer)`` runs a fit with ``timer`` first
-    among its callbacks. A failure in either is raised here once both threads are done."""
+    among its callbacks. A failure in either is raised here once both threads are done.
+
+    ``cpu``: both threads pinned to that CPU (Linux), so that neither runs on a core its neighbours
+    slow down more than the other's; only for one intra-op thread (an intra-op pool started by a
+    pinned thread would share its CPU)."""
     lockstep = lockstep or Lockstep()
     timers = [LockstepTimer(lockstep, player, clock) for player in (0, 1)]
     failures: list[BaseException] = []
 
     def play(player: int) -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread
         lockstep.take_turn(player)
         try:
             fits[player](timers[player])
