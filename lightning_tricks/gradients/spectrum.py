@@ -114,12 +114,12 @@ def gradient_noise_parts(
     """
     batch = gram.shape[-1]
     trace = gram.diagonal(0, -2, -1).sum(-1)
-    total = gram.sum((-2, -1))
+    entry_sum = gram.sum((-2, -1))
     if batch < 2:
-        nan = constant(total, math.nan)
+        nan = constant(entry_sum, math.nan)
         return nan, nan
-    trace_sigma = nonnegative((trace - total / batch) / (batch - 1))
-    grad_sq_norm = (total - trace) / (batch * (batch - 1))
+    trace_sigma = nonnegative((trace - entry_sum / batch) / (batch - 1))
+    grad_sq_norm = (entry_sum - trace) / (batch * (batch - 1))
     return trace_sigma, grad_sq_norm
 
 

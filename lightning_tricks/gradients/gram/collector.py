@@ -186,10 +186,11 @@ class GramCollector:
     of torch's hook dicts by :meth:`attach`/:meth:`detach` (no Python call per hook); a layer has
     one forward hook and no pre-hook; an output's gradient hook goes in without a removable
     handle; :meth:`forward_done` takes the parameter hooks that would return at once out for the
-    backward (at most two hook calls a layer and step remain); the method of each parameter is planned at its first collection; normalisation layers and materialised
-    convolutions with small operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured
-    operands until G is read, when the layers of one shape get their blocks from one batched
-    computation (larger layers are computed in the backward, so no large activation is held).
+    backward (at most two hook calls a layer and step remain); the method of each parameter is
+    planned at its first collection; normalisation layers and materialised convolutions with small
+    operands (at most ``GROUP_MAX_ENTRIES`` entries) keep their captured operands until G is read,
+    when the layers of one shape get their blocks from one batched computation (larger layers are
+    computed in the backward, so no large activation is held).
 
     Args:
         model: the module whose parameters' per-sample gradients are wanted.
